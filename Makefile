@@ -1,0 +1,80 @@
+# cprd — build, test and demo. `make demo` and `make check` install what they
+# need (Debian packages, QEMU from bookworm-backports) before they run.
+
+CC      ?= gcc
+B       := build
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow \
+           -Wmissing-prototypes -Wstrict-prototypes -D_GNU_SOURCE -I. -fstack-protector-strong
+LDFLAGS ?=
+
+JSON_LIBS    := $(shell pkg-config --libs json-c 2>/dev/null || echo -ljson-c)
+JSON_CFLAGS  := $(shell pkg-config --cflags json-c 2>/dev/null)
+SD_LIBS      := $(shell pkg-config --libs libsystemd 2>/dev/null || echo -lsystemd)
+SECCOMP_LIBS := $(shell pkg-config --libs libseccomp 2>/dev/null || echo -lseccomp)
+CHECK_LIBS   := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
+EV_LIBS      := -lev
+CFLAGS       += $(JSON_CFLAGS)
+
+PROTO_OBJ    := $(patsubst %.c,$(B)/obj/%.o,$(wildcard proto/*.c))
+KVM_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard kvm/*.c))
+MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
+DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
+CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
+UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
+
+.PHONY: all deps guest check unit integration demo bench format format-check clean
+all: $(B)/cprd $(B)/cprctl
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c -o $@ $<
+
+$(B)/libproto.a: $(PROTO_OBJ)
+	$(AR) rcs $@ $^
+$(B)/libkvm.a: $(KVM_OBJ)
+	$(AR) rcs $@ $^
+$(B)/libmemstore.a: $(MEMSTORE_OBJ)
+	$(AR) rcs $@ $^
+
+$(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+
+$(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS)
+
+$(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(CHECK_LIBS) $(JSON_LIBS)
+
+deps:
+	@sh scripts/install-deps.sh
+
+guest: deps
+	@sh scripts/build-guest.sh $(B)/guest
+
+unit: $(UNIT_TESTS)
+	@sh tests/run-unit.sh $(UNIT_TESTS)
+
+integration: all guest
+	@python3 tests/integration/run.py --build $(B)
+
+check: deps
+	@$(MAKE) --no-print-directory all $(UNIT_TESTS)
+	@$(MAKE) --no-print-directory guest
+	@sh tests/run-all.sh $(B)
+
+demo: deps
+	@$(MAKE) --no-print-directory all guest
+	@sh scripts/demo.sh $(B)
+
+format:
+	clang-format -i $(wildcard */*.c */*.h)
+
+format-check:
+	clang-format --dry-run --Werror $(wildcard */*.c */*.h)
+
+clean:
+	rm -rf $(B)
+
+-include $(shell find $(B)/obj -name '*.d' 2>/dev/null)

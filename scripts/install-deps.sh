@@ -1,0 +1,73 @@
+#!/bin/sh
+# Install what cprd needs to build, test and demo on Debian 12 (bookworm).
+# QEMU >= 10 comes from bookworm-backports; the backports source is added by
+# reusing the mirror URI that the machine's apt sources already name, so no
+# archive host is written here.
+set -eu
+
+PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check"
+PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
+QEMU_MIN=10
+
+need_root() {
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "install-deps: must run as root to install packages ($*)" >&2
+		exit 1
+	fi
+}
+
+have_pkgs() {
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || return 1
+	done
+	return 0
+}
+
+qemu_major() {
+	command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }
+	qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
+}
+
+mirror_uri() {
+	# deb822 sources first, then one-line sources; first "debian" archive URI wins.
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
+	done | head -n 1 | grep . && return 0
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+		[ -f "$f" ] || continue
+		awk '$1 == "deb" && $0 ~ /bookworm/ && $0 !~ /security/ {
+			for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' "$f"
+	done | head -n 1 | grep .
+}
+
+add_backports() {
+	list=/etc/apt/sources.list.d/cprd-bookworm-backports.list
+	[ -f "$list" ] && return 0
+	uri=$(mirror_uri) || { echo "install-deps: no Debian mirror URI in apt sources" >&2; exit 1; }
+	echo "deb $uri bookworm-backports main" >"$list"
+	echo "install-deps: added bookworm-backports from the configured mirror"
+}
+
+updated=0
+apt_update() {
+	[ "$updated" -eq 1 ] && return 0
+	apt-get update -qq
+	updated=1
+}
+
+if ! have_pkgs $PKGS_BUILD $PKGS_RUN; then
+	need_root "$PKGS_BUILD $PKGS_RUN"
+	apt_update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PKGS_BUILD $PKGS_RUN
+fi
+
+if [ "$(qemu_major)" -lt "$QEMU_MIN" ]; then
+	need_root "qemu-system-x86 from bookworm-backports"
+	add_backports
+	updated=0
+	apt_update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		-t bookworm-backports qemu-system-x86 qemu-utils
+fi
+echo "install-deps: ok (QEMU $(qemu-system-x86_64 --version | head -n 1 | sed 's/.*version //'))"
