@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: MIT */
+/* The daemon's shared state: one instance, owned by main(). */
+#pragma once
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "daemon/launcher.h"
+#include "memstore/memstore.h"
+
+#define CPRD_VERSION "0.1.0"
+
+struct client;
+struct vm;
+
+struct daemon {
+	struct ev_loop *loop;
+	char *state_dir;   /* e.g. /run/cprd */
+	char *socket_path; /* NULL when the socket came from systemd */
+	int listen_fd;
+	bool socket_activated;
+	ev_io listen_watcher;
+	ev_signal sig_term, sig_int;
+	struct client *clients;
+	struct vm *vms;
+	memstore *store;
+	launcher launcher;
+	bool kvm;            /* /dev/kvm usable: -accel kvm */
+	bool have_group;     /* group "cprd" exists */
+	gid_t group;         /* its gid */
+	uint64_t started_usec; /* CLOCK_REALTIME at start */
+	uint64_t started_mono; /* CLOCK_MONOTONIC at start */
+	const char *start_mode; /* how this instance started: "fresh", ... */
+};
+
+uint64_t now_usec(clockid_t clock);
+void daemon_update_status(struct daemon *d);

@@ -1,0 +1,272 @@
+/* SPDX-License-Identifier: MIT */
+/* cprd: holds VM memory and device fds, and the VMMs that use them. */
+#include <fcntl.h>
+#include <getopt.h>
+#include <grp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+
+#include "daemon/daemon.h"
+#include "daemon/log.h"
+#include "daemon/sandbox.h"
+#include "daemon/server.h"
+#include "daemon/vm.h"
+
+#define DEFAULT_STATE_DIR "/run/cprd"
+
+struct options {
+	const char *socket_path;
+	const char *state_dir;
+	bool foreground;
+	bool sandbox;
+};
+
+uint64_t now_usec(clockid_t clock)
+{
+	struct timespec ts;
+
+	clock_gettime(clock, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+void daemon_update_status(struct daemon *d)
+{
+	size_t running = 0, crashed = 0;
+
+	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		running += vm->state == VM_RUNNING || vm->state == VM_PAUSED;
+		crashed += vm->state == VM_CRASHED;
+	}
+	sd_notifyf(0, "STATUS=Holding %zu VM(s): %zu running, %zu crashed; %zu fds in custody",
+		   vm_count(d), running, crashed, memstore_count(d->store, NULL));
+}
+
+static void help(void)
+{
+	printf("Usage: cprd [--socket PATH] [--state-dir DIR] [--foreground] [--no-sandbox]\n\n"
+	       "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
+	       "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
+	       "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
+	       "  --foreground      do not detach; log to stderr\n"
+	       "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
+	       "  --version         print the version\n",
+	       DEFAULT_STATE_DIR);
+}
+
+static int parse_options(int argc, char **argv, struct options *o)
+{
+	static const struct option opts[] = {
+		{"socket", required_argument, NULL, 's'},
+		{"state-dir", required_argument, NULL, 'd'},
+		{"foreground", no_argument, NULL, 'f'},
+		{"no-sandbox", no_argument, NULL, 'S'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
+		{},
+	};
+	int c;
+
+	*o = (struct options){.state_dir = DEFAULT_STATE_DIR, .sandbox = true};
+	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
+		switch (c) {
+		case 's':
+			o->socket_path = optarg;
+			break;
+		case 'd':
+			o->state_dir = optarg;
+			break;
+		case 'f':
+			o->foreground = true;
+			break;
+		case 'S':
+			o->sandbox = false;
+			break;
+		case 'h':
+			help();
+			exit(0);
+		case 'V':
+			printf("cprd %s\n", CPRD_VERSION);
+			exit(0);
+		default:
+			return -EINVAL;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "cprd: unexpected argument '%s'\n", argv[optind]);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Absolute state dir, created 0755, plus vms/ 0750 and a lock so that two
+ * daemons never share one. The lock fd stays open for the daemon's life. */
+static int setup_state_dir(struct daemon *d, const char *dir)
+{
+	_cleanup_free_ char *vms = NULL, *lock = NULL;
+	int fd;
+
+	d->state_dir = realpath(dir, NULL);
+	if (!d->state_dir) {
+		if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+			return log_error_errno(-errno, "cannot create state directory %s", dir);
+		d->state_dir = realpath(dir, NULL);
+		if (!d->state_dir)
+			return log_error_errno(-errno, "cannot resolve %s", dir);
+	}
+	if (asprintf(&vms, "%s/vms", d->state_dir) < 0 || asprintf(&lock, "%s/cprd.lock", d->state_dir) < 0)
+		return -ENOMEM;
+	if (mkdir(vms, 0750) < 0 && errno != EEXIST)
+		return log_error_errno(-errno, "cannot create %s", vms);
+	fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return log_error_errno(-errno, "cannot open %s", lock);
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		close(fd);
+		log_error("another cprd already uses state directory %s", d->state_dir);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+/* Classic detach, but the parent waits for the daemon to be ready so that
+ * "cprd && cprctl list" works; it exits with the daemon's start-up result. */
+static int detach(int *ret_ready_fd)
+{
+	int p[2];
+	pid_t pid;
+	char c = 1;
+
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -errno;
+	pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid > 0) {
+		close(p[1]);
+		exit(read(p[0], &c, 1) == 1 && c == 0 ? 0 : 1);
+	}
+	close(p[0]);
+	setsid();
+	if (fork() > 0)
+		_exit(0);
+	*ret_ready_fd = p[1];
+	return 0;
+}
+
+static int redirect_log(const char *state_dir)
+{
+	_cleanup_free_ char *path = NULL;
+	_cleanup_close_ int fd = -EBADF, null = -EBADF;
+
+	if (asprintf(&path, "%s/cprd.log", state_dir) < 0)
+		return -ENOMEM;
+	fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (fd < 0 || null < 0)
+		return -errno;
+	if (dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+		return -errno;
+	return 0;
+}
+
+static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	log_info("received %s, shutting down", sigabbrev_np(w->signum));
+	ev_break(loop, EVBREAK_ALL);
+}
+
+static int run(struct daemon *d, const struct options *o, int ready_fd)
+{
+	int r;
+
+	if (o->socket_path)
+		d->socket_path = strdup(o->socket_path);
+	else if (asprintf(&d->socket_path, "%s/cprd.sock", d->state_dir) < 0)
+		d->socket_path = NULL;
+	if (!d->socket_path)
+		return -ENOMEM;
+	r = server_listen(d);
+	if (r < 0)
+		return log_error_errno(r, "cannot listen on %s", d->socket_path);
+
+	if (o->sandbox) {
+		r = sandbox_apply();
+		if (r < 0)
+			return log_error_errno(r, "cannot apply the seccomp filter");
+	}
+	ev_signal_init(&d->sig_term, signal_cb, SIGTERM);
+	ev_signal_init(&d->sig_int, signal_cb, SIGINT);
+	ev_signal_start(d->loop, &d->sig_term);
+	ev_signal_start(d->loop, &d->sig_int);
+
+	log_info("cprd %s ready on %s (state %s, %s%s)", CPRD_VERSION,
+		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
+		 d->kvm ? "kvm" : "tcg: no usable /dev/kvm", o->sandbox ? "" : ", no sandbox");
+	sd_notify(0, "READY=1");
+	daemon_update_status(d);
+	if (ready_fd >= 0) {
+		char ok = 0;
+		(void)!write(ready_fd, &ok, 1);
+		close(ready_fd);
+	}
+	ev_run(d->loop, 0);
+
+	sd_notify(0, "STOPPING=1");
+	if (d->vms)
+		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive", vm_count(d));
+	vm_detach_all(d);
+	server_stop(d);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct daemon d = {.listen_fd = -EBADF, .launcher = {.sock = -EBADF}, .start_mode = "fresh"};
+	struct options o;
+	struct group *g;
+	int ready_fd = -EBADF, r;
+
+	if (parse_options(argc, argv, &o) < 0) {
+		help();
+		return 2;
+	}
+	log_setup();
+	signal(SIGPIPE, SIG_IGN);
+	if (setup_state_dir(&d, o.state_dir) < 0)
+		return 1;
+	if (!o.foreground && !getenv("NOTIFY_SOCKET") && !getenv("LISTEN_FDS")) {
+		if (detach(&ready_fd) < 0 || redirect_log(d.state_dir) < 0) {
+			log_error("cannot detach: %m");
+			return 1;
+		}
+	}
+	/* VMMs are double-forked by the launcher; as subreaper the daemon
+	 * inherits them and can collect their exit status. */
+	prctl(PR_SET_CHILD_SUBREAPER, 1);
+	r = launcher_start(&d.launcher);
+	if (r < 0) {
+		log_error_errno(r, "cannot start the launcher");
+		return 1;
+	}
+	d.loop = ev_default_loop(EVFLAG_AUTO);
+	d.kvm = access("/dev/kvm", R_OK | W_OK) == 0;
+	g = getgrnam("cprd");
+	d.have_group = g != NULL;
+	d.group = g ? g->gr_gid : 0;
+	d.started_usec = now_usec(CLOCK_REALTIME);
+	d.started_mono = now_usec(CLOCK_MONOTONIC);
+	r = memstore_new(&d.store);
+	if (r >= 0)
+		r = run(&d, &o, ready_fd);
+	launcher_stop(&d.launcher);
+	memstore_free(d.store);
+	free(d.socket_path);
+	free(d.state_dir);
+	return r < 0 ? 1 : 0;
+}

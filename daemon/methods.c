@@ -1,0 +1,550 @@
+/* SPDX-License-Identifier: MIT */
+/* The JSON-RPC methods: parameter checking here, the work in vm.c. */
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/json.h"
+#include "daemon/log.h"
+#include "daemon/server.h"
+#include "daemon/vm.h"
+#include "kvm/qemu.h"
+#include "proto/jsonrpc.h"
+
+enum ptype { P_STRING, P_UINT, P_SIZE, P_BOOL, P_STRINGS };
+
+struct param {
+	const char *name;
+	enum ptype type;
+	bool required;
+	void *out; /* const char **, uint64_t *, bool *, json_object ** */
+};
+
+static const char *ptype_name(enum ptype t)
+{
+	switch (t) {
+	case P_STRING:
+		return "a string";
+	case P_UINT:
+		return "a non-negative integer";
+	case P_SIZE:
+		return "a size in bytes or a string like \"256M\"";
+	case P_BOOL:
+		return "a boolean";
+	default:
+		return "an array of strings";
+	}
+}
+
+static bool parse_one(json_object *v, const struct param *p)
+{
+	switch (p->type) {
+	case P_STRING:
+		if (!json_object_is_type(v, json_type_string))
+			return false;
+		*(const char **)p->out = json_object_get_string(v);
+		return true;
+	case P_UINT:
+		if (!json_object_is_type(v, json_type_int) || json_object_get_int64(v) < 0)
+			return false;
+		*(uint64_t *)p->out = (uint64_t)json_object_get_int64(v);
+		return true;
+	case P_SIZE:
+		if (json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0) {
+			*(uint64_t *)p->out = json_object_get_uint64(v);
+			return true;
+		}
+		return json_object_is_type(v, json_type_string) &&
+		       qemu_parse_size(json_object_get_string(v), p->out) == 0;
+	case P_BOOL:
+		if (!json_object_is_type(v, json_type_boolean))
+			return false;
+		*(bool *)p->out = json_object_get_boolean(v);
+		return true;
+	case P_STRINGS:
+		if (!json_object_is_type(v, json_type_array))
+			return false;
+		for (size_t i = 0; i < json_object_array_length(v); i++)
+			if (!json_object_is_type(json_object_array_get_idx(v, i), json_type_string))
+				return false;
+		*(json_object **)p->out = v;
+		return true;
+	}
+	return false;
+}
+
+/* Check params against spec; on any problem answer c and return false. */
+static bool params_parse(struct call *c, json_object *params, const struct param *spec, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		json_object *v = NULL;
+
+		if (!params || !json_object_object_get_ex(params, spec[i].name, &v) || !v) {
+			if (spec[i].required) {
+				call_fail(c, JSONRPC_INVALID_PARAMS, "missing parameter '%s'",
+					  spec[i].name);
+				return false;
+			}
+			continue;
+		}
+		if (!parse_one(v, &spec[i])) {
+			call_fail(c, JSONRPC_INVALID_PARAMS, "parameter '%s' must be %s", spec[i].name,
+				  ptype_name(spec[i].type));
+			return false;
+		}
+	}
+	if (!params)
+		return true;
+	json_object_object_foreach(params, key, val)
+	{
+		bool known = false;
+
+		(void)val;
+		for (size_t i = 0; i < n && !known; i++)
+			known = streq(spec[i].name, key);
+		if (!known) {
+			call_fail(c, JSONRPC_INVALID_PARAMS, "unknown parameter '%.64s'", key);
+			return false;
+		}
+	}
+	return true;
+}
+
+static struct vm *find_vm_or_fail(struct daemon *d, struct call *c, const char *name)
+{
+	struct vm *vm = vm_find(d, name);
+
+	if (!vm)
+		call_fail(c, JSONRPC_ERR_NOT_FOUND, "no VM named '%.64s'", name);
+	return vm;
+}
+
+/* ---- vm.* ---- */
+
+/* A readable regular file, named by an absolute path. */
+static int check_file(const char *path)
+{
+	_cleanup_close_ int fd = -EBADF;
+	struct stat st;
+
+	if (path[0] != '/')
+		return -EINVAL;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	return S_ISREG(st.st_mode) ? 0 : -EISDIR;
+}
+
+/* Resolve the VMM binary as execvp would, to an absolute path. */
+static int find_vmm(const char *name, char **ret)
+{
+	const char *path = getenv("PATH");
+	_cleanup_free_ char *dirs = NULL;
+	char *dir, *save = NULL, buf[PATH_MAX];
+
+	if (strchr(name, '/')) {
+		if (name[0] != '/')
+			return -EINVAL;
+		if (access(name, X_OK) < 0)
+			return -errno;
+		*ret = strdup(name);
+		return *ret ? 0 : -ENOMEM;
+	}
+	dirs = strdup(path ? path : "/usr/local/bin:/usr/bin:/bin");
+	if (!dirs)
+		return -ENOMEM;
+	for (dir = strtok_r(dirs, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
+		snprintf(buf, sizeof(buf), "%s/%s", dir, name);
+		if (access(buf, X_OK) == 0) {
+			*ret = strdup(buf);
+			return *ret ? 0 : -ENOMEM;
+		}
+	}
+	return -ENOENT;
+}
+
+static void format_size(uint64_t b, char *buf, size_t n)
+{
+	if (b >= (1ULL << 30))
+		snprintf(buf, n, "%.1f GiB", (double)b / (1ULL << 30));
+	else
+		snprintf(buf, n, "%" PRIu64 " MiB", b >> 20);
+}
+
+static bool memory_ok(struct call *c, uint64_t bytes)
+{
+	uint64_t phys = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+	char a[32], b[32];
+
+	if (bytes < QEMU_MIN_MEMORY) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "memory must be at least 16 MiB (got %" PRIu64
+			  " bytes)", bytes);
+		return false;
+	}
+	if (bytes > phys) {
+		format_size(bytes, a, sizeof(a));
+		format_size(phys, b, sizeof(b));
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "memory %s exceeds this host's physical memory (%s)", a, b);
+		return false;
+	}
+	return true;
+}
+
+static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
+		   *tap = NULL, *machine = NULL;
+	uint64_t memory = 0, vcpus = 1;
+	const struct param spec[] = {
+		{"name", P_STRING, true, &name},       {"memory", P_SIZE, true, &memory},
+		{"vcpus", P_UINT, false, &vcpus},      {"kernel", P_STRING, true, &kernel},
+		{"initrd", P_STRING, false, &initrd},  {"append", P_STRING, false, &append},
+		{"vmm", P_STRING, false, &vmm},        {"tap", P_STRING, false, &tap},
+		{"machine", P_STRING, false, &machine},
+	};
+	struct vm_config cfg = {};
+	int r;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!memstore_name_is_valid(name)) {
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "invalid VM name '%.64s': use 1-63 letters, digits, '-', '_' or '.', not starting with '.'",
+			  name);
+		return;
+	}
+	if (vm_find(d, name)) {
+		call_fail(c, JSONRPC_ERR_EXISTS, "a VM named '%s' already exists", name);
+		return;
+	}
+	memory = (memory + (1 << 20) - 1) & ~((uint64_t)(1 << 20) - 1);
+	if (!memory_ok(c, memory))
+		return;
+	if (vcpus < 1 || vcpus > 256) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "vcpus must be between 1 and 256");
+		return;
+	}
+	const char *files[][2] = {{"kernel", kernel}, {"initrd", initrd}};
+	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+		if (!files[i][1])
+			continue;
+		r = check_file(files[i][1]);
+		if (r < 0) {
+			call_fail(c, JSONRPC_INVALID_PARAMS, "%s '%.200s': %s", files[i][0], files[i][1],
+				  r == -EINVAL ? "must be an absolute path" : strerror(-r));
+			return;
+		}
+	}
+	if (tap && (strlen(tap) >= 16 || !tap[0])) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "tap interface name must be 1-15 characters");
+		return;
+	}
+	if (append && strchr(append, '\n')) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "append must be a single line");
+		return;
+	}
+	vmm = vmm ? vmm : QEMU_DEFAULT_BINARY;
+	r = find_vmm(vmm, &cfg.vmm);
+	if (r < 0) {
+		call_fail(c, JSONRPC_ERR_VMM, "VMM binary '%.200s' %s", vmm,
+			  r == -ENOENT ? "not found" : r == -EINVAL ? "must be an absolute path or a name in PATH" : strerror(-r));
+		return;
+	}
+	cfg.name = strdup(name);
+	cfg.kernel = strdup(kernel);
+	cfg.initrd = initrd ? strdup(initrd) : NULL;
+	cfg.append = append ? strdup(append) : NULL;
+	cfg.tap = tap ? strdup(tap) : NULL;
+	cfg.machine = strdup(machine ? machine : "q35");
+	cfg.memory_bytes = memory;
+	cfg.vcpus = (unsigned)vcpus;
+	if (!cfg.name || !cfg.kernel || !cfg.machine || (initrd && !cfg.initrd) ||
+	    (append && !cfg.append) || (tap && !cfg.tap)) {
+		vm_config_done(&cfg);
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return;
+	}
+	vm_create(d, &cfg, c);
+}
+
+static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
+{
+	json_object *arr, *res;
+
+	if (!params_parse(c, params, NULL, 0))
+		return;
+	arr = json_object_new_array();
+	for (struct vm *vm = d->vms; vm; vm = vm->next)
+		json_object_array_add(arr, vm_to_json(vm));
+	res = json_object_new_object();
+	json_object_object_add(res, "vms", arr);
+	call_reply(c, res);
+}
+
+static void m_vm_status(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{"name", P_STRING, true, &name}};
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	vm = find_vm_or_fail(d, c, name);
+	if (vm)
+		call_reply(c, vm_to_json(vm));
+}
+
+static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{"name", P_STRING, true, &name}};
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	vm = find_vm_or_fail(d, c, name);
+	if (vm)
+		vm_destroy(vm, c);
+}
+
+/* ---- fd.* ---- */
+
+static json_object *fds_result(struct vm *vm)
+{
+	json_object *res = json_object_new_object();
+
+	json_object_object_add(res, "vm", json_object_new_string(vm->cfg.name));
+	json_object_object_add(res, "fds", vm_fds_to_json(vm));
+	return res;
+}
+
+static void m_fd_list(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{"vm", P_STRING, true, &name}};
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	vm = find_vm_or_fail(d, c, name);
+	if (vm)
+		call_reply(c, fds_result(vm));
+}
+
+/* vm.fds is the verb's name for the same view, keyed like the other vm.*. */
+static void m_vm_fds(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{"name", P_STRING, true, &name}};
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	vm = find_vm_or_fail(d, c, name);
+	if (vm)
+		call_reply(c, fds_result(vm));
+}
+
+static bool is_reserved(const char *name)
+{
+	return streq(name, "ram0") || streq(name, "console") || streq(name, "net0");
+}
+
+static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *vmname = NULL;
+	json_object *names = NULL, *kinds = NULL;
+	const struct param spec[] = {
+		{"vm", P_STRING, true, &vmname},
+		{"names", P_STRINGS, true, &names},
+		{"kinds", P_STRINGS, false, &kinds},
+	};
+	size_t n;
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, vmname)))
+		return;
+	n = json_object_array_length(names);
+	if (n == 0 || n != call_nfds(c) || (kinds && json_object_array_length(kinds) != n)) {
+		call_fail(c, JSONRPC_ERR_BAD_FDS,
+			  "fd.store needs exactly one fd per name: %zu names, %zu fds attached%s", n,
+			  call_nfds(c), kinds ? ", and one kind per name" : "");
+		return;
+	}
+	/* Check all first so that a bad entry stores nothing. */
+	for (size_t i = 0; i < n; i++) {
+		const char *nm = json_object_get_string(json_object_array_get_idx(names, i));
+		const memstore_entry *e;
+
+		if (!memstore_name_is_valid(nm) || is_reserved(nm)) {
+			call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%.64s' is invalid or reserved", nm);
+			return;
+		}
+		if (memstore_get(d->store, vm->cfg.name, nm, &e) == 0) {
+			call_fail(c, JSONRPC_ERR_EXISTS, "VM '%s' already holds an fd named '%s'",
+				  vm->cfg.name, nm);
+			return;
+		}
+		for (size_t j = 0; j < i; j++)
+			if (streq(nm, json_object_get_string(json_object_array_get_idx(names, j)))) {
+				call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%s' given twice", nm);
+				return;
+			}
+		if (kinds && memstore_kind_from_string(json_object_get_string(
+				     json_object_array_get_idx(kinds, i))) < 0) {
+			call_fail(c, JSONRPC_INVALID_PARAMS,
+				  "unknown fd kind '%.32s' (memfd, tap, char, file, socket, pipe)",
+				  json_object_get_string(json_object_array_get_idx(kinds, i)));
+			return;
+		}
+	}
+	for (size_t i = 0; i < n; i++) {
+		const char *nm = json_object_get_string(json_object_array_get_idx(names, i));
+		enum memstore_kind k = MEMSTORE_KIND_INVALID;
+		int fd = call_take_fd(c, i), r = 0;
+
+		if (kinds)
+			k = memstore_kind_from_string(json_object_get_string(json_object_array_get_idx(kinds, i)));
+		else
+			r = memstore_fd_kind(fd, &k);
+		if (r == 0)
+			r = memstore_put(d->store, vm->cfg.name, nm, k, fd);
+		if (r < 0) {
+			safe_close(fd);
+			/* Undo what this call stored: all or nothing. */
+			for (size_t j = 0; j < i; j++)
+				memstore_remove(d->store, vm->cfg.name,
+						json_object_get_string(json_object_array_get_idx(names, j)));
+			call_fail(c, JSONRPC_ERR_BAD_FDS, "fd '%s' %s", nm,
+				  r == -EBADFD ? "is not of the kind claimed" : strerror(-r));
+			return;
+		}
+	}
+	log_info("VM %s: %zu fd(s) stored by pid %d", vm->cfg.name, n, (int)call_peer(c)->pid);
+	call_reply(c, fds_result(vm));
+}
+
+static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *vmname = NULL;
+	json_object *names = NULL;
+	const struct param spec[] = {
+		{"vm", P_STRING, true, &vmname},
+		{"names", P_STRINGS, true, &names},
+	};
+	int fds[16];
+	size_t n;
+	struct vm *vm;
+	json_object *res;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, vmname)))
+		return;
+	/* A VMM may claim its own VM's fds and nobody else's. */
+	if (!call_peer_privileged(c) && !(vm->pidfd >= 0 && call_peer(c)->pid == vm->pid)) {
+		call_fail(c, JSONRPC_ERR_PERMISSION,
+			  "permission denied: only root, group 'cprd' or VM '%s''s own VMM may claim its fds",
+			  vm->cfg.name);
+		return;
+	}
+	n = json_object_array_length(names);
+	if (n == 0 || n > ELEMENTSOF(fds)) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "claim between 1 and 16 fds at once");
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		const char *nm = json_object_get_string(json_object_array_get_idx(names, i));
+		const memstore_entry *e;
+
+		if (memstore_get(d->store, vm->cfg.name, nm, &e) < 0) {
+			call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'",
+				  vm->cfg.name, nm);
+			return;
+		}
+		fds[i] = e->fd;
+	}
+	res = json_object_new_object();
+	json_object_object_add(res, "vm", json_object_new_string(vm->cfg.name));
+	json_object_object_add(res, "names", json_object_get(names));
+	/* The reply carries duplicates; custody keeps the originals. */
+	call_reply_fds(c, res, fds, n);
+}
+
+static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *vmname = NULL, *name = NULL;
+	const struct param spec[] = {
+		{"vm", P_STRING, true, &vmname},
+		{"name", P_STRING, true, &name},
+	};
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, vmname)))
+		return;
+	if (is_reserved(name)) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE,
+			  "'%s' is held for the VM itself; it is released by vm.destroy", name);
+		return;
+	}
+	if (memstore_remove(d->store, vm->cfg.name, name) < 0) {
+		call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'", vm->cfg.name,
+			  name);
+		return;
+	}
+	call_reply(c, fds_result(vm));
+}
+
+/* ---- daemon.* ---- */
+
+static void m_daemon_status(struct daemon *d, struct call *c, json_object *params)
+{
+	json_object *o;
+
+	if (!params_parse(c, params, NULL, 0))
+		return;
+	o = json_object_new_object();
+	json_object_object_add(o, "version", json_object_new_string(CPRD_VERSION));
+	json_object_object_add(o, "pid", json_object_new_int(getpid()));
+	json_object_object_add(o, "uptime_sec", json_object_new_double(
+		(double)(now_usec(CLOCK_MONOTONIC) - d->started_mono) / 1e6));
+	json_object_object_add(o, "started_usec", json_object_new_int64((int64_t)d->started_usec));
+	json_object_object_add(o, "start_mode", json_object_new_string(d->start_mode));
+	json_object_object_add(o, "state_dir", json_object_new_string(d->state_dir));
+	json_object_object_add(o, "accel", json_object_new_string(d->kvm ? "kvm" : "tcg"));
+	json_object_object_add(o, "vms", json_object_new_int((int)vm_count(d)));
+	json_object_object_add(o, "fds_held", json_object_new_int((int)memstore_count(d->store, NULL)));
+	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
+	call_reply(c, o);
+}
+
+static const struct method methods[] = {
+	{"vm.create", m_vm_create, METHOD_MUTATING},
+	{"vm.list", m_vm_list, 0},
+	{"vm.status", m_vm_status, 0},
+	{"vm.fds", m_vm_fds, 0},
+	{"vm.destroy", m_vm_destroy, METHOD_MUTATING},
+	{"fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS},
+	{"fd.claim", m_fd_claim, METHOD_MUTATING},
+	{"fd.list", m_fd_list, 0},
+	{"fd.release", m_fd_release, METHOD_MUTATING},
+	{"daemon.status", m_daemon_status, 0},
+};
+
+const struct method *method_find(const char *name)
+{
+	for (size_t i = 0; i < ELEMENTSOF(methods); i++)
+		if (streq(methods[i].name, name))
+			return &methods[i];
+	return NULL;
+}

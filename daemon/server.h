@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Client connections and JSON-RPC dispatch. A method handler gets a call
+ * object and must finish it exactly once, at once or later (a VM that is
+ * still starting answers vm.create when it runs); every other client keeps
+ * being served meanwhile. A call whose client went away still has to be
+ * finished; its answer is then dropped.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <json-c/json.h>
+
+#include "common/macro.h"
+#include "daemon/daemon.h"
+
+struct call;
+
+enum method_flags {
+	METHOD_MUTATING = 1 << 0, /* only root or group cprd (fd.claim: see there) */
+	METHOD_TAKES_FDS = 1 << 1,
+};
+
+struct method {
+	const char *name;
+	void (*fn)(struct daemon *d, struct call *c, json_object *params);
+	unsigned flags;
+};
+
+const struct method *method_find(const char *name);
+
+int server_listen(struct daemon *d);
+void server_stop(struct daemon *d);
+
+/* Finishing a call. result is taken; fds are duplicated for the reply. */
+void call_reply(struct call *c, json_object *result);
+void call_reply_fds(struct call *c, json_object *result, const int *fds, size_t nfds);
+_printf_(3, 4) void call_fail(struct call *c, int code, const char *fmt, ...);
+/* Same, with a "data" member attached to the error (taken). */
+_printf_(4, 5) void call_fail_data(struct call *c, int code, json_object *data, const char *fmt,
+				   ...);
+
+/* What came with the request. Fds not taken are closed when the call ends. */
+size_t call_nfds(const struct call *c);
+int call_take_fd(struct call *c, size_t i);
+const struct ucred *call_peer(const struct call *c);
+bool call_peer_privileged(const struct call *c);

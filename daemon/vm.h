@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The VM registry and each VM's life: starting -> running <-> paused ->
+ * stopping -> gone, or crashed when the VMM exits on its own. A crashed VM
+ * keeps its memory in custody until it is destroyed.
+ */
+#pragma once
+
+#include <ev.h>
+#include <json-c/json.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "daemon/daemon.h"
+#include "kvm/qmp.h"
+
+struct call;
+
+enum vm_state {
+	VM_STARTING,
+	VM_RUNNING,
+	VM_PAUSED,
+	VM_STOPPING,
+	VM_CRASHED,
+	_VM_STATE_MAX,
+};
+
+struct vm_config {
+	char *name;
+	char *vmm; /* absolute path of the VMM binary */
+	char *kernel, *initrd, *append, *tap;
+	char *machine;
+	uint64_t memory_bytes;
+	unsigned vcpus;
+};
+
+struct vm {
+	struct daemon *d;
+	struct vm_config cfg;
+	enum vm_state state;
+	char *dir, *console_path, *vmm_log_path, *qmp_path;
+	pid_t pid;
+	int pidfd;
+	ev_io pid_watcher;
+	qmp *qmp;
+	ev_io qmp_watcher;
+	ev_timer timer;        /* start-up or stop deadline */
+	struct call *waiting;  /* vm.create or vm.destroy to answer */
+	char vmm_version[32];
+	int exit_code;         /* -1 unknown */
+	char exit_desc[64];
+	uint64_t created_usec;
+	struct vm *next;
+};
+
+const char *vm_state_to_string(enum vm_state s);
+struct vm *vm_find(struct daemon *d, const char *name);
+size_t vm_count(struct daemon *d);
+
+/* Start a VM; answers c when the guest runs or when starting failed. The
+ * config is taken. */
+void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c);
+/* Stop the VMM (SIGTERM, then SIGKILL) and release all custody; answers c. */
+void vm_destroy(struct vm *vm, struct call *c);
+
+json_object *vm_to_json(struct vm *vm);
+json_object *vm_fds_to_json(struct vm *vm);
+
+void vm_config_done(struct vm_config *cfg);
+/* On daemon exit: stop watching, leave the VMMs running. */
+void vm_detach_all(struct daemon *d);
