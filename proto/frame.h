@@ -50,7 +50,8 @@ proto_reader *proto_reader_free(proto_reader *r);
  * bytes read (> 0), 0 on EOF, -EAGAIN, -EBADMSG (see proto_recv_fds),
  * -EMSGSIZE when the buffered incomplete message already exceeds max_msg
  * (the connection cannot be resynchronised and should be closed), or
- * -ETOOMANYREFS when more than PROTO_MAX_FDS fds are queued unclaimed.
+ * -ETOOMANYREFS when more than PROTO_MAX_FDS fds have arrived for one
+ * message.
  */
 ssize_t proto_reader_fill(proto_reader *r, int sockfd);
 
