@@ -14,6 +14,8 @@
 #include "daemon/launcher.h"
 #include "proto/frame.h"
 
+#define LAUNCHER_TIMEOUT_MS 10000
+
 struct reply {
 	int32_t error; /* 0 or a positive errno */
 	int32_t pid;
@@ -51,7 +53,9 @@ _Noreturn static void exec_child(char *const *argv, int log_fd, int *fds, size_t
 	/* Whatever else is open gets close-on-exec, err_fd included. */
 	if (syscall(SYS_close_range, 3 + nfds, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
 		goto fail;
-	execvp(argv[0], argv);
+	/* execv, not execvp: the daemon resolved the path already, and execvp
+	 * would hand a non-executable file to /bin/sh on ENOEXEC. */
+	execv(argv[0], argv);
 fail:
 	e = errno;
 	(void)!write(err_fd, &e, sizeof(e));
@@ -218,6 +222,7 @@ int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, s
 	size_t len = 0, ngot = 0;
 	struct pollfd pfd = {.fd = l->sock, .events = POLLIN};
 	ssize_t n;
+	int r;
 
 	if (nfds > LAUNCHER_MAX_FDS)
 		return -E2BIG;
@@ -239,8 +244,11 @@ int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, s
 		return (int)n;
 	/* The launcher answers once the exec happened or failed: a bounded
 	 * wait on a local process, never on the VMM itself. */
-	if (poll(&pfd, 1, 10000) <= 0)
-		return -ETIMEDOUT;
+	do
+		r = poll(&pfd, 1, LAUNCHER_TIMEOUT_MS);
+	while (r < 0 && errno == EINTR);
+	if (r <= 0)
+		return r < 0 ? -errno : -ETIMEDOUT;
 	n = proto_recv_fds(l->sock, &rep, sizeof(rep), &got, 1, &ngot);
 	if (n < 0)
 		return (int)n;

@@ -28,7 +28,7 @@ int launcher_start(launcher *l);
 void launcher_stop(launcher *l);
 
 /*
- * Start argv[0] (searched in PATH) with log_fd as stdout and stderr,
+ * Start argv[0] (an absolute path) with log_fd as stdout and stderr,
  * /dev/null as stdin, and fds[i] at fd number 3 + i; no other fd survives
  * the exec. On success returns 0 with the VMM's pid and a pidfd
  * (close-on-exec). When the exec itself failed, returns the exec's negative

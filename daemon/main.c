@@ -254,7 +254,14 @@ int main(int argc, char **argv)
 		log_error_errno(r, "cannot start the launcher");
 		return 1;
 	}
-	d.loop = ev_default_loop(EVFLAG_AUTO);
+	/* Not ev_default_loop(): the default loop reaps every child through
+	 * its own SIGCHLD handler (waitpid(-1)), which would steal the VMMs'
+	 * exit status from their pidfds and free their pids for reuse. */
+	d.loop = ev_loop_new(EVFLAG_AUTO);
+	if (!d.loop) {
+		log_error("cannot create the event loop");
+		return 1;
+	}
 	d.kvm = access("/dev/kvm", R_OK | W_OK) == 0;
 	g = getgrnam("cprd");
 	d.have_group = g != NULL;
@@ -266,6 +273,7 @@ int main(int argc, char **argv)
 		r = run(&d, &o, ready_fd);
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
+	ev_loop_destroy(d.loop);
 	free(d.socket_path);
 	free(d.state_dir);
 	return r < 0 ? 1 : 0;

@@ -516,8 +516,8 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	o = json_object_new_object();
 	json_object_object_add(o, "version", json_object_new_string(CPRD_VERSION));
 	json_object_object_add(o, "pid", json_object_new_int(getpid()));
-	json_object_object_add(o, "uptime_sec", json_object_new_double(
-		(double)(now_usec(CLOCK_MONOTONIC) - d->started_mono) / 1e6));
+	json_object_object_add(o, "uptime_sec", json_object_new_int64(
+		(int64_t)(now_usec(CLOCK_MONOTONIC) - d->started_mono) / 1000000));
 	json_object_object_add(o, "started_usec", json_object_new_int64((int64_t)d->started_usec));
 	json_object_object_add(o, "start_mode", json_object_new_string(d->start_mode));
 	json_object_object_add(o, "state_dir", json_object_new_string(d->state_dir));

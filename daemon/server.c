@@ -46,7 +46,8 @@ struct batch {
 struct call {
 	struct client *client;
 	struct batch *batch;
-	json_object *id; /* NULL for a notification */
+	json_object *id;   /* borrowed reference; NULL is JSON null */
+	bool notification; /* no "id" member: never answered */
 	int fds[PROTO_MAX_FDS];
 	size_t nfds;
 	bool done;
@@ -128,8 +129,8 @@ static void call_finish(struct call *c, json_object *reply, const int *fds, size
 		return;
 	}
 	c->done = true;
-	if (!c->id) {
-		json_object_put(reply); /* notifications are never answered */
+	if (c->notification) {
+		json_object_put(reply);
 		reply = NULL;
 	}
 	cl->calls--;
@@ -203,7 +204,7 @@ bool call_peer_privileged(const struct call *c)
 
 /* ---- dispatch ---- */
 
-static struct call *call_new(struct client *cl, struct batch *b, json_object *id)
+static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req)
 {
 	struct call *c = calloc(1, sizeof(*c));
 
@@ -211,7 +212,8 @@ static struct call *call_new(struct client *cl, struct batch *b, json_object *id
 		return NULL;
 	c->client = cl;
 	c->batch = b;
-	c->id = id ? json_object_get(id) : NULL;
+	c->id = json_object_get(req->id); /* json-c: NULL stays NULL */
+	c->notification = req->is_notification;
 	cl->refs++;
 	cl->calls++;
 	if (b)
@@ -255,7 +257,7 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 			reply_error(cl, b, req.id, JSONRPC_METHOD_NOT_FOUND, msg);
 		return;
 	}
-	c = cl->calls < CLIENT_MAX_CALLS ? call_new(cl, b, req.is_notification ? NULL : req.id) : NULL;
+	c = cl->calls < CLIENT_MAX_CALLS ? call_new(cl, b, &req) : NULL;
 	if (!c) {
 		close_many(fds, nfds);
 		if (!req.is_notification)

@@ -1,0 +1,428 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * cprctl: the command line for cprd. Thin on purpose: each verb builds the
+ * params of one JSON-RPC call, makes it through proto/'s client and prints
+ * the result as a table (or as JSON with --json).
+ */
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/json.h"
+#include "proto/client.h"
+#include "proto/jsonrpc.h"
+
+#define DEFAULT_SOCKET "/run/cprd/cprd.sock"
+
+enum { EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NOCONN = 3 };
+
+static const char *arg_socket;
+static bool arg_json;
+static int arg_timeout_ms = -1;
+
+static const struct option common_opts[] = {
+	{"json", no_argument, NULL, 'j'},
+	{"socket", required_argument, NULL, 'S'},
+	{"help", no_argument, NULL, 'h'},
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"Usage: cprctl [--socket PATH] [--json] VERB [ARGS...]\n\n"
+		"Verbs:\n"
+		"  create NAME --memory SIZE --kernel PATH [--initrd PATH] [--append STR]\n"
+		"         [--vcpus N] [--vmm PATH] [--tap IFNAME] [--machine TYPE]\n"
+		"                      define and start a VM; returns when the guest runs\n"
+		"  list                all VMs\n"
+		"  status NAME         one VM\n"
+		"  fds NAME            the fds cprd holds for a VM\n"
+		"  destroy NAME        stop the VM's VMM and release everything held for it\n"
+		"  daemon status       cprd's version, uptime and custody\n\n"
+		"The socket is --socket, else $CPRD_SOCKET, else %s.\n"
+		"Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
+		DEFAULT_SOCKET);
+}
+
+/* Parse options; the common ones (--json, --socket) are allowed anywhere.
+ * extra/nextra describe a verb's own and handle() takes them. For a verb,
+ * getopt permutes so that "status NAME --json" works; for the command line
+ * before the verb it stops at the verb. Returns the index of the first
+ * operand. */
+static int parse_opts(int argc, char **argv, bool verb, const struct option *extra, size_t nextra,
+		      int (*handle)(int opt, const char *arg, void *ud), void *ud)
+{
+	struct option opts[32];
+	size_t n = 0;
+	int c;
+
+	for (size_t i = 0; i < nextra && n < ELEMENTSOF(opts) - 4; i++)
+		opts[n++] = extra[i];
+	for (size_t i = 0; i < ELEMENTSOF(common_opts); i++)
+		opts[n++] = common_opts[i];
+	opts[n] = (struct option){};
+	optind = 0; /* full re-initialisation: each verb parses its own argv */
+	while ((c = getopt_long(argc, argv, verb ? "" : "+", opts, NULL)) >= 0) {
+		switch (c) {
+		case 'j':
+			arg_json = true;
+			break;
+		case 'S':
+			arg_socket = optarg;
+			break;
+		case 'h':
+			usage(stdout);
+			exit(EXIT_OK);
+		case '?':
+			return -EINVAL;
+		default:
+			if (!handle || handle(c, optarg, ud) < 0)
+				return -EINVAL;
+		}
+	}
+	return optind;
+}
+
+/* ---- calling cprd ---- */
+
+static void print_json(json_object *o)
+{
+	puts(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+						   JSON_C_TO_STRING_NOSLASHESCAPE));
+}
+
+/* Make one call. On failure prints the reason and returns the exit status
+ * to use; on success returns 0 with *ret_result. */
+static int call(const char *method, json_object *params, json_object **ret_result)
+{
+	const char *path = arg_socket ? arg_socket : getenv("CPRD_SOCKET");
+	_cleanup_json_ json_object *error = NULL;
+	proto_client *c = NULL;
+	int r;
+
+	if (!path || !*path)
+		path = DEFAULT_SOCKET;
+	r = proto_client_connect(path, &c);
+	if (r < 0) {
+		json_object_put(params);
+		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", path, strerror(-r),
+			r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
+		return EXIT_NOCONN;
+	}
+	r = proto_client_call(c, method, params, NULL, 0, arg_timeout_ms, ret_result, &error, NULL,
+			      NULL);
+	proto_client_free(c);
+	if (r == -EREMOTEIO) {
+		json_object *m = json_object_object_get(error, "message");
+
+		if (arg_json)
+			print_json(error);
+		fprintf(stderr, "cprctl: %s\n", m ? json_object_get_string(m) : "unknown error");
+		return EXIT_FAILED;
+	}
+	if (r < 0) {
+		fprintf(stderr, "cprctl: %s failed: %s\n", method, strerror(-r));
+		return EXIT_FAILED;
+	}
+	return EXIT_OK;
+}
+
+/* ---- output helpers ---- */
+
+static const char *str(json_object *o, const char *key)
+{
+	json_object *v = json_object_object_get(o, key);
+
+	return v ? json_object_get_string(v) : "-";
+}
+
+static void human_size(uint64_t b, char *buf, size_t n)
+{
+	if (b >= (1ULL << 30) && b % (1ULL << 30) == 0)
+		snprintf(buf, n, "%" PRIu64 "G", b >> 30);
+	else if (b >= (1ULL << 20))
+		snprintf(buf, n, "%" PRIu64 "M", b >> 20);
+	else if (b >= 1024)
+		snprintf(buf, n, "%" PRIu64 "K", b >> 10);
+	else
+		snprintf(buf, n, "%" PRIu64, b);
+}
+
+static void human_uptime(int64_t since_usec, char *buf, size_t n)
+{
+	struct timespec now;
+	int64_t s;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	s = now.tv_sec - since_usec / 1000000;
+	if (s < 0)
+		s = 0;
+	if (s >= 86400)
+		snprintf(buf, n, "%" PRId64 "d%" PRId64 "h", s / 86400, s % 86400 / 3600);
+	else if (s >= 3600)
+		snprintf(buf, n, "%" PRId64 "h%02" PRId64 "m", s / 3600, s % 3600 / 60);
+	else
+		snprintf(buf, n, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
+}
+
+/* ---- verbs ---- */
+
+struct create_args {
+	json_object *p;
+};
+
+static int add_path(json_object *p, const char *key, const char *path)
+{
+	char buf[PATH_MAX];
+
+	/* The daemon resolves nothing relative to our cwd: send absolute paths,
+	 * and let it report a missing file in its own words. */
+	if (!realpath(path, buf)) {
+		if (path[0] == '/' || !getcwd(buf, sizeof(buf)) ||
+		    strlen(buf) + strlen(path) + 2 > sizeof(buf))
+			snprintf(buf, sizeof(buf), "%s", path);
+		else
+			strcat(strcat(buf, "/"), path);
+	}
+	json_object_object_add(p, key, json_object_new_string(buf));
+	return 0;
+}
+
+static int create_opt(int opt, const char *arg, void *ud)
+{
+	json_object *p = ((struct create_args *)ud)->p;
+	char *end;
+	long v;
+
+	switch (opt) {
+	case 'm':
+		json_object_object_add(p, "memory", json_object_new_string(arg));
+		return 0;
+	case 'c':
+		v = strtol(arg, &end, 10);
+		if (*end || v < 1 || v > INT_MAX) {
+			fprintf(stderr, "cprctl: --vcpus needs a positive number\n");
+			return -EINVAL;
+		}
+		json_object_object_add(p, "vcpus", json_object_new_int((int)v));
+		return 0;
+	case 'k':
+		return add_path(p, "kernel", arg);
+	case 'i':
+		return add_path(p, "initrd", arg);
+	case 'a':
+		json_object_object_add(p, "append", json_object_new_string(arg));
+		return 0;
+	case 'v':
+		if (strchr(arg, '/'))
+			return add_path(p, "vmm", arg);
+		json_object_object_add(p, "vmm", json_object_new_string(arg));
+		return 0;
+	case 't':
+		json_object_object_add(p, "tap", json_object_new_string(arg));
+		return 0;
+	case 'M':
+		json_object_object_add(p, "machine", json_object_new_string(arg));
+		return 0;
+	}
+	return -EINVAL;
+}
+
+static void print_status(json_object *vm)
+{
+	static const char *const keys[] = {"name",   "state",  "pid",         "vmm",
+					   "vmm_version", "machine", "accel", "vcpus",
+					   "kernel", "initrd", "append", "tap", "console_log",
+					   "vmm_log", "fds_held", "exit"};
+	char mem[32];
+
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
+		json_object *v = json_object_object_get(vm, keys[i]);
+
+		if (!v)
+			continue;
+		printf("%-12s %s\n", keys[i], json_object_get_string(v));
+		if (streq(keys[i], "pid")) {
+			human_size((uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
+				   mem, sizeof(mem));
+			printf("%-12s %s\n", "memory", mem);
+		}
+	}
+}
+
+static int verb_create(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"memory", required_argument, NULL, 'm'}, {"vcpus", required_argument, NULL, 'c'},
+		{"kernel", required_argument, NULL, 'k'}, {"initrd", required_argument, NULL, 'i'},
+		{"append", required_argument, NULL, 'a'}, {"vmm", required_argument, NULL, 'v'},
+		{"tap", required_argument, NULL, 't'},    {"machine", required_argument, NULL, 'M'},
+	};
+	struct create_args a = {.p = json_object_new_object()};
+	_cleanup_json_ json_object *res = NULL;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), create_opt, &a);
+	if (i < 0 || i + 1 != argc) {
+		json_object_put(a.p);
+		fprintf(stderr, "Usage: cprctl create NAME --memory SIZE --kernel PATH [options]\n");
+		return EXIT_USAGE;
+	}
+	json_object_object_add(a.p, "name", json_object_new_string(argv[i]));
+	r = call("vm.create", a.p, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json)
+		print_json(res);
+	else
+		printf("VM %s is %s (pid %s); console: %s\n", str(res, "name"), str(res, "state"),
+		       str(res, "pid"), str(res, "console_log"));
+	return EXIT_OK;
+}
+
+static int verb_list(int argc, char **argv)
+{
+	_cleanup_json_ json_object *res = NULL;
+	json_object *vms;
+	int r;
+
+	if (parse_opts(argc, argv, true, NULL, 0, NULL, NULL) != argc) {
+		fprintf(stderr, "Usage: cprctl list\n");
+		return EXIT_USAGE;
+	}
+	r = call("vm.list", NULL, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json) {
+		print_json(res);
+		return EXIT_OK;
+	}
+	vms = json_object_object_get(res, "vms");
+	printf("%-20s %-9s %8s %7s %5s %-8s %-9s %s\n", "NAME", "STATE", "PID", "MEMORY", "VCPUS",
+	       "UPTIME", "QEMU", "VMM");
+	for (size_t i = 0; i < json_object_array_length(vms); i++) {
+		json_object *vm = json_object_array_get_idx(vms, i);
+		char mem[32], up[32];
+
+		human_size((uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
+			   mem, sizeof(mem));
+		human_uptime(json_object_get_int64(json_object_object_get(vm, "created_usec")), up,
+			     sizeof(up));
+		printf("%-20s %-9s %8s %7s %5s %-8s %-9s %s\n", str(vm, "name"), str(vm, "state"),
+		       json_object_object_get(vm, "pid") ? str(vm, "pid") : "-", mem,
+		       str(vm, "vcpus"), up,
+		       json_object_object_get(vm, "vmm_version") ? str(vm, "vmm_version") : "-",
+		       str(vm, "vmm"));
+	}
+	if (json_object_array_length(vms) == 0)
+		printf("(no VMs)\n");
+	return EXIT_OK;
+}
+
+/* Verbs of the form "VERB NAME" that print the result one way or another. */
+static int name_verb(int argc, char **argv, const char *method, const char *key,
+		     void (*print)(json_object *res))
+{
+	_cleanup_json_ json_object *res = NULL;
+	json_object *p;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	if (i < 0 || i + 1 != argc) {
+		fprintf(stderr, "Usage: cprctl %s NAME\n", argv[0]);
+		return EXIT_USAGE;
+	}
+	p = json_object_new_object();
+	json_object_object_add(p, key, json_object_new_string(argv[i]));
+	r = call(method, p, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json)
+		print_json(res);
+	else
+		print(res);
+	return EXIT_OK;
+}
+
+static void print_fds(json_object *res)
+{
+	json_object *fds = json_object_object_get(res, "fds");
+
+	printf("%-16s %-7s %10s %5s\n", "NAME", "KIND", "SIZE", "FD");
+	for (size_t i = 0; i < json_object_array_length(fds); i++) {
+		json_object *f = json_object_array_get_idx(fds, i);
+		char sz[32];
+
+		human_size((uint64_t)json_object_get_int64(json_object_object_get(f, "size")), sz,
+			   sizeof(sz));
+		printf("%-16s %-7s %10s %5s\n", str(f, "name"), str(f, "kind"), sz, str(f, "fd"));
+	}
+}
+
+static void print_destroyed(json_object *res)
+{
+	printf("VM %s destroyed; everything held for it was released\n", str(res, "name"));
+}
+
+static int verb_daemon(int argc, char **argv)
+{
+	_cleanup_json_ json_object *res = NULL;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	if (i < 0 || i + 1 != argc || !streq(argv[i], "status")) {
+		fprintf(stderr, "Usage: cprctl daemon status\n");
+		return EXIT_USAGE;
+	}
+	r = call("daemon.status", NULL, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json) {
+		print_json(res);
+		return EXIT_OK;
+	}
+	json_object_object_foreach(res, k, v) printf("%-16s %s\n", k, json_object_get_string(v));
+	return EXIT_OK;
+}
+
+static int verb_status(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.status", "name", print_status);
+}
+
+static int verb_fds(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.fds", "name", print_fds);
+}
+
+static int verb_destroy(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.destroy", "name", print_destroyed);
+}
+
+static const struct {
+	const char *name;
+	int (*fn)(int argc, char **argv);
+} verbs[] = {
+	{"create", verb_create}, {"list", verb_list},       {"status", verb_status},
+	{"fds", verb_fds},       {"destroy", verb_destroy}, {"daemon", verb_daemon},
+};
+
+int main(int argc, char **argv)
+{
+	int i;
+
+	i = parse_opts(argc, argv, false, NULL, 0, NULL, NULL);
+	if (i < 0 || i >= argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	for (size_t v = 0; v < ELEMENTSOF(verbs); v++)
+		if (streq(verbs[v].name, argv[i]))
+			return verbs[v].fn(argc - i, argv + i);
+	fprintf(stderr, "cprctl: unknown verb '%s'; try cprctl --help\n", argv[i]);
+	return EXIT_USAGE;
+}

@@ -1,0 +1,289 @@
+"""Integration-test support: a real cprd in a private directory, real QEMU,
+the real guest from `make guest`, raw JSON-RPC over the UNIX socket with fds
+as SCM_RIGHTS, and cprctl as a user runs it. Nothing here fakes the kernel."""
+
+import array
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+BUILD = os.environ.get("CPRD_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
+BUILD = os.path.abspath(BUILD)
+CPRD = os.path.join(BUILD, "cprd")
+CPRCTL = os.path.join(BUILD, "cprctl")
+KERNEL = os.path.join(BUILD, "guest", "vmlinuz")
+INITRD = os.path.join(BUILD, "guest", "initrd.img")
+GUEST_APPEND = "console=ttyS0 quiet cprd.data_mb=8 cprd.hb_ms=200"
+BOOT_TIMEOUT = float(os.environ.get("CPRD_TEST_BOOT_TIMEOUT", "120"))
+
+HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+)", re.M)
+BOOT_RE = re.compile(r"^CPRD-GUEST boot id=([0-9a-f]+)", re.M)
+
+
+def require_root(test):
+    if os.geteuid() != 0:
+        raise unittest.SkipTest("needs root (cprd holds VMs for others)")
+
+
+def require_guest():
+    for f in (KERNEL, INITRD):
+        if not os.path.exists(f):
+            raise unittest.SkipTest(f"guest image {f} missing: run `make guest`")
+    if not shutil.which("qemu-system-x86_64"):
+        raise unittest.SkipTest("qemu-system-x86_64 not installed")
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid):
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def children(pid):
+    """Direct children of pid, zombies included, as {pid: (comm, state)}."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == pid:
+            kids[int(d)] = (stat[stat.index("(") + 1:stat.rindex(")")], rest[0])
+    return kids
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(pred, timeout, what, interval=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class RpcError(Exception):
+    def __init__(self, error):
+        super().__init__(f"{error.get('code')}: {error.get('message')}")
+        self.code = error.get("code")
+        self.message = error.get("message")
+        self.error = error
+
+
+class Conn:
+    """One raw connection to cprd: newline-delimited JSON, fds as SCM_RIGHTS."""
+
+    def __init__(self, path, timeout=30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.fds = []
+        self.next_id = 1
+
+    def close(self):
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def send_raw(self, data, fds=()):
+        if isinstance(data, str):
+            data = data.encode()
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+
+    def recv_line(self):
+        """One message; fds that came with it are collected in self.fds."""
+        while b"\n" not in self.buf:
+            msg, fds, flags, _ = socket.recv_fds(self.sock, 65536, 32)
+            self.fds.extend(fds)
+            if not msg:
+                raise EOFError("cprd closed the connection")
+            self.buf += msg
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def request(self, method, params=None, fds=(), id=None):
+        if id is None:
+            id = self.next_id
+            self.next_id += 1
+        msg = {"jsonrpc": "2.0", "method": method, "id": id}
+        if params is not None:
+            msg["params"] = params
+        self.send_raw(json.dumps(msg) + "\n", fds)
+        return id
+
+    def call_full(self, method, params=None, fds=()):
+        id = self.request(method, params, fds)
+        while True:
+            reply = self.recv_line()
+            if reply.get("id") == id:
+                return reply
+
+    def call(self, method, params=None, fds=()):
+        reply = self.call_full(method, params, fds)
+        if "error" in reply:
+            raise RpcError(reply["error"])
+        return reply["result"]
+
+    def take_fds(self):
+        fds, self.fds = self.fds, []
+        return fds
+
+
+class Daemon:
+    """cprd in the foreground in a private state directory."""
+
+    def __init__(self, extra_args=(), env=None):
+        self.dir = tempfile.mkdtemp(prefix="cprd-test-")
+        self.sock = os.path.join(self.dir, "cprd.sock")
+        self.log = os.path.join(self.dir, "cprd.log")
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.proc = None
+
+    def start(self):
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [CPRD, "--foreground", "--state-dir", self.dir] + self.extra_args,
+            stdout=logf, stderr=logf, env=self.env)
+        logf.close()
+        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 10,
+                   "cprd's socket")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"cprd exited at start: {self.read_log()}")
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def read_log(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def conn(self, timeout=30):
+        return Conn(self.sock, timeout)
+
+    def call(self, method, params=None, fds=(), timeout=BOOT_TIMEOUT):
+        c = self.conn(timeout)
+        try:
+            return c.call(method, params, fds)
+        finally:
+            c.close()
+
+    def cprctl(self, *args, check=False, timeout=BOOT_TIMEOUT):
+        env = dict(os.environ, CPRD_SOCKET=self.sock)
+        p = subprocess.run([CPRCTL] + list(args), capture_output=True, text=True, env=env,
+                           timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"cprctl {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+        return p
+
+    def create_guest(self, name, memory="256M", **extra):
+        params = {"name": name, "memory": memory, "kernel": KERNEL, "initrd": INITRD,
+                  "append": GUEST_APPEND}
+        params.update(extra)
+        return self.call("vm.create", params)
+
+    def destroy_all(self):
+        try:
+            for vm in self.call("vm.list")["vms"]:
+                try:
+                    self.call("vm.destroy", {"name": vm["name"]})
+                except RpcError:
+                    pass
+        except (OSError, EOFError):
+            pass
+
+    def stop(self):
+        """Stop cprd; anything it left behind is killed so no test leaks a VMM."""
+        if self.proc and self.proc.poll() is None:
+            self.destroy_all()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        kill_vmms_under(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kill_vmms_under(state_dir):
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if state_dir.encode() in cmd and b"qemu" in cmd:
+            try:
+                os.kill(int(d), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+class Console:
+    """The guest's serial console log, as written by QEMU into cprd's fd."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def text(self):
+        with open(self.path, errors="replace") as f:
+            return f.read()
+
+    def beats(self):
+        return [(int(s), d) for s, d in HB_RE.findall(self.text())]
+
+    def boots(self):
+        return BOOT_RE.findall(self.text())
+
+    def wait_beats(self, n, timeout=BOOT_TIMEOUT):
+        """Wait until n more heartbeats than now have appeared."""
+        start = len(self.beats())
+        wait_until(lambda: len(self.beats()) >= start + n, timeout,
+                   f"{n} guest heartbeats in {self.path}", interval=0.2)
+        return self.beats()
+
+    def assert_healthy(self, tc):
+        """One boot, heartbeats 1..N without a gap, every memory check ok."""
+        beats = self.beats()
+        tc.assertEqual(len(self.boots()), 1, "the guest booted more than once")
+        tc.assertTrue(beats, "no heartbeat")
+        seqs = [s for s, _ in beats]
+        tc.assertEqual(seqs, list(range(1, len(seqs) + 1)), "heartbeat sequence has a gap")
+        tc.assertTrue(all(d == "ok" for _, d in beats), "guest memory check failed")

@@ -1,0 +1,161 @@
+"""A VM's life through cprctl, as an operator drives it: create a real guest,
+see it run, inspect it, lose its VMM, destroy it; nothing may leak."""
+
+import json
+import mmap
+import os
+import signal
+import stat
+import unittest
+
+from cprdtest import (CPRD, GUEST_APPEND, INITRD, KERNEL, Console, Daemon, children, fd_count,
+                      pid_alive, require_guest, require_root, wait_until)
+
+
+class Lifecycle(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_root(cls)
+        require_guest()
+        cls.d = Daemon().start()
+        cls.baseline_fds = fd_count(cls.d.pid)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+
+    def create(self, name, *extra):
+        p = self.d.cprctl("create", name, "--memory", "256M", "--kernel", KERNEL,
+                          "--initrd", INITRD, "--append", GUEST_APPEND, *extra)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return json.loads(self.d.cprctl("status", name, "--json", check=True).stdout)
+
+    def test_create_run_inspect_destroy(self):
+        vm = self.create("life1")
+        for key in ("name", "state", "pid", "vmm", "memory_bytes", "console_log"):
+            self.assertIn(key, vm)
+        self.assertEqual(vm["state"], "running")
+        self.assertEqual(vm["memory_bytes"], 256 << 20)
+        self.assertTrue(pid_alive(vm["pid"]))
+
+        # The guest really runs: heartbeats on the console cprd holds.
+        con = Console(vm["console_log"])
+        con.wait_beats(5)
+        con.assert_healthy(self)
+
+        # The VMM is cprd's (subreaper) child and got exactly the held fds.
+        self.assertIn(vm["pid"], children(self.d.pid))
+        qemu_fds = {fd: os.readlink(f"/proc/{vm['pid']}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{vm['pid']}/fd")}
+        self.assertTrue(qemu_fds["3"].startswith("/memfd:ram0"), qemu_fds)
+        self.assertEqual(qemu_fds["4"], vm["console_log"])
+
+        listing = self.d.cprctl("list", check=True).stdout
+        self.assertRegex(listing, r"(?m)^NAME\s+STATE\s+PID")
+        self.assertRegex(listing, rf"(?m)^life1\s+running\s+{vm['pid']}\s+256M")
+
+        fds = json.loads(self.d.cprctl("fds", "life1", "--json", check=True).stdout)["fds"]
+        by_name = {f["name"]: f for f in fds}
+        self.assertEqual(by_name["ram0"]["kind"], "memfd")
+        self.assertEqual(by_name["ram0"]["size"], 256 << 20)
+        self.assertEqual(by_name["console"]["kind"], "file")
+        human = self.d.cprctl("fds", "life1", check=True).stdout
+        self.assertRegex(human, r"(?m)^ram0\s+memfd\s+256M")
+
+        p = self.d.cprctl("destroy", "life1")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        wait_until(lambda: not pid_alive(vm["pid"]), 10, "the VMM to exit")
+        self.assertNotIn(vm["pid"], children(self.d.pid), "VMM left as a zombie")
+        self.assertNotIn("life1", self.d.cprctl("list", check=True).stdout)
+        self.assertFalse(os.path.exists(os.path.dirname(vm["console_log"])))
+        self.assertEqual(fd_count(self.d.pid), self.baseline_fds, "cprd leaked fds")
+        p = self.d.cprctl("status", "life1")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("no VM named 'life1'", p.stderr)
+
+    def test_guest_ram_is_the_daemons_memfd(self):
+        vm = self.create("life2")
+        con = Console(vm["console_log"])
+        con.wait_beats(2)
+        c = self.d.conn()
+        c.call("fd.claim", {"vm": "life2", "names": ["ram0"]})
+        (fd,) = c.take_fds()
+        c.close()
+        try:
+            st = os.fstat(fd)
+            self.assertTrue(stat.S_ISREG(st.st_mode))
+            self.assertEqual(st.st_size, 256 << 20)
+            # The guest kernel's own console text sits in these pages: the
+            # memfd cprd holds is the guest's RAM, not a copy.
+            with mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) as m:
+                self.assertNotEqual(m.find(b"CPRD-GUEST hb seq="), -1)
+        finally:
+            os.close(fd)
+        self.d.call("vm.destroy", {"name": "life2"})
+
+    def test_crashed_vmm_keeps_memory_in_custody(self):
+        vm = self.create("life3")
+        os.kill(vm["pid"], signal.SIGKILL)
+        st = wait_until(lambda: (lambda s: s if s["state"] == "crashed" else None)(
+            self.d.call("vm.status", {"name": "life3"})), 10, "state crashed")
+        self.assertEqual(st["exit"], "killed by signal KILL")
+        self.assertIsNone(st["pid"])
+        self.assertNotIn(vm["pid"], children(self.d.pid), "crashed VMM not reaped")
+        names = [f["name"] for f in self.d.call("vm.fds", {"name": "life3"})["fds"]]
+        self.assertIn("ram0", names)
+        human = self.d.cprctl("status", "life3", check=True).stdout
+        self.assertRegex(human, r"(?m)^state\s+crashed")
+        self.d.cprctl("destroy", "life3", check=True)
+        self.assertEqual(self.d.call("vm.list")["vms"], [])
+
+    def test_two_vms_are_independent(self):
+        a = self.create("life4")
+        b = self.create("life5")
+        self.assertNotEqual(a["pid"], b["pid"])
+        self.d.cprctl("destroy", "life4", check=True)
+        self.assertEqual(self.d.call("vm.status", {"name": "life5"})["state"], "running")
+        Console(b["console_log"]).wait_beats(2)
+        self.d.cprctl("destroy", "life5", check=True)
+
+
+class DaemonProcess(unittest.TestCase):
+    def setUp(self):
+        require_root(self)
+
+    def test_socket_is_0660_and_state_dir_locked(self):
+        d = Daemon().start()
+        try:
+            mode = stat.S_IMODE(os.stat(d.sock).st_mode)
+            self.assertEqual(mode, 0o660)
+            # A second daemon on the same state dir must refuse, not steal it.
+            import subprocess
+            p = subprocess.run([CPRD, "--foreground", "--state-dir", d.dir],
+                               capture_output=True, text=True, timeout=10)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("another cprd already uses state directory", p.stderr)
+            self.assertEqual(d.call("daemon.status")["version"], "0.1.0")
+        finally:
+            d.stop()
+
+    def test_detached_daemon_is_ready_when_the_command_returns(self):
+        import subprocess
+        import tempfile
+        import shutil
+        state = tempfile.mkdtemp(prefix="cprd-test-")
+        try:
+            p = subprocess.run([CPRD, "--state-dir", state], capture_output=True, text=True,
+                               timeout=20)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            d = Daemon()
+            d.sock = os.path.join(state, "cprd.sock")
+            st = d.call("daemon.status")
+            self.assertEqual(st["start_mode"], "fresh")
+            os.kill(st["pid"], signal.SIGTERM)
+            wait_until(lambda: not pid_alive(st["pid"]), 10, "cprd to exit on SIGTERM")
+            self.assertFalse(os.path.exists(d.sock), "socket left behind")
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
