@@ -151,7 +151,7 @@ int qemu_parse_size(const char *s, uint64_t *ret)
 	} units[] = {
 		{"", 0},     {"B", 0},     {"K", 10},    {"KB", 10}, {"KiB", 10}, {"M", 20},
 		{"MB", 20},  {"MiB", 20},  {"G", 30},    {"GB", 30}, {"GiB", 30}, {"T", 40},
-		{"TB", 40},  {"TiB", 40},
+		{"TB", 40},  {"TiB", 40},  {"P", 50},    {"PB", 50}, {"PiB", 50},
 	};
 	unsigned long long v;
 	char *end;
