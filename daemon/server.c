@@ -129,6 +129,8 @@ static void call_finish(struct call *c, json_object *reply, const int *fds, size
 		return;
 	}
 	c->done = true;
+	/* Fds the handler did not take are closed before the peer hears back. */
+	c->nfds = (close_many(c->fds, c->nfds), 0);
 	if (c->notification) {
 		json_object_put(reply);
 		reply = NULL;

@@ -192,6 +192,12 @@ class Daemon:
         with open(self.log, errors="replace") as f:
             return f.read()
 
+    def wait_fds(self, n, timeout=5):
+        """cprd's fd count settles at n (a closed client is noticed a moment
+        after the client has its answer)."""
+        wait_until(lambda: fd_count(self.pid) == n, timeout,
+                   f"cprd's fd count to be {n} (is {fd_count(self.pid)})")
+
     def conn(self, timeout=30):
         return Conn(self.sock, timeout)
 

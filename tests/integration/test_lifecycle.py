@@ -68,7 +68,7 @@ class Lifecycle(unittest.TestCase):
         self.assertNotIn(vm["pid"], children(self.d.pid), "VMM left as a zombie")
         self.assertNotIn("life1", self.d.cprctl("list", check=True).stdout)
         self.assertFalse(os.path.exists(os.path.dirname(vm["console_log"])))
-        self.assertEqual(fd_count(self.d.pid), self.baseline_fds, "cprd leaked fds")
+        self.d.wait_fds(self.baseline_fds)
         p = self.d.cprctl("status", "life1")
         self.assertEqual(p.returncode, 1)
         self.assertIn("no VM named 'life1'", p.stderr)
