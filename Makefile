@@ -23,7 +23,7 @@ DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 
-.PHONY: all deps guest check unit integration demo bench format format-check clean
+.PHONY: all deps guest check unit integration demo bench format format-check install clean
 all: $(B)/cprd $(B)/cprctl
 
 $(B)/obj/%.o: %.c
@@ -67,6 +67,15 @@ check: deps
 demo: deps
 	@$(MAKE) --no-print-directory all guest
 	@sh scripts/demo.sh $(B)
+
+PREFIX ?= /usr/local
+install: all
+	install -D -m 0755 $(B)/cprd $(DESTDIR)$(PREFIX)/sbin/cprd
+	install -D -m 0755 $(B)/cprctl $(DESTDIR)$(PREFIX)/bin/cprctl
+	install -D -m 0644 units/cprd.service $(DESTDIR)/etc/systemd/system/cprd.service
+	install -D -m 0644 units/cprd.socket $(DESTDIR)/etc/systemd/system/cprd.socket
+	install -D -m 0644 units/cprd.sysusers $(DESTDIR)/usr/lib/sysusers.d/cprd.conf
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/cprd/README.md
 
 format:
 	clang-format -i $(wildcard */*.c */*.h)

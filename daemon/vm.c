@@ -586,7 +586,12 @@ json_object *vm_fds_to_json(struct vm *vm)
 
 		add_str(o, "name", e->name);
 		add_str(o, "kind", memstore_kind_to_string(e->kind));
-		json_object_object_add(o, "size", json_object_new_int64((int64_t)e->size));
+		struct stat st;
+		/* Files (logs) grow; regions are sealed, so their size is fixed. */
+		int64_t size = e->kind == MEMSTORE_KIND_FILE && fstat(e->fd, &st) == 0 ? st.st_size
+										      : (int64_t)e->size;
+
+		json_object_object_add(o, "size", json_object_new_int64(size));
 		json_object_object_add(o, "fd", json_object_new_int(e->fd));
 		json_object_array_add(arr, o);
 	}
