@@ -1,0 +1,239 @@
+#!/bin/sh
+# Build the cprd test guest from Debian packages:
+#   OUTDIR/vmlinuz     kernel of the real package behind linux-image-amd64
+#   OUTDIR/initrd.img  gzip'd newc initramfs: static busybox + guest/init as /init
+#   OUTDIR/kernel.txt  "<package> <version>" of the kernel used
+# Usage: sh scripts/build-guest.sh OUTDIR
+# Packages are fetched with `apt-get download` into OUTDIR/cache and unpacked
+# there; nothing is installed on the host. Re-running with up-to-date outputs
+# does nothing.
+set -eu
+
+OUT=${1:-build/guest}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SELF=$ROOT/scripts/build-guest.sh
+INIT=$ROOT/guest/init
+CACHE=$OUT/cache
+
+say() { echo "guest: $*"; }
+die() {
+	echo "guest: error: $*" >&2
+	exit 1
+}
+
+[ -f "$INIT" ] || die "missing $INIT"
+
+uptodate() {
+	for o in "$OUT/vmlinuz" "$OUT/initrd.img" "$OUT/kernel.txt"; do
+		[ -s "$o" ] || return 1
+		[ "$o" -nt "$INIT" ] && [ "$o" -nt "$SELF" ] || return 1
+	done
+	return 0
+}
+if uptodate; then
+	say "up to date ($OUT: $(cat "$OUT/kernel.txt"))"
+	exit 0
+fi
+
+for t in apt-get apt-cache dpkg-deb dpkg-query tar gzip find sort; do
+	command -v "$t" >/dev/null 2>&1 || die "'$t' not found (run on Debian 12 with dpkg/apt)"
+done
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+OUT=$(cd "$OUT" && pwd)
+LOG=$CACHE/apt.log
+
+# --- apt helpers -------------------------------------------------------------
+UPDATED=0
+apt_update() {
+	[ "$UPDATED" -eq 0 ] || return 1
+	UPDATED=1
+	[ "$(id -u)" -eq 0 ] || die "package lists are missing or stale and 'apt-get update' needs root"
+	say "refreshing package lists (apt-get update)"
+	apt-get -q update >"$LOG" 2>&1 || {
+		cat "$LOG" >&2
+		die "apt-get update failed"
+	}
+}
+
+# Candidate version of a package, empty if unknown.
+cand_version() {
+	apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | grep -v '^(none)$' | head -n 1
+}
+
+# apt-get download PKG=VER into $CACHE; prints the .deb path. Reuses a cached
+# copy. When the download fails, refresh the lists once and retry.
+fetch_deb() {
+	pkg=$1 ver=$2
+	# apt encodes the epoch colon as %3a in file names
+	deb=$CACHE/${pkg}_$(echo "$ver" | sed 's/:/%3a/')_amd64.deb
+	if [ -s "$deb" ]; then
+		echo "$deb"
+		return 0
+	fi
+	# As root, apt drops to user _apt for downloads; it cannot write into a
+	# root-owned cache dir, so download as root (as apt itself would fall back to).
+	sandbox=
+	[ "$(id -u)" -ne 0 ] || sandbox="-o APT::Sandbox::User=root"
+	# shellcheck disable=SC2086
+	if ! (cd "$CACHE" && apt-get -q $sandbox download "$pkg=$ver") >"$LOG" 2>&1; then
+		return 1
+	fi
+	[ -s "$deb" ] || deb=$(ls -t "$CACHE/${pkg}"_*_amd64.deb 2>/dev/null | head -n 1)
+	[ -n "$deb" ] && [ -s "$deb" ] || return 1
+	echo "$deb"
+}
+
+# Real kernel package behind the linux-image-amd64 meta package.
+resolve_kernel() {
+	KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
+		sed -n 's/^ *Depends: *\(linux-image-[0-9][^ <>]*-amd64\)$/\1/p' | head -n 1)
+	KVER=
+	[ -n "$KPKG" ] && KVER=$(cand_version "$KPKG")
+	[ -n "$KPKG" ] && [ -n "$KVER" ]
+}
+
+# --- kernel --------------------------------------------------------------------
+build_kernel() {
+	say "resolving linux-image-amd64"
+	if ! resolve_kernel; then
+		apt_update || true
+		resolve_kernel || true
+	fi
+	KDEB=
+	if [ -n "$KPKG" ] && [ -n "$KVER" ]; then
+		say "kernel package $KPKG $KVER"
+		if ! KDEB=$(fetch_deb "$KPKG" "$KVER"); then
+			if apt_update; then
+				resolve_kernel || die "linux-image-amd64 has no installable kernel dependency"
+				say "kernel package $KPKG $KVER"
+				KDEB=$(fetch_deb "$KPKG" "$KVER") || {
+					cat "$LOG" >&2
+					die "apt-get download $KPKG=$KVER failed"
+				}
+			else
+				cat "$LOG" >&2
+				die "apt-get download $KPKG=$KVER failed"
+			fi
+		fi
+	else
+		# no usable package lists: fall back to a previously downloaded kernel
+		KDEB=$(ls -t "$CACHE"/linux-image-[0-9]*-amd64_*_amd64.deb 2>/dev/null | head -n 1) ||
+			true
+		[ -n "$KDEB" ] || die "cannot resolve linux-image-amd64 (apt-cache depends) and no cached kernel .deb"
+		say "package lists unusable, using cached $(basename "$KDEB")"
+	fi
+	KPKG=$(dpkg-deb -f "$KDEB" Package) || die "bad package file $KDEB"
+	KVER=$(dpkg-deb -f "$KDEB" Version)
+
+	say "extracting kernel from $(basename "$KDEB")"
+	kx=$CACHE/kernel-x
+	rm -rf "$kx"
+	mkdir -p "$kx"
+	# same as dpkg-deb -x, but only ./boot (skips the ~4000 module files)
+	dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$kx" -f - ./boot ||
+		die "cannot unpack $KDEB"
+	vmlinuz=$(ls "$kx"/boot/vmlinuz-* 2>/dev/null | head -n 1)
+	config=$(ls "$kx"/boot/config-* 2>/dev/null | head -n 1)
+	[ -n "$vmlinuz" ] && [ -s "$vmlinuz" ] || die "no /boot/vmlinuz-* in $KDEB"
+	[ -n "$config" ] && [ -s "$config" ] || die "no /boot/config-* in $KDEB"
+
+	# The guest loads no modules: everything it needs must be built in.
+	for opt in SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD RD_GZIP DEVTMPFS \
+		TMPFS PROC_FS SYSFS BINFMT_ELF BINFMT_SCRIPT TTY PRINTK; do
+		grep -qx "CONFIG_$opt=y" "$config" ||
+			die "$KPKG: CONFIG_$opt is not built in (=y); the guest needs it without modules"
+	done
+	say "kernel config ok: 8250 serial console, initrd (gzip), devtmpfs, tmpfs built in"
+
+	cp "$vmlinuz" "$OUT/vmlinuz.tmp"
+	mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+	cp "$config" "$OUT/kernel.config"
+	echo "$KPKG $KVER" >"$OUT/kernel.txt"
+	rm -rf "$kx"
+	say "wrote $OUT/vmlinuz ($(wc -c <"$OUT/vmlinuz") bytes, $KPKG $KVER)"
+}
+
+# --- busybox -----------------------------------------------------------------------
+find_busybox() {
+	st=$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null || true)
+	case "$st" in
+	*" ok installed")
+		if [ -x /bin/busybox ]; then
+			BB=/bin/busybox
+			say "busybox from host (busybox-static $(dpkg-query -W -f='${Version}' busybox-static))"
+			return 0
+		fi
+		;;
+	esac
+	ver=$(cand_version busybox-static)
+	if [ -z "$ver" ]; then
+		apt_update || true
+		ver=$(cand_version busybox-static)
+	fi
+	[ -n "$ver" ] || die "busybox-static: no candidate version (apt-get update?)"
+	if ! bdeb=$(fetch_deb busybox-static "$ver"); then
+		apt_update || {
+			cat "$LOG" >&2
+			die "apt-get download busybox-static=$ver failed"
+		}
+		ver=$(cand_version busybox-static)
+		bdeb=$(fetch_deb busybox-static "$ver") || {
+			cat "$LOG" >&2
+			die "apt-get download busybox-static=$ver failed"
+		}
+	fi
+	bx=$CACHE/busybox-x
+	rm -rf "$bx"
+	mkdir -p "$bx"
+	dpkg-deb -x "$bdeb" "$bx" || die "cannot unpack $bdeb"
+	BB=$bx/bin/busybox
+	[ -x "$BB" ] || die "no /bin/busybox in $bdeb"
+	say "busybox from $(basename "$bdeb")"
+}
+
+build_initrd() {
+	find_busybox
+	"$BB" sh -n "$INIT" || die "$INIT: shell syntax error"
+	applets=$("$BB" --list) || die "$BB does not run on this host"
+	for a in sh mount md5sum dd od tr sleep mkdir cat; do
+		echo "$applets" | grep -qx "$a" || die "busybox lacks applet '$a'"
+	done
+	"$BB" sleep 0.01 || die "busybox sleep does not take fractional seconds"
+
+	r=$CACHE/initramfs
+	rm -rf "$r"
+	mkdir -p "$r/bin" "$r/sbin" "$r/dev" "$r/proc" "$r/sys" "$r/run" "$r/tmp" "$r/root" "$r/etc"
+	cp "$BB" "$r/bin/busybox"
+	chmod 755 "$r/bin/busybox"
+	for a in $applets; do
+		[ "$a" = busybox ] || ln -s busybox "$r/bin/$a"
+	done
+	cp "$INIT" "$r/init"
+	chmod 755 "$r/init"
+	# The kernel's built-in initramfs already has /dev/console; add our own
+	# nodes when we can (needs root).
+	mknod -m 600 "$r/dev/console" c 5 1 2>/dev/null || true
+	mknod -m 666 "$r/dev/null" c 1 3 2>/dev/null || true
+
+	if command -v cpio >/dev/null 2>&1; then
+		(cd "$r" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) |
+			gzip -9n >"$OUT/initrd.img.tmp"
+	else
+		(cd "$r" && find . -mindepth 1 | LC_ALL=C sort | "$BB" cpio -o -H newc 2>/dev/null) |
+			gzip -9n >"$OUT/initrd.img.tmp"
+	fi
+	[ -s "$OUT/initrd.img.tmp" ] || die "cpio produced nothing"
+	mv -f "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+	rm -rf "$r"
+	say "wrote $OUT/initrd.img ($(wc -c <"$OUT/initrd.img") bytes)"
+}
+
+# The kernel only depends on this script; a changed guest/init rebuilds the initrd.
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/kernel.txt" ] && [ "$OUT/vmlinuz" -nt "$SELF" ]; then
+	say "kernel up to date ($(cat "$OUT/kernel.txt"))"
+	touch "$OUT/vmlinuz" "$OUT/kernel.txt"
+else
+	build_kernel
+fi
+build_initrd
