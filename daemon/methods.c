@@ -10,6 +10,7 @@
 #include "common/json.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
+#include "daemon/update.h"
 #include "daemon/vm.h"
 #include "kvm/qemu.h"
 #include "proto/jsonrpc.h"
@@ -313,6 +314,73 @@ static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
 		vm_destroy(vm, c);
 }
 
+static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL, *vmm = NULL, *strategy = "handover";
+	uint64_t timeout = 60;
+	const struct param spec[] = {
+		{"name", P_STRING, true, &name},
+		{"vmm", P_STRING, false, &vmm},
+		{"strategy", P_STRING, false, &strategy},
+		{"timeout", P_UINT, false, &timeout},
+	};
+	_cleanup_free_ char *binary = NULL;
+	struct vm *vm;
+	int s;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, name)))
+		return;
+	s = update_strategy_from_string(strategy);
+	if (s < 0) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "unknown strategy '%.32s' (handover, cpr-transfer)",
+			  strategy);
+		return;
+	}
+	if (timeout < 1 || timeout > 3600) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "timeout must be between 1 and 3600 seconds");
+		return;
+	}
+	if (vm->update) {
+		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already being updated", vm->cfg.name);
+		return;
+	}
+	if (vm->state != VM_RUNNING || vm->waiting) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE, "VM '%s' is %s; only a running VM can be updated",
+			  vm->cfg.name, vm_state_to_string(vm->state));
+		return;
+	}
+	/* A missing or unusable binary is not refused here: the update
+	 * starts, fails to launch it, and reports that it rolled back. */
+	if (!vmm)
+		binary = strdup(vm->cfg.vmm);
+	else if (find_vmm(vmm, &binary) < 0)
+		binary = strdup(vmm);
+	if (!binary) {
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return;
+	}
+	update_start(vm, s, binary, (double)timeout, c);
+}
+
+static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{"name", P_STRING, true, &name}};
+	json_object *res;
+	struct vm *vm;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, name)))
+		return;
+	res = json_object_new_object();
+	json_object_object_add(res, "vm", json_object_new_string(vm->cfg.name));
+	json_object_object_add(res, "updates", update_history(vm));
+	call_reply(c, res);
+}
+
 /* ---- fd.* ---- */
 
 static json_object *fds_result(struct vm *vm)
@@ -450,7 +518,7 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 	if (!(vm = find_vm_or_fail(d, c, vmname)))
 		return;
 	/* A VMM may claim its own VM's fds and nobody else's. */
-	if (!call_peer_privileged(c) && !(vm->pidfd >= 0 && call_peer(c)->pid == vm->pid)) {
+	if (!call_peer_privileged(c) && !(vmm_alive(vm->vmm) && call_peer(c)->pid == vm->vmm->pid)) {
 		call_fail(c, JSONRPC_ERR_PERMISSION,
 			  "permission denied: only root, group 'cprd' or VM '%s''s own VMM may claim its fds",
 			  vm->cfg.name);
@@ -534,6 +602,8 @@ static const struct method methods[] = {
 	{"vm.status", m_vm_status, 0},
 	{"vm.fds", m_vm_fds, 0},
 	{"vm.destroy", m_vm_destroy, METHOD_MUTATING},
+	{"vm.update", m_vm_update, METHOD_MUTATING},
+	{"vm.history", m_vm_history, 0},
 	{"fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS},
 	{"fd.claim", m_fd_claim, METHOD_MUTATING},
 	{"fd.list", m_fd_list, 0},

@@ -2,7 +2,9 @@
 /*
  * The VM registry and each VM's life: starting -> running <-> paused ->
  * stopping -> gone, or crashed when the VMM exits on its own. A crashed VM
- * keeps its memory in custody until it is destroyed.
+ * keeps its memory in custody until it is destroyed. While an update runs,
+ * vm->update is set and the VM keeps its state (the guest runs until the
+ * blackout).
  */
 #pragma once
 
@@ -12,9 +14,10 @@
 #include <sys/types.h>
 
 #include "daemon/daemon.h"
-#include "kvm/qmp.h"
+#include "daemon/vmm.h"
 
 struct call;
+struct update;
 
 enum vm_state {
 	VM_STARTING,
@@ -38,18 +41,16 @@ struct vm {
 	struct daemon *d;
 	struct vm_config cfg;
 	enum vm_state state;
-	char *dir, *console_path, *vmm_log_path, *qmp_path;
-	pid_t pid;
-	int pidfd;
-	ev_io pid_watcher;
-	qmp *qmp;
-	ev_io qmp_watcher;
+	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
+	struct vmm *vmm;       /* NULL once the VMM is gone */
 	ev_timer timer;        /* start-up or stop deadline */
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
-	char vmm_version[32];
-	int exit_code;         /* -1 unknown */
+	struct update *update; /* in flight, or NULL */
+	pid_t last_pid;
+	int exit_code; /* of the last VMM, -1 unknown */
 	char exit_desc[64];
 	uint64_t created_usec;
+	unsigned updates; /* finished updates, any result */
 	struct vm *next;
 };
 
@@ -62,6 +63,12 @@ size_t vm_count(struct daemon *d);
 void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c);
 /* Stop the VMM (SIGTERM, then SIGKILL) and release all custody; answers c. */
 void vm_destroy(struct vm *vm, struct call *c);
+
+/* For the update: make v the VM's VMM (the old one must be gone or being
+ * ended by the caller), and the VM's handlers its handlers. */
+void vm_adopt_vmm(struct vm *vm, struct vmm *v);
+/* The VMM exited on its own: the VM becomes crashed. */
+void vm_vmm_lost(struct vm *vm);
 
 json_object *vm_to_json(struct vm *vm);
 json_object *vm_fds_to_json(struct vm *vm);

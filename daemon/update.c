@@ -1,0 +1,593 @@
+/* SPDX-License-Identifier: MIT */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <systemd/sd-journal.h>
+
+#include "common/json.h"
+#include "daemon/log.h"
+#include "daemon/server.h"
+#include "daemon/update.h"
+#include "daemon/vm.h"
+#include "proto/jsonrpc.h"
+
+#define MIG_FDNAME "cprd-mig"
+#define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
+#define CONT_RETRIES 40     /* 2 s: the old VMM may still be finishing migration */
+#define HISTORY_MAX_BYTES (4 << 20)
+
+enum phase {
+	PHASE_LAUNCH,   /* new VMM starting, waiting for its monitor */
+	PHASE_PREPARE,  /* capabilities and channel on both */
+	PHASE_MIGRATE,  /* device state moving; the guest pauses here */
+	PHASE_SWITCH,   /* new VMM resumed; confirming it runs */
+	PHASE_END_OLD,  /* the guest runs in the new VMM; ending the old */
+	PHASE_ROLLBACK, /* new VMM ended; resuming the old */
+};
+
+static const char *const phase_names[] = {
+	[PHASE_LAUNCH] = "starting the new VMM", [PHASE_PREPARE] = "preparing both VMMs",
+	[PHASE_MIGRATE] = "moving device state", [PHASE_SWITCH] = "confirming the new VMM",
+	[PHASE_END_OLD] = "ending the old VMM",  [PHASE_ROLLBACK] = "rolling back",
+};
+
+static const char *const strategy_names[_UPDATE_STRATEGY_MAX] = {
+	[UPDATE_HANDOVER] = "handover",
+	[UPDATE_CPR_TRANSFER] = "cpr-transfer",
+};
+
+struct update {
+	struct vm *vm;
+	struct call *call;
+	enum update_strategy strategy;
+	enum phase phase;
+	struct vmm *next; /* the new VMM until it is adopted */
+	struct vmm *old;  /* the old VMM once the new one is adopted */
+	ev_timer timer;
+	int mig[2];       /* channel ends until both VMMs hold theirs */
+	unsigned pending; /* replies still awaited in this phase */
+	unsigned cont_tries;
+	uint64_t t0_mono, t0_real;
+	int64_t stop_us, resume_us, old_resume_us; /* QEMU event timestamps */
+	int64_t bytes;
+	pid_t old_pid, new_pid;
+	char *old_binary, *new_binary;
+	char old_version[32], new_version[32];
+	char error[512];
+};
+
+const char *update_strategy_to_string(enum update_strategy s)
+{
+	return s >= 0 && s < _UPDATE_STRATEGY_MAX ? strategy_names[s] : NULL;
+}
+
+int update_strategy_from_string(const char *s)
+{
+	for (int i = 0; i < _UPDATE_STRATEGY_MAX; i++)
+		if (streq(strategy_names[i], s))
+			return i;
+	return -EINVAL;
+}
+
+static void rollback(struct update *u, const char *fmt, ...) _printf_(2, 3);
+
+/* ---- the end: report, history, log ---- */
+
+static double ms_between(int64_t a_us, int64_t b_us)
+{
+	return (double)(b_us - a_us) / 1000.0;
+}
+
+/* Milliseconds with microsecond resolution, printed as such. */
+static json_object *ms_json(double ms)
+{
+	char buf[32];
+
+	snprintf(buf, sizeof(buf), "%.3f", ms);
+	return json_object_new_double_s(ms, buf);
+}
+
+static json_object *report(struct update *u, const char *result)
+{
+	json_object *o = json_object_new_object();
+	double blackout = -1;
+	int64_t end = u->resume_us ? u->resume_us : u->old_resume_us;
+
+	if (u->stop_us && end > u->stop_us)
+		blackout = ms_between(u->stop_us, end);
+	else if (!u->stop_us)
+		blackout = 0; /* the guest never paused */
+	json_object_object_add(o, "vm", json_object_new_string(u->vm->cfg.name));
+	json_object_object_add(o, "strategy", json_object_new_string(strategy_names[u->strategy]));
+	json_object_object_add(o, "result", json_object_new_string(result));
+	json_object_object_add(o, "blackout_ms",
+			       blackout >= 0 ? ms_json(blackout) : NULL);
+	json_object_object_add(o, "total_ms",
+			       ms_json((double)(now_usec(CLOCK_MONOTONIC) - u->t0_mono) / 1000.0));
+	json_object_object_add(o, "time_usec", json_object_new_int64((int64_t)u->t0_real));
+	json_object_object_add(o, "old_pid", json_object_new_int(u->old_pid));
+	json_object_object_add(o, "new_pid", u->new_pid ? json_object_new_int(u->new_pid) : NULL);
+	json_object_object_add(o, "old_vmm", json_object_new_string(u->old_binary));
+	json_object_object_add(o, "new_vmm", json_object_new_string(u->new_binary));
+	json_object_object_add(o, "old_version", json_object_new_string(u->old_version));
+	json_object_object_add(o, "new_version",
+			       u->new_version[0] ? json_object_new_string(u->new_version) : NULL);
+	json_object_object_add(o, "bytes_transferred",
+			       u->bytes >= 0 ? json_object_new_int64(u->bytes) : NULL);
+	if (u->error[0])
+		json_object_object_add(o, "error", json_object_new_string(u->error));
+	return o;
+}
+
+static void append_history(struct vm *vm, json_object *rep)
+{
+	_cleanup_close_ int fd = open(vm->history_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	size_t len;
+	const char *s = jsonrpc_to_string(rep, &len);
+	char line[4096];
+
+	if (fd < 0 || len + 1 > sizeof(line))
+		return;
+	memcpy(line, s, len);
+	line[len] = '\n';
+	(void)!write(fd, line, len + 1); /* one write: a line is never torn */
+}
+
+static void log_result(struct update *u, json_object *rep)
+{
+	const char *result = json_object_get_string(json_object_object_get(rep, "result"));
+	const char *bo = json_object_get_string(json_object_object_get(rep, "blackout_ms"));
+	const char *total = json_object_get_string(json_object_object_get(rep, "total_ms"));
+
+	log_msg(streq(result, "ok") ? LOG_INFO : LOG_WARNING,
+		"update vm=%s strategy=%s result=%s blackout_ms=%s total_ms=%s old_pid=%d new_pid=%d%s%s",
+		u->vm->cfg.name, strategy_names[u->strategy], result, bo ? bo : "unknown", total,
+		(int)u->old_pid, (int)u->new_pid, u->error[0] ? " error=" : "", u->error);
+	if (getenv("JOURNAL_STREAM"))
+		sd_journal_send("MESSAGE=update of %s: %s", u->vm->cfg.name, result,
+				"PRIORITY=%d", streq(result, "ok") ? LOG_INFO : LOG_WARNING,
+				"CPRD_VM=%s", u->vm->cfg.name, "CPRD_STRATEGY=%s",
+				strategy_names[u->strategy], "CPRD_RESULT=%s", result,
+				"CPRD_BLACKOUT_MS=%s", bo ? bo : "", "CPRD_TOTAL_MS=%s", total,
+				"CPRD_ERROR=%s", u->error, NULL);
+}
+
+static void update_free(struct update *u)
+{
+	ev_timer_stop(u->vm->d->loop, &u->timer);
+	u->next = vmm_kill(u->next);
+	u->old = vmm_kill(u->old);
+	close_many(u->mig, 2);
+	free(u->old_binary);
+	free(u->new_binary);
+	free(u);
+}
+
+static void finish(struct update *u, const char *result)
+{
+	struct vm *vm = u->vm;
+	json_object *rep = report(u, result);
+	struct call *c = TAKE_PTR(u->call);
+
+	vm->update = NULL;
+	vm->updates++;
+	append_history(vm, rep);
+	log_result(u, rep);
+	update_free(u);
+	daemon_update_status(vm->d);
+	if (!c) {
+		json_object_put(rep);
+		return;
+	}
+	if (streq(result, "ok"))
+		call_reply(c, rep);
+	else
+		call_fail_data(c, JSONRPC_ERR_VMM, rep, "update of VM '%s' %s: %s", vm->cfg.name,
+			       result, json_object_get_string(json_object_object_get(rep, "error")));
+}
+
+/* ---- rollback ---- */
+
+static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
+
+static void try_cont(struct update *u)
+{
+	if (vmm_command(u->vm->vmm, "cont", NULL, -EBADF, cont_done, u) < 0)
+		finish(u, "failed");
+}
+
+static void status_for_rollback(qmp *q, json_object *ret, const char *cls, const char *desc,
+				void *ud)
+{
+	struct update *u = ud;
+	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
+
+	if (!st) {
+		finish(u, "failed");
+		return;
+	}
+	if (streq(st, "running")) {
+		u->vm->state = VM_RUNNING;
+		finish(u, "rolled-back");
+		return;
+	}
+	try_cont(u);
+}
+
+static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (ret) {
+		u->vm->state = VM_RUNNING;
+		finish(u, "rolled-back");
+		return;
+	}
+	/* "finish-migrate" refuses cont for a moment; ask again shortly. */
+	if (++u->cont_tries < CONT_RETRIES && vmm_alive(u->vm->vmm)) {
+		ev_timer_stop(u->vm->d->loop, &u->timer);
+		ev_timer_set(&u->timer, 0.05, 0.);
+		ev_timer_start(u->vm->d->loop, &u->timer);
+		return;
+	}
+	snprintf(u->error + strlen(u->error), sizeof(u->error) - strlen(u->error),
+		 "; resuming the old VMM failed: %s", desc ? desc : "?");
+	finish(u, "failed");
+}
+
+static void rollback(struct update *u, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (u->phase == PHASE_ROLLBACK)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(u->error, sizeof(u->error), fmt, ap);
+	va_end(ap);
+	u->phase = PHASE_ROLLBACK;
+	u->next = vmm_kill(u->next);
+	close_many(u->mig, 2);
+	log_warning("VM %s: update failed (%s); rolling back to VMM pid %d", u->vm->cfg.name,
+		    u->error, (int)u->old_pid);
+	if (!vmm_alive(u->vm->vmm)) {
+		finish(u, "failed");
+		return;
+	}
+	/* Stop any outgoing migration, then make sure the guest runs. */
+	ev_timer_stop(u->vm->d->loop, &u->timer);
+	ev_timer_set(&u->timer, 10.0, 0.);
+	ev_timer_start(u->vm->d->loop, &u->timer);
+	if (vmm_command(u->vm->vmm, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0 ||
+	    vmm_command(u->vm->vmm, "query-status", NULL, -EBADF, status_for_rollback, u) < 0)
+		finish(u, "failed");
+}
+
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct update *u = w->data;
+
+	switch (u->phase) {
+	case PHASE_ROLLBACK:
+		if (u->cont_tries > 0 && u->cont_tries < CONT_RETRIES) {
+			try_cont(u);
+			return;
+		}
+		snprintf(u->error + strlen(u->error), sizeof(u->error) - strlen(u->error),
+			 "; the old VMM did not answer");
+		finish(u, "failed");
+		return;
+	case PHASE_END_OLD:
+		log_warning("VM %s: old VMM pid %d did not exit; sending SIGKILL", u->vm->cfg.name,
+			    (int)u->old_pid);
+		vmm_signal(u->old, SIGKILL);
+		return;
+	default:
+		rollback(u, "timed out while %s", phase_names[u->phase]);
+	}
+}
+
+/* ---- after the switch: end the old VMM ---- */
+
+static void old_ended(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+
+	finish(u, "ok");
+}
+
+static const struct vmm_ops old_end_ops = {.exited = old_ended};
+
+static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+	json_object *ram, *x;
+
+	if (ret && json_object_object_get_ex(ret, "ram", &ram) &&
+	    json_object_object_get_ex(ram, "transferred", &x))
+		u->bytes = json_object_get_int64(x);
+	if (u->old)
+		vmm_signal(u->old, SIGTERM); /* QEMU exits cleanly on SIGTERM */
+}
+
+/* The new VMM runs the guest: it becomes the VM's VMM; the old one goes. */
+static void switch_over(struct update *u)
+{
+	struct vm *vm = u->vm;
+
+	u->phase = PHASE_END_OLD;
+	u->old = vm->vmm;
+	vmm_set_ops(u->old, &old_end_ops, u);
+	/* The well-known monitor path passes to the new VMM: the old one must
+	 * not unlink it on its way out. */
+	u->old->qmp_path = (free(u->old->qmp_path), NULL);
+	vm_adopt_vmm(vm, TAKE_PTR(u->next));
+	vm->state = VM_RUNNING;
+	log_info("VM %s: now running in VMM pid %d (QEMU %s); ending pid %d", vm->cfg.name,
+		 (int)vm->vmm->pid, vm->vmm->version, (int)u->old_pid);
+	ev_timer_stop(vm->d->loop, &u->timer);
+	ev_timer_set(&u->timer, END_OLD_TIMEOUT, 0.);
+	ev_timer_start(vm->d->loop, &u->timer);
+	if (!vmm_alive(u->old)) {
+		finish(u, "ok");
+		return;
+	}
+	if (vmm_command(u->old, "query-migrate", NULL, -EBADF, migrate_stats, u) < 0)
+		vmm_signal(u->old, SIGTERM);
+}
+
+static void new_status(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
+
+	if (u->phase != PHASE_SWITCH)
+		return;
+	if (!st || !streq(st, "running")) {
+		rollback(u, "the new VMM did not run the guest (status %s)", st ? st : desc);
+		return;
+	}
+	switch_over(u);
+}
+
+/* ---- events ---- */
+
+void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+{
+	const char *st;
+
+	if (streq(event, "STOP") && !u->stop_us) {
+		u->stop_us = ts_us;
+	} else if (streq(event, "RESUME")) {
+		u->old_resume_us = ts_us;
+	} else if (streq(event, "MIGRATION") && u->phase == PHASE_MIGRATE) {
+		st = json_object_get_string(json_object_object_get(data, "status"));
+		if (st && (streq(st, "failed") || streq(st, "cancelled")))
+			rollback(u, "migration %s on the old VMM", st);
+	}
+}
+
+void update_old_vmm_exited(struct update *u)
+{
+	struct vm *vm = u->vm;
+
+	if (u->phase == PHASE_SWITCH && u->resume_us) {
+		/* It went on its own after the guest moved: nothing is lost. */
+		switch_over(u);
+		return;
+	}
+	snprintf(u->error, sizeof(u->error), "the old VMM %s during the update", vm->vmm->exit_desc);
+	u->next = vmm_kill(u->next);
+	vm_vmm_lost(vm);
+	finish(u, "failed");
+}
+
+static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
+		       void *ud)
+{
+	struct update *u = ud;
+
+	if (!streq(event, "RESUME") || u->phase != PHASE_MIGRATE)
+		return;
+	u->resume_us = ts_us;
+	u->phase = PHASE_SWITCH;
+	if (vmm_command(v, "query-status", NULL, -EBADF, new_status, u) < 0)
+		rollback(u, "lost the new VMM's monitor");
+}
+
+static void next_exited(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+	char tail[300];
+
+	log_tail(u->vm->vmm_log_path, tail, sizeof(tail));
+	rollback(u, "the new VMM %s while %s%s%s", v->exit_desc, phase_names[u->phase],
+		 tail[0] ? "; VMM log: " : "", tail);
+}
+
+/* ---- handover: prepare both, then migrate over a socketpair ---- */
+
+static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (!ret && u->phase == PHASE_MIGRATE)
+		rollback(u, "the old VMM refused to migrate: %s", desc);
+}
+
+static void incoming_ready(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (u->phase != PHASE_PREPARE)
+		return;
+	if (!ret) {
+		rollback(u, "the new VMM refused the incoming migration: %s", desc);
+		return;
+	}
+	u->phase = PHASE_MIGRATE;
+	if (vmm_command(u->vm->vmm, "migrate",
+			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, migrate_sent,
+			u) < 0)
+		rollback(u, "lost the old VMM's monitor");
+}
+
+static void prepared_one(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (u->phase != PHASE_PREPARE)
+		return;
+	if (!ret) {
+		rollback(u, "preparing the migration failed: %s", desc);
+		return;
+	}
+	if (--u->pending > 0)
+		return;
+	/* Both VMMs hold their end of the channel now; ours can go. */
+	close_many(u->mig, 2);
+	if (vmm_command(u->next, "migrate-incoming",
+			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, incoming_ready,
+			u) < 0)
+		rollback(u, "lost the new VMM's monitor");
+}
+
+static json_object *capabilities(bool events)
+{
+	json_object *caps = json_tokener_parse(
+		"{\"capabilities\": [{\"capability\": \"x-ignore-shared\", \"state\": true}]}");
+
+	/* MIGRATION events tell the old side's failure without polling. */
+	if (events)
+		json_object_array_add(json_object_object_get(caps, "capabilities"),
+				      json_tokener_parse("{\"capability\": \"events\", \"state\": true}"));
+	return caps;
+}
+
+static void next_ready(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+	struct vmm *old = u->vm->vmm;
+	int r = 0;
+
+	snprintf(u->new_version, sizeof(u->new_version), "%s", v->version);
+	u->phase = PHASE_PREPARE;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, u->mig) < 0) {
+		rollback(u, "cannot create the migration channel: %m");
+		return;
+	}
+	/* The guest RAM is shared (the memfd cprd holds), so x-ignore-shared
+	 * leaves it in place: only device state crosses the channel. */
+	u->pending = 4;
+	r |= vmm_command(old, "migrate-set-capabilities", capabilities(true), -EBADF, prepared_one, u);
+	r |= vmm_command(v, "migrate-set-capabilities", capabilities(false), -EBADF, prepared_one, u);
+	r |= vmm_command(old, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
+			 u->mig[0], prepared_one, u);
+	r |= vmm_command(v, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
+			 u->mig[1], prepared_one, u);
+	if (r < 0)
+		rollback(u, "lost a VMM's monitor while preparing");
+}
+
+static const struct vmm_ops next_ops = {
+	.ready = next_ready,
+	.event = next_event,
+	.exited = next_exited,
+};
+
+/* ---- start ---- */
+
+void update_start(struct vm *vm, enum update_strategy s, const char *binary, double timeout,
+		  struct call *c)
+{
+	_cleanup_free_ char *qmp_path = NULL;
+	struct update *u;
+	int r;
+
+	u = calloc(1, sizeof(*u));
+	if (!u || asprintf(&qmp_path, "%s/qmp-next.sock", vm->dir) < 0) {
+		free(u);
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return;
+	}
+	u->vm = vm;
+	u->call = c;
+	u->strategy = s;
+	u->mig[0] = u->mig[1] = -EBADF;
+	u->bytes = -1;
+	u->t0_mono = now_usec(CLOCK_MONOTONIC);
+	u->t0_real = now_usec(CLOCK_REALTIME);
+	u->old_pid = vm->vmm->pid;
+	u->old_binary = strdup(vm->cfg.vmm);
+	u->new_binary = strdup(binary);
+	snprintf(u->old_version, sizeof(u->old_version), "%s", vm->vmm->version);
+	ev_init(&u->timer, timer_cb);
+	u->timer.data = u;
+	vm->update = u;
+	if (!u->old_binary || !u->new_binary) {
+		rollback(u, "out of memory");
+		return;
+	}
+	ev_timer_set(&u->timer, timeout, 0.);
+	ev_timer_start(vm->d->loop, &u->timer);
+
+	log_info("VM %s: %s update from %s (pid %d) to %s", vm->cfg.name, strategy_names[s],
+		 vm->cfg.vmm, (int)u->old_pid, binary);
+	if (binary[0] != '/' || access(binary, X_OK) < 0) {
+		rollback(u, "new VMM binary '%s': %s", binary,
+			 binary[0] != '/' ? "not found in PATH" : strerror(errno));
+		return;
+	}
+	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path, true, &next_ops, u,
+		      &u->next);
+	if (r < 0) {
+		rollback(u, "cannot start the new VMM '%s': %s", binary, strerror(-r));
+		return;
+	}
+	u->new_pid = u->next->pid;
+}
+
+void update_abandon(struct update *u)
+{
+	snprintf(u->error, sizeof(u->error), "cprd shut down during the update");
+	u->vm->update = NULL;
+	if (u->call)
+		call_fail(TAKE_PTR(u->call), JSONRPC_INTERNAL_ERROR, "cprd is shutting down");
+	update_free(u);
+}
+
+json_object *update_history(struct vm *vm)
+{
+	_cleanup_close_ int fd = open(vm->history_path, O_RDONLY | O_CLOEXEC);
+	_cleanup_free_ char *buf = NULL;
+	json_object *arr = json_object_new_array();
+	ssize_t n;
+	char *line, *save = NULL;
+
+	if (fd < 0)
+		return arr;
+	buf = malloc(HISTORY_MAX_BYTES + 1);
+	if (!buf)
+		return arr;
+	n = read(fd, buf, HISTORY_MAX_BYTES);
+	if (n <= 0)
+		return arr;
+	buf[n] = '\0';
+	for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		json_object *o = json_tokener_parse(line);
+
+		if (o)
+			json_object_array_put_idx(arr, json_object_array_length(arr), o);
+	}
+	/* newest first */
+	for (size_t i = 0, j = json_object_array_length(arr); j > 0 && i < --j; i++) {
+		json_object *a = json_object_get(json_object_array_get_idx(arr, i));
+		json_object *b = json_object_get(json_object_array_get_idx(arr, j));
+
+		json_object_array_put_idx(arr, i, b);
+		json_object_array_put_idx(arr, j, a);
+	}
+	return arr;
+}

@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Live update of a VM's VMM. The new VMM is started beside the old one with
+ * the same held fds; device state moves between them while guest RAM stays
+ * in the memfd cprd holds; the old VMM is ended only once the new one runs.
+ * Any failure before that ends the new VMM and resumes the old one.
+ */
+#pragma once
+
+#include <json-c/json.h>
+#include <stdint.h>
+
+struct vm;
+struct call;
+struct update;
+
+enum update_strategy {
+	UPDATE_HANDOVER,     /* -incoming defer, x-ignore-shared, fd: channel via getfd */
+	UPDATE_CPR_TRANSFER, /* QEMU's cpr-transfer mode */
+	_UPDATE_STRATEGY_MAX,
+};
+
+const char *update_strategy_to_string(enum update_strategy s);
+int update_strategy_from_string(const char *s);
+
+/* Start an update; answers c (may be NULL) with the report when done.
+ * binary is the new VMM (absolute path). */
+void update_start(struct vm *vm, enum update_strategy s, const char *binary, double timeout,
+		  struct call *c);
+
+/* Routed here by vm.c while vm->update is set. */
+void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
+void update_old_vmm_exited(struct update *u);
+/* Daemon shutting down: end the new VMM, leave the old one as it is. */
+void update_abandon(struct update *u);
+
+/* The VM's finished updates, newest first, from its history file. */
+json_object *update_history(struct vm *vm);

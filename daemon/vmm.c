@@ -1,0 +1,300 @@
+/* SPDX-License-Identifier: MIT */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/pidfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include "common/macro.h"
+#include "daemon/log.h"
+#include "daemon/vm.h"
+#include "daemon/vmm.h"
+#include "kvm/qemu.h"
+
+void log_tail(const char *path, char *buf, size_t size)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	ssize_t n;
+	off_t off;
+
+	buf[0] = '\0';
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return;
+	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
+	n = pread(fd, buf, size - 1, off);
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+		buf[--n] = '\0';
+	for (char *p = buf; *p; p++)
+		if (*p == '\n')
+			*p = ' ';
+}
+
+static void describe_exit(struct vmm *v)
+{
+	siginfo_t si = {};
+
+	if (waitid(P_PIDFD, v->pidfd, &si, WEXITED | WNOHANG) < 0 || si.si_pid == 0) {
+		v->exit_code = -1;
+		snprintf(v->exit_desc, sizeof(v->exit_desc), "exited (status unknown)");
+	} else if (si.si_code == CLD_EXITED) {
+		v->exit_code = si.si_status;
+		snprintf(v->exit_desc, sizeof(v->exit_desc), "exited with status %d", si.si_status);
+	} else {
+		v->exit_code = 128 + si.si_status;
+		snprintf(v->exit_desc, sizeof(v->exit_desc), "killed by signal %s",
+			 sigabbrev_np(si.si_status) ? sigabbrev_np(si.si_status) : "?");
+	}
+}
+
+static void drop_qmp(struct vmm *v)
+{
+	if (!v->qmp)
+		return;
+	ev_io_stop(v->d->loop, &v->qmp_watcher);
+	qmp_fail_pending(v->qmp, "the VMM's monitor connection closed");
+	v->qmp = qmp_free(v->qmp);
+}
+
+static void pid_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct vmm *v = w->data;
+
+	ev_io_stop(loop, w);
+	describe_exit(v);
+	v->pidfd = safe_close(v->pidfd);
+	drop_qmp(v);
+	if (v->ops && v->ops->exited)
+		v->ops->exited(v, v->ud); /* may free v */
+}
+
+static void qmp_sync_watcher(struct vmm *v)
+{
+	int events;
+
+	if (!v->qmp)
+		return;
+	events = EV_READ | (qmp_wants_write(v->qmp) ? EV_WRITE : 0);
+	if (ev_is_active(&v->qmp_watcher) && v->qmp_watcher.events == events)
+		return;
+	ev_io_stop(v->d->loop, &v->qmp_watcher);
+	ev_io_set(&v->qmp_watcher, qmp_fd(v->qmp), events);
+	ev_io_start(v->d->loop, &v->qmp_watcher);
+}
+
+static void qmp_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct vmm *v = w->data;
+	int r = 0;
+
+	if (revents & EV_WRITE)
+		r = qmp_flush(v->qmp) < 0 ? -EPIPE : 0;
+	if (r == 0 && (revents & EV_READ))
+		r = qmp_dispatch(v->qmp);
+	if (r < 0) {
+		/* The VMM closed its monitor: it is exiting, and the pidfd will
+		 * say how. Until then there is nobody to talk to. */
+		log_debug("VMM pid %d: monitor connection lost: %s", (int)v->pid, strerror(-r));
+		drop_qmp(v);
+		return;
+	}
+	qmp_sync_watcher(v);
+}
+
+static void on_qmp_event(qmp *q, const char *event, json_object *data, int64_t ts_us, void *ud)
+{
+	struct vmm *v = ud;
+
+	if (v->ops && v->ops->event)
+		v->ops->event(v, event, data, ts_us, v->ud);
+}
+
+static void on_qmp_ready(qmp *q, void *ud)
+{
+	struct vmm *v = ud;
+
+	snprintf(v->version, sizeof(v->version), "%s", qmp_vmm_version(q));
+	if (v->ops && v->ops->ready)
+		v->ops->ready(v, v->ud);
+	qmp_sync_watcher(v);
+}
+
+int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_reply_fn cb,
+		void *ud)
+{
+	int r;
+
+	if (!v->qmp) {
+		json_object_put(args);
+		return -ENOTCONN;
+	}
+	r = qmp_command(v->qmp, cmd, args, fd, cb, ud);
+	if (r >= 0)
+		qmp_sync_watcher(v);
+	return r;
+}
+
+void vmm_set_ops(struct vmm *v, const struct vmm_ops *ops, void *ud)
+{
+	v->ops = ops;
+	v->ud = ud;
+}
+
+bool vmm_alive(const struct vmm *v)
+{
+	return v && v->pidfd >= 0;
+}
+
+int vmm_signal(struct vmm *v, int sig)
+{
+	if (v->pidfd < 0)
+		return -ESRCH;
+	return pidfd_send_signal(v->pidfd, sig, NULL, 0) < 0 ? -errno : 0;
+}
+
+struct vmm *vmm_free(struct vmm *v)
+{
+	if (!v)
+		return NULL;
+	ev_io_stop(v->d->loop, &v->pid_watcher);
+	drop_qmp(v);
+	safe_close(v->pidfd);
+	if (v->qmp_path)
+		unlink(v->qmp_path);
+	free(v->qmp_path);
+	free(v->binary);
+	free(v);
+	return NULL;
+}
+
+struct vmm *vmm_kill(struct vmm *v)
+{
+	if (!v)
+		return NULL;
+	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0)
+		waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED);
+	return vmm_free(v);
+}
+
+/* The monitor socket: bound and listening here, then connected to at once,
+ * so the connection waits in the backlog until QEMU accepts it. */
+static int open_qmp(const char *path, int *ret_listen, int *ret_conn)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	_cleanup_close_ int l = -EBADF, c = -EBADF;
+
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	strcpy(sa.sun_path, path);
+	unlink(path);
+	l = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (l < 0 || bind(l, (struct sockaddr *)&sa, sizeof(sa)) < 0 || chmod(path, 0600) < 0 ||
+	    listen(l, 4) < 0)
+		return -errno;
+	c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return -errno;
+	*ret_listen = TAKE_FD(l);
+	*ret_conn = TAKE_FD(c);
+	return 0;
+}
+
+static int held_fd(struct daemon *d, const char *vm, const char *name)
+{
+	const memstore_entry *e;
+
+	return memstore_get(d->store, vm, name, &e) < 0 ? -EBADF : e->fd;
+}
+
+static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, const char *log_path,
+		 bool incoming)
+{
+	struct qemu_config qc = {
+		.name = cfg->name, .binary = v->binary, .machine = cfg->machine,
+		.memory_bytes = cfg->memory_bytes, .vcpus = cfg->vcpus, .kernel = cfg->kernel,
+		.initrd = cfg->initrd, .append = cfg->append, .kvm = v->d->kvm, .tap_fd = -1,
+		.incoming = incoming,
+	};
+	int fds[4], tap = held_fd(v->d, cfg->name, "net0");
+	_cleanup_close_ int log = -EBADF;
+	char **argv = NULL;
+	size_t n = 0;
+	int r;
+
+	fds[n] = held_fd(v->d, cfg->name, "ram0");
+	qc.ram_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	fds[n] = held_fd(v->d, cfg->name, "console");
+	qc.console_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	fds[n] = qmp_listen;
+	qc.qmp_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	if (tap >= 0) {
+		fds[n] = tap;
+		qc.tap_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	}
+	r = qemu_build_argv(&qc, &argv);
+	if (r < 0)
+		return r;
+	log = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
+	if (log < 0) {
+		strv_free(argv);
+		return -errno;
+	}
+	r = launcher_spawn(&v->d->launcher, argv, log, fds, n, &v->pid, &v->pidfd);
+	strv_free(argv);
+	return r;
+}
+
+int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
+	      const char *qmp_path, const char *log_path, bool incoming, const struct vmm_ops *ops,
+	      void *ud, struct vmm **ret)
+{
+	_cleanup_close_ int qmp_listen = -EBADF, qmp_conn = -EBADF;
+	struct vmm *v;
+	int r;
+
+	v = calloc(1, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	v->d = d;
+	v->pidfd = -EBADF;
+	v->exit_code = -1;
+	v->ops = ops;
+	v->ud = ud;
+	ev_init(&v->pid_watcher, pid_cb);
+	ev_init(&v->qmp_watcher, qmp_io_cb);
+	v->pid_watcher.data = v->qmp_watcher.data = v;
+	v->qmp_path = strdup(qmp_path);
+	v->binary = strdup(binary);
+	if (!v->qmp_path || !v->binary) {
+		vmm_free(v);
+		return -ENOMEM;
+	}
+	r = open_qmp(qmp_path, &qmp_listen, &qmp_conn);
+	if (r >= 0)
+		r = qmp_new(qmp_conn, &v->qmp);
+	if (r < 0) {
+		vmm_free(v);
+		return r;
+	}
+	TAKE_FD(qmp_conn);
+	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
+
+	r = spawn(v, cfg, qmp_listen, log_path, incoming);
+	if (r < 0) {
+		/* The exec failed; reap the child the launcher made, if any. */
+		vmm_kill(v);
+		return r;
+	}
+	ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
+	ev_io_start(d->loop, &v->pid_watcher);
+	qmp_sync_watcher(v);
+	*ret = v;
+	return 0;
+}
