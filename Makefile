@@ -41,7 +41,7 @@ $(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
 
 $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) -pthread
 
 $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
 	@mkdir -p $(dir $@)

@@ -5,6 +5,7 @@
  * the result as a table (or as JSON with --json).
  */
 #include <getopt.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -41,6 +42,11 @@ static void usage(FILE *f)
 		"  status NAME         one VM\n"
 		"  fds NAME            the fds cprd holds for a VM\n"
 		"  destroy NAME        stop the VM's VMM and release everything held for it\n"
+		"  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
+		"                      replace the VM's VMM under the running guest\n"
+		"  update --all [--parallel N] [--vmm PATH] ...\n"
+		"                      update every running VM, N at a time\n"
+		"  history NAME        the VM's updates, newest first\n"
 		"  daemon status       cprd's version, uptime and custody\n\n"
 		"The socket is --socket, else $CPRD_SOCKET, else %s.\n"
 		"Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
@@ -94,22 +100,33 @@ static void print_json(json_object *o)
 						   JSON_C_TO_STRING_NOSLASHESCAPE));
 }
 
+static const char *socket_path(void)
+{
+	const char *path = arg_socket ? arg_socket : getenv("CPRD_SOCKET");
+
+	return path && *path ? path : DEFAULT_SOCKET;
+}
+
+static int connect_or_say(proto_client **ret)
+{
+	int r = proto_client_connect(socket_path(), ret);
+
+	if (r < 0)
+		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", socket_path(), strerror(-r),
+			r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
+	return r;
+}
+
 /* Make one call. On failure prints the reason and returns the exit status
  * to use; on success returns 0 with *ret_result. */
 static int call(const char *method, json_object *params, json_object **ret_result)
 {
-	const char *path = arg_socket ? arg_socket : getenv("CPRD_SOCKET");
 	_cleanup_json_ json_object *error = NULL;
 	proto_client *c = NULL;
 	int r;
 
-	if (!path || !*path)
-		path = DEFAULT_SOCKET;
-	r = proto_client_connect(path, &c);
-	if (r < 0) {
+	if (connect_or_say(&c) < 0) {
 		json_object_put(params);
-		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", path, strerror(-r),
-			r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
 		return EXIT_NOCONN;
 	}
 	r = proto_client_call(c, method, params, NULL, 0, arg_timeout_ms, ret_result, &error, NULL,
@@ -403,10 +420,295 @@ static int verb_destroy(int argc, char **argv)
 	return name_verb(argc, argv, "vm.destroy", "name", print_destroyed);
 }
 
+/* ---- update ---- */
+
+struct update_opts {
+	json_object *base; /* vmm, strategy, timeout for every VM */
+	bool all;
+	long parallel;
+};
+
+static int update_opt(int opt, const char *arg, void *ud)
+{
+	struct update_opts *o = ud;
+	char *end;
+	long v;
+
+	switch (opt) {
+	case 'v':
+		if (strchr(arg, '/'))
+			return add_path(o->base, "vmm", arg);
+		json_object_object_add(o->base, "vmm", json_object_new_string(arg));
+		return 0;
+	case 's':
+		json_object_object_add(o->base, "strategy", json_object_new_string(arg));
+		return 0;
+	case 't':
+	case 'p':
+		v = strtol(arg, &end, 10);
+		if (*end || v < 1 || v > 3600) {
+			fprintf(stderr, "cprctl: --%s needs a number from 1 to 3600\n",
+				opt == 't' ? "timeout" : "parallel");
+			return -EINVAL;
+		}
+		if (opt == 'p')
+			o->parallel = v;
+		else
+			json_object_object_add(o->base, "timeout", json_object_new_int((int)v));
+		return 0;
+	case 'a':
+		o->all = true;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+/* One update over its own connection. Returns the report (owned) or NULL
+ * with *ret_msg set when there is no report (cprd refused the request). */
+static json_object *update_one(const char *name, json_object *base, char *msg, size_t msglen)
+{
+	_cleanup_json_ json_object *params = json_object_new_object(), *res = NULL, *err = NULL;
+	proto_client *c = NULL;
+	json_object *data;
+	int r;
+
+	json_object_object_foreach(base, k, v) json_object_object_add(params, k, json_object_get(v));
+	json_object_object_add(params, "name", json_object_new_string(name));
+	r = proto_client_connect(socket_path(), &c);
+	if (r < 0) {
+		snprintf(msg, msglen, "cannot reach cprd at %s: %s", socket_path(), strerror(-r));
+		return NULL;
+	}
+	r = proto_client_call(c, "vm.update", TAKE_PTR(params), NULL, 0, -1, &res, &err, NULL, NULL);
+	proto_client_free(c);
+	if (r == 0)
+		return TAKE_PTR(res);
+	if (r == -EREMOTEIO) {
+		/* rolled back or failed: the report rides in the error's data */
+		data = json_object_object_get(err, "data");
+		if (data && json_object_object_get(data, "result"))
+			return json_object_get(data);
+		snprintf(msg, msglen, "%s", str(err, "message"));
+		return NULL;
+	}
+	snprintf(msg, msglen, "vm.update failed: %s", strerror(-r));
+	return NULL;
+}
+
+static bool report_ok(json_object *rep)
+{
+	return rep && streq(str(rep, "result"), "ok");
+}
+
+static void print_report(json_object *rep)
+{
+	json_object *bo = json_object_object_get(rep, "blackout_ms");
+
+	printf("%s: %s, blackout %s ms, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
+	       str(rep, "vm"), str(rep, "result"), bo ? json_object_get_string(bo) : "unknown",
+	       json_object_get_double(json_object_object_get(rep, "total_ms")), str(rep, "old_pid"),
+	       json_object_object_get(rep, "new_pid") ? str(rep, "new_pid") : "-",
+	       str(rep, "old_version"),
+	       json_object_object_get(rep, "new_version") ? str(rep, "new_version") : "-",
+	       json_object_object_get(rep, "error") ? "; " : "",
+	       json_object_object_get(rep, "error") ? str(rep, "error") : "");
+}
+
+struct fleet {
+	pthread_mutex_t lock;
+	json_object *base;
+	const char **names;
+	json_object **reports;
+	size_t n, next, done;
+};
+
+static void *fleet_worker(void *p)
+{
+	struct fleet *f = p;
+	char msg[256];
+
+	for (;;) {
+		size_t i;
+		json_object *rep;
+
+		pthread_mutex_lock(&f->lock);
+		i = f->next < f->n ? f->next++ : f->n;
+		pthread_mutex_unlock(&f->lock);
+		if (i >= f->n)
+			return NULL;
+		msg[0] = '\0';
+		rep = update_one(f->names[i], f->base, msg, sizeof(msg));
+		if (!rep) {
+			rep = json_object_new_object();
+			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
+			json_object_object_add(rep, "result", json_object_new_string("failed"));
+			json_object_object_add(rep, "error", json_object_new_string(msg));
+		}
+		pthread_mutex_lock(&f->lock);
+		f->reports[i] = rep;
+		f->done++;
+		if (!arg_json) {
+			printf("[%zu/%zu] ", f->done, f->n);
+			if (json_object_object_get(rep, "total_ms"))
+				print_report(rep);
+			else
+				printf("%s: failed: %s\n", f->names[i], str(rep, "error"));
+			fflush(stdout);
+		}
+		pthread_mutex_unlock(&f->lock);
+	}
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+static int update_fleet(json_object *base, long parallel)
+{
+	_cleanup_json_ json_object *list = NULL, *out = NULL;
+	struct fleet f = {.lock = PTHREAD_MUTEX_INITIALIZER, .base = base};
+	json_object *vms, *summary;
+	pthread_t th[64];
+	double *bo;
+	size_t nbo = 0, nok = 0, nthreads;
+	int r;
+
+	r = call("vm.list", NULL, &list);
+	if (r != EXIT_OK)
+		return r;
+	vms = json_object_object_get(list, "vms");
+	f.names = calloc(json_object_array_length(vms) + 1, sizeof(char *));
+	f.reports = calloc(json_object_array_length(vms) + 1, sizeof(json_object *));
+	bo = calloc(json_object_array_length(vms) + 1, sizeof(double));
+	if (!f.names || !f.reports || !bo) {
+		fprintf(stderr, "cprctl: out of memory\n");
+		return EXIT_FAILED;
+	}
+	for (size_t i = 0; i < json_object_array_length(vms); i++) {
+		json_object *vm = json_object_array_get_idx(vms, i);
+
+		if (streq(str(vm, "state"), "running"))
+			f.names[f.n++] = str(vm, "name");
+	}
+	nthreads = MIN((size_t)parallel, MIN(f.n, ELEMENTSOF(th)));
+	if (!arg_json)
+		printf("updating %zu running VM(s), %zu at a time\n", f.n, nthreads);
+	for (size_t t = 0; t < nthreads; t++)
+		if (pthread_create(&th[t], NULL, fleet_worker, &f) != 0)
+			nthreads = t;
+	if (nthreads == 0 && f.n > 0)
+		fleet_worker(&f);
+	for (size_t t = 0; t < nthreads; t++)
+		pthread_join(th[t], NULL);
+
+	out = json_object_new_object();
+	json_object *arr = json_object_new_array();
+	for (size_t i = 0; i < f.n; i++) {
+		json_object *b = json_object_object_get(f.reports[i], "blackout_ms");
+
+		if (report_ok(f.reports[i])) {
+			nok++;
+			if (b)
+				bo[nbo++] = json_object_get_double(b);
+		}
+		json_object_array_add(arr, f.reports[i]);
+	}
+	qsort(bo, nbo, sizeof(double), cmp_double);
+	summary = json_object_new_object();
+	json_object_object_add(summary, "count", json_object_new_int((int)f.n));
+	json_object_object_add(summary, "ok", json_object_new_int((int)nok));
+	json_object_object_add(summary, "failures", json_object_new_int((int)(f.n - nok)));
+	json_object_object_add(summary, "blackout_p50_ms", nbo ? json_object_new_double(bo[nbo / 2]) : NULL);
+	json_object_object_add(summary, "blackout_max_ms", nbo ? json_object_new_double(bo[nbo - 1]) : NULL);
+	json_object_object_add(out, "updates", arr);
+	json_object_object_add(out, "summary", summary);
+	if (arg_json)
+		print_json(out);
+	else if (nbo)
+		printf("%zu updated, %zu failed; blackout p50 %.3f ms, max %.3f ms\n", nok, f.n - nok,
+		       bo[nbo / 2], bo[nbo - 1]);
+	else
+		printf("%zu updated, %zu failed\n", nok, f.n - nok);
+	free(f.names);
+	free(f.reports);
+	free(bo);
+	return nok == f.n ? EXIT_OK : EXIT_FAILED;
+}
+
+static int verb_update(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"vmm", required_argument, NULL, 'v'},     {"strategy", required_argument, NULL, 's'},
+		{"timeout", required_argument, NULL, 't'}, {"all", no_argument, NULL, 'a'},
+		{"parallel", required_argument, NULL, 'p'},
+	};
+	struct update_opts o = {.base = json_object_new_object(), .parallel = 1};
+	_cleanup_json_ json_object *base = o.base, *rep = NULL;
+	char msg[256] = "";
+	int i;
+
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
+	if (i < 0 || (o.all ? i != argc : i + 1 != argc)) {
+		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
+				"       cprctl update --all [--parallel N] [--vmm PATH] [--strategy S] [--timeout SECONDS]\n");
+		return EXIT_USAGE;
+	}
+	if (o.all)
+		return update_fleet(base, o.parallel);
+	rep = update_one(argv[i], base, msg, sizeof(msg));
+	if (!rep) {
+		fprintf(stderr, "cprctl: %s\n", msg);
+		return msg[0] && strstr(msg, "cannot reach") ? EXIT_NOCONN : EXIT_FAILED;
+	}
+	if (arg_json)
+		print_json(rep);
+	else
+		print_report(rep);
+	if (!report_ok(rep) && !arg_json)
+		fprintf(stderr, "cprctl: update of %s %s: %s\n", argv[i], str(rep, "result"),
+			str(rep, "error"));
+	return report_ok(rep) ? EXIT_OK : EXIT_FAILED;
+}
+
+static void print_history(json_object *res)
+{
+	json_object *ups = json_object_object_get(res, "updates");
+
+	printf("%-19s %-12s %-11s %11s %10s %-17s %s\n", "TIME", "STRATEGY", "RESULT", "BLACKOUT",
+	       "TOTAL", "QEMU", "ERROR");
+	for (size_t i = 0; i < json_object_array_length(ups); i++) {
+		json_object *u = json_object_array_get_idx(ups, i);
+		json_object *bo = json_object_object_get(u, "blackout_ms");
+		time_t t = (time_t)(json_object_get_int64(json_object_object_get(u, "time_usec")) / 1000000);
+		char when[32], ver[40], bos[24];
+		struct tm tm;
+
+		localtime_r(&t, &tm);
+		strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+		snprintf(ver, sizeof(ver), "%s->%s", str(u, "old_version"),
+			 json_object_object_get(u, "new_version") ? str(u, "new_version") : "-");
+		snprintf(bos, sizeof(bos), "%s ms", bo ? json_object_get_string(bo) : "?");
+		printf("%-19s %-12s %-11s %11s %7.1f ms %-17s %s\n", when, str(u, "strategy"),
+		       str(u, "result"), bos, json_object_get_double(json_object_object_get(u, "total_ms")),
+		       ver, json_object_object_get(u, "error") ? str(u, "error") : "");
+	}
+	if (json_object_array_length(ups) == 0)
+		printf("(no updates)\n");
+}
+
+static int verb_history(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.history", "name", print_history);
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(int argc, char **argv);
 } verbs[] = {
+	{"update", verb_update}, {"history", verb_history},
 	{"create", verb_create}, {"list", verb_list},       {"status", verb_status},
 	{"fds", verb_fds},       {"destroy", verb_destroy}, {"daemon", verb_daemon},
 };
