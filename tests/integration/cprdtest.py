@@ -198,6 +198,17 @@ class Daemon:
         wait_until(lambda: fd_count(self.pid) == n, timeout,
                    f"cprd's fd count to be {n} (is {fd_count(self.pid)})")
 
+    def settled_fds(self):
+        """cprd's fd count once connections the test just closed are gone."""
+        last = -1
+        for _ in range(50):
+            n = fd_count(self.pid)
+            if n == last:
+                return n
+            last = n
+            time.sleep(0.1)
+        return last
+
     def conn(self, timeout=30):
         return Conn(self.sock, timeout)
 
