@@ -2,7 +2,10 @@
 # Build the cprd test guest from Debian packages:
 #   OUTDIR/vmlinuz     kernel of the real package behind linux-image-amd64
 #   OUTDIR/initrd.img  gzip'd newc initramfs: static busybox + guest/init as /init
+#   OUTDIR/vmlinux     the same kernel uncompressed (ELF, PVH entry): boots
+#                      ~2.5 s faster under TCG; optional (needs xz)
 #   OUTDIR/kernel.txt  "<package> <version>" of the kernel used
+#   OUTDIR/kernel.config  its build configuration
 # Usage: sh scripts/build-guest.sh OUTDIR
 # Packages are fetched with `apt-get download` into OUTDIR/cache and unpacked
 # there; nothing is installed on the host. Re-running with up-to-date outputs
@@ -94,6 +97,33 @@ resolve_kernel() {
 }
 
 # --- kernel --------------------------------------------------------------------
+# Optional OUTDIR/vmlinux: the uncompressed ELF inside the xz-compressed
+# bzImage. QEMU boots it through the kernel's PVH entry (CONFIG_PVH), which
+# skips the in-guest decompression (~2.5 s under TCG). Skipped, with a note,
+# if xz or GNU grep -P is missing.
+extract_vmlinux() {
+	rm -f "$OUT/vmlinux" "$OUT/vmlinux.tmp"
+	command -v xz >/dev/null 2>&1 || {
+		say "note: xz not found, no vmlinux (PVH) image"
+		return 0
+	}
+	off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$OUT/vmlinuz" 2>/dev/null | head -n 1 | cut -d: -f1) || true
+	case "$off" in '' | *[!0-9]*)
+		say "note: no xz payload found in vmlinuz, no vmlinux (PVH) image"
+		return 0
+		;;
+	esac
+	tail -c +$((off + 1)) "$OUT/vmlinuz" | xz -dc --single-stream >"$OUT/vmlinux.tmp" 2>/dev/null || true
+	if [ "$(head -c 4 "$OUT/vmlinux.tmp" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] &&
+		grep -qx 'CONFIG_PVH=y' "$OUT/kernel.config"; then
+		mv -f "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+		say "wrote $OUT/vmlinux ($(wc -c <"$OUT/vmlinux") bytes, uncompressed ELF for PVH boot)"
+	else
+		rm -f "$OUT/vmlinux.tmp"
+		say "note: could not extract a PVH-bootable vmlinux; use vmlinuz"
+	fi
+}
+
 build_kernel() {
 	say "resolving linux-image-amd64"
 	if ! resolve_kernel; then
@@ -149,6 +179,7 @@ build_kernel() {
 	cp "$vmlinuz" "$OUT/vmlinuz.tmp"
 	mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 	cp "$config" "$OUT/kernel.config"
+	extract_vmlinux
 	echo "$KPKG $KVER" >"$OUT/kernel.txt"
 	rm -rf "$kx"
 	say "wrote $OUT/vmlinuz ($(wc -c <"$OUT/vmlinuz") bytes, $KPKG $KVER)"
@@ -232,6 +263,7 @@ build_initrd() {
 # The kernel only depends on this script; a changed guest/init rebuilds the initrd.
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/kernel.txt" ] && [ "$OUT/vmlinuz" -nt "$SELF" ]; then
 	say "kernel up to date ($(cat "$OUT/kernel.txt"))"
+	[ -s "$OUT/vmlinux" ] || extract_vmlinux
 	touch "$OUT/vmlinuz" "$OUT/kernel.txt"
 else
 	build_kernel

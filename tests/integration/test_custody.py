@@ -20,7 +20,7 @@ class Custody(unittest.TestCase):
         require_guest()
         cls.d = Daemon().start()
         cls.vm = cls.d.create_guest("cust")
-        cls.base_fds = fd_count(cls.d.pid)
+        cls.base_fds = cls.d.settled_fds()
 
     @classmethod
     def tearDownClass(cls):

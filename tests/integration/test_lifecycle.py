@@ -18,7 +18,7 @@ class Lifecycle(unittest.TestCase):
         require_root(cls)
         require_guest()
         cls.d = Daemon().start()
-        cls.baseline_fds = fd_count(cls.d.pid)
+        cls.baseline_fds = cls.d.settled_fds()
 
     @classmethod
     def tearDownClass(cls):

@@ -21,7 +21,7 @@ class Rpc(unittest.TestCase):
         require_root(cls)
         cls.d = Daemon().start()
         # Measured once, before any client: every test must end back here.
-        cls.base_fds = fd_count(cls.d.pid)
+        cls.base_fds = cls.d.settled_fds()
         cls.base_kids = set(children(cls.d.pid))
 
     @classmethod
@@ -232,7 +232,7 @@ class CreateErrors(unittest.TestCase):
         require_root(cls)
         require_guest()
         cls.d = Daemon().start()
-        cls.base_fds = fd_count(cls.d.pid)
+        cls.base_fds = cls.d.settled_fds()
         cls.base_kids = set(children(cls.d.pid))
 
     @classmethod
