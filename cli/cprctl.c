@@ -47,7 +47,9 @@ static void usage(FILE *f)
 		"  update --all [--parallel N] [--vmm PATH] ...\n"
 		"                      update every running VM, N at a time\n"
 		"  history NAME        the VM's updates, newest first\n"
-		"  daemon status       cprd's version, uptime and custody\n\n"
+		"  daemon status       cprd's version, uptime, how it started, custody\n"
+		"  daemon reexec [--binary PATH]\n"
+		"                      cprd re-executes itself (or a new binary), keeping every VM\n\n"
 		"The socket is --socket, else $CPRD_SOCKET, else %s.\n"
 		"Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
 		DEFAULT_SOCKET);
@@ -384,14 +386,66 @@ static void print_destroyed(json_object *res)
 	printf("VM %s destroyed; everything held for it was released\n", str(res, "name"));
 }
 
+static int binary_opt(int opt, const char *arg, void *ud)
+{
+	return add_path(ud, "binary", arg);
+}
+
+/* Ask cprd to re-execute itself, then wait until the new image answers. */
+static int daemon_reexec(json_object *params)
+{
+	_cleanup_json_ json_object *res = NULL, *st = NULL;
+	int64_t before;
+	int r;
+
+	r = call("daemon.status", NULL, &st);
+	if (r != EXIT_OK) {
+		json_object_put(params);
+		return r;
+	}
+	before = json_object_get_int64(json_object_object_get(st, "started_usec"));
+	r = call("daemon.reexec", params, &res);
+	if (r != EXIT_OK)
+		return r;
+	for (int i = 0; i < 200; i++) {
+		proto_client *c = NULL;
+		json_object *now = NULL;
+
+		if (proto_client_connect(socket_path(), &c) == 0 &&
+		    proto_client_call(c, "daemon.status", NULL, NULL, 0, 2000, &now, NULL, NULL, NULL) == 0 &&
+		    json_object_get_int64(json_object_object_get(now, "started_usec")) != before) {
+			proto_client_free(c);
+			json_object_put(st);
+			st = now;
+			if (arg_json)
+				print_json(st);
+			else
+				printf("cprd re-executed (pid %s, %s VM(s), %s fds held)\n", str(st, "pid"),
+				       str(st, "vms"), str(st, "fds_held"));
+			return EXIT_OK;
+		}
+		json_object_put(now);
+		proto_client_free(c);
+		struct timespec ts = {0, 50 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	fprintf(stderr, "cprctl: cprd did not come back within 10 s of re-executing\n");
+	return EXIT_FAILED;
+}
+
 static int verb_daemon(int argc, char **argv)
 {
+	static const struct option opts[] = {{"binary", required_argument, NULL, 'b'}};
 	_cleanup_json_ json_object *res = NULL;
+	json_object *params = json_object_new_object();
 	int i, r;
 
-	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), binary_opt, params);
+	if (i >= 0 && i + 1 == argc && streq(argv[i], "reexec"))
+		return daemon_reexec(params);
+	json_object_put(params);
 	if (i < 0 || i + 1 != argc || !streq(argv[i], "status")) {
-		fprintf(stderr, "Usage: cprctl daemon status\n");
+		fprintf(stderr, "Usage: cprctl daemon status\n       cprctl daemon reexec [--binary PATH]\n");
 		return EXIT_USAGE;
 	}
 	r = call("daemon.status", NULL, &res);

@@ -33,7 +33,10 @@ struct daemon {
 	gid_t group;         /* its gid */
 	uint64_t started_usec; /* CLOCK_REALTIME at start */
 	uint64_t started_mono; /* CLOCK_MONOTONIC at start */
-	const char *start_mode; /* how this instance started: "fresh", ... */
+	const char *start_mode; /* "fresh", "fd-store", "re-exec", "recovered" */
+	char *self_path;        /* our binary, for re-exec */
+	char **argv;            /* our command line, for re-exec */
+	char *reexec_binary;    /* set by daemon.reexec: exec this once replies are out */
 };
 
 uint64_t now_usec(clockid_t clock);

@@ -14,6 +14,8 @@
 
 #include "daemon/daemon.h"
 #include "daemon/log.h"
+#include "daemon/persist.h"
+#include "daemon/recover.h"
 #include "daemon/sandbox.h"
 #include "daemon/server.h"
 #include "daemon/vm.h"
@@ -45,6 +47,7 @@ void daemon_update_status(struct daemon *d)
 	}
 	sd_notifyf(0, "STATUS=Holding %zu VM(s): %zu running, %zu crashed; %zu fds in custody",
 		   vm_count(d), running, crashed, memstore_count(d->store, NULL));
+	registry_save(d);
 }
 
 static void help(void)
@@ -181,7 +184,88 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	ev_break(loop, EVBREAK_ALL);
 }
 
-static int run(struct daemon *d, const struct options *o, int ready_fd)
+static bool already_confined(void)
+{
+	FILE *f = fopen("/proc/self/status", "re");
+	char line[128];
+	bool yes = false;
+
+	while (f && fgets(line, sizeof(line), f))
+		if (strncmp(line, "Seccomp:", 8) == 0)
+			yes = atoi(line + 8) == 2;
+	if (f)
+		fclose(f);
+	return yes;
+}
+
+/* Replace this process image, keeping every held fd open: they are listed
+ * in CPRD_INHERIT and read back by the new image exactly like fds from the
+ * service manager's store. The launcher survives too (it was forked before
+ * the seccomp filter, and a new one forked now would inherit it). Nothing
+ * is moved before execv, so a failed exec leaves everything as it was. */
+static int reexec(struct daemon *d)
+{
+	_cleanup_free_ char *list = NULL;
+	size_t len = 0, cap = 4096;
+	const memstore_entry *e;
+	char buf[32];
+	int fds[1024], nfds = 0;
+	char **argv = NULL;
+	int argc = 0, r;
+
+	list = malloc(cap);
+	if (!list)
+		return -ENOMEM;
+	list[0] = '\0';
+#define ADD(fd_, fmt, ...)                                                                    \
+	do {                                                                                   \
+		int n_ = snprintf(list + len, cap - len, "%s%d:" fmt, len ? "," : "", (fd_),       \
+				  ##__VA_ARGS__);                                              \
+		if (n_ < 0 || (size_t)n_ >= cap - len || nfds >= (int)ELEMENTSOF(fds))        \
+			return -E2BIG;                                                         \
+		len += (size_t)n_;                                                             \
+		fds[nfds++] = (fd_);                                                           \
+	} while (0)
+	ADD(d->listen_fd, "cprd-listen");
+	ADD(d->launcher.sock, "cprd-launcher");
+	for (size_t i = 0; (e = memstore_nth(d->store, NULL, i)); i++)
+		ADD(e->fd, FDSTORE_PREFIX "%s/%s", e->vm, e->name);
+	for (struct vm *vm = d->vms; vm; vm = vm->next)
+		if (vmm_alive(vm->vmm))
+			ADD(vm->vmm->pidfd, FDSTORE_PREFIX "%s/pidfd", vm->cfg.name);
+#undef ADD
+	registry_save(d);
+	for (char **a = d->argv; *a; a++)
+		argc++;
+	argv = calloc((size_t)argc + 2, sizeof(char *));
+	if (!argv)
+		return -ENOMEM;
+	argv[0] = d->reexec_binary;
+	for (int i = 1; i < argc; i++)
+		argv[i] = d->argv[i];
+	argv[argc] = (char *)"--foreground"; /* detached once already */
+	snprintf(buf, sizeof(buf), "%d", (int)d->launcher.pid);
+	setenv("CPRD_INHERIT", list, 1);
+	setenv("CPRD_REEXEC", "1", 1);
+	setenv("CPRD_LAUNCHER_PID", buf, 1);
+	if (!d->socket_activated)
+		setenv("CPRD_SOCKET_OWNED", "1", 1);
+	for (int i = 0; i < nfds; i++)
+		fcntl(fds[i], F_SETFD, 0);
+	log_notice("re-executing %s with %d fds held", d->reexec_binary, nfds);
+	execv(d->reexec_binary, argv);
+	r = -errno;
+	for (int i = 0; i < nfds; i++)
+		fcntl(fds[i], F_SETFD, FD_CLOEXEC);
+	unsetenv("CPRD_INHERIT");
+	unsetenv("CPRD_REEXEC");
+	unsetenv("CPRD_LAUNCHER_PID");
+	unsetenv("CPRD_SOCKET_OWNED");
+	free(argv);
+	return r;
+}
+
+static int run(struct daemon *d, const struct options *o, int ready_fd, int listen_fd)
 {
 	int r;
 
@@ -191,11 +275,11 @@ static int run(struct daemon *d, const struct options *o, int ready_fd)
 		d->socket_path = NULL;
 	if (!d->socket_path)
 		return -ENOMEM;
-	r = server_listen(d);
+	r = server_listen(d, listen_fd);
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 
-	if (o->sandbox) {
+	if (o->sandbox && !already_confined()) {
 		r = sandbox_apply();
 		if (r < 0)
 			return log_error_errno(r, "cannot apply the seccomp filter");
@@ -205,9 +289,10 @@ static int run(struct daemon *d, const struct options *o, int ready_fd)
 	ev_signal_start(d->loop, &d->sig_term);
 	ev_signal_start(d->loop, &d->sig_int);
 
-	log_info("cprd %s ready on %s (state %s, %s%s)", CPRD_VERSION,
+	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
 		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
-		 d->kvm ? "kvm" : "tcg: no usable /dev/kvm", o->sandbox ? "" : ", no sandbox");
+		 d->kvm ? "kvm" : "tcg: no usable /dev/kvm", d->start_mode, vm_count(d),
+		 o->sandbox ? "" : ", no sandbox");
 	sd_notify(0, "READY=1");
 	daemon_update_status(d);
 	if (ready_fd >= 0) {
@@ -215,7 +300,15 @@ static int run(struct daemon *d, const struct options *o, int ready_fd)
 		(void)!write(ready_fd, &ok, 1);
 		close(ready_fd);
 	}
-	ev_run(d->loop, 0);
+	for (;;) {
+		ev_run(d->loop, 0);
+		if (!d->reexec_binary)
+			break;
+		server_flush_all(d, 1000);
+		r = reexec(d);
+		log_error("re-exec of %s failed: %s; carrying on", d->reexec_binary, strerror(-r));
+		d->reexec_binary = (free(d->reexec_binary), NULL);
+	}
 
 	sd_notify(0, "STOPPING=1");
 	if (d->vms)
@@ -230,7 +323,9 @@ int main(int argc, char **argv)
 	struct daemon d = {.listen_fd = -EBADF, .launcher = {.sock = -EBADF}, .start_mode = "fresh"};
 	struct options o;
 	struct group *g;
-	int ready_fd = -EBADF, r;
+	json_object *pidfds = NULL;
+	int ready_fd = -EBADF, listen_fd = -EBADF, launcher_fd = -EBADF, n_inherited, n_vms, r;
+	bool reexeced;
 
 	if (parse_options(argc, argv, &o) < 0) {
 		help();
@@ -240,7 +335,9 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	if (setup_state_dir(&d, o.state_dir) < 0)
 		return 1;
-	if (!o.foreground && !getenv("NOTIFY_SOCKET") && !getenv("LISTEN_FDS")) {
+	reexeced = getenv("CPRD_REEXEC") != NULL;
+	unsetenv("CPRD_REEXEC");
+	if (!o.foreground && !reexeced && !getenv("NOTIFY_SOCKET") && !getenv("LISTEN_FDS")) {
 		if (detach(&ready_fd) < 0 || redirect_log(d.state_dir) < 0) {
 			log_error("cannot detach: %m");
 			return 1;
@@ -249,10 +346,23 @@ int main(int argc, char **argv)
 	/* VMMs are double-forked by the launcher; as subreaper the daemon
 	 * inherits them and can collect their exit status. */
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
-	r = launcher_start(&d.launcher);
-	if (r < 0) {
-		log_error_errno(r, "cannot start the launcher");
+	d.argv = argv;
+	d.self_path = realpath("/proc/self/exe", NULL);
+	r = memstore_new(&d.store);
+	if (r < 0)
 		return 1;
+	n_inherited = inherited_fds_take(&d, &listen_fd, &launcher_fd, &pidfds);
+	if (launcher_fd >= 0 && getenv("CPRD_LAUNCHER_PID")) {
+		d.launcher.sock = launcher_fd; /* carried over a re-exec */
+		d.launcher.pid = (pid_t)atoi(getenv("CPRD_LAUNCHER_PID"));
+		unsetenv("CPRD_LAUNCHER_PID");
+	} else {
+		safe_close(launcher_fd);
+		r = launcher_start(&d.launcher);
+		if (r < 0) {
+			log_error_errno(r, "cannot start the launcher");
+			return 1;
+		}
 	}
 	/* Not ev_default_loop(): the default loop reaps every child through
 	 * its own SIGCHLD handler (waitpid(-1)), which would steal the VMMs'
@@ -268,13 +378,19 @@ int main(int argc, char **argv)
 	d.group = g ? g->gr_gid : 0;
 	d.started_usec = now_usec(CLOCK_REALTIME);
 	d.started_mono = now_usec(CLOCK_MONOTONIC);
-	r = memstore_new(&d.store);
-	if (r >= 0)
-		r = run(&d, &o, ready_fd);
+	n_vms = recover(&d, pidfds);
+	if (reexeced)
+		d.start_mode = "re-exec";
+	else if (n_inherited > 0)
+		d.start_mode = "fd-store";
+	else if (n_vms > 0)
+		d.start_mode = "recovered";
+	r = run(&d, &o, ready_fd, listen_fd);
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
 	ev_loop_destroy(d.loop);
 	free(d.socket_path);
 	free(d.state_dir);
+	free(d.self_path);
 	return r < 0 ? 1 : 0;
 }

@@ -9,6 +9,7 @@
 
 #include "common/json.h"
 #include "daemon/log.h"
+#include "daemon/persist.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
@@ -485,12 +486,17 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 			r = memstore_fd_kind(fd, &k);
 		if (r == 0)
 			r = memstore_put(d->store, vm->cfg.name, nm, k, fd);
+		if (r == 0)
+			fdstore_add(d, vm->cfg.name, nm, fd);
 		if (r < 0) {
 			safe_close(fd);
 			/* Undo what this call stored: all or nothing. */
-			for (size_t j = 0; j < i; j++)
-				memstore_remove(d->store, vm->cfg.name,
-						json_object_get_string(json_object_array_get_idx(names, j)));
+			for (size_t j = 0; j < i; j++) {
+				const char *undo = json_object_get_string(json_object_array_get_idx(names, j));
+
+				fdstore_remove(d, vm->cfg.name, undo);
+				memstore_remove(d->store, vm->cfg.name, undo);
+			}
 			call_fail(c, JSONRPC_ERR_BAD_FDS, "fd '%s' %s", nm,
 				  r == -EBADFD ? "is not of the kind claimed" : strerror(-r));
 			return;
@@ -565,6 +571,7 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 			  "'%s' is held for the VM itself; it is released by vm.destroy", name);
 		return;
 	}
+	fdstore_remove(d, vm->cfg.name, name);
 	if (memstore_remove(d->store, vm->cfg.name, name) < 0) {
 		call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'", vm->cfg.name,
 			  name);
@@ -596,6 +603,41 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	call_reply(c, o);
 }
 
+static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *binary = NULL;
+	const struct param spec[] = {{"binary", P_STRING, false, &binary}};
+	json_object *o;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	binary = binary ? binary : d->self_path;
+	if (!binary || binary[0] != '/' || access(binary, X_OK) < 0) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "binary '%.200s' %s", binary ? binary : "?",
+			  binary && binary[0] == '/' ? strerror(errno) : "must be an absolute path");
+		return;
+	}
+	for (struct vm *vm = d->vms; vm; vm = vm->next)
+		if (vm->update || vm->waiting) {
+			call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; re-execute when it has finished",
+				  vm->cfg.name, vm->update ? "being updated" : vm_state_to_string(vm->state));
+			return;
+		}
+	free(d->reexec_binary);
+	d->reexec_binary = strdup(binary);
+	if (!d->reexec_binary) {
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return;
+	}
+	o = json_object_new_object();
+	json_object_object_add(o, "reexec", json_object_new_string(binary));
+	json_object_object_add(o, "pid", json_object_new_int(getpid()));
+	call_reply(c, o);
+	/* The loop ends after this round; main() writes out the replies and
+	 * execs. Connections do not survive it; custody and VMs do. */
+	ev_break(d->loop, EVBREAK_ALL);
+}
+
 static const struct method methods[] = {
 	{"vm.create", m_vm_create, METHOD_MUTATING},
 	{"vm.list", m_vm_list, 0},
@@ -609,6 +651,7 @@ static const struct method methods[] = {
 	{"fd.list", m_fd_list, 0},
 	{"fd.release", m_fd_release, METHOD_MUTATING},
 	{"daemon.status", m_daemon_status, 0},
+	{"daemon.reexec", m_daemon_reexec, METHOD_MUTATING},
 };
 
 const struct method *method_find(const char *name)

@@ -8,7 +8,7 @@
  * execve of anything but ourselves (re-exec) and ptrace are absent: VMMs are
  * started by the launcher, which was forked before this filter. */
 static const char *const allowed[] = {
-	"accept4", "bind", "brk", "chmod", "chown", "clock_getres", "clock_gettime",
+	"accept4", "arch_prctl", "bind", "set_tid_address", "brk", "chmod", "chown", "clock_getres", "clock_gettime",
 	"clock_nanosleep", "close", "close_range", "connect", "dup", "dup2", "dup3",
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "eventfd2", "execve",
 	"exit", "exit_group", "faccessat", "faccessat2", "fchmod", "fchown", "fcntl",

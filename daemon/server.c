@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <fcntl.h>
+#include <poll.h>
 #include <grp.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -534,16 +535,30 @@ static int socket_bind(struct daemon *d)
 	return 0;
 }
 
-int server_listen(struct daemon *d)
+void server_flush_all(struct daemon *d, int timeout_ms)
 {
-	int n, r, fl;
+	uint64_t deadline = now_usec(CLOCK_MONOTONIC) + (uint64_t)timeout_ms * 1000;
 
-	n = sd_listen_fds(0);
-	if (n > 1)
-		return -EINVAL;
-	if (n == 1 && sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0) > 0) {
-		d->listen_fd = SD_LISTEN_FDS_START;
-		d->socket_activated = true;
+	for (struct client *c = d->clients; c; c = c->next) {
+		while (!c->dead && !proto_writer_is_empty(c->out) &&
+		       now_usec(CLOCK_MONOTONIC) < deadline) {
+			struct pollfd p = {.fd = c->fd, .events = POLLOUT};
+
+			if (poll(&p, 1, 50) < 0 || proto_writer_flush(c->out, c->fd) < 0)
+				break;
+		}
+	}
+}
+
+int server_listen(struct daemon *d, int listen_fd)
+{
+	int r, fl;
+
+	if (listen_fd >= 0) {
+		d->listen_fd = listen_fd;
+		/* After a re-exec the socket is still our own bound path. */
+		d->socket_activated = !getenv("CPRD_SOCKET_OWNED");
+		unsetenv("CPRD_SOCKET_OWNED");
 		fl = fcntl(d->listen_fd, F_GETFL);
 		if (fl < 0 || fcntl(d->listen_fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
 		    fcntl(d->listen_fd, F_SETFD, FD_CLOEXEC) < 0)

@@ -31,7 +31,11 @@ struct method {
 
 const struct method *method_find(const char *name);
 
-int server_listen(struct daemon *d);
+/* Serve on listen_fd when one was inherited (socket activation or
+ * re-exec), else bind the configured path. */
+int server_listen(struct daemon *d, int listen_fd);
+/* Before an exec: write out queued replies, waiting at most timeout_ms. */
+void server_flush_all(struct daemon *d, int timeout_ms);
 void server_stop(struct daemon *d);
 
 /* Finishing a call. result is taken; fds are duplicated for the reply. */

@@ -547,6 +547,45 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 		return;
 	}
 	u->new_pid = u->next->pid;
+	daemon_update_status(vm->d); /* the registry now names both VMMs */
+}
+
+json_object *update_to_record(const struct update *u)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "strategy", json_object_new_string(strategy_names[u->strategy]));
+	json_object_object_add(o, "time_usec", json_object_new_int64((int64_t)u->t0_real));
+	json_object_object_add(o, "old_pid", json_object_new_int(u->old_pid));
+	json_object_object_add(o, "old_vmm", json_object_new_string(u->old_binary));
+	json_object_object_add(o, "old_version", json_object_new_string(u->old_version));
+	json_object_object_add(o, "new_vmm", json_object_new_string(u->new_binary));
+	if (vmm_alive(u->next)) {
+		json_object_object_add(o, "new_pid", json_object_new_int(u->next->pid));
+		json_object_object_add(o, "new_pid_start",
+				       json_object_new_int64((int64_t)u->next->start_time));
+		json_object_object_add(o, "new_qmp", json_object_new_string(u->next->qmp_path));
+		json_object_object_add(o, "new_vmm_fds", vmm_fd_map(u->next));
+	}
+	return o;
+}
+
+void update_record_interrupted(struct vm *vm, json_object *rec, const char *resolution)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_foreach(rec, k, v)
+	{
+		if (!strstr(k, "_start") && !streq(k, "new_qmp") && !streq(k, "new_vmm_fds"))
+			json_object_object_add(o, k, json_object_get(v));
+	}
+	json_object_object_add(o, "result", json_object_new_string("interrupted"));
+	json_object_object_add(o, "blackout_ms", NULL);
+	json_object_object_add(o, "error", json_object_new_string(resolution));
+	vm->updates++;
+	append_history(vm, o);
+	log_warning("update vm=%s result=interrupted error=%s", vm->cfg.name, resolution);
+	json_object_put(o);
 }
 
 void update_abandon(struct update *u)

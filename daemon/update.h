@@ -34,5 +34,11 @@ void update_old_vmm_exited(struct update *u);
 /* Daemon shutting down: end the new VMM, leave the old one as it is. */
 void update_abandon(struct update *u);
 
+/* What a restarted cprd needs to resolve an update it did not see end. */
+json_object *update_to_record(const struct update *u);
+/* History line for an update that cprd's restart interrupted. rec is the
+ * update record from the registry (borrowed). */
+void update_record_interrupted(struct vm *vm, json_object *rec, const char *resolution);
+
 /* The VM's finished updates, newest first, from its history file. */
 json_object *update_history(struct vm *vm);

@@ -10,6 +10,7 @@
 
 #include "common/json.h"
 #include "daemon/log.h"
+#include "daemon/persist.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
@@ -84,6 +85,7 @@ static void vm_free(struct vm *vm)
 		}
 	ev_timer_stop(d->loop, &vm->timer);
 	vm->vmm = vmm_free(vm->vmm);
+	fdstore_remove_vm(d, vm->cfg.name);
 	memstore_release_vm(d->store, vm->cfg.name);
 	remove_files(vm);
 	free(vm->dir);
@@ -236,6 +238,13 @@ static const struct vmm_ops vm_vmm_ops = {
 	.exited = vmm_exited,
 };
 
+static void store_pidfd(struct vm *vm)
+{
+	fdstore_remove(vm->d, vm->cfg.name, "pidfd");
+	if (vmm_alive(vm->vmm))
+		fdstore_add(vm->d, vm->cfg.name, "pidfd", vm->vmm->pidfd);
+}
+
 void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 {
 	char *p;
@@ -243,6 +252,7 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 	vm->vmm = v;
 	vm->last_pid = v->pid;
 	vmm_set_ops(v, &vm_vmm_ops, vm);
+	store_pidfd(vm);
 	/* The successor's monitor takes the VM's well-known socket path. */
 	if (!streq(v->qmp_path, vm->qmp_path) && rename(v->qmp_path, vm->qmp_path) == 0) {
 		p = strdup(vm->qmp_path);
@@ -309,19 +319,21 @@ static int vm_acquire(struct vm *vm)
 		if (r < 0)
 			return r;
 	}
+	/* Into the fd store as soon as they are held, not at shutdown: a
+	 * crash must not lose them. */
 	r = memstore_put(m, vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, ram);
 	if (r < 0)
 		return r;
-	TAKE_FD(ram);
+	fdstore_add(vm->d, vm->cfg.name, "ram0", TAKE_FD(ram));
 	r = memstore_put(m, vm->cfg.name, "console", MEMSTORE_KIND_FILE, con);
 	if (r < 0)
 		return r;
-	TAKE_FD(con);
+	fdstore_add(vm->d, vm->cfg.name, "console", TAKE_FD(con));
 	if (tap >= 0) {
 		r = memstore_put(m, vm->cfg.name, "net0", MEMSTORE_KIND_TAP, tap);
 		if (r < 0)
 			return r;
-		TAKE_FD(tap);
+		fdstore_add(vm->d, vm->cfg.name, "net0", TAKE_FD(tap));
 	}
 	return 0;
 }
@@ -374,6 +386,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		return;
 	}
 	vm->last_pid = vm->vmm->pid;
+	store_pidfd(vm);
 	ev_timer_set(&vm->timer, VM_START_TIMEOUT, 0.);
 	ev_timer_start(d->loop, &vm->timer);
 	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)vm->vmm->pid);
@@ -399,6 +412,53 @@ void vm_destroy(struct vm *vm, struct call *c)
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	ev_timer_set(&vm->timer, VM_STOP_TIMEOUT, 0.);
 	ev_timer_start(vm->d->loop, &vm->timer);
+}
+
+/* ---- recovery ---- */
+
+struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+		      unsigned updates)
+{
+	struct vm *vm = calloc(1, sizeof(*vm));
+
+	if (!vm) {
+		vm_config_done(cfg);
+		return NULL;
+	}
+	vm->d = d;
+	vm->cfg = *cfg;
+	*cfg = (struct vm_config){};
+	vm->state = VM_CRASHED;
+	vm->exit_code = -1;
+	snprintf(vm->exit_desc, sizeof(vm->exit_desc), "exited while cprd was not running");
+	vm->created_usec = created_usec;
+	vm->updates = updates;
+	ev_init(&vm->timer, timer_cb);
+	vm->timer.data = vm;
+	if (asprintf(&vm->dir, "%s/vms/%s", d->state_dir, vm->cfg.name) < 0 ||
+	    asprintf(&vm->console_path, "%s/console.log", vm->dir) < 0 ||
+	    asprintf(&vm->vmm_log_path, "%s/vmm.log", vm->dir) < 0 ||
+	    asprintf(&vm->qmp_path, "%s/qmp.sock", vm->dir) < 0 ||
+	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0) {
+		free(vm->dir);
+		free(vm->console_path);
+		free(vm->vmm_log_path);
+		free(vm->qmp_path);
+		vm_config_done(&vm->cfg);
+		free(vm);
+		return NULL;
+	}
+	vm->next = d->vms;
+	d->vms = vm;
+	return vm;
+}
+
+void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
+{
+	vm_adopt_vmm(vm, v);
+	vm->state = running ? VM_RUNNING : VM_PAUSED;
+	vm->exit_desc[0] = '\0';
+	vmm_watch(v);
 }
 
 /* ---- views ---- */

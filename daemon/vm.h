@@ -70,6 +70,12 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v);
 /* The VMM exited on its own: the VM becomes crashed. */
 void vm_vmm_lost(struct vm *vm);
 
+/* Recovery: a VM known from the registry, with no VMM yet (crashed until
+ * vm_restore_vmm says otherwise). cfg is taken. */
+struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+		      unsigned updates);
+void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running);
+
 json_object *vm_to_json(struct vm *vm);
 json_object *vm_fds_to_json(struct vm *vm);
 

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 
 #include "common/macro.h"
 #include "daemon/log.h"
+#include "daemon/persist.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
 #include "kvm/qemu.h"
@@ -36,6 +38,9 @@ void log_tail(const char *path, char *buf, size_t size)
 		if (*p == '\n')
 			*p = ' ';
 }
+
+static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp_path,
+			   const struct vmm_ops *ops, void *ud);
 
 static void describe_exit(struct vmm *v)
 {
@@ -166,8 +171,6 @@ struct vmm *vmm_free(struct vmm *v)
 	ev_io_stop(v->d->loop, &v->pid_watcher);
 	drop_qmp(v);
 	safe_close(v->pidfd);
-	if (v->qmp_path)
-		unlink(v->qmp_path);
 	free(v->qmp_path);
 	free(v->binary);
 	free(v);
@@ -180,6 +183,10 @@ struct vmm *vmm_kill(struct vmm *v)
 		return NULL;
 	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0)
 		waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED);
+	/* Its monitor socket died with it. (vmm_free leaves the path alone:
+	 * a VMM merely let go of may still be listening there.) */
+	if (v->qmp_path)
+		unlink(v->qmp_path);
 	return vmm_free(v);
 }
 
@@ -229,14 +236,14 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 	int r;
 
 	fds[n] = held_fd(v->d, cfg->name, "ram0");
-	qc.ram_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	qc.ram_fd = v->fd_ram = QEMU_CHILD_FD_BASE + (int)n++;
 	fds[n] = held_fd(v->d, cfg->name, "console");
-	qc.console_fd = QEMU_CHILD_FD_BASE + (int)n++;
+	qc.console_fd = v->fd_console = QEMU_CHILD_FD_BASE + (int)n++;
 	fds[n] = qmp_listen;
 	qc.qmp_fd = QEMU_CHILD_FD_BASE + (int)n++;
 	if (tap >= 0) {
 		fds[n] = tap;
-		qc.tap_fd = QEMU_CHILD_FD_BASE + (int)n++;
+		qc.tap_fd = v->fd_tap = QEMU_CHILD_FD_BASE + (int)n++;
 	}
 	r = qemu_build_argv(&qc, &argv);
 	if (r < 0)
@@ -259,23 +266,9 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	struct vmm *v;
 	int r;
 
-	v = calloc(1, sizeof(*v));
+	v = vmm_new(d, binary, qmp_path, ops, ud);
 	if (!v)
 		return -ENOMEM;
-	v->d = d;
-	v->pidfd = -EBADF;
-	v->exit_code = -1;
-	v->ops = ops;
-	v->ud = ud;
-	ev_init(&v->pid_watcher, pid_cb);
-	ev_init(&v->qmp_watcher, qmp_io_cb);
-	v->pid_watcher.data = v->qmp_watcher.data = v;
-	v->qmp_path = strdup(qmp_path);
-	v->binary = strdup(binary);
-	if (!v->qmp_path || !v->binary) {
-		vmm_free(v);
-		return -ENOMEM;
-	}
 	r = open_qmp(qmp_path, &qmp_listen, &qmp_conn);
 	if (r >= 0)
 		r = qmp_new(qmp_conn, &v->qmp);
@@ -292,9 +285,143 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 		vmm_kill(v);
 		return r;
 	}
+	v->start_time = proc_start_time(v->pid);
 	ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
 	ev_io_start(d->loop, &v->pid_watcher);
 	qmp_sync_watcher(v);
 	*ret = v;
 	return 0;
+}
+
+static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp_path,
+			   const struct vmm_ops *ops, void *ud)
+{
+	struct vmm *v = calloc(1, sizeof(*v));
+
+	if (!v)
+		return NULL;
+	v->d = d;
+	v->pidfd = -EBADF;
+	v->exit_code = -1;
+	v->fd_ram = v->fd_console = v->fd_tap = -1;
+	v->ops = ops;
+	v->ud = ud;
+	ev_init(&v->pid_watcher, pid_cb);
+	ev_init(&v->qmp_watcher, qmp_io_cb);
+	v->pid_watcher.data = v->qmp_watcher.data = v;
+	v->qmp_path = strdup(qmp_path);
+	v->binary = strdup(binary);
+	if (!v->qmp_path || !v->binary)
+		return vmm_free(v);
+	return v;
+}
+
+int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
+	       const struct vmm_ops *ops, void *ud, struct vmm **ret)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	_cleanup_close_ int c = -EBADF;
+	struct vmm *v;
+	int r;
+
+	if (strlen(qmp_path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	strcpy(sa.sun_path, qmp_path);
+	v = vmm_new(d, binary, qmp_path, ops, ud);
+	if (!v)
+		return -ENOMEM;
+	v->pid = pid;
+	v->pidfd = pidfd;
+	v->start_time = proc_start_time(pid);
+	c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		r = -errno;
+		v->pidfd = -EBADF; /* stays the caller's on failure */
+		vmm_free(v);
+		return r;
+	}
+	r = qmp_new(c, &v->qmp);
+	if (r < 0) {
+		v->pidfd = -EBADF;
+		vmm_free(v);
+		return r;
+	}
+	TAKE_FD(c);
+	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
+	*ret = v;
+	return 0;
+}
+
+void vmm_watch(struct vmm *v)
+{
+	if (v->pidfd >= 0 && !ev_is_active(&v->pid_watcher)) {
+		ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
+		ev_io_start(v->d->loop, &v->pid_watcher);
+	}
+	qmp_sync_watcher(v);
+}
+
+struct sync_reply {
+	bool done;
+	json_object *ret;
+	char desc[128];
+};
+
+static void sync_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct sync_reply *s = ud;
+
+	s->done = true;
+	s->ret = ret ? json_object_get(ret) : NULL;
+	if (!ret)
+		snprintf(s->desc, sizeof(s->desc), "%s", desc ? desc : "error");
+}
+
+int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int timeout_ms,
+		     json_object **ret)
+{
+	struct sync_reply s = {};
+	uint64_t deadline = now_usec(CLOCK_MONOTONIC) + (uint64_t)timeout_ms * 1000;
+	int r;
+
+	if (!v->qmp) {
+		json_object_put(args);
+		return -ENOTCONN;
+	}
+	r = qmp_command(v->qmp, cmd, args, -EBADF, sync_cb, &s);
+	if (r < 0)
+		return r;
+	while (!s.done) {
+		struct pollfd p = {.fd = qmp_fd(v->qmp),
+				   .events = POLLIN | (qmp_wants_write(v->qmp) ? POLLOUT : 0)};
+		int64_t left = (int64_t)(deadline - now_usec(CLOCK_MONOTONIC)) / 1000;
+
+		if (left <= 0 || poll(&p, 1, (int)left) == 0) {
+			qmp_fail_pending(v->qmp, "timed out"); /* s leaves scope */
+			return -ETIMEDOUT;
+		}
+		if ((p.revents & POLLOUT) && qmp_flush(v->qmp) < 0)
+			return -EPIPE;
+		if ((p.revents & (POLLIN | POLLHUP)) && qmp_dispatch(v->qmp) < 0) {
+			qmp_fail_pending(v->qmp, "monitor closed");
+			return -ECONNRESET;
+		}
+	}
+	if (!s.ret)
+		return -EIO;
+	*ret = s.ret;
+	return 0;
+}
+
+json_object *vmm_fd_map(const struct vmm *v)
+{
+	json_object *o = json_object_new_object();
+
+	if (v->fd_ram >= 0)
+		json_object_object_add(o, "ram0", json_object_new_int(v->fd_ram));
+	if (v->fd_console >= 0)
+		json_object_object_add(o, "console", json_object_new_int(v->fd_console));
+	if (v->fd_tap >= 0)
+		json_object_object_add(o, "net0", json_object_new_int(v->fd_tap));
+	return o;
 }

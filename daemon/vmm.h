@@ -33,6 +33,8 @@ struct vmm {
 	char *qmp_path;
 	char *binary;
 	char version[32];
+	unsigned long long start_time; /* /proc/PID/stat starttime: identity */
+	int fd_ram, fd_console, fd_tap;  /* where the held fds sit in the VMM */
 	int exit_code; /* -1 unknown */
 	char exit_desc[64];
 	const struct vmm_ops *ops;
@@ -46,9 +48,28 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	      const char *qmp_path, const char *log_path, bool incoming, const struct vmm_ops *ops,
 	      void *ud, struct vmm **ret);
 
-/* Stop watching and free; the process, if any, is left alone. */
+/* Take over a VMM that is already running (after cprd restarted): watch
+ * pidfd (taken) and connect to its monitor at qmp_path. */
+int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
+	       const struct vmm_ops *ops, void *ud, struct vmm **ret);
+
+/* Start the pidfd and monitor watchers of an attached VMM. */
+void vmm_watch(struct vmm *v);
+
+/* Blocking QMP exchange with a deadline, for start-up recovery before the
+ * daemon serves anyone: waits for the monitor, runs cmd, gives its
+ * "return" (owned) or a negative errno. */
+int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int timeout_ms,
+		     json_object **ret);
+
+/* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
+json_object *vmm_fd_map(const struct vmm *v);
+
+/* Stop watching and free; the process, if any, and its monitor socket are
+ * left alone. */
 struct vmm *vmm_free(struct vmm *v);
-/* SIGKILL and reap at once (a killed process exits promptly), then free. */
+/* SIGKILL and reap at once (a killed process exits promptly), remove its
+ * monitor socket, then free. */
 struct vmm *vmm_kill(struct vmm *v);
 int vmm_signal(struct vmm *v, int sig);
 bool vmm_alive(const struct vmm *v);

@@ -1,0 +1,303 @@
+/* SPDX-License-Identifier: MIT */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/pidfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include "common/json.h"
+#include "daemon/log.h"
+#include "daemon/persist.h"
+#include "daemon/recover.h"
+#include "daemon/update.h"
+#include "daemon/vm.h"
+
+#define RECOVER_QMP_TIMEOUT_MS 5000
+
+static const char *jstr(json_object *o, const char *k)
+{
+	json_object *v = json_object_object_get(o, k);
+
+	return v && json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+}
+
+static char *dup_or_null(const char *s)
+{
+	return s ? strdup(s) : NULL;
+}
+
+static int config_from_record(json_object *rec, struct vm_config *cfg)
+{
+	*cfg = (struct vm_config){
+		.name = dup_or_null(jstr(rec, "name")),
+		.vmm = dup_or_null(jstr(rec, "vmm")),
+		.kernel = dup_or_null(jstr(rec, "kernel")),
+		.initrd = dup_or_null(jstr(rec, "initrd")),
+		.append = dup_or_null(jstr(rec, "append")),
+		.tap = dup_or_null(jstr(rec, "tap")),
+		.machine = dup_or_null(jstr(rec, "machine")),
+		.memory_bytes = (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
+		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),
+	};
+	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
+	    !cfg->machine) {
+		vm_config_done(cfg);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The pid a pidfd refers to, from its fdinfo; -1 once the process is gone. */
+static pid_t pidfd_pid(int pidfd)
+{
+	char path[64], buf[512], *p;
+	_cleanup_close_ int fd = -EBADF;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || (n = read(fd, buf, sizeof(buf) - 1)) <= 0)
+		return -1;
+	buf[n] = '\0';
+	p = strstr(buf, "\nPid:");
+	return p ? (pid_t)strtol(p + 5, NULL, 10) : -1;
+}
+
+/* A pidfd for the process the record names, but only if it is the same
+ * process: a pid alone could have been reused while cprd was down. */
+static int open_vmm(json_object *rec, const char *pid_key, const char *start_key, int stored)
+{
+	pid_t pid = (pid_t)json_object_get_int(json_object_object_get(rec, pid_key));
+	unsigned long long start = (unsigned long long)json_object_get_int64(
+		json_object_object_get(rec, start_key));
+	int fd;
+
+	if (stored >= 0) {
+		if (pidfd_pid(stored) > 0 && pidfd_send_signal(stored, 0, NULL, 0) == 0)
+			return stored;
+		close(stored);
+		return -ESRCH;
+	}
+	if (pid <= 0 || start == 0 || proc_start_time(pid) != start)
+		return -ESRCH;
+	fd = pidfd_open(pid, 0);
+	if (fd < 0)
+		return -errno;
+	/* Re-check after opening: the pid cannot be recycled under a pidfd. */
+	if (proc_start_time(pid) != start) {
+		close(fd);
+		return -ESRCH;
+	}
+	return fd;
+}
+
+/* Custody that did not come back through the fd store is copied out of the
+ * VMM itself, from the fd numbers it was given at launch. */
+static void reclaim_from_vmm(struct daemon *d, const char *vm, int pidfd, json_object *fdmap)
+{
+	static const struct {
+		const char *name;
+		enum memstore_kind kind;
+	} held[] = {{"ram0", MEMSTORE_KIND_MEMFD}, {"console", MEMSTORE_KIND_FILE},
+		    {"net0", MEMSTORE_KIND_TAP}};
+	const memstore_entry *e;
+
+	for (size_t i = 0; i < ELEMENTSOF(held); i++) {
+		json_object *n = json_object_object_get(fdmap, held[i].name);
+		int fd;
+
+		if (!n || memstore_get(d->store, vm, held[i].name, &e) == 0)
+			continue;
+		fd = (int)syscall(SYS_pidfd_getfd, pidfd, json_object_get_int(n), 0);
+		if (fd < 0) {
+			log_error("VM %s: cannot take %s back from its VMM: %m", vm, held[i].name);
+			continue;
+		}
+		if (memstore_put(d->store, vm, held[i].name, held[i].kind, fd) < 0) {
+			log_error("VM %s: fd %d of the VMM is not the %s it was", vm,
+				  json_object_get_int(n), held[i].name);
+			close(fd);
+			continue;
+		}
+		fdstore_add(d, vm, held[i].name, fd);
+	}
+}
+
+static void set_fd_map(struct vmm *v, json_object *fdmap)
+{
+	json_object *x;
+
+	if (json_object_object_get_ex(fdmap, "ram0", &x))
+		v->fd_ram = json_object_get_int(x);
+	if (json_object_object_get_ex(fdmap, "console", &x))
+		v->fd_console = json_object_get_int(x);
+	if (json_object_object_get_ex(fdmap, "net0", &x))
+		v->fd_tap = json_object_get_int(x);
+}
+
+/* "running", "paused", "inmigrate", "postmigrate", ... or NULL. */
+static const char *query_status(struct vmm *v, char *buf, size_t size)
+{
+	_cleanup_json_ json_object *ret = NULL;
+
+	if (vmm_command_sync(v, "query-status", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
+		return NULL;
+	snprintf(buf, size, "%s", json_object_get_string(json_object_object_get(ret, "status")));
+	return buf;
+}
+
+static void end_vmm(struct vmm *v)
+{
+	/* Not our child after a crash: SIGKILL, then wait on the pidfd. */
+	vmm_kill(v);
+}
+
+/*
+ * The previous cprd died during an update. Both VMMs may still exist; the
+ * migration between them went on without cprd. Whichever runs the guest
+ * keeps it; the other is ended. Returns the VMM that keeps the VM.
+ */
+static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
+{
+	char msg[256], st_new[32] = "", st_old[32] = "";
+	struct vmm *next = NULL;
+	const char *next_qmp = jstr(up, "new_qmp");
+	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
+	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+
+	if (pidfd >= 0 && (!next_qmp || vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp,
+						   NULL, NULL, &next) < 0)) {
+		/* A new VMM we cannot talk to never got the guest: end it. */
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+		next = NULL;
+	}
+	if (next) {
+		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
+		query_status(next, st_new, sizeof(st_new));
+	}
+	if (next && streq(st_new, "running")) {
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update; the guest had moved and stays in the new VMM pid %d%s",
+			 (int)next->pid, old ? "; the old VMM was ended" : "");
+		if (old)
+			end_vmm(old);
+		update_record_interrupted(vm, up, msg);
+		return next;
+	}
+	if (next)
+		end_vmm(next);
+	if (!old) {
+		update_record_interrupted(vm, up, "cprd restarted during the update and neither VMM runs the guest");
+		return NULL;
+	}
+	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running")) {
+		_cleanup_json_ json_object *ret = NULL;
+
+		vmm_command_sync(old, "migrate_cancel", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+		json_object_put(TAKE_PTR(ret));
+		vmm_command_sync(old, "cont", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+	}
+	snprintf(msg, sizeof(msg),
+		 "cprd restarted during the update; rolled back: the guest stays in the old VMM pid %d%s",
+		 (int)old->pid, next || pidfd >= 0 ? " and the new VMM was ended" : "");
+	update_record_interrupted(vm, up, msg);
+	return old;
+}
+
+static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
+{
+	struct vm_config cfg;
+	struct vmm *v = NULL;
+	struct vm *vm;
+	json_object *up = json_object_object_get(rec, "update");
+	char st[32] = "";
+	int pidfd;
+
+	if (config_from_record(rec, &cfg) < 0) {
+		log_error("registry entry without a usable name or configuration; skipped");
+		safe_close(stored_pidfd);
+		return;
+	}
+	vm = vm_restore(d, &cfg, (uint64_t)json_object_get_int64(json_object_object_get(rec, "created_usec")),
+			(unsigned)json_object_get_int(json_object_object_get(rec, "updates")));
+	if (!vm) {
+		safe_close(stored_pidfd);
+		return;
+	}
+	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
+	pidfd = open_vmm(rec, "pid", "pid_start", stored_pidfd);
+	if (pidfd >= 0) {
+		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
+		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, vm->qmp_path, NULL, NULL, &v) < 0) {
+			log_error("VM %s: VMM pid %d runs but its monitor is unreachable; ending it",
+				  vm->cfg.name, (int)pidfd_pid(pidfd));
+			pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+			close(pidfd);
+		} else {
+			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		}
+	}
+	if (up)
+		v = settle_update(d, vm, v, up);
+	if (v && !query_status(v, st, sizeof(st))) {
+		log_error("VM %s: VMM pid %d does not answer on its monitor; ending it", vm->cfg.name,
+			  (int)v->pid);
+		end_vmm(v);
+		v = NULL;
+	}
+	if (!v) {
+		log_warning("VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
+			    vm->cfg.name, (int)vm->last_pid);
+		return;
+	}
+	vm_restore_vmm(vm, v, streq(st, "running"));
+	log_info("VM %s: recovered, VMM pid %d (QEMU %s) %s, %zu fds in custody", vm->cfg.name,
+		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));
+}
+
+int recover(struct daemon *d, json_object *pidfds)
+{
+	_cleanup_json_ json_object *root = registry_load(d);
+	json_object *vms;
+	size_t n;
+
+	if (!root) {
+		json_object_object_foreach(pidfds, k, v) { (void)k; close(json_object_get_int(v)); }
+		return 0;
+	}
+	vms = json_object_object_get(root, "vms");
+	n = json_object_array_length(vms);
+	for (size_t i = 0; i < n; i++) {
+		json_object *rec = json_object_array_get_idx(vms, i), *pfd;
+		const char *name = jstr(rec, "name");
+		int stored = -EBADF;
+
+		if (name && json_object_object_get_ex(pidfds, name, &pfd)) {
+			stored = json_object_get_int(pfd);
+			json_object_object_del(pidfds, name);
+		}
+		recover_one(d, rec, stored);
+	}
+	json_object_object_foreach(pidfds, k, v) { (void)k; close(json_object_get_int(v)); }
+	/* Fds inherited for VMs the registry does not know are not ours to keep. */
+	for (size_t i = 0; i < memstore_count(d->store, NULL);) {
+		const memstore_entry *e = memstore_nth(d->store, NULL, i);
+
+		if (!vm_find(d, e->vm)) {
+			char vm[MEMSTORE_NAME_MAX], fd[MEMSTORE_NAME_MAX];
+
+			snprintf(vm, sizeof(vm), "%s", e->vm);
+			snprintf(fd, sizeof(fd), "%s", e->name);
+			log_warning("releasing inherited fd %s/%s: no such VM in the registry", vm, fd);
+			fdstore_remove(d, vm, fd);
+			memstore_remove(d->store, vm, fd);
+			continue;
+		}
+		i++;
+	}
+	registry_save(d);
+	return (int)n;
+}
