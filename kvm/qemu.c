@@ -70,7 +70,10 @@ static bool config_is_valid(const struct qemu_config *c)
 	return c->name && c->binary && c->machine && c->kernel && c->memory_bytes >= QEMU_MIN_MEMORY &&
 	       c->memory_bytes % (1 << 20) == 0 && c->vcpus >= 1 && c->vcpus <= 512 &&
 	       c->ram_fd >= QEMU_CHILD_FD_BASE && c->console_fd >= QEMU_CHILD_FD_BASE &&
-	       c->qmp_fd >= QEMU_CHILD_FD_BASE && !strchr(c->name, ',');
+	       c->qmp_fd >= QEMU_CHILD_FD_BASE &&
+	       (c->tap_fd < 0 || c->tap_fd >= QEMU_CHILD_FD_BASE) &&
+	       /* both are pasted into option strings */
+	       !strchr(c->name, ',') && !strchr(c->machine, ',');
 }
 
 int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)

@@ -334,14 +334,17 @@ int qmp_flush(qmp *q)
 
 void qmp_fail_pending(qmp *q, const char *why)
 {
-	while (q->head) {
-		struct pending *p = q->head;
+	/* Detach the list first: a callback that queues a retry must not have
+	 * it failed in this same sweep (that would never end). */
+	struct pending *p = q->head;
 
-		q->head = p->next;
-		if (!q->head)
-			q->tail = NULL;
+	q->head = q->tail = NULL;
+	while (p) {
+		struct pending *next = p->next;
+
 		if (p->cb)
 			p->cb(q, NULL, "Disconnected", why, p->userdata);
 		pending_free(p);
+		p = next;
 	}
 }

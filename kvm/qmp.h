@@ -27,7 +27,8 @@ typedef void (*qmp_event_fn)(qmp *q, const char *event, json_object *data, int64
 			     void *userdata);
 typedef void (*qmp_ready_fn)(qmp *q, void *userdata);
 
-int qmp_new(int fd, qmp **ret); /* takes fd */
+/* Takes fd on success; on failure it stays the caller's (now O_NONBLOCK). */
+int qmp_new(int fd, qmp **ret);
 qmp *qmp_free(qmp *q);          /* closes fd; calls no callback; accepts NULL */
 void qmp_set_handlers(qmp *q, qmp_ready_fn ready, qmp_event_fn event, void *userdata);
 
@@ -48,6 +49,7 @@ int qmp_dispatch(qmp *q);
 int qmp_flush(qmp *q); /* 1 all sent, 0 more to send, < 0 error */
 bool qmp_wants_write(const qmp *q);
 
-/* Answer every command still waiting with err_class "Disconnected". */
+/* Answer every command still waiting with err_class "Disconnected".
+ * Commands a callback queues meanwhile are kept, not failed with them. */
 void qmp_fail_pending(qmp *q, const char *why);
 size_t qmp_pending(const qmp *q);
