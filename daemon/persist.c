@@ -34,7 +34,10 @@ unsigned long long proc_start_time(pid_t pid)
 	p = strrchr(buf, ')');
 	if (!p)
 		return 0;
-	/* field 3 (state) follows; starttime is field 22 */
+	/* field 3 (state) follows: a zombie is no VMM, whoever reaps it */
+	if (p[1] != ' ' || p[2] == 'Z' || p[2] == 'X')
+		return 0;
+	/* starttime is field 22 */
 	if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
 		   &start) != 1)
 		return 0;
@@ -68,6 +71,7 @@ static json_object *vm_record(struct vm *vm)
 		json_object_object_add(o, "pid_start",
 				       json_object_new_int64((int64_t)vm->vmm->start_time));
 		json_object_object_add(o, "vmm_fds", vmm_fd_map(vm->vmm));
+		add_str(o, "qmp", vm->vmm->qmp_path);
 	}
 	if (vm->update)
 		json_object_object_add(o, "update", update_to_record(vm->update));

@@ -167,12 +167,13 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
 	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
 
-	if (pidfd >= 0 && (!next_qmp || vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp,
-						   NULL, NULL, &next) < 0)) {
-		/* A new VMM we cannot talk to never got the guest: end it. */
+	if (pidfd >= 0 && !next_qmp) {
 		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
 		close(pidfd);
-		next = NULL;
+	} else if (pidfd >= 0 && vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL,
+					    NULL, &next) < 0) {
+		/* A new VMM whose monitor never came up never got the guest. */
+		next = vmm_kill(next);
 	}
 	if (next) {
 		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
@@ -207,6 +208,19 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	return old;
 }
 
+/* cprd died while ending a VMM the guest had already left: finish that. */
+static void end_leftover(struct vm *vm, json_object *up)
+{
+	int fd = open_vmm(up, "ending_pid", "ending_pid_start", -EBADF);
+
+	if (fd < 0)
+		return;
+	pidfd_send_signal(fd, SIGKILL, NULL, 0);
+	close(fd);
+	update_record_interrupted(vm, up, "cprd restarted while ending the old VMM; the guest had "
+					  "moved to the new one, and the old one was ended");
+}
+
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
 	struct vm_config cfg;
@@ -230,30 +244,27 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
 	pidfd = open_vmm(rec, "pid", "pid_start", stored_pidfd);
 	if (pidfd >= 0) {
+		const char *qmp_path = jstr(rec, "qmp") ? jstr(rec, "qmp") : vm->qmp_path;
+
 		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
-		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, vm->qmp_path, NULL, NULL, &v) < 0) {
-			log_error("VM %s: VMM pid %d runs but its monitor is unreachable; ending it",
-				  vm->cfg.name, (int)pidfd_pid(pidfd));
-			pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
-			close(pidfd);
-		} else {
-			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
-		}
+		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v) < 0)
+			log_error("VM %s: VMM pid %d runs but its monitor %s is unreachable; keeping it, "
+				  "updates will fail until it answers", vm->cfg.name, (int)v->pid, qmp_path);
+		set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
 	}
-	if (up)
+	if (up && json_object_object_get(up, "ending_pid"))
+		end_leftover(vm, up);
+	else if (up)
 		v = settle_update(d, vm, v, up);
-	if (v && !query_status(v, st, sizeof(st))) {
-		log_error("VM %s: VMM pid %d does not answer on its monitor; ending it", vm->cfg.name,
-			  (int)v->pid);
-		end_vmm(v);
-		v = NULL;
-	}
+	if (v && !query_status(v, st, sizeof(st)))
+		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
 	if (!v) {
 		log_warning("VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
 			    vm->cfg.name, (int)vm->last_pid);
 		return;
 	}
 	vm_restore_vmm(vm, v, streq(st, "running"));
+	vm_settle_qmp_path(vm);
 	log_info("VM %s: recovered, VMM pid %d (QEMU %s) %s, %zu fds in custody", vm->cfg.name,
 		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));
 }

@@ -169,6 +169,9 @@ static void update_free(struct update *u)
 static void finish(struct update *u, const char *result)
 {
 	struct vm *vm = u->vm;
+
+	if (streq(result, "ok"))
+		vm_settle_qmp_path(vm); /* the old VMM is gone now */
 	json_object *rep = report(u, result);
 	struct call *c = TAKE_PTR(u->call);
 
@@ -327,6 +330,7 @@ static void switch_over(struct update *u)
 	vm->state = VM_RUNNING;
 	log_info("VM %s: now running in VMM pid %d (QEMU %s); ending pid %d", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, (int)u->old_pid);
+	daemon_update_status(vm->d); /* a restart from here on keeps the new VMM */
 	ev_timer_stop(vm->d->loop, &u->timer);
 	ev_timer_set(&u->timer, END_OLD_TIMEOUT, 0.);
 	ev_timer_start(vm->d->loop, &u->timer);
@@ -560,6 +564,11 @@ json_object *update_to_record(const struct update *u)
 	json_object_object_add(o, "old_vmm", json_object_new_string(u->old_binary));
 	json_object_object_add(o, "old_version", json_object_new_string(u->old_version));
 	json_object_object_add(o, "new_vmm", json_object_new_string(u->new_binary));
+	if (vmm_alive(u->old)) { /* the guest moved; this one is being ended */
+		json_object_object_add(o, "ending_pid", json_object_new_int(u->old->pid));
+		json_object_object_add(o, "ending_pid_start",
+				       json_object_new_int64((int64_t)u->old->start_time));
+	}
 	if (vmm_alive(u->next)) {
 		json_object_object_add(o, "new_pid", json_object_new_int(u->next->pid));
 		json_object_object_add(o, "new_pid_start",

@@ -253,20 +253,32 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 	vm->last_pid = v->pid;
 	vmm_set_ops(v, &vm_vmm_ops, vm);
 	store_pidfd(vm);
-	/* The successor's monitor takes the VM's well-known socket path. */
-	if (!streq(v->qmp_path, vm->qmp_path) && rename(v->qmp_path, vm->qmp_path) == 0) {
-		p = strdup(vm->qmp_path);
-		if (p) {
-			free(v->qmp_path);
-			v->qmp_path = p;
-		}
-	}
 	if (!streq(v->binary, vm->cfg.vmm)) {
 		p = strdup(v->binary);
 		if (p) {
 			free(vm->cfg.vmm);
 			vm->cfg.vmm = p;
 		}
+	}
+}
+
+void vm_settle_qmp_path(struct vm *vm)
+{
+	char *p;
+
+	/* Only once the predecessor is gone: a QEMU that exits unlinks the path
+	 * its listening socket was bound to, which would be this one. */
+	if (!vm->vmm || streq(vm->vmm->qmp_path, vm->qmp_path))
+		return;
+	if (rename(vm->vmm->qmp_path, vm->qmp_path) < 0) {
+		log_warning("VM %s: cannot move the monitor socket to %s: %m", vm->cfg.name,
+			    vm->qmp_path);
+		return;
+	}
+	p = strdup(vm->qmp_path);
+	if (p) {
+		free(vm->vmm->qmp_path);
+		vm->vmm->qmp_path = p;
 	}
 }
 

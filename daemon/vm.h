@@ -67,6 +67,8 @@ void vm_destroy(struct vm *vm, struct call *c);
 /* For the update: make v the VM's VMM (the old one must be gone or being
  * ended by the caller), and the VM's handlers its handlers. */
 void vm_adopt_vmm(struct vm *vm, struct vmm *v);
+/* Give the current VMM's monitor socket the VM's well-known path. */
+void vm_settle_qmp_path(struct vm *vm);
 /* The VMM exited on its own: the VM becomes crashed. */
 void vm_vmm_lost(struct vm *vm);
 

@@ -333,23 +333,19 @@ int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const
 	v->pid = pid;
 	v->pidfd = pidfd;
 	v->start_time = proc_start_time(pid);
+	/* Without a monitor the VMM is still watched (its pidfd) and kept: a
+	 * guest is never ended just because cprd cannot talk to its VMM. */
 	c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		r = -errno;
-		v->pidfd = -EBADF; /* stays the caller's on failure */
-		vmm_free(v);
-		return r;
+	else
+		r = qmp_new(c, &v->qmp);
+	if (r >= 0) {
+		TAKE_FD(c);
+		qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
 	}
-	r = qmp_new(c, &v->qmp);
-	if (r < 0) {
-		v->pidfd = -EBADF;
-		vmm_free(v);
-		return r;
-	}
-	TAKE_FD(c);
-	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
 	*ret = v;
-	return 0;
+	return r < 0 ? -ENOTCONN : 0;
 }
 
 void vmm_watch(struct vmm *v)

@@ -49,7 +49,8 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	      void *ud, struct vmm **ret);
 
 /* Take over a VMM that is already running (after cprd restarted): watch
- * pidfd (taken) and connect to its monitor at qmp_path. */
+ * pidfd (taken) and connect to its monitor at qmp_path. -ENOTCONN when the
+ * monitor is unreachable: *ret is still set (without a monitor). */
 int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
 	       const struct vmm_ops *ops, void *ud, struct vmm **ret);
 

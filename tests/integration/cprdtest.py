@@ -178,8 +178,19 @@ class Daemon:
             [CPRD, "--foreground", "--state-dir", self.dir] + self.extra_args,
             stdout=logf, stderr=logf, env=self.env)
         logf.close()
-        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, 10,
-                   "cprd's socket")
+        def serving():
+            if self.proc.poll() is not None:
+                return True
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.sock)
+                s.close()
+                return True
+            except OSError:
+                return False
+        # Connectable, not merely present: a crashed cprd leaves its socket
+        # file behind, and recovery runs before the new one listens.
+        wait_until(serving, 60, "cprd to accept connections")
         if self.proc.poll() is not None:
             raise AssertionError(f"cprd exited at start: {self.read_log()}")
         return self
@@ -258,15 +269,19 @@ class Daemon:
 
 
 def kill_vmms_under(state_dir):
+    """Kill any VMM that still holds a file of this test's state directory
+    (its console or log): a failed test must not leave guests behind."""
     for d in os.listdir("/proc"):
-        if not d.isdigit():
+        if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
+            with open(f"/proc/{d}/comm") as f:
+                if not f.read().startswith("qemu"):
+                    continue
+            links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
         except OSError:
             continue
-        if state_dir.encode() in cmd and b"qemu" in cmd:
+        if any(l.startswith(state_dir + "/") for l in links):
             try:
                 os.kill(int(d), signal.SIGKILL)
             except OSError:

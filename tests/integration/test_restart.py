@@ -1,0 +1,256 @@
+"""cprd restarts, re-executes and crashes without the guests noticing."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from cprdtest import (CPRD, CPRCTL, Conn, Console, Daemon, RpcError, children, fd_count,
+                      kill_vmms_under, pid_alive, require_guest, require_root, wait_until,
+                      GUEST_APPEND, INITRD, KERNEL)
+from svcmgr import ServiceManager
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
+def same_file(fd_a_path, fd_b_path):
+    a, b = os.stat(fd_a_path), os.stat(fd_b_path)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class FdStore(unittest.TestCase):
+    """Restarts through a service manager's fd store (systemctl restart)."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.dir = tempfile.mkdtemp(prefix="cprd-test-")
+        self.sock = os.path.join(self.dir, "cprd.sock")
+        self.sm = ServiceManager(self.dir, [CPRD, "--foreground", "--state-dir", self.dir])
+
+    def tearDown(self):
+        log = os.path.join(self.dir, "service.log")
+        if os.path.exists(log) and os.environ.get("CPRD_TEST_SHOW_LOGS"):
+            print(open(log).read()[-3000:])
+        try:
+            d = Daemon()
+            d.sock = self.sock
+            d.proc = None
+            if self.sm.proc and self.sm.proc.poll() is None:
+                d.destroy_all()
+        finally:
+            self.sm.close()
+            kill_vmms_under(self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def call(self, method, params=None):
+        c = Conn(self.sock, 120)
+        try:
+            return c.call(method, params)
+        finally:
+            c.close()
+
+    def test_restart_three_times_under_a_running_guest(self):
+        pid = self.sm.start()
+        vm = self.call("vm.create", {"name": "g", "memory": "256M", "kernel": KERNEL,
+                                     "initrd": INITRD, "append": GUEST_APPEND})
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        # Fds went into the store as they were acquired.
+        self.assertEqual(self.sm.names(), ["cprd/vm/g/console", "cprd/vm/g/pidfd",
+                                           "cprd/vm/g/ram0"])
+        ram = self.sm.stored_fd("cprd/vm/g/ram0")
+        self.assertTrue(same_file(f"/proc/self/fd/{ram}", f"/proc/{vm['pid']}/fd/3"),
+                        "the stored memfd is not the guest's RAM")
+        qemu_fds = fd_count(vm["pid"])
+
+        counts = []
+        for i in range(3):
+            pid = self.sm.restart()
+            st = self.call("daemon.status")
+            self.assertEqual(st["pid"], pid)
+            self.assertEqual(st["start_mode"], "fd-store")
+            s = self.call("vm.status", {"name": "g"})
+            self.assertEqual((s["state"], s["pid"], s["fds_held"]), ("running", vm["pid"], 2))
+            con.wait_beats(3)
+            con.assert_healthy(self)
+            d = Daemon()
+            d.proc = self.sm.proc
+            counts.append(d.settled_fds())
+            self.assertEqual(fd_count(vm["pid"]), qemu_fds, "QEMU gained or lost fds")
+            self.assertEqual(self.sm.names(), ["cprd/vm/g/console", "cprd/vm/g/pidfd",
+                                               "cprd/vm/g/ram0"], "the store grew")
+        self.assertEqual(len(set(counts)), 1, f"cprd's fd count drifted: {counts}")
+
+        # Updates still work, and the store follows the new VMM.
+        rep = self.call("vm.update", {"name": "g"})
+        self.assertEqual(rep["result"], "ok")
+        con.wait_beats(3)
+        con.assert_healthy(self)
+        self.assertEqual(self.sm.names().count("cprd/vm/g/pidfd"), 1)
+        pid = self.sm.restart()
+        self.assertEqual(self.call("vm.status", {"name": "g"})["pid"], rep["new_pid"])
+
+        # Destroy releases the store's copies too.
+        self.call("vm.destroy", {"name": "g"})
+        self.sm.wait_for(lambda s: not s.store, 10)
+
+    def test_no_real_systemd_here(self):
+        with open("/proc/1/comm") as f:
+            init = f.read().strip()
+        if init != "systemd":
+            self.skipTest(f"systemd is not PID 1 on this machine (PID 1 is '{init}'), so "
+                          "`systemctl restart cprd` cannot run; ServiceManager plays its "
+                          "documented fd-store protocol instead")
+        p = subprocess.run(["systemctl", "is-active", "cprd"], capture_output=True, text=True)
+        if p.stdout.strip() != "active":
+            self.skipTest("cprd.service is not installed and active on this host")
+
+
+class Reexec(unittest.TestCase):
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.d = Daemon().start()
+
+    def tearDown(self):
+        self.d.stop()
+
+    def test_reexec_three_times(self):
+        vm = self.d.create_guest("rx")
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        base = self.d.settled_fds()
+        for i in range(3):
+            p = self.d.cprctl("daemon", "reexec")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            st = self.d.call("daemon.status")
+            self.assertEqual(st["pid"], self.d.pid, "re-exec must keep the pid")
+            self.assertEqual(st["start_mode"], "re-exec")
+            self.assertEqual(self.d.call("vm.status", {"name": "rx"})["pid"], vm["pid"])
+            self.assertEqual(self.d.settled_fds(), base, "fds leaked across re-exec")
+            con.wait_beats(2)
+            con.assert_healthy(self)
+        # Still the VMMs' reaper and updater.
+        rep = self.d.call("vm.update", {"name": "rx"})
+        self.assertEqual(rep["result"], "ok")
+        self.assertIn(rep["new_pid"], children(self.d.pid))
+
+    def test_reexec_into_a_new_binary(self):
+        new = os.path.join(self.d.dir, "cprd-new")
+        shutil.copy(CPRD, new)
+        p = self.d.cprctl("daemon", "reexec", "--binary", new)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(os.readlink(f"/proc/{self.d.pid}/exe"), new)
+        p = self.d.cprctl("daemon", "reexec", "--binary", "/nonexistent/cprd")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("No such file or directory", p.stderr)
+
+
+class Crash(unittest.TestCase):
+    """kill -9 of cprd, then a plain restart with the same --state-dir."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.d = Daemon().start()
+
+    def tearDown(self):
+        self.d.stop()
+
+    def crash_and_restart(self):
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait()
+        os.unlink(self.d.sock)  # a crash leaves the socket file behind; cprd copes either way
+        self.d.start()
+        return self.d.call("daemon.status")
+
+    def test_recovers_custody_from_the_running_vmm(self):
+        vm = self.d.create_guest("cr")
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        st = self.crash_and_restart()
+        self.assertEqual(st["start_mode"], "recovered")
+        s = self.d.call("vm.status", {"name": "cr"})
+        self.assertEqual((s["state"], s["pid"]), ("running", vm["pid"]))
+        fds = {f["name"]: f for f in self.d.call("vm.fds", {"name": "cr"})["fds"]}
+        self.assertEqual(fds["ram0"]["size"], 256 << 20)
+        self.assertTrue(same_file(f"/proc/{self.d.pid}/fd/{fds['ram0']['fd']}",
+                                  f"/proc/{vm['pid']}/fd/3"))
+        con.wait_beats(3)
+        con.assert_healthy(self)
+        rep = self.d.call("vm.update", {"name": "cr"})
+        self.assertEqual(rep["result"], "ok")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+
+    def test_vmm_that_died_meanwhile_is_crashed_not_dropped(self):
+        vm = self.d.create_guest("gone")
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait()
+        os.kill(vm["pid"], signal.SIGKILL)
+        wait_until(lambda: not pid_alive(vm["pid"]), 5, "the VMM to die")
+        self.d.start()
+        s = self.d.call("vm.status", {"name": "gone"})
+        self.assertEqual(s["state"], "crashed")
+        self.assertIn("while cprd was not running", s["exit"])
+        self.d.call("vm.destroy", {"name": "gone"})
+
+    def test_a_reused_pid_is_not_taken_for_the_vmm(self):
+        vm = self.d.create_guest("reuse")
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait()
+        # Make the registry describe a different process with the same pid,
+        # as after a reuse: cprd must not adopt (or kill) what it finds.
+        reg = os.path.join(self.d.dir, "registry.json")
+        with open(reg) as f:
+            data = json.load(f)
+        data["vms"][0]["pid_start"] += 12345
+        with open(reg, "w") as f:
+            json.dump(data, f)
+        self.d.start()
+        s = self.d.call("vm.status", {"name": "reuse"})
+        self.assertEqual(s["state"], "crashed")
+        self.assertTrue(pid_alive(vm["pid"]), "cprd touched a process that was not its VMM")
+        os.kill(vm["pid"], signal.SIGKILL)
+
+    def test_kill_during_an_update(self):
+        vm = self.d.create_guest("mid")
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        slow = os.path.join(self.d.dir, "slow-qemu")
+        with open(slow, "w") as f:
+            f.write(f'#!/bin/sh\nsleep 3\nexec {QEMU} "$@"\n')
+        os.chmod(slow, 0o755)
+        t = threading.Thread(target=lambda: self.d.cprctl("update", "mid", "--vmm", slow))
+        t.start()
+        wait_until(lambda: self.d.call("vm.status", {"name": "mid"})["updating"], 10,
+                   "the update to start")
+        new_pids = [p for p, (c, _) in children(self.d.pid).items()
+                    if p != vm["pid"] and c in ("sh", "slow-qemu")]
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait()
+        t.join(30)
+        self.d.start()
+        s = self.d.call("vm.status", {"name": "mid"})
+        self.assertEqual((s["state"], s["pid"]), ("running", vm["pid"]))
+        for p in new_pids:
+            wait_until(lambda: not pid_alive(p), 10, "the new VMM to be ended")
+        qemus = [d for d in os.listdir("/proc") if d.isdigit() and
+                 f"guest=mid".encode() in open(f"/proc/{d}/cmdline", "rb").read()]
+        self.assertEqual(qemus, [str(vm["pid"])], "the guest must run in exactly one VMM")
+        hist = self.d.call("vm.history", {"name": "mid"})["updates"]
+        self.assertEqual(hist[0]["result"], "interrupted")
+        self.assertIn("rolled back", hist[0]["error"])
+        con.wait_beats(3)
+        con.assert_healthy(self)
+
+
+if __name__ == "__main__":
+    unittest.main()
