@@ -39,7 +39,7 @@ static void usage(FILE *f)
 		"         [--vcpus N] [--vmm PATH] [--tap IFNAME] [--machine TYPE]\n"
 		"                      define and start a VM; returns when the guest runs\n"
 		"  list                all VMs\n"
-		"  status NAME         one VM\n"
+		"  status [NAME]       one VM; without NAME, cprd itself\n"
 		"  fds NAME            the fds cprd holds for a VM\n"
 		"  destroy NAME        stop the VM's VMM and release everything held for it\n"
 		"  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
@@ -461,6 +461,12 @@ static int verb_daemon(int argc, char **argv)
 
 static int verb_status(int argc, char **argv)
 {
+	char *daemon_argv[] = {argv[0], (char *)"status", NULL};
+	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+
+	/* "cprctl status" alone: the daemon's own status. */
+	if (i == argc)
+		return verb_daemon(2, daemon_argv);
 	return name_verb(argc, argv, "vm.status", "name", print_status);
 }
 

@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <systemd/sd-bus.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 
@@ -389,6 +390,7 @@ int main(int argc, char **argv)
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
 	ev_loop_destroy(d.loop);
+	sd_bus_flush_close_unref(d.bus);
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);

@@ -13,6 +13,7 @@
 #include "common/macro.h"
 #include "daemon/log.h"
 #include "daemon/persist.h"
+#include "daemon/scope.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
 #include "kvm/qemu.h"
@@ -286,6 +287,7 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 		return r;
 	}
 	v->start_time = proc_start_time(v->pid);
+	scope_adopt(d, v->pid, cfg->name);
 	ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
 	ev_io_start(d->loop, &v->pid_watcher);
 	qmp_sync_watcher(v);
