@@ -41,6 +41,8 @@ static const char *const strategy_names[_UPDATE_STRATEGY_MAX] = {
 
 struct update {
 	struct vm *vm;
+	char *cpr_main, *cpr_state; /* cpr-transfer channel socket paths */
+	ev_timer poll;              /* cpr-transfer: waiting for the cpr socket */
 	struct call *call;
 	enum update_strategy strategy;
 	enum phase phase;
@@ -161,6 +163,13 @@ static void update_free(struct update *u)
 	u->next = vmm_kill(u->next);
 	u->old = vmm_kill(u->old);
 	close_many(u->mig, 2);
+	ev_timer_stop(u->vm->d->loop, &u->poll);
+	if (u->cpr_main)
+		unlink(u->cpr_main);
+	if (u->cpr_state)
+		unlink(u->cpr_state);
+	free(u->cpr_main);
+	free(u->cpr_state);
 	free(u->old_binary);
 	free(u->new_binary);
 	free(u);
@@ -251,6 +260,7 @@ static void rollback(struct update *u, const char *fmt, ...)
 	vsnprintf(u->error, sizeof(u->error), fmt, ap);
 	va_end(ap);
 	u->phase = PHASE_ROLLBACK;
+	ev_timer_stop(u->vm->d->loop, &u->poll);
 	u->next = vmm_kill(u->next);
 	close_many(u->mig, 2);
 	log_warning("VM %s: update failed (%s); rolling back to VMM pid %d", u->vm->cfg.name,
@@ -477,6 +487,8 @@ static void next_ready(struct vmm *v, void *ud)
 	int r = 0;
 
 	snprintf(u->new_version, sizeof(u->new_version), "%s", v->version);
+	if (u->strategy == UPDATE_CPR_TRANSFER)
+		return; /* its monitor appears once the cpr state has arrived */
 	u->phase = PHASE_PREPARE;
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, u->mig) < 0) {
 		rollback(u, "cannot create the migration channel: %m");
@@ -484,7 +496,11 @@ static void next_ready(struct vmm *v, void *ud)
 	}
 	/* The guest RAM is shared (the memfd cprd holds), so x-ignore-shared
 	 * leaves it in place: only device state crosses the channel. */
-	u->pending = 4;
+	u->pending = 5;
+	/* A VMM that was itself a cpr-transfer source or destination may carry
+	 * that mode: say which one this migration is. */
+	r |= vmm_command(old, "migrate-set-parameters", json_tokener_parse("{\"mode\": \"normal\"}"),
+			 -EBADF, prepared_one, u);
 	r |= vmm_command(old, "migrate-set-capabilities", capabilities(true), -EBADF, prepared_one, u);
 	r |= vmm_command(v, "migrate-set-capabilities", capabilities(false), -EBADF, prepared_one, u);
 	r |= vmm_command(old, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
@@ -493,6 +509,134 @@ static void next_ready(struct vmm *v, void *ud)
 			 u->mig[1], prepared_one, u);
 	if (r < 0)
 		rollback(u, "lost a VMM's monitor while preparing");
+}
+
+/* ---- cpr-transfer: QEMU's own mode, channels on socket paths ---- */
+
+/* Is a UNIX socket listening on path? /proc/net/unix tells without
+ * connecting: a probe connection would be taken as the cpr channel. */
+static bool unix_listening(const char *path)
+{
+	_cleanup_(fclosep) FILE *f = fopen("/proc/net/unix", "re");
+	char line[512];
+	size_t plen = strlen(path);
+
+	while (f && fgets(line, sizeof(line), f)) {
+		unsigned long flags;
+		size_t n = strcspn(line, "\n");
+
+		line[n] = '\0';
+		if (n < plen || !streq(line + n - plen, path) || line[n - plen - 1] != ' ')
+			continue;
+		/* Num RefCount Protocol Flags ...: __SO_ACCEPTCON is 0x10000 */
+		if (sscanf(line, "%*s %*s %*s %lx", &flags) == 1 && (flags & 0x10000))
+			return true;
+	}
+	return false;
+}
+
+static void cpr_migrate_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (!ret && u->phase == PHASE_MIGRATE)
+		rollback(u, "the old VMM refused to migrate: %s", desc);
+}
+
+static json_object *cpr_channels(struct update *u)
+{
+	json_object *args = json_object_new_object(), *arr = json_object_new_array();
+	const char *types[2] = {"main", "cpr"}, *paths[2] = {u->cpr_main, u->cpr_state};
+
+	for (int i = 0; i < 2; i++) {
+		json_object *ch = json_object_new_object(), *addr = json_object_new_object();
+
+		json_object_object_add(addr, "transport", json_object_new_string("socket"));
+		json_object_object_add(addr, "type", json_object_new_string("unix"));
+		json_object_object_add(addr, "path", json_object_new_string(paths[i]));
+		json_object_object_add(ch, "channel-type", json_object_new_string(types[i]));
+		json_object_object_add(ch, "addr", addr);
+		json_object_array_add(arr, ch);
+	}
+	json_object_object_add(args, "channels", arr);
+	return args;
+}
+
+/* QEMU 10.0 binds the cpr channel itself (it refuses an fd), so the only
+ * way to know the destination is ready is to watch for its socket. The
+ * check is cheap and bounded by the update's timeout. */
+static void cpr_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct update *u = w->data;
+
+	if (u->phase != PHASE_LAUNCH || !unix_listening(u->cpr_state))
+		return;
+	ev_timer_stop(loop, w);
+	u->phase = PHASE_MIGRATE;
+	if (vmm_command(u->vm->vmm, "migrate", cpr_channels(u), -EBADF, cpr_migrate_sent, u) < 0)
+		rollback(u, "lost the old VMM's monitor");
+}
+
+static const struct vmm_ops next_ops;
+
+static void cpr_prepared(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+	_cleanup_free_ char *qmp_path = NULL;
+	struct vmm_incoming in = {.cpr_main_path = u->cpr_main, .cpr_state_path = u->cpr_state};
+	int r;
+
+	if (u->phase != PHASE_PREPARE)
+		return;
+	if (!ret) {
+		rollback(u, "the old VMM refused cpr-transfer: %s", desc);
+		return;
+	}
+	if (--u->pending > 0)
+		return;
+	if (asprintf(&qmp_path, "%s/qmp-next.sock", u->vm->dir) < 0) {
+		rollback(u, "out of memory");
+		return;
+	}
+	unlink(u->cpr_main);
+	unlink(u->cpr_state);
+	u->phase = PHASE_LAUNCH;
+	r = vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, &in,
+		      &next_ops, u, &u->next);
+	if (r < 0) {
+		rollback(u, "cannot start the new VMM '%s': %s", u->new_binary, strerror(-r));
+		return;
+	}
+	u->new_pid = u->next->pid;
+	daemon_update_status(u->vm->d);
+	ev_timer_set(&u->poll, 0.002, 0.005);
+	ev_timer_start(u->vm->d->loop, &u->poll);
+}
+
+/* The old VMM first: cpr-transfer mode, and x-ignore-shared off (a VMM
+ * that arrived by handover has it on, and a cpr-transfer destination
+ * rejects a stream that says so). */
+static void cpr_start(struct update *u)
+{
+	struct vmm *old = u->vm->vmm;
+	int r = 0;
+
+	u->phase = PHASE_PREPARE;
+	if (asprintf(&u->cpr_main, "%s/cpr-main.sock", u->vm->dir) < 0 ||
+	    asprintf(&u->cpr_state, "%s/cpr-state.sock", u->vm->dir) < 0) {
+		rollback(u, "out of memory");
+		return;
+	}
+	u->pending = 2;
+	r |= vmm_command(old, "migrate-set-capabilities",
+			 json_tokener_parse("{\"capabilities\": ["
+					    "{\"capability\": \"x-ignore-shared\", \"state\": false},"
+					    "{\"capability\": \"events\", \"state\": true}]}"),
+			 -EBADF, cpr_prepared, u);
+	r |= vmm_command(old, "migrate-set-parameters",
+			 json_tokener_parse("{\"mode\": \"cpr-transfer\"}"), -EBADF, cpr_prepared, u);
+	if (r < 0)
+		rollback(u, "lost the old VMM's monitor");
 }
 
 static const struct vmm_ops next_ops = {
@@ -529,6 +673,8 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 	snprintf(u->old_version, sizeof(u->old_version), "%s", vm->vmm->version);
 	ev_init(&u->timer, timer_cb);
 	u->timer.data = u;
+	ev_init(&u->poll, cpr_poll_cb);
+	u->poll.data = u;
 	vm->update = u;
 	if (!u->old_binary || !u->new_binary) {
 		rollback(u, "out of memory");
@@ -544,8 +690,12 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 			 binary[0] != '/' ? "not found in PATH" : strerror(errno));
 		return;
 	}
-	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path, true, &next_ops, u,
-		      &u->next);
+	if (s == UPDATE_CPR_TRANSFER) {
+		cpr_start(u);
+		return;
+	}
+	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path,
+		      &(struct vmm_incoming){.defer = true}, &next_ops, u, &u->next);
 	if (r < 0) {
 		rollback(u, "cannot start the new VMM '%s': %s", binary, strerror(-r));
 		return;

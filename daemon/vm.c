@@ -390,7 +390,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}
-	r = vmm_start(d, &vm->cfg, vm->cfg.vmm, vm->qmp_path, vm->vmm_log_path, false, &vm_vmm_ops,
+	r = vmm_start(d, &vm->cfg, vm->cfg.vmm, vm->qmp_path, vm->vmm_log_path, NULL, &vm_vmm_ops,
 		      vm, &vm->vmm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm, strerror(-r));

@@ -222,13 +222,14 @@ static int held_fd(struct daemon *d, const char *vm, const char *name)
 }
 
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, const char *log_path,
-		 bool incoming)
+		 const struct vmm_incoming *in)
 {
 	struct qemu_config qc = {
 		.name = cfg->name, .binary = v->binary, .machine = cfg->machine,
 		.memory_bytes = cfg->memory_bytes, .vcpus = cfg->vcpus, .kernel = cfg->kernel,
 		.initrd = cfg->initrd, .append = cfg->append, .kvm = v->d->kvm, .tap_fd = -1,
-		.incoming = incoming,
+		.incoming = in && in->defer, .cpr_main_path = in ? in->cpr_main_path : NULL,
+		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};
 	int fds[4], tap = held_fd(v->d, cfg->name, "net0");
 	_cleanup_close_ int log = -EBADF;
@@ -260,8 +261,8 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 }
 
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
-	      const char *qmp_path, const char *log_path, bool incoming, const struct vmm_ops *ops,
-	      void *ud, struct vmm **ret)
+	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
+	      const struct vmm_ops *ops, void *ud, struct vmm **ret)
 {
 	_cleanup_close_ int qmp_listen = -EBADF, qmp_conn = -EBADF;
 	struct vmm *v;
@@ -280,7 +281,7 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	TAKE_FD(qmp_conn);
 	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
 
-	r = spawn(v, cfg, qmp_listen, log_path, incoming);
+	r = spawn(v, cfg, qmp_listen, log_path, in);
 	if (r < 0) {
 		/* The exec failed; reap the child the launcher made, if any. */
 		vmm_kill(v);

@@ -41,12 +41,18 @@ struct vmm {
 	void *ud;
 };
 
+/* How a new VMM receives its guest: not at all (a fresh boot), with
+ * -incoming defer, or as a cpr-transfer destination on two socket paths. */
+struct vmm_incoming {
+	bool defer;
+	const char *cpr_main_path, *cpr_state_path;
+};
+
 /* Start a VMM for cfg using the fds held for the VM, with its monitor on
- * qmp_path and its output appended to log_path. incoming: wait for an
- * incoming migration (-incoming defer). */
+ * qmp_path and its output appended to log_path. in may be NULL. */
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
-	      const char *qmp_path, const char *log_path, bool incoming, const struct vmm_ops *ops,
-	      void *ud, struct vmm **ret);
+	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
+	      const struct vmm_ops *ops, void *ud, struct vmm **ret);
 
 /* Take over a VMM that is already running (after cprd restarted): watch
  * pidfd (taken) and connect to its monitor at qmp_path. -ENOTCONN when the

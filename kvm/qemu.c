@@ -73,7 +73,9 @@ static bool config_is_valid(const struct qemu_config *c)
 	       c->qmp_fd >= QEMU_CHILD_FD_BASE &&
 	       (c->tap_fd < 0 || c->tap_fd >= QEMU_CHILD_FD_BASE) &&
 	       /* both are pasted into option strings */
-	       !strchr(c->name, ',') && !strchr(c->machine, ',');
+	       !strchr(c->name, ',') && !strchr(c->machine, ',') &&
+	       /* pasted into a JSON string */
+	       (!c->cpr_state_path || !strpbrk(c->cpr_state_path, "\"\\"));
 }
 
 int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
@@ -93,8 +95,11 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	add(&a, "none");
 	add(&a, "-msg");
 	add(&a, "timestamp=on");
+	/* aux-ram-share=on: ROMs and other small RAM blocks in shared memory
+	 * too, without which QEMU refuses cpr-transfer. It must be set from the
+	 * VM's very first VMM on. */
 	add(&a, "-machine");
-	addf(&a, "%s,memory-backend=ram0", c->machine);
+	addf(&a, "%s,memory-backend=ram0,aux-ram-share=on", c->machine);
 	add(&a, "-accel");
 	add(&a, c->kvm ? "kvm" : "tcg");
 	add(&a, "-smp");
@@ -137,6 +142,13 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	if (c->incoming) {
 		add(&a, "-incoming");
 		add(&a, "defer");
+	} else if (c->cpr_main_path && c->cpr_state_path) {
+		add(&a, "-incoming");
+		addf(&a, "unix:%s", c->cpr_main_path);
+		add(&a, "-incoming");
+		addf(&a, "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", "
+			 "\"type\": \"unix\", \"path\": \"%s\"}}",
+		     c->cpr_state_path);
 	}
 	if (a.error) {
 		strv_free(a.v);

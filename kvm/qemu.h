@@ -28,6 +28,11 @@ struct qemu_config {
 	int qmp_fd;     /* listening UNIX socket for the QMP monitor */
 	int tap_fd;     /* tap device, optional */
 	bool incoming;  /* -incoming defer: wait for migrate-incoming */
+	/* cpr-transfer destination: both channels are UNIX socket paths (QEMU
+	 * 10.0 takes the cpr channel only as a path, and an fd main channel
+	 * crashes the source in this mode). The destination reads the cpr
+	 * channel before its monitor exists, so it needs nothing else. */
+	const char *cpr_main_path, *cpr_state_path;
 };
 
 /* Build a NULL-terminated argv (malloc'd strings). -EINVAL when a required

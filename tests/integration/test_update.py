@@ -53,16 +53,27 @@ class Update(unittest.TestCase):
         self.con.assert_healthy(self)
 
     def test_1_handover_several_times(self):
+        self.several_times(["handover"] * 3)
+
+    def test_1_cpr_transfer_several_times(self):
+        self.several_times(["cpr-transfer"] * 3)
+
+    def test_1_strategies_alternate(self):
+        # Each strategy leaves migration settings behind in the VMM it
+        # creates (x-ignore-shared, mode); the next must not trip on them.
+        self.several_times(["cpr-transfer", "handover", "cpr-transfer", "handover"])
+
+    def several_times(self, strategies):
         fds = self.d.settled_fds()
-        for i in range(3):
+        for strategy in strategies:
             old = self.d.call("vm.status", {"name": "upd"})["pid"]
-            rc, rep, err = self.update()
+            rc, rep, err = self.update("--strategy", strategy)
             self.assertEqual(rc, 0, err)
             for k in ("vm", "strategy", "result", "blackout_ms", "total_ms", "old_pid", "new_pid",
                       "old_vmm", "new_vmm", "bytes_transferred"):
                 self.assertIn(k, rep)
             self.assertEqual(rep["result"], "ok")
-            self.assertEqual(rep["strategy"], "handover")
+            self.assertEqual(rep["strategy"], strategy)
             self.assertEqual(rep["old_pid"], old)
             self.assertNotEqual(rep["new_pid"], old)
             self.assertFalse(pid_alive(old), "old VMM still running")
@@ -82,12 +93,14 @@ class Update(unittest.TestCase):
         self.assertEqual(times, sorted(times, reverse=True))
         human = self.d.cprctl("history", "upd", check=True).stdout
         self.assertRegex(human, r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+handover\s+ok")
+        self.assertRegex(human, r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+cpr-transfer\s+ok")
         self.assertIn("update vm=upd strategy=handover result=ok", self.d.read_log())
 
-    def rollback_case(self, vmm, fragment, timeout=None, paused=False):
+    def rollback_case(self, vmm, fragment, timeout=None, paused=False, strategy="handover"):
         old = self.d.call("vm.status", {"name": "upd"})["pid"]
         fds = self.d.settled_fds()
-        args = ["--vmm", vmm] + (["--timeout", str(timeout)] if timeout else [])
+        args = ["--vmm", vmm, "--strategy", strategy] + \
+            (["--timeout", str(timeout)] if timeout else [])
         rc, rep, err = self.update(*args)
         self.assertEqual(rc, 1)
         self.assertEqual(rep["result"], "rolled-back", rep)
@@ -136,6 +149,23 @@ class Update(unittest.TestCase):
         # update times out after the migration and the old VMM takes over.
         vmm = wrapper(self.d.dir, "frozen", f'exec {QEMU} "$@" -S')
         self.rollback_case(vmm, "timed out while moving device state", timeout=3, paused=True)
+
+    def test_3_cpr_rollback_new_vmm_exits_at_start(self):
+        self.rollback_case(wrapper(self.d.dir, "dies2", "exit 4"), "exited with status 4",
+                           strategy="cpr-transfer")
+
+    def test_3_cpr_rollback_destination_never_listens(self):
+        self.rollback_case(wrapper(self.d.dir, "silent2", "exec sleep 600"),
+                           "timed out while starting the new VMM", timeout=2,
+                           strategy="cpr-transfer")
+
+    def test_3_cpr_rollback_load_fails(self):
+        vmm = wrapper(self.d.dir, "mismatch2", "skip=\n"
+                      'for a; do shift; if [ -n "$skip" ]; then skip=; continue; fi\n'
+                      '  if [ "$a" = -serial ]; then skip=1; continue; fi\n'
+                      '  set -- "$@" "$a"\ndone\n'
+                      f'exec {QEMU} "$@"')
+        self.rollback_case(vmm, "Unknown savevm section", strategy="cpr-transfer")
 
     def test_4_other_methods_answer_during_an_update(self):
         vmm = wrapper(self.d.dir, "slow", f'sleep 2; exec {QEMU} "$@"')
