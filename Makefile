@@ -23,7 +23,7 @@ DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 
-.PHONY: all deps guest check unit integration demo bench format format-check install clean
+.PHONY: all deps guest check unit integration demo bench fuzz format format-check install clean
 all: $(B)/cprd $(B)/cprctl
 
 $(B)/obj/%.o: %.c
@@ -67,6 +67,38 @@ check: deps
 demo: deps
 	@$(MAKE) --no-print-directory all guest
 	@sh scripts/demo.sh $(B)
+
+# libFuzzer over proto/ (tests/fuzz/fuzz_proto.c): builds with clang and runs
+# for FUZZ_SECONDS on build/fuzz/corpus, seeded from tests/fuzz/corpus.
+# Installs clang and the libFuzzer runtime when they are missing.
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+FUZZ_PKGS    := clang libclang-rt-dev libjson-c-dev pkg-config
+fuzz:
+	@mkdir -p $(B)/fuzz/corpus
+	@printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return 0; }\n' >$(B)/fuzz/probe.c
+	@if ! $(FUZZ_CC) -fsanitize=fuzzer -o $(B)/fuzz/probe $(B)/fuzz/probe.c >/dev/null 2>&1 || \
+	    ! pkg-config --exists json-c 2>/dev/null; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "fuzz: clang with libFuzzer or json-c missing; run as root to install $(FUZZ_PKGS)" >&2; \
+			exit 1; \
+		fi; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FUZZ_PKGS); \
+	fi
+	$(FUZZ_CC) -g -O1 -std=gnu11 -D_GNU_SOURCE -I. -Wall -Wextra -Wno-unused-parameter \
+		-fsanitize=fuzzer,address,undefined $(JSON_CFLAGS) \
+		-o $(B)/fuzz/fuzz_proto tests/fuzz/fuzz_proto.c $(wildcard proto/*.c) $(JSON_LIBS)
+	@for f in tests/fuzz/corpus/*; do \
+		[ -e $(B)/fuzz/corpus/$${f##*/} ] || cp $$f $(B)/fuzz/corpus/ || exit 1; \
+	done
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:suppressions=tests/fuzz/ubsan.supp \
+		$(B)/fuzz/fuzz_proto -max_len=8192 -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
+		-print_final_stats=1 -artifact_prefix=$(B)/fuzz/ $(B)/fuzz/corpus
+
+bench: deps
+	@$(MAKE) --no-print-directory all guest
+	@python3 bench/bench.py --build $(B)
 
 PREFIX ?= /usr/local
 install: all
