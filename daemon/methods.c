@@ -124,6 +124,18 @@ static struct vm *find_vm_or_fail(struct daemon *d, struct call *c, const char *
 	return vm;
 }
 
+/* Methods about one VM take exactly {key: NAME}. Answers c and returns NULL
+ * when the params are wrong or there is no such VM. */
+static struct vm *vm_param(struct daemon *d, struct call *c, json_object *params, const char *key)
+{
+	const char *name = NULL;
+	const struct param spec[] = {{key, P_STRING, true, &name}};
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return NULL;
+	return find_vm_or_fail(d, c, name);
+}
+
 /* ---- vm.* ---- */
 
 /* A readable regular file, named by an absolute path. */
@@ -291,26 +303,16 @@ static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_status(struct daemon *d, struct call *c, json_object *params)
 {
-	const char *name = NULL;
-	const struct param spec[] = {{"name", P_STRING, true, &name}};
-	struct vm *vm;
+	struct vm *vm = vm_param(d, c, params, "name");
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
-		return;
-	vm = find_vm_or_fail(d, c, name);
 	if (vm)
 		call_reply(c, vm_to_json(vm));
 }
 
 static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
 {
-	const char *name = NULL;
-	const struct param spec[] = {{"name", P_STRING, true, &name}};
-	struct vm *vm;
+	struct vm *vm = vm_param(d, c, params, "name");
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
-		return;
-	vm = find_vm_or_fail(d, c, name);
 	if (vm)
 		vm_destroy(vm, c);
 }
@@ -367,14 +369,10 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
 {
-	const char *name = NULL;
-	const struct param spec[] = {{"name", P_STRING, true, &name}};
+	struct vm *vm = vm_param(d, c, params, "name");
 	json_object *res;
-	struct vm *vm;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
-		return;
-	if (!(vm = find_vm_or_fail(d, c, name)))
+	if (!vm)
 		return;
 	res = json_object_new_object();
 	json_object_object_add(res, "vm", json_object_new_string(vm->cfg.name));
@@ -395,13 +393,8 @@ static json_object *fds_result(struct vm *vm)
 
 static void m_fd_list(struct daemon *d, struct call *c, json_object *params)
 {
-	const char *name = NULL;
-	const struct param spec[] = {{"vm", P_STRING, true, &name}};
-	struct vm *vm;
+	struct vm *vm = vm_param(d, c, params, "vm");
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
-		return;
-	vm = find_vm_or_fail(d, c, name);
 	if (vm)
 		call_reply(c, fds_result(vm));
 }
@@ -409,13 +402,8 @@ static void m_fd_list(struct daemon *d, struct call *c, json_object *params)
 /* vm.fds is the verb's name for the same view, keyed like the other vm.*. */
 static void m_vm_fds(struct daemon *d, struct call *c, json_object *params)
 {
-	const char *name = NULL;
-	const struct param spec[] = {{"name", P_STRING, true, &name}};
-	struct vm *vm;
+	struct vm *vm = vm_param(d, c, params, "name");
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
-		return;
-	vm = find_vm_or_fail(d, c, name);
 	if (vm)
 		call_reply(c, fds_result(vm));
 }

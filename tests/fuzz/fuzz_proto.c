@@ -10,12 +10,15 @@
  *      -> jsonrpc_to_string (must hold no raw '\n' and parse back)
  *      -> proto_writer_queue (with the request's fds) / proto_writer_flush
  *   A: a second reader takes every reply back and checks it arrived
- *      whole, with exactly the fds it was queued with.
+ *      whole, with exactly the fds it was queued with (every other reply
+ *      is taken without asking for its fds, which must then be closed).
  *
  * Input layout (deterministic; shorter inputs use mode 0, param 0):
  *   byte 0  mode:  bits 0-2 chunking pattern, bits 3-4 fd attach mode,
  *                  bits 5-7 fd count selector
- *   byte 1  param: chunk size / PRNG seed
+ *   byte 1  param: bits 0-6 chunk size / PRNG seed; bit 7 flushes each
+ *                  reply at once instead of after each read (as the
+ *                  daemon does, so several replies share a sendmsg)
  *   rest    the bytes written to the socket
  *
  * Every iteration must leave the fd table exactly as it found it: the
@@ -71,6 +74,7 @@ typedef struct fuzz_ctx {
 	bool in_dead;          /* the daemon would close the connection */
 	int dead_why;          /* the errno it gave up on */
 	bool in_eof;
+	bool flush_each;       /* flush after every reply, not after each read */
 	uint64_t messages, replies_sent, replies_seen;
 	size_t reply_nfds[REPLY_RING]; /* fds each reply in flight was queued with */
 } fuzz_ctx;
@@ -124,8 +128,8 @@ static size_t chunk_len(unsigned pattern, uint8_t param, uint32_t *rng, size_t i
 	case 1: /* one byte at a time */
 		n = 1;
 		break;
-	case 2: /* fixed size 1..256 */
-		n = (size_t)param + 1;
+	case 2: /* fixed size 1..128 */
+		n = (size_t)(param & 0x7f) + 1;
 		break;
 	case 3: /* pseudo-random sizes 1..64 */
 		n = 1 + prng_next(rng) % 64;
@@ -171,6 +175,7 @@ static size_t chunk_nfds(unsigned fd_mode, unsigned fd_sel, uint32_t *rng, size_
 /* ---- replies ---------------------------------------------------------- */
 
 static bool drain_replies(fuzz_ctx *c);
+static void flush_replies(fuzz_ctx *c);
 
 /* Serialise, check, and send one reply (taken) back with the request's fds
  * (borrowed; the writer dups them). */
@@ -202,6 +207,14 @@ static void send_reply(fuzz_ctx *c, json_object *reply, const int *fds, size_t n
 	json_object_put(reply);
 	fuzz_assert(c->replies_sent - c->replies_seen < REPLY_RING, "too many replies in flight");
 	c->reply_nfds[c->replies_sent++ % REPLY_RING] = nfds;
+	if (c->flush_each || c->replies_sent - c->replies_seen >= REPLY_RING / 2)
+		flush_replies(c);
+}
+
+/* Write every queued reply, reading them back whenever the socket is full. */
+static void flush_replies(fuzz_ctx *c)
+{
+	int r;
 
 	for (int tries = 0;; tries++) {
 		r = proto_writer_flush(c->out, c->b);
@@ -233,17 +246,20 @@ static bool drain_replies(fuzz_ctx *c)
 		for (;;) {
 			_cleanup_free_ char *msg = NULL;
 			_cleanup_free_ int *fds = NULL;
-			size_t len = 0, nfds = 0;
-			int r = proto_reader_next(c->replies, &msg, &len, &fds, &nfds);
+			size_t len = 0, nfds = 0, want = c->reply_nfds[c->replies_seen % REPLY_RING];
+			bool take_fds = c->replies_seen % 2 == 0;
+			int r = proto_reader_next(c->replies, &msg, &len, take_fds ? &fds : NULL, &nfds);
 
 			if (r == 0)
 				break;
 			fuzz_assert(r == 1, "reply reader next: %s", strerror(-r));
+			fuzz_assert(c->replies_seen < c->replies_sent, "more replies than were sent");
 			fuzz_assert(len == strlen(msg), "reply with embedded NUL");
-			fuzz_assert(nfds == c->reply_nfds[c->replies_seen % REPLY_RING],
+			if (!take_fds)
+				want = 0; /* the reader closed them */
+			fuzz_assert(nfds == want,
 				    "reply %llu came with %zu fds, was sent with %zu",
-				    (unsigned long long)c->replies_seen, nfds,
-				    c->reply_nfds[c->replies_seen % REPLY_RING]);
+				    (unsigned long long)c->replies_seen, nfds, want);
 			for (size_t i = 0; i < nfds; i++) {
 				int fl = fcntl(fds[i], F_GETFD);
 				fuzz_assert(fl >= 0 && (fl & FD_CLOEXEC), "bad reply fd %d", fds[i]);
@@ -329,7 +345,7 @@ static void take_messages(fuzz_ctx *c)
 		int r = proto_reader_next(c->in, &msg, &len, &fds, &nfds);
 
 		if (r == 0)
-			return;
+			break;
 		if (r < 0) {
 			/* -EBADMSG (fds on a blank line) or -EMSGSIZE: the daemon
 			 * answers with an error and closes the connection. */
@@ -338,7 +354,7 @@ static void take_messages(fuzz_ctx *c)
 			c->dead_why = -r;
 			send_reply(c, jsonrpc_error_new(NULL, JSONRPC_ERR_BAD_FDS, strerror(-r), NULL),
 				   NULL, 0);
-			return;
+			break;
 		}
 		fuzz_assert(r == 1 && msg, "reader next returned %d", r);
 		fuzz_assert(len > 0 && len <= FUZZ_MAX_MSG, "message length %zu", len);
@@ -355,6 +371,7 @@ static void take_messages(fuzz_ctx *c)
 		send_reply(c, answer(msg, len), fds, nfds);
 		close_many(fds, nfds);
 	}
+	flush_replies(c);
 }
 
 /* What the daemon does when the socket is readable, until it would block. */
@@ -380,6 +397,7 @@ static void daemon_read(fuzz_ctx *c)
 									  : JSONRPC_ERR_BAD_FDS,
 						     strerror((int)-n), NULL),
 				   NULL, 0);
+			flush_replies(c);
 			return;
 		}
 		take_messages(c);
@@ -415,7 +433,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t left = size >= 2 ? size - 2 : size, idx = 0;
 	uint32_t rng = 0x01000193u * (param + 1u);
 	int fdv[MAX_SEND_FDS];
-	fuzz_ctx c = {.a = -1, .b = -1, .devnull = -1};
+	fuzz_ctx c = {.a = -1, .b = -1, .devnull = -1, .flush_each = param & 0x80};
 
 	fd_snapshot(lo, before);
 
