@@ -92,7 +92,7 @@ fuzz:
 	@for f in tests/fuzz/corpus/*; do \
 		[ -e $(B)/fuzz/corpus/$${f##*/} ] || cp $$f $(B)/fuzz/corpus/ || exit 1; \
 	done
-	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:suppressions=tests/fuzz/ubsan.supp \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(B)/fuzz/fuzz_proto -max_len=8192 -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
 		-print_final_stats=1 -artifact_prefix=$(B)/fuzz/ $(B)/fuzz/corpus
 

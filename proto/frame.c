@@ -330,6 +330,8 @@ ssize_t proto_reader_fill(proto_reader *r, int sockfd)
 /* Removes the first n queued fds; they now belong to the caller. */
 static void reader_pop_fds(proto_reader *r, size_t n)
 {
+	if (n == 0)
+		return; /* r->fds may still be NULL: no memmove(NULL, ...) */
 	memmove(r->fds, r->fds + n, (r->nfds - n) * sizeof(*r->fds));
 	r->nfds -= n;
 }
