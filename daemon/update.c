@@ -52,6 +52,7 @@ struct update {
 	int mig[2];       /* channel ends until both VMMs hold theirs */
 	unsigned pending; /* replies still awaited in this phase */
 	unsigned cont_tries;
+	bool stats_asked, stats_pending; /* query-migrate on the old VMM */
 	uint64_t t0_mono, t0_real;
 	int64_t stop_us, resume_us, old_resume_us; /* QEMU event timestamps */
 	int64_t bytes;
@@ -75,6 +76,13 @@ int update_strategy_from_string(const char *s)
 }
 
 static void rollback(struct update *u, const char *fmt, ...) _printf_(2, 3);
+
+static void set_phase(struct update *u, enum phase p)
+{
+	u->phase = p;
+	log_debug("VM %s: update +%.1f ms: %s", u->vm->cfg.name,
+		  (double)(now_usec(CLOCK_MONOTONIC) - u->t0_mono) / 1000.0, phase_names[p]);
+}
 
 /* ---- the end: report, history, log ---- */
 
@@ -259,7 +267,7 @@ static void rollback(struct update *u, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(u->error, sizeof(u->error), fmt, ap);
 	va_end(ap);
-	u->phase = PHASE_ROLLBACK;
+	set_phase(u, PHASE_ROLLBACK);
 	ev_timer_stop(u->vm->d->loop, &u->poll);
 	u->next = vmm_kill(u->next);
 	close_many(u->mig, 2);
@@ -293,9 +301,9 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		finish(u, "failed");
 		return;
 	case PHASE_END_OLD:
-		log_warning("VM %s: old VMM pid %d did not exit; sending SIGKILL", u->vm->cfg.name,
+		log_warning("VM %s: old VMM pid %d did not exit after SIGKILL", u->vm->cfg.name,
 			    (int)u->old_pid);
-		vmm_signal(u->old, SIGKILL);
+		finish(u, "ok"); /* the guest runs in the new VMM regardless */
 		return;
 	default:
 		rollback(u, "timed out while %s", phase_names[u->phase]);
@@ -313,16 +321,39 @@ static void old_ended(struct vmm *v, void *ud)
 
 static const struct vmm_ops old_end_ops = {.exited = old_ended};
 
+static void end_old(struct update *u);
+
 static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
 	struct update *u = ud;
 	json_object *ram, *x;
 
+	u->stats_pending = false;
 	if (ret && json_object_object_get_ex(ret, "ram", &ram) &&
 	    json_object_object_get_ex(ram, "transferred", &x))
 		u->bytes = json_object_get_int64(x);
-	if (u->old)
-		vmm_signal(u->old, SIGTERM); /* QEMU exits cleanly on SIGTERM */
+	if (u->phase == PHASE_END_OLD)
+		end_old(u);
+}
+
+static void ask_stats(struct update *u, struct vmm *old)
+{
+	if (u->stats_asked)
+		return;
+	u->stats_asked = true;
+	u->stats_pending = vmm_command(old, "query-migrate", NULL, -EBADF, migrate_stats, u) >= 0;
+}
+
+/* The old VMM is in postmigrate: its device state is in the new one, guest
+ * RAM and every device fd are cprd's, and migration completion already
+ * flushed and released its block devices. Nothing is left for it to do, so
+ * SIGKILL spares the update its slow teardown; only the byte count is
+ * awaited first. */
+static void end_old(struct update *u)
+{
+	ask_stats(u, u->old);
+	if (!u->stats_pending)
+		vmm_signal(u->old, SIGKILL);
 }
 
 /* The new VMM runs the guest: it becomes the VM's VMM; the old one goes. */
@@ -330,7 +361,7 @@ static void switch_over(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	u->phase = PHASE_END_OLD;
+	set_phase(u, PHASE_END_OLD);
 	u->old = vm->vmm;
 	vmm_set_ops(u->old, &old_end_ops, u);
 	/* The well-known monitor path passes to the new VMM: the old one must
@@ -348,8 +379,7 @@ static void switch_over(struct update *u)
 		finish(u, "ok");
 		return;
 	}
-	if (vmm_command(u->old, "query-migrate", NULL, -EBADF, migrate_stats, u) < 0)
-		vmm_signal(u->old, SIGTERM);
+	end_old(u);
 }
 
 static void new_status(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
@@ -380,6 +410,9 @@ void update_old_vmm_event(struct update *u, const char *event, json_object *data
 		st = json_object_get_string(json_object_object_get(data, "status"));
 		if (st && (streq(st, "failed") || streq(st, "cancelled")))
 			rollback(u, "migration %s on the old VMM", st);
+		/* Ask for the byte count now, while the new VMM resumes. */
+		else if (st && streq(st, "completed"))
+			ask_stats(u, u->vm->vmm);
 	}
 }
 
@@ -406,7 +439,7 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 	if (!streq(event, "RESUME") || u->phase != PHASE_MIGRATE)
 		return;
 	u->resume_us = ts_us;
-	u->phase = PHASE_SWITCH;
+	set_phase(u, PHASE_SWITCH);
 	if (vmm_command(v, "query-status", NULL, -EBADF, new_status, u) < 0)
 		rollback(u, "lost the new VMM's monitor");
 }
@@ -441,7 +474,7 @@ static void incoming_ready(qmp *q, json_object *ret, const char *cls, const char
 		rollback(u, "the new VMM refused the incoming migration: %s", desc);
 		return;
 	}
-	u->phase = PHASE_MIGRATE;
+	set_phase(u, PHASE_MIGRATE);
 	if (vmm_command(u->vm->vmm, "migrate",
 			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, migrate_sent,
 			u) < 0)
@@ -489,7 +522,7 @@ static void next_ready(struct vmm *v, void *ud)
 	snprintf(u->new_version, sizeof(u->new_version), "%s", v->version);
 	if (u->strategy == UPDATE_CPR_TRANSFER)
 		return; /* its monitor appears once the cpr state has arrived */
-	u->phase = PHASE_PREPARE;
+	set_phase(u, PHASE_PREPARE);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, u->mig) < 0) {
 		rollback(u, "cannot create the migration channel: %m");
 		return;
@@ -572,7 +605,7 @@ static void cpr_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (u->phase != PHASE_LAUNCH || !unix_listening(u->cpr_state))
 		return;
 	ev_timer_stop(loop, w);
-	u->phase = PHASE_MIGRATE;
+	set_phase(u, PHASE_MIGRATE);
 	if (vmm_command(u->vm->vmm, "migrate", cpr_channels(u), -EBADF, cpr_migrate_sent, u) < 0)
 		rollback(u, "lost the old VMM's monitor");
 }
@@ -600,7 +633,7 @@ static void cpr_prepared(qmp *q, json_object *ret, const char *cls, const char *
 	}
 	unlink(u->cpr_main);
 	unlink(u->cpr_state);
-	u->phase = PHASE_LAUNCH;
+	set_phase(u, PHASE_LAUNCH);
 	r = vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, &in,
 		      &next_ops, u, &u->next);
 	if (r < 0) {
@@ -621,7 +654,7 @@ static void cpr_start(struct update *u)
 	struct vmm *old = u->vm->vmm;
 	int r = 0;
 
-	u->phase = PHASE_PREPARE;
+	set_phase(u, PHASE_PREPARE);
 	if (asprintf(&u->cpr_main, "%s/cpr-main.sock", u->vm->dir) < 0 ||
 	    asprintf(&u->cpr_state, "%s/cpr-state.sock", u->vm->dir) < 0) {
 		rollback(u, "out of memory");

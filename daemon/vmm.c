@@ -127,6 +127,9 @@ static void on_qmp_ready(qmp *q, void *ud)
 	struct vmm *v = ud;
 
 	snprintf(v->version, sizeof(v->version), "%s", qmp_vmm_version(q));
+	if (v->spawned_usec)
+		log_debug("VMM pid %d: monitor ready %.1f ms after spawn", (int)v->pid,
+			  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0);
 	if (v->ops && v->ops->ready)
 		v->ops->ready(v, v->ud);
 	qmp_sync_watcher(v);
@@ -281,7 +284,10 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	TAKE_FD(qmp_conn);
 	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
 
+	v->spawned_usec = now_usec(CLOCK_MONOTONIC);
 	r = spawn(v, cfg, qmp_listen, log_path, in);
+	log_debug("VMM pid %d: launched in %.1f ms", (int)v->pid,
+		  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0);
 	if (r < 0) {
 		/* The exec failed; reap the child the launcher made, if any. */
 		vmm_kill(v);

@@ -9,6 +9,7 @@
 
 #include <ev.h>
 #include <json-c/json.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "daemon/daemon.h"
@@ -34,6 +35,7 @@ struct vmm {
 	char *binary;
 	char version[32];
 	unsigned long long start_time; /* /proc/PID/stat starttime: identity */
+	uint64_t spawned_usec;          /* CLOCK_MONOTONIC at spawn, 0 if attached */
 	int fd_ram, fd_console, fd_tap;  /* where the held fds sit in the VMM */
 	int exit_code; /* -1 unknown */
 	char exit_desc[64];
