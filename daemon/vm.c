@@ -312,25 +312,32 @@ static int vm_paths(struct vm *vm)
 	return 0;
 }
 
-/* Take the VM's resources into custody: memory, console log, tap. */
-static int vm_acquire(struct vm *vm)
+/* Take the VM's resources into custody: memory, console log, tap. On
+ * failure *ret_what names the one that failed. */
+static int vm_acquire(struct vm *vm, const char **ret_what)
 {
 	_cleanup_close_ int ram = -EBADF, con = -EBADF, tap = -EBADF;
 	memstore *m = vm->d->store;
 	int r;
 
+	*ret_what = "its memory";
 	r = memstore_region_create("ram0", vm->cfg.memory_bytes, 0, &ram);
 	if (r < 0)
 		return r;
+	*ret_what = "its console log";
 	con = open(vm->console_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW,
 		   0640);
 	if (con < 0)
 		return -errno;
 	if (vm->cfg.tap) {
+		/* EINVAL/EBUSY: the name is taken by another kind of interface
+		 * or a tap already attached elsewhere. */
+		*ret_what = "its tap device";
 		r = open_tap(vm->cfg.tap, &tap);
 		if (r < 0)
 			return r;
 	}
+	*ret_what = "its resources";
 	/* Into the fd store as soon as they are held, not at shutdown: a
 	 * crash must not lose them. */
 	r = memstore_put(m, vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, ram);
@@ -352,6 +359,7 @@ static int vm_acquire(struct vm *vm)
 
 void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 {
+	const char *what = NULL;
 	struct vm *vm;
 	char why[256];
 	int r;
@@ -381,12 +389,9 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}
-	r = vm_acquire(vm);
+	r = vm_acquire(vm, &what);
 	if (r < 0) {
-		snprintf(why, sizeof(why), "cannot acquire %s: %s",
-			 vm->cfg.tap && (r == -ENOENT || r == -EPERM || r == -EBUSY) ? "its tap device"
-										: "its resources",
-			 strerror(-r));
+		snprintf(why, sizeof(why), "cannot acquire %s: %s", what, strerror(-r));
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}

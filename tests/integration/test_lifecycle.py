@@ -118,6 +118,49 @@ class Lifecycle(unittest.TestCase):
         self.d.cprctl("destroy", "life5", check=True)
 
 
+class Tap(unittest.TestCase):
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        if not os.path.exists("/dev/net/tun"):
+            self.skipTest("no /dev/net/tun on this host")
+        self.d = Daemon().start()
+
+    def tearDown(self):
+        self.d.stop()
+
+    def test_tap_fd_is_held_passed_to_qemu_and_kept_across_an_update(self):
+        ifname = "cprdtap%d" % (os.getpid() % 1000)
+        p = self.d.cprctl("create", "net", "--memory", "256M", "--kernel", KERNEL, "--initrd",
+                          INITRD, "--append", GUEST_APPEND, "--tap", ifname)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        vm = self.d.call("vm.status", {"name": "net"})
+        self.assertEqual(vm["tap"], ifname)
+        fds = {f["name"]: f for f in self.d.call("vm.fds", {"name": "net"})["fds"]}
+        self.assertEqual(fds["net0"]["kind"], "tap")
+        self.assertTrue(os.path.exists(f"/sys/class/net/{ifname}"), "tap interface missing")
+        self.assertEqual(os.readlink(f"/proc/{vm['pid']}/fd/6"), "/dev/net/tun")
+        with open(f"/proc/{vm['pid']}/cmdline", "rb") as f:
+            self.assertIn(b"tap,id=net0,fd=6", f.read())
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        rep = self.d.call("vm.update", {"name": "net"})
+        self.assertEqual(rep["result"], "ok")
+        self.assertEqual(os.readlink(f"/proc/{rep['new_pid']}/fd/6"), "/dev/net/tun")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+        self.d.call("vm.destroy", {"name": "net"})
+        # cprd held the last reference: the interface goes with it.
+        wait_until(lambda: not os.path.exists(f"/sys/class/net/{ifname}"), 5,
+                   "the tap interface to disappear")
+
+    def test_tap_name_in_use_by_a_non_tap_is_a_clear_error(self):
+        p = self.d.cprctl("create", "lo-vm", "--memory", "64M", "--kernel", KERNEL, "--tap", "lo")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("cannot acquire its tap device: Invalid argument", p.stderr)
+        self.assertEqual(self.d.call("vm.list")["vms"], [])
+
+
 class DaemonProcess(unittest.TestCase):
     def setUp(self):
         require_root(self)

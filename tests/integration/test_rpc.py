@@ -295,7 +295,8 @@ class CreateErrors(unittest.TestCase):
 
     def test_missing_tap_device_is_a_clear_error(self):
         if os.path.exists("/dev/net/tun"):
-            self.skipTest("this host has /dev/net/tun; covered by the tap test")
+            self.skipTest("this host has /dev/net/tun, so a missing tap device cannot be "
+                          "produced; test_lifecycle.Tap covers taps")
         self.create_error(-32008, "tap device", tap="cprdtap0")
 
 
