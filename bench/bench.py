@@ -705,7 +705,7 @@ def run_startup(bench, size, reps):
         for i in range(reps):
             qp = d.qmp_path()
             t0 = mono()
-            p = d.spawn(d.base_argv(qp, mem) + ["-msg", "timestamp=on", "-incoming", "defer"],
+            p = d.spawn(d.base_argv(qp, mem, ",aux-ram-share=on") + ["-msg", "timestamp=on", "-incoming", "defer"],
                         pass_fds=[memfd])
             q = QMP(qp, "new", p)
             cell["samples"].append({"rep": i, "startup_ms": (q.greeting_at - t0) * 1000})
