@@ -782,10 +782,16 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 
 void update_abandon(struct update *u)
 {
-	snprintf(u->error, sizeof(u->error), "cprd shut down during the update");
+	/* End no process here: the new VMM may already run the guest. The
+	 * registry on disk still describes this update (it was written when
+	 * the update started and at the switch), and the next cprd settles it
+	 * the way it settles an update interrupted by a crash. */
 	u->vm->update = NULL;
 	if (u->call)
-		call_fail(TAKE_PTR(u->call), JSONRPC_INTERNAL_ERROR, "cprd is shutting down");
+		call_fail(TAKE_PTR(u->call), JSONRPC_INTERNAL_ERROR,
+			  "cprd is shutting down; the next cprd settles this update");
+	u->next = vmm_free(u->next);
+	u->old = vmm_free(u->old);
 	update_free(u);
 }
 

@@ -31,7 +31,8 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 /* Routed here by vm.c while vm->update is set. */
 void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
 void update_old_vmm_exited(struct update *u);
-/* Daemon shutting down: end the new VMM, leave the old one as it is. */
+/* Daemon shutting down: stop tracking the update and end no process; the
+ * next cprd settles it from the registry. */
 void update_abandon(struct update *u);
 
 /* What a restarted cprd needs to resolve an update it did not see end. */

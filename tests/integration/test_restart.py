@@ -221,6 +221,14 @@ class Crash(unittest.TestCase):
         os.kill(vm["pid"], signal.SIGKILL)
 
     def test_kill_during_an_update(self):
+        self.interrupted_update(signal.SIGKILL)
+
+    def test_stop_during_an_update(self):
+        # An orderly stop must not end either VMM (the new one may already
+        # run the guest); the next cprd settles the update.
+        self.interrupted_update(signal.SIGTERM)
+
+    def interrupted_update(self, sig):
         vm = self.d.create_guest("mid")
         con = Console(vm["console_log"])
         con.wait_beats(3)
@@ -234,9 +242,11 @@ class Crash(unittest.TestCase):
                    "the update to start")
         new_pids = [p for p, (c, _) in children(self.d.pid).items()
                     if p != vm["pid"] and c in ("sh", "slow-qemu")]
-        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.send_signal(sig)
         self.d.proc.wait()
         t.join(30)
+        if os.path.exists(self.d.sock) and sig == signal.SIGKILL:
+            os.unlink(self.d.sock)
         self.d.start()
         s = self.d.call("vm.status", {"name": "mid"})
         self.assertEqual((s["state"], s["pid"]), ("running", vm["pid"]))
