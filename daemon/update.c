@@ -568,14 +568,6 @@ static bool unix_listening(const char *path)
 	return false;
 }
 
-static void cpr_migrate_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
-{
-	struct update *u = ud;
-
-	if (!ret && u->phase == PHASE_MIGRATE)
-		rollback(u, "the old VMM refused to migrate: %s", desc);
-}
-
 static json_object *cpr_channels(struct update *u)
 {
 	json_object *args = json_object_new_object(), *arr = json_object_new_array();
@@ -606,7 +598,7 @@ static void cpr_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	ev_timer_stop(loop, w);
 	set_phase(u, PHASE_MIGRATE);
-	if (vmm_command(u->vm->vmm, "migrate", cpr_channels(u), -EBADF, cpr_migrate_sent, u) < 0)
+	if (vmm_command(u->vm->vmm, "migrate", cpr_channels(u), -EBADF, migrate_sent, u) < 0)
 		rollback(u, "lost the old VMM's monitor");
 }
 
