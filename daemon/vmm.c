@@ -95,6 +95,8 @@ static void qmp_sync_watcher(struct vmm *v)
 	ev_io_start(v->d->loop, &v->qmp_watcher);
 }
 
+static void vmm_destroy(struct vmm *v);
+
 static void qmp_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct vmm *v = w->data;
@@ -102,8 +104,15 @@ static void qmp_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	if (revents & EV_WRITE)
 		r = qmp_flush(v->qmp) < 0 ? -EPIPE : 0;
-	if (r == 0 && (revents & EV_READ))
+	if (r == 0 && (revents & EV_READ)) {
+		v->dispatching = true;
 		r = qmp_dispatch(v->qmp);
+		v->dispatching = false;
+		if (v->doomed) {
+			vmm_destroy(v); /* freed by a callback meanwhile */
+			return;
+		}
+	}
 	if (r < 0) {
 		/* The VMM closed its monitor: it is exiting, and the pidfd will
 		 * say how. Until then there is nobody to talk to. */
@@ -118,7 +127,7 @@ static void on_qmp_event(qmp *q, const char *event, json_object *data, int64_t t
 {
 	struct vmm *v = ud;
 
-	if (v->ops && v->ops->event)
+	if (!v->doomed && v->ops && v->ops->event)
 		v->ops->event(v, event, data, ts_us, v->ud);
 }
 
@@ -126,6 +135,8 @@ static void on_qmp_ready(qmp *q, void *ud)
 {
 	struct vmm *v = ud;
 
+	if (v->doomed)
+		return;
 	snprintf(v->version, sizeof(v->version), "%s", qmp_vmm_version(q));
 	if (v->spawned_usec)
 		log_debug("VMM pid %d: monitor ready %.1f ms after spawn", (int)v->pid,
@@ -140,7 +151,7 @@ int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_r
 {
 	int r;
 
-	if (!v->qmp) {
+	if (!v->qmp || v->doomed) {
 		json_object_put(args);
 		return -ENOTCONN;
 	}
@@ -168,16 +179,29 @@ int vmm_signal(struct vmm *v, int sig)
 	return pidfd_send_signal(v->pidfd, sig, NULL, 0) < 0 ? -errno : 0;
 }
 
-struct vmm *vmm_free(struct vmm *v)
+static void vmm_destroy(struct vmm *v)
 {
-	if (!v)
-		return NULL;
-	ev_io_stop(v->d->loop, &v->pid_watcher);
 	drop_qmp(v);
-	safe_close(v->pidfd);
 	free(v->qmp_path);
 	free(v->binary);
 	free(v);
+}
+
+struct vmm *vmm_free(struct vmm *v)
+{
+	if (!v || v->doomed)
+		return NULL;
+	ev_io_stop(v->d->loop, &v->pid_watcher);
+	v->pidfd = safe_close(v->pidfd);
+	if (v->dispatching) {
+		/* Answer what is pending now, while its callers still exist;
+		 * the client itself goes when qmp_io_cb() regains control. */
+		ev_io_stop(v->d->loop, &v->qmp_watcher);
+		qmp_fail_pending(v->qmp, "the VMM is being let go");
+		v->doomed = true;
+		return NULL;
+	}
+	vmm_destroy(v);
 	return NULL;
 }
 

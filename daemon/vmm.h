@@ -41,6 +41,11 @@ struct vmm {
 	char exit_desc[64];
 	const struct vmm_ops *ops;
 	void *ud;
+	/* A callback run from this VMM's own QMP dispatch may free it (a
+	 * reply that triggers a rollback, say). The client is still on the
+	 * stack then, so vmm_free() only marks it and the dispatch finishes
+	 * the job on its way out. */
+	bool dispatching, doomed;
 };
 
 /* How a new VMM receives its guest: not at all (a fresh boot), with
