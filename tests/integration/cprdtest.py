@@ -174,9 +174,12 @@ class Daemon:
 
     def start(self):
         logf = open(self.log, "ab")
+        # glibc fills freed memory with this byte: a use after free in cprd
+        # then reads garbage and fails loudly instead of passing by luck.
+        env = dict(self.env if self.env is not None else os.environ, MALLOC_PERTURB_="165")
         self.proc = subprocess.Popen(
             [CPRD, "--foreground", "--state-dir", self.dir] + self.extra_args,
-            stdout=logf, stderr=logf, env=self.env)
+            stdout=logf, stderr=logf, env=env)
         logf.close()
         def serving():
             if self.proc.poll() is not None:

@@ -150,6 +150,14 @@ class Update(unittest.TestCase):
         vmm = wrapper(self.d.dir, "frozen", f'exec {QEMU} "$@" -S')
         self.rollback_case(vmm, "timed out while moving device state", timeout=3, paused=True)
 
+    def test_3_rollback_new_vmm_refuses_on_its_monitor(self):
+        # The rollback starts inside a reply on the new VMM's own monitor,
+        # which cprd must then end and free while that reply is on the stack.
+        fake = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusing_vmm.py")
+        self.rollback_case(wrapper(self.d.dir, "refuses", f'exec python3 {fake} "$@"'),
+                           "refused the incoming migration: this VMM refuses incoming migrations")
+        self.assertIsNone(self.d.proc.poll(), "cprd died")
+
     def test_3_cpr_rollback_new_vmm_exits_at_start(self):
         self.rollback_case(wrapper(self.d.dir, "dies2", "exit 4"), "exited with status 4",
                            strategy="cpr-transfer")
