@@ -15,6 +15,7 @@
 
 struct client;
 struct vm;
+struct sd_bus;
 
 struct daemon {
 	struct ev_loop *loop;
@@ -37,7 +38,7 @@ struct daemon {
 	char *self_path;        /* our binary, for re-exec */
 	char **argv;            /* our command line, for re-exec */
 	char *reexec_binary;    /* set by daemon.reexec: exec this once replies are out */
-	void *bus;              /* sd_bus to systemd, opened on first use */
+	struct sd_bus *bus;     /* to systemd, opened on first use */
 };
 
 uint64_t now_usec(clockid_t clock);

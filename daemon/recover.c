@@ -148,12 +148,6 @@ static const char *query_status(struct vmm *v, char *buf, size_t size)
 	return buf;
 }
 
-static void end_vmm(struct vmm *v)
-{
-	/* Not our child after a crash: SIGKILL, then wait on the pidfd. */
-	vmm_kill(v);
-}
-
 /*
  * The previous cprd died during an update. Both VMMs may still exist; the
  * migration between them went on without cprd. Whichever runs the guest
@@ -184,12 +178,12 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 			 "cprd restarted during the update; the guest had moved and stays in the new VMM pid %d%s",
 			 (int)next->pid, old ? "; the old VMM was ended" : "");
 		if (old)
-			end_vmm(old);
+			vmm_kill(old);
 		update_record_interrupted(vm, up, msg);
 		return next;
 	}
 	if (next)
-		end_vmm(next);
+		vmm_kill(next);
 	if (!old) {
 		update_record_interrupted(vm, up, "cprd restarted during the update and neither VMM runs the guest");
 		return NULL;

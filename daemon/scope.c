@@ -18,7 +18,7 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 	if (sd_booted() <= 0 || !getenv("NOTIFY_SOCKET"))
 		return 0;
 	if (!d->bus) {
-		r = sd_bus_open_system((sd_bus **)&d->bus);
+		r = sd_bus_open_system(&d->bus);
 		if (r < 0)
 			return r;
 	}

@@ -62,11 +62,6 @@ struct update {
 	char error[512];
 };
 
-const char *update_strategy_to_string(enum update_strategy s)
-{
-	return s >= 0 && s < _UPDATE_STRATEGY_MAX ? strategy_names[s] : NULL;
-}
-
 int update_strategy_from_string(const char *s)
 {
 	for (int i = 0; i < _UPDATE_STRATEGY_MAX; i++)

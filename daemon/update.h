@@ -20,7 +20,6 @@ enum update_strategy {
 	_UPDATE_STRATEGY_MAX,
 };
 
-const char *update_strategy_to_string(enum update_strategy s);
 int update_strategy_from_string(const char *s);
 
 /* Start an update; answers c (may be NULL) with the report when done.
