@@ -27,6 +27,18 @@ HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+)", re.M)
 BOOT_RE = re.compile(r"^CPRD-GUEST boot id=([0-9a-f]+)", re.M)
 
 
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
+def wrapper(dir, name, body):
+    """A stand-in VMM binary: a shell script, usually around the real QEMU."""
+    path = os.path.join(dir, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body + "\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def require_root(test):
     if os.geteuid() != 0:
         raise unittest.SkipTest("needs root (cprd holds VMs for others)")

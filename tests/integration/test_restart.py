@@ -4,19 +4,15 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import threading
-import time
 import unittest
 
-from cprdtest import (CPRD, CPRCTL, Conn, Console, Daemon, RpcError, children, fd_count,
-                      kill_vmms_under, pid_alive, require_guest, require_root, wait_until,
-                      GUEST_APPEND, INITRD, KERNEL)
+from cprdtest import (CPRD, QEMU, Conn, Console, Daemon, children, fd_count, kill_vmms_under,
+                      pid_alive, require_guest, require_root, wait_until, wrapper, GUEST_APPEND,
+                      INITRD, KERNEL)
 from svcmgr import ServiceManager
-
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
 
 def same_file(fd_a_path, fd_b_path):
@@ -232,10 +228,7 @@ class Crash(unittest.TestCase):
         vm = self.d.create_guest("mid")
         con = Console(vm["console_log"])
         con.wait_beats(3)
-        slow = os.path.join(self.d.dir, "slow-qemu")
-        with open(slow, "w") as f:
-            f.write(f'#!/bin/sh\nsleep 3\nexec {QEMU} "$@"\n')
-        os.chmod(slow, 0o755)
+        slow = wrapper(self.d.dir, "slow-qemu", f'sleep 3\nexec {QEMU} "$@"')
         t = threading.Thread(target=lambda: self.d.cprctl("update", "mid", "--vmm", slow))
         t.start()
         wait_until(lambda: self.d.call("vm.status", {"name": "mid"})["updating"], 10,

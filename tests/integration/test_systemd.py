@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import unittest
 
 from cprdtest import CPRD, Conn, require_root, wait_until

@@ -4,24 +4,11 @@ updates; every failure rolls back to the old VMM with the guest running."""
 
 import json
 import os
-import shutil
 import threading
-import time
 import unittest
 
-from cprdtest import (Console, Daemon, RpcError, children, fd_count, pid_alive, require_guest,
-                      require_root, wait_until)
-
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-
-
-def wrapper(dir, name, body):
-    """A stand-in VMM binary: a shell script around the real QEMU."""
-    path = os.path.join(dir, name)
-    with open(path, "w") as f:
-        f.write("#!/bin/sh\n" + body + "\n")
-    os.chmod(path, 0o755)
-    return path
+from cprdtest import (QEMU, Console, Daemon, RpcError, children, fd_count, pid_alive,
+                      require_guest, require_root, wait_until, wrapper)
 
 
 class Update(unittest.TestCase):
