@@ -103,8 +103,9 @@ static json_object *report(struct update *u, const char *result)
 
 	if (u->stop_us && end > u->stop_us)
 		blackout = ms_between(u->stop_us, end);
-	else if (!u->stop_us)
-		blackout = 0; /* the guest never paused */
+	else if (!u->stop_us && !u->resume_us)
+		blackout = 0; /* rolled back before the guest ever paused */
+	/* else unknown: a moved guest must have paused, so never claim 0 */
 	json_object_object_add(o, "vm", json_object_new_string(u->vm->cfg.name));
 	json_object_object_add(o, "strategy", json_object_new_string(strategy_names[u->strategy]));
 	json_object_object_add(o, "result", json_object_new_string(result));
@@ -314,7 +315,13 @@ static void old_ended(struct vmm *v, void *ud)
 	finish(u, "ok");
 }
 
-static const struct vmm_ops old_end_ops = {.exited = old_ended};
+/* Its STOP may still be unread when the new VMM's RESUME comes in. */
+static void old_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud)
+{
+	update_old_vmm_event(ud, event, data, ts_us);
+}
+
+static const struct vmm_ops old_end_ops = {.event = old_event, .exited = old_ended};
 
 static void end_old(struct update *u);
 
