@@ -55,6 +55,7 @@ struct call {
 };
 
 static void client_unref(struct client *c);
+static void client_close(struct client *c);
 static void client_update_watcher(struct client *c);
 
 static bool peer_is_privileged(struct daemon *d, int fd, const struct ucred *cred)
@@ -92,9 +93,8 @@ static void client_send(struct client *c, json_object *msg, const int *fds, size
 	if (r < 0 || proto_writer_queued_bytes(c->out) > CLIENT_MAX_QUEUED) {
 		log_warning("client pid %d: dropping connection: %s", (int)c->peer.pid,
 			    r < 0 ? strerror(-r) : "it does not read its replies");
-		c->closing = true;
-		proto_writer_free(c->out);
-		proto_writer_new(&c->out);
+		client_close(c); /* what is queued is freed with the client */
+		return;
 	}
 	client_update_watcher(c);
 }
