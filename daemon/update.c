@@ -15,6 +15,11 @@
 #include "proto/jsonrpc.h"
 
 #define MIG_FDNAME "cprd-mig"
+/* While the guest runs, the old VMM may be at most this far (doubled by the
+ * kernel) ahead of the new one on the channel; once the guest is paused the
+ * channel gets the system default back. See migration_channel(). */
+#define MIG_PRECOPY_SNDBUF 4096
+#define MIG_SWITCHOVER_SNDBUF (208 * 1024)
 #define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
 #define CONT_RETRIES 40     /* 2 s: the old VMM may still be finishing migration */
 #define HISTORY_MAX_BYTES (4 << 20)
@@ -49,8 +54,10 @@ struct update {
 	struct vmm *next; /* the new VMM until it is adopted */
 	struct vmm *old;  /* the old VMM once the new one is adopted */
 	ev_timer timer;
-	int mig[2];       /* channel ends until both VMMs hold theirs */
-	unsigned pending; /* replies still awaited in this phase */
+	int mig[2];       /* channel ends until both VMMs hold theirs; then
+			   * mig[0], the old VMM's, until the guest pauses */
+	unsigned pending;     /* replies still awaited in this phase (new VMM) */
+	unsigned old_pending; /* handover: replies still awaited from the old VMM */
 	unsigned cont_tries;
 	bool stats_asked, stats_pending; /* query-migrate on the old VMM */
 	uint64_t t0_mono, t0_real;
@@ -273,11 +280,16 @@ static void rollback(struct update *u, const char *fmt, ...)
 		finish(u, "failed");
 		return;
 	}
-	/* Stop any outgoing migration, then make sure the guest runs. */
+	/* Stop any outgoing migration and drop the channel end it may still
+	 * hold (both may fail harmlessly), then make sure the guest runs. */
 	ev_timer_stop(u->vm->d->loop, &u->timer);
 	ev_timer_set(&u->timer, 10.0, 0.);
 	ev_timer_start(u->vm->d->loop, &u->timer);
 	if (vmm_command(u->vm->vmm, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0 ||
+	    (u->strategy == UPDATE_HANDOVER &&
+	     vmm_command(u->vm->vmm, "closefd",
+			 json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"), -EBADF, NULL,
+			 NULL) < 0) ||
 	    vmm_command(u->vm->vmm, "query-status", NULL, -EBADF, status_for_rollback, u) < 0)
 		finish(u, "failed");
 }
@@ -400,18 +412,35 @@ static void new_status(qmp *q, json_object *ret, const char *cls, const char *de
 
 /* ---- events ---- */
 
+/* The guest has paused: what is left (the last dirty pages and the device
+ * state) should cross in as few round trips as possible. The socket is the
+ * same one the old VMM holds, so raising our end's buffer raises its. */
+static void open_channel(struct update *u)
+{
+	int sz = MIG_SWITCHOVER_SNDBUF;
+
+	if (u->mig[0] < 0)
+		return;
+	(void)setsockopt(u->mig[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+	u->mig[0] = safe_close(u->mig[0]);
+}
+
 void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
 {
 	const char *st;
 
 	if (streq(event, "STOP") && !u->stop_us) {
 		u->stop_us = ts_us;
+		open_channel(u);
 	} else if (streq(event, "RESUME")) {
 		u->old_resume_us = ts_us;
 	} else if (streq(event, "MIGRATION") && u->phase == PHASE_MIGRATE) {
 		st = json_object_get_string(json_object_object_get(data, "status"));
 		if (st && (streq(st, "failed") || streq(st, "cancelled")))
 			rollback(u, "migration %s on the old VMM", st);
+		/* A guest that was already paused gives no STOP. */
+		else if (st && streq(st, "device"))
+			open_channel(u);
 		/* Ask for the byte count now, while the new VMM resumes. */
 		else if (st && streq(st, "completed"))
 			ask_stats(u, u->vm->vmm);
@@ -456,7 +485,17 @@ static void next_exited(struct vmm *v, void *ud)
 		 tail[0] ? "; VMM log: " : "", tail);
 }
 
-/* ---- handover: prepare both, then migrate over a socketpair ---- */
+/* ---- handover: prepare both, then migrate over a socketpair ----
+ *
+ * The old VMM is prepared while the new one starts (migration mode,
+ * capabilities, its end of the channel); the new one once its monitor
+ * answers (capabilities, its end, a warm-up). Then migrate-incoming on the
+ * new VMM and migrate on the old one. */
+
+static bool preparing(const struct update *u)
+{
+	return u->phase == PHASE_LAUNCH || u->phase == PHASE_PREPARE;
+}
 
 static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
@@ -483,67 +522,176 @@ static void incoming_ready(qmp *q, json_object *ret, const char *cls, const char
 		rollback(u, "lost the old VMM's monitor");
 }
 
-static void prepared_one(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+static void maybe_migrate(struct update *u)
 {
-	struct update *u = ud;
-
-	if (u->phase != PHASE_PREPARE)
+	if (u->phase != PHASE_PREPARE || u->pending > 0 || u->old_pending > 0)
 		return;
-	if (!ret) {
-		rollback(u, "preparing the migration failed: %s", desc);
-		return;
-	}
-	if (--u->pending > 0)
-		return;
-	/* Both VMMs hold their end of the channel now; ours can go. */
-	close_many(u->mig, 2);
+	/* Both VMMs hold their end of the channel now. The new VMM's copy can
+	 * go; the old VMM's stays until the guest pauses (open_channel()). */
+	u->mig[1] = safe_close(u->mig[1]);
 	if (vmm_command(u->next, "migrate-incoming",
 			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, incoming_ready,
 			u) < 0)
 		rollback(u, "lost the new VMM's monitor");
 }
 
-static json_object *capabilities(bool events)
+static void old_prepared(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
-	json_object *caps = json_tokener_parse(
-		"{\"capabilities\": [{\"capability\": \"x-ignore-shared\", \"state\": true}]}");
+	struct update *u = ud;
 
-	/* MIGRATION events tell the old side's failure without polling. */
-	if (events)
-		json_object_array_add(json_object_object_get(caps, "capabilities"),
-				      json_tokener_parse("{\"capability\": \"events\", \"state\": true}"));
-	return caps;
+	if (!preparing(u))
+		return;
+	if (!ret) {
+		rollback(u, "preparing the old VMM failed: %s", desc);
+		return;
+	}
+	u->old_pending--;
+	maybe_migrate(u);
+}
+
+static void new_prepared(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (u->phase != PHASE_PREPARE)
+		return;
+	if (!ret) {
+		rollback(u, "preparing the new VMM failed: %s", desc);
+		return;
+	}
+	u->pending--;
+	maybe_migrate(u);
+}
+
+/* Warm-up, whatever its answer. QEMU's RCU thread calls malloc_trim() once
+ * it is idle, so by the time its migration starts a new VMM has handed its
+ * free heap back to the kernel, and loading the device state faults it back
+ * in page by page, inside the blackout (about 360 page faults, 3 ms and
+ * more here). Listing the QOM types makes its main thread allocate and free
+ * enough small objects that the load finds most of its heap resident (about
+ * 70 faults); see docs/ARCHITECTURE.md. */
+static void warmed(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (u->phase != PHASE_PREPARE)
+		return;
+	u->pending--;
+	maybe_migrate(u);
+}
+
+/* Only what this migration needs is on: a capability left on by an earlier
+ * tool (return-path, switchover-ack, multifd, postcopy...) would change the
+ * protocol under a new VMM that does not expect it. */
+static void old_caps_known(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+	json_object *caps, *args;
+	size_t n = json_object_is_type(ret, json_type_array) ? json_object_array_length(ret) : 0;
+
+	if (!preparing(u))
+		return;
+	if (!ret) {
+		rollback(u, "cannot read the old VMM's migration capabilities: %s", desc);
+		return;
+	}
+	caps = json_tokener_parse("[{\"capability\": \"x-ignore-shared\", \"state\": true},"
+				  "{\"capability\": \"events\", \"state\": true}]");
+	for (size_t i = 0; i < n; i++) {
+		json_object *c = json_object_array_get_idx(ret, i);
+		const char *name = json_object_get_string(json_object_object_get(c, "capability"));
+
+		if (!name || !json_object_get_boolean(json_object_object_get(c, "state")) ||
+		    streq(name, "x-ignore-shared") || streq(name, "events"))
+			continue;
+		json_object *off = json_object_new_object();
+
+		json_object_object_add(off, "capability", json_object_new_string(name));
+		json_object_object_add(off, "state", json_object_new_boolean(false));
+		json_object_array_add(caps, off);
+	}
+	args = json_object_new_object();
+	json_object_object_add(args, "capabilities", caps);
+	if (vmm_command(u->vm->vmm, "migrate-set-capabilities", args, -EBADF, old_prepared, u) < 0)
+		rollback(u, "lost the old VMM's monitor");
+}
+
+/* The guest RAM is shared (the memfd cprd holds), so x-ignore-shared leaves
+ * it in place: only device state and the small non-shared RAM (firmware,
+ * option ROMs, ACPI tables) cross the channel. A VMM that was itself a
+ * cpr-transfer source or destination may carry that mode: say which one
+ * this migration is. */
+static int prepare_old(struct update *u)
+{
+	struct vmm *old = u->vm->vmm;
+	int r = 0;
+
+	u->old_pending = 3;
+	r |= vmm_command(old, "query-migrate-capabilities", NULL, -EBADF, old_caps_known, u);
+	r |= vmm_command(old, "migrate-set-parameters", json_tokener_parse("{\"mode\": \"normal\"}"),
+			 -EBADF, old_prepared, u);
+	r |= vmm_command(old, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
+			 u->mig[0], old_prepared, u);
+	return r;
 }
 
 static void next_ready(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
-	struct vmm *old = u->vm->vmm;
 	int r = 0;
 
 	snprintf(u->new_version, sizeof(u->new_version), "%s", v->version);
 	if (u->strategy == UPDATE_CPR_TRANSFER)
 		return; /* its monitor appears once the cpr state has arrived */
 	set_phase(u, PHASE_PREPARE);
-	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, u->mig) < 0) {
-		rollback(u, "cannot create the migration channel: %m");
+	u->pending = 3;
+	r |= vmm_command(v, "migrate-set-capabilities",
+			 json_tokener_parse("{\"capabilities\": [{\"capability\": \"x-ignore-shared\","
+					    " \"state\": true}]}"),
+			 -EBADF, new_prepared, u);
+	r |= vmm_command(v, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
+			 u->mig[1], new_prepared, u);
+	r |= vmm_command(v, "qom-list-types", NULL, -EBADF, warmed, u);
+	if (r < 0)
+		rollback(u, "lost the new VMM's monitor while preparing");
+}
+
+static const struct vmm_ops next_ops;
+
+/* Bounded while the guest runs: the old VMM then cannot finish its pass
+ * over the non-shared RAM, and pause the guest, before the new VMM has
+ * actually read it; at the default size that data would wait in the socket
+ * and be loaded inside the blackout. open_channel() lifts the bound. */
+static int migration_channel(int fds[2])
+{
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0)
+		return -errno;
+	if (setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &(int){MIG_PRECOPY_SNDBUF}, sizeof(int)) < 0) {
+		close_many(fds, 2);
+		return -errno;
+	}
+	return 0;
+}
+
+static void handover_start(struct update *u, const char *qmp_path)
+{
+	int r;
+
+	r = migration_channel(u->mig);
+	if (r < 0) {
+		rollback(u, "cannot create the migration channel: %s", strerror(-r));
 		return;
 	}
-	/* The guest RAM is shared (the memfd cprd holds), so x-ignore-shared
-	 * leaves it in place: only device state crosses the channel. */
-	u->pending = 5;
-	/* A VMM that was itself a cpr-transfer source or destination may carry
-	 * that mode: say which one this migration is. */
-	r |= vmm_command(old, "migrate-set-parameters", json_tokener_parse("{\"mode\": \"normal\"}"),
-			 -EBADF, prepared_one, u);
-	r |= vmm_command(old, "migrate-set-capabilities", capabilities(true), -EBADF, prepared_one, u);
-	r |= vmm_command(v, "migrate-set-capabilities", capabilities(false), -EBADF, prepared_one, u);
-	r |= vmm_command(old, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
-			 u->mig[0], prepared_one, u);
-	r |= vmm_command(v, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
-			 u->mig[1], prepared_one, u);
-	if (r < 0)
-		rollback(u, "lost a VMM's monitor while preparing");
+	r = vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path,
+		      &(struct vmm_incoming){.defer = true}, &next_ops, u, &u->next);
+	if (r < 0) {
+		rollback(u, "cannot start the new VMM '%s': %s", u->new_binary, strerror(-r));
+		return;
+	}
+	u->new_pid = u->next->pid;
+	daemon_update_status(u->vm->d); /* the registry now names both VMMs */
+	if (prepare_old(u) < 0)
+		rollback(u, "lost the old VMM's monitor");
 }
 
 /* ---- cpr-transfer: QEMU's own mode, channels on socket paths ---- */
@@ -603,8 +751,6 @@ static void cpr_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	if (vmm_command(u->vm->vmm, "migrate", cpr_channels(u), -EBADF, migrate_sent, u) < 0)
 		rollback(u, "lost the old VMM's monitor");
 }
-
-static const struct vmm_ops next_ops;
 
 static void cpr_prepared(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
@@ -679,7 +825,6 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 {
 	_cleanup_free_ char *qmp_path = NULL;
 	struct update *u;
-	int r;
 
 	u = calloc(1, sizeof(*u));
 	if (!u || asprintf(&qmp_path, "%s/qmp-next.sock", vm->dir) < 0) {
@@ -717,18 +862,10 @@ void update_start(struct vm *vm, enum update_strategy s, const char *binary, dou
 			 binary[0] != '/' ? "not found in PATH" : strerror(errno));
 		return;
 	}
-	if (s == UPDATE_CPR_TRANSFER) {
+	if (s == UPDATE_CPR_TRANSFER)
 		cpr_start(u);
-		return;
-	}
-	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path,
-		      &(struct vmm_incoming){.defer = true}, &next_ops, u, &u->next);
-	if (r < 0) {
-		rollback(u, "cannot start the new VMM '%s': %s", binary, strerror(-r));
-		return;
-	}
-	u->new_pid = u->next->pid;
-	daemon_update_status(vm->d); /* the registry now names both VMMs */
+	else
+		handover_start(u, qmp_path);
 }
 
 json_object *update_to_record(const struct update *u)
