@@ -24,9 +24,10 @@ struct daemon {
 	int listen_fd;
 	bool socket_activated;
 	ev_io listen_watcher;
-	ev_signal sig_term, sig_int;
+	ev_signal sig_term, sig_int, sig_chld;
 	struct client *clients;
 	struct vm *vms;
+	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;
 	launcher launcher;
 	bool kvm;            /* /dev/kvm usable: -accel kvm */
@@ -43,3 +44,4 @@ struct daemon {
 
 uint64_t now_usec(clockid_t clock);
 void daemon_update_status(struct daemon *d);
+void daemon_reap_orphans(struct daemon *d);

@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
@@ -20,6 +21,7 @@
 #include "daemon/sandbox.h"
 #include "daemon/server.h"
 #include "daemon/vm.h"
+#include "daemon/vmm.h"
 
 #define DEFAULT_STATE_DIR "/run/cprd"
 
@@ -185,6 +187,30 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	ev_break(loop, EVBREAK_ALL);
 }
 
+/* As subreaper cprd inherits whatever a VMM leaves behind (a wrapper's
+ * stray child, a helper QEMU forked): reap those. A VMM it watches is left
+ * to its pidfd, which reports how it ended; what waits behind it is reaped
+ * once that is done (vmm.c calls back here). */
+void daemon_reap_orphans(struct daemon *d)
+{
+	for (;;) {
+		siginfo_t si = {};
+
+		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0 || si.si_pid <= 0)
+			return;
+		if (si.si_pid == d->launcher.pid || vmm_pid_watched(d, si.si_pid))
+			return;
+		if (waitid(P_PID, (id_t)si.si_pid, &si, WEXITED | WNOHANG) < 0)
+			return;
+		log_debug("reaped pid %d, left behind by a VMM", (int)si.si_pid);
+	}
+}
+
+static void sigchld_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	daemon_reap_orphans(w->data);
+}
+
 static bool already_confined(void)
 {
 	FILE *f = fopen("/proc/self/status", "re");
@@ -289,6 +315,10 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	ev_signal_init(&d->sig_int, signal_cb, SIGINT);
 	ev_signal_start(d->loop, &d->sig_term);
 	ev_signal_start(d->loop, &d->sig_int);
+	ev_signal_init(&d->sig_chld, sigchld_cb, SIGCHLD);
+	d->sig_chld.data = d;
+	ev_signal_start(d->loop, &d->sig_chld);
+	daemon_reap_orphans(d); /* a re-exec may have inherited some */
 
 	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
 		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,

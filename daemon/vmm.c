@@ -77,6 +77,7 @@ static void pid_cb(struct ev_loop *loop, ev_io *w, int revents)
 	describe_exit(v);
 	v->pidfd = safe_close(v->pidfd);
 	drop_qmp(v);
+	daemon_reap_orphans(v->d); /* any waiting behind this one */
 	if (v->ops && v->ops->exited)
 		v->ops->exited(v, v->ud); /* may free v */
 }
@@ -179,8 +180,21 @@ int vmm_signal(struct vmm *v, int sig)
 	return pidfd_send_signal(v->pidfd, sig, NULL, 0) < 0 ? -errno : 0;
 }
 
+bool vmm_pid_watched(const struct daemon *d, pid_t pid)
+{
+	for (const struct vmm *v = d->vmms; v; v = v->daemon_next)
+		if (v->pid == pid && v->pidfd >= 0)
+			return true;
+	return false;
+}
+
 static void vmm_destroy(struct vmm *v)
 {
+	for (struct vmm **p = &v->d->vmms; *p; p = &(*p)->daemon_next)
+		if (*p == v) {
+			*p = v->daemon_next;
+			break;
+		}
 	drop_qmp(v);
 	free(v->qmp_path);
 	free(v->binary);
@@ -209,8 +223,10 @@ struct vmm *vmm_kill(struct vmm *v)
 {
 	if (!v)
 		return NULL;
-	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0)
+	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0) {
 		waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED);
+		daemon_reap_orphans(v->d);
+	}
 	/* Its monitor socket died with it. (vmm_free leaves the path alone:
 	 * a VMM merely let go of may still be listening there.) */
 	if (v->qmp_path)
@@ -334,6 +350,8 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 	if (!v)
 		return NULL;
 	v->d = d;
+	v->daemon_next = d->vmms;
+	d->vmms = v;
 	v->pidfd = -EBADF;
 	v->exit_code = -1;
 	v->fd_ram = v->fd_console = v->fd_tap = -1;

@@ -41,6 +41,7 @@ struct vmm {
 	char exit_desc[64];
 	const struct vmm_ops *ops;
 	void *ud;
+	struct vmm *daemon_next; /* in d->vmms */
 	/* A callback run from this VMM's own QMP dispatch may free it (a
 	 * reply that triggers a rollback, say). The client is still on the
 	 * stack then, so vmm_free() only marks it and the dispatch finishes
@@ -57,6 +58,9 @@ struct vmm_incoming {
 
 /* Start a VMM for cfg using the fds held for the VM, with its monitor on
  * qmp_path and its output appended to log_path. in may be NULL. */
+/* Whether pid is a VMM that cprd watches (and so reaps through its pidfd). */
+bool vmm_pid_watched(const struct daemon *d, pid_t pid);
+
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
 	      const struct vmm_ops *ops, void *ud, struct vmm **ret);

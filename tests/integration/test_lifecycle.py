@@ -8,8 +8,8 @@ import signal
 import stat
 import unittest
 
-from cprdtest import (CPRD, GUEST_APPEND, INITRD, KERNEL, Console, Daemon, children, fd_count,
-                      pid_alive, require_guest, require_root, wait_until)
+from cprdtest import (CPRD, GUEST_APPEND, INITRD, KERNEL, QEMU, Console, Daemon, children,
+                      fd_count, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
 class Lifecycle(unittest.TestCase):
@@ -107,6 +107,17 @@ class Lifecycle(unittest.TestCase):
         self.assertRegex(human, r"(?m)^state\s+crashed")
         self.d.cprctl("destroy", "life3", check=True)
         self.assertEqual(self.d.call("vm.list")["vms"], [])
+
+    def test_processes_a_vmm_leaves_behind_are_reaped(self):
+        # cprd is a subreaper: a VMM's stray child comes to it when its own
+        # parent is gone, and must not stay a zombie in a long-lived daemon.
+        vmm = wrapper(self.d.dir, "stray", f'(sleep 1 &)\nexec {QEMU} "$@"')
+        vm = self.create("life6", "--vmm", vmm)
+        strays = lambda: [p for p, (comm, st) in children(self.d.pid).items() if comm == "sleep"]
+        wait_until(lambda: not strays(), 10, "the stray child to be reaped")
+        st = self.d.call("vm.status", {"name": "life6"})
+        self.assertEqual((st["state"], st["pid"]), ("running", vm["pid"]))
+        self.d.cprctl("destroy", "life6", check=True)
 
     def test_two_vms_are_independent(self):
         a = self.create("life4")
