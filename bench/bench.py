@@ -67,6 +67,11 @@ TITLES = {
                     "taken while the cprd handover guest of that size runs)",
 }
 BOOT_TIMEOUT = 180.0
+# Before each measured update, every method lets the host settle: the
+# previous update's old QEMU is still being torn down by the kernel and the
+# new one has just started. The start-up reference is taken in steady state
+# too, so totals compare like with like.
+SETTLE_S = 0.5
 
 
 def log(msg):
@@ -401,6 +406,7 @@ def run_cprd(bench, cprd, strategy, size, reps):
             except Exception as e:  # noqa: BLE001
                 record_failure(bench, "qemu-startup", size, e)
         for i in range(reps):
+            time.sleep(SETTLE_S)  # each update starts from a steady state
             args = ["--json", "update", name, "--timeout", "300"]
             if strategy != "handover":
                 args += ["--strategy", strategy]
@@ -527,6 +533,7 @@ def run_copy(bench, size, reps):
         log(f"qemu-migrate-copy {size_label(size)}: booting")
         wait_beats(d.console, 3, procs=[old])
         for i in range(reps):
+            time.sleep(SETTLE_S)  # each update starts from a steady state
             oq.cmd("migrate-set-capabilities",
                    {"capabilities": [{"capability": "events", "state": True}]})
             oq.cmd("migrate-set-parameters", {"max-bandwidth": bench.args.copy_bandwidth})
@@ -619,6 +626,7 @@ def run_cpr_direct(bench, size, reps):
         log(f"qemu-cpr-transfer {size_label(size)}: booting")
         wait_beats(d.console, 3, procs=[old])
         for i in range(reps):
+            time.sleep(SETTLE_S)  # each update starts from a steady state
             oq.cmd("migrate-set-capabilities",
                    {"capabilities": [{"capability": "events", "state": True}]})
             oq.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
@@ -1036,7 +1044,7 @@ def main():
         f"methods {', '.join(methods)}; {res.data['meta']['qemu_version']}")
     try:
         if any(m.startswith("cprd-") for m in methods):
-            cprd = cprdtest.Daemon()
+            cprd = cprdtest.Daemon(perturb=False)  # MALLOC_PERTURB_ would slow every VMM too
             cprd.start()
             PROCS.adopt(cprd.pid)
             log(f"cprd running (pid {cprd.pid})")
