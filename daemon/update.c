@@ -598,14 +598,13 @@ static void old_caps_known(qmp *q, json_object *ret, const char *cls, const char
 	caps = json_tokener_parse("[{\"capability\": \"x-ignore-shared\", \"state\": true},"
 				  "{\"capability\": \"events\", \"state\": true}]");
 	for (size_t i = 0; i < n; i++) {
-		json_object *c = json_object_array_get_idx(ret, i);
+		json_object *c = json_object_array_get_idx(ret, i), *off;
 		const char *name = json_object_get_string(json_object_object_get(c, "capability"));
 
 		if (!name || !json_object_get_boolean(json_object_object_get(c, "state")) ||
 		    streq(name, "x-ignore-shared") || streq(name, "events"))
 			continue;
-		json_object *off = json_object_new_object();
-
+		off = json_object_new_object();
 		json_object_object_add(off, "capability", json_object_new_string(name));
 		json_object_object_add(off, "state", json_object_new_boolean(false));
 		json_object_array_add(caps, off);
