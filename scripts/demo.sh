@@ -1,6 +1,7 @@
 #!/bin/sh
 # make demo: start cprd in a private runtime directory, run a real Linux guest
-# under it, show its heartbeat and `cprctl list`, then clean everything up.
+# under it, show its heartbeat and `cprctl list`, update its QEMU twice under
+# the running guest, then clean everything up.
 set -eu
 B=${1:-build}
 B=$(cd "$B" && pwd)
@@ -43,6 +44,26 @@ grep 'CPRD-GUEST' "$LOG" | tail -n 10
 step "cprctl fds demo (guest RAM is cprd's sealed memfd)"
 "$CPRCTL" fds demo
 
+step "cprctl update demo (handover: a new QEMU takes the running guest over)"
+"$CPRCTL" update demo
+
+step "cprctl update demo --strategy cpr-transfer (QEMU's own mode, through cprd)"
+"$CPRCTL" update demo --strategy cpr-transfer
+
+step "the guest noticed nothing: its heartbeat goes on, one boot, data intact"
+last=$(grep -c 'CPRD-GUEST hb' "$LOG")
+i=0
+until [ "$(grep -c 'CPRD-GUEST hb' "$LOG")" -ge $((last + 4)) ]; do
+	i=$((i + 1))
+	[ $i -le 300 ] || { echo "no heartbeat after the updates" >&2; exit 1; }
+	sleep 0.2
+done
+grep 'CPRD-GUEST' "$LOG" | tail -n 6
+echo "boots seen: $(grep -c 'CPRD-GUEST boot' "$LOG")"
+
+step "cprctl history demo"
+"$CPRCTL" history demo
+
 step "cprctl status demo"
 "$CPRCTL" status demo
 
@@ -50,4 +71,5 @@ step "cprctl destroy demo"
 "$CPRCTL" destroy demo
 "$CPRCTL" list
 echo
-echo "demo finished: the guest ran under cprd and everything was released."
+echo "demo finished: the guest ran under cprd, moved to two new QEMUs without"
+echo "noticing, and everything was released."
