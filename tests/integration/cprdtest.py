@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import unittest
+import unittest
 
 BUILD = os.environ.get("CPRD_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
 BUILD = os.path.abspath(BUILD)
@@ -339,3 +340,15 @@ class Console:
         seqs = [s for s, _ in beats]
         tc.assertEqual(seqs, list(range(1, len(seqs) + 1)), "heartbeat sequence has a gap")
         tc.assertTrue(all(d == "ok" for _, d in beats), "guest memory check failed")
+
+
+class GuestTest(unittest.TestCase):
+    """A test that needs root, the guest image and a cprd of its own."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.d = Daemon().start()
+
+    def tearDown(self):
+        self.d.stop()

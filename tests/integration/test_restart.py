@@ -9,9 +9,9 @@ import tempfile
 import threading
 import unittest
 
-from cprdtest import (CPRD, QEMU, Conn, Console, Daemon, children, fd_count, kill_vmms_under,
-                      pid_alive, require_guest, require_root, wait_until, wrapper, GUEST_APPEND,
-                      INITRD, KERNEL)
+from cprdtest import (CPRD, Conn, Console, Daemon, GUEST_APPEND, GuestTest, INITRD, KERNEL, QEMU,
+                      children, fd_count, kill_vmms_under, pid_alive, require_guest, require_root,
+                      wait_until, wrapper)
 from svcmgr import ServiceManager
 
 
@@ -109,15 +109,7 @@ class FdStore(unittest.TestCase):
             self.skipTest("cprd.service is not installed and active on this host")
 
 
-class Reexec(unittest.TestCase):
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
-
+class Reexec(GuestTest):
     def test_reexec_three_times(self):
         vm = self.d.create_guest("rx")
         con = Console(vm["console_log"])
@@ -149,16 +141,8 @@ class Reexec(unittest.TestCase):
         self.assertIn("No such file or directory", p.stderr)
 
 
-class Crash(unittest.TestCase):
+class Crash(GuestTest):
     """kill -9 of cprd, then a plain restart with the same --state-dir."""
-
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
 
     def crash_and_restart(self):
         self.d.proc.send_signal(signal.SIGKILL)

@@ -7,7 +7,7 @@ import os
 import threading
 import unittest
 
-from cprdtest import (QEMU, Console, Daemon, RpcError, children, fd_count, pid_alive,
+from cprdtest import (Console, Daemon, GuestTest, QEMU, RpcError, children, pid_alive,
                       require_guest, require_root, wait_until, wrapper)
 
 
@@ -205,15 +205,7 @@ class Update(unittest.TestCase):
             self.assertIn(frag, cm.exception.message)
 
 
-class Fleet(unittest.TestCase):
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
-
+class Fleet(GuestTest):
     def test_update_all_in_parallel(self):
         names = ["f1", "f2", "f3"]
         cons = {}
@@ -235,18 +227,10 @@ class Fleet(unittest.TestCase):
             cons[n].assert_healthy(self)
 
 
-class LeftoverCapabilities(unittest.TestCase):
+class LeftoverCapabilities(GuestTest):
     """A VMM can carry migration capabilities that a handover does not use
     (here from its command line); left on in the old VMM, they change the
     protocol under a new VMM that lacks them."""
-
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
 
     def test_handover_turns_off_capabilities_it_does_not_use(self):
         # switchover-ack on the source alone would wait for an ack that the
