@@ -25,34 +25,35 @@ static bool arg_json;
 static int arg_timeout_ms = -1;
 
 static const struct option common_opts[] = {
-	{"json", no_argument, NULL, 'j'},
-	{"socket", required_argument, NULL, 'S'},
-	{"help", no_argument, NULL, 'h'},
+	{ "json", no_argument, NULL, 'j' },
+	{ "socket", required_argument, NULL, 'S' },
+	{ "help", no_argument, NULL, 'h' },
 };
 
 static void usage(FILE *f)
 {
-	fprintf(f,
-		"Usage: cprctl [--socket PATH] [--json] VERB [ARGS...]\n\n"
-		"Verbs:\n"
-		"  create NAME --memory SIZE --kernel PATH [--initrd PATH] [--append STR]\n"
-		"         [--vcpus N] [--vmm PATH] [--tap IFNAME] [--machine TYPE]\n"
-		"                      define and start a VM; returns when the guest runs\n"
-		"  list                all VMs\n"
-		"  status [NAME]       one VM; without NAME, cprd itself\n"
-		"  fds NAME            the fds cprd holds for a VM\n"
-		"  destroy NAME        stop the VM's VMM and release everything held for it\n"
-		"  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
-		"                      replace the VM's VMM under the running guest\n"
-		"  update --all [--parallel N] [--vmm PATH] ...\n"
-		"                      update every running VM, N at a time\n"
-		"  history NAME        the VM's updates, newest first\n"
-		"  daemon status       cprd's version, uptime, how it started, custody\n"
-		"  daemon reexec [--binary PATH]\n"
-		"                      cprd re-executes itself (or a new binary), keeping every VM\n\n"
-		"The socket is --socket, else $CPRD_SOCKET, else %s.\n"
-		"Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
-		DEFAULT_SOCKET);
+	fprintf(
+	    f,
+	    "Usage: cprctl [--socket PATH] [--json] VERB [ARGS...]\n\n"
+	    "Verbs:\n"
+	    "  create NAME --memory SIZE --kernel PATH [--initrd PATH] [--append STR]\n"
+	    "         [--vcpus N] [--vmm PATH] [--tap IFNAME] [--machine TYPE]\n"
+	    "                      define and start a VM; returns when the guest runs\n"
+	    "  list                all VMs\n"
+	    "  status [NAME]       one VM; without NAME, cprd itself\n"
+	    "  fds NAME            the fds cprd holds for a VM\n"
+	    "  destroy NAME        stop the VM's VMM and release everything held for it\n"
+	    "  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
+	    "                      replace the VM's VMM under the running guest\n"
+	    "  update --all [--parallel N] [--vmm PATH] ...\n"
+	    "                      update every running VM, N at a time\n"
+	    "  history NAME        the VM's updates, newest first\n"
+	    "  daemon status       cprd's version, uptime, how it started, custody\n"
+	    "  daemon reexec [--binary PATH]\n"
+	    "                      cprd re-executes itself (or a new binary), keeping every VM\n\n"
+	    "The socket is --socket, else $CPRD_SOCKET, else %s.\n"
+	    "Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
+	    DEFAULT_SOCKET);
 }
 
 /* Parse options; the common ones (--json, --socket) are allowed anywhere.
@@ -114,7 +115,8 @@ static int connect_or_say(proto_client **ret)
 	int r = proto_client_connect(socket_path(), ret);
 
 	if (r < 0)
-		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", socket_path(), strerror(-r),
+		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", socket_path(),
+			strerror(-r),
 			r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
 	return r;
 }
@@ -252,10 +254,10 @@ static int create_opt(int opt, const char *arg, void *ud)
 
 static void print_status(json_object *vm)
 {
-	static const char *const keys[] = {"name",   "state",  "pid",         "vmm",
-					   "vmm_version", "machine", "accel", "vcpus",
-					   "kernel", "initrd", "append", "tap", "console_log",
-					   "vmm_log", "fds_held", "exit"};
+	static const char *const keys[] = { "name",        "state",   "pid",      "vmm",
+					    "vmm_version", "machine", "accel",    "vcpus",
+					    "kernel",      "initrd",  "append",   "tap",
+					    "console_log", "vmm_log", "fds_held", "exit" };
 	char mem[32];
 
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
@@ -265,7 +267,8 @@ static void print_status(json_object *vm)
 			continue;
 		printf("%-12s %s\n", keys[i], json_object_get_string(v));
 		if (streq(keys[i], "pid")) {
-			human_size((uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
+			human_size((uint64_t)json_object_get_int64(
+				       json_object_object_get(vm, "memory_bytes")),
 				   mem, sizeof(mem));
 			printf("%-12s %s\n", "memory", mem);
 		}
@@ -275,19 +278,24 @@ static void print_status(json_object *vm)
 static int verb_create(int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{"memory", required_argument, NULL, 'm'}, {"vcpus", required_argument, NULL, 'c'},
-		{"kernel", required_argument, NULL, 'k'}, {"initrd", required_argument, NULL, 'i'},
-		{"append", required_argument, NULL, 'a'}, {"vmm", required_argument, NULL, 'v'},
-		{"tap", required_argument, NULL, 't'},    {"machine", required_argument, NULL, 'M'},
+		{ "memory", required_argument, NULL, 'm' },
+		{ "vcpus", required_argument, NULL, 'c' },
+		{ "kernel", required_argument, NULL, 'k' },
+		{ "initrd", required_argument, NULL, 'i' },
+		{ "append", required_argument, NULL, 'a' },
+		{ "vmm", required_argument, NULL, 'v' },
+		{ "tap", required_argument, NULL, 't' },
+		{ "machine", required_argument, NULL, 'M' },
 	};
-	struct create_args a = {.p = json_object_new_object()};
+	struct create_args a = { .p = json_object_new_object() };
 	_cleanup_json_ json_object *res = NULL;
 	int i, r;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), create_opt, &a);
 	if (i < 0 || i + 1 != argc) {
 		json_object_put(a.p);
-		fprintf(stderr, "Usage: cprctl create NAME --memory SIZE --kernel PATH [options]\n");
+		fprintf(stderr,
+			"Usage: cprctl create NAME --memory SIZE --kernel PATH [options]\n");
 		return EXIT_USAGE;
 	}
 	json_object_object_add(a.p, "name", json_object_new_string(argv[i]));
@@ -326,8 +334,9 @@ static int verb_list(int argc, char **argv)
 		json_object *vm = json_object_array_get_idx(vms, i);
 		char mem[32], up[32];
 
-		human_size((uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
-			   mem, sizeof(mem));
+		human_size(
+		    (uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
+		    mem, sizeof(mem));
 		human_uptime(json_object_get_int64(json_object_object_get(vm, "created_usec")), up,
 			     sizeof(up));
 		printf("%-20s %-9s %8s %7s %5s %-8s %-9s %s\n", str(vm, "name"), str(vm, "state"),
@@ -412,7 +421,8 @@ static int daemon_reexec(json_object *params)
 		json_object *now = NULL;
 
 		if (proto_client_connect(socket_path(), &c) == 0 &&
-		    proto_client_call(c, "daemon.status", NULL, NULL, 0, 2000, &now, NULL, NULL, NULL) == 0 &&
+		    proto_client_call(c, "daemon.status", NULL, NULL, 0, 2000, &now, NULL, NULL,
+				      NULL) == 0 &&
 		    json_object_get_int64(json_object_object_get(now, "started_usec")) != before) {
 			proto_client_free(c);
 			json_object_put(st);
@@ -420,13 +430,13 @@ static int daemon_reexec(json_object *params)
 			if (arg_json)
 				print_json(st);
 			else
-				printf("cprd re-executed (pid %s, %s VM(s), %s fds held)\n", str(st, "pid"),
-				       str(st, "vms"), str(st, "fds_held"));
+				printf("cprd re-executed (pid %s, %s VM(s), %s fds held)\n",
+				       str(st, "pid"), str(st, "vms"), str(st, "fds_held"));
 			return EXIT_OK;
 		}
 		json_object_put(now);
 		proto_client_free(c);
-		struct timespec ts = {0, 50 * 1000 * 1000};
+		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
 	}
 	fprintf(stderr, "cprctl: cprd did not come back within 10 s of re-executing\n");
@@ -435,7 +445,7 @@ static int daemon_reexec(json_object *params)
 
 static int verb_daemon(int argc, char **argv)
 {
-	static const struct option opts[] = {{"binary", required_argument, NULL, 'b'}};
+	static const struct option opts[] = { { "binary", required_argument, NULL, 'b' } };
 	_cleanup_json_ json_object *res = NULL;
 	json_object *params = json_object_new_object();
 	int i, r;
@@ -445,7 +455,9 @@ static int verb_daemon(int argc, char **argv)
 		return daemon_reexec(params);
 	json_object_put(params);
 	if (i < 0 || i + 1 != argc || !streq(argv[i], "status")) {
-		fprintf(stderr, "Usage: cprctl daemon status\n       cprctl daemon reexec [--binary PATH]\n");
+		fprintf(
+		    stderr,
+		    "Usage: cprctl daemon status\n       cprctl daemon reexec [--binary PATH]\n");
 		return EXIT_USAGE;
 	}
 	r = call("daemon.status", NULL, &res);
@@ -461,7 +473,7 @@ static int verb_daemon(int argc, char **argv)
 
 static int verb_status(int argc, char **argv)
 {
-	char *daemon_argv[] = {argv[0], (char *)"status", NULL};
+	char *daemon_argv[] = { argv[0], (char *)"status", NULL };
 	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
 
 	/* "cprctl status" alone: the daemon's own status. */
@@ -532,14 +544,16 @@ static json_object *update_one(const char *name, json_object *base, char *msg, s
 	json_object *data;
 	int r;
 
-	json_object_object_foreach(base, k, v) json_object_object_add(params, k, json_object_get(v));
+	json_object_object_foreach(base, k, v)
+	    json_object_object_add(params, k, json_object_get(v));
 	json_object_object_add(params, "name", json_object_new_string(name));
 	r = proto_client_connect(socket_path(), &c);
 	if (r < 0) {
 		snprintf(msg, msglen, "cannot reach cprd at %s: %s", socket_path(), strerror(-r));
 		return NULL;
 	}
-	r = proto_client_call(c, "vm.update", TAKE_PTR(params), NULL, 0, -1, &res, &err, NULL, NULL);
+	r = proto_client_call(c, "vm.update", TAKE_PTR(params), NULL, 0, -1, &res, &err, NULL,
+			      NULL);
 	proto_client_free(c);
 	if (r == 0)
 		return TAKE_PTR(res);
@@ -629,7 +643,7 @@ static int cmp_double(const void *a, const void *b)
 static int update_fleet(json_object *base, long parallel)
 {
 	_cleanup_json_ json_object *list = NULL, *out = NULL;
-	struct fleet f = {.lock = PTHREAD_MUTEX_INITIALIZER, .base = base};
+	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER, .base = base };
 	json_object *vms, *summary;
 	pthread_t th[64];
 	double *bo;
@@ -681,15 +695,17 @@ static int update_fleet(json_object *base, long parallel)
 	json_object_object_add(summary, "count", json_object_new_int((int)f.n));
 	json_object_object_add(summary, "ok", json_object_new_int((int)nok));
 	json_object_object_add(summary, "failures", json_object_new_int((int)(f.n - nok)));
-	json_object_object_add(summary, "blackout_p50_ms", nbo ? json_object_new_double(bo[nbo / 2]) : NULL);
-	json_object_object_add(summary, "blackout_max_ms", nbo ? json_object_new_double(bo[nbo - 1]) : NULL);
+	json_object_object_add(summary, "blackout_p50_ms",
+			       nbo ? json_object_new_double(bo[nbo / 2]) : NULL);
+	json_object_object_add(summary, "blackout_max_ms",
+			       nbo ? json_object_new_double(bo[nbo - 1]) : NULL);
 	json_object_object_add(out, "updates", arr);
 	json_object_object_add(out, "summary", summary);
 	if (arg_json)
 		print_json(out);
 	else if (nbo)
-		printf("%zu updated, %zu failed; blackout p50 %.3f ms, max %.3f ms\n", nok, f.n - nok,
-		       bo[nbo / 2], bo[nbo - 1]);
+		printf("%zu updated, %zu failed; blackout p50 %.3f ms, max %.3f ms\n", nok,
+		       f.n - nok, bo[nbo / 2], bo[nbo - 1]);
 	else
 		printf("%zu updated, %zu failed\n", nok, f.n - nok);
 	free(f.names);
@@ -701,19 +717,23 @@ static int update_fleet(json_object *base, long parallel)
 static int verb_update(int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{"vmm", required_argument, NULL, 'v'},     {"strategy", required_argument, NULL, 's'},
-		{"timeout", required_argument, NULL, 't'}, {"all", no_argument, NULL, 'a'},
-		{"parallel", required_argument, NULL, 'p'},
+		{ "vmm", required_argument, NULL, 'v' },
+		{ "strategy", required_argument, NULL, 's' },
+		{ "timeout", required_argument, NULL, 't' },
+		{ "all", no_argument, NULL, 'a' },
+		{ "parallel", required_argument, NULL, 'p' },
 	};
-	struct update_opts o = {.base = json_object_new_object(), .parallel = 1};
+	struct update_opts o = { .base = json_object_new_object(), .parallel = 1 };
 	_cleanup_json_ json_object *base = o.base, *rep = NULL;
 	char msg[256] = "";
 	int i;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
 	if (i < 0 || (o.all ? i != argc : i + 1 != argc)) {
-		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
-				"       cprctl update --all [--parallel N] [--vmm PATH] [--strategy S] [--timeout SECONDS]\n");
+		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy "
+				"handover|cpr-transfer] [--timeout SECONDS]\n"
+				"       cprctl update --all [--parallel N] [--vmm PATH] "
+				"[--strategy S] [--timeout SECONDS]\n");
 		return EXIT_USAGE;
 	}
 	if (o.all)
@@ -742,7 +762,8 @@ static void print_history(json_object *res)
 	for (size_t i = 0; i < json_object_array_length(ups); i++) {
 		json_object *u = json_object_array_get_idx(ups, i);
 		json_object *bo = json_object_object_get(u, "blackout_ms");
-		time_t t = (time_t)(json_object_get_int64(json_object_object_get(u, "time_usec")) / 1000000);
+		time_t t = (time_t)(json_object_get_int64(json_object_object_get(u, "time_usec")) /
+				    1000000);
 		char when[32], ver[40], bos[24];
 		struct tm tm;
 
@@ -752,8 +773,9 @@ static void print_history(json_object *res)
 			 json_object_object_get(u, "new_version") ? str(u, "new_version") : "-");
 		snprintf(bos, sizeof(bos), "%s ms", bo ? json_object_get_string(bo) : "?");
 		printf("%-19s %-12s %-11s %11s %7.1f ms %-17s %s\n", when, str(u, "strategy"),
-		       str(u, "result"), bos, json_object_get_double(json_object_object_get(u, "total_ms")),
-		       ver, json_object_object_get(u, "error") ? str(u, "error") : "");
+		       str(u, "result"), bos,
+		       json_object_get_double(json_object_object_get(u, "total_ms")), ver,
+		       json_object_object_get(u, "error") ? str(u, "error") : "");
 	}
 	if (json_object_array_length(ups) == 0)
 		printf("(no updates)\n");
@@ -768,9 +790,9 @@ static const struct {
 	const char *name;
 	int (*fn)(int argc, char **argv);
 } verbs[] = {
-	{"update", verb_update}, {"history", verb_history},
-	{"create", verb_create}, {"list", verb_list},       {"status", verb_status},
-	{"fds", verb_fds},       {"destroy", verb_destroy}, {"daemon", verb_daemon},
+	{ "update", verb_update },   { "history", verb_history }, { "create", verb_create },
+	{ "list", verb_list },       { "status", verb_status },   { "fds", verb_fds },
+	{ "destroy", verb_destroy }, { "daemon", verb_daemon },
 };
 
 int main(int argc, char **argv)

@@ -55,17 +55,17 @@ static inline void fclosep(FILE **f)
 #define _cleanup_free_ _cleanup_(freep)
 
 /* Hand ownership on: return the value and leave the variable empty. */
-#define TAKE_FD(fd)                \
-	({                         \
-		int _fd_ = (fd);   \
-		(fd) = -EBADF;     \
-		_fd_;              \
+#define TAKE_FD(fd)              \
+	({                       \
+		int _fd_ = (fd); \
+		(fd) = -EBADF;   \
+		_fd_;            \
 	})
-#define TAKE_PTR(p)                         \
-	({                                  \
-		__typeof__(p) _p_ = (p);    \
-		(p) = NULL;                 \
-		_p_;                        \
+#define TAKE_PTR(p)                      \
+	({                               \
+		__typeof__(p) _p_ = (p); \
+		(p) = NULL;              \
+		_p_;                     \
 	})
 
 /* Define a cleanup function for a pointer type with a NULL-tolerant destructor. */

@@ -30,11 +30,11 @@ struct daemon {
 	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;
 	launcher launcher;
-	bool kvm;            /* /dev/kvm usable: -accel kvm */
-	bool have_group;     /* group "cprd" exists */
-	gid_t group;         /* its gid */
-	uint64_t started_usec; /* CLOCK_REALTIME at start */
-	uint64_t started_mono; /* CLOCK_MONOTONIC at start */
+	bool kvm;               /* /dev/kvm usable: -accel kvm */
+	bool have_group;        /* group "cprd" exists */
+	gid_t group;            /* its gid */
+	uint64_t started_usec;  /* CLOCK_REALTIME at start */
+	uint64_t started_mono;  /* CLOCK_MONOTONIC at start */
 	const char *start_mode; /* "fresh", "fd-store", "re-exec", "recovered" */
 	char *self_path;        /* our binary, for re-exec */
 	char **argv;            /* our command line, for re-exec */

@@ -130,7 +130,7 @@ static int spawn(char **argv, int log_fd, int *fds, size_t nfds, pid_t *ret_pid)
 
 static void send_reply(int sock, int error, pid_t pid)
 {
-	struct reply rep = {.error = error, .pid = pid};
+	struct reply rep = { .error = error, .pid = pid };
 	_cleanup_close_ int pidfd = -EBADF;
 
 	if (pid > 0)
@@ -220,7 +220,7 @@ int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, s
 	int all[LAUNCHER_MAX_FDS + 1], got = -EBADF;
 	struct reply rep;
 	size_t len = 0, ngot = 0;
-	struct pollfd pfd = {.fd = l->sock, .events = POLLIN};
+	struct pollfd pfd = { .fd = l->sock, .events = POLLIN };
 	ssize_t n;
 	int r;
 

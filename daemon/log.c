@@ -22,8 +22,8 @@ void log_setup(void)
 /* One write() per line, so that lines from concurrent writers never mix. */
 void log_msg(int prio, const char *fmt, ...)
 {
-	static const char *const names[] = {"emerg", "alert", "crit", "error",
-					     "warning", "notice", "info", "debug"};
+	static const char *const names[] = { "emerg",   "alert",  "crit", "error",
+					     "warning", "notice", "info", "debug" };
 	char line[2048], ts[32];
 	struct timespec now;
 	struct tm tm;
@@ -38,8 +38,8 @@ void log_msg(int prio, const char *fmt, ...)
 		clock_gettime(CLOCK_REALTIME, &now);
 		localtime_r(&now.tv_sec, &tm);
 		strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-		n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: ", ts, now.tv_nsec / 1000000,
-			     (int)getpid(), names[prio & 7]);
+		n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: ", ts,
+			     now.tv_nsec / 1000000, (int)getpid(), names[prio & 7]);
 	}
 	va_start(ap, fmt);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

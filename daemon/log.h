@@ -17,9 +17,9 @@ _printf_(2, 3) void log_msg(int prio, const char *fmt, ...);
 #define log_error(...) log_msg(LOG_ERR, __VA_ARGS__)
 
 /* Log and return r (a negative errno), for "return log_error_errno(r, ...)". */
-#define log_error_errno(r, fmt, ...)                                              \
-	({                                                                        \
-		int _r_ = (r);                                                    \
-		log_msg(LOG_ERR, fmt ": %s", ##__VA_ARGS__, strerror(-_r_));      \
-		_r_;                                                              \
+#define log_error_errno(r, fmt, ...)                                         \
+	({                                                                   \
+		int _r_ = (r);                                               \
+		log_msg(LOG_ERR, fmt ": %s", ##__VA_ARGS__, strerror(-_r_)); \
+		_r_;                                                         \
 	})

@@ -55,30 +55,31 @@ void daemon_update_status(struct daemon *d)
 
 static void help(void)
 {
-	printf("Usage: cprd [--socket PATH] [--state-dir DIR] [--foreground] [--no-sandbox]\n\n"
-	       "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
-	       "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
-	       "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
-	       "  --foreground      do not detach; log to stderr\n"
-	       "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
-	       "  --version         print the version\n",
-	       DEFAULT_STATE_DIR);
+	printf(
+	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--foreground] [--no-sandbox]\n\n"
+	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
+	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
+	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
+	    "  --foreground      do not detach; log to stderr\n"
+	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
+	    "  --version         print the version\n",
+	    DEFAULT_STATE_DIR);
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
-		{"socket", required_argument, NULL, 's'},
-		{"state-dir", required_argument, NULL, 'd'},
-		{"foreground", no_argument, NULL, 'f'},
-		{"no-sandbox", no_argument, NULL, 'S'},
-		{"help", no_argument, NULL, 'h'},
-		{"version", no_argument, NULL, 'V'},
+		{ "socket", required_argument, NULL, 's' },
+		{ "state-dir", required_argument, NULL, 'd' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "no-sandbox", no_argument, NULL, 'S' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){.state_dir = DEFAULT_STATE_DIR, .sandbox = true};
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -125,7 +126,8 @@ static int setup_state_dir(struct daemon *d, const char *dir)
 		if (!d->state_dir)
 			return log_error_errno(-errno, "cannot resolve %s", dir);
 	}
-	if (asprintf(&vms, "%s/vms", d->state_dir) < 0 || asprintf(&lock, "%s/cprd.lock", d->state_dir) < 0)
+	if (asprintf(&vms, "%s/vms", d->state_dir) < 0 ||
+	    asprintf(&lock, "%s/cprd.lock", d->state_dir) < 0)
 		return -ENOMEM;
 	if (mkdir(vms, 0750) < 0 && errno != EEXIST)
 		return log_error_errno(-errno, "cannot create %s", vms);
@@ -244,14 +246,14 @@ static int reexec(struct daemon *d)
 	if (!list)
 		return -ENOMEM;
 	list[0] = '\0';
-#define ADD(fd_, fmt, ...)                                                                    \
-	do {                                                                                   \
-		int n_ = snprintf(list + len, cap - len, "%s%d:" fmt, len ? "," : "", (fd_),       \
-				  ##__VA_ARGS__);                                              \
-		if (n_ < 0 || (size_t)n_ >= cap - len || nfds >= (int)ELEMENTSOF(fds))        \
-			return -E2BIG;                                                         \
-		len += (size_t)n_;                                                             \
-		fds[nfds++] = (fd_);                                                           \
+#define ADD(fd_, fmt, ...)                                                                   \
+	do {                                                                                 \
+		int n_ = snprintf(list + len, cap - len, "%s%d:" fmt, len ? "," : "", (fd_), \
+				  ##__VA_ARGS__);                                            \
+		if (n_ < 0 || (size_t)n_ >= cap - len || nfds >= (int)ELEMENTSOF(fds))       \
+			return -E2BIG;                                                       \
+		len += (size_t)n_;                                                           \
+		fds[nfds++] = (fd_);                                                         \
 	} while (0)
 	ADD(d->listen_fd, "cprd-listen");
 	ADD(d->launcher.sock, "cprd-launcher");
@@ -343,7 +345,8 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 
 	sd_notify(0, "STOPPING=1");
 	if (d->vms)
-		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive", vm_count(d));
+		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive",
+			   vm_count(d));
 	vm_detach_all(d);
 	server_stop(d);
 	return 0;
@@ -351,7 +354,9 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 
 int main(int argc, char **argv)
 {
-	struct daemon d = {.listen_fd = -EBADF, .launcher = {.sock = -EBADF}, .start_mode = "fresh"};
+	struct daemon d = { .listen_fd = -EBADF,
+			    .launcher = { .sock = -EBADF },
+			    .start_mode = "fresh" };
 	struct options o;
 	struct group *g;
 	json_object *pidfds = NULL;

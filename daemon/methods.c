@@ -93,8 +93,8 @@ static bool params_parse(struct call *c, json_object *params, const struct param
 			continue;
 		}
 		if (!parse_one(v, &spec[i])) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "parameter '%s' must be %s", spec[i].name,
-				  ptype_name(spec[i].type));
+			call_fail(c, JSONRPC_INVALID_PARAMS, "parameter '%s' must be %s",
+				  spec[i].name, ptype_name(spec[i].type));
 			return false;
 		}
 	}
@@ -129,7 +129,7 @@ static struct vm *find_vm_or_fail(struct daemon *d, struct call *c, const char *
 static struct vm *vm_param(struct daemon *d, struct call *c, json_object *params, const char *key)
 {
 	const char *name = NULL;
-	const struct param spec[] = {{key, P_STRING, true, &name}};
+	const struct param spec[] = { { key, P_STRING, true, &name } };
 
 	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
 		return NULL;
@@ -196,8 +196,8 @@ static bool memory_ok(struct call *c, uint64_t bytes)
 	char a[32], b[32];
 
 	if (bytes < QEMU_MIN_MEMORY) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "memory must be at least 16 MiB (got %" PRIu64
-			  " bytes)", bytes);
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "memory must be at least 16 MiB (got %" PRIu64 " bytes)", bytes);
 		return false;
 	}
 	if (bytes > phys) {
@@ -216,11 +216,11 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		   *tap = NULL, *machine = NULL;
 	uint64_t memory = 0, vcpus = 1;
 	const struct param spec[] = {
-		{"name", P_STRING, true, &name},       {"memory", P_SIZE, true, &memory},
-		{"vcpus", P_UINT, false, &vcpus},      {"kernel", P_STRING, true, &kernel},
-		{"initrd", P_STRING, false, &initrd},  {"append", P_STRING, false, &append},
-		{"vmm", P_STRING, false, &vmm},        {"tap", P_STRING, false, &tap},
-		{"machine", P_STRING, false, &machine},
+		{ "name", P_STRING, true, &name },        { "memory", P_SIZE, true, &memory },
+		{ "vcpus", P_UINT, false, &vcpus },       { "kernel", P_STRING, true, &kernel },
+		{ "initrd", P_STRING, false, &initrd },   { "append", P_STRING, false, &append },
+		{ "vmm", P_STRING, false, &vmm },         { "tap", P_STRING, false, &tap },
+		{ "machine", P_STRING, false, &machine },
 	};
 	struct vm_config cfg = {};
 	int r;
@@ -229,7 +229,8 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		return;
 	if (!memstore_name_is_valid(name)) {
 		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "invalid VM name '%.64s': use 1-63 letters, digits, '-', '_' or '.', not starting with '.'",
+			  "invalid VM name '%.64s': use 1-63 letters, digits, '-', '_' or '.', not "
+			  "starting with '.'",
 			  name);
 		return;
 	}
@@ -244,13 +245,14 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		call_fail(c, JSONRPC_INVALID_PARAMS, "vcpus must be between 1 and 256");
 		return;
 	}
-	const char *files[][2] = {{"kernel", kernel}, {"initrd", initrd}};
+	const char *files[][2] = { { "kernel", kernel }, { "initrd", initrd } };
 	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
 		if (!files[i][1])
 			continue;
 		r = check_file(files[i][1]);
 		if (r < 0) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "%s '%.200s': %s", files[i][0], files[i][1],
+			call_fail(c, JSONRPC_INVALID_PARAMS, "%s '%.200s': %s", files[i][0],
+				  files[i][1],
 				  r == -EINVAL ? "must be an absolute path" : strerror(-r));
 			return;
 		}
@@ -267,7 +269,9 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	r = find_vmm(vmm, &cfg.vmm);
 	if (r < 0) {
 		call_fail(c, JSONRPC_ERR_VMM, "VMM binary '%.200s' %s", vmm,
-			  r == -ENOENT ? "not found" : r == -EINVAL ? "must be an absolute path or a name in PATH" : strerror(-r));
+			  r == -ENOENT   ? "not found"
+			  : r == -EINVAL ? "must be an absolute path or a name in PATH"
+					 : strerror(-r));
 		return;
 	}
 	cfg.name = strdup(name);
@@ -322,10 +326,10 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	const char *name = NULL, *vmm = NULL, *strategy = "handover";
 	uint64_t timeout = 60;
 	const struct param spec[] = {
-		{"name", P_STRING, true, &name},
-		{"vmm", P_STRING, false, &vmm},
-		{"strategy", P_STRING, false, &strategy},
-		{"timeout", P_UINT, false, &timeout},
+		{ "name", P_STRING, true, &name },
+		{ "vmm", P_STRING, false, &vmm },
+		{ "strategy", P_STRING, false, &strategy },
+		{ "timeout", P_UINT, false, &timeout },
 	};
 	_cleanup_free_ char *binary = NULL;
 	struct vm *vm;
@@ -337,8 +341,8 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		return;
 	s = update_strategy_from_string(strategy);
 	if (s < 0) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "unknown strategy '%.32s' (handover, cpr-transfer)",
-			  strategy);
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "unknown strategy '%.32s' (handover, cpr-transfer)", strategy);
 		return;
 	}
 	if (timeout < 1 || timeout > 3600) {
@@ -350,8 +354,9 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		return;
 	}
 	if (vm->state != VM_RUNNING || vm->waiting) {
-		call_fail(c, JSONRPC_ERR_BAD_STATE, "VM '%s' is %s; only a running VM can be updated",
-			  vm->cfg.name, vm_state_to_string(vm->state));
+		call_fail(c, JSONRPC_ERR_BAD_STATE,
+			  "VM '%s' is %s; only a running VM can be updated", vm->cfg.name,
+			  vm_state_to_string(vm->state));
 		return;
 	}
 	/* A missing or unusable binary is not refused here: the update
@@ -418,9 +423,9 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 	const char *vmname = NULL;
 	json_object *names = NULL, *kinds = NULL;
 	const struct param spec[] = {
-		{"vm", P_STRING, true, &vmname},
-		{"names", P_STRINGS, true, &names},
-		{"kinds", P_STRINGS, false, &kinds},
+		{ "vm", P_STRING, true, &vmname },
+		{ "names", P_STRINGS, true, &names },
+		{ "kinds", P_STRINGS, false, &kinds },
 	};
 	size_t n;
 	struct vm *vm;
@@ -432,8 +437,8 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 	n = json_object_array_length(names);
 	if (n == 0 || n != call_nfds(c) || (kinds && json_object_array_length(kinds) != n)) {
 		call_fail(c, JSONRPC_ERR_BAD_FDS,
-			  "fd.store needs exactly one fd per name: %zu names, %zu fds attached%s", n,
-			  call_nfds(c), kinds ? ", and one kind per name" : "");
+			  "fd.store needs exactly one fd per name: %zu names, %zu fds attached%s",
+			  n, call_nfds(c), kinds ? ", and one kind per name" : "");
 		return;
 	}
 	/* Check all first so that a bad entry stores nothing. */
@@ -442,7 +447,8 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 		const memstore_entry *e;
 
 		if (!memstore_name_is_valid(nm) || is_reserved(nm)) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%.64s' is invalid or reserved", nm);
+			call_fail(c, JSONRPC_INVALID_PARAMS,
+				  "fd name '%.64s' is invalid or reserved", nm);
 			return;
 		}
 		if (memstore_get(d->store, vm->cfg.name, nm, &e) == 0) {
@@ -451,12 +457,14 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 		for (size_t j = 0; j < i; j++)
-			if (streq(nm, json_object_get_string(json_object_array_get_idx(names, j)))) {
-				call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%s' given twice", nm);
+			if (streq(nm,
+				  json_object_get_string(json_object_array_get_idx(names, j)))) {
+				call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%s' given twice",
+					  nm);
 				return;
 			}
-		if (kinds && memstore_kind_from_string(json_object_get_string(
-				     json_object_array_get_idx(kinds, i))) < 0) {
+		if (kinds && memstore_kind_from_string(
+				 json_object_get_string(json_object_array_get_idx(kinds, i))) < 0) {
 			call_fail(c, JSONRPC_INVALID_PARAMS,
 				  "unknown fd kind '%.32s' (memfd, tap, char, file, socket, pipe)",
 				  json_object_get_string(json_object_array_get_idx(kinds, i)));
@@ -469,7 +477,8 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 		int fd = call_take_fd(c, i), r = 0;
 
 		if (kinds)
-			k = memstore_kind_from_string(json_object_get_string(json_object_array_get_idx(kinds, i)));
+			k = memstore_kind_from_string(
+			    json_object_get_string(json_object_array_get_idx(kinds, i)));
 		else
 			r = memstore_fd_kind(fd, &k);
 		if (r == 0)
@@ -480,7 +489,8 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 			safe_close(fd);
 			/* Undo what this call stored: all or nothing. */
 			for (size_t j = 0; j < i; j++) {
-				const char *undo = json_object_get_string(json_object_array_get_idx(names, j));
+				const char *undo =
+				    json_object_get_string(json_object_array_get_idx(names, j));
 
 				fdstore_remove(d, vm->cfg.name, undo);
 				memstore_remove(d->store, vm->cfg.name, undo);
@@ -499,8 +509,8 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 	const char *vmname = NULL;
 	json_object *names = NULL;
 	const struct param spec[] = {
-		{"vm", P_STRING, true, &vmname},
-		{"names", P_STRINGS, true, &names},
+		{ "vm", P_STRING, true, &vmname },
+		{ "names", P_STRINGS, true, &names },
 	};
 	int fds[16];
 	size_t n;
@@ -512,9 +522,11 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 	if (!(vm = find_vm_or_fail(d, c, vmname)))
 		return;
 	/* A VMM may claim its own VM's fds and nobody else's. */
-	if (!call_peer_privileged(c) && !(vmm_alive(vm->vmm) && call_peer(c)->pid == vm->vmm->pid)) {
+	if (!call_peer_privileged(c) &&
+	    !(vmm_alive(vm->vmm) && call_peer(c)->pid == vm->vmm->pid)) {
 		call_fail(c, JSONRPC_ERR_PERMISSION,
-			  "permission denied: only root, group 'cprd' or VM '%s''s own VMM may claim its fds",
+			  "permission denied: only root, group 'cprd' or VM '%s''s own VMM may "
+			  "claim its fds",
 			  vm->cfg.name);
 		return;
 	}
@@ -545,8 +557,8 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *vmname = NULL, *name = NULL;
 	const struct param spec[] = {
-		{"vm", P_STRING, true, &vmname},
-		{"name", P_STRING, true, &name},
+		{ "vm", P_STRING, true, &vmname },
+		{ "name", P_STRING, true, &name },
 	};
 	struct vm *vm;
 
@@ -561,8 +573,8 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 	}
 	fdstore_remove(d, vm->cfg.name, name);
 	if (memstore_remove(d->store, vm->cfg.name, name) < 0) {
-		call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'", vm->cfg.name,
-			  name);
+		call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'",
+			  vm->cfg.name, name);
 		return;
 	}
 	call_reply(c, fds_result(vm));
@@ -579,14 +591,17 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	o = json_object_new_object();
 	json_object_object_add(o, "version", json_object_new_string(CPRD_VERSION));
 	json_object_object_add(o, "pid", json_object_new_int(getpid()));
-	json_object_object_add(o, "uptime_sec", json_object_new_int64(
-		(int64_t)(now_usec(CLOCK_MONOTONIC) - d->started_mono) / 1000000));
+	json_object_object_add(
+	    o, "uptime_sec",
+	    json_object_new_int64((int64_t)(now_usec(CLOCK_MONOTONIC) - d->started_mono) /
+				  1000000));
 	json_object_object_add(o, "started_usec", json_object_new_int64((int64_t)d->started_usec));
 	json_object_object_add(o, "start_mode", json_object_new_string(d->start_mode));
 	json_object_object_add(o, "state_dir", json_object_new_string(d->state_dir));
 	json_object_object_add(o, "accel", json_object_new_string(d->kvm ? "kvm" : "tcg"));
 	json_object_object_add(o, "vms", json_object_new_int((int)vm_count(d)));
-	json_object_object_add(o, "fds_held", json_object_new_int((int)memstore_count(d->store, NULL)));
+	json_object_object_add(o, "fds_held",
+			       json_object_new_int((int)memstore_count(d->store, NULL)));
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
 	call_reply(c, o);
 }
@@ -594,7 +609,7 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *binary = NULL;
-	const struct param spec[] = {{"binary", P_STRING, false, &binary}};
+	const struct param spec[] = { { "binary", P_STRING, false, &binary } };
 	json_object *o;
 
 	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
@@ -602,13 +617,15 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 	binary = binary ? binary : d->self_path;
 	if (!binary || binary[0] != '/' || access(binary, X_OK) < 0) {
 		call_fail(c, JSONRPC_INVALID_PARAMS, "binary '%.200s' %s", binary ? binary : "?",
-			  binary && binary[0] == '/' ? strerror(errno) : "must be an absolute path");
+			  binary && binary[0] == '/' ? strerror(errno)
+						     : "must be an absolute path");
 		return;
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
 		if (vm->update || vm->waiting) {
-			call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; re-execute when it has finished",
-				  vm->cfg.name, vm->update ? "being updated" : vm_state_to_string(vm->state));
+			call_fail(c, JSONRPC_ERR_BUSY,
+				  "VM '%s' is %s; re-execute when it has finished", vm->cfg.name,
+				  vm->update ? "being updated" : vm_state_to_string(vm->state));
 			return;
 		}
 	free(d->reexec_binary);
@@ -627,19 +644,19 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 }
 
 static const struct method methods[] = {
-	{"vm.create", m_vm_create, METHOD_MUTATING},
-	{"vm.list", m_vm_list, 0},
-	{"vm.status", m_vm_status, 0},
-	{"vm.fds", m_vm_fds, 0},
-	{"vm.destroy", m_vm_destroy, METHOD_MUTATING},
-	{"vm.update", m_vm_update, METHOD_MUTATING},
-	{"vm.history", m_vm_history, 0},
-	{"fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS},
-	{"fd.claim", m_fd_claim, METHOD_MUTATING},
-	{"fd.list", m_fd_list, 0},
-	{"fd.release", m_fd_release, METHOD_MUTATING},
-	{"daemon.status", m_daemon_status, 0},
-	{"daemon.reexec", m_daemon_reexec, METHOD_MUTATING},
+	{ "vm.create", m_vm_create, METHOD_MUTATING },
+	{ "vm.list", m_vm_list, 0 },
+	{ "vm.status", m_vm_status, 0 },
+	{ "vm.fds", m_vm_fds, 0 },
+	{ "vm.destroy", m_vm_destroy, METHOD_MUTATING },
+	{ "vm.update", m_vm_update, METHOD_MUTATING },
+	{ "vm.history", m_vm_history, 0 },
+	{ "fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS },
+	{ "fd.claim", m_fd_claim, METHOD_MUTATING },
+	{ "fd.list", m_fd_list, 0 },
+	{ "fd.release", m_fd_release, METHOD_MUTATING },
+	{ "daemon.status", m_daemon_status, 0 },
+	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
 };
 
 const struct method *method_find(const char *name)

@@ -38,8 +38,10 @@ unsigned long long proc_start_time(pid_t pid)
 	if (p[1] != ' ' || p[2] == 'Z' || p[2] == 'X')
 		return 0;
 	/* starttime is field 22 */
-	if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
-		   &start) != 1)
+	if (sscanf(
+		p + 2,
+		"%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+		&start) != 1)
 		return 0;
 	return start;
 }
@@ -61,7 +63,8 @@ static json_object *vm_record(struct vm *vm)
 	add_str(o, "append", vm->cfg.append);
 	add_str(o, "tap", vm->cfg.tap);
 	add_str(o, "machine", vm->cfg.machine);
-	json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)vm->cfg.memory_bytes));
+	json_object_object_add(o, "memory_bytes",
+			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
@@ -121,7 +124,8 @@ json_object *registry_load(struct daemon *d)
 		return NULL;
 	buf[n] = '\0';
 	root = json_tokener_parse(buf);
-	if (!root || json_object_get_int(json_object_object_get(root, "version")) != REGISTRY_VERSION ||
+	if (!root ||
+	    json_object_get_int(json_object_object_get(root, "version")) != REGISTRY_VERSION ||
 	    !json_object_is_type(json_object_object_get(root, "vms"), json_type_array)) {
 		log_error("%s is not a registry this cprd understands; ignoring it", path);
 		json_object_put(root);
@@ -174,7 +178,8 @@ static bool split_name(const char *full, char *vm, char *fd)
 	if (strncmp(full, FDSTORE_PREFIX, strlen(FDSTORE_PREFIX)) != 0)
 		return false;
 	slash = strchr(p, '/');
-	if (!slash || (size_t)(slash - p) >= MEMSTORE_NAME_MAX || strlen(slash + 1) >= MEMSTORE_NAME_MAX)
+	if (!slash || (size_t)(slash - p) >= MEMSTORE_NAME_MAX ||
+	    strlen(slash + 1) >= MEMSTORE_NAME_MAX)
 		return false;
 	memcpy(vm, p, (size_t)(slash - p));
 	vm[slash - p] = '\0';
@@ -256,7 +261,8 @@ int inherited_fds_take(struct daemon *d, int *ret_listen, int *ret_launcher,
 		} else if (*ret_listen < 0 && sd_is_socket_unix(fd, SOCK_STREAM, 1, NULL, 0) > 0) {
 			*ret_listen = fd; /* the socket unit's, whatever it is named */
 		} else {
-			log_warning("closing an inherited fd nobody claims (%s)", name[0] ? name : "unnamed");
+			log_warning("closing an inherited fd nobody claims (%s)",
+				    name[0] ? name : "unnamed");
 			close(fd);
 		}
 	}

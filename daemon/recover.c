@@ -38,7 +38,8 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		.append = dup_or_null(jstr(rec, "append")),
 		.tap = dup_or_null(jstr(rec, "tap")),
 		.machine = dup_or_null(jstr(rec, "machine")),
-		.memory_bytes = (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
+		.memory_bytes =
+		    (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
 		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),
 	};
 	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
@@ -70,8 +71,8 @@ static pid_t pidfd_pid(int pidfd)
 static int open_vmm(json_object *rec, const char *pid_key, const char *start_key, int stored)
 {
 	pid_t pid = (pid_t)json_object_get_int(json_object_object_get(rec, pid_key));
-	unsigned long long start = (unsigned long long)json_object_get_int64(
-		json_object_object_get(rec, start_key));
+	unsigned long long start =
+	    (unsigned long long)json_object_get_int64(json_object_object_get(rec, start_key));
 	int fd;
 
 	if (stored >= 0) {
@@ -100,8 +101,9 @@ static void reclaim_from_vmm(struct daemon *d, const char *vm, int pidfd, json_o
 	static const struct {
 		const char *name;
 		enum memstore_kind kind;
-	} held[] = {{"ram0", MEMSTORE_KIND_MEMFD}, {"console", MEMSTORE_KIND_FILE},
-		    {"net0", MEMSTORE_KIND_TAP}};
+	} held[] = { { "ram0", MEMSTORE_KIND_MEMFD },
+		     { "console", MEMSTORE_KIND_FILE },
+		     { "net0", MEMSTORE_KIND_TAP } };
 	const memstore_entry *e;
 
 	for (size_t i = 0; i < ELEMENTSOF(held); i++) {
@@ -175,7 +177,8 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	}
 	if (next && streq(st_new, "running")) {
 		snprintf(msg, sizeof(msg),
-			 "cprd restarted during the update; the guest had moved and stays in the new VMM pid %d%s",
+			 "cprd restarted during the update; the guest had moved and stays in the "
+			 "new VMM pid %d%s",
 			 (int)next->pid, old ? "; the old VMM was ended" : "");
 		if (old)
 			vmm_kill(old);
@@ -185,7 +188,8 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	if (next)
 		vmm_kill(next);
 	if (!old) {
-		update_record_interrupted(vm, up, "cprd restarted during the update and neither VMM runs the guest");
+		update_record_interrupted(
+		    vm, up, "cprd restarted during the update and neither VMM runs the guest");
 		return NULL;
 	}
 	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running")) {
@@ -196,7 +200,8 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 		vmm_command_sync(old, "cont", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
 	}
 	snprintf(msg, sizeof(msg),
-		 "cprd restarted during the update; rolled back: the guest stays in the old VMM pid %d%s",
+		 "cprd restarted during the update; rolled back: the guest stays in the old VMM "
+		 "pid %d%s",
 		 (int)old->pid, next || pidfd >= 0 ? " and the new VMM was ended" : "");
 	update_record_interrupted(vm, up, msg);
 	return old;
@@ -211,8 +216,9 @@ static void end_leftover(struct vm *vm, json_object *up)
 		return;
 	pidfd_send_signal(fd, SIGKILL, NULL, 0);
 	close(fd);
-	update_record_interrupted(vm, up, "cprd restarted while ending the old VMM; the guest had "
-					  "moved to the new one, and the old one was ended");
+	update_record_interrupted(vm, up,
+				  "cprd restarted while ending the old VMM; the guest had "
+				  "moved to the new one, and the old one was ended");
 }
 
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
@@ -229,8 +235,9 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		safe_close(stored_pidfd);
 		return;
 	}
-	vm = vm_restore(d, &cfg, (uint64_t)json_object_get_int64(json_object_object_get(rec, "created_usec")),
-			(unsigned)json_object_get_int(json_object_object_get(rec, "updates")));
+	vm = vm_restore(
+	    d, &cfg, (uint64_t)json_object_get_int64(json_object_object_get(rec, "created_usec")),
+	    (unsigned)json_object_get_int(json_object_object_get(rec, "updates")));
 	if (!vm) {
 		safe_close(stored_pidfd);
 		return;
@@ -241,9 +248,12 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		const char *qmp_path = jstr(rec, "qmp") ? jstr(rec, "qmp") : vm->qmp_path;
 
 		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
-		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v) < 0)
-			log_error("VM %s: VMM pid %d runs but its monitor %s is unreachable; keeping it, "
-				  "updates will fail until it answers", vm->cfg.name, (int)v->pid, qmp_path);
+		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v) <
+		    0)
+			log_error(
+			    "VM %s: VMM pid %d runs but its monitor %s is unreachable; keeping it, "
+			    "updates will fail until it answers",
+			    vm->cfg.name, (int)v->pid, qmp_path);
 		set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
 	}
 	if (up && json_object_object_get(up, "ending_pid"))
@@ -253,8 +263,9 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	if (v && !query_status(v, st, sizeof(st)))
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
 	if (!v) {
-		log_warning("VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
-			    vm->cfg.name, (int)vm->last_pid);
+		log_warning(
+		    "VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
+		    vm->cfg.name, (int)vm->last_pid);
 		return;
 	}
 	vm_restore_vmm(vm, v, streq(st, "running"));
@@ -270,7 +281,11 @@ int recover(struct daemon *d, json_object *pidfds)
 	size_t n;
 
 	if (!root) {
-		json_object_object_foreach(pidfds, k, v) { (void)k; close(json_object_get_int(v)); }
+		json_object_object_foreach(pidfds, k, v)
+		{
+			(void)k;
+			close(json_object_get_int(v));
+		}
 		return 0;
 	}
 	vms = json_object_object_get(root, "vms");
@@ -286,7 +301,11 @@ int recover(struct daemon *d, json_object *pidfds)
 		}
 		recover_one(d, rec, stored);
 	}
-	json_object_object_foreach(pidfds, k, v) { (void)k; close(json_object_get_int(v)); }
+	json_object_object_foreach(pidfds, k, v)
+	{
+		(void)k;
+		close(json_object_get_int(v));
+	}
 	/* Fds inherited for VMs the registry does not know are not ours to keep. */
 	for (size_t i = 0; i < memstore_count(d->store, NULL);) {
 		const memstore_entry *e = memstore_nth(d->store, NULL, i);
@@ -296,7 +315,8 @@ int recover(struct daemon *d, json_object *pidfds)
 
 			snprintf(vm, sizeof(vm), "%s", e->vm);
 			snprintf(fd, sizeof(fd), "%s", e->name);
-			log_warning("releasing inherited fd %s/%s: no such VM in the registry", vm, fd);
+			log_warning("releasing inherited fd %s/%s: no such VM in the registry", vm,
+				    fd);
 			fdstore_remove(d, vm, fd);
 			memstore_remove(d->store, vm, fd);
 			continue;

@@ -24,15 +24,15 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 	}
 	snprintf(unit, sizeof(unit), "cprd-vm-%s-%d.scope", vm, (int)pid);
 	snprintf(desc, sizeof(desc), "VMM of VM %s (held by cprd)", vm);
-	r = sd_bus_message_new_method_call(d->bus, &m, "org.freedesktop.systemd1",
-					   "/org/freedesktop/systemd1",
-					   "org.freedesktop.systemd1.Manager", "StartTransientUnit");
+	r = sd_bus_message_new_method_call(
+	    d->bus, &m, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+	    "org.freedesktop.systemd1.Manager", "StartTransientUnit");
 	if (r >= 0)
 		r = sd_bus_message_append(m, "ss", unit, "fail");
 	if (r >= 0)
-		r = sd_bus_message_append(m, "a(sv)", 4, "PIDs", "au", 1, (uint32_t)pid, "Slice", "s",
-					  "machine.slice", "Description", "s", desc, "CollectMode",
-					  "s", "inactive-or-failed");
+		r = sd_bus_message_append(m, "a(sv)", 4, "PIDs", "au", 1, (uint32_t)pid, "Slice",
+					  "s", "machine.slice", "Description", "s", desc,
+					  "CollectMode", "s", "inactive-or-failed");
 	if (r >= 0)
 		r = sd_bus_message_append(m, "a(sa(sv))", 0);
 	if (r >= 0)

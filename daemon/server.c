@@ -15,9 +15,9 @@
 #include "proto/frame.h"
 #include "proto/jsonrpc.h"
 
-#define CLIENT_MAX_MSG (256 * 1024)   /* requests are small; 256 KiB is generous */
-#define CLIENT_MAX_QUEUED (8 << 20)   /* a client that reads nothing is dropped */
-#define CLIENT_MAX_CALLS 64           /* calls in flight per connection */
+#define CLIENT_MAX_MSG (256 * 1024) /* requests are small; 256 KiB is generous */
+#define CLIENT_MAX_QUEUED (8 << 20) /* a client that reads nothing is dropped */
+#define CLIENT_MAX_CALLS 64         /* calls in flight per connection */
 #define CLIENT_MAX_COUNT 1024
 
 struct client {
@@ -238,8 +238,7 @@ static void reply_error(struct client *cl, struct batch *b, json_object *id, int
 	json_object_put(e);
 }
 
-static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int *fds,
-			 size_t nfds)
+static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int *fds, size_t nfds)
 {
 	jsonrpc_request req = {};
 	const struct method *m;
@@ -271,13 +270,14 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 	memcpy(c->fds, fds, nfds * sizeof(int));
 	c->nfds = nfds;
 	if (nfds > 0 && !(m->flags & METHOD_TAKES_FDS)) {
-		call_fail(c, JSONRPC_ERR_BAD_FDS, "method '%s' takes no fds, but %zu came with it (closed)",
-			  m->name, nfds);
+		call_fail(c, JSONRPC_ERR_BAD_FDS,
+			  "method '%s' takes no fds, but %zu came with it (closed)", m->name, nfds);
 		return;
 	}
 	if ((m->flags & METHOD_MUTATING) && !cl->privileged && !streq(m->name, "fd.claim")) {
 		call_fail(c, JSONRPC_ERR_PERMISSION,
-			  "permission denied: '%s' changes state and needs root or group 'cprd' (peer uid %u)",
+			  "permission denied: '%s' changes state and needs root or group 'cprd' "
+			  "(peer uid %u)",
 			  m->name, (unsigned)cl->peer.uid);
 		return;
 	}
@@ -415,8 +415,9 @@ static void client_read(struct client *c)
 		return;
 	}
 	if (n == -EBADMSG || n == -ETOOMANYREFS) {
-		client_fail_stream(c, JSONRPC_ERR_BAD_FDS,
-				   "too many or malformed fds attached (at most 16 per message); all were closed");
+		client_fail_stream(
+		    c, JSONRPC_ERR_BAD_FDS,
+		    "too many or malformed fds attached (at most 16 per message); all were closed");
 		return;
 	}
 	if (n < 0) {
@@ -433,7 +434,8 @@ static void client_read(struct client *c)
 		if (r == 0)
 			break;
 		if (r < 0) {
-			client_fail_stream(c, JSONRPC_ERR_BAD_FDS, "fds attached to an empty line (closed)");
+			client_fail_stream(c, JSONRPC_ERR_BAD_FDS,
+					   "fds attached to an empty line (closed)");
 			break;
 		}
 		handle_message(c, line, len, fds, nfds);
@@ -502,7 +504,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 static int socket_bind(struct daemon *d)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	_cleanup_close_ int fd = -EBADF, probe = -EBADF;
 	struct group *g;
 
@@ -542,7 +544,7 @@ void server_flush_all(struct daemon *d, int timeout_ms)
 	for (struct client *c = d->clients; c; c = c->next) {
 		while (!c->dead && !proto_writer_is_empty(c->out) &&
 		       now_usec(CLOCK_MONOTONIC) < deadline) {
-			struct pollfd p = {.fd = c->fd, .events = POLLOUT};
+			struct pollfd p = { .fd = c->fd, .events = POLLOUT };
 
 			if (poll(&p, 1, 50) < 0 || proto_writer_flush(c->out, c->fd) < 0)
 				break;

@@ -54,8 +54,8 @@ struct update {
 	struct vmm *next; /* the new VMM until it is adopted */
 	struct vmm *old;  /* the old VMM once the new one is adopted */
 	ev_timer timer;
-	int mig[2];       /* channel ends until both VMMs hold theirs; then
-			   * mig[0], the old VMM's, until the guest pauses */
+	int mig[2];           /* channel ends until both VMMs hold theirs; then
+			       * mig[0], the old VMM's, until the guest pauses */
 	unsigned pending;     /* replies still awaited in this phase (new VMM) */
 	unsigned old_pending; /* handover: replies still awaited from the old VMM */
 	unsigned cont_tries;
@@ -116,8 +116,7 @@ static json_object *report(struct update *u, const char *result)
 	json_object_object_add(o, "vm", json_object_new_string(u->vm->cfg.name));
 	json_object_object_add(o, "strategy", json_object_new_string(strategy_names[u->strategy]));
 	json_object_object_add(o, "result", json_object_new_string(result));
-	json_object_object_add(o, "blackout_ms",
-			       blackout >= 0 ? ms_json(blackout) : NULL);
+	json_object_object_add(o, "blackout_ms", blackout >= 0 ? ms_json(blackout) : NULL);
 	json_object_object_add(o, "total_ms",
 			       ms_json((double)(now_usec(CLOCK_MONOTONIC) - u->t0_mono) / 1000.0));
 	json_object_object_add(o, "time_usec", json_object_new_int64((int64_t)u->t0_real));
@@ -137,7 +136,8 @@ static json_object *report(struct update *u, const char *result)
 
 static void append_history(struct vm *vm, json_object *rep)
 {
-	_cleanup_close_ int fd = open(vm->history_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	_cleanup_close_ int fd =
+	    open(vm->history_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
 	size_t len;
 	const char *s = jsonrpc_to_string(rep, &len);
 	char line[4096];
@@ -156,16 +156,16 @@ static void log_result(struct update *u, json_object *rep)
 	const char *total = json_object_get_string(json_object_object_get(rep, "total_ms"));
 
 	log_msg(streq(result, "ok") ? LOG_INFO : LOG_WARNING,
-		"update vm=%s strategy=%s result=%s blackout_ms=%s total_ms=%s old_pid=%d new_pid=%d%s%s",
+		"update vm=%s strategy=%s result=%s blackout_ms=%s total_ms=%s old_pid=%d "
+		"new_pid=%d%s%s",
 		u->vm->cfg.name, strategy_names[u->strategy], result, bo ? bo : "unknown", total,
 		(int)u->old_pid, (int)u->new_pid, u->error[0] ? " error=" : "", u->error);
 	if (getenv("JOURNAL_STREAM"))
-		sd_journal_send("MESSAGE=update of %s: %s", u->vm->cfg.name, result,
-				"PRIORITY=%d", streq(result, "ok") ? LOG_INFO : LOG_WARNING,
-				"CPRD_VM=%s", u->vm->cfg.name, "CPRD_STRATEGY=%s",
-				strategy_names[u->strategy], "CPRD_RESULT=%s", result,
-				"CPRD_BLACKOUT_MS=%s", bo ? bo : "", "CPRD_TOTAL_MS=%s", total,
-				"CPRD_ERROR=%s", u->error, NULL);
+		sd_journal_send("MESSAGE=update of %s: %s", u->vm->cfg.name, result, "PRIORITY=%d",
+				streq(result, "ok") ? LOG_INFO : LOG_WARNING, "CPRD_VM=%s",
+				u->vm->cfg.name, "CPRD_STRATEGY=%s", strategy_names[u->strategy],
+				"CPRD_RESULT=%s", result, "CPRD_BLACKOUT_MS=%s", bo ? bo : "",
+				"CPRD_TOTAL_MS=%s", total, "CPRD_ERROR=%s", u->error, NULL);
 }
 
 static void update_free(struct update *u)
@@ -209,7 +209,8 @@ static void finish(struct update *u, const char *result)
 		call_reply(c, rep);
 	else
 		call_fail_data(c, JSONRPC_ERR_VMM, rep, "update of VM '%s' %s: %s", vm->cfg.name,
-			       result, json_object_get_string(json_object_object_get(rep, "error")));
+			       result,
+			       json_object_get_string(json_object_object_get(rep, "error")));
 }
 
 /* ---- rollback ---- */
@@ -333,7 +334,7 @@ static void old_event(struct vmm *v, const char *event, json_object *data, int64
 	update_old_vmm_event(ud, event, data, ts_us);
 }
 
-static const struct vmm_ops old_end_ops = {.event = old_event, .exited = old_ended};
+static const struct vmm_ops old_end_ops = { .event = old_event, .exited = old_ended };
 
 static void end_old(struct update *u);
 
@@ -456,14 +457,14 @@ void update_old_vmm_exited(struct update *u)
 		switch_over(u);
 		return;
 	}
-	snprintf(u->error, sizeof(u->error), "the old VMM %s during the update", vm->vmm->exit_desc);
+	snprintf(u->error, sizeof(u->error), "the old VMM %s during the update",
+		 vm->vmm->exit_desc);
 	u->next = vmm_kill(u->next);
 	vm_vmm_lost(vm);
 	finish(u, "failed");
 }
 
-static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
-		       void *ud)
+static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud)
 {
 	struct update *u = ud;
 
@@ -517,8 +518,8 @@ static void incoming_ready(qmp *q, json_object *ret, const char *cls, const char
 	}
 	set_phase(u, PHASE_MIGRATE);
 	if (vmm_command(u->vm->vmm, "migrate",
-			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, migrate_sent,
-			u) < 0)
+			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF,
+			migrate_sent, u) < 0)
 		rollback(u, "lost the old VMM's monitor");
 }
 
@@ -530,8 +531,8 @@ static void maybe_migrate(struct update *u)
 	 * go; the old VMM's stays until the guest pauses (open_channel()). */
 	u->mig[1] = safe_close(u->mig[1]);
 	if (vmm_command(u->next, "migrate-incoming",
-			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF, incoming_ready,
-			u) < 0)
+			json_tokener_parse("{\"uri\": \"fd:" MIG_FDNAME "\"}"), -EBADF,
+			incoming_ready, u) < 0)
 		rollback(u, "lost the new VMM's monitor");
 }
 
@@ -627,8 +628,8 @@ static int prepare_old(struct update *u)
 
 	u->old_pending = 3;
 	r |= vmm_command(old, "query-migrate-capabilities", NULL, -EBADF, old_caps_known, u);
-	r |= vmm_command(old, "migrate-set-parameters", json_tokener_parse("{\"mode\": \"normal\"}"),
-			 -EBADF, old_prepared, u);
+	r |= vmm_command(old, "migrate-set-parameters",
+			 json_tokener_parse("{\"mode\": \"normal\"}"), -EBADF, old_prepared, u);
 	r |= vmm_command(old, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
 			 u->mig[0], old_prepared, u);
 	return r;
@@ -644,10 +645,11 @@ static void next_ready(struct vmm *v, void *ud)
 		return; /* its monitor appears once the cpr state has arrived */
 	set_phase(u, PHASE_PREPARE);
 	u->pending = 3;
-	r |= vmm_command(v, "migrate-set-capabilities",
-			 json_tokener_parse("{\"capabilities\": [{\"capability\": \"x-ignore-shared\","
-					    " \"state\": true}]}"),
-			 -EBADF, new_prepared, u);
+	r |= vmm_command(
+	    v, "migrate-set-capabilities",
+	    json_tokener_parse("{\"capabilities\": [{\"capability\": \"x-ignore-shared\","
+			       " \"state\": true}]}"),
+	    -EBADF, new_prepared, u);
 	r |= vmm_command(v, "getfd", json_tokener_parse("{\"fdname\": \"" MIG_FDNAME "\"}"),
 			 u->mig[1], new_prepared, u);
 	r |= vmm_command(v, "qom-list-types", NULL, -EBADF, warmed, u);
@@ -665,7 +667,8 @@ static int migration_channel(int fds[2])
 {
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0)
 		return -errno;
-	if (setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &(int){MIG_PRECOPY_SNDBUF}, sizeof(int)) < 0) {
+	if (setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &(int){ MIG_PRECOPY_SNDBUF }, sizeof(int)) <
+	    0) {
 		close_many(fds, 2);
 		return -errno;
 	}
@@ -682,7 +685,7 @@ static void handover_start(struct update *u, const char *qmp_path)
 		return;
 	}
 	r = vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path,
-		      &(struct vmm_incoming){.defer = true}, &next_ops, u, &u->next);
+		      &(struct vmm_incoming){ .defer = true }, &next_ops, u, &u->next);
 	if (r < 0) {
 		rollback(u, "cannot start the new VMM '%s': %s", u->new_binary, strerror(-r));
 		return;
@@ -720,7 +723,7 @@ static bool unix_listening(const char *path)
 static json_object *cpr_channels(struct update *u)
 {
 	json_object *args = json_object_new_object(), *arr = json_object_new_array();
-	const char *types[2] = {"main", "cpr"}, *paths[2] = {u->cpr_main, u->cpr_state};
+	const char *types[2] = { "main", "cpr" }, *paths[2] = { u->cpr_main, u->cpr_state };
 
 	for (int i = 0; i < 2; i++) {
 		json_object *ch = json_object_new_object(), *addr = json_object_new_object();
@@ -755,7 +758,7 @@ static void cpr_prepared(qmp *q, json_object *ret, const char *cls, const char *
 {
 	struct update *u = ud;
 	_cleanup_free_ char *qmp_path = NULL;
-	struct vmm_incoming in = {.cpr_main_path = u->cpr_main, .cpr_state_path = u->cpr_state};
+	struct vmm_incoming in = { .cpr_main_path = u->cpr_main, .cpr_state_path = u->cpr_state };
 	int r;
 
 	if (u->phase != PHASE_PREPARE)
@@ -800,13 +803,15 @@ static void cpr_start(struct update *u)
 		return;
 	}
 	u->pending = 2;
-	r |= vmm_command(old, "migrate-set-capabilities",
-			 json_tokener_parse("{\"capabilities\": ["
-					    "{\"capability\": \"x-ignore-shared\", \"state\": false},"
-					    "{\"capability\": \"events\", \"state\": true}]}"),
-			 -EBADF, cpr_prepared, u);
+	r |= vmm_command(
+	    old, "migrate-set-capabilities",
+	    json_tokener_parse("{\"capabilities\": ["
+			       "{\"capability\": \"x-ignore-shared\", \"state\": false},"
+			       "{\"capability\": \"events\", \"state\": true}]}"),
+	    -EBADF, cpr_prepared, u);
 	r |= vmm_command(old, "migrate-set-parameters",
-			 json_tokener_parse("{\"mode\": \"cpr-transfer\"}"), -EBADF, cpr_prepared, u);
+			 json_tokener_parse("{\"mode\": \"cpr-transfer\"}"), -EBADF, cpr_prepared,
+			 u);
 	if (r < 0)
 		rollback(u, "lost the old VMM's monitor");
 }

@@ -64,7 +64,8 @@ void vm_config_done(struct vm_config *cfg)
 
 static void remove_files(struct vm *vm)
 {
-	const char *files[] = {vm->console_path, vm->vmm_log_path, vm->qmp_path, vm->history_path};
+	const char *files[] = { vm->console_path, vm->vmm_log_path, vm->qmp_path,
+				vm->history_path };
 
 	for (size_t i = 0; i < ELEMENTSOF(files); i++)
 		if (files[i])
@@ -105,7 +106,8 @@ void vm_detach_all(struct daemon *d)
 			update_abandon(vm->update);
 		ev_timer_stop(d->loop, &vm->timer);
 		if (vm->waiting)
-			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR, "cprd is shutting down");
+			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR,
+				  "cprd is shutting down");
 	}
 }
 
@@ -178,7 +180,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct vm *vm = w->data;
 
 	if (vm->state == VM_STARTING) {
-		fail_start(vm, JSONRPC_ERR_TIMEOUT, "the VMM's monitor did not become ready in time");
+		fail_start(vm, JSONRPC_ERR_TIMEOUT,
+			   "the VMM's monitor did not become ready in time");
 	} else if (vm->state == VM_STOPPING && vm->vmm) {
 		log_warning("VM %s: VMM pid %d ignored SIGTERM; sending SIGKILL", vm->cfg.name,
 			    (int)vm->vmm->pid);
@@ -287,7 +290,7 @@ void vm_settle_qmp_path(struct vm *vm)
 static int open_tap(const char *ifname, int *ret_fd)
 {
 	_cleanup_close_ int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
-	struct ifreq ifr = {.ifr_flags = IFF_TAP | IFF_NO_PI};
+	struct ifreq ifr = { .ifr_flags = IFF_TAP | IFF_NO_PI };
 
 	if (fd < 0)
 		return -errno;
@@ -325,8 +328,8 @@ static int vm_acquire(struct vm *vm, const char **ret_what)
 	if (r < 0)
 		return r;
 	*ret_what = "its console log";
-	con = open(vm->console_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW,
-		   0640);
+	con = open(vm->console_path,
+		   O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
 	if (con < 0)
 		return -errno;
 	if (vm->cfg.tap) {
@@ -384,8 +387,8 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 
 	r = vm_paths(vm);
 	if (r < 0) {
-		snprintf(why, sizeof(why), "cannot create %s: %s", vm->dir ? vm->dir : "its directory",
-			 strerror(-r));
+		snprintf(why, sizeof(why), "cannot create %s: %s",
+			 vm->dir ? vm->dir : "its directory", strerror(-r));
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}
@@ -398,7 +401,8 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	r = vmm_start(d, &vm->cfg, vm->cfg.vmm, vm->qmp_path, vm->vmm_log_path, NULL, &vm_vmm_ops,
 		      vm, &vm->vmm);
 	if (r < 0) {
-		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm, strerror(-r));
+		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
+			 strerror(-r));
 		fail_start(vm, JSONRPC_ERR_VMM, why);
 		return;
 	}
@@ -413,7 +417,8 @@ void vm_destroy(struct vm *vm, struct call *c)
 {
 	if (vm->waiting || vm->update) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
-			  vm->cfg.name, vm->update ? "being updated" : vm_state_to_string(vm->state));
+			  vm->cfg.name,
+			  vm->update ? "being updated" : vm_state_to_string(vm->state));
 		return;
 	}
 	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
@@ -495,7 +500,8 @@ json_object *vm_to_json(struct vm *vm)
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
-	json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)vm->cfg.memory_bytes));
+	json_object_object_add(o, "memory_bytes",
+			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
 	add_str(o, "machine", vm->cfg.machine);
 	add_str(o, "accel", vm->d->kvm ? "kvm" : "tcg");
@@ -507,8 +513,8 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "vmm_log", vm->vmm_log_path);
 	add_str(o, "qmp_socket", vm->qmp_path);
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
-	json_object_object_add(o, "fds_held",
-			       json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
+	json_object_object_add(
+	    o, "fds_held", json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	json_object_object_add(o, "updating", json_object_new_boolean(vm->update != NULL));
 	if (vm->state == VM_CRASHED) {
@@ -527,8 +533,9 @@ json_object *vm_fds_to_json(struct vm *vm)
 		json_object *o = json_object_new_object();
 		struct stat st;
 		/* Files (logs) grow; regions are sealed, so their size is fixed. */
-		int64_t size = e->kind == MEMSTORE_KIND_FILE && fstat(e->fd, &st) == 0 ? st.st_size
-										      : (int64_t)e->size;
+		int64_t size = e->kind == MEMSTORE_KIND_FILE && fstat(e->fd, &st) == 0
+				   ? st.st_size
+				   : (int64_t)e->size;
 
 		add_str(o, "name", e->name);
 		add_str(o, "kind", memstore_kind_to_string(e->kind));

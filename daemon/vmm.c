@@ -238,7 +238,7 @@ struct vmm *vmm_kill(struct vmm *v)
  * so the connection waits in the backlog until QEMU accepts it. */
 static int open_qmp(const char *path, int *ret_listen, int *ret_conn)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	_cleanup_close_ int l = -EBADF, c = -EBADF;
 
 	if (strlen(path) >= sizeof(sa.sun_path))
@@ -268,10 +268,18 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 		 const struct vmm_incoming *in)
 {
 	struct qemu_config qc = {
-		.name = cfg->name, .binary = v->binary, .machine = cfg->machine,
-		.memory_bytes = cfg->memory_bytes, .vcpus = cfg->vcpus, .kernel = cfg->kernel,
-		.initrd = cfg->initrd, .append = cfg->append, .kvm = v->d->kvm, .tap_fd = -1,
-		.incoming = in && in->defer, .cpr_main_path = in ? in->cpr_main_path : NULL,
+		.name = cfg->name,
+		.binary = v->binary,
+		.machine = cfg->machine,
+		.memory_bytes = cfg->memory_bytes,
+		.vcpus = cfg->vcpus,
+		.kernel = cfg->kernel,
+		.initrd = cfg->initrd,
+		.append = cfg->append,
+		.kvm = v->d->kvm,
+		.tap_fd = -1,
+		.incoming = in && in->defer,
+		.cpr_main_path = in ? in->cpr_main_path : NULL,
 		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};
 	int fds[4], tap = held_fd(v->d, cfg->name, "net0");
@@ -370,7 +378,7 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
 	       const struct vmm_ops *ops, void *ud, struct vmm **ret)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	_cleanup_close_ int c = -EBADF;
 	struct vmm *v;
 	int r;
@@ -439,8 +447,8 @@ int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int time
 	if (r < 0)
 		return r;
 	while (!s.done) {
-		struct pollfd p = {.fd = qmp_fd(v->qmp),
-				   .events = POLLIN | (qmp_wants_write(v->qmp) ? POLLOUT : 0)};
+		struct pollfd p = { .fd = qmp_fd(v->qmp),
+				    .events = POLLIN | (qmp_wants_write(v->qmp) ? POLLOUT : 0) };
 		int64_t left = (int64_t)(deadline - now_usec(CLOCK_MONOTONIC)) / 1000;
 
 		if (left <= 0 || poll(&p, 1, (int)left) == 0) {

@@ -19,7 +19,7 @@ struct vm_config;
 struct vmm;
 
 struct vmm_ops {
-	void (*ready)(struct vmm *v, void *ud);  /* QMP negotiated */
+	void (*ready)(struct vmm *v, void *ud); /* QMP negotiated */
 	void (*event)(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud);
 	void (*exited)(struct vmm *v, void *ud); /* reaped; exit_code/exit_desc set */
 };
@@ -34,10 +34,10 @@ struct vmm {
 	char *qmp_path;
 	char *binary;
 	char version[32];
-	unsigned long long start_time; /* /proc/PID/stat starttime: identity */
+	unsigned long long start_time;  /* /proc/PID/stat starttime: identity */
 	uint64_t spawned_usec;          /* CLOCK_MONOTONIC at spawn, 0 if attached */
-	int fd_ram, fd_console, fd_tap;  /* where the held fds sit in the VMM */
-	int exit_code; /* -1 unknown */
+	int fd_ram, fd_console, fd_tap; /* where the held fds sit in the VMM */
+	int exit_code;                  /* -1 unknown */
 	char exit_desc[64];
 	const struct vmm_ops *ops;
 	void *ud;

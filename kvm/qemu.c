@@ -67,10 +67,10 @@ _printf_(2, 3) static void addf(struct argv *a, const char *fmt, ...)
 
 static bool config_is_valid(const struct qemu_config *c)
 {
-	return c->name && c->binary && c->machine && c->kernel && c->memory_bytes >= QEMU_MIN_MEMORY &&
-	       c->memory_bytes % (1 << 20) == 0 && c->vcpus >= 1 && c->vcpus <= 512 &&
-	       c->ram_fd >= QEMU_CHILD_FD_BASE && c->console_fd >= QEMU_CHILD_FD_BASE &&
-	       c->qmp_fd >= QEMU_CHILD_FD_BASE &&
+	return c->name && c->binary && c->machine && c->kernel &&
+	       c->memory_bytes >= QEMU_MIN_MEMORY && c->memory_bytes % (1 << 20) == 0 &&
+	       c->vcpus >= 1 && c->vcpus <= 512 && c->ram_fd >= QEMU_CHILD_FD_BASE &&
+	       c->console_fd >= QEMU_CHILD_FD_BASE && c->qmp_fd >= QEMU_CHILD_FD_BASE &&
 	       (c->tap_fd < 0 || c->tap_fd >= QEMU_CHILD_FD_BASE) &&
 	       /* both are pasted into option strings */
 	       !strchr(c->name, ',') && !strchr(c->machine, ',') &&
@@ -146,8 +146,9 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 		add(&a, "-incoming");
 		addf(&a, "unix:%s", c->cpr_main_path);
 		add(&a, "-incoming");
-		addf(&a, "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", "
-			 "\"type\": \"unix\", \"path\": \"%s\"}}",
+		addf(&a,
+		     "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", "
+		     "\"type\": \"unix\", \"path\": \"%s\"}}",
 		     c->cpr_state_path);
 	}
 	if (a.error) {
@@ -164,9 +165,9 @@ int qemu_parse_size(const char *s, uint64_t *ret)
 		const char *suffix;
 		unsigned shift;
 	} units[] = {
-		{"", 0},     {"B", 0},     {"K", 10},    {"KB", 10}, {"KiB", 10}, {"M", 20},
-		{"MB", 20},  {"MiB", 20},  {"G", 30},    {"GB", 30}, {"GiB", 30}, {"T", 40},
-		{"TB", 40},  {"TiB", 40},  {"P", 50},    {"PB", 50}, {"PiB", 50},
+		{ "", 0 },    { "B", 0 },    { "K", 10 }, { "KB", 10 }, { "KiB", 10 }, { "M", 20 },
+		{ "MB", 20 }, { "MiB", 20 }, { "G", 30 }, { "GB", 30 }, { "GiB", 30 }, { "T", 40 },
+		{ "TB", 40 }, { "TiB", 40 }, { "P", 50 }, { "PB", 50 }, { "PiB", 50 },
 	};
 	unsigned long long v;
 	char *end;

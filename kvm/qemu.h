@@ -15,8 +15,8 @@
 #define QEMU_MIN_MEMORY (16ULL << 20)
 
 struct qemu_config {
-	const char *name;   /* VM name, for -name and process titles */
-	const char *binary; /* path or name searched in PATH */
+	const char *name;    /* VM name, for -name and process titles */
+	const char *binary;  /* path or name searched in PATH */
 	const char *machine; /* e.g. "q35"; pin a versioned type for updates */
 	uint64_t memory_bytes;
 	unsigned vcpus;

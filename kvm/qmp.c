@@ -180,8 +180,7 @@ static int add_command(qmp *q, const char *cmd, json_object *args, int fd, qmp_r
 	return 0;
 }
 
-int qmp_command(qmp *q, const char *cmd, json_object *args, int fd, qmp_reply_fn cb,
-		void *userdata)
+int qmp_command(qmp *q, const char *cmd, json_object *args, int fd, qmp_reply_fn cb, void *userdata)
 {
 	if (!cmd)
 		return -EINVAL;

@@ -29,7 +29,7 @@ typedef void (*qmp_ready_fn)(qmp *q, void *userdata);
 
 /* Takes fd on success; on failure it stays the caller's (now O_NONBLOCK). */
 int qmp_new(int fd, qmp **ret);
-qmp *qmp_free(qmp *q);          /* closes fd; calls no callback; accepts NULL */
+qmp *qmp_free(qmp *q); /* closes fd; calls no callback; accepts NULL */
 void qmp_set_handlers(qmp *q, qmp_ready_fn ready, qmp_event_fn event, void *userdata);
 
 int qmp_fd(const qmp *q);

@@ -16,8 +16,8 @@
 #define REGION_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 
 static const char *const kind_names[_MEMSTORE_KIND_MAX] = {
-	[MEMSTORE_KIND_MEMFD] = "memfd", [MEMSTORE_KIND_TAP] = "tap",
-	[MEMSTORE_KIND_CHAR] = "char",   [MEMSTORE_KIND_FILE] = "file",
+	[MEMSTORE_KIND_MEMFD] = "memfd",   [MEMSTORE_KIND_TAP] = "tap",
+	[MEMSTORE_KIND_CHAR] = "char",     [MEMSTORE_KIND_FILE] = "file",
 	[MEMSTORE_KIND_SOCKET] = "socket", [MEMSTORE_KIND_PIPE] = "pipe",
 };
 
@@ -45,7 +45,8 @@ bool memstore_name_is_valid(const char *name)
 	n = strlen(name);
 	if (n >= MEMSTORE_NAME_MAX)
 		return false;
-	return strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") == n;
+	return strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") ==
+	       n;
 }
 
 static bool fd_is_tap(int fd)
@@ -147,7 +148,7 @@ static inline uint64_t rotl64(uint64_t x, int r)
 static uint64_t digest_words(const uint64_t *w, size_t n)
 {
 	const uint64_t p1 = 0x9E3779B185EBCA87ULL, p2 = 0xC2B2AE3D27D4EB4FULL;
-	uint64_t lane[4] = {p1, p2, p1 ^ p2, p2 - p1};
+	uint64_t lane[4] = { p1, p2, p1 ^ p2, p2 - p1 };
 	size_t i = 0;
 	uint64_t h;
 
@@ -262,7 +263,7 @@ int memstore_put(memstore *m, const char *vm, const char *name, enum memstore_ki
 		m->cap = cap;
 	}
 	e = &m->entries[m->n++];
-	*e = (memstore_entry){.kind = kind, .fd = fd, .size = size};
+	*e = (memstore_entry){ .kind = kind, .fd = fd, .size = size };
 	strcpy(e->vm, vm);
 	strcpy(e->name, name);
 	return 0;

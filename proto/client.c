@@ -38,7 +38,7 @@ static int sockaddr_un_set(const char *path, struct sockaddr_un *ret, socklen_t 
 	if (n >= sizeof(ret->sun_path))
 		return -ENAMETOOLONG;
 
-	*ret = (struct sockaddr_un){.sun_family = AF_UNIX};
+	*ret = (struct sockaddr_un){ .sun_family = AF_UNIX };
 	memcpy(ret->sun_path, path, n + 1);
 	*ret_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
 	return 0;
@@ -116,7 +116,7 @@ static int64_t now_ms(void)
 static int wait_for(int fd, short events, int64_t deadline)
 {
 	for (;;) {
-		struct pollfd p = {.fd = fd, .events = events};
+		struct pollfd p = { .fd = fd, .events = events };
 		int timeout = -1, r;
 
 		if (deadline >= 0) {

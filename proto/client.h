@@ -33,5 +33,5 @@ void proto_client_set_notify(proto_client *c, proto_client_notify_fn fn, void *u
  * otherwise they are closed. ret_result / ret_error may be NULL.
  */
 int proto_client_call(proto_client *c, const char *method, json_object *params, const int *fds,
-		      size_t nfds, int timeout_ms, json_object **ret_result, json_object **ret_error,
-		      int **ret_fds, size_t *ret_nfds);
+		      size_t nfds, int timeout_ms, json_object **ret_result,
+		      json_object **ret_error, int **ret_fds, size_t *ret_nfds);

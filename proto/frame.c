@@ -79,10 +79,10 @@ ssize_t proto_recv_fds(int sockfd, void *buf, size_t len, int *fds, size_t max_f
 		struct cmsghdr align;
 		char buf[CMSG_SPACE(sizeof(int) * KERNEL_MAX_FDS)];
 	} control;
-	struct iovec iov = {.iov_base = buf, .iov_len = len};
+	struct iovec iov = { .iov_base = buf, .iov_len = len };
 	struct msghdr mh = {
-	    .msg_iov = &iov,
-	    .msg_iovlen = 1,
+		.msg_iov = &iov,
+		.msg_iovlen = 1,
 	};
 	size_t nfds = 0;
 	ssize_t n;
@@ -125,8 +125,8 @@ static ssize_t send_fds_flags(int sockfd, const struct iovec *iov, size_t iovcnt
 		char buf[CMSG_SPACE(sizeof(int) * KERNEL_MAX_FDS)];
 	} control;
 	struct msghdr mh = {
-	    .msg_iov = (struct iovec *)iov,
-	    .msg_iovlen = iovcnt,
+		.msg_iov = (struct iovec *)iov,
+		.msg_iovlen = iovcnt,
 	};
 	ssize_t n;
 
@@ -154,7 +154,7 @@ static ssize_t send_fds_flags(int sockfd, const struct iovec *iov, size_t iovcnt
 
 ssize_t proto_send_fds(int sockfd, const void *buf, size_t len, const int *fds, size_t nfds)
 {
-	struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
 
 	if (nfds > 0 && (len == 0 || !fds))
 		return -EINVAL;
@@ -171,10 +171,10 @@ typedef struct queued_fd {
 struct proto_reader {
 	char *buf;
 	size_t size;
-	size_t start;	/* first byte not yet handed out */
+	size_t start;   /* first byte not yet handed out */
 	size_t partial; /* first byte after the last '\n' buffered (>= start) */
-	size_t len;	/* end of buffered data */
-	uint64_t base;	/* stream offset of buf[0] */
+	size_t len;     /* end of buffered data */
+	uint64_t base;  /* stream offset of buf[0] */
 	size_t max_msg;
 
 	queued_fd *fds; /* in stream order */
@@ -256,7 +256,7 @@ static int reader_queue_fds(proto_reader *r, const int *fds, size_t n, uint64_t 
 		r->fds_size = size;
 	}
 	for (size_t i = 0; i < n; i++)
-		r->fds[r->nfds++] = (queued_fd){.fd = fds[i], .mark = mark};
+		r->fds[r->nfds++] = (queued_fd){ .fd = fds[i], .mark = mark };
 	return 0;
 }
 
@@ -549,10 +549,11 @@ int proto_writer_flush(proto_writer *w, int sockfd)
 		 * and carries no other message, so on the receiving side the
 		 * chunk they arrive with ends inside that message. Messages
 		 * without pending fds may share a send. */
-		iov[n++] = (struct iovec){.iov_base = m->data + m->off, .iov_len = m->len - m->off};
+		iov[n++] =
+		    (struct iovec){ .iov_base = m->data + m->off, .iov_len = m->len - m->off };
 		if (m->nfds == 0)
 			for (wmsg *p = m->next; p && p->nfds == 0 && n < WRITE_IOV_MAX; p = p->next)
-				iov[n++] = (struct iovec){.iov_base = p->data, .iov_len = p->len};
+				iov[n++] = (struct iovec){ .iov_base = p->data, .iov_len = p->len };
 
 		k = send_fds_flags(sockfd, iov, n, m->fds, m->nfds, MSG_DONTWAIT);
 		if (k == -EAGAIN)

@@ -92,7 +92,7 @@ static bool id_usable(json_object *id)
 
 int jsonrpc_request_parse(json_object *o, jsonrpc_request *ret, const char **ret_why)
 {
-	jsonrpc_request req = {.is_notification = true};
+	jsonrpc_request req = { .is_notification = true };
 	json_object *version, *method, *params = NULL, *id = NULL;
 
 	if (!ret)

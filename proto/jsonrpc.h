@@ -18,16 +18,16 @@ enum {
 	JSONRPC_INVALID_PARAMS = -32602,
 	JSONRPC_INTERNAL_ERROR = -32603,
 	/* Application errors (server-defined range -32000..-32099). */
-	JSONRPC_ERR_NOT_FOUND = -32000,     /* no such VM / fd */
-	JSONRPC_ERR_EXISTS = -32001,        /* name already used */
-	JSONRPC_ERR_PERMISSION = -32002,    /* peer may not call this method */
-	JSONRPC_ERR_BUSY = -32003,          /* operation already in flight */
-	JSONRPC_ERR_BAD_STATE = -32004,     /* VM is not in a state that allows this */
-	JSONRPC_ERR_VMM = -32005,           /* the VMM failed (start, QMP, migration) */
-	JSONRPC_ERR_BAD_FDS = -32006,       /* fds missing, unexpected, too many or of the wrong kind */
-	JSONRPC_ERR_TOO_LARGE = -32007,     /* message over the size limit */
-	JSONRPC_ERR_RESOURCE = -32008,      /* host resource failure (memory, files) */
-	JSONRPC_ERR_UNSUPPORTED = -32009,   /* not available on this host / VMM */
+	JSONRPC_ERR_NOT_FOUND = -32000,  /* no such VM / fd */
+	JSONRPC_ERR_EXISTS = -32001,     /* name already used */
+	JSONRPC_ERR_PERMISSION = -32002, /* peer may not call this method */
+	JSONRPC_ERR_BUSY = -32003,       /* operation already in flight */
+	JSONRPC_ERR_BAD_STATE = -32004,  /* VM is not in a state that allows this */
+	JSONRPC_ERR_VMM = -32005,        /* the VMM failed (start, QMP, migration) */
+	JSONRPC_ERR_BAD_FDS = -32006,   /* fds missing, unexpected, too many or of the wrong kind */
+	JSONRPC_ERR_TOO_LARGE = -32007, /* message over the size limit */
+	JSONRPC_ERR_RESOURCE = -32008,  /* host resource failure (memory, files) */
+	JSONRPC_ERR_UNSUPPORTED = -32009, /* not available on this host / VMM */
 	JSONRPC_ERR_TIMEOUT = -32010,
 };
 
