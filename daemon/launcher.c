@@ -138,6 +138,22 @@ static void send_reply(int sock, int error, pid_t pid)
 	(void)proto_send_fds(sock, &rep, sizeof(rep), pidfd >= 0 ? &pidfd : NULL, pidfd >= 0);
 }
 
+/* What tells cprd about its service manager, and what cprd passes to its
+ * own re-exec, is cprd's alone: a VMM holding NOTIFY_SOCKET or LISTEN_FDS
+ * could speak for the service, or misread fds as its own. The rest of the
+ * environment (PATH, locale, whatever a VMM wrapper relies on) is kept. */
+static void drop_daemon_environment(void)
+{
+	static const char *const names[] = {
+		"NOTIFY_SOCKET",     "LISTEN_PID",        "LISTEN_FDS",   "LISTEN_FDNAMES",
+		"WATCHDOG_PID",      "WATCHDOG_USEC",     "CPRD_INHERIT", "CPRD_REEXEC",
+		"CPRD_LAUNCHER_PID", "CPRD_SOCKET_OWNED",
+	};
+
+	for (size_t i = 0; i < ELEMENTSOF(names); i++)
+		unsetenv(names[i]);
+}
+
 _Noreturn static void launcher_main(int sock)
 {
 	static char buf[LAUNCHER_MAX_REQUEST];
@@ -146,6 +162,7 @@ _Noreturn static void launcher_main(int sock)
 	prctl(PR_SET_NAME, "cprd-launcher");
 	signal(SIGCHLD, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
+	drop_daemon_environment();
 	for (;;) {
 		int fds[LAUNCHER_MAX_FDS + 1];
 		char *argv[256];

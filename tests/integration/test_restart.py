@@ -52,6 +52,17 @@ class FdStore(unittest.TestCase):
         finally:
             c.close()
 
+    def assert_clean_environment(self, vmm_pid):
+        """What tells cprd about its service manager is cprd's alone: a VMM
+        that inherited NOTIFY_SOCKET or LISTEN_FDS could speak for it."""
+        with open(f"/proc/{vmm_pid}/environ", "rb") as f:
+            names = {v.split(b"=", 1)[0].decode() for v in f.read().split(b"\0") if b"=" in v}
+        self.assertIn("PATH", names)
+        leaked = names & {"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+                          "WATCHDOG_PID", "WATCHDOG_USEC", "CPRD_INHERIT", "CPRD_REEXEC",
+                          "CPRD_LAUNCHER_PID", "CPRD_SOCKET_OWNED"}
+        self.assertEqual(leaked, set(), "the VMM inherited cprd's service-manager environment")
+
     def test_restart_three_times_under_a_running_guest(self):
         pid = self.sm.start()
         vm = self.call("vm.create", {"name": "g", "memory": "256M", "kernel": KERNEL,
@@ -65,6 +76,7 @@ class FdStore(unittest.TestCase):
         self.assertTrue(same_file(f"/proc/self/fd/{ram}", f"/proc/{vm['pid']}/fd/3"),
                         "the stored memfd is not the guest's RAM")
         qemu_fds = fd_count(vm["pid"])
+        self.assert_clean_environment(vm["pid"])
 
         counts = []
         for i in range(3):
@@ -90,6 +102,7 @@ class FdStore(unittest.TestCase):
         con.wait_beats(3)
         con.assert_healthy(self)
         self.assertEqual(self.sm.names().count("cprd/vm/g/pidfd"), 1)
+        self.assert_clean_environment(rep["new_pid"])  # started by a cprd given fds
         pid = self.sm.restart()
         self.assertEqual(self.call("vm.status", {"name": "g"})["pid"], rep["new_pid"])
 
