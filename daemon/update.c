@@ -439,7 +439,7 @@ void update_old_vmm_event(struct update *u, const char *event, json_object *data
 		st = json_object_get_string(json_object_object_get(data, "status"));
 		if (st && (streq(st, "failed") || streq(st, "cancelled")))
 			rollback(u, "migration %s on the old VMM", st);
-		/* A guest that was already paused gives no STOP. */
+		/* Should the guest have paused on its own meanwhile, no STOP comes. */
 		else if (st && streq(st, "device"))
 			open_channel(u);
 		/* Ask for the byte count now, while the new VMM resumes. */
