@@ -18,6 +18,8 @@
 #include "daemon/vmm.h"
 #include "kvm/qemu.h"
 
+#define VMM_KILL_WAIT_MS 2000
+
 void log_tail(const char *path, char *buf, size_t size)
 {
 	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -219,12 +221,24 @@ struct vmm *vmm_free(struct vmm *v)
 	return NULL;
 }
 
+/* Waits for the exit, but boundedly: a process that SIGKILL cannot end at
+ * once (frozen, or stuck in uninterruptible sleep) must not stall the
+ * daemon. If it outlives the wait it is no longer watched, and the orphan
+ * reaper collects it whenever it does go. Polling the pidfd also works for
+ * a VMM that is not our child (attached after a restart). */
 struct vmm *vmm_kill(struct vmm *v)
 {
 	if (!v)
 		return NULL;
 	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0) {
-		waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED);
+		struct pollfd p = { .fd = v->pidfd, .events = POLLIN };
+
+		if (poll(&p, 1, VMM_KILL_WAIT_MS) > 0)
+			waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED | WNOHANG);
+		else
+			log_warning("VMM pid %d did not exit within %d ms of SIGKILL; it is reaped "
+				    "whenever it does",
+				    (int)v->pid, VMM_KILL_WAIT_MS);
 		daemon_reap_orphans(v->d);
 	}
 	/* Its monitor socket died with it. (vmm_free leaves the path alone:

@@ -247,5 +247,55 @@ class LeftoverCapabilities(GuestTest):
         con.assert_healthy(self)
 
 
+class StuckVmm(GuestTest):
+    """A new VMM that SIGKILL cannot end at once (here: frozen by the cgroup
+    v1 freezer, as a task in uninterruptible sleep would be) must not stall
+    the daemon when a rollback ends it."""
+
+    FREEZER = "/sys/fs/cgroup/freezer"
+
+    def setUp(self):
+        if not os.path.exists(os.path.join(self.FREEZER, "cgroup.procs")):
+            self.skipTest(f"no cgroup v1 freezer at {self.FREEZER} on this host")
+        super().setUp()
+        self.cg = os.path.join(self.FREEZER, os.path.basename(self.d.dir))
+        os.mkdir(self.cg)
+        with open(os.path.join(self.cg, "freezer.state"), "w") as f:
+            f.write("FROZEN")
+
+    def tearDown(self):
+        try:
+            with open(os.path.join(self.cg, "freezer.state"), "w") as f:
+                f.write("THAWED")
+            wait_until(lambda: not open(os.path.join(self.cg, "cgroup.procs")).read().strip(),
+                       10, "the frozen VMM to go once thawed")
+            os.rmdir(self.cg)
+        finally:
+            super().tearDown()
+
+    def test_rollback_does_not_hang_on_a_vmm_that_cannot_die(self):
+        con = Console(self.d.create_guest("stuck", memory="128M")["console_log"])
+        con.wait_beats(2)
+        old = self.d.call("vm.status", {"name": "stuck"})["pid"]
+        # The wrapper joins the frozen cgroup and is frozen on the spot.
+        vmm = wrapper(self.d.dir, "freezes",
+                      f"echo $$ > {self.cg}/cgroup.procs\nexec sleep 600")
+        p = self.d.cprctl("update", "stuck", "--json", "--vmm", vmm, "--timeout", "2",
+                          timeout=30)
+        rep = json.loads(p.stdout)
+        self.assertEqual(rep["result"], "rolled-back", rep)
+        self.assertIn("timed out", rep["error"])
+        self.assertLess(rep["total_ms"], 10000)
+        self.assertEqual(self.d.call("vm.status", {"name": "stuck"})["pid"], old)
+        self.assertEqual(self.d.call("daemon.status")["pid"], self.d.pid)
+        con.wait_beats(2)
+        con.assert_healthy(self)
+        # Once it can die, it is reaped, not left a zombie under cprd.
+        frozen = rep["new_pid"]
+        with open(os.path.join(self.cg, "freezer.state"), "w") as f:
+            f.write("THAWED")
+        wait_until(lambda: frozen not in children(self.d.pid), 10, "the killed VMM to be reaped")
+
+
 if __name__ == "__main__":
     unittest.main()
