@@ -232,8 +232,14 @@ struct vmm *vmm_kill(struct vmm *v)
 		return NULL;
 	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0) {
 		struct pollfd p = { .fd = v->pidfd, .events = POLLIN };
+		uint64_t end = now_usec(CLOCK_MONOTONIC) + VMM_KILL_WAIT_MS * 1000ULL, now;
+		int r;
 
-		if (poll(&p, 1, VMM_KILL_WAIT_MS) > 0)
+		do {
+			now = now_usec(CLOCK_MONOTONIC);
+			r = now < end ? poll(&p, 1, (int)((end - now + 999) / 1000)) : 0;
+		} while (r < 0 && errno == EINTR);
+		if (r > 0)
 			waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED | WNOHANG);
 		else
 			log_warning("VMM pid %d did not exit within %d ms of SIGKILL; it is reaped "
