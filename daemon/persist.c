@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 
+#include "common/file.h"
 #include "common/json.h"
 #include "daemon/log.h"
 #include "daemon/persist.h"
@@ -116,13 +117,9 @@ json_object *registry_load(struct daemon *d)
 	fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return NULL;
-	buf = malloc(REGISTRY_MAX + 1);
-	if (!buf)
-		return NULL;
-	n = read(fd, buf, REGISTRY_MAX);
+	n = read_at_most(fd, 0, REGISTRY_MAX, &buf);
 	if (n <= 0)
 		return NULL;
-	buf[n] = '\0';
 	root = json_tokener_parse(buf);
 	if (!root ||
 	    json_object_get_int(json_object_object_get(root, "version")) != REGISTRY_VERSION ||

@@ -5,8 +5,10 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <systemd/sd-journal.h>
 
+#include "common/file.h"
 #include "common/json.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
@@ -930,24 +932,25 @@ void update_abandon(struct update *u)
 	update_free(u);
 }
 
+/* The newest HISTORY_MAX_BYTES of the file: a long-lived VM's history can
+ * outgrow that, and it is the recent updates that matter. */
 json_object *update_history(struct vm *vm)
 {
 	_cleanup_close_ int fd = open(vm->history_path, O_RDONLY | O_CLOEXEC);
 	_cleanup_free_ char *buf = NULL;
 	json_object *arr = json_object_new_array();
-	ssize_t n;
-	char *line, *save = NULL;
+	struct stat st;
+	off_t from;
+	char *line, *save = NULL, *start;
 
-	if (fd < 0)
+	if (fd < 0 || fstat(fd, &st) < 0)
 		return arr;
-	buf = malloc(HISTORY_MAX_BYTES + 1);
-	if (!buf)
+	from = st.st_size > HISTORY_MAX_BYTES ? st.st_size - HISTORY_MAX_BYTES : 0;
+	if (read_at_most(fd, from, HISTORY_MAX_BYTES, &buf) <= 0)
 		return arr;
-	n = read(fd, buf, HISTORY_MAX_BYTES);
-	if (n <= 0)
-		return arr;
-	buf[n] = '\0';
-	for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+	/* Starting mid-file, the first line is a fragment. */
+	start = from > 0 ? strchrnul(buf, '\n') : buf;
+	for (line = strtok_r(start, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
 		json_object *o = json_tokener_parse(line);
 
 		if (o)

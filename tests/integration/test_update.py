@@ -83,6 +83,23 @@ class Update(unittest.TestCase):
         self.assertRegex(human, r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+cpr-transfer\s+ok")
         self.assertIn("update vm=upd strategy=handover result=ok", self.d.read_log())
 
+    def test_2_history_of_a_long_lived_vm_still_shows_the_newest(self):
+        # A history beyond what cprd reads at once (4 MiB): the oldest
+        # entries are the ones to drop, never the newest.
+        path = os.path.join(self.d.dir, "vms", "upd", "history.jsonl")
+        with open(path) as f:
+            recent = f.read()
+        newest = self.d.call("vm.history", {"name": "upd"})["updates"][0]
+        old = json.dumps({"vm": "upd", "strategy": "handover", "result": "ok",
+                          "time_usec": 1, "padding": "x" * 400}) + "\n"
+        with open(path, "w") as f:
+            f.write(old * (5 * 1024 * 1024 // len(old)) + recent)
+        hist = self.d.call("vm.history", {"name": "upd"})["updates"]
+        self.assertEqual(hist[0], newest)
+        self.assertEqual([h["time_usec"] for h in hist[:recent.count("\n")]],
+                         sorted((json.loads(l)["time_usec"] for l in recent.splitlines()),
+                                reverse=True))
+
     def rollback_case(self, vmm, fragment, timeout=None, paused=False, strategy="handover"):
         old = self.d.call("vm.status", {"name": "upd"})["pid"]
         fds = self.d.settled_fds()

@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Reading a small file whole. Header-only and free of global state, like
+ * macro.h.
+ */
+#pragma once
+
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* Read at most max bytes of fd from offset on, looping over short reads,
+ * into a NUL-terminated buffer the caller frees. Returns the length read
+ * (0 at EOF) or a negative errno. */
+static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
+{
+	char *buf = malloc(max + 1);
+	size_t len = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	while (len < max) {
+		ssize_t n = pread(fd, buf + len, max - len, offset + (off_t)len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			int e = errno;
+
+			free(buf);
+			return -e;
+		}
+		if (n == 0)
+			break;
+		len += (size_t)n;
+	}
+	buf[len] = '\0';
+	*ret = buf;
+	return (ssize_t)len;
+}
