@@ -19,9 +19,8 @@
 #define MIG_FDNAME "cprd-mig"
 /* While the guest runs, the old VMM may be at most this far (doubled by the
  * kernel) ahead of the new one on the channel; once the guest is paused the
- * channel gets the system default back. See migration_channel(). */
+ * channel gets its original size back. See migration_channel(). */
 #define MIG_PRECOPY_SNDBUF 4096
-#define MIG_SWITCHOVER_SNDBUF (208 * 1024)
 #define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
 #define CONT_RETRIES 40     /* 2 s: the old VMM may still be finishing migration */
 #define HISTORY_MAX_BYTES (4 << 20)
@@ -56,6 +55,7 @@ struct update {
 	struct vmm *next; /* the new VMM until it is adopted */
 	struct vmm *old;  /* the old VMM once the new one is adopted */
 	ev_timer timer;
+	int mig_sndbuf;       /* the channel's send buffer as created, to restore */
 	int mig[2];           /* channel ends until both VMMs hold theirs; then
 			       * mig[0], the old VMM's, until the guest pauses */
 	unsigned pending;     /* replies still awaited in this phase (new VMM) */
@@ -420,7 +420,7 @@ static void new_status(qmp *q, json_object *ret, const char *cls, const char *de
  * same one the old VMM holds, so raising our end's buffer raises its. */
 static void open_channel(struct update *u)
 {
-	int sz = MIG_SWITCHOVER_SNDBUF;
+	int sz = u->mig_sndbuf / 2; /* setsockopt() doubles what it is given */
 
 	if (u->mig[0] < 0)
 		return;
@@ -665,12 +665,15 @@ static const struct vmm_ops next_ops;
  * over the non-shared RAM, and pause the guest, before the new VMM has
  * actually read it; at the default size that data would wait in the socket
  * and be loaded inside the blackout. open_channel() lifts the bound. */
-static int migration_channel(int fds[2])
+static int migration_channel(int fds[2], int *ret_sndbuf)
 {
+	socklen_t len = sizeof(*ret_sndbuf);
+
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) < 0)
 		return -errno;
-	if (setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &(int){ MIG_PRECOPY_SNDBUF }, sizeof(int)) <
-	    0) {
+	if (getsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, ret_sndbuf, &len) < 0 ||
+	    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &(int){ MIG_PRECOPY_SNDBUF }, sizeof(int)) <
+		0) {
 		close_many(fds, 2);
 		return -errno;
 	}
@@ -681,7 +684,7 @@ static void handover_start(struct update *u, const char *qmp_path)
 {
 	int r;
 
-	r = migration_channel(u->mig);
+	r = migration_channel(u->mig, &u->mig_sndbuf);
 	if (r < 0) {
 		rollback(u, "cannot create the migration channel: %s", strerror(-r));
 		return;
