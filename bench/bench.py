@@ -510,6 +510,27 @@ class Direct:
             PROCS.kill(p)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def wait_migrated(self, oq, n_old, new, timeout):
+        """The old QEMU's migration has completed, or a RuntimeError says how
+        it ended, with the new QEMU's last words."""
+        done = oq.wait_event("MIGRATION", n_old, timeout=timeout, procs=[new],
+                             pred=lambda e: e["data"]["status"] in
+                             ("completed", "failed", "cancelled"))
+        if not done or done["data"]["status"] != "completed":
+            raise RuntimeError(f"migration {done['data']['status'] if done else 'timed out'}:"
+                               f" {self.tail(new)}")
+
+    def finish(self, cell, vmm, q):
+        """Record the guest's health after the last update, then end it."""
+        wait_beats(self.console, 3, timeout=60, procs=[vmm])
+        cell["health"] = console_health(self.console)
+        quit_and_wait(q, vmm)
+
+    def note_health(self, cell):
+        """After a failure: what the console says, if nothing was recorded."""
+        if "health" not in cell and os.path.exists(self.console):
+            cell["health"] = console_health(self.console)
+
 
 def quit_and_wait(q, p, timeout=60):
     q.send_quit()
@@ -550,12 +571,7 @@ def run_copy(bench, size, reps):
             t0 = mono()
             nq.cmd("migrate-incoming", {"uri": f"unix:{mig}"})
             oq.cmd("migrate", {"uri": f"unix:{mig}"})
-            done = oq.wait_event("MIGRATION", n_old, timeout=1800, procs=[new],
-                                 pred=lambda e: e["data"]["status"] in
-                                 ("completed", "failed", "cancelled"))
-            if not done or done["data"]["status"] != "completed":
-                raise RuntimeError(f"migration {done['data']['status'] if done else 'timed out'}:"
-                                   f" {d.tail(new)}")
+            d.wait_migrated(oq, n_old, new, 1800)
             resume = nq.wait_event("RESUME", 0, timeout=60)
             stop = oq.wait_event("STOP", n_old, timeout=1)
             info = oq.cmd("query-migrate")
@@ -574,12 +590,9 @@ def run_copy(bench, size, reps):
                 f"{fmt(s['blackout_ms'])} ms, total {fmt(s['total_ms'])} ms, "
                 f"start-up {fmt(startup)} ms")
             old, oq = new, nq
-        wait_beats(d.console, 3, timeout=60, procs=[old])
-        cell["health"] = console_health(d.console)
-        quit_and_wait(oq, old)
+        d.finish(cell, old, oq)
     finally:
-        if "health" not in cell and os.path.exists(d.console):
-            cell["health"] = console_health(d.console)
+        d.note_health(cell)
         d.cleanup()
 
 
@@ -671,12 +684,7 @@ def run_cpr_direct(bench, size, reps):
                 raise RuntimeError(f"{conn.get('e', 'no monitor')}: {d.tail(new)}")
             nq = conn["q"]
             greeting_ms = (nq.greeting_at - t_spawn) * 1000
-            done = oq.wait_event("MIGRATION", n_old, timeout=300, procs=[new],
-                                 pred=lambda e: e["data"]["status"] in
-                                 ("completed", "failed", "cancelled"))
-            if not done or done["data"]["status"] != "completed":
-                raise RuntimeError(f"migration {done['data']['status'] if done else 'timed out'}:"
-                                   f" {d.tail(new)}")
+            d.wait_migrated(oq, n_old, new, 300)
             resume = nq.wait_event("RESUME", 0, timeout=30)
             stop = oq.wait_event("STOP", n_old, timeout=1)
             info = oq.cmd("query-migrate")
@@ -697,12 +705,9 @@ def run_cpr_direct(bench, size, reps):
                 f"{fmt(s['blackout_ms'])} ms, total {fmt(s['total_ms'])} ms "
                 f"(cpr listen {fmt(listen_ms)} ms after spawn)")
             old, oq = new, nq
-        wait_beats(d.console, 3, timeout=60, procs=[old])
-        cell["health"] = console_health(d.console)
-        quit_and_wait(oq, old)
+        d.finish(cell, old, oq)
     finally:
-        if "health" not in cell and os.path.exists(d.console):
-            cell["health"] = console_health(d.console)
+        d.note_health(cell)
         os.close(memfd)
         d.cleanup()
 
