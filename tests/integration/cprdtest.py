@@ -352,3 +352,21 @@ class GuestTest(unittest.TestCase):
 
     def tearDown(self):
         self.d.stop()
+
+
+class SharedDaemonTest(unittest.TestCase):
+    """A test class that shares one cprd; it needs root and, unless
+    needs_guest is False, the guest image."""
+
+    needs_guest = True
+
+    @classmethod
+    def setUpClass(cls):
+        require_root(cls)
+        if cls.needs_guest:
+            require_guest()
+        cls.d = Daemon().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()

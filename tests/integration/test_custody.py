@@ -8,23 +8,17 @@ import socket
 import subprocess
 import unittest
 
-from cprdtest import Conn, Daemon, RpcError, children, fd_count, require_guest, require_root
+from cprdtest import Conn, Daemon, RpcError, SharedDaemonTest
 
 NOT_FOUND, EXISTS, PERM, BAD_FDS, BAD_PARAMS, BAD_STATE = -32000, -32001, -32002, -32006, -32602, -32004
 
 
-class Custody(unittest.TestCase):
+class Custody(SharedDaemonTest):
     @classmethod
     def setUpClass(cls):
-        require_root(cls)
-        require_guest()
-        cls.d = Daemon().start()
+        super().setUpClass()
         cls.vm = cls.d.create_guest("cust")
         cls.base_fds = cls.d.settled_fds()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
 
     def tearDown(self):
         for f in self.d.call("fd.list", {"vm": "cust"})["fds"]:
@@ -148,20 +142,17 @@ def as_user(uid, gid, groups, fn):
     return json.loads(data)
 
 
-class Permissions(unittest.TestCase):
+class Permissions(SharedDaemonTest):
     """Unprivileged peers may look but not touch. The socket file is opened up
     to everyone here so that SO_PEERCRED, not the file mode, is what is tested."""
 
-    @classmethod
-    def setUpClass(cls):
-        require_root(cls)
-        cls.d = Daemon().start()
-        os.chmod(cls.d.dir, 0o755)
-        os.chmod(cls.d.sock, 0o666)
+    needs_guest = False
 
     @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
+    def setUpClass(cls):
+        super().setUpClass()
+        os.chmod(cls.d.dir, 0o755)
+        os.chmod(cls.d.sock, 0o666)
 
     def calls(self):
         out = {}

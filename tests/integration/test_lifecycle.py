@@ -8,21 +8,15 @@ import signal
 import stat
 import unittest
 
-from cprdtest import (CPRD, GUEST_APPEND, INITRD, KERNEL, QEMU, Console, Daemon, children,
-                      fd_count, pid_alive, require_guest, require_root, wait_until, wrapper)
+from cprdtest import (CPRD, Console, Daemon, GUEST_APPEND, INITRD, KERNEL, QEMU, SharedDaemonTest,
+                      children, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
-class Lifecycle(unittest.TestCase):
+class Lifecycle(SharedDaemonTest):
     @classmethod
     def setUpClass(cls):
-        require_root(cls)
-        require_guest()
-        cls.d = Daemon().start()
+        super().setUpClass()
         cls.baseline_fds = cls.d.settled_fds()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
 
     def create(self, name, *extra):
         p = self.d.cprctl("create", name, "--memory", "256M", "--kernel", KERNEL,

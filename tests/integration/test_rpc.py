@@ -8,25 +8,21 @@ import socket
 import time
 import unittest
 
-from cprdtest import (INITRD, KERNEL, Daemon, RpcError, children, fd_count, require_guest,
-                      require_root, wait_until)
+from cprdtest import KERNEL, RpcError, SharedDaemonTest, children, fd_count, wait_until
 
 PARSE, INVALID, NO_METHOD, BAD_PARAMS = -32700, -32600, -32601, -32602
 NOT_FOUND, EXISTS, PERM, VMM, BAD_FDS, TOO_LARGE = -32000, -32001, -32002, -32005, -32006, -32007
 
 
-class Rpc(unittest.TestCase):
+class Rpc(SharedDaemonTest):
+    needs_guest = False
+
     @classmethod
     def setUpClass(cls):
-        require_root(cls)
-        cls.d = Daemon().start()
+        super().setUpClass()
         # Measured once, before any client: every test must end back here.
         cls.base_fds = cls.d.settled_fds()
         cls.base_kids = set(children(cls.d.pid))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
 
     def tearDown(self):
         # Nothing leaks: same fds, same children (the launcher), no zombies.
@@ -224,20 +220,14 @@ class Rpc(unittest.TestCase):
                 c.close()
 
 
-class CreateErrors(unittest.TestCase):
+class CreateErrors(SharedDaemonTest):
     """vm.create refuses what cannot work, with a reason, and leaks nothing."""
 
     @classmethod
     def setUpClass(cls):
-        require_root(cls)
-        require_guest()
-        cls.d = Daemon().start()
+        super().setUpClass()
         cls.base_fds = cls.d.settled_fds()
         cls.base_kids = set(children(cls.d.pid))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
 
     def tearDown(self):
         self.d.destroy_all()

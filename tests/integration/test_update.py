@@ -7,23 +7,17 @@ import os
 import threading
 import unittest
 
-from cprdtest import (Console, Daemon, GuestTest, QEMU, RpcError, children, pid_alive,
-                      require_guest, require_root, wait_until, wrapper)
+from cprdtest import (Console, GuestTest, QEMU, RpcError, SharedDaemonTest, children, pid_alive,
+                      wait_until, wrapper)
 
 
-class Update(unittest.TestCase):
+class Update(SharedDaemonTest):
     @classmethod
     def setUpClass(cls):
-        require_root(cls)
-        require_guest()
-        cls.d = Daemon().start()
+        super().setUpClass()
         cls.vm = cls.d.create_guest("upd")
         cls.con = Console(cls.vm["console_log"])
         cls.con.wait_beats(3)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.stop()
 
     def update(self, *args):
         p = self.d.cprctl("update", "upd", "--json", *args)
