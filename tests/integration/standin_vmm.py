@@ -29,6 +29,9 @@ close-monitor (close the QMP connection, stay alive), refuse (error reply;
 at a migration step the migration fails), hang (stop at the step until
 SIGUSR2; on:COMMAND holds that command and every later one, as a busy QEMU
 monitor would).
+Marks only: monitor-closed (the connection was closed on SIGUSR1 or a fault),
+monitor-close-pending (SIGUSR1 came before any connection: the next one is
+closed at once).
 Signals: SIGUSR1 closes the monitor connection (a monitor lost from outside),
 SIGUSR2 releases every hang, SIGTERM ends the VMM as QEMU does (SHUTDOWN).
 """
@@ -284,6 +287,7 @@ class StandIn:
             self.lose_next_monitor = False
             log("closing the monitor connection at once")
             conn.close()
+            self.reach("monitor-closed")
             return
         with self.lock:
             self.conn, self.negotiated, self.inbuf = conn, False, b""
@@ -601,8 +605,10 @@ class StandIn:
                 if self.conn:
                     log("closing the monitor connection")
                     self.close_monitor()
+                    self.reach("monitor-closed")
                 else:
                     self.lose_next_monitor = True
+                    self.reach("monitor-close-pending")
             if self.held and self.released.is_set():
                 held, self.held = self.held, None
                 log("released a held command")
