@@ -100,7 +100,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 			o->sandbox = false;
 			break;
 		case 'a':
-			if (!streq(optarg, "auto") && !streq(optarg, "kvm") && !streq(optarg, "tcg")) {
+			if (!streq(optarg, "auto") && !streq(optarg, "kvm") &&
+			    !streq(optarg, "tcg")) {
 				fprintf(stderr, "cprd: --accel takes auto, kvm or tcg, not '%s'\n",
 					optarg);
 				return -EINVAL;
