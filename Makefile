@@ -52,6 +52,7 @@ deps:
 
 guest: deps
 	@sh scripts/build-guest.sh $(B)/guest
+	@sh scripts/accel-probe.sh $(B)/guest
 
 unit: $(UNIT_TESTS)
 	@sh tests/run-unit.sh $(UNIT_TESTS)

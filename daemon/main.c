@@ -30,6 +30,7 @@ struct options {
 	const char *state_dir;
 	bool foreground;
 	bool sandbox;
+	const char *accel; /* "auto", "kvm" or "tcg" */
 };
 
 uint64_t now_usec(clockid_t clock)
@@ -56,10 +57,13 @@ void daemon_update_status(struct daemon *d)
 static void help(void)
 {
 	printf(
-	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--foreground] [--no-sandbox]\n\n"
+	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
+	    "            [--no-sandbox]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
+	    "  --accel A         how VMMs run guests: kvm, tcg, or auto (kvm when /dev/kvm\n"
+	    "                    is usable; the default)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --version         print the version\n",
@@ -73,13 +77,14 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "state-dir", required_argument, NULL, 'd' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-sandbox", no_argument, NULL, 'S' },
+		{ "accel", required_argument, NULL, 'a' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true };
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true, .accel = "auto" };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -93,6 +98,15 @@ static int parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'S':
 			o->sandbox = false;
+			break;
+		case 'a':
+			if (!streq(optarg, "auto") && !streq(optarg, "kvm") &&
+			    !streq(optarg, "tcg")) {
+				fprintf(stderr, "cprd: --accel takes auto, kvm or tcg, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->accel = optarg;
 			break;
 		case 'h':
 			help();
@@ -324,7 +338,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 
 	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
 		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
-		 d->kvm ? "kvm" : "tcg: no usable /dev/kvm", d->start_mode, vm_count(d),
+		 d->kvm ? "kvm" : "tcg", d->start_mode, vm_count(d),
 		 o->sandbox ? "" : ", no sandbox");
 	sd_notify(0, "READY=1");
 	daemon_update_status(d);
@@ -408,7 +422,8 @@ int main(int argc, char **argv)
 		log_error("cannot create the event loop");
 		return 1;
 	}
-	d.kvm = access("/dev/kvm", R_OK | W_OK) == 0;
+	d.kvm = streq(o.accel, "kvm") ||
+		(streq(o.accel, "auto") && access("/dev/kvm", R_OK | W_OK) == 0);
 	g = getgrnam("cprd");
 	d.have_group = g != NULL;
 	d.group = g ? g->gr_gid : 0;

@@ -332,17 +332,17 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		{ "timeout", P_UINT, false, &timeout },
 	};
 	_cleanup_free_ char *binary = NULL;
+	const struct strategy *s;
 	struct vm *vm;
-	int s;
 
 	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
 		return;
 	if (!(vm = find_vm_or_fail(d, c, name)))
 		return;
-	s = update_strategy_from_string(strategy);
-	if (s < 0) {
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "unknown strategy '%.32s' (handover, cpr-transfer)", strategy);
+	s = update_strategy_find(strategy);
+	if (!s) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "unknown strategy '%.32s' (%s)", strategy,
+			  update_strategy_names());
 		return;
 	}
 	if (timeout < 1 || timeout > 3600) {

@@ -150,10 +150,41 @@ static const char *query_status(struct vmm *v, char *buf, size_t size)
 	return buf;
 }
 
+/* Whether the new VMM holds the whole state: its incoming migration
+ * completed (it is paused, -S, waiting to be told to run). */
+static bool incoming_completed(struct vmm *v)
+{
+	_cleanup_json_ json_object *ret = NULL;
+	const char *st;
+
+	if (vmm_command_sync(v, "query-migrate", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
+		return false;
+	st = json_object_get_string(json_object_object_get(ret, "status"));
+	return st && streq(st, "completed");
+}
+
+static void resume(struct vmm *v, bool cancel)
+{
+	_cleanup_json_ json_object *ret = NULL;
+
+	if (cancel) {
+		vmm_command_sync(v, "migrate_cancel", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+		json_object_put(TAKE_PTR(ret));
+	}
+	vmm_command_sync(v, "cont", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+}
+
 /*
  * The previous cprd died during an update. Both VMMs may still exist; the
- * migration between them went on without cprd. Whichever runs the guest
- * keeps it; the other is ended. Returns the VMM that keeps the VM.
+ * migration between them went on without cprd. The new VMM was started
+ * paused and runs the guest only once told to (the "commit" phase, written
+ * down before it was told), so:
+ *  - a new VMM that runs, or that holds the whole state, keeps the guest;
+ *  - after the commit, a new VMM that is gone may have run the guest: the
+ *    old VMM is not resumed from the state the guest left, and the VM is
+ *    reported crashed, its memory kept;
+ *  - otherwise the guest never left the old VMM: it is resumed there.
+ * Returns the VMM that keeps the VM.
  */
 static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
 {
@@ -161,48 +192,63 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	struct vmm *next = NULL;
 	const char *next_qmp = jstr(up, "new_qmp");
 	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
+	int phase = update_phase_from_name(jstr(up, "phase"));
+	bool committed = phase == update_phase_from_name("commit");
 	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	int r = -ESRCH;
 
-	if (pidfd >= 0 && !next_qmp) {
+	if (pidfd >= 0 && next_qmp) {
+		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL, NULL, &next);
+	} else if (pidfd >= 0) {
 		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
 		close(pidfd);
-	} else if (pidfd >= 0 && vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL,
-					    NULL, &next) < 0) {
-		/* A new VMM whose monitor never came up never got the guest. */
-		next = vmm_kill(next);
 	}
+	if (next && r < 0 && !committed)
+		next = vmm_kill(next); /* no monitor: it never got the guest */
 	if (next) {
 		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
-		query_status(next, st_new, sizeof(st_new));
+		if (r >= 0)
+			query_status(next, st_new, sizeof(st_new));
 	}
-	if (next && streq(st_new, "running")) {
+	if (next && (committed || streq(st_new, "running") ||
+		     ((streq(st_new, "paused") || streq(st_new, "postmigrate")) &&
+		      incoming_completed(next)))) {
+		if (!streq(st_new, "running"))
+			resume(next, false);
 		snprintf(msg, sizeof(msg),
-			 "cprd restarted during the update; the guest had moved and stays in the "
-			 "new VMM pid %d%s",
-			 (int)next->pid, old ? "; the old VMM was ended" : "");
+			 "cprd restarted during the update (phase %s); the new VMM pid %d held the "
+			 "guest and keeps it%s",
+			 update_phase_name(phase), (int)next->pid,
+			 old ? "; the old VMM was ended" : "");
 		if (old)
 			vmm_kill(old);
 		update_record_interrupted(vm, up, msg);
 		return next;
 	}
 	if (next)
-		vmm_kill(next);
+		next = vmm_kill(next);
+	if (committed) {
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted after the new VMM was told to run the guest, and that VMM "
+			 "is gone; the old VMM was not resumed from the state the guest left%s",
+			 old ? " and was ended" : "");
+		if (old)
+			vmm_kill(old);
+		update_record_interrupted(vm, up, msg);
+		return NULL;
+	}
 	if (!old) {
 		update_record_interrupted(
 		    vm, up, "cprd restarted during the update and neither VMM runs the guest");
 		return NULL;
 	}
-	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running")) {
-		_cleanup_json_ json_object *ret = NULL;
-
-		vmm_command_sync(old, "migrate_cancel", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
-		json_object_put(TAKE_PTR(ret));
-		vmm_command_sync(old, "cont", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
-	}
+	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running"))
+		resume(old, true);
 	snprintf(msg, sizeof(msg),
-		 "cprd restarted during the update; rolled back: the guest stays in the old VMM "
-		 "pid %d%s",
-		 (int)old->pid, next || pidfd >= 0 ? " and the new VMM was ended" : "");
+		 "cprd restarted during the update (phase %s); rolled back: the guest stays in "
+		 "the old VMM pid %d%s",
+		 update_phase_name(phase), (int)old->pid,
+		 pidfd >= 0 ? " and the new VMM was ended" : "");
 	update_record_interrupted(vm, up, msg);
 	return old;
 }

@@ -3,7 +3,9 @@
  * Live update of a VM's VMM. The new VMM is started beside the old one with
  * the same held fds; device state moves between them while guest RAM stays
  * in the memfd cprd holds; the old VMM is ended only once the new one runs.
- * Any failure before that ends the new VMM and resumes the old one.
+ * Any failure before the new VMM runs the guest ends the new VMM and
+ * resumes the old one. The engine is update.c; each strategy is one file
+ * behind strategy.h.
  */
 #pragma once
 
@@ -13,18 +15,19 @@
 struct vm;
 struct call;
 struct update;
+struct strategy;
 
-enum update_strategy {
-	UPDATE_HANDOVER,     /* -incoming defer, x-ignore-shared, fd: channel via getfd */
-	UPDATE_CPR_TRANSFER, /* QEMU's cpr-transfer mode */
-	_UPDATE_STRATEGY_MAX,
-};
-
-int update_strategy_from_string(const char *s);
+/* NULL when there is no strategy of that name. */
+const struct strategy *update_strategy_find(const char *name);
+/* "handover, cpr-transfer": for messages and help. */
+const char *update_strategy_names(void);
+/* A phase's name as the registry and reports spell it, and back (-EINVAL). */
+const char *update_phase_name(int phase);
+int update_phase_from_name(const char *name);
 
 /* Start an update; answers c (may be NULL) with the report when done.
  * binary is the new VMM (absolute path). */
-void update_start(struct vm *vm, enum update_strategy s, const char *binary, double timeout,
+void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c);
 
 /* Routed here by vm.c while vm->update is set. */

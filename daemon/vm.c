@@ -26,6 +26,14 @@ static const char *const state_names[_VM_STATE_MAX] = {
 
 static const struct vmm_ops vm_vmm_ops;
 
+void vm_set_state(struct vm *vm, enum vm_state s)
+{
+	if (vm->state == s)
+		return;
+	vm->state = s;
+	daemon_update_status(vm->d);
+}
+
 const char *vm_state_to_string(enum vm_state s)
 {
 	return s >= 0 && s < _VM_STATE_MAX ? state_names[s] : "unknown";

@@ -55,6 +55,8 @@ struct vm {
 };
 
 const char *vm_state_to_string(enum vm_state s);
+/* Every change of a VM's state goes through here: it is saved and shown. */
+void vm_set_state(struct vm *vm, enum vm_state s);
 struct vm *vm_find(struct daemon *d, const char *name);
 size_t vm_count(struct daemon *d);
 

@@ -18,7 +18,8 @@
 #include "daemon/vmm.h"
 #include "kvm/qemu.h"
 
-#define VMM_KILL_WAIT_MS 2000
+#define VMM_KILL_WAIT 2.0 /* seconds */
+#define MONITOR_GRACE 0.5 /* seconds; see monitor_gone() */
 
 void log_tail(const char *path, char *buf, size_t size)
 {
@@ -45,7 +46,100 @@ void log_tail(const char *path, char *buf, size_t size)
 static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp_path,
 			   const struct vmm_ops *ops, void *ud);
 
-static void describe_exit(struct vmm *v)
+/* A VMM's own callbacks may end it (a reply that triggers a rollback, an
+ * exit that ends an update). While one runs, the VMM is held: freeing it
+ * only marks it doomed, and the last release destroys it. */
+static void hold(struct vmm *v)
+{
+	v->busy++;
+}
+
+static void vmm_destroy(struct vmm *v);
+
+static void drop_qmp(struct vmm *v, bool notify);
+
+/* false when v is gone */
+static bool release(struct vmm *v)
+{
+	if (--v->busy > 0)
+		return true;
+	if (v->doomed) {
+		vmm_destroy(v);
+		return false;
+	}
+	if (v->muted)
+		drop_qmp(v, false); /* let go of from inside its dispatch */
+	return true;
+}
+
+/* Let go of the monitor without a callback. Inside the VMM's own dispatch
+ * the client is on the stack: it is muted now and freed on release. */
+static void forget_qmp(struct vmm *v)
+{
+	if (!v->qmp)
+		return;
+	if (v->busy > 0) {
+		ev_io_stop(v->d->loop, &v->qmp_watcher);
+		qmp_mute(v->qmp);
+		v->muted = true;
+		return;
+	}
+	drop_qmp(v, false);
+}
+
+/* Stop talking to the VMM. With notify, commands still waiting are answered
+ * "Disconnected" (their callers may end v meanwhile: hold it first);
+ * without, they are dropped unseen. */
+static void drop_qmp(struct vmm *v, bool notify)
+{
+	qmp *q = TAKE_PTR(v->qmp);
+
+	if (!q)
+		return;
+	v->muted = false;
+	ev_io_stop(v->d->loop, &v->qmp_watcher);
+	if (notify)
+		qmp_fail_pending(q, "the VMM's monitor connection closed");
+	qmp_free(q);
+}
+
+/* A VMM closes its monitor as it exits, a moment before its pidfd says
+ * so: its owner hears of a lost monitor only if the process outlives it
+ * by MONITOR_GRACE, and otherwise of the exit, which says more. */
+static void monitor_gone(struct vmm *v)
+{
+	if (v->doomed || v->pidfd < 0 || !v->ops || !v->ops->monitor_lost)
+		return;
+	ev_timer_set(&v->monitor_timer, MONITOR_GRACE, 0.);
+	ev_timer_start(v->d->loop, &v->monitor_timer);
+}
+
+static void monitor_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct vmm *v = w->data;
+
+	hold(v);
+	if (v->ops && v->ops->monitor_lost)
+		v->ops->monitor_lost(v, v->ud);
+	release(v);
+}
+
+/* Read what the VMM already said. false when the monitor is gone. */
+static bool read_monitor(struct vmm *v)
+{
+	int r = qmp_dispatch(v->qmp);
+
+	if (r >= 0 || v->doomed)
+		return r >= 0;
+	/* The VMM closed its monitor: it is exiting, or it will go on without
+	 * one. The pidfd says which. */
+	log_debug("VMM pid %d: monitor connection lost: %s", (int)v->pid, strerror(-r));
+	drop_qmp(v, true);
+	monitor_gone(v);
+	return false;
+}
+
+static void reap(struct vmm *v)
 {
 	siginfo_t si = {};
 
@@ -60,28 +154,31 @@ static void describe_exit(struct vmm *v)
 		snprintf(v->exit_desc, sizeof(v->exit_desc), "killed by signal %s",
 			 sigabbrev_np(si.si_status) ? sigabbrev_np(si.si_status) : "?");
 	}
-}
-
-static void drop_qmp(struct vmm *v)
-{
-	if (!v->qmp)
-		return;
-	ev_io_stop(v->d->loop, &v->qmp_watcher);
-	qmp_fail_pending(v->qmp, "the VMM's monitor connection closed");
-	v->qmp = qmp_free(v->qmp);
+	ev_io_stop(v->d->loop, &v->pid_watcher);
+	ev_timer_stop(v->d->loop, &v->kill_timer);
+	ev_timer_stop(v->d->loop, &v->monitor_timer);
+	v->pidfd = safe_close(v->pidfd);
 }
 
 static void pid_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct vmm *v = w->data;
 
-	ev_io_stop(loop, w);
-	describe_exit(v);
-	v->pidfd = safe_close(v->pidfd);
-	drop_qmp(v);
+	hold(v);
+	/* What it wrote before it died is still in the socket: an event there
+	 * (RESUME, MIGRATION) may decide what its exit means. */
+	if (v->qmp && !v->ending)
+		read_monitor(v);
+	reap(v);
 	daemon_reap_orphans(v->d); /* any waiting behind this one */
-	if (v->ops && v->ops->exited)
-		v->ops->exited(v, v->ud); /* may free v */
+	if (v->ending) {
+		v->doomed = true;
+	} else {
+		drop_qmp(v, true);
+		if (!v->doomed && v->ops && v->ops->exited)
+			v->ops->exited(v, v->ud); /* may end v */
+	}
+	release(v);
 }
 
 static void qmp_sync_watcher(struct vmm *v)
@@ -98,32 +195,40 @@ static void qmp_sync_watcher(struct vmm *v)
 	ev_io_start(v->d->loop, &v->qmp_watcher);
 }
 
-static void vmm_destroy(struct vmm *v);
-
 static void qmp_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct vmm *v = w->data;
-	int r = 0;
+	bool ok = true;
 
-	if (revents & EV_WRITE)
-		r = qmp_flush(v->qmp) < 0 ? -EPIPE : 0;
-	if (r == 0 && (revents & EV_READ)) {
-		v->dispatching = true;
-		r = qmp_dispatch(v->qmp);
-		v->dispatching = false;
-		if (v->doomed) {
-			vmm_destroy(v); /* freed by a callback meanwhile */
-			return;
-		}
+	hold(v);
+	if ((revents & EV_WRITE) && qmp_flush(v->qmp) < 0) {
+		drop_qmp(v, true);
+		monitor_gone(v);
+		ok = false;
 	}
-	if (r < 0) {
-		/* The VMM closed its monitor: it is exiting, and the pidfd will
-		 * say how. Until then there is nobody to talk to. */
-		log_debug("VMM pid %d: monitor connection lost: %s", (int)v->pid, strerror(-r));
-		drop_qmp(v);
-		return;
-	}
-	qmp_sync_watcher(v);
+	if (ok && (revents & EV_READ))
+		ok = read_monitor(v);
+	if (release(v) && ok && !v->doomed)
+		qmp_sync_watcher(v);
+}
+
+bool vmm_drain(struct vmm *v)
+{
+	bool ok;
+
+	/* Not from inside its own dispatch: that one reads on by itself. */
+	if (!v || !v->qmp || v->doomed || v->muted || v->busy > 0)
+		return false;
+	hold(v);
+	ok = read_monitor(v);
+	if (release(v) && ok && !v->doomed)
+		qmp_sync_watcher(v);
+	return ok;
+}
+
+size_t vmm_cancel(struct vmm *v, void *ud)
+{
+	return v && v->qmp ? qmp_cancel(v->qmp, ud) : 0;
 }
 
 static void on_qmp_event(qmp *q, const char *event, json_object *data, int64_t ts_us, void *ud)
@@ -146,7 +251,8 @@ static void on_qmp_ready(qmp *q, void *ud)
 			  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0);
 	if (v->ops && v->ops->ready)
 		v->ops->ready(v, v->ud);
-	qmp_sync_watcher(v);
+	if (!v->doomed)
+		qmp_sync_watcher(v);
 }
 
 int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_reply_fn cb,
@@ -154,7 +260,7 @@ int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_r
 {
 	int r;
 
-	if (!v->qmp || v->doomed) {
+	if (!v || !v->qmp || v->doomed || v->muted) {
 		json_object_put(args);
 		return -ENOTCONN;
 	}
@@ -172,7 +278,7 @@ void vmm_set_ops(struct vmm *v, const struct vmm_ops *ops, void *ud)
 
 bool vmm_alive(const struct vmm *v)
 {
-	return v && v->pidfd >= 0;
+	return v && v->pidfd >= 0 && !v->ending && !v->doomed;
 }
 
 int vmm_signal(struct vmm *v, int sig)
@@ -197,61 +303,74 @@ static void vmm_destroy(struct vmm *v)
 			*p = v->daemon_next;
 			break;
 		}
-	drop_qmp(v);
+	ev_io_stop(v->d->loop, &v->pid_watcher);
+	ev_timer_stop(v->d->loop, &v->kill_timer);
+	ev_timer_stop(v->d->loop, &v->monitor_timer);
+	safe_close(v->pidfd);
+	drop_qmp(v, false);
 	free(v->qmp_path);
 	free(v->binary);
 	free(v);
 }
 
+/* Let go: no callback of v's runs again; the process is left alone. */
 struct vmm *vmm_free(struct vmm *v)
 {
 	if (!v || v->doomed)
 		return NULL;
-	ev_io_stop(v->d->loop, &v->pid_watcher);
-	v->pidfd = safe_close(v->pidfd);
-	if (v->dispatching) {
-		/* Answer what is pending now, while its callers still exist;
-		 * the client itself goes when qmp_io_cb() regains control. */
-		ev_io_stop(v->d->loop, &v->qmp_watcher);
-		qmp_fail_pending(v->qmp, "the VMM is being let go");
-		v->doomed = true;
+	v->ops = NULL;
+	ev_timer_stop(v->d->loop, &v->monitor_timer);
+	forget_qmp(v);
+	if (v->busy > 0) {
+		v->doomed = true; /* destroyed when its own callback returns */
 		return NULL;
 	}
 	vmm_destroy(v);
 	return NULL;
 }
 
-/* Waits for the exit, but boundedly: a process that SIGKILL cannot end at
- * once (frozen, or stuck in uninterruptible sleep) must not stall the
- * daemon. If it outlives the wait it is no longer watched, and the orphan
- * reaper collects it whenever it does go. Polling the pidfd also works for
- * a VMM that is not our child (attached after a restart). */
+/* A killed VMM that has not exited this long after SIGKILL (frozen, or in
+ * uninterruptible sleep) is let go of; the orphan reaper collects it
+ * whenever it does exit. */
+static void kill_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct vmm *v = w->data;
+
+	log_warning("VMM pid %d did not exit within %.0f s of SIGKILL; it is reaped whenever it "
+		    "does",
+		    (int)v->pid, VMM_KILL_WAIT);
+	ev_io_stop(loop, &v->pid_watcher);
+	v->pidfd = safe_close(v->pidfd);
+	if (v->busy > 0)
+		v->doomed = true;
+	else
+		vmm_destroy(v);
+}
+
 struct vmm *vmm_kill(struct vmm *v)
 {
-	if (!v)
+	if (!v || v->doomed || v->ending)
 		return NULL;
-	if (v->pidfd >= 0 && pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0) == 0) {
-		struct pollfd p = { .fd = v->pidfd, .events = POLLIN };
-		uint64_t end = now_usec(CLOCK_MONOTONIC) + VMM_KILL_WAIT_MS * 1000ULL, now;
-		int r;
-
-		do {
-			now = now_usec(CLOCK_MONOTONIC);
-			r = now < end ? poll(&p, 1, (int)((end - now + 999) / 1000)) : 0;
-		} while (r < 0 && errno == EINTR);
-		if (r > 0)
-			waitid(P_PIDFD, v->pidfd, &(siginfo_t){}, WEXITED | WNOHANG);
-		else
-			log_warning("VMM pid %d did not exit within %d ms of SIGKILL; it is reaped "
-				    "whenever it does",
-				    (int)v->pid, VMM_KILL_WAIT_MS);
-		daemon_reap_orphans(v->d);
-	}
-	/* Its monitor socket died with it. (vmm_free leaves the path alone:
+	v->ops = NULL;
+	ev_timer_stop(v->d->loop, &v->monitor_timer);
+	forget_qmp(v);
+	/* Its monitor socket dies with it. (vmm_free leaves the path alone:
 	 * a VMM merely let go of may still be listening there.) */
 	if (v->qmp_path)
 		unlink(v->qmp_path);
-	return vmm_free(v);
+	if (v->pidfd < 0)
+		return vmm_free(v);
+	/* Fails only for a process already gone; its pidfd still fires. */
+	(void)pidfd_send_signal(v->pidfd, SIGKILL, NULL, 0);
+	/* Reaped from the loop when its pidfd fires: never a wait here. */
+	v->ending = true;
+	if (!ev_is_active(&v->pid_watcher)) {
+		ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
+		ev_io_start(v->d->loop, &v->pid_watcher);
+	}
+	ev_timer_set(&v->kill_timer, VMM_KILL_WAIT, 0.);
+	ev_timer_start(v->d->loop, &v->kill_timer);
+	return NULL;
 }
 
 /* The monitor socket: bound and listening here, then connected to at once,
@@ -387,7 +506,9 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 	v->ud = ud;
 	ev_init(&v->pid_watcher, pid_cb);
 	ev_init(&v->qmp_watcher, qmp_io_cb);
-	v->pid_watcher.data = v->qmp_watcher.data = v;
+	ev_init(&v->kill_timer, kill_timer_cb);
+	ev_init(&v->monitor_timer, monitor_timer_cb);
+	v->pid_watcher.data = v->qmp_watcher.data = v->kill_timer.data = v->monitor_timer.data = v;
 	v->qmp_path = strdup(qmp_path);
 	v->binary = strdup(binary);
 	if (!v->qmp_path || !v->binary)

@@ -18,10 +18,13 @@
 struct vm_config;
 struct vmm;
 
+/* Each may end the VMM (vmm_kill/vmm_free) or its owner; the VMM is held
+ * until the callback returns. */
 struct vmm_ops {
 	void (*ready)(struct vmm *v, void *ud); /* QMP negotiated */
 	void (*event)(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud);
-	void (*exited)(struct vmm *v, void *ud); /* reaped; exit_code/exit_desc set */
+	void (*exited)(struct vmm *v, void *ud);       /* reaped; exit_code/exit_desc set */
+	void (*monitor_lost)(struct vmm *v, void *ud); /* monitor closed, process alive */
 };
 
 struct vmm {
@@ -42,11 +45,15 @@ struct vmm {
 	const struct vmm_ops *ops;
 	void *ud;
 	struct vmm *daemon_next; /* in d->vmms */
-	/* A callback run from this VMM's own QMP dispatch may free it (a
-	 * reply that triggers a rollback, say). The client is still on the
-	 * stack then, so vmm_free() only marks it and the dispatch finishes
-	 * the job on its way out. */
-	bool dispatching, doomed;
+	/* A callback run from this VMM's own dispatch may end it (a reply
+	 * that triggers a rollback, say). While busy, vmm_free() only marks
+	 * it doomed and the dispatch destroys it on its way out. */
+	unsigned busy;
+	bool doomed;
+	bool muted;             /* monitor let go of while busy: freed on release */
+	bool ending;            /* SIGKILLed: reaped from the loop, then destroyed */
+	ev_timer kill_timer;    /* bounds how long an ending VMM is waited for */
+	ev_timer monitor_timer; /* monitor closed: does the process outlive it? */
 };
 
 /* How a new VMM receives its guest: not at all (a fresh boot), with
@@ -83,14 +90,24 @@ int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int time
 /* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
 json_object *vmm_fd_map(const struct vmm *v);
 
-/* Stop watching and free; the process, if any, and its monitor socket are
- * left alone. */
+/* Let go: stop watching and free (later, if v is inside one of its own
+ * callbacks). No callback of v's runs again, not even for commands still
+ * waiting; the process, if any, and its monitor socket are left alone.
+ * Returns NULL, for `v = vmm_free(v)`. */
 struct vmm *vmm_free(struct vmm *v);
-/* SIGKILL and reap at once (a killed process exits promptly), remove its
- * monitor socket, then free. */
+/* SIGKILL, remove its monitor socket, and let go of it at once as
+ * vmm_free() does; the process is reaped from the loop when its pidfd
+ * fires (never waited for here), or, past a bound, by the orphan reaper. */
 struct vmm *vmm_kill(struct vmm *v);
 int vmm_signal(struct vmm *v, int sig);
+/* Running, watched, and not being ended. */
 bool vmm_alive(const struct vmm *v);
+/* Read and dispatch what the VMM already sent, now: events that are
+ * waiting in the socket are seen before a decision that depends on them.
+ * false when the monitor is gone. */
+bool vmm_drain(struct vmm *v);
+/* Forget ud's commands still waiting on v's monitor (see qmp_cancel). */
+size_t vmm_cancel(struct vmm *v, void *ud);
 
 /* Queue a QMP command; -ENOTCONN when the monitor is gone. */
 int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_reply_fn cb,

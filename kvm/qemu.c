@@ -139,6 +139,14 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 		add(&a, "-device");
 		add(&a, "virtio-net-pci,netdev=net0,romfile=");
 	}
+	/* A VMM that receives a guest starts paused (-S) and reports its
+	 * migration's end (x-events): it runs the guest only when told to,
+	 * so until then the guest can always go back to the old VMM. */
+	if (c->incoming || (c->cpr_main_path && c->cpr_state_path)) {
+		add(&a, "-S");
+		add(&a, "-global");
+		add(&a, "migration.x-events=on");
+	}
 	if (c->incoming) {
 		add(&a, "-incoming");
 		add(&a, "defer");

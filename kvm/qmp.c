@@ -28,6 +28,7 @@ struct qmp {
 	char version[32];
 	int64_t next_id;
 	struct pending *head, *tail; /* in order of sending */
+	struct pending *failing;     /* being failed by qmp_fail_pending() */
 	qmp_ready_fn on_ready;
 	qmp_event_fn on_event;
 	void *userdata;
@@ -72,6 +73,11 @@ qmp *qmp_free(qmp *q)
 	while (q->head) {
 		struct pending *p = q->head;
 		q->head = p->next;
+		pending_free(p);
+	}
+	while (q->failing) {
+		struct pending *p = q->failing;
+		q->failing = p->next;
 		pending_free(p);
 	}
 	proto_reader_free(q->in);
@@ -334,16 +340,58 @@ int qmp_flush(qmp *q)
 void qmp_fail_pending(qmp *q, const char *why)
 {
 	/* Detach the list first: a callback that queues a retry must not have
-	 * it failed in this same sweep (that would never end). */
-	struct pending *p = q->head;
+	 * it failed in this same sweep (that would never end). Entries are
+	 * taken one at a time, so a callback may still cancel later ones. */
+	struct pending *p;
 
+	q->failing = q->head;
 	q->head = q->tail = NULL;
-	while (p) {
-		struct pending *next = p->next;
-
+	while ((p = q->failing)) {
+		q->failing = p->next;
 		if (p->cb)
 			p->cb(q, NULL, "Disconnected", why, p->userdata);
 		pending_free(p);
-		p = next;
 	}
+}
+
+static size_t cancel_in(struct pending **pp, struct pending **tail, void *userdata, bool all)
+{
+	size_t n = 0;
+
+	while (*pp) {
+		struct pending *p = *pp;
+
+		if (!all && p->userdata != userdata) {
+			if (tail)
+				*tail = p;
+			pp = &p->next;
+			continue;
+		}
+		*pp = p->next;
+		/* A command already written still gets its reply; with no
+		 * entry left for its id, the reply is dropped unseen. */
+		pending_free(p);
+		n++;
+	}
+	return n;
+}
+
+size_t qmp_cancel(qmp *q, void *userdata)
+{
+	size_t n;
+
+	if (!q || !userdata)
+		return 0;
+	q->tail = NULL;
+	n = cancel_in(&q->head, &q->tail, userdata, false);
+	return n + cancel_in(&q->failing, NULL, userdata, false);
+}
+
+void qmp_mute(qmp *q)
+{
+	q->on_ready = NULL;
+	q->on_event = NULL;
+	q->tail = NULL;
+	cancel_in(&q->head, &q->tail, NULL, true);
+	cancel_in(&q->failing, NULL, NULL, true);
 }

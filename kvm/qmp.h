@@ -6,8 +6,8 @@
  * may be queued at once; they are sent after the greeting has been answered
  * with qmp_capabilities. Replies are matched to commands by "id".
  *
- * Callbacks run from inside qmp_dispatch(); they may queue commands but must
- * not free the client.
+ * Callbacks run from inside qmp_dispatch(); they may queue or cancel
+ * commands but must not free the client.
  */
 #pragma once
 
@@ -53,3 +53,11 @@ bool qmp_wants_write(const qmp *q);
  * Commands a callback queues meanwhile are kept, not failed with them. */
 void qmp_fail_pending(qmp *q, const char *why);
 size_t qmp_pending(const qmp *q);
+/* Forget every command still waiting whose userdata is this one: its
+ * callback is never called (not even by qmp_fail_pending() running now).
+ * For an owner that is going away. Returns how many were dropped. */
+size_t qmp_cancel(qmp *q, void *userdata);
+/* No callback of any kind runs again: every command is forgotten, events
+ * and readiness are ignored. For an owner that must let go of the client
+ * from inside its dispatch, where qmp_free() is not allowed. */
+void qmp_mute(qmp *q);

@@ -20,7 +20,8 @@ trap cleanup EXIT INT TERM
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "starting cprd (state in $STATE)"
-"$B/cprd" --state-dir "$STATE"
+# The accelerator `make guest` found able to boot the guest here.
+"$B/cprd" --state-dir "$STATE" --accel "$(cat "$B/guest/accel" 2>/dev/null || echo auto)"
 "$CPRCTL" daemon status --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' >"$STATE/pid"
 "$CPRCTL" daemon status
 
