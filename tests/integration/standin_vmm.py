@@ -566,6 +566,12 @@ class StandIn:
     def on_signal(self, sig, frame):
         if sig == signal.SIGUSR2:
             self.released.set()
+        if sig == signal.SIGUSR1 and not self.conn:
+            # No monitor yet (a hang at-start, a cpr-transfer destination
+            # before its state): the first one is closed as it comes.
+            self.lose_next_monitor = True
+            self.reach("monitor-close-pending")
+            return
         self.wake({signal.SIGUSR1: b"c", signal.SIGUSR2: b"r", signal.SIGTERM: b"t"}[sig])
 
     def run(self):

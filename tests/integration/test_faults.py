@@ -12,10 +12,11 @@ the guest says STALE. A phase is reached deterministically by a `hang` at
 one of the stand-in's steps; the test waits for that step's mark, injects
 the fault, then releases the hang (SIGUSR2) so the update goes on.
 
-Handover.* and CprTransfer.* are one case per test, each with its own cprd.
-The two faults that stop cprd itself (CprdStopped.*) stop one cprd once,
-with one VM per phase held there, so that a 5 s stop is not paid twelve
-times. RealQemu.* runs key faults against real QEMU and the real guest."""
+Handover.* and CprTransfer.* are one test per fault, whose phases run at
+once as subtests, each with a cprd of its own. The two faults that stop
+cprd itself (CprdStopped.*) stop one cprd once, with one VM per phase held
+there, so that a 5 s stop is not paid twelve times. RealQemu.* runs key
+faults against real QEMU and the real guest."""
 
 import ctypes
 import glob
@@ -25,9 +26,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import threading
 import time
+import traceback
 import unittest
 import zlib
 
@@ -80,8 +83,10 @@ FAULTS = {
     "cprd_stopped_past_timeout": "SIGSTOP to cprd until past the update's timeout",
 }
 
-TIMEOUT = {"new_stopped": 2, "cprd_stopped_5s": 10, "cprd_stopped_past_timeout": 3}
-DEFAULT_TIMEOUT = 4
+# Update timeouts (s): long enough for a held update to reach its phase with
+# a dozen VMMs starting on two cores, short enough to wait for.
+TIMEOUT = {"new_stopped": 3, "cprd_stopped_5s": 10, "cprd_stopped_past_timeout": 4}
+DEFAULT_TIMEOUT = 6
 
 
 def expected(phase, fault, completed=None, finished=False):
@@ -119,13 +124,42 @@ def setUpModule():
     ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
+CPRDS = set()  # every cprd a test started: its Popen reaps it, to learn how it ended
+
+
 def reap_our_zombies():
+    """Reap the VMMs a killed cprd left to us (never a cprd)."""
     for pid, (_, state) in children(os.getpid()).items():
-        if state == "Z":
+        if state == "Z" and pid not in CPRDS:
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+
+def held_fds(pid):
+    """What cprd holds, less a registry being rewritten at that moment."""
+    return [t for t in fd_targets(pid) if not t.endswith("/.registry.json.tmp")]
+
+
+def settled_fds(pid):
+    """cprd's fds once connections the test just closed are gone."""
+    last = None
+    for _ in range(50):
+        now = held_fds(pid)
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.1)
+    return last
+
+
+def kill(pid, sig):
+    """Signal a process that may have just died."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def proc_state(pid):
@@ -274,10 +308,10 @@ class Case:
     def release(self, skip=()):
         for pid in self.vmms():
             if pid not in skip and proc_state(pid) != "T":
-                os.kill(pid, signal.SIGUSR2)
+                kill(pid, signal.SIGUSR2)
 
     def close_monitor(self, pid):
-        os.kill(pid, signal.SIGUSR1)
+        kill(pid, signal.SIGUSR1)
         wait_until(lambda: self.mark_pids("monitor-closed") & {pid} or
                    self.mark_pids("monitor-close-pending") & {pid}, 5,
                    f"VMM pid {pid} to close its monitor")
@@ -324,6 +358,9 @@ class Case:
             self.stopped = new
             self.release(skip=(new,))
         elif f == "client_gone":
+            # shutdown() first: a close() alone leaves the socket to the
+            # reader thread blocked on it, and cprd would see no one go.
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
             self.conn.sock.close()
             self.release()
         else:
@@ -374,8 +411,12 @@ class Case:
             expect(reports[1].get("result") == rep["result"],
                    f"the reply says {reports[1].get('result')!r}, history {rep['result']!r}")
         if rep["result"] == "interrupted" and where in ("old", "new"):
-            expect(f"{where} VMM" in rep.get("error", ""),
+            expect(re.search(rf"\b{where} (VMM|one)\b", rep.get("error", "")),
                    f"the history entry does not say the {where} VMM kept the guest")
+        for who, other in (("old", "new"), ("new", "old")):
+            if self.fault == f"{who}_killed":
+                expect(f"{other} VMM killed" not in (rep.get("error") or ""),
+                       f"the error blames the {other} VMM for the {who} one's death")
         if self.fault.endswith("monitor_closed"):
             expect(self.ended < self.timeout + 3,
                    f"the update took {self.ended:.1f} s, past its {self.timeout} s timeout")
@@ -395,7 +436,7 @@ class Case:
         elif expect(st["state"] == "running", f"the VM is {st['state']}"):
             expect(alive == [st["pid"]],
                    f"VMMs {alive} alive, the guest must be in exactly one ({st['pid']})")
-            os.kill(st["pid"], signal.SIGCONT)  # a new VMM stopped after the switch
+            kill(st["pid"], signal.SIGCONT)  # a new VMM stopped after the switch
             try:
                 self.wait_beats(st["pid"], 2)
             except AssertionError as e:
@@ -425,6 +466,22 @@ class Case:
             tc.fail("; ".join(problems))
         return None if where == "crashed" else st["pid"]
 
+    def follow_up(self):
+        """After a fault that cost a monitor: the VM is still cprd's to
+        manage, so another update (without faults) works. Returns the VMM
+        that runs the guest then."""
+        plain = wrapper(self.d.dir, f"plain-vmm-{self.vm}",
+                        f'STANDIN_MARK={self.marks} exec python3 {STANDIN} "$@"')
+        try:
+            rep = self.d.call("vm.update", {"name": self.vm, "vmm": plain,
+                                            "strategy": self.strategy, "timeout": 10}, timeout=30)
+        except RpcError as e:
+            self.tc.fail(f"after the monitor closed, the VM can no longer be updated: {e}")
+        self.tc.assertEqual(self.vmms(), [rep["new_pid"]])
+        self.wait_beats(rep["new_pid"], 2)
+        self.tc.assertEqual(STALE_RE.findall(self.console()), [])
+        return rep["new_pid"]
+
     def check_memory(self, last_seq, exact):
         """Guest RAM, read through a copy of the memfd cprd holds: the
         counter where the heartbeats say and the boot pattern intact."""
@@ -448,20 +505,28 @@ class Case:
             self.tc.assertGreaterEqual(seq, last_seq)
 
 
-class FaultTest(unittest.TestCase):
-    """A cprd of its own, cleaned up whatever the test did to it."""
+class Harness:
+    """A cprd of its own, its baselines, and a clean-up whatever was done to
+    it."""
 
-    def setUp(self):
-        require_root(self)
+    def __init__(self):
         self.d = Daemon().start()
-        self.base0 = self.d.settled_fds()
-        self.targets0 = fd_targets(self.d.pid)
+        CPRDS.add(self.d.pid)
+        self.fds0 = settled_fds(self.d.pid)
         self.restarted = False
 
-    def tearDown(self):
+    def restart_cprd(self):
+        self.d.proc.wait()
+        if os.path.exists(self.d.sock):
+            os.unlink(self.d.sock)
+        self.d.start()
+        CPRDS.add(self.d.pid)
+        self.restarted = True
+
+    def close(self):
         d = self.d
         for pid in standins(d.dir + "/"):
-            os.kill(pid, signal.SIGCONT)
+            kill(pid, signal.SIGCONT)
         if d.proc.poll() is None:
             os.kill(d.pid, signal.SIGCONT)
             d.destroy_all()
@@ -472,7 +537,7 @@ class FaultTest(unittest.TestCase):
                 d.proc.kill()
                 d.proc.wait()
         for pid in standins(d.dir + "/"):
-            os.kill(pid, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
         kill_vmms_under(d.dir)
         time.sleep(0.05)
         reap_our_zombies()
@@ -481,14 +546,7 @@ class FaultTest(unittest.TestCase):
         else:
             shutil.rmtree(d.dir, ignore_errors=True)
 
-    def restart_cprd(self):
-        self.d.proc.wait()
-        if os.path.exists(self.d.sock):
-            os.unlink(self.d.sock)
-        self.d.start()
-        self.restarted = True
-
-    def check_daemon(self, cases, vmm_pids, base1, targets1):
+    def check_daemon(self, tc, cases, vmm_pids, fds1):
         """cprd's children, zombies and fds back to where they were, with the
         VMs still there and once they are destroyed."""
         d = self.d
@@ -503,90 +561,136 @@ class FaultTest(unittest.TestCase):
         try:
             wait_until(kids_settled, 5, "cprd's children to settle")
         except AssertionError:
-            self.fail(f"cprd's children are {children(d.pid)}, not the launcher and {want}")
+            tc.fail(f"cprd's children are {children(d.pid)}, not the launcher and {want}")
         if not self.restarted and all(vmm_pids):
-            self.assert_fds(base1, targets1, "with the VMs running")
+            self.assert_fds(tc, fds1, "with the VMs running")
         for c in cases:
             d.call("vm.destroy", {"name": c.vm})
-        self.assert_fds(self.base0, self.targets0, "with no VM" +
+        self.assert_fds(tc, self.fds0, "with no VM" +
                         (" (a restarted cprd against a fresh one)" if self.restarted else ""))
 
-    def assert_fds(self, n, targets, when):
+    def assert_fds(self, tc, then, when):
+        """As many fds as then (sockets are renumbered: a VMM's monitor
+        connection is another socket after an update)."""
         try:
-            self.d.wait_fds(n)
+            wait_until(lambda: len(held_fds(self.d.pid)) == len(then), 5, "")
         except AssertionError:
-            now = fd_targets(self.d.pid)
-            gone = [t for t in targets if t not in now]
-            extra = [t for t in now if t not in targets]
-            self.fail(f"cprd holds {len(now)} fds {when}, not {n}; lost {gone}, gained {extra}")
+            now = held_fds(self.d.pid)
+            gone = [t for t in then if t not in now]
+            extra = [t for t in now if t not in then]
+            tc.fail(f"cprd holds {len(now)} fds {when}, not {len(then)}; lost {gone}, gained "
+                    f"{extra}")
 
 
-class Matrix(FaultTest):
-    """One case per test. Subclasses set the strategy."""
+def run_case(tc, h, strategy, phase, fault):
+    """One case of the matrix on the harness's cprd."""
+    d = h.d
+    c = Case(tc, d, strategy, phase, fault, "fx")
+    c.create()
+    c.wait_beats(c.old, 2)
+    fds1 = settled_fds(d.pid)
+    c.start()
+    c.wait_phase()
+    if fault == "cprd_killed":
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        c.finished_before_kill = c.history_has_it()
+        c.release()
+        time.sleep(0.5)  # the VMMs carry on without cprd
+        h.restart_cprd()
+    else:
+        c.inject()
+    c.wait_end()
+    pid = c.check()
+    if fault.endswith("monitor_closed") and pid:
+        pid = c.follow_up()
+    h.check_daemon(tc, [c], [pid], fds1)
+
+
+class Matrix(unittest.TestCase):
+    """One test per fault; its phases run at once, each with a cprd of its
+    own, and report as subtests. Subclasses set the strategy."""
 
     strategy = None
 
-    def run_case(self, phase, fault):
-        explain(self.d, lambda: self._run_case(phase, fault))
+    def setUp(self):
+        require_root(self)
 
-    def _run_case(self, phase, fault):
-        d = self.d
-        c = Case(self, d, self.strategy, phase, fault, "fx")
-        c.create()
-        c.wait_beats(c.old, 2)
-        base1, targets1 = d.settled_fds(), fd_targets(d.pid)
-        c.start()
-        c.wait_phase()
-        if fault == "cprd_killed":
-            d.proc.send_signal(signal.SIGKILL)
-            d.proc.wait()
-            c.finished_before_kill = c.history_has_it()
-            c.release()
-            time.sleep(0.5)  # the VMMs carry on without cprd
-            self.restart_cprd()
-        else:
-            c.inject()
-        c.wait_end()
-        pid = c.check()
-        self.check_daemon([c], [pid], base1, targets1)
+    def run_fault(self, fault):
+        results = {}
+
+        def one(phase):
+            h = None
+            try:
+                h = Harness()
+                explain(h.d, lambda: run_case(self, h, self.strategy, phase, fault))
+                results[phase] = ("pass", None)
+            except unittest.SkipTest as e:
+                results[phase] = ("skip", str(e))
+            except AssertionError as e:
+                results[phase] = ("fail", str(e))
+            except Exception:
+                results[phase] = ("fail", traceback.format_exc())
+            finally:
+                if h:
+                    h.close()
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in PHASES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for phase in PHASES:
+            with self.subTest(phase=phase):
+                kind, why = results[phase]
+                if kind == "skip":
+                    self.skipTest(why)
+                if kind == "fail":
+                    self.fail(f"{self.strategy}, {phase}, {fault}: {why}")
 
 
-def _matrix_test(phase, fault):
+def _matrix_test(fault):
     def test(self):
-        self.run_case(phase, fault)
+        self.run_fault(fault)
     return test
 
 
 for _strategy, _cls in STRATEGIES.items():
     _ns = {"strategy": _strategy, "__doc__": f"The fault matrix, strategy {_strategy}."}
-    for _i, (_phase, (_doc, _, _)) in enumerate(PHASES.items(), 1):
-        for _fault, _fdoc in FAULTS.items():
-            if _fault.startswith("cprd_stopped"):
-                continue  # CprdStopped
-            _t = _matrix_test(_phase, _fault)
-            _t.__name__ = f"test_{_i}_{_phase}_{_fault}"
-            _t.__doc__ = f"{_strategy}, {_doc}: {_fdoc}"
-            _ns[_t.__name__] = _t
+    for _fault, _fdoc in FAULTS.items():
+        if _fault.startswith("cprd_stopped"):
+            continue  # CprdStopped
+        _t = _matrix_test(_fault)
+        _t.__name__ = f"test_{_fault}"
+        _t.__doc__ = f"{_strategy}, every phase: {_fdoc}"
+        _ns[_t.__name__] = _t
     globals()[_cls] = type(_cls, (Matrix,), _ns)
 
 
-class CprdStopped(FaultTest):
+class CprdStopped(unittest.TestCase):
     """cprd SIGSTOPped mid-update, one VM per phase on one cprd. After
     SIGCONT every update completes if its source completed, else rolls
     back; never both VMMs dead, never the stale one resumed."""
 
+    def setUp(self):
+        require_root(self)
+        self.h = Harness()
+
+    def tearDown(self):
+        self.h.close()
+
     def stop_cprd(self, strategy, fault):
-        explain(self.d, lambda: self._stop_cprd(strategy, fault))
+        # explain() covers the set-up; each phase's outcome is a subtest.
+        explain(self.h.d, lambda: self._stop_cprd(strategy, fault))
 
     def _stop_cprd(self, strategy, fault):
-        # explain() covers the set-up; each phase's outcome is a subTest.
-        d = self.d
+        d = self.h.d
         cases = [Case(self, d, strategy, p, fault, f"p{i}") for i, p in enumerate(PHASES, 1)]
         for c in cases:
             c.create()
         for c in cases:
             c.wait_beats(c.old, 2)
-        base1, targets1 = d.settled_fds(), fd_targets(d.pid)
+        fds1 = settled_fds(d.pid)
         for c in cases:
             c.start()
         for c in cases:
@@ -603,7 +707,7 @@ class CprdStopped(FaultTest):
                 c.completed = bool(c.mark_pids("after-complete") & {c.old})
         finally:
             os.kill(d.pid, signal.SIGCONT)
-        pids, failures = [], []  # a subTest's failure does not stop the others
+        pids, failures = [], []  # a subtest's failure does not stop the others
         for c in cases:
             with self.subTest(strategy=strategy, phase=c.phase, fault=fault):
                 try:
@@ -616,7 +720,7 @@ class CprdStopped(FaultTest):
                     raise AssertionError(f"{msg}\n  cprd {cprd_how(d)}; what its log says "
                                          f"of VM {c.vm}:\n{log_tail(d, 12, c.vm)}") from None
         if not failures:
-            self.check_daemon(cases, pids, base1, targets1)
+            self.h.check_daemon(self, cases, pids, fds1)
 
     def test_handover_stopped_5s(self):
         self.stop_cprd("handover", "cprd_stopped_5s")
@@ -629,10 +733,6 @@ class CprdStopped(FaultTest):
 
     def test_cpr_transfer_stopped_past_timeout(self):
         self.stop_cprd("cpr-transfer", "cprd_stopped_past_timeout")
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class RealQemu(unittest.TestCase):
@@ -662,19 +762,23 @@ class RealQemu(unittest.TestCase):
             os.kill(cls.d.pid, signal.SIGCONT)
         cls.d.stop()
         for pid in cls.relays(cls.d.dir):
-            os.kill(pid, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
         reap_our_zombies()
 
     @staticmethod
     def relays(state_dir):
+        """The qmp_hold.py relays of this cprd's VMs (their marks are there)."""
         out = []
         for p in os.listdir("/proc"):
             try:
                 with open(f"/proc/{p}/cmdline", "rb") as f:
-                    cmd = f.read()
+                    if b"qmp_hold.py" not in f.read():
+                        continue
+                with open(f"/proc/{p}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"qmp_hold.py" in cmd and state_dir.encode() in cmd:
+            if any(e.startswith(b"QMP_HOLD_MARK=" + state_dir.encode() + b"/") for e in env):
                 out.append(int(p))
         return out
 
@@ -795,7 +899,7 @@ class RealQemu(unittest.TestCase):
         d.proc.wait()
         conn.close()
         for pid in self.relays(d.dir):
-            os.kill(pid, signal.SIGUSR2)
+            kill(pid, signal.SIGUSR2)
         os.unlink(d.sock)
         d.start()
         st = d.call("vm.status", {"name": "rq"})
