@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import traceback
@@ -113,6 +114,8 @@ def expected(phase, fault, completed=None, finished=False):
         return ({("interrupted", "new")} if moved else
                 {("interrupted", "old")} if phase in ("starting", "preparing") else
                 {("interrupted", "old"), ("interrupted", "new")})
+    if fault == "old_exits":  # by itself, before the migration
+        return {("failed", "crashed")}
     if fault == "cprd_stopped_past_timeout":
         return {("ok", "new")} if completed else {("rolled-back", "old")}
     return {("ok", "new")}  # client_gone, cprd_stopped_5s: nothing failed
@@ -217,6 +220,11 @@ def explain(d, fn):
         fn()
     except (AssertionError, OSError, EOFError, RpcError) as e:
         msg = str(e) if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"
+        if isinstance(e, (OSError, EOFError)):  # a cprd that just crashed may still be dying
+            try:
+                d.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
         raise AssertionError(f"{msg}\n  cprd {cprd_how(d)}; its log ends:\n{log_tail(d)}") \
             from None
 
@@ -225,12 +233,14 @@ class Case:
     """One VM on stand-ins and one update of it, held in a phase until the
     fault is in."""
 
-    def __init__(self, tc, d, strategy, phase, fault, vm):
+    def __init__(self, tc, d, strategy, phase, fault, vm, faults=None):
+        """faults: {role: STANDIN_FAULT} instead of the phase's hold."""
         self.tc, self.d, self.strategy, self.phase, self.fault, self.vm = \
             tc, d, strategy, phase, fault, vm
         _, holds, mark = PHASES[phase]
         self.hold = holds[strategy]
         self.mark = mark or self.hold
+        self.faults = faults
         self.timeout = TIMEOUT.get(fault, DEFAULT_TIMEOUT)
         self.marks = os.path.join(d.dir, f"marks-{vm}")
         os.mkdir(self.marks)
@@ -243,6 +253,8 @@ class Case:
 
     def vmm(self, role):
         fault = f"{self.hold[1]}:hang" if self.hold[0] == role else ""
+        if self.faults is not None:
+            fault = self.faults.get(role, "")
         return wrapper(self.d.dir, f"{role}-vmm-{self.vm}",
                        f"STANDIN_MARK={self.marks} STANDIN_FAULT={fault} "
                        f'exec python3 {STANDIN} "$@"')
@@ -665,6 +677,67 @@ for _strategy, _cls in STRATEGIES.items():
         _t.__doc__ = f"{_strategy}, every phase: {_fdoc}"
         _ns[_t.__name__] = _t
     globals()[_cls] = type(_cls, (Matrix,), _ns)
+
+
+# What the old VMM is asked while an update prepares, per strategy.
+PREPARE_COMMANDS = {
+    "handover": ["query-migrate-capabilities", "migrate-set-capabilities",
+                 "migrate-set-parameters", "getfd"],
+    "cpr-transfer": ["migrate-set-capabilities", "migrate-set-parameters"],
+}
+
+
+class OldVmmExits(unittest.TestCase):
+    """The old VMM exits by itself (exit 1) as each command that prepares it
+    arrives, the new one being started or prepared meanwhile: the VM is
+    crashed with its memory held, the update failed, and cprd goes on (it
+    used to crash with SIGSEGV here)."""
+
+    def setUp(self):
+        require_root(self)
+
+    def exits(self, strategy):
+        results = {}
+
+        def one(cmd):
+            h = None
+            try:
+                h = Harness()
+
+                def case():
+                    c = Case(self, h.d, strategy, "preparing", "old_exits", "fx",
+                             faults={"old": f"on:{cmd}:exit"})
+                    c.create()
+                    c.wait_beats(c.old, 2)
+                    fds1 = settled_fds(h.d.pid)
+                    c.start()
+                    c.wait_end()
+                    h.check_daemon(self, [c], [c.check()], fds1)
+                explain(h.d, case)
+                results[cmd] = None
+            except AssertionError as e:
+                results[cmd] = str(e)
+            except Exception:
+                results[cmd] = traceback.format_exc()
+            finally:
+                if h:
+                    h.close()
+
+        threads = [threading.Thread(target=one, args=(c,)) for c in PREPARE_COMMANDS[strategy]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for cmd in PREPARE_COMMANDS[strategy]:
+            with self.subTest(on=cmd):
+                if results[cmd]:
+                    self.fail(f"{strategy}, old VMM exits on {cmd}: {results[cmd]}")
+
+    def test_handover(self):
+        self.exits("handover")
+
+    def test_cpr_transfer(self):
+        self.exits("cpr-transfer")
 
 
 class CprdStopped(unittest.TestCase):
