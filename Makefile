@@ -47,6 +47,9 @@ $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(CHECK_LIBS) $(JSON_LIBS)
 
+# Unit tests of daemon code that stands alone (no loop, no logging).
+$(B)/tests/test_settle: $(B)/obj/daemon/settle.o
+
 deps:
 	@sh scripts/install-deps.sh
 

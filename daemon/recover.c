@@ -11,6 +11,7 @@
 #include "daemon/log.h"
 #include "daemon/persist.h"
 #include "daemon/recover.h"
+#include "daemon/settle.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
 
@@ -176,81 +177,80 @@ static void resume(struct vmm *v, bool cancel)
 
 /*
  * The previous cprd died during an update. Both VMMs may still exist; the
- * migration between them went on without cprd. The new VMM was started
- * paused and runs the guest only once told to (the "commit" phase, written
- * down before it was told), so:
- *  - a new VMM that runs, or that holds the whole state, keeps the guest;
- *  - after the commit, a new VMM that is gone may have run the guest: the
- *    old VMM is not resumed from the state the guest left, and the VM is
- *    reported crashed, its memory kept;
- *  - otherwise the guest never left the old VMM: it is resumed there.
- * Returns the VMM that keeps the VM.
+ * migration between them went on without cprd. What is found out here is
+ * decided by settle_decide() (settle.c, which says why). Returns the VMM
+ * that keeps the VM, or NULL when none may.
  */
 static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
 {
-	char msg[256], st_new[32] = "", st_old[32] = "";
+	char msg[320], st_new[32] = "", st_old[32] = "";
 	struct vmm *next = NULL;
 	const char *next_qmp = jstr(up, "new_qmp");
 	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
 	int phase = update_phase_from_name(jstr(up, "phase"));
-	bool committed = phase == update_phase_from_name("commit");
 	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	struct settle_facts f = { .committed = phase == update_phase_from_name("commit") };
 	int r = -ESRCH;
 
 	if (pidfd >= 0 && next_qmp) {
 		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL, NULL, &next);
 	} else if (pidfd >= 0) {
-		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0); /* never had a monitor */
 		close(pidfd);
 	}
-	if (next && r < 0 && !committed)
-		next = vmm_kill(next); /* no monitor: it never got the guest */
 	if (next) {
 		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
-		if (r >= 0)
-			query_status(next, st_new, sizeof(st_new));
+		f.new_alive = true;
+		if (r >= 0 && query_status(next, st_new, sizeof(st_new)))
+			f.new_status = st_new;
+		if (streq(st_new, "paused") || streq(st_new, "postmigrate"))
+			f.new_completed = incoming_completed(next);
 	}
-	if (next && (committed || streq(st_new, "running") ||
-		     ((streq(st_new, "paused") || streq(st_new, "postmigrate")) &&
-		      incoming_completed(next)))) {
+	f.old_alive = old != NULL;
+	if (old && query_status(old, st_old, sizeof(st_old)))
+		f.old_status = st_old;
+
+	switch (settle_decide(&f)) {
+	case SETTLE_KEEP_NEW:
 		if (!streq(st_new, "running"))
 			resume(next, false);
+		if (old)
+			vmm_kill(old);
 		snprintf(msg, sizeof(msg),
 			 "cprd restarted during the update (phase %s); the new VMM pid %d held the "
 			 "guest and keeps it%s",
 			 update_phase_name(phase), (int)next->pid,
 			 old ? "; the old VMM was ended" : "");
-		if (old)
-			vmm_kill(old);
 		update_record_interrupted(vm, up, msg);
 		return next;
-	}
-	if (next)
+	case SETTLE_RESUME_OLD:
 		next = vmm_kill(next);
-	if (committed) {
-		snprintf(msg, sizeof(msg),
-			 "cprd restarted after the new VMM was told to run the guest, and that VMM "
-			 "is gone; the old VMM was not resumed from the state the guest left%s",
-			 old ? " and was ended" : "");
+		if (!streq(st_old, "running"))
+			resume(old, true);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s); rolled back: the guest stays "
+		    "in the old VMM pid %d%s",
+		    update_phase_name(phase), (int)old->pid,
+		    pidfd >= 0 ? " and the new VMM was ended" : "");
+		update_record_interrupted(vm, up, msg);
+		return old;
+	case SETTLE_LOST:
+	default:
+		next = vmm_kill(next);
 		if (old)
 			vmm_kill(old);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s) and no VMM can go on with the "
+		    "guest: %s",
+		    update_phase_name(phase),
+		    old ? "the new VMM, which may have run it, is gone, so the old VMM was not "
+			  "resumed from the state the guest left, and was ended"
+			: "neither VMM is left");
 		update_record_interrupted(vm, up, msg);
 		return NULL;
 	}
-	if (!old) {
-		update_record_interrupted(
-		    vm, up, "cprd restarted during the update and neither VMM runs the guest");
-		return NULL;
-	}
-	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running"))
-		resume(old, true);
-	snprintf(msg, sizeof(msg),
-		 "cprd restarted during the update (phase %s); rolled back: the guest stays in "
-		 "the old VMM pid %d%s",
-		 update_phase_name(phase), (int)old->pid,
-		 pidfd >= 0 ? " and the new VMM was ended" : "");
-	update_record_interrupted(vm, up, msg);
-	return old;
 }
 
 /* cprd died while ending a VMM the guest had already left: finish that. */

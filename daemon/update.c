@@ -462,14 +462,13 @@ static void cont_new_done(qmp *q, json_object *ret, const char *cls, const char 
 }
 
 /* The new VMM was started paused (-S), so until now the guest ran nowhere
- * but in the old VMM, and a rollback was always safe. The commit is written
- * down before the new VMM is told to run, so that a cprd restarted from
- * here on settles the update forward, never back. */
+ * but in the old VMM, and a rollback was always safe. Nothing is written
+ * here, inside the blackout: a cprd restarted from now on finds the old VMM
+ * in postmigrate, which is all it needs to never resume it (recover.c). */
 static void commit(struct update *u)
 {
 	if (!update_set_phase(u, PHASE_COMMIT))
 		return;
-	daemon_update_status(u->vm->d);
 	arm(u, COMMIT_TIMEOUT);
 	if (vmm_command(u->next, "cont", NULL, -EBADF, cont_new_done, u) < 0)
 		update_rollback(u, "lost the new VMM's monitor before it ran the guest");
