@@ -84,6 +84,26 @@ def children(pid):
     return kids
 
 
+def vm_file_holders(state_dir, name, exclude=()):
+    """Processes (but those in exclude, e.g. cprd itself) that hold a file of
+    the VM's directory, such as its console or its VMM's log: the VM's VMMs,
+    whatever they are called. Unlike a search for "guest=NAME" over every
+    process, it never counts a VM of the same name that another cprd on this
+    machine runs."""
+    prefix = os.path.join(state_dir, "vms", name) + "/"
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in exclude or int(d) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
+        except OSError:
+            continue
+        if any(l.startswith(prefix) for l in links):
+            found.append(int(d))
+    return sorted(found)
+
+
 def pid_alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
