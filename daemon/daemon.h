@@ -8,6 +8,7 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "daemon/launcher.h"
 #include "memstore/memstore.h"
 
@@ -42,6 +43,5 @@ struct daemon {
 	struct sd_bus *bus;     /* to systemd, opened on first use */
 };
 
-uint64_t now_usec(clockid_t clock);
 void daemon_update_status(struct daemon *d);
 void daemon_reap_orphans(struct daemon *d);

@@ -32,14 +32,6 @@ struct options {
 	bool sandbox;
 };
 
-uint64_t now_usec(clockid_t clock)
-{
-	struct timespec ts;
-
-	clock_gettime(clock, &ts);
-	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
-
 void daemon_update_status(struct daemon *d)
 {
 	size_t running = 0, crashed = 0;

@@ -7,6 +7,7 @@
 
 #include "common/file.h"
 #include "common/json.h"
+#include "common/proc.h"
 #include "daemon/log.h"
 #include "daemon/persist.h"
 #include "daemon/update.h"
@@ -15,37 +16,6 @@
 
 #define REGISTRY_VERSION 1
 #define REGISTRY_MAX (4 << 20)
-
-unsigned long long proc_start_time(pid_t pid)
-{
-	char path[64], buf[1024], *p;
-	unsigned long long start = 0;
-	_cleanup_close_ int fd = -EBADF;
-	ssize_t n;
-
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	n = read(fd, buf, sizeof(buf) - 1);
-	if (n <= 0)
-		return 0;
-	buf[n] = '\0';
-	/* The command name may hold spaces and ')': fields count from the last ')'. */
-	p = strrchr(buf, ')');
-	if (!p)
-		return 0;
-	/* field 3 (state) follows: a zombie is no VMM, whoever reaps it */
-	if (p[1] != ' ' || p[2] == 'Z' || p[2] == 'X')
-		return 0;
-	/* starttime is field 22 */
-	if (sscanf(
-		p + 2,
-		"%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
-		&start) != 1)
-		return 0;
-	return start;
-}
 
 static void add_str(json_object *o, const char *k, const char *v)
 {

@@ -25,9 +25,8 @@ void registry_save(struct daemon *d);
 /* The saved registry, or NULL when there is none. */
 json_object *registry_load(struct daemon *d);
 
-/* The kernel's start time of a live process (clock ticks since boot); 0 when
- * it is gone or a zombie. With the pid, it names one process for good. */
-unsigned long long proc_start_time(pid_t pid);
+/* proc_start_time(), for vmm.c. */
+#include "common/proc.h"
 
 /* Copy an fd into the service manager's fd store; no-op outside systemd. */
 void fdstore_add(struct daemon *d, const char *vm, const char *name, int fd);

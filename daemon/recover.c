@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include "common/json.h"
+#include "common/proc.h"
 #include "daemon/log.h"
 #include "daemon/persist.h"
 #include "daemon/recover.h"
@@ -48,22 +49,6 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		return -EINVAL;
 	}
 	return 0;
-}
-
-/* The pid a pidfd refers to, from its fdinfo; -1 once the process is gone. */
-static pid_t pidfd_pid(int pidfd)
-{
-	char path[64], buf[512], *p;
-	_cleanup_close_ int fd = -EBADF;
-	ssize_t n;
-
-	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || (n = read(fd, buf, sizeof(buf) - 1)) <= 0)
-		return -1;
-	buf[n] = '\0';
-	p = strstr(buf, "\nPid:");
-	return p ? (pid_t)strtol(p + 5, NULL, 10) : -1;
 }
 
 /* A pidfd for the process the record names, but only if it is the same

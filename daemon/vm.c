@@ -8,6 +8,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 
+#include "common/file.h"
 #include "common/json.h"
 #include "daemon/log.h"
 #include "daemon/persist.h"
@@ -115,7 +116,7 @@ static void fail_start(struct vm *vm, int code, const char *why)
 {
 	char tail[400];
 
-	log_tail(vm->vmm_log_path, tail, sizeof(tail));
+	file_tail(vm->vmm_log_path, tail, sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
 	if (vm->waiting)
 		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
