@@ -15,6 +15,7 @@
 #define CPRD_VERSION "0.1.0"
 
 struct client;
+struct method;
 struct vm;
 struct sd_bus;
 
@@ -41,6 +42,9 @@ struct daemon {
 	char **argv;            /* our command line, for re-exec */
 	char *reexec_binary;    /* set by daemon.reexec: exec this once replies are out */
 	struct sd_bus *bus;     /* to systemd, opened on first use */
+
+	const struct method *methods; /* the JSON-RPC methods, given by main() */
+	size_t n_methods;
 };
 
 void daemon_update_status(struct daemon *d);

@@ -16,6 +16,7 @@
 
 #include "daemon/daemon.h"
 #include "daemon/log.h"
+#include "daemon/methods.h"
 #include "daemon/persist.h"
 #include "daemon/recover.h"
 #include "daemon/sandbox.h"
@@ -296,7 +297,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		d->socket_path = NULL;
 	if (!d->socket_path)
 		return -ENOMEM;
-	r = server_listen(d, listen_fd);
+	r = server_listen(d, listen_fd, rpc_methods, rpc_methods_count);
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 

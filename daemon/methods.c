@@ -9,6 +9,7 @@
 
 #include "common/json.h"
 #include "daemon/log.h"
+#include "daemon/methods.h"
 #include "daemon/persist.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
@@ -643,7 +644,7 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 	ev_break(d->loop, EVBREAK_ALL);
 }
 
-static const struct method methods[] = {
+const struct method rpc_methods[] = {
 	{ "vm.create", m_vm_create, METHOD_MUTATING },
 	{ "vm.list", m_vm_list, 0 },
 	{ "vm.status", m_vm_status, 0 },
@@ -659,10 +660,4 @@ static const struct method methods[] = {
 	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
 };
 
-const struct method *method_find(const char *name)
-{
-	for (size_t i = 0; i < ELEMENTSOF(methods); i++)
-		if (streq(methods[i].name, name))
-			return &methods[i];
-	return NULL;
-}
+const size_t rpc_methods_count = ELEMENTSOF(rpc_methods);
