@@ -15,10 +15,12 @@
 #include <time.h>
 
 #include "daemon/daemon.h"
+#include "daemon/fdstore.h"
+#include "daemon/inherit.h"
 #include "daemon/log.h"
 #include "daemon/methods.h"
-#include "daemon/persist.h"
 #include "daemon/recover.h"
+#include "daemon/registry.h"
 #include "daemon/sandbox.h"
 #include "daemon/server.h"
 #include "daemon/vm.h"

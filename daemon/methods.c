@@ -8,9 +8,9 @@
 #include <unistd.h>
 
 #include "common/json.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/methods.h"
-#include "daemon/persist.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"

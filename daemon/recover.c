@@ -9,9 +9,10 @@
 
 #include "common/json.h"
 #include "common/proc.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
 #include "daemon/recover.h"
+#include "daemon/registry.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
 

@@ -10,8 +10,9 @@
 
 #include "common/file.h"
 #include "common/json.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
+#include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
