@@ -46,9 +46,13 @@ $(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/l
 $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) -pthread
 
+# A suite may test daemon code that, like the libraries, neither logs nor
+# needs the event loop: it names those objects as extra prerequisites.
 $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(CHECK_LIBS) $(JSON_LIBS)
+	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS)
+
+$(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 
 deps:
 	@sh scripts/install-deps.sh

@@ -11,6 +11,7 @@
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/methods.h"
+#include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
@@ -501,6 +502,9 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 	}
+	/* Stored fds are not in the registry (a restart finds them in the fd
+	 * store, or not at all), so there is nothing to write before answering. */
+	daemon_status_changed(d);
 	log_info("VM %s: %zu fd(s) stored by pid %d", vm->cfg.name, n, (int)call_peer(c)->pid);
 	call_reply(c, fds_result(vm));
 }
@@ -578,6 +582,7 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 			  vm->cfg.name, name);
 		return;
 	}
+	daemon_status_changed(d);
 	call_reply(c, fds_result(vm));
 }
 
@@ -604,6 +609,7 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	json_object_object_add(o, "fds_held",
 			       json_object_new_int((int)memstore_count(d->store, NULL)));
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
+	json_object_object_add(o, "registry", registry_health_to_json(&d->registry));
 	call_reply(c, o);
 }
 
@@ -629,6 +635,15 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 				  vm->update ? "being updated" : vm_state_to_string(vm->state));
 			return;
 		}
+	/* The new image finds the VMs through the registry: a stale one would
+	 * make it release the custody of every VM it does not name. */
+	if (vm_registry_commit(d) < 0) {
+		call_fail(c, JSONRPC_ERR_RESOURCE,
+			  "cannot re-execute: the registry cannot be written (%s), and the new "
+			  "image would not know every VM",
+			  d->registry.why);
+		return;
+	}
 	free(d->reexec_binary);
 	d->reexec_binary = strdup(binary);
 	if (!d->reexec_binary) {

@@ -214,7 +214,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	struct vm *vm;
 	json_object *up = json_object_object_get(rec, "update");
 	char st[32] = "";
-	int pidfd;
+	int pidfd, r;
 
 	if (config_from_record(rec, &cfg) < 0) {
 		log_error("registry entry without a usable name or configuration; skipped");
@@ -234,13 +234,19 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		const char *qmp_path = jstr(rec, "qmp") ? jstr(rec, "qmp") : vm->qmp_path;
 
 		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
-		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v) <
-		    0)
-			log_error(
-			    "VM %s: VMM pid %d runs but its monitor %s is unreachable; keeping it, "
-			    "updates will fail until it answers",
-			    vm->cfg.name, (int)v->pid, qmp_path);
-		set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v);
+		if (!v) {
+			log_error("VM %s: cannot take its VMM back: %s", vm->cfg.name,
+				  strerror(-r));
+			safe_close(pidfd);
+		} else {
+			if (r < 0)
+				log_error(
+				    "VM %s: VMM pid %d runs but its monitor %s is unreachable; "
+				    "keeping it, updates will fail until it answers",
+				    vm->cfg.name, (int)v->pid, qmp_path);
+			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		}
 	}
 	if (up && json_object_object_get(up, "ending_pid"))
 		end_leftover(vm, up);
@@ -260,22 +266,37 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));
 }
 
+/* The registry, or NULL when there is none or it is unusable. An unusable
+ * one is kept aside for a person to look at, as the next write would
+ * replace it. */
+static json_object *load_registry(struct daemon *d)
+{
+	_cleanup_free_ char *aside = NULL;
+	json_object *root = NULL;
+	char why[256];
+	int r;
+
+	r = registry_read(&d->registry, &root, why, sizeof(why));
+	if (r >= 0 || r == -ENOENT)
+		return root;
+	if (asprintf(&aside, "%s.bad", d->registry.path) < 0 ||
+	    rename(d->registry.path, aside) < 0) {
+		log_error("cannot use the registry %s: %s; starting without it", d->registry.path,
+			  why);
+		return NULL;
+	}
+	log_error("cannot use the registry %s: %s; moved it to %s and starting without it: VMMs "
+		  "it named are not taken back",
+		  d->registry.path, why, aside);
+	return NULL;
+}
+
 int recover(struct daemon *d, json_object *pidfds)
 {
-	_cleanup_json_ json_object *root = registry_load(d);
-	json_object *vms;
-	size_t n;
+	_cleanup_json_ json_object *root = load_registry(d);
+	json_object *vms = json_object_object_get(root, "vms");
+	size_t n = vms ? json_object_array_length(vms) : 0;
 
-	if (!root) {
-		json_object_object_foreach(pidfds, k, v)
-		{
-			(void)k;
-			close(json_object_get_int(v));
-		}
-		return 0;
-	}
-	vms = json_object_object_get(root, "vms");
-	n = json_object_array_length(vms);
 	for (size_t i = 0; i < n; i++) {
 		json_object *rec = json_object_array_get_idx(vms, i), *pfd;
 		const char *name = jstr(rec, "name");
@@ -309,6 +330,8 @@ int recover(struct daemon *d, json_object *pidfds)
 		}
 		i++;
 	}
-	registry_save(d);
+	/* Also when there was none: a state directory that cannot take the
+	 * registry shows up now, in daemon.status, not at the first create. */
+	(void)vm_registry_commit(d);
 	return (int)n;
 }

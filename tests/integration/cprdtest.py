@@ -3,6 +3,7 @@ the real guest from `make guest`, raw JSON-RPC over the UNIX socket with fds
 as SCM_RIGHTS, and cprctl as a user runs it. Nothing here fakes the kernel."""
 
 import array
+import errno
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import unittest
 import unittest
 
 BUILD = os.environ.get("CPRD_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
@@ -102,6 +102,36 @@ def vm_file_holders(state_dir, name, exclude=()):
         if any(l.startswith(prefix) for l in links):
             found.append(int(d))
     return sorted(found)
+
+
+def mount_tmpfs(path, size):
+    """A tmpfs of its own on path (root only), or the test is skipped, saying why."""
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise unittest.SkipTest(f"cannot mount a tmpfs for the state directory: "
+                                f"{p.stderr.strip() or p.returncode}")
+
+
+def fill(path):
+    """Write zeros to path until its file system is full."""
+    block = bytes(65536)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    # tmpfs takes a partial write before it refuses: fill the last page too.
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 512):
+                pass
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
 
 
 def pid_alive(pid):
