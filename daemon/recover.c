@@ -207,12 +207,41 @@ static void end_leftover(struct vm *vm, json_object *up)
 				  "moved to the new one, and the old one was ended");
 }
 
+/* The previous cprd stopped while this VM's guest was starting (vm.create
+ * not yet answered). Its VMM is kept only if its monitor says the guest
+ * runs (or is paused); one that does not answer within the bound, or
+ * answers anything else, never became ready, and it is ended here: nobody
+ * was told the VM exists, and a VMM nobody manages must not run on. The
+ * VM stays, crashed, so that its name and memory remain accounted for
+ * until it is destroyed. Returns the VMM that keeps the VM, or NULL. */
+static struct vmm *settle_start(struct vm *vm, struct vmm *v, char *st, size_t st_size)
+{
+	pid_t pid = v->pid;
+
+	if (query_status(v, st, st_size) && (streq(st, "running") || streq(st, "paused"))) {
+		log_notice("VM %s: cprd stopped while it was starting; its VMM pid %d is %s, so "
+			   "the VM is kept",
+			   vm->cfg.name, (int)pid, st);
+		return v;
+	}
+	log_warning("VM %s: cprd stopped while it was starting, and its VMM pid %d %s; ended it, "
+		    "the VM is reported crashed with its memory kept until destroy",
+		    vm->cfg.name, (int)pid,
+		    st[0] ? "is not running the guest" : "does not answer on its monitor");
+	vmm_kill(v);
+	snprintf(vm->exit_desc, sizeof(vm->exit_desc),
+		 "never became ready; ended after cprd restarted");
+	return NULL;
+}
+
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
 	struct vm_config cfg;
 	struct vmm *v = NULL;
 	struct vm *vm;
 	json_object *up = json_object_object_get(rec, "update");
+	const char *state = jstr(rec, "state");
+	bool starting = state && streq(state, "starting");
 	char st[32] = "";
 	int pidfd, r;
 
@@ -240,7 +269,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 				  strerror(-r));
 			safe_close(pidfd);
 		} else {
-			if (r < 0)
+			if (r < 0 && !starting)
 				log_error(
 				    "VM %s: VMM pid %d runs but its monitor %s is unreachable; "
 				    "keeping it, updates will fail until it answers",
@@ -252,8 +281,13 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		end_leftover(vm, up);
 	else if (up)
 		v = settle_update(d, vm, v, up);
-	if (v && !query_status(v, st, sizeof(st)))
+	if (v && starting) {
+		v = settle_start(vm, v, st, sizeof(st));
+		if (!v)
+			return; /* ended, and said so */
+	} else if (v && !query_status(v, st, sizeof(st))) {
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
+	}
 	if (!v) {
 		log_warning(
 		    "VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
