@@ -43,8 +43,9 @@ static void usage(FILE *f)
 	    "  status [NAME]       one VM; without NAME, cprd itself\n"
 	    "  fds NAME            the fds cprd holds for a VM\n"
 	    "  destroy NAME        stop the VM's VMM and release everything held for it\n"
-	    "  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
-	    "                      replace the VM's VMM under the running guest\n"
+	    "  update NAME [--vmm PATH] [--strategy NAME] [--timeout SECONDS]\n"
+	    "                      replace the VM's VMM under the running guest (strategies:\n"
+	    "                      handover, the default; `cprctl status` lists cprd's)\n"
 	    "  update --all [--parallel N] [--vmm PATH] ...\n"
 	    "                      update every running VM, N at a time\n"
 	    "  history NAME        the VM's updates, newest first\n"
@@ -735,8 +736,8 @@ static int verb_update(int argc, char **argv)
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
 	if (i < 0 || (o.all ? i != argc : i + 1 != argc)) {
-		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy "
-				"handover|cpr-transfer] [--timeout SECONDS]\n"
+		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy NAME] "
+				"[--timeout SECONDS]\n"
 				"       cprctl update --all [--parallel N] [--vmm PATH] "
 				"[--strategy S] [--timeout SECONDS]\n");
 		return EXIT_USAGE;
