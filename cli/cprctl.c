@@ -584,9 +584,10 @@ static void print_report(json_object *rep)
 {
 	json_object *bo = json_object_object_get(rep, "blackout_ms");
 
-	printf("%s: %s, blackout %s ms, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
+	printf("%s: %s, blackout %s%s, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
 	       str(rep, "vm"), str(rep, "result"), bo ? json_object_get_string(bo) : "unknown",
-	       json_object_get_double(json_object_object_get(rep, "total_ms")), str(rep, "old_pid"),
+	       bo ? " ms" : "", json_object_get_double(json_object_object_get(rep, "total_ms")),
+	       str(rep, "old_pid"),
 	       json_object_object_get(rep, "new_pid") ? str(rep, "new_pid") : "-",
 	       str(rep, "old_version"),
 	       json_object_object_get(rep, "new_version") ? str(rep, "new_version") : "-",
