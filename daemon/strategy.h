@@ -85,11 +85,12 @@ struct update {
 	void *priv; /* the strategy's own */
 	struct call *call;
 	enum phase phase;
-	struct vmm *next; /* the new VMM until the VM adopts it */
-	struct vmm *old;  /* the old VMM once the guest has left it */
-	ev_timer timer;   /* deadline of the current phase */
-	ev_timer retry;   /* rollback: asking the old VMM to resume again */
-	ev_timer reap;    /* frees the update once its end has unwound */
+	enum phase failed_in; /* the phase a rollback started from */
+	struct vmm *next;     /* the new VMM until the VM adopts it */
+	struct vmm *old;      /* the old VMM once the guest has left it */
+	ev_timer timer;       /* deadline of the current phase */
+	ev_timer retry;       /* rollback: asking the old VMM to resume again */
+	ev_timer reap;        /* frees the update once its end has unwound */
 	double timeout;
 	bool ended;
 	bool old_gone;    /* the old VMM exited before the switch */

@@ -48,6 +48,11 @@ const char *update_phase_name(int p)
 	return p >= 0 && p < _PHASE_MAX ? phase_names[p] : "unknown";
 }
 
+const char *update_current_phase(const struct update *u)
+{
+	return phase_names[u->phase];
+}
+
 int update_phase_from_name(const char *name)
 {
 	for (int p = 0; p < _PHASE_MAX; p++)
@@ -199,7 +204,8 @@ static void end(struct update *u, const char *result)
 {
 	struct vm *vm = u->vm;
 	struct ev_loop *loop = vm->d->loop;
-	enum phase ended_in = u->phase;
+	/* A rollback is reported by the phase it left. */
+	enum phase ended_in = u->phase == PHASE_ROLLBACK ? u->failed_in : u->phase;
 	json_object *rep;
 	struct call *c;
 
@@ -315,6 +321,7 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(u->error, sizeof(u->error), fmt, ap);
 	va_end(ap);
+	u->failed_in = u->phase;
 	if (!update_set_phase(u, PHASE_ROLLBACK)) {
 		end(u, "failed");
 		return;

@@ -20,6 +20,8 @@ struct strategy;
 /* A phase's name as the registry and reports spell it, and back (-EINVAL). */
 const char *update_phase_name(int phase);
 int update_phase_from_name(const char *name);
+/* The phase an update is in now, by name. */
+const char *update_current_phase(const struct update *u);
 
 /* Start an update; answers c (may be NULL) with the report when done.
  * binary is the new VMM (absolute path). */

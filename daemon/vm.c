@@ -648,6 +648,8 @@ json_object *vm_to_json(struct vm *vm)
 	    o, "fds_held", json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	json_object_object_add(o, "updating", json_object_new_boolean(vm->update != NULL));
+	if (vm->update)
+		add_str(o, "update_phase", update_current_phase(vm->update));
 	if (vm->state == VM_CRASHED) {
 		json_object_object_add(o, "exit_code", json_object_new_int(vm->exit_code));
 		add_str(o, "exit", vm->exit_desc);
