@@ -336,6 +336,14 @@ void update_rollback(struct update *u, const char *fmt, ...)
 		return;
 	}
 	vmm_cancel(vm->vmm, u);
+	if (u->failed_in < PHASE_MIGRATE && !vmm_connected(vm->vmm)) {
+		/* It was never told to migrate, so the guest never paused: it
+		 * runs on in the old VMM, whose monitor comes back by itself. */
+		add_error(u,
+			  "the old VMM's monitor closed; the guest never paused and runs on in it");
+		end(u, "rolled-back");
+		return;
+	}
 	arm(u, ROLLBACK_TIMEOUT);
 	/* Stop any outgoing migration (harmless when there is none), let the
 	 * strategy drop what the old VMM holds for it, then make sure the
@@ -354,6 +362,9 @@ void update_rollback(struct update *u, const char *fmt, ...)
 }
 
 /* ---- after the switch: end the old VMM ---- */
+
+static void update_old_vmm_event(struct update *u, const char *event, json_object *data,
+				 int64_t ts_us);
 
 static void old_ended(struct vmm *v, void *ud)
 {
@@ -622,7 +633,16 @@ void update_migrate(struct update *u, json_object *args)
 		update_rollback(u, "lost the old VMM's monitor");
 }
 
-void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+{
+	/* After the switch the VM's own VMM is the new one, whose events are
+	 * no longer the update's business. */
+	if (u->phase != PHASE_END_OLD)
+		update_old_vmm_event(u, event, data, ts_us);
+}
+
+static void update_old_vmm_event(struct update *u, const char *event, json_object *data,
+				 int64_t ts_us)
 {
 	const char *st;
 
@@ -646,10 +666,16 @@ void update_old_vmm_event(struct update *u, const char *event, json_object *data
 		u->s->old_event(u, event, data);
 }
 
-void update_old_vmm_exited(struct update *u)
+void update_vm_vmm_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
 
+	if (u->phase == PHASE_END_OLD) {
+		/* The VM's VMM is the new one by now: it is the one that died,
+		 * after the guest moved to it. The update still ends the old. */
+		vm_vmm_lost(vm);
+		return;
+	}
 	add_error(u, "the old VMM %s while %s", vm->exit_desc, phase_doing[u->phase]);
 	if (u->phase == PHASE_MIGRATE) {
 		/* It may have sent everything before it went: if the new VMM
