@@ -256,6 +256,8 @@ static void end_lost(struct update *u)
 
 /* ---- rollback: only before the guest ran in the new VMM ---- */
 
+static void resume_old(struct update *u);
+
 static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
 
 static void try_cont(struct update *u)
@@ -336,29 +338,41 @@ void update_rollback(struct update *u, const char *fmt, ...)
 		return;
 	}
 	vmm_cancel(vm->vmm, u);
-	if (u->failed_in < PHASE_MIGRATE && !vmm_connected(vm->vmm)) {
-		/* It was never told to migrate, so the guest never paused: it
-		 * runs on in the old VMM, whose monitor comes back by itself. */
-		add_error(u,
-			  "the old VMM's monitor closed; the guest never paused and runs on in it");
-		end(u, "rolled-back");
+	arm(u, ROLLBACK_TIMEOUT);
+	if (!vmm_connected(vm->vmm)) {
+		/* Its monitor closed: either it is exiting (the exit comes and
+		 * says so) or it lives on and cprd reconnects (then resume). */
+		u->awaiting_old_monitor = true;
 		return;
 	}
-	arm(u, ROLLBACK_TIMEOUT);
-	/* Stop any outgoing migration (harmless when there is none), let the
-	 * strategy drop what the old VMM holds for it, then make sure the
-	 * guest runs. */
-	if (vmm_command(vm->vmm, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0) {
+	resume_old(u);
+}
+
+/* Stop any outgoing migration (harmless when there is none), let the
+ * strategy drop what the old VMM holds for it, then make sure the guest
+ * runs. */
+static void resume_old(struct update *u)
+{
+	struct vmm *old = u->vm->vmm;
+
+	u->awaiting_old_monitor = false;
+	if (vmm_command(old, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0) {
 		add_error(u, "cannot resume the old VMM: its monitor is gone");
 		end(u, "failed");
 		return;
 	}
 	if (u->s->rollback)
-		u->s->rollback(u, vm->vmm);
-	if (vmm_command(vm->vmm, "query-status", NULL, -EBADF, status_for_rollback, u) < 0) {
+		u->s->rollback(u, old);
+	if (vmm_command(old, "query-status", NULL, -EBADF, status_for_rollback, u) < 0) {
 		add_error(u, "cannot resume the old VMM: its monitor is gone");
 		end(u, "failed");
 	}
+}
+
+void update_vm_vmm_ready(struct update *u)
+{
+	if (u->phase == PHASE_ROLLBACK && u->awaiting_old_monitor)
+		resume_old(u);
 }
 
 /* ---- after the switch: end the old VMM ---- */
@@ -715,7 +729,16 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		kill_unconfirmed(u);
 		return;
 	case PHASE_ROLLBACK:
-		add_error(u, "the old VMM did not resume in time");
+		if (u->awaiting_old_monitor && u->failed_in < PHASE_MIGRATE &&
+		    vmm_alive(u->vm->vmm)) {
+			/* Never told to migrate: the guest never paused. */
+			add_error(u, "the old VMM's monitor is gone; the guest never paused and "
+				     "runs on in it");
+			end(u, "rolled-back");
+			return;
+		}
+		add_error(u, u->awaiting_old_monitor ? "the old VMM's monitor did not come back"
+						     : "the old VMM did not resume in time");
 		end(u, "failed");
 		return;
 	case PHASE_END_OLD:
@@ -737,8 +760,18 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c)
 {
-	struct update *u = calloc(1, sizeof(*u));
+	struct update *u;
+	int r;
 
+	/* A monitor connection that closed a moment ago is taken up again
+	 * now rather than by the reconnect timer. */
+	if (!vmm_connected(vm->vmm) && (r = vmm_reconnect(vm->vmm)) < 0) {
+		call_fail(c, JSONRPC_ERR_VMM,
+			  "VM '%s': cannot reach its VMM's monitor (%s); nothing was changed",
+			  vm->cfg.name, strerror(-r));
+		return;
+	}
+	u = calloc(1, sizeof(*u));
 	if (!u) {
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;

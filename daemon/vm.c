@@ -349,6 +349,10 @@ static void vmm_ready(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
 
+	if (vm->update) {
+		update_vm_vmm_ready(vm->update);
+		return;
+	}
 	if (vm->state != VM_STARTING)
 		return;
 	if (vmm_command(v, "query-status", NULL, -EBADF, started, vm) < 0)
