@@ -91,7 +91,7 @@ asan-integration: asan guest
 check: check-deps
 	@$(MAKE) --no-print-directory all asan $(UNIT_TESTS)
 	@$(MAKE) --no-print-directory guest
-	@sh tests/run-all.sh $(B)
+	@MAKE="$(MAKE)" sh tests/run-all.sh $(B)
 
 demo: deps
 	@$(MAKE) --no-print-directory all guest
