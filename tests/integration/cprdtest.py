@@ -59,11 +59,14 @@ def require_guest():
 # The ASan build (`make asan`: ASan, UBSan, LeakSanitizer) writes each report
 # to a file log_path.PID, not to stderr where a test would never look, and
 # then exits with SAN_EXIT. run.py points log_path at a directory of its own
-# for every process of the run (cprctl, a cprd a test starts by hand); each
-# Daemon points its cprd, launcher and re-executed images at another, which
-# Daemon.stop() checks. A report is a failed test. Uninstrumented programs
-# (the normal build, QEMU) ignore these variables.
+# (CPRD_SAN_DIR) for every process of the run (cprctl, a cprd a test starts
+# by hand) and fails the test during which a report appears anywhere below
+# it; each Daemon points its cprd, launcher and re-executed images at a
+# subdirectory, which Daemon.stop() checks too. A report fails one test,
+# once. Uninstrumented programs (the normal build, QEMU) ignore all this.
 SAN_EXIT = 66
+SAN_DIR = os.environ.get("CPRD_SAN_DIR")
+REPORTED = set()  # reports already blamed on a test
 SAN_OPTIONS = {
     # symbolize=0: the seccomp filter keeps cprd from forking llvm-symbolizer;
     # sanitizer_reports() symbolizes the frames afterwards with addr2line.
@@ -103,21 +106,24 @@ def _symbolize(text):
     return _FRAME_RE.sub(frame, text)
 
 
-def sanitizer_reports(report_dir, seen=None):
-    """The reports in report_dir not in the set seen (which is updated), as
-    one text, symbolized; "" when there are none."""
-    if not report_dir or not os.path.isdir(report_dir):
-        return ""
+def sanitizer_reports(report_dir):
+    """The reports under report_dir not yet blamed on a test, as one text,
+    symbolized ("" when there are none); they now count as blamed."""
     out = []
-    for name in sorted(os.listdir(report_dir)):
-        path = os.path.join(report_dir, name)
-        if seen is not None:
-            if path in seen:
+    for top, dirs, files in os.walk(report_dir or "/nonexistent"):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            if path in REPORTED:
                 continue
-            seen.add(path)
-        with open(path, errors="replace") as f:
+            REPORTED.add(path)
+            try:
+                with open(path, errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
             out.append(f"--- sanitizer report {name} (the number is the pid) ---\n"
-                       + _symbolize(f.read()))
+                       + _symbolize(text))
     return "\n".join(out)
 
 
@@ -265,7 +271,7 @@ class Daemon:
         if self.perturb:
             env["MALLOC_PERTURB_"] = "165"
         if self.san_dir is None:
-            self.san_dir = tempfile.mkdtemp(prefix="cprd-san-")
+            self.san_dir = tempfile.mkdtemp(prefix="cprd-san-", dir=SAN_DIR)
         env = sanitizer_env(env, self.san_dir)
         self.proc = subprocess.Popen(
             [CPRD, "--foreground", "--state-dir", self.dir] + self.extra_args,
@@ -365,7 +371,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         elif self.proc and self.proc.returncode == SAN_EXIT:
-            problems.append(f"cprd exited with status {SAN_EXIT} (a sanitizer's)")
+            problems.append(f"cprd exited with status {SAN_EXIT} (a sanitizer's; the report "
+                            "fails the test that was running then)")
         kill_vmms_under(self.dir)
         reports = sanitizer_reports(self.san_dir)
         if problems or reports:

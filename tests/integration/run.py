@@ -27,12 +27,11 @@ def _as_failure(msg):
 
 
 class Result(unittest.TextTestResult):
-    san_dir = None    # the run's sanitizer report directory
-    san_seen = set()  # reports already blamed on a test
+    san_dir = None  # the run's sanitizer report directory
 
     def _reports(self):
         import cprdtest
-        return cprdtest.sanitizer_reports(self.san_dir, self.san_seen)
+        return cprdtest.sanitizer_reports(self.san_dir)
 
     def startTest(self, test):
         self._t0 = time.monotonic()
@@ -94,8 +93,8 @@ def main():
     if args.guest:
         os.environ["CPRD_GUEST"] = os.path.abspath(args.guest)
 
+    Result.san_dir = os.environ["CPRD_SAN_DIR"] = tempfile.mkdtemp(prefix="cprd-san-run-")
     import cprdtest
-    Result.san_dir = tempfile.mkdtemp(prefix="cprd-san-run-")
     os.environ.update(cprdtest.sanitizer_env(os.environ, Result.san_dir))
 
     loader = unittest.TestLoader()
@@ -111,7 +110,7 @@ def main():
     passed = res.testsRun - failed - len(res.skipped)
     # Reports that no test was left to take (written in the last class's
     # tearDownClass, say) still fail the run.
-    late = cprdtest.sanitizer_reports(Result.san_dir, Result.san_seen)
+    late = cprdtest.sanitizer_reports(Result.san_dir)
     if late:
         print("FAIL a sanitizer report was written after the last test:\n" + late)
         failed += 1
