@@ -15,13 +15,19 @@ case " $* " in
 *fuzzer*) echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return 0; }' ;;
 *) echo 'int main(void) { return 0; }' ;;
 esac >"$DIR/probe.c"
-if "$CC" "$@" -o "$DIR/probe" "$DIR/probe.c" >/dev/null 2>&1 &&
-	pkg-config --exists json-c 2>/dev/null; then
-	exit 0
-fi
+probe() {
+	"$CC" "$@" -o "$DIR/probe" "$DIR/probe.c" >/dev/null 2>&1 &&
+		pkg-config --exists json-c 2>/dev/null
+}
+probe "$@" && exit 0
 if [ "$(id -u)" -ne 0 ]; then
 	echo "need-clang: $CC cannot link with $* (or json-c is missing); run as root to install $PKGS" >&2
 	exit 1
 fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PKGS
+if ! probe "$@"; then
+	echo "need-clang: $CC still cannot link with $* after installing $PKGS:" >&2
+	"$CC" "$@" -o "$DIR/probe" "$DIR/probe.c" >&2
+	exit 1
+fi
