@@ -397,9 +397,12 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 
 int main(int argc, char **argv)
 {
-	struct daemon d = { .listen_fd = -EBADF,
-			    .launcher = { .sock = -EBADF },
-			    .start_mode = "fresh" };
+	/* static: what cprd still holds when it exits (the records of VMs it
+	 * leaves running, by design) stays reachable, so that LeakSanitizer
+	 * reports only what was really lost. */
+	static struct daemon d = { .listen_fd = -EBADF,
+				   .launcher = { .sock = -EBADF },
+				   .start_mode = "fresh" };
 	struct options o;
 	struct group *g;
 	json_object *pidfds = NULL;
@@ -461,6 +464,7 @@ int main(int argc, char **argv)
 	d.started_usec = now_usec(CLOCK_REALTIME);
 	d.started_mono = now_usec(CLOCK_MONOTONIC);
 	n_vms = recover(&d, pidfds);
+	json_object_put(pidfds); /* its fds were taken or closed by recover() */
 	if (reexeced)
 		d.start_mode = "re-exec";
 	else if (n_inherited > 0)

@@ -275,7 +275,8 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 				    "too many calls in flight on this connection");
 		return;
 	}
-	memcpy(c->fds, fds, nfds * sizeof(int));
+	if (nfds > 0) /* fds is NULL when none came: memcpy's arguments must not be */
+		memcpy(c->fds, fds, nfds * sizeof(int));
 	c->nfds = nfds;
 	if (nfds > 0 && !(m->flags & METHOD_TAKES_FDS)) {
 		call_fail(c, JSONRPC_ERR_BAD_FDS,

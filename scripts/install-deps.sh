@@ -1,5 +1,8 @@
 #!/bin/sh
 # Install what cprd needs to build, test and demo on Debian 12 (bookworm).
+# With --check also what `make check` needs beyond that: clang-format for
+# format-check, clang and its sanitizer and libFuzzer runtimes for the ASan
+# build and the fuzz run.
 # QEMU >= 10 comes from bookworm-backports; the backports source is added by
 # reusing the mirror URI that the machine's apt sources already name, so no
 # archive host is written here.
@@ -7,7 +10,17 @@ set -eu
 
 PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check"
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
+PKGS_CHECK="clang-format clang libclang-rt-dev"
 QEMU_MIN=10
+
+case "${1:-}" in
+--check) PKGS_RUN="$PKGS_RUN $PKGS_CHECK" ;;
+"") ;;
+*)
+	echo "usage: install-deps.sh [--check]" >&2
+	exit 2
+	;;
+esac
 
 need_root() {
 	if [ "$(id -u)" -ne 0 ]; then

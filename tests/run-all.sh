@@ -1,8 +1,62 @@
 #!/bin/sh
-# make check: the Check unit suites, then the integration tests against real
-# QEMU and the real guest. Ends with the integration runner's summary line.
+# make check, after the builds: format-check, the Check unit suites, a short
+# fuzz run, the integration tests against the normal build (B) and again
+# against the ASan build (B/asan, on the guest in B/guest). Every part runs
+# even when one before it failed; the exit status is non-zero if any failed.
+# Ends with a table of the parts and their times, then one line that CI
+# reads, for the two integration runs together:
+#   integration: N passed, N failed, N skipped
 B=${1:-build}
+MAKE=${MAKE:-make}
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
 status=0
-sh tests/run-unit.sh "$B"/tests/test_* || status=1
-python3 tests/integration/run.py --build "$B" || status=1
+failed_parts=""
+start=$(date +%s)
+
+# part NAME COMMAND...: run it, note its time and whether it passed.
+part() {
+	name=$1
+	shift
+	echo "== $name"
+	t0=$(date +%s)
+	if "$@"; then
+		r=ok
+	else
+		r=FAILED
+		status=1
+		failed_parts="${failed_parts:+$failed_parts, }$name"
+	fi
+	echo "$name|$r|$(($(date +%s) - t0))" >>"$T/parts"
+}
+
+# counts FILE: "P F S" from run.py, or one failure if it wrote none.
+counts() {
+	if [ -s "$1" ]; then cat "$1"; else echo "0 1 0"; fi
+}
+
+part format-check $MAKE --no-print-directory format-check
+part unit sh tests/run-unit.sh "$B"/tests/test_*
+part fuzz $MAKE --no-print-directory fuzz B="$B" FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+part integration python3 tests/integration/run.py --build "$B" --counts "$T/normal"
+part "asan integration" python3 tests/integration/run.py --build "$B/asan" --guest "$B/guest" \
+	--label asan --counts "$T/asan"
+
+echo "== check: parts and their times"
+while IFS='|' read -r name r secs; do
+	case $name in
+	integration) n=$(counts "$T/normal") ;;
+	"asan integration") n=$(counts "$T/asan") ;;
+	*) n= ;;
+	esac
+	if [ -n "$n" ]; then
+		set -- $n
+		n="$1 passed, $2 failed, $3 skipped"
+	fi
+	printf '  %-17s %-6s %5ss%s\n' "$name" "$r" "$secs" "${n:+  $n}"
+done <"$T/parts"
+printf '  %-17s %-6s %5ss\n' total "" "$(($(date +%s) - start))"
+[ -z "$failed_parts" ] || echo "check: FAILED: $failed_parts"
+set -- $(counts "$T/normal") $(counts "$T/asan")
+echo "integration: $(($1 + $4)) passed, $(($2 + $5)) failed, $(($3 + $6)) skipped"
 exit $status

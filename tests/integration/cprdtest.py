@@ -19,8 +19,11 @@ BUILD = os.environ.get("CPRD_BUILD", os.path.join(os.path.dirname(__file__), "..
 BUILD = os.path.abspath(BUILD)
 CPRD = os.path.join(BUILD, "cprd")
 CPRCTL = os.path.join(BUILD, "cprctl")
-KERNEL = os.path.join(BUILD, "guest", "vmlinuz")
-INITRD = os.path.join(BUILD, "guest", "initrd.img")
+# The guest from `make guest`; CPRD_GUEST lets a second build (make asan) use
+# the one build/guest instead of assembling its own.
+GUEST = os.path.abspath(os.environ.get("CPRD_GUEST") or os.path.join(BUILD, "guest"))
+KERNEL = os.path.join(GUEST, "vmlinuz")
+INITRD = os.path.join(GUEST, "initrd.img")
 GUEST_APPEND = "console=ttyS0 quiet cprd.data_mb=8 cprd.hb_ms=200"
 BOOT_TIMEOUT = float(os.environ.get("CPRD_TEST_BOOT_TIMEOUT", "120"))
 
@@ -61,6 +64,78 @@ def require_guest():
             raise unittest.SkipTest(f"guest image {f} missing: run `make guest`")
     if not shutil.which("qemu-system-x86_64"):
         raise unittest.SkipTest("qemu-system-x86_64 not installed")
+
+
+# --- sanitizer reports -------------------------------------------------------
+# The ASan build (`make asan`: ASan, UBSan, LeakSanitizer) writes each report
+# to a file log_path.PID, not to stderr where a test would never look, and
+# then exits with SAN_EXIT. run.py points log_path at a directory of its own
+# (CPRD_SAN_DIR) for every process of the run (cprctl, a cprd a test starts
+# by hand) and fails the test during which a report appears anywhere below
+# it; each Daemon points its cprd, launcher and re-executed images at a
+# subdirectory, which Daemon.stop() checks too. A report fails one test,
+# once. Uninstrumented programs (the normal build, QEMU) ignore all this.
+SAN_EXIT = 66
+SAN_DIR = os.environ.get("CPRD_SAN_DIR")
+REPORTED = set()  # reports already blamed on a test
+SAN_OPTIONS = {
+    # symbolize=0: the seccomp filter keeps cprd from forking llvm-symbolizer;
+    # sanitizer_reports() symbolizes the frames afterwards with addr2line.
+    "ASAN_OPTIONS": f"exitcode={SAN_EXIT}:symbolize=0:detect_leaks=1",
+    "UBSAN_OPTIONS": f"exitcode={SAN_EXIT}:symbolize=0:print_stacktrace=1:halt_on_error=1",
+}
+
+
+def sanitizer_env(env, report_dir):
+    """env whose sanitizer options write reports into report_dir. Options the
+    caller's environment already has are kept (and win), except where reports
+    go and the exit status that marks them."""
+    env = dict(env)
+    for var, ours in SAN_OPTIONS.items():
+        theirs = [o for o in env.get(var, "").split(":")
+                  if o and o.split("=", 1)[0] not in ("log_path", "exitcode")]
+        env[var] = ":".join([f"log_path={report_dir}/report", ours] + theirs)
+    return env
+
+
+_FRAME_RE = re.compile(r"^(\s*#\d+ 0x[0-9a-f]+) +(?:in \S+ )?\((/[^+()]+)\+(0x[0-9a-f]+)\)", re.M)
+
+
+def _symbolize(text):
+    """Frames printed as (module+offset) get function, file and line from
+    addr2line (binutils) where the module has them."""
+    def frame(m):
+        try:
+            out = subprocess.run(["addr2line", "-f", "-i", "-p", "-C", "-e", m.group(2),
+                                  m.group(3)], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return m.group(0)
+        out = out.strip().replace("\n", "\n        ")
+        if not out or out.startswith("??"):
+            return m.group(0)
+        return f"{m.group(1)} in {out} ({m.group(2)}+{m.group(3)})"
+    return _FRAME_RE.sub(frame, text)
+
+
+def sanitizer_reports(report_dir):
+    """The reports under report_dir not yet blamed on a test, as one text,
+    symbolized ("" when there are none); they now count as blamed."""
+    out = []
+    for top, dirs, files in os.walk(report_dir or "/nonexistent"):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            if path in REPORTED:
+                continue
+            REPORTED.add(path)
+            try:
+                with open(path, errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            out.append(f"--- sanitizer report {name} (the number is the pid) ---\n"
+                       + _symbolize(text))
+    return "\n".join(out)
 
 
 def fd_count(pid):
@@ -245,6 +320,7 @@ class Daemon:
         self.env = env
         self.perturb = perturb
         self.proc = None
+        self.san_dir = None  # where this cprd's sanitizer reports go
 
     def start(self):
         logf = open(self.log, "ab")
@@ -255,6 +331,9 @@ class Daemon:
         env = dict(self.env if self.env is not None else os.environ)
         if self.perturb:
             env["MALLOC_PERTURB_"] = "165"
+        if self.san_dir is None:
+            self.san_dir = tempfile.mkdtemp(prefix="cprd-san-", dir=SAN_DIR)
+        env = sanitizer_env(env, self.san_dir)
         self.proc = subprocess.Popen(
             [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()]
             + self.extra_args,
@@ -337,17 +416,40 @@ class Daemon:
             pass
 
     def stop(self):
-        """Stop cprd; anything it left behind is killed so no test leaks a VMM."""
+        """Stop cprd; anything it left behind is killed so no test leaks a VMM.
+        Then fail the test if cprd ended badly: a sanitizer report in its
+        report directory, or an exit status other than 0 after SIGTERM (the
+        ASan build reports leaks at exit and then exits with SAN_EXIT)."""
+        problems = []
         if self.proc and self.proc.poll() is None:
             self.destroy_all()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
+                # -SIGTERM: it was stopped before its handler was installed.
+                if self.proc.returncode not in (0, -signal.SIGTERM):
+                    problems.append(f"cprd exited with status {self.proc.returncode} on SIGTERM")
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        elif self.proc and self.proc.returncode == SAN_EXIT:
+            problems.append(f"cprd exited with status {SAN_EXIT} (a sanitizer's; the report "
+                            "fails the test that was running then)")
         kill_vmms_under(self.dir)
+        reports = sanitizer_reports(self.san_dir)
+        if problems or reports:
+            try:
+                log = self.read_log()[-3000:]
+            except OSError:
+                log = "(no log)"
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.san_dir:
+            shutil.rmtree(self.san_dir, ignore_errors=True)
+            self.san_dir = None
+        if reports:
+            problems.append("the sanitizer reported:\n" + reports)
+        if problems:
+            raise AssertionError("\n".join(problems) + "\n--- end of cprd's log ---\n" + log)
 
 
 def kill_vmms_under(state_dir):

@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
 """Run the integration tests and close with one summary line that CI reads:
-'integration: N passed, N failed, N skipped'. Skips print their reason."""
+'integration: N passed, N failed, N skipped' ('LABEL integration: ...' with
+--label). Skips print their reason.
+
+Every process the tests start gets sanitizer options that write a report to
+a file (see cprdtest.sanitizer_env): with the ASan build a report fails the
+test during which it was written. The normal build ignores them."""
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 import unittest
 
@@ -12,7 +19,20 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 
 
+def _as_failure(msg):
+    try:
+        raise AssertionError(msg)
+    except AssertionError:
+        return sys.exc_info()
+
+
 class Result(unittest.TextTestResult):
+    san_dir = None  # the run's sanitizer report directory
+
+    def _reports(self):
+        import cprdtest
+        return cprdtest.sanitizer_reports(self.san_dir)
+
     def startTest(self, test):
         self._t0 = time.monotonic()
         super().startTest(test)
@@ -21,16 +41,29 @@ class Result(unittest.TextTestResult):
         return f" ({time.monotonic() - self._t0:.1f}s)"
 
     def addSuccess(self, test):
+        reports = self._reports()
+        if reports:
+            self.addFailure(test, _as_failure(
+                "a sanitizer report was written during this test:\n" + reports))
+            return
         super().addSuccess(test)
         self.stream.write(f"PASS {test.id()}{self._took()}\n")
+
+    def _also_reports(self):
+        reports = self._reports()
+        if reports:
+            self.stream.write("a sanitizer report was written during this test:\n"
+                              + reports + "\n")
 
     def addFailure(self, test, err):
         super().addFailure(test, err)
         self.stream.write(f"FAIL {test.id()}{self._took()}\n")
+        self._also_reports()
 
     def addError(self, test, err):
         super().addError(test, err)
         self.stream.write(f"ERROR {test.id()}{self._took()}\n")
+        self._also_reports()
 
     def addSubTest(self, test, subtest, err):
         super().addSubTest(test, subtest, err)
@@ -38,6 +71,11 @@ class Result(unittest.TextTestResult):
             self.stream.write(f"FAIL {subtest.id()}{self._took()}\n")
 
     def addSkip(self, test, reason):
+        reports = self._reports()
+        if reports:
+            self.addFailure(test, _as_failure(
+                f"skipped ({reason}), but a sanitizer report was written:\n" + reports))
+            return
         super().addSkip(test, reason)
         self.stream.write(f"SKIP {test.id()}: {reason}\n")
 
@@ -48,11 +86,21 @@ class Result(unittest.TextTestResult):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default=os.path.join(here, "..", "..", "build"))
+    ap.add_argument("--build", default=os.path.join(here, "..", "..", "build"),
+                    help="where cprd and cprctl are (default build)")
+    ap.add_argument("--guest", help="the guest from `make guest` (default BUILD/guest)")
+    ap.add_argument("--label", default="", help="prefix of the summary line, e.g. asan")
+    ap.add_argument("--counts", help="also write 'PASSED FAILED SKIPPED' to this file")
     ap.add_argument("-k", dest="pattern", action="append", help="only tests matching")
     ap.add_argument("modules", nargs="*")
     args = ap.parse_args()
     os.environ["CPRD_BUILD"] = os.path.abspath(args.build)
+    if args.guest:
+        os.environ["CPRD_GUEST"] = os.path.abspath(args.guest)
+
+    Result.san_dir = os.environ["CPRD_SAN_DIR"] = tempfile.mkdtemp(prefix="cprd-san-run-")
+    import cprdtest
+    os.environ.update(cprdtest.sanitizer_env(os.environ, Result.san_dir))
 
     loader = unittest.TestLoader()
     if args.pattern:
@@ -69,7 +117,18 @@ def main():
                  {t.id() for t in res.unexpectedSuccesses})
     skipped = len([t for t, _ in res.skipped if not hasattr(t, "test_case")])
     passed = res.testsRun - failed - skipped
-    print(f"integration: {passed} passed, {failed} failed, {skipped} skipped")
+    # Reports that no test was left to take (written in the last class's
+    # tearDownClass, say) still fail the run.
+    late = cprdtest.sanitizer_reports(Result.san_dir)
+    if late:
+        print("FAIL a sanitizer report was written after the last test:\n" + late)
+        failed += 1
+    shutil.rmtree(Result.san_dir, ignore_errors=True)
+    label = f"{args.label} " if args.label else ""
+    print(f"{label}integration: {passed} passed, {failed} failed, {skipped} skipped")
+    if args.counts:
+        with open(args.counts, "w") as f:
+            f.write(f"{passed} {failed} {skipped}\n")
     sys.exit(1 if failed else 0)
 
 
