@@ -209,12 +209,27 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
  * once that is done (vmm.c calls back here). */
 void daemon_reap_orphans(struct daemon *d)
 {
+	siginfo_t ls = {};
+
+	if (d->launcher.pid > 0 &&
+	    waitid(P_PID, (id_t)d->launcher.pid, &ls, WEXITED | WNOHANG) == 0 && ls.si_pid > 0) {
+		log_debug("reaped the VMM launcher, pid %d (%s %d)", (int)ls.si_pid,
+			  ls.si_code == CLD_EXITED ? "status" : "signal", ls.si_status);
+		d->launcher.pid = 0;
+		launcher_lost(&d->launcher);
+	}
+	/* A VMM whose start is still in flight is a child whose pid cprd does
+	 * not know yet: reaped here, its exit status would be lost and its pid
+	 * freed while the launcher's answer may still name it. The launcher
+	 * calls back here once everything in flight is answered. */
+	if (launcher_in_flight(&d->launcher) > 0)
+		return;
 	for (;;) {
 		siginfo_t si = {};
 
 		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0 || si.si_pid <= 0)
 			return;
-		if (si.si_pid == d->launcher.pid || vmm_pid_watched(d, si.si_pid))
+		if (vmm_pid_watched(d, si.si_pid))
 			return;
 		if (waitid(P_PID, (id_t)si.si_pid, &si, WEXITED | WNOHANG) < 0)
 			return;
@@ -225,6 +240,11 @@ void daemon_reap_orphans(struct daemon *d)
 static void sigchld_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	daemon_reap_orphans(w->data);
+}
+
+static void launcher_settled(void *ud)
+{
+	daemon_reap_orphans(ud);
 }
 
 static bool already_confined(void)
@@ -270,7 +290,8 @@ static int reexec(struct daemon *d)
 		fds[nfds++] = (fd_);                                                         \
 	} while (0)
 	ADD(d->listen_fd, "cprd-listen");
-	ADD(d->launcher.sock, "cprd-launcher");
+	if (d->launcher.sock >= 0)
+		ADD(d->launcher.sock, "cprd-launcher");
 	for (size_t i = 0; (e = memstore_nth(d->store, NULL, i)); i++)
 		ADD(e->fd, FDSTORE_PREFIX "%s/%s", e->vm, e->name);
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
@@ -352,6 +373,10 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		if (!d->reexec_binary)
 			break;
 		server_flush_all(d, 1000);
+		/* Only starts that were let go of can be in flight (re-exec is
+		 * refused while a VM starts or updates): kill them here, where
+		 * their answers are still understood. */
+		launcher_drain(&d->launcher, 2000);
 		r = reexec(d);
 		log_error("re-exec of %s failed: %s; carrying on", d->reexec_binary, strerror(-r));
 		d->reexec_binary = (free(d->reexec_binary), NULL);
@@ -362,6 +387,9 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive",
 			   vm_count(d));
 	vm_detach_all(d);
+	/* A VMM still being started belongs to no registry entry yet: one let
+	 * go of is killed when its answer comes, so wait for the answers. */
+	launcher_drain(&d->launcher, 2000);
 	server_stop(d);
 	return 0;
 }
@@ -402,9 +430,11 @@ int main(int argc, char **argv)
 	if (r < 0)
 		return 1;
 	n_inherited = inherited_fds_take(&d, &listen_fd, &launcher_fd, &pidfds);
-	if (launcher_fd >= 0 && getenv("CPRD_LAUNCHER_PID")) {
-		d.launcher.sock = launcher_fd; /* carried over a re-exec */
-		d.launcher.pid = (pid_t)atoi(getenv("CPRD_LAUNCHER_PID"));
+	if (getenv("CPRD_LAUNCHER_PID")) {
+		/* Carried over a re-exec; without its socket it had died, and
+		 * under the inherited seccomp filter no new one can be forked. */
+		d.launcher.sock = launcher_fd;
+		d.launcher.pid = launcher_fd >= 0 ? (pid_t)atoi(getenv("CPRD_LAUNCHER_PID")) : 0;
 		unsetenv("CPRD_LAUNCHER_PID");
 	} else {
 		safe_close(launcher_fd);
@@ -420,6 +450,11 @@ int main(int argc, char **argv)
 	d.loop = ev_loop_new(EVFLAG_AUTO);
 	if (!d.loop) {
 		log_error("cannot create the event loop");
+		return 1;
+	}
+	r = launcher_watch(&d.launcher, d.loop, launcher_settled, &d);
+	if (r < 0) {
+		log_error_errno(r, "cannot watch the launcher");
 		return 1;
 	}
 	d.kvm = streq(o.accel, "kvm") ||

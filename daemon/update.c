@@ -552,10 +552,24 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		rollback_with_log(u, "the new VMM could not load the state");
 }
 
+static void next_spawned(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+
+	u->new_pid = v->pid;
+	daemon_update_status(u->vm->d); /* the registry now names both VMMs */
+}
+
 static void next_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	char why[128];
+
+	if (v->spawn_error) {
+		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
+				launcher_strerror(v->spawn_error));
+		return;
+	}
 
 	/* In COMMIT: pid_cb read what it said to the end, and no RESUME was
 	 * there: QEMU announces RESUME before it starts the vCPUs, so the guest
@@ -576,6 +590,7 @@ static void next_monitor_lost(struct vmm *v, void *ud)
 }
 
 static const struct vmm_ops next_ops = {
+	.spawned = next_spawned,
 	.ready = next_ready,
 	.event = next_event,
 	.exited = next_exited,
@@ -590,13 +605,10 @@ int update_launch(struct update *u, const struct vmm_incoming *in)
 	r = update_next_qmp_path(u, &qmp_path);
 	if (r < 0)
 		return r;
-	r = vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
-		      &next_ops, u, &u->next);
-	if (r < 0)
-		return r;
-	u->new_pid = u->next->pid;
-	daemon_update_status(u->vm->d); /* the registry now names both VMMs */
-	return 0;
+	/* On success the new VMM is spawning: next_spawned() or next_exited()
+	 * follows. */
+	return vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
+			 &next_ops, u, &u->next);
 }
 
 /* ---- the old VMM ---- */

@@ -164,6 +164,14 @@ static void vmm_exited(struct vmm *v, void *ud)
 
 	switch (vm->state) {
 	case VM_STARTING:
+		if (v->spawn_error) {
+			char why[256];
+
+			snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
+				 launcher_strerror(v->spawn_error));
+			fail_start(vm, JSONRPC_ERR_VMM, why);
+			return;
+		}
 		fail_start(vm, JSONRPC_ERR_VMM, vm->exit_desc);
 		return;
 	case VM_STOPPING:
@@ -243,7 +251,19 @@ static void vmm_ready(struct vmm *v, void *ud)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
 }
 
+static void store_pidfd(struct vm *vm);
+
+static void vmm_spawned(struct vmm *v, void *ud)
+{
+	struct vm *vm = ud;
+
+	vm->last_pid = v->pid;
+	store_pidfd(vm);
+	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)v->pid);
+}
+
 static const struct vmm_ops vm_vmm_ops = {
+	.spawned = vmm_spawned,
 	.ready = vmm_ready,
 	.event = vmm_event,
 	.exited = vmm_exited,
@@ -410,15 +430,14 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		      vm, &vm->vmm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
-			 strerror(-r));
+			 launcher_strerror(r));
 		fail_start(vm, JSONRPC_ERR_VMM, why);
 		return;
 	}
-	vm->last_pid = vm->vmm->pid;
-	store_pidfd(vm);
+	/* Spawning: vmm_spawned() or vmm_exited() follows. The deadline
+	 * covers the launcher's answer too. */
 	ev_timer_set(&vm->timer, VM_START_TIMEOUT, 0.);
 	ev_timer_start(d->loop, &vm->timer);
-	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)vm->vmm->pid);
 }
 
 void vm_destroy(struct vm *vm, struct call *c)
