@@ -16,6 +16,7 @@
 struct client;
 struct vm;
 struct sd_bus;
+struct stats;
 
 struct daemon {
 	struct ev_loop *loop;
@@ -40,6 +41,7 @@ struct daemon {
 	char **argv;            /* our command line, for re-exec */
 	char *reexec_binary;    /* set by daemon.reexec: exec this once replies are out */
 	struct sd_bus *bus;     /* to systemd, opened on first use */
+	struct stats *stats;    /* cprd's own time on the loop (stats.c) */
 };
 
 uint64_t now_usec(clockid_t clock);

@@ -20,6 +20,7 @@
 #include "daemon/recover.h"
 #include "daemon/sandbox.h"
 #include "daemon/server.h"
+#include "daemon/stats.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
 
@@ -452,9 +453,11 @@ int main(int argc, char **argv)
 		log_error("cannot create the event loop");
 		return 1;
 	}
-	r = launcher_watch(&d.launcher, d.loop, launcher_settled, &d);
+	r = stats_start(&d);
+	if (r >= 0)
+		r = launcher_watch(&d.launcher, d.loop, launcher_settled, &d);
 	if (r < 0) {
-		log_error_errno(r, "cannot watch the launcher");
+		log_error_errno(r, "cannot set up the event loop");
 		return 1;
 	}
 	d.kvm = streq(o.accel, "kvm") ||
@@ -474,6 +477,7 @@ int main(int argc, char **argv)
 	r = run(&d, &o, ready_fd, listen_fd);
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
+	stats_free(&d);
 	ev_loop_destroy(d.loop);
 	sd_bus_flush_close_unref(d.bus);
 	free(d.socket_path);
