@@ -122,6 +122,15 @@ class Update(SharedDaemonTest):
             f.write("not a program\n")
         self.rollback_case(path, "Permission denied")
 
+    def test_3_rollback_new_binary_fails_to_execute(self):
+        # Executable, so the checks before the launch pass: the exec itself
+        # fails, in the launcher, and its answer rolls the update back.
+        path = wrapper(self.d.dir, "noprogram", "")
+        with open(path, "w") as f:
+            f.write("not a program either\n")
+        rep = self.rollback_case(path, f"cannot start the new VMM '{path}': Exec format error")
+        self.assertIsNone(rep["new_pid"])
+
     def test_3_rollback_new_vmm_exits_at_start(self):
         self.rollback_case(wrapper(self.d.dir, "dies", "echo dying on purpose >&2; exit 3"),
                            "exited with status 3")
