@@ -19,6 +19,7 @@
 #include "daemon/persist.h"
 #include "daemon/recover.h"
 #include "daemon/sandbox.h"
+#include "daemon/scope.h"
 #include "daemon/server.h"
 #include "daemon/stats.h"
 #include "daemon/vm.h"
@@ -478,8 +479,8 @@ int main(int argc, char **argv)
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
 	stats_free(&d);
+	scope_close(&d);
 	ev_loop_destroy(d.loop);
-	sd_bus_flush_close_unref(d.bus);
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);
