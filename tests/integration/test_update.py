@@ -106,7 +106,9 @@ class Update(SharedDaemonTest):
         if paused:
             self.assertGreater(rep["blackout_ms"], 0, "the guest was paused and resumed")
         if rep.get("new_pid"):
-            wait_until(lambda: not pid_alive(rep["new_pid"]), 5, "the new VMM to be gone")
+            # Reaped, not merely dead: a zombie is still cprd's child.
+            wait_until(lambda: rep["new_pid"] not in children(self.d.pid), 5,
+                       "the new VMM to be gone")
         self.assert_guest_ok_in(old)
         self.d.wait_fds(fds)
         names = [f["name"] for f in self.d.call("vm.fds", {"name": "upd"})["fds"]]
