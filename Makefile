@@ -16,6 +16,7 @@ CHECK_LIBS   := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 EV_LIBS      := -lev
 CFLAGS       += $(JSON_CFLAGS)
 
+COMMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard common/*.c))
 PROTO_OBJ    := $(patsubst %.c,$(B)/obj/%.o,$(wildcard proto/*.c))
 KVM_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard kvm/*.c))
 MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
@@ -30,6 +31,8 @@ $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c -o $@ $<
 
+$(B)/libcommon.a: $(COMMON_OBJ)
+	$(AR) rcs $@ $^
 $(B)/libproto.a: $(PROTO_OBJ)
 	$(AR) rcs $@ $^
 $(B)/libkvm.a: $(KVM_OBJ)
@@ -37,15 +40,22 @@ $(B)/libkvm.a: $(KVM_OBJ)
 $(B)/libmemstore.a: $(MEMSTORE_OBJ)
 	$(AR) rcs $@ $^
 
-$(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
+$(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
 
 $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) -pthread
 
-$(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a
+# A suite may test daemon code that, like the libraries, neither logs nor
+# needs the event loop: it names those objects as extra prerequisites.
+$(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(CHECK_LIBS) $(JSON_LIBS)
+	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS)
+
+$(B)/tests/test_registry: $(B)/obj/daemon/registry.o
+
+# Unit tests of daemon code that stands alone (no loop, no logging).
+$(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 
 deps:
 	@sh scripts/install-deps.sh

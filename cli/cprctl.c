@@ -395,6 +395,11 @@ static void print_fds(json_object *res)
 static void print_destroyed(json_object *res)
 {
 	printf("VM %s destroyed; everything held for it was released\n", str(res, "name"));
+	if (json_object_object_get(res, "registry_error"))
+		fprintf(stderr,
+			"cprctl: warning: cprd could not record this in its registry (%s); a cprd "
+			"restarted before it can may list the VM as crashed\n",
+			str(res, "registry_error"));
 }
 
 /* Ask cprd to re-execute itself, then wait until the new image answers. */

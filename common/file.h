@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Reading a small file whole. Header-only and free of global state, like
- * macro.h.
+ * Reading small files: whole, or the tail. Library code: no logging, no
+ * global state.
  */
 #pragma once
 
@@ -39,3 +39,9 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
 	*ret = buf;
 	return (ssize_t)len;
 }
+
+/* The last size - 1 bytes of the file at path, trailing newlines and
+ * blanks dropped and the others folded into spaces, NUL-terminated: what a
+ * process wrote to its log before it died, on one line. Empty when the
+ * file cannot be read. */
+void file_tail(const char *path, char *buf, size_t size);

@@ -8,12 +8,15 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "daemon/launcher.h"
+#include "daemon/registry.h"
 #include "memstore/memstore.h"
 
 #define CPRD_VERSION "0.1.0"
 
 struct client;
+struct method;
 struct vm;
 struct sd_bus;
 struct stats;
@@ -44,8 +47,29 @@ struct daemon {
 	struct sd_bus *bus;          /* to systemd, opened on first use */
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
 	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
+
+	const struct method *methods; /* the JSON-RPC methods, given by main() */
+	size_t n_methods;
+
+	struct registry registry; /* STATE_DIR/registry.json and its health */
+	bool status_stale;        /* the STATUS= line needs sending again */
+	ev_prepare flush;         /* before the loop waits: write what changed */
+	ev_timer registry_retry;  /* while the registry cannot be written */
 };
 
-uint64_t now_usec(clockid_t clock);
-void daemon_update_status(struct daemon *d);
-void daemon_reap_orphans(struct daemon *d);
+/* Something the registry records changed (a VM came or went, changed
+ * state, its VMM or update changed): the registry is written before the
+ * loop next waits, coalesced with whatever else changes in the same turn,
+ * and the STATUS= line is refreshed. A change a client is told about must
+ * be written first: vm_registry_commit(). */
+static inline void daemon_changed(struct daemon *d)
+{
+	registry_mark_dirty(&d->registry);
+	d->status_stale = true;
+}
+
+/* Only what STATUS= shows changed (fds held), not what the registry records. */
+static inline void daemon_status_changed(struct daemon *d)
+{
+	d->status_stale = true;
+}

@@ -15,9 +15,12 @@
 #include <time.h>
 
 #include "daemon/daemon.h"
+#include "daemon/fdstore.h"
+#include "daemon/inherit.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
+#include "daemon/methods.h"
 #include "daemon/recover.h"
+#include "daemon/registry.h"
 #include "daemon/sandbox.h"
 #include "daemon/scope.h"
 #include "daemon/server.h"
@@ -26,6 +29,7 @@
 #include "daemon/vmm.h"
 
 #define DEFAULT_STATE_DIR "/run/cprd"
+#define REGISTRY_RETRY_SEC 1.0
 
 struct options {
 	const char *socket_path;
@@ -35,25 +39,53 @@ struct options {
 	const char *accel; /* "auto", "kvm" or "tcg" */
 };
 
-uint64_t now_usec(clockid_t clock)
-{
-	struct timespec ts;
-
-	clock_gettime(clock, &ts);
-	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
-
-void daemon_update_status(struct daemon *d)
+static void notify_status(struct daemon *d)
 {
 	size_t running = 0, crashed = 0;
 
+	d->status_stale = false;
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
 		running += vm->state == VM_RUNNING || vm->state == VM_PAUSED;
 		crashed += vm->state == VM_CRASHED;
 	}
-	sd_notifyf(0, "STATUS=Holding %zu VM(s): %zu running, %zu crashed; %zu fds in custody",
-		   vm_count(d), running, crashed, memstore_count(d->store, NULL));
-	registry_save(d);
+	sd_notifyf(0,
+		   "STATUS=%sHolding %zu VM(s): %zu running, %zu crashed; %zu fds in custody%s%s",
+		   registry_ok(&d->registry) ? "" : "Degraded: ", vm_count(d), running, crashed,
+		   memstore_count(d->store, NULL),
+		   registry_ok(&d->registry) ? "" : "; registry not written: ",
+		   registry_ok(&d->registry) ? "" : d->registry.why);
+}
+
+/* What changed during this turn of the loop is written once, before the
+ * loop waits again (what must be written before a client hears of it is
+ * written at once, by vm_registry_commit()). While the registry cannot be
+ * written, a timer retries it rather than every turn. */
+static void flush(struct daemon *d)
+{
+	if (d->registry.dirty && registry_ok(&d->registry))
+		(void)vm_registry_commit(d); /* logs what failed */
+	if (d->registry.dirty && !registry_ok(&d->registry)) {
+		if (!ev_is_active(&d->registry_retry))
+			ev_timer_again(d->loop, &d->registry_retry);
+	} else {
+		ev_timer_stop(d->loop, &d->registry_retry);
+	}
+	if (d->status_stale)
+		notify_status(d);
+}
+
+static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	flush(w->data);
+}
+
+static void registry_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct daemon *d = w->data;
+
+	(void)vm_registry_commit(d);
+	/* flush_cb runs before the loop waits again and stops this timer once
+	 * the write went through. */
 }
 
 static void help(void)
@@ -205,48 +237,14 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	ev_break(loop, EVBREAK_ALL);
 }
 
-/* As subreaper cprd inherits whatever a VMM leaves behind (a wrapper's
- * stray child, a helper QEMU forked): reap those. A VMM it watches is left
- * to its pidfd, which reports how it ended; what waits behind it is reaped
- * once that is done (vmm.c calls back here). */
-void daemon_reap_orphans(struct daemon *d)
-{
-	siginfo_t ls = {};
-
-	if (d->launcher.pid > 0 &&
-	    waitid(P_PID, (id_t)d->launcher.pid, &ls, WEXITED | WNOHANG) == 0 && ls.si_pid > 0) {
-		log_debug("reaped the VMM launcher, pid %d (%s %d)", (int)ls.si_pid,
-			  ls.si_code == CLD_EXITED ? "status" : "signal", ls.si_status);
-		d->launcher.pid = 0;
-		launcher_lost(&d->launcher);
-	}
-	/* A VMM whose start is still in flight is a child whose pid cprd does
-	 * not know yet: reaped here, its exit status would be lost and its pid
-	 * freed while the launcher's answer may still name it. The launcher
-	 * calls back here once everything in flight is answered. */
-	if (launcher_in_flight(&d->launcher) > 0)
-		return;
-	for (;;) {
-		siginfo_t si = {};
-
-		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0 || si.si_pid <= 0)
-			return;
-		if (vmm_pid_watched(d, si.si_pid))
-			return;
-		if (waitid(P_PID, (id_t)si.si_pid, &si, WEXITED | WNOHANG) < 0)
-			return;
-		log_debug("reaped pid %d, left behind by a VMM", (int)si.si_pid);
-	}
-}
-
 static void sigchld_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-	daemon_reap_orphans(w->data);
+	vmm_reap_orphans(w->data);
 }
 
 static void launcher_settled(void *ud)
 {
-	daemon_reap_orphans(ud);
+	vmm_reap_orphans(ud);
 }
 
 static bool already_confined(void)
@@ -300,7 +298,10 @@ static int reexec(struct daemon *d)
 		if (vmm_alive(vm->vmm))
 			ADD(vm->vmm->pidfd, FDSTORE_PREFIX "%s/pidfd", vm->cfg.name);
 #undef ADD
-	registry_save(d);
+	/* The new image finds the VMs through the registry. */
+	r = vm_registry_commit(d);
+	if (r < 0)
+		return r;
 	for (char **a = d->argv; *a; a++)
 		argc++;
 	argv = calloc((size_t)argc + 2, sizeof(char *));
@@ -341,7 +342,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		d->socket_path = NULL;
 	if (!d->socket_path)
 		return -ENOMEM;
-	r = server_listen(d, listen_fd);
+	r = server_listen(d, listen_fd, rpc_methods, rpc_methods_count);
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 
@@ -357,14 +358,20 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	ev_signal_init(&d->sig_chld, sigchld_cb, SIGCHLD);
 	d->sig_chld.data = d;
 	ev_signal_start(d->loop, &d->sig_chld);
-	daemon_reap_orphans(d); /* a re-exec may have inherited some */
+	vmm_reap_orphans(d); /* a re-exec may have inherited some */
+	ev_prepare_init(&d->flush, flush_cb);
+	d->flush.data = d;
+	ev_prepare_start(d->loop, &d->flush);
+	ev_init(&d->registry_retry, registry_retry_cb);
+	d->registry_retry.repeat = REGISTRY_RETRY_SEC;
+	d->registry_retry.data = d;
 
 	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
 		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
 		 d->kvm ? "kvm" : "tcg", d->start_mode, vm_count(d),
 		 o->sandbox ? "" : ", no sandbox");
 	sd_notify(0, "READY=1");
-	daemon_update_status(d);
+	notify_status(d);
 	if (ready_fd >= 0) {
 		char ok = 0;
 		(void)!write(ready_fd, &ok, 1);
@@ -372,6 +379,9 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	}
 	for (;;) {
 		ev_run(d->loop, 0);
+		/* ev_break() skips the prepare watchers: what the last turn
+		 * changed is written here. */
+		flush(d);
 		if (!d->reexec_binary)
 			break;
 		server_flush_all(d, 1000);
@@ -388,6 +398,10 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (d->vms)
 		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive",
 			   vm_count(d));
+	/* Nothing is written from here on: letting go of an update in flight
+	 * must leave it in the registry for the next cprd to settle. */
+	ev_prepare_stop(d->loop, &d->flush);
+	ev_timer_stop(d->loop, &d->registry_retry);
 	vm_detach_all(d);
 	/* A VMM still being started belongs to no registry entry yet: one let
 	 * go of is killed when its answer comes, so wait for the answers. */
@@ -414,6 +428,8 @@ int main(int argc, char **argv)
 	log_setup();
 	signal(SIGPIPE, SIG_IGN);
 	if (setup_state_dir(&d, o.state_dir) < 0)
+		return 1;
+	if (registry_init(&d.registry, d.state_dir) < 0)
 		return 1;
 	reexeced = getenv("CPRD_REEXEC") != NULL;
 	unsetenv("CPRD_REEXEC");
@@ -481,6 +497,7 @@ int main(int argc, char **argv)
 	stats_free(&d);
 	scope_close(&d);
 	ev_loop_destroy(d.loop);
+	registry_done(&d.registry);
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);

@@ -8,10 +8,13 @@
 #include <unistd.h>
 
 #include "common/json.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
+#include "daemon/methods.h"
+#include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/stats.h"
+#include "daemon/strategy.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
 #include "kvm/qemu.h"
@@ -340,10 +343,10 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		return;
 	if (!(vm = find_vm_or_fail(d, c, name)))
 		return;
-	s = update_strategy_find(strategy);
+	s = strategy_find(strategy);
 	if (!s) {
 		call_fail(c, JSONRPC_INVALID_PARAMS, "unknown strategy '%.32s' (%s)", strategy,
-			  update_strategy_names());
+			  strategy_names());
 		return;
 	}
 	if (timeout < 1 || timeout > 3600) {
@@ -501,6 +504,9 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 	}
+	/* Stored fds are not in the registry (a restart finds them in the fd
+	 * store, or not at all), so there is nothing to write before answering. */
+	daemon_status_changed(d);
 	log_info("VM %s: %zu fd(s) stored by pid %d", vm->cfg.name, n, (int)call_peer(c)->pid);
 	call_reply(c, fds_result(vm));
 }
@@ -578,6 +584,7 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 			  vm->cfg.name, name);
 		return;
 	}
+	daemon_status_changed(d);
 	call_reply(c, fds_result(vm));
 }
 
@@ -604,6 +611,7 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	json_object_object_add(o, "fds_held",
 			       json_object_new_int((int)memstore_count(d->store, NULL)));
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
+	json_object_object_add(o, "registry", registry_health_to_json(&d->registry));
 	json_object_object_add(o, "loop", stats_to_json(d));
 	call_reply(c, o);
 }
@@ -654,6 +662,15 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 				  vm->update ? "being updated" : vm_state_to_string(vm->state));
 			return;
 		}
+	/* The new image finds the VMs through the registry: a stale one would
+	 * make it release the custody of every VM it does not name. */
+	if (vm_registry_commit(d) < 0) {
+		call_fail(c, JSONRPC_ERR_RESOURCE,
+			  "cannot re-execute: the registry cannot be written (%s), and the new "
+			  "image would not know every VM",
+			  d->registry.why);
+		return;
+	}
 	free(d->reexec_binary);
 	d->reexec_binary = strdup(binary);
 	if (!d->reexec_binary) {
@@ -669,7 +686,7 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 	ev_break(d->loop, EVBREAK_ALL);
 }
 
-static const struct method methods[] = {
+const struct method rpc_methods[] = {
 	{ "vm.create", m_vm_create, METHOD_MUTATING },
 	{ "vm.list", m_vm_list, 0 },
 	{ "vm.status", m_vm_status, 0 },
@@ -686,10 +703,4 @@ static const struct method methods[] = {
 	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
 };
 
-const struct method *method_find(const char *name)
-{
-	for (size_t i = 0; i < ELEMENTSOF(methods); i++)
-		if (streq(methods[i].name, name))
-			return &methods[i];
-	return NULL;
-}
+const size_t rpc_methods_count = ELEMENTSOF(rpc_methods);

@@ -8,9 +8,13 @@
 #include <sys/wait.h>
 
 #include "common/json.h"
+#include "common/proc.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
 #include "daemon/recover.h"
+#include "daemon/registry.h"
+#include "daemon/settle.h"
+#include "daemon/strategy.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
 
@@ -48,22 +52,6 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		return -EINVAL;
 	}
 	return 0;
-}
-
-/* The pid a pidfd refers to, from its fdinfo; -1 once the process is gone. */
-static pid_t pidfd_pid(int pidfd)
-{
-	char path[64], buf[512], *p;
-	_cleanup_close_ int fd = -EBADF;
-	ssize_t n;
-
-	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || (n = read(fd, buf, sizeof(buf) - 1)) <= 0)
-		return -1;
-	buf[n] = '\0';
-	p = strstr(buf, "\nPid:");
-	return p ? (pid_t)strtol(p + 5, NULL, 10) : -1;
 }
 
 /* A pidfd for the process the record names, but only if it is the same
@@ -176,81 +164,90 @@ static void resume(struct vmm *v, bool cancel)
 
 /*
  * The previous cprd died during an update. Both VMMs may still exist; the
- * migration between them went on without cprd. The new VMM was started
- * paused and runs the guest only once told to (the "commit" phase, written
- * down before it was told), so:
- *  - a new VMM that runs, or that holds the whole state, keeps the guest;
- *  - after the commit, a new VMM that is gone may have run the guest: the
- *    old VMM is not resumed from the state the guest left, and the VM is
- *    reported crashed, its memory kept;
- *  - otherwise the guest never left the old VMM: it is resumed there.
- * Returns the VMM that keeps the VM.
+ * migration between them went on without cprd. What is found out here is
+ * decided by settle_decide() (settle.c, which says why). Returns the VMM
+ * that keeps the VM, or NULL when none may.
  */
+/* What an interrupted update of this strategy left in the VM's directory. */
+static void strategy_leftovers(struct vm *vm, json_object *up)
+{
+	const struct strategy *s = strategy_find(jstr(up, "strategy"));
+
+	if (s && s->settle)
+		s->settle(vm->dir);
+}
+
 static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
 {
-	char msg[256], st_new[32] = "", st_old[32] = "";
+	char msg[320], st_new[32] = "", st_old[32] = "";
 	struct vmm *next = NULL;
 	const char *next_qmp = jstr(up, "new_qmp");
 	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
 	int phase = update_phase_from_name(jstr(up, "phase"));
-	bool committed = phase == update_phase_from_name("commit");
 	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	struct settle_facts f = { .committed = phase == update_phase_from_name("commit") };
 	int r = -ESRCH;
 
 	if (pidfd >= 0 && next_qmp) {
 		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL, NULL, &next);
 	} else if (pidfd >= 0) {
-		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0); /* never had a monitor */
 		close(pidfd);
 	}
-	if (next && r < 0 && !committed)
-		next = vmm_kill(next); /* no monitor: it never got the guest */
 	if (next) {
 		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
-		if (r >= 0)
-			query_status(next, st_new, sizeof(st_new));
+		f.new_alive = true;
+		if (r >= 0 && query_status(next, st_new, sizeof(st_new)))
+			f.new_status = st_new;
+		if (streq(st_new, "paused") || streq(st_new, "postmigrate"))
+			f.new_completed = incoming_completed(next);
 	}
-	if (next && (committed || streq(st_new, "running") ||
-		     ((streq(st_new, "paused") || streq(st_new, "postmigrate")) &&
-		      incoming_completed(next)))) {
+	f.old_alive = old != NULL;
+	if (old && query_status(old, st_old, sizeof(st_old)))
+		f.old_status = st_old;
+	strategy_leftovers(vm, up);
+
+	switch (settle_decide(&f)) {
+	case SETTLE_KEEP_NEW:
 		if (!streq(st_new, "running"))
 			resume(next, false);
+		if (old)
+			vmm_kill(old);
 		snprintf(msg, sizeof(msg),
 			 "cprd restarted during the update (phase %s); the new VMM pid %d held the "
 			 "guest and keeps it%s",
 			 update_phase_name(phase), (int)next->pid,
 			 old ? "; the old VMM was ended" : "");
-		if (old)
-			vmm_kill(old);
 		update_record_interrupted(vm, up, msg);
 		return next;
-	}
-	if (next)
+	case SETTLE_RESUME_OLD:
 		next = vmm_kill(next);
-	if (committed) {
-		snprintf(msg, sizeof(msg),
-			 "cprd restarted after the new VMM was told to run the guest, and that VMM "
-			 "is gone; the old VMM was not resumed from the state the guest left%s",
-			 old ? " and was ended" : "");
+		if (!streq(st_old, "running"))
+			resume(old, true);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s); rolled back: the guest stays "
+		    "in the old VMM pid %d%s",
+		    update_phase_name(phase), (int)old->pid,
+		    pidfd >= 0 ? " and the new VMM was ended" : "");
+		update_record_interrupted(vm, up, msg);
+		return old;
+	case SETTLE_LOST:
+	default:
+		next = vmm_kill(next);
 		if (old)
 			vmm_kill(old);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s) and no VMM can go on with the "
+		    "guest: %s",
+		    update_phase_name(phase),
+		    old ? "the new VMM, which may have run it, is gone, so the old VMM was not "
+			  "resumed from the state the guest left, and was ended"
+			: "neither VMM is left");
 		update_record_interrupted(vm, up, msg);
 		return NULL;
 	}
-	if (!old) {
-		update_record_interrupted(
-		    vm, up, "cprd restarted during the update and neither VMM runs the guest");
-		return NULL;
-	}
-	if (!query_status(old, st_old, sizeof(st_old)) || !streq(st_old, "running"))
-		resume(old, true);
-	snprintf(msg, sizeof(msg),
-		 "cprd restarted during the update (phase %s); rolled back: the guest stays in "
-		 "the old VMM pid %d%s",
-		 update_phase_name(phase), (int)old->pid,
-		 pidfd >= 0 ? " and the new VMM was ended" : "");
-	update_record_interrupted(vm, up, msg);
-	return old;
 }
 
 /* cprd died while ending a VMM the guest had already left: finish that. */
@@ -267,14 +264,43 @@ static void end_leftover(struct vm *vm, json_object *up)
 				  "moved to the new one, and the old one was ended");
 }
 
+/* The previous cprd stopped while this VM's guest was starting (vm.create
+ * not yet answered). Its VMM is kept only if its monitor says the guest
+ * runs (or is paused); one that does not answer within the bound, or
+ * answers anything else, never became ready, and it is ended here: nobody
+ * was told the VM exists, and a VMM nobody manages must not run on. The
+ * VM stays, crashed, so that its name and memory remain accounted for
+ * until it is destroyed. Returns the VMM that keeps the VM, or NULL. */
+static struct vmm *settle_start(struct vm *vm, struct vmm *v, char *st, size_t st_size)
+{
+	pid_t pid = v->pid;
+
+	if (query_status(v, st, st_size) && (streq(st, "running") || streq(st, "paused"))) {
+		log_notice("VM %s: cprd stopped while it was starting; its VMM pid %d is %s, so "
+			   "the VM is kept",
+			   vm->cfg.name, (int)pid, st);
+		return v;
+	}
+	log_warning("VM %s: cprd stopped while it was starting, and its VMM pid %d %s; ended it, "
+		    "the VM is reported crashed with its memory kept until destroy",
+		    vm->cfg.name, (int)pid,
+		    st[0] ? "is not running the guest" : "does not answer on its monitor");
+	vmm_kill(v);
+	snprintf(vm->exit_desc, sizeof(vm->exit_desc),
+		 "never became ready; ended after cprd restarted");
+	return NULL;
+}
+
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
 	struct vm_config cfg;
 	struct vmm *v = NULL;
 	struct vm *vm;
 	json_object *up = json_object_object_get(rec, "update");
+	const char *state = jstr(rec, "state");
+	bool starting = state && streq(state, "starting");
 	char st[32] = "";
-	int pidfd;
+	int pidfd, r;
 
 	if (config_from_record(rec, &cfg) < 0) {
 		log_error("registry entry without a usable name or configuration; skipped");
@@ -294,20 +320,31 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		const char *qmp_path = jstr(rec, "qmp") ? jstr(rec, "qmp") : vm->qmp_path;
 
 		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
-		if (vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v) <
-		    0)
-			log_error(
-			    "VM %s: VMM pid %d runs but its monitor %s is unreachable; keeping it, "
-			    "updates will fail until it answers",
-			    vm->cfg.name, (int)v->pid, qmp_path);
-		set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v);
+		if (!v) {
+			log_error("VM %s: cannot take its VMM back: %s", vm->cfg.name,
+				  strerror(-r));
+			safe_close(pidfd);
+		} else {
+			if (r < 0 && !starting)
+				log_error(
+				    "VM %s: VMM pid %d runs but its monitor %s is unreachable; "
+				    "keeping it, updates will fail until it answers",
+				    vm->cfg.name, (int)v->pid, qmp_path);
+			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		}
 	}
 	if (up && json_object_object_get(up, "ending_pid"))
 		end_leftover(vm, up);
 	else if (up)
 		v = settle_update(d, vm, v, up);
-	if (v && !query_status(v, st, sizeof(st)))
+	if (v && starting) {
+		v = settle_start(vm, v, st, sizeof(st));
+		if (!v)
+			return; /* ended, and said so */
+	} else if (v && !query_status(v, st, sizeof(st))) {
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
+	}
 	if (!v) {
 		log_warning(
 		    "VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
@@ -320,22 +357,37 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));
 }
 
+/* The registry, or NULL when there is none or it is unusable. An unusable
+ * one is kept aside for a person to look at, as the next write would
+ * replace it. */
+static json_object *load_registry(struct daemon *d)
+{
+	_cleanup_free_ char *aside = NULL;
+	json_object *root = NULL;
+	char why[256];
+	int r;
+
+	r = registry_read(&d->registry, &root, why, sizeof(why));
+	if (r >= 0 || r == -ENOENT)
+		return root;
+	if (asprintf(&aside, "%s.bad", d->registry.path) < 0 ||
+	    rename(d->registry.path, aside) < 0) {
+		log_error("cannot use the registry %s: %s; starting without it", d->registry.path,
+			  why);
+		return NULL;
+	}
+	log_error("cannot use the registry %s: %s; moved it to %s and starting without it: VMMs "
+		  "it named are not taken back",
+		  d->registry.path, why, aside);
+	return NULL;
+}
+
 int recover(struct daemon *d, json_object *pidfds)
 {
-	_cleanup_json_ json_object *root = registry_load(d);
-	json_object *vms;
-	size_t n;
+	_cleanup_json_ json_object *root = load_registry(d);
+	json_object *vms = json_object_object_get(root, "vms");
+	size_t n = vms ? json_object_array_length(vms) : 0;
 
-	if (!root) {
-		json_object_object_foreach(pidfds, k, v)
-		{
-			(void)k;
-			close(json_object_get_int(v));
-		}
-		return 0;
-	}
-	vms = json_object_object_get(root, "vms");
-	n = json_object_array_length(vms);
 	for (size_t i = 0; i < n; i++) {
 		json_object *rec = json_object_array_get_idx(vms, i), *pfd;
 		const char *name = jstr(rec, "name");
@@ -369,6 +421,8 @@ int recover(struct daemon *d, json_object *pidfds)
 		}
 		i++;
 	}
-	registry_save(d);
+	/* Also when there was none: a state directory that cannot take the
+	 * registry shows up now, in daemon.status, not at the first create. */
+	(void)vm_registry_commit(d);
 	return (int)n;
 }

@@ -239,6 +239,14 @@ static void reply_error(struct client *cl, struct batch *b, json_object *id, int
 	json_object_put(e);
 }
 
+static const struct method *method_find(const struct daemon *d, const char *name)
+{
+	for (size_t i = 0; i < d->n_methods; i++)
+		if (streq(d->methods[i].name, name))
+			return &d->methods[i];
+	return NULL;
+}
+
 static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int *fds, size_t nfds)
 {
 	jsonrpc_request req = {};
@@ -254,7 +262,7 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 		reply_error(cl, b, req.id, JSONRPC_INVALID_REQUEST, why);
 		return;
 	}
-	m = method_find(req.method);
+	m = method_find(cl->d, req.method);
 	if (!m) {
 		close_many(fds, nfds);
 		snprintf(msg, sizeof(msg), "unknown method '%.100s'", req.method);
@@ -557,10 +565,12 @@ void server_flush_all(struct daemon *d, int timeout_ms)
 	}
 }
 
-int server_listen(struct daemon *d, int listen_fd)
+int server_listen(struct daemon *d, int listen_fd, const struct method *methods, size_t n)
 {
 	int r, fl;
 
+	d->methods = methods;
+	d->n_methods = n;
 	if (listen_fd >= 0) {
 		d->listen_fd = listen_fd;
 		/* After a re-exec the socket is still our own bound path. */

@@ -29,11 +29,10 @@ struct method {
 	unsigned flags;
 };
 
-const struct method *method_find(const char *name);
-
-/* Serve on listen_fd when one was inherited (socket activation or
- * re-exec), else bind the configured path. */
-int server_listen(struct daemon *d, int listen_fd);
+/* Serve methods[0..n) (the table must outlive the server) on listen_fd
+ * when one was inherited (socket activation or re-exec), else on the
+ * configured path. */
+int server_listen(struct daemon *d, int listen_fd, const struct method *methods, size_t n);
 /* Before an exec: write out queued replies, waiting at most timeout_ms. */
 void server_flush_all(struct daemon *d, int timeout_ms);
 void server_stop(struct daemon *d);

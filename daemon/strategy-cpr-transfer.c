@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include "common/macro.h"
-#include "common/unix.h"
+#include "common/proc.h"
 #include "daemon/strategy.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
@@ -80,18 +80,13 @@ static void launch(struct update *u)
 {
 	struct cpr *c = C(u);
 	struct vmm_incoming in = { .cpr_main_path = c->main_path, .cpr_state_path = c->state_path };
-	int r;
 
 	unlink(c->main_path);
 	unlink(c->state_path);
 	if (!update_set_phase(u, PHASE_LAUNCH))
 		return;
-	r = update_launch(u, &in);
-	if (r < 0) {
-		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
-				strerror(-r));
+	if (!update_launch(u, &in))
 		return;
-	}
 	ev_timer_set(&c->poll, CPR_POLL_FIRST, CPR_POLL_EVERY);
 	ev_timer_start(u->vm->d->loop, &c->poll);
 }

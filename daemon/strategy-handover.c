@@ -235,12 +235,8 @@ static void start(struct update *u)
 		update_rollback(u, "cannot create the migration channel: %s", strerror(-r));
 		return;
 	}
-	r = update_launch(u, &(struct vmm_incoming){ .defer = true });
-	if (r < 0) {
-		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
-				strerror(-r));
+	if (!update_launch(u, &(struct vmm_incoming){ .defer = true }))
 		return;
-	}
 	/* The old VMM is prepared while the new one starts. */
 	if (prepare_old(u) < 0)
 		update_rollback(u, "lost the old VMM's monitor");

@@ -72,6 +72,11 @@ struct strategy {
 extern const struct strategy strategy_handover;
 extern const struct strategy strategy_cpr_transfer;
 
+/* The table of strategies (strategies.c): NULL when there is none of that
+ * name; "handover, cpr-transfer" for messages and help. */
+const struct strategy *strategy_find(const char *name);
+const char *strategy_names(void);
+
 struct update {
 	struct vm *vm;
 	const struct strategy *s;
@@ -106,9 +111,10 @@ bool update_set_phase(struct update *u, enum phase p);
 /* Give up before the commit: end the new VMM, resume the guest in the old
  * one. No-op once the update has ended or is rolling back already. */
 _printf_(2, 3) void update_rollback(struct update *u, const char *fmt, ...);
-/* Start the new VMM on the monitor path given. Its monitor, events and
- * exit are the engine's; s->new_ready runs when it answers. */
-int update_launch(struct update *u, const struct vmm_incoming *in);
+/* Start the new VMM and record it in the registry. Its monitor, events and
+ * exit are the engine's; s->new_ready runs when it answers. false when it
+ * could not be started or recorded: the update is then rolling back. */
+bool update_launch(struct update *u, const struct vmm_incoming *in);
 /* PHASE_MIGRATE, and `migrate` on the old VMM with args (taken). */
 void update_migrate(struct update *u, json_object *args);
 /* The VM's directory, for the strategy's own files. */

@@ -11,6 +11,7 @@
 #include <systemd/sd-journal.h>
 #include <unistd.h>
 
+#include "common/file.h"
 #include "common/json.h"
 #include "daemon/history.h"
 #include "daemon/log.h"
@@ -25,11 +26,6 @@
 #define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
 #define CONT_RETRY 0.05     /* the old VMM may still be finishing migration */
 #define CONT_RETRIES 40
-
-static const struct strategy *const strategies[] = {
-	&strategy_handover,
-	&strategy_cpr_transfer,
-};
 
 static const char *const phase_names[_PHASE_MAX] = {
 	[PHASE_LAUNCH] = "launch", [PHASE_PREPARE] = "prepare", [PHASE_MIGRATE] = "migrate",
@@ -46,27 +42,6 @@ static const char *const phase_doing[_PHASE_MAX] = {
 	[PHASE_ROLLBACK] = "rolling back",
 	[PHASE_DONE] = "done",
 };
-
-/* ---- strategies ---- */
-
-const struct strategy *update_strategy_find(const char *name)
-{
-	for (size_t i = 0; i < ELEMENTSOF(strategies); i++)
-		if (streq(strategies[i]->name, name))
-			return strategies[i];
-	return NULL;
-}
-
-const char *update_strategy_names(void)
-{
-	static char names[128];
-
-	if (!names[0])
-		for (size_t i = 0; i < ELEMENTSOF(strategies); i++)
-			snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s",
-				 i ? ", " : "", strategies[i]->name);
-	return names;
-}
 
 const char *update_phase_name(int p)
 {
@@ -245,7 +220,7 @@ static void end(struct update *u, const char *result)
 	rep = report(u, result, ended_in);
 	history_append(vm->history_path, rep);
 	log_result(u, rep);
-	daemon_update_status(vm->d);
+	daemon_changed(vm->d);
 
 	c = TAKE_PTR(u->call);
 	if (!c)
@@ -441,7 +416,10 @@ static void switch_over(struct update *u)
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in VMM pid %d (QEMU %s); ending pid %d", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, (int)u->old_pid);
-	daemon_update_status(vm->d); /* a restart from here on keeps the new VMM */
+	/* A restart from here on keeps the new VMM. Nothing can be undone if
+	 * this fails: the registry's health says so, and recovery still finds
+	 * the new VMM running. */
+	(void)vm_registry_commit(vm->d);
 	arm(u, END_OLD_TIMEOUT);
 	if (!vmm_alive(u->old)) {
 		end(u, "ok");
@@ -462,14 +440,13 @@ static void cont_new_done(qmp *q, json_object *ret, const char *cls, const char 
 }
 
 /* The new VMM was started paused (-S), so until now the guest ran nowhere
- * but in the old VMM, and a rollback was always safe. The commit is written
- * down before the new VMM is told to run, so that a cprd restarted from
- * here on settles the update forward, never back. */
+ * but in the old VMM, and a rollback was always safe. Nothing is written
+ * here, inside the blackout: a cprd restarted from now on finds the old VMM
+ * in postmigrate, which is all it needs to never resume it (recover.c). */
 static void commit(struct update *u)
 {
 	if (!update_set_phase(u, PHASE_COMMIT))
 		return;
-	daemon_update_status(u->vm->d);
 	arm(u, COMMIT_TIMEOUT);
 	if (vmm_command(u->next, "cont", NULL, -EBADF, cont_new_done, u) < 0)
 		update_rollback(u, "lost the new VMM's monitor before it ran the guest");
@@ -500,7 +477,7 @@ static void rollback_with_log(struct update *u, const char *why)
 {
 	char tail[300];
 
-	log_tail(u->vm->vmm_log_path, tail, sizeof(tail));
+	file_tail(u->vm->vmm_log_path, tail, sizeof(tail));
 	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
 }
 
@@ -557,7 +534,11 @@ static void next_spawned(struct vmm *v, void *ud)
 	struct update *u = ud;
 
 	u->new_pid = v->pid;
-	daemon_update_status(u->vm->d); /* the registry now names both VMMs */
+	/* A cprd restarted from here on must know of this VMM, or it would
+	 * run on unmanaged. */
+	if (vm_registry_commit(u->vm->d) < 0)
+		update_rollback(u, "cannot record the new VMM in the registry: %s",
+				u->vm->d->registry.why);
 }
 
 static void next_exited(struct vmm *v, void *ud)
@@ -597,18 +578,24 @@ static const struct vmm_ops next_ops = {
 	.monitor_lost = next_monitor_lost,
 };
 
-int update_launch(struct update *u, const struct vmm_incoming *in)
+bool update_launch(struct update *u, const struct vmm_incoming *in)
 {
+	struct daemon *d = u->vm->d;
 	_cleanup_free_ char *qmp_path = NULL;
 	int r;
 
 	r = update_next_qmp_path(u, &qmp_path);
-	if (r < 0)
-		return r;
-	/* On success the new VMM is spawning: next_spawned() or next_exited()
-	 * follows. */
-	return vmm_start(u->vm->d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
-			 &next_ops, u, &u->next);
+	if (r >= 0)
+		r = vmm_start(d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
+			      &next_ops, u, &u->next);
+	if (r < 0) {
+		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
+				launcher_strerror(r));
+		return false;
+	}
+	/* Spawning: next_spawned() records it, or next_exited() says why it
+	 * did not start. */
+	return true;
 }
 
 /* ---- the old VMM ---- */
@@ -743,6 +730,16 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 	ev_init(&u->reap, reap_cb);
 	u->timer.data = u->retry.data = u->reap.data = u;
 	vm->update = u;
+	/* Written before anything happens: a restarted cprd must know. */
+	if (vm_registry_commit(vm->d) < 0) {
+		vm->update = NULL;
+		call_fail(c, JSONRPC_ERR_RESOURCE,
+			  "cannot record the update of VM '%s' in the registry: %s; nothing was "
+			  "changed",
+			  vm->cfg.name, vm->d->registry.why);
+		update_free(u);
+		return;
+	}
 	arm(u, timeout);
 
 	log_info("VM %s: %s update from %s (pid %d) to %s", vm->cfg.name, s->name, vm->cfg.vmm,
@@ -790,8 +787,6 @@ json_object *update_to_record(const struct update *u)
 void update_record_interrupted(struct vm *vm, json_object *rec, const char *resolution)
 {
 	json_object *o = json_object_new_object();
-	const struct strategy *s =
-	    update_strategy_find(json_object_get_string(json_object_object_get(rec, "strategy")));
 
 	json_object_object_foreach(rec, k, v)
 	{
@@ -801,8 +796,6 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	json_object_object_add(o, "result", json_object_new_string("interrupted"));
 	json_object_object_add(o, "blackout_ms", NULL);
 	json_object_object_add(o, "error", json_object_new_string(resolution));
-	if (s && s->settle)
-		s->settle(vm->dir);
 	vm->updates++;
 	history_append(vm->history_path, o);
 	log_warning("update vm=%s result=interrupted error=%s", vm->cfg.name, resolution);

@@ -17,10 +17,6 @@ struct call;
 struct update;
 struct strategy;
 
-/* NULL when there is no strategy of that name. */
-const struct strategy *update_strategy_find(const char *name);
-/* "handover, cpr-transfer": for messages and help. */
-const char *update_strategy_names(void);
 /* A phase's name as the registry and reports spell it, and back (-EINVAL). */
 const char *update_phase_name(int phase);
 int update_phase_from_name(const char *name);

@@ -8,9 +8,11 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 
+#include "common/file.h"
 #include "common/json.h"
+#include "daemon/fdstore.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
+#include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
@@ -24,19 +26,42 @@ static const char *const state_names[_VM_STATE_MAX] = {
 	[VM_STOPPING] = "stopping", [VM_CRASHED] = "crashed",
 };
 
-static const struct vmm_ops vm_vmm_ops;
+/* The lifecycle, as vm_set_state() enforces it. A crashed VM runs again
+ * only when a restarted cprd finds its VMM alive after all. */
+static const bool state_change_allowed[_VM_STATE_MAX][_VM_STATE_MAX] = {
+	[VM_STARTING] = { [VM_RUNNING] = true, [VM_PAUSED] = true, [VM_CRASHED] = true },
+	[VM_RUNNING] = { [VM_PAUSED] = true, [VM_STOPPING] = true, [VM_CRASHED] = true },
+	[VM_PAUSED] = { [VM_RUNNING] = true, [VM_STOPPING] = true, [VM_CRASHED] = true },
+	[VM_STOPPING] = {},
+	[VM_CRASHED] = { [VM_RUNNING] = true, [VM_PAUSED] = true },
+};
 
-void vm_set_state(struct vm *vm, enum vm_state s)
-{
-	if (vm->state == s)
-		return;
-	vm->state = s;
-	daemon_update_status(vm->d);
-}
+static const struct vmm_ops vm_vmm_ops;
 
 const char *vm_state_to_string(enum vm_state s)
 {
 	return s >= 0 && s < _VM_STATE_MAX ? state_names[s] : "unknown";
+}
+
+bool vm_set_state(struct vm *vm, enum vm_state state)
+{
+	if (vm->state == state)
+		return true;
+	if (state < 0 || state >= _VM_STATE_MAX || !state_change_allowed[vm->state][state]) {
+		log_error("VM %s: refusing the unexpected state change %s -> %s", vm->cfg.name,
+			  vm_state_to_string(vm->state), vm_state_to_string(state));
+		return false;
+	}
+	log_debug("VM %s: %s -> %s", vm->cfg.name, vm_state_to_string(vm->state),
+		  vm_state_to_string(state));
+	/* A guest pausing and resuming (every update's blackout) changes
+	 * nothing a restarted cprd needs, which asks the VMM anyway: no write,
+	 * least of all inside the blackout. */
+	if (!((vm->state == VM_RUNNING && state == VM_PAUSED) ||
+	      (vm->state == VM_PAUSED && state == VM_RUNNING)))
+		daemon_changed(vm->d);
+	vm->state = state;
+	return true;
 }
 
 struct vm *vm_find(struct daemon *d, const char *name)
@@ -66,6 +91,74 @@ void vm_config_done(struct vm_config *cfg)
 	free(cfg->tap);
 	free(cfg->machine);
 	*cfg = (struct vm_config){};
+}
+
+/* ---- the registry ---- */
+
+static void add_str(json_object *o, const char *k, const char *v)
+{
+	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
+}
+
+/* What a restarted cprd needs to find the VM again (recover.c reads it).
+ * A starting VM is recorded too, with its VMM, from the moment that VMM
+ * exists: a cprd that dies while a guest boots must not leave it behind
+ * unknown. */
+static json_object *vm_record(struct vm *vm)
+{
+	json_object *o = json_object_new_object();
+
+	add_str(o, "name", vm->cfg.name);
+	add_str(o, "vmm", vm->cfg.vmm);
+	add_str(o, "kernel", vm->cfg.kernel);
+	if (vm->cfg.initrd)
+		add_str(o, "initrd", vm->cfg.initrd);
+	if (vm->cfg.append)
+		add_str(o, "append", vm->cfg.append);
+	if (vm->cfg.tap)
+		add_str(o, "tap", vm->cfg.tap);
+	add_str(o, "machine", vm->cfg.machine);
+	json_object_object_add(o, "memory_bytes",
+			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
+	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
+	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
+	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
+	add_str(o, "state", vm_state_to_string(vm->state));
+	if (vmm_alive(vm->vmm)) {
+		json_object_object_add(o, "pid", json_object_new_int(vm->vmm->pid));
+		json_object_object_add(o, "pid_start",
+				       json_object_new_int64((int64_t)vm->vmm->start_time));
+		json_object_object_add(o, "vmm_fds", vmm_fd_map(vm->vmm));
+		add_str(o, "qmp", vm->vmm->qmp_path);
+	}
+	if (vm->update)
+		json_object_object_add(o, "update", update_to_record(vm->update));
+	return o;
+}
+
+int vm_registry_commit(struct daemon *d)
+{
+	_cleanup_json_ json_object *root = json_object_new_object();
+	json_object *arr = json_object_new_array();
+	bool was_ok = registry_ok(&d->registry);
+	int r;
+
+	json_object_object_add(root, "version", json_object_new_int(REGISTRY_VERSION));
+	for (struct vm *vm = d->vms; vm; vm = vm->next)
+		json_object_array_add(arr, vm_record(vm));
+	json_object_object_add(root, "vms", arr);
+	r = registry_write(&d->registry, root);
+	if (r < 0 && was_ok)
+		log_error("cannot write the registry, %s; until it can be written new VMs are "
+			  "refused, and a restarted cprd would not know what changed since",
+			  d->registry.why);
+	else if (r < 0)
+		log_debug("registry still not written: %s", d->registry.why);
+	else if (!was_ok)
+		log_notice("registry %s written again", d->registry.path);
+	if (was_ok != registry_ok(&d->registry))
+		daemon_status_changed(d);
+	return r;
 }
 
 /* ---- teardown ---- */
@@ -104,7 +197,7 @@ static void vm_free(struct vm *vm)
 	free(vm->history_path);
 	vm_config_done(&vm->cfg);
 	free(vm);
-	daemon_update_status(d);
+	daemon_changed(d);
 }
 
 void vm_detach_all(struct daemon *d)
@@ -119,27 +212,45 @@ void vm_detach_all(struct daemon *d)
 	}
 }
 
-static void fail_start(struct vm *vm, int code, const char *why)
+/* Never leave a half-started VMM behind: end it, release the custody,
+ * forget the VM. */
+static void abandon_start(struct vm *vm)
 {
-	char tail[400];
-
-	log_tail(vm->vmm_log_path, tail, sizeof(tail));
-	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
-	if (vm->waiting)
-		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
-			  vm->cfg.name, why, tail[0] ? "; VMM said: " : "", tail);
-	/* Never leave a half-started VMM behind. */
 	vm->vmm = vmm_kill(vm->vmm);
 	vm_free(vm);
 }
 
-static json_object *destroyed_json(struct vm *vm)
+static void fail_start(struct vm *vm, int code, const char *why)
 {
+	char tail[400];
+
+	file_tail(vm->vmm_log_path, tail, sizeof(tail));
+	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
+	if (vm->waiting)
+		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
+			  vm->cfg.name, why, tail[0] ? "; VMM said: " : "", tail);
+	abandon_start(vm);
+}
+
+/* The VM is gone: forget it, write the registry, answer c (may be NULL).
+ * Nothing of this can be undone, so a registry that cannot be written does
+ * not turn it into a failure: the answer says so, and until a later write
+ * succeeds a restarted cprd would list the VM as crashed, holding nothing. */
+static void finish_destroy(struct vm *vm, struct call *c)
+{
+	struct daemon *d = vm->d;
 	json_object *res = json_object_new_object();
 
 	json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
 	json_object_object_add(res, "destroyed", json_object_new_boolean(1));
-	return res;
+	vm_free(vm);
+	if (vm_registry_commit(d) < 0)
+		json_object_object_add(res, "registry_error",
+				       json_object_new_string(d->registry.why));
+	if (c)
+		call_reply(c, res);
+	else
+		json_object_put(res);
 }
 
 /* ---- the VM's own VMM ---- */
@@ -147,11 +258,11 @@ static json_object *destroyed_json(struct vm *vm)
 void vm_vmm_lost(struct vm *vm)
 {
 	ev_timer_stop(vm->d->loop, &vm->timer);
-	vm->state = VM_CRASHED;
+	vm_set_state(vm, VM_CRASHED);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	vm->vmm = vmm_free(vm->vmm);
-	daemon_update_status(vm->d);
+	daemon_changed(vm->d); /* the record loses its VMM */
 }
 
 static void vmm_exited(struct vmm *v, void *ud)
@@ -178,9 +289,7 @@ static void vmm_exited(struct vmm *v, void *ud)
 		log_info("VM %s: VMM pid %d %s; custody released", vm->cfg.name, (int)v->pid,
 			 vm->exit_desc);
 		c = TAKE_PTR(vm->waiting);
-		if (c)
-			call_reply(c, destroyed_json(vm));
-		vm_free(vm);
+		finish_destroy(vm, c);
 		return;
 	default:
 		if (vm->update) {
@@ -212,9 +321,9 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 	if (vm->update)
 		update_old_vmm_event(vm->update, event, data, ts_us);
 	if (streq(event, "STOP") && vm->state == VM_RUNNING)
-		vm->state = VM_PAUSED;
+		vm_set_state(vm, VM_PAUSED);
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
-		vm->state = VM_RUNNING;
+		vm_set_state(vm, VM_RUNNING);
 	else if (streq(event, "SHUTDOWN"))
 		log_info("VM %s: guest shut down (%s)", vm->cfg.name,
 			 json_object_get_string(json_object_object_get(data, "reason")));
@@ -232,11 +341,14 @@ static void started(qmp *q, json_object *ret, const char *cls, const char *desc,
 		return;
 	}
 	st = json_object_object_get(ret, "status");
-	vm->state = st && streq(json_object_get_string(st), "running") ? VM_RUNNING : VM_PAUSED;
+	/* The VM has been in the registry since its VMM was spawned, so this
+	 * change need not be written before the answer: a restarted cprd asks
+	 * the VMM itself. */
+	vm_set_state(vm,
+		     st && streq(json_object_get_string(st), "running") ? VM_RUNNING : VM_PAUSED);
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	log_info("VM %s: running, VMM pid %d (QEMU %s), %" PRIu64 " MiB", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, vm->cfg.memory_bytes >> 20);
-	daemon_update_status(vm->d);
 	if (vm->waiting)
 		call_reply(TAKE_PTR(vm->waiting), vm_to_json(vm));
 }
@@ -256,9 +368,24 @@ static void store_pidfd(struct vm *vm);
 static void vmm_spawned(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
+	struct daemon *d = vm->d;
 
 	vm->last_pid = v->pid;
 	store_pidfd(vm);
+	/* From here on a guest may run: before anything else the registry
+	 * names this VMM (pid and start time), so that a cprd that dies while
+	 * the guest boots leaves nothing its successor does not know. If that
+	 * cannot be written, the VM is not created. */
+	if (vm_registry_commit(d) < 0) {
+		log_error("VM %s: start abandoned: cannot record it in the registry", vm->cfg.name);
+		if (vm->waiting)
+			call_fail(
+			    TAKE_PTR(vm->waiting), JSONRPC_ERR_RESOURCE,
+			    "cannot record VM '%s' in the registry: %s; the VM was not created",
+			    vm->cfg.name, d->registry.why);
+		abandon_start(vm);
+		return;
+	}
 	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)v->pid);
 }
 
@@ -284,6 +411,7 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 	vm->last_pid = v->pid;
 	vmm_set_ops(v, &vm_vmm_ops, vm);
 	store_pidfd(vm);
+	daemon_changed(vm->d); /* the record names this VMM now */
 	if (!streq(v->binary, vm->cfg.vmm)) {
 		p = strdup(v->binary);
 		if (p) {
@@ -311,6 +439,7 @@ void vm_settle_qmp_path(struct vm *vm)
 		free(vm->vmm->qmp_path);
 		vm->vmm->qmp_path = p;
 	}
+	daemon_changed(vm->d);
 }
 
 /* ---- start ---- */
@@ -404,7 +533,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->d = d;
 	vm->cfg = *cfg;
 	*cfg = (struct vm_config){};
-	vm->state = VM_STARTING;
+	vm->state = VM_STARTING; /* born so; vm_set_state() from here on */
 	vm->exit_code = -1;
 	vm->waiting = c;
 	vm->created_usec = now_usec(CLOCK_REALTIME);
@@ -450,11 +579,10 @@ void vm_destroy(struct vm *vm, struct call *c)
 	}
 	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
 		log_info("VM %s: destroyed; custody released", vm->cfg.name);
-		call_reply(c, destroyed_json(vm));
-		vm_free(vm);
+		finish_destroy(vm, c);
 		return;
 	}
-	vm->state = VM_STOPPING;
+	vm_set_state(vm, VM_STOPPING);
 	vm->waiting = c;
 	/* QEMU treats SIGTERM as a host-requested shutdown and exits cleanly. */
 	vmm_signal(vm->vmm, SIGTERM);
@@ -477,7 +605,7 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 	vm->d = d;
 	vm->cfg = *cfg;
 	*cfg = (struct vm_config){};
-	vm->state = VM_CRASHED;
+	vm->state = VM_CRASHED; /* born so; vm_set_state() from here on */
 	vm->exit_code = -1;
 	snprintf(vm->exit_desc, sizeof(vm->exit_desc), "exited while cprd was not running");
 	vm->created_usec = created_usec;
@@ -505,17 +633,12 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
 {
 	vm_adopt_vmm(vm, v);
-	vm->state = running ? VM_RUNNING : VM_PAUSED;
+	vm_set_state(vm, running ? VM_RUNNING : VM_PAUSED);
 	vm->exit_desc[0] = '\0';
 	vmm_watch(v);
 }
 
 /* ---- views ---- */
-
-static void add_str(json_object *o, const char *k, const char *v)
-{
-	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
-}
 
 json_object *vm_to_json(struct vm *vm)
 {

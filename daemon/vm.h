@@ -1,10 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The VM registry and each VM's life: starting -> running <-> paused ->
+ * The VMs cprd holds and each VM's life: starting -> running <-> paused ->
  * stopping -> gone, or crashed when the VMM exits on its own. A crashed VM
  * keeps its memory in custody until it is destroyed. While an update runs,
  * vm->update is set and the VM keeps its state (the guest runs until the
- * blackout).
+ * blackout). Every state change goes through vm_set_state().
+ *
+ * What of them must outlive cprd is written to the registry file
+ * (registry.h) by vm_registry_commit(): at once where a client is about to
+ * be told of a change, otherwise coalesced at the end of the loop's turn.
  */
 #pragma once
 
@@ -55,8 +59,19 @@ struct vm {
 };
 
 const char *vm_state_to_string(enum vm_state s);
-/* Every change of a VM's state goes through here: it is saved and shown. */
-void vm_set_state(struct vm *vm, enum vm_state s);
+
+/* The one way a VM changes state: only along the lifecycle above (an
+ * unexpected change is refused, logged, and returns false); marks the
+ * registry dirty and the STATUS= line stale. */
+bool vm_set_state(struct vm *vm, enum vm_state state);
+
+/* Write the registry now, from every VM's current state. Returns 0 or the
+ * negative errno of the write; the failure is logged when the registry's
+ * health changes, and d->registry says what failed. Call it before telling
+ * a client about a change that a restarted cprd must know (a VM created, an
+ * update started), and fail that request when it fails. */
+int vm_registry_commit(struct daemon *d);
+
 struct vm *vm_find(struct daemon *d, const char *name);
 size_t vm_count(struct daemon *d);
 

@@ -11,8 +11,8 @@
 #include <sys/wait.h>
 
 #include "common/macro.h"
+#include "common/proc.h"
 #include "daemon/log.h"
-#include "daemon/persist.h"
 #include "daemon/scope.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
@@ -21,26 +21,38 @@
 #define VMM_KILL_WAIT 2.0 /* seconds */
 #define MONITOR_GRACE 0.5 /* seconds; see monitor_gone() */
 
-void log_tail(const char *path, char *buf, size_t size)
+/* As subreaper cprd inherits whatever a VMM leaves behind (a wrapper's
+ * stray child, a helper QEMU forked): reap those. A VMM it watches is left
+ * to its pidfd, which reports how it ended; what waits behind it is reaped
+ * once that is done. */
+void vmm_reap_orphans(struct daemon *d)
 {
-	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
-	struct stat st;
-	ssize_t n;
-	off_t off;
+	siginfo_t ls = {};
 
-	buf[0] = '\0';
-	if (fd < 0 || fstat(fd, &st) < 0)
+	if (d->launcher.pid > 0 &&
+	    waitid(P_PID, (id_t)d->launcher.pid, &ls, WEXITED | WNOHANG) == 0 && ls.si_pid > 0) {
+		log_debug("reaped the VMM launcher, pid %d (%s %d)", (int)ls.si_pid,
+			  ls.si_code == CLD_EXITED ? "status" : "signal", ls.si_status);
+		d->launcher.pid = 0;
+		launcher_lost(&d->launcher);
+	}
+	/* A VMM whose start is still in flight is a child whose pid cprd does
+	 * not know yet: reaped here, its exit status would be lost and its pid
+	 * freed while the launcher's answer may still name it. The launcher
+	 * calls back here once everything in flight is answered. */
+	if (launcher_in_flight(&d->launcher) > 0)
 		return;
-	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
-	n = pread(fd, buf, size - 1, off);
-	if (n <= 0)
-		return;
-	buf[n] = '\0';
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = '\0';
-	for (char *p = buf; *p; p++)
-		if (*p == '\n')
-			*p = ' ';
+	for (;;) {
+		siginfo_t si = {};
+
+		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0 || si.si_pid <= 0)
+			return;
+		if (vmm_pid_watched(d, si.si_pid))
+			return;
+		if (waitid(P_PID, (id_t)si.si_pid, &si, WEXITED | WNOHANG) < 0)
+			return;
+		log_debug("reaped pid %d, left behind by a VMM", (int)si.si_pid);
+	}
 }
 
 static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp_path,
@@ -173,7 +185,7 @@ static void pid_cb(struct ev_loop *loop, ev_io *w, int revents)
 	if (v->qmp && !v->ending)
 		read_monitor(v);
 	reap(v);
-	daemon_reap_orphans(v->d); /* any waiting behind this one */
+	vmm_reap_orphans(v->d); /* any waiting behind this one */
 	if (v->ending) {
 		v->doomed = true;
 	} else {

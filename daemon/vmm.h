@@ -129,5 +129,6 @@ int vmm_command(struct vmm *v, const char *cmd, json_object *args, int fd, qmp_r
 		void *ud);
 void vmm_set_ops(struct vmm *v, const struct vmm_ops *ops, void *ud);
 
-/* Last bytes of a log file, newlines folded: what a VMM said before dying. */
-void log_tail(const char *path, char *buf, size_t size);
+/* Reap the children cprd inherits as subreaper that are not VMMs it
+ * watches through a pidfd (those are reaped through it). */
+void vmm_reap_orphans(struct daemon *d);

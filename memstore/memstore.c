@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -60,6 +61,21 @@ static bool fd_is_tap(int fd)
 	return (ifr.ifr_flags & IFF_TAP) != 0;
 }
 
+/* A memfd answers F_GET_SEALS, but so does every file on a tmpfs (such as
+ * a console log under /run): what only a memfd has is the name the kernel
+ * gives it, "/memfd:NAME (deleted)". */
+static bool fd_is_memfd(int fd)
+{
+	char path[64], target[16];
+	ssize_t n;
+
+	if (fcntl(fd, F_GET_SEALS) < 0)
+		return false;
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, target, sizeof(target));
+	return n >= 7 && memcmp(target, "/memfd:", 7) == 0;
+}
+
 int memstore_fd_kind(int fd, enum memstore_kind *ret)
 {
 	struct stat st;
@@ -68,8 +84,7 @@ int memstore_fd_kind(int fd, enum memstore_kind *ret)
 		return -errno;
 
 	if (S_ISREG(st.st_mode)) {
-		/* memfds are regular files that answer F_GET_SEALS. */
-		*ret = fcntl(fd, F_GET_SEALS) >= 0 ? MEMSTORE_KIND_MEMFD : MEMSTORE_KIND_FILE;
+		*ret = fd_is_memfd(fd) ? MEMSTORE_KIND_MEMFD : MEMSTORE_KIND_FILE;
 		return 0;
 	}
 	if (S_ISCHR(st.st_mode)) {

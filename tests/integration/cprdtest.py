@@ -3,6 +3,7 @@ the real guest from `make guest`, raw JSON-RPC over the UNIX socket with fds
 as SCM_RIGHTS, and cprctl as a user runs it. Nothing here fakes the kernel."""
 
 import array
+import errno
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import unittest
 import unittest
 
 BUILD = os.environ.get("CPRD_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
@@ -92,6 +92,56 @@ def children(pid):
         if int(rest[1]) == pid:
             kids[int(d)] = (stat[stat.index("(") + 1:stat.rindex(")")], rest[0])
     return kids
+
+
+def vm_file_holders(state_dir, name, exclude=()):
+    """Processes (but those in exclude, e.g. cprd itself) that hold a file of
+    the VM's directory, such as its console or its VMM's log: the VM's VMMs,
+    whatever they are called. Unlike a search for "guest=NAME" over every
+    process, it never counts a VM of the same name that another cprd on this
+    machine runs."""
+    prefix = os.path.join(state_dir, "vms", name) + "/"
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in exclude or int(d) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
+        except OSError:
+            continue
+        if any(l.startswith(prefix) for l in links):
+            found.append(int(d))
+    return sorted(found)
+
+
+def mount_tmpfs(path, size):
+    """A tmpfs of its own on path (root only), or the test is skipped, saying why."""
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise unittest.SkipTest(f"cannot mount a tmpfs for the state directory: "
+                                f"{p.stderr.strip() or p.returncode}")
+
+
+def fill(path):
+    """Write zeros to path until its file system is full."""
+    block = bytes(65536)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    # tmpfs takes a partial write before it refuses: fill the last page too.
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 512):
+                pass
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
 
 
 def pid_alive(pid):

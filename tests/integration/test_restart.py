@@ -9,8 +9,8 @@ import threading
 import unittest
 
 from cprdtest import (CPRD, Conn, Console, Daemon, GUEST_APPEND, GuestTest, INITRD, KERNEL, QEMU,
-                      children, fd_count, kill_vmms_under, pid_alive, require_guest, require_root,
-                      wait_until, wrapper)
+                      RpcError, children, fd_count, kill_vmms_under, pid_alive, require_guest,
+                      require_root, vm_file_holders, wait_until, wrapper)
 from svcmgr import ServiceManager
 
 
@@ -243,14 +243,106 @@ class Crash(GuestTest):
         self.assertEqual((s["state"], s["pid"]), ("running", vm["pid"]))
         for p in new_pids:
             wait_until(lambda: not pid_alive(p), 10, "the new VMM to be ended")
-        qemus = [d for d in os.listdir("/proc") if d.isdigit() and
-                 f"guest=mid".encode() in open(f"/proc/{d}/cmdline", "rb").read()]
-        self.assertEqual(qemus, [str(vm["pid"])], "the guest must run in exactly one VMM")
+        # (The wrapper's own `sleep` may hold the VM's files a moment longer.)
+        wait_until(lambda: vm_file_holders(self.d.dir, "mid", exclude={self.d.pid}) == [vm["pid"]],
+                   10, "the guest to run in exactly one VMM")
         hist = self.d.call("vm.history", {"name": "mid"})["updates"]
         self.assertEqual(hist[0]["result"], "interrupted")
         self.assertIn("rolled back", hist[0]["error"])
         con.wait_beats(3)
         con.assert_healthy(self)
+
+
+class InterruptedCreate(GuestTest):
+    """cprd stopped or killed while vm.create waits for the guest: the
+    restarted cprd knows the VM and settles it; no VMM runs on unmanaged."""
+
+    def create_then_stop(self, name, sig, vmm_body):
+        vmm = wrapper(self.d.dir, f"vmm-{name}", vmm_body)
+        outcome = {}
+
+        def create():
+            try:
+                outcome["result"] = self.d.create_guest(name, vmm=vmm)
+            except Exception as e:  # the answer cprd gives, or its death
+                outcome["error"] = e
+
+        t = threading.Thread(target=create)
+        t.start()
+        # The VMM exists from here on: cprd answers vm.status only after the
+        # turn of its loop that spawned it.
+        def spawned():
+            try:
+                return self.d.call("vm.status", {"name": name})["pid"]
+            except RpcError:  # vm.create not read yet
+                return None
+
+        pid = wait_until(spawned, 20, "the VMM to be spawned")
+        self.assertEqual(self.d.call("vm.status", {"name": name})["state"], "starting")
+        self.d.proc.send_signal(sig)
+        self.d.proc.wait()
+        t.join(30)
+        self.assertNotIn("result", outcome, "vm.create succeeded although cprd went away")
+        if os.path.exists(self.d.sock) and sig == signal.SIGKILL:
+            os.unlink(self.d.sock)
+        self.d.start()
+        return pid
+
+    def check_create_is_refused(self, name):
+        with self.assertRaises(RpcError) as cm:
+            self.d.create_guest(name)
+        self.assertEqual(cm.exception.code, -32001)
+        self.assertIn("exists", cm.exception.message)
+
+    def guest_came_up_meanwhile(self, sig, name):
+        # The guest starts a moment after cprd went away: the restarted cprd
+        # finds the VMM running it and keeps the VM.
+        pid = self.create_then_stop(name, sig, f'sleep 1.5\nexec {QEMU} "$@"')
+        s = self.d.call("vm.status", {"name": name})
+        self.assertEqual((s["state"], s["pid"]), ("running", pid))
+        self.assertEqual(self.d.call("vm.list")["vms"][0]["name"], name)
+        self.assertEqual(vm_file_holders(self.d.dir, name, exclude={self.d.pid}), [pid],
+                         "a second VMM runs for the VM")
+        con = Console(s["console_log"])
+        con.wait_beats(3)
+        con.assert_healthy(self)
+        self.check_create_is_refused(name)
+        # It is managed like any VM: updated, then destroyed.
+        rep = self.d.call("vm.update", {"name": name})
+        self.assertEqual(rep["result"], "ok")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+        self.d.call("vm.destroy", {"name": name})
+        wait_until(lambda: not vm_file_holders(self.d.dir, name, exclude={self.d.pid}), 10,
+                   "the VMMs to be gone")
+
+    def guest_never_came_up(self, sig, name):
+        # A VMM that never answers on its monitor is ended by the restarted
+        # cprd; the VM stays, crashed, with its memory, until destroyed.
+        pid = self.create_then_stop(name, sig, "exec sleep 60")
+        s = self.d.call("vm.status", {"name": name})
+        self.assertEqual(s["state"], "crashed")
+        self.assertIsNone(s["pid"])
+        self.assertIn("never became ready", s["exit"])
+        self.assertEqual(s["fds_held"], 2)
+        wait_until(lambda: not pid_alive(pid), 10, "the VMM to be ended")
+        self.assertEqual(vm_file_holders(self.d.dir, name, exclude={self.d.pid}), [])
+        self.assertNotIn(pid, children(self.d.pid))
+        self.check_create_is_refused(name)
+        self.d.call("vm.destroy", {"name": name})
+        self.assertEqual(self.d.call("vm.list")["vms"], [])
+
+    def test_stop_while_the_guest_starts(self):
+        self.guest_came_up_meanwhile(signal.SIGTERM, "ic-term")
+
+    def test_kill_while_the_guest_starts(self):
+        self.guest_came_up_meanwhile(signal.SIGKILL, "ic-kill")
+
+    def test_stop_while_a_vmm_never_gets_ready(self):
+        self.guest_never_came_up(signal.SIGTERM, "ic-term-stuck")
+
+    def test_kill_while_a_vmm_never_gets_ready(self):
+        self.guest_never_came_up(signal.SIGKILL, "ic-kill-stuck")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import unittest
 
-from cprdtest import CPRD, Conn, require_root, wait_until
+from cprdtest import CPRD, Conn, fill, mount_tmpfs, require_root, wait_until
 
 
 class Notify(unittest.TestCase):
@@ -46,6 +46,50 @@ class Notify(unittest.TestCase):
                 p.kill()
                 p.wait()
             ns.close()
+
+    def test_status_says_degraded_while_the_registry_cannot_be_written(self):
+        state = os.path.join(self.dir, "state")
+        os.mkdir(state)
+        mount_tmpfs(state, "1m")
+        try:
+            filler = os.path.join(state, "filler")
+            fill(filler)
+            path = os.path.join(self.dir, "notify")
+            ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            ns.bind(path)
+            ns.settimeout(10)
+            env = dict(os.environ, NOTIFY_SOCKET=path)
+            with open(os.path.join(self.dir, "cprd.log"), "wb") as log:
+                p = subprocess.Popen([CPRD, "--state-dir", state], env=env, stdout=log,
+                                     stderr=log)
+            try:
+                def next_status():
+                    while True:
+                        m = ns.recv(4096).decode()
+                        if m.startswith("STATUS="):
+                            return m
+                status = next_status()
+                self.assertIn("Degraded", status)
+                self.assertIn("registry not written", status)
+                self.assertIn("No space left on device", status)
+                c = Conn(os.path.join(state, "cprd.sock"))
+                self.assertFalse(c.call("daemon.status")["registry"]["ok"])
+                c.close()
+                # Room again: cprd retries on its own and says so.
+                os.unlink(filler)
+                status = next_status()
+                self.assertNotIn("Degraded", status)
+                self.assertIn("Holding 0 VM(s)", status)
+                c = Conn(os.path.join(state, "cprd.sock"))
+                self.assertTrue(c.call("daemon.status")["registry"]["ok"])
+                c.close()
+                self.assertTrue(os.path.exists(os.path.join(state, "registry.json")))
+            finally:
+                p.terminate()
+                p.wait(10)
+                ns.close()
+        finally:
+            subprocess.run(["umount", "-l", state])
 
     def test_socket_activation(self):
         if not shutil.which("systemd-socket-activate"):

@@ -2,10 +2,12 @@
 /* memstore on real memfds, pipes, sockets and files. */
 #include <check.h>
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/vfs.h>
 
 #include "common/macro.h"
 #include "memstore/memstore.h"
@@ -108,6 +110,32 @@ START_TEST(fd_kinds_are_recognised)
 }
 END_TEST
 
+/* Under /run the console log is a file on tmpfs, which answers F_GET_SEALS
+ * like a memfd: it is still a file. */
+START_TEST(a_file_on_tmpfs_is_a_file)
+{
+	char path[] = "/dev/shm/cprd-memstore-XXXXXX";
+	_cleanup_close_ int f = mkostemp(path, O_CLOEXEC);
+	enum memstore_kind k;
+	struct statfs sfs;
+	memstore *m = NULL;
+
+	ck_assert_int_ge(f, 0);
+	unlink(path);
+	if (fstatfs(f, &sfs) < 0 || sfs.f_type != TMPFS_MAGIC) {
+		printf("SKIP a_file_on_tmpfs_is_a_file: /dev/shm is not a tmpfs here\n");
+		return;
+	}
+	ck_assert_int_ge(fcntl(f, F_GET_SEALS), 0);
+	ck_assert_int_eq(memstore_fd_kind(f, &k), 0);
+	ck_assert_int_eq(k, MEMSTORE_KIND_FILE);
+	ck_assert_int_eq(memstore_new(&m), 0);
+	ck_assert_int_eq(memstore_put(m, "vm1", "console", MEMSTORE_KIND_FILE, f), 0);
+	TAKE_FD(f);
+	memstore_free(m);
+}
+END_TEST
+
 START_TEST(custody_put_get_remove)
 {
 	memstore *m = NULL;
@@ -193,6 +221,7 @@ int main(void)
 	tcase_add_test(t, region_check_rejects_unsealed_memfd_and_file);
 	tcase_add_test(t, digest_sees_every_change);
 	tcase_add_test(t, fd_kinds_are_recognised);
+	tcase_add_test(t, a_file_on_tmpfs_is_a_file);
 	tcase_add_test(t, custody_put_get_remove);
 	tcase_add_test(t, custody_release_vm_closes_only_that_vm);
 	tcase_add_test(t, names_and_kinds_round_trip);

@@ -1,0 +1,28 @@
+/* SPDX-License-Identifier: MIT */
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include "common/file.h"
+#include "common/macro.h"
+
+void file_tail(const char *path, char *buf, size_t size)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	ssize_t n;
+	off_t off;
+
+	buf[0] = '\0';
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return;
+	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
+	n = pread(fd, buf, size - 1, off);
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+		buf[--n] = '\0';
+	for (char *p = buf; *p; p++)
+		if (*p == '\n')
+			*p = ' ';
+}

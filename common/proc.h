@@ -1,0 +1,23 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * What /proc says about processes and sockets. Library code: no logging,
+ * no policy; each answer is read fresh.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+/* The kernel's start time of a live process (clock ticks since boot,
+ * /proc/PID/stat field 22); 0 when it is gone or a zombie. With the pid it
+ * names one process for good: a reused pid has another start time. */
+unsigned long long proc_start_time(pid_t pid);
+
+/* The pid a pidfd refers to, from its fdinfo; -1 once the process is gone
+ * (or the fd is no pidfd). */
+pid_t pidfd_pid(int pidfd);
+
+/* Whether a UNIX stream socket is listening on path, from /proc/net/unix:
+ * it answers without connecting, where a probe connection would be taken
+ * by the listener as a real client. */
+bool unix_listening(const char *path);

@@ -1,0 +1,120 @@
+"""How the daemon's files depend on each other, read from what the build
+made: a file depends on another when it calls a function (or uses data)
+the other defines. The picture (docs/ARCHITECTURE.md): main -> methods ->
+{vm, update} -> vmm -> {launcher, scope, kvm/, memstore/}, with the registry,
+the fd store, the server and the log below whoever uses them."""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import unittest
+
+from cprdtest import BUILD
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
+
+# Edges that close a circle and are known. vm and update are one part (the
+# update engine adopts a VMM into a VM; a VM routes its VMM's events to its
+# update).
+KNOWN_CIRCLES = {("vm", "update"), ("update", "vm")}
+
+
+def symbols(obj):
+    out = subprocess.run(["nm", obj], capture_output=True, text=True, check=True).stdout
+    defined, used = set(), set()
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) == 2 and f[0] == "U":
+            used.add(f[1])
+        elif len(f) == 3 and f[1] in "TDBRC":
+            defined.add(f[2])
+    return defined, used
+
+
+def dependencies():
+    """{file: {files it depends on}} over daemon/*.c (and common/*.c as "common")."""
+    mods = {}
+    for src in sorted(glob.glob(os.path.join(SRC, "daemon", "*.c"))):
+        name = os.path.basename(src)[:-2]
+        obj = os.path.join(BUILD, "obj", "daemon", name + ".o")
+        if not os.path.exists(obj):
+            raise unittest.SkipTest(f"{obj} missing: run `make`")
+        mods[name] = symbols(obj)
+    return {m: {n for n in mods if n != m and mods[m][1] & mods[n][0]} for m in mods}
+
+
+def circles(deps, ignore):
+    """Strongly connected groups of more than one file, edges in ignore left out."""
+    graph = {m: {n for n in ns if (m, n) not in ignore} for m, ns in deps.items()}
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+class Layout(unittest.TestCase):
+    def setUp(self):
+        if not shutil.which("nm"):
+            self.skipTest("nm (binutils) not installed")
+
+    def test_no_file_depends_on_itself_through_others(self):
+        deps = dependencies()
+        self.assertEqual(circles(deps, KNOWN_CIRCLES), [],
+                         f"the daemon's files depend on each other in a circle: {deps}")
+        for edge in KNOWN_CIRCLES:
+            self.assertIn(edge[1], deps[edge[0]], f"{edge} is gone: drop it from KNOWN_CIRCLES")
+
+    def test_lower_layers_do_not_call_up(self):
+        deps = dependencies()
+        upper = {"main", "methods", "recover"}
+        for low in ("server", "registry", "fdstore", "inherit", "log", "launcher", "scope",
+                    "sandbox", "vmm", "vm", "update"):
+            calls_up = deps[low] & upper
+            self.assertEqual(calls_up, set(), f"{low} calls up")
+        # The registry file and the launcher need nothing of the daemon.
+        self.assertEqual(deps["registry"], set())
+        self.assertEqual(deps["launcher"], set())
+
+    def test_vm_state_changes_in_one_place(self):
+        assign = re.compile(r"\bvm->state\s*=[^=]")
+        for src in glob.glob(os.path.join(SRC, "daemon", "*.c")):
+            name = os.path.basename(src)
+            with open(src) as f:
+                lines = [l.strip() for l in f if assign.search(l)]
+            if name != "vm.c":
+                self.assertEqual(lines, [], f"{name} sets a VM's state itself")
+                continue
+            # vm_set_state() itself, and the two constructors.
+            self.assertEqual(len(lines), 3, lines)
+            self.assertIn("vm->state = state;", lines)
+
+
+if __name__ == "__main__":
+    unittest.main()
