@@ -398,13 +398,17 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (d->vms)
 		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive",
 			   vm_count(d));
+	/* A VMM still being started is in no registry entry yet. Its owner
+	 * takes the answer first, and records it, while the registry still
+	 * holds every update in flight. */
+	launcher_drain(&d->launcher, 2000);
 	/* Nothing is written from here on: letting go of an update in flight
 	 * must leave it in the registry for the next cprd to settle. */
 	ev_prepare_stop(d->loop, &d->flush);
 	ev_timer_stop(d->loop, &d->registry_retry);
 	vm_detach_all(d);
-	/* A VMM still being started belongs to no registry entry yet: one let
-	 * go of is killed when its answer comes, so wait for the answers. */
+	/* Starts let go of just now (an update's new VMM that had no pid yet,
+	 * so no registry entry either) are killed when their answers come. */
 	launcher_drain(&d->launcher, 2000);
 	server_stop(d);
 	return 0;
