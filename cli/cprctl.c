@@ -43,8 +43,9 @@ static void usage(FILE *f)
 	    "  status [NAME]       one VM; without NAME, cprd itself\n"
 	    "  fds NAME            the fds cprd holds for a VM\n"
 	    "  destroy NAME        stop the VM's VMM and release everything held for it\n"
-	    "  update NAME [--vmm PATH] [--strategy handover|cpr-transfer] [--timeout SECONDS]\n"
-	    "                      replace the VM's VMM under the running guest\n"
+	    "  update NAME [--vmm PATH] [--strategy NAME] [--timeout SECONDS]\n"
+	    "                      replace the VM's VMM under the running guest (strategies:\n"
+	    "                      handover, the default; `cprctl status` lists cprd's)\n"
 	    "  update --all [--parallel N] [--vmm PATH] ...\n"
 	    "                      update every running VM, N at a time\n"
 	    "  history NAME        the VM's updates, newest first\n"
@@ -642,9 +643,10 @@ static void print_report(json_object *rep)
 {
 	json_object *bo = json_object_object_get(rep, "blackout_ms");
 
-	printf("%s: %s, blackout %s ms, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
+	printf("%s: %s, blackout %s%s, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
 	       str(rep, "vm"), str(rep, "result"), bo ? json_object_get_string(bo) : "unknown",
-	       json_object_get_double(json_object_object_get(rep, "total_ms")), str(rep, "old_pid"),
+	       bo ? " ms" : "", json_object_get_double(json_object_object_get(rep, "total_ms")),
+	       str(rep, "old_pid"),
 	       json_object_object_get(rep, "new_pid") ? str(rep, "new_pid") : "-",
 	       str(rep, "old_version"),
 	       json_object_object_get(rep, "new_version") ? str(rep, "new_version") : "-",
@@ -794,8 +796,8 @@ static int verb_update(int argc, char **argv)
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
 	if (i < 0 || (o.all ? i != argc : i + 1 != argc)) {
-		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy "
-				"handover|cpr-transfer] [--timeout SECONDS]\n"
+		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy NAME] "
+				"[--timeout SECONDS]\n"
 				"       cprctl update --all [--parallel N] [--vmm PATH] "
 				"[--strategy S] [--timeout SECONDS]\n");
 		return EXIT_USAGE;

@@ -590,6 +590,17 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 
 /* ---- daemon.* ---- */
 
+/* The update strategies this cprd has, from the strategies' own table. */
+static json_object *strategies_json(void)
+{
+	json_object *arr = json_object_new_array();
+	const struct strategy *s;
+
+	for (size_t i = 0; (s = strategy_nth(i)); i++)
+		json_object_array_add(arr, json_object_new_string(s->name));
+	return arr;
+}
+
 static void m_daemon_status(struct daemon *d, struct call *c, json_object *params)
 {
 	json_object *o;
@@ -612,6 +623,7 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 			       json_object_new_int((int)memstore_count(d->store, NULL)));
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
 	json_object_object_add(o, "registry", registry_health_to_json(&d->registry));
+	json_object_object_add(o, "strategies", strategies_json());
 	json_object_object_add(o, "loop", stats_to_json(d));
 	call_reply(c, o);
 }

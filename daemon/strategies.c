@@ -19,6 +19,11 @@ const struct strategy *strategy_find(const char *name)
 	return NULL;
 }
 
+const struct strategy *strategy_nth(size_t i)
+{
+	return i < ELEMENTSOF(strategies) ? strategies[i] : NULL;
+}
+
 const char *strategy_names(void)
 {
 	static char names[128];

@@ -23,6 +23,7 @@
 #include <ev.h>
 #include <json-c/json.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -75,6 +76,7 @@ extern const struct strategy strategy_cpr_transfer;
 /* The table of strategies (strategies.c): NULL when there is none of that
  * name; "handover, cpr-transfer" for messages and help. */
 const struct strategy *strategy_find(const char *name);
+const struct strategy *strategy_nth(size_t i); /* NULL past the last */
 const char *strategy_names(void);
 
 struct update {

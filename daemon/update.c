@@ -104,15 +104,17 @@ static json_object *ms_json(double ms)
 }
 
 /* The guest's paused time: from the old VMM's STOP to whichever VMM
- * resumed it. 0 only when it provably never paused; null when unknown. */
-static json_object *blackout_json(const struct update *u)
+ * resumed it. 0 only for a rollback that provably never paused the guest
+ * (the old VMM, read to the end, said no STOP); null when unknown, as for
+ * a guest that was lost. */
+static json_object *blackout_json(const struct update *u, const char *result)
 {
 	int64_t end = u->resume_us ? u->resume_us : u->old_resume_us;
 
 	if (u->stop_us && end > u->stop_us)
 		return ms_json((double)(end - u->stop_us) / 1000.0);
-	if (!u->stop_us && !u->resume_us && !u->old_gone && u->phase != PHASE_END_OLD)
-		return ms_json(0); /* rolled back before the guest ever paused */
+	if (streq(result, "rolled-back") && !u->stop_us)
+		return ms_json(0);
 	return NULL;
 }
 
@@ -123,7 +125,7 @@ static json_object *report(struct update *u, const char *result, enum phase ende
 	json_object_object_add(o, "vm", json_object_new_string(u->vm->cfg.name));
 	json_object_object_add(o, "strategy", json_object_new_string(u->s->name));
 	json_object_object_add(o, "result", json_object_new_string(result));
-	json_object_object_add(o, "blackout_ms", blackout_json(u));
+	json_object_object_add(o, "blackout_ms", blackout_json(u, result));
 	json_object_object_add(o, "total_ms", ms_json(elapsed_ms(u)));
 	json_object_object_add(o, "time_usec", json_object_new_int64((int64_t)u->t0_real));
 	json_object_object_add(o, "phase", json_object_new_string(phase_names[ended_in]));
@@ -544,7 +546,7 @@ static void next_spawned(struct vmm *v, void *ud)
 static void next_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
-	char why[128];
+	char why[160];
 
 	if (v->spawn_error) {
 		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
@@ -555,7 +557,15 @@ static void next_exited(struct vmm *v, void *ud)
 	/* In COMMIT: pid_cb read what it said to the end, and no RESUME was
 	 * there: QEMU announces RESUME before it starts the vCPUs, so the guest
 	 * did not run in it. */
-	snprintf(why, sizeof(why), "the new VMM %s while %s", v->exit_desc, phase_doing[u->phase]);
+	if (u->killing_new)
+		snprintf(
+		    why, sizeof(why),
+		    "the new VMM did not confirm within %.0f s that it runs the guest, and was "
+		    "ended before it did",
+		    COMMIT_TIMEOUT);
+	else
+		snprintf(why, sizeof(why), "the new VMM %s while %s", v->exit_desc,
+			 phase_doing[u->phase]);
 	rollback_with_log(u, why);
 }
 
