@@ -58,8 +58,8 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 
-# The launcher answers on an event loop and logs what it decides.
-$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o $(B)/obj/daemon/log.o
+# The launcher answers on an event loop.
+$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o
 $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 
 deps:

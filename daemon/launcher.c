@@ -13,7 +13,6 @@
 #include "common/macro.h"
 #include "daemon/daemon.h"
 #include "daemon/launcher.h"
-#include "daemon/log.h"
 #include "proto/frame.h"
 
 /* A request is this header followed by the argv, each string NUL-ended;
@@ -296,6 +295,12 @@ static bool pidfd_names(int pidfd, pid_t pid)
 	return p && atoi(p + 5) == (int)pid;
 }
 
+static void notify(launcher *l, enum launcher_event ev, pid_t pid, size_t n)
+{
+	if (l->event)
+		l->event(ev, pid, n, l->event_ud);
+}
+
 static struct launcher_request *take_request(launcher *l, uint64_t id)
 {
 	for (struct launcher_request **pp = &l->requests; *pp; pp = &(*pp)->next) {
@@ -321,22 +326,20 @@ static void deliver(launcher *l, const struct reply *rep, int pidfd)
 
 	free(q);
 	if (pidfd >= 0 && !pidfd_names(pidfd, rep->pid)) {
-		log_error("the VMM launcher answered pid %d with an fd that is not its pidfd",
-			  (int)rep->pid);
 		pidfd = safe_close(pidfd);
 		if (error == 0)
 			error = -EPROTO;
+		notify(l, LAUNCHER_BAD_ANSWER, rep->pid, 1);
 	}
 	if (!cb) {
 		/* Cancelled (or from before a re-exec): nobody wants this
 		 * VMM. It never had a monitor client or a registry entry, so
 		 * it goes; the orphan reaper collects it. */
 		if (pidfd >= 0) {
-			if (error == 0)
-				log_info("VMM pid %d: its start was abandoned; killing it",
-					 (int)rep->pid);
 			(void)pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
 			safe_close(pidfd);
+			if (error == 0)
+				notify(l, LAUNCHER_ABANDONED, rep->pid, 1);
 		}
 		return;
 	}
@@ -366,8 +369,7 @@ static bool read_answers(launcher *l)
 				(void)pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
 				safe_close(pidfd);
 			}
-			log_error("unreadable answer from the VMM launcher (%s)",
-				  n < 0 ? strerror((int)-n) : "wrong size");
+			notify(l, LAUNCHER_BAD_ANSWER, 0, 1);
 			/* It answers in order: this was the oldest request's. */
 			rep = (struct reply){ .id = 0, .error = EPROTO };
 			pidfd = -EBADF;
@@ -383,8 +385,8 @@ static void launcher_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 	if (!read_answers(l))
 		launcher_lost(l);
-	if (l->in_flight == 0 && l->settled)
-		l->settled(l->settled_ud);
+	if (l->in_flight == 0)
+		notify(l, LAUNCHER_SETTLED, 0, 0);
 }
 
 void launcher_lost(launcher *l)
@@ -410,18 +412,16 @@ void launcher_lost(launcher *l)
 		}
 		free(q);
 	}
-	log_error("the VMM launcher has exited%s; no VMM can be started until cprd is restarted "
-		  "(%zu start(s) in flight failed)",
-		  l->pid > 0 ? "" : " and was reaped", failed);
+	notify(l, LAUNCHER_LOST, l->pid, failed);
 }
 
-int launcher_watch(launcher *l, struct ev_loop *loop, void (*settled)(void *), void *ud)
+int launcher_watch(launcher *l, struct ev_loop *loop, launcher_event_fn event, void *ud)
 {
 	int fl;
 
 	l->loop = loop;
-	l->settled = settled;
-	l->settled_ud = ud;
+	l->event = event;
+	l->event_ud = ud;
 	/* Increasing across re-execs of the daemon, so an answer meant for
 	 * the previous image is never taken for one of ours. */
 	l->next_id = now_usec(CLOCK_MONOTONIC);
@@ -505,7 +505,7 @@ void launcher_cancel(launcher *l, uint64_t id)
 		}
 }
 
-void launcher_drain(launcher *l, int timeout_ms)
+size_t launcher_drain(launcher *l, int timeout_ms)
 {
 	uint64_t deadline = now_usec(CLOCK_MONOTONIC) + (uint64_t)timeout_ms * 1000;
 
@@ -513,12 +513,10 @@ void launcher_drain(launcher *l, int timeout_ms)
 		struct pollfd p = { .fd = l->sock, .events = POLLIN };
 		int64_t left = (int64_t)(deadline - now_usec(CLOCK_MONOTONIC)) / 1000;
 
-		if (left <= 0 || poll(&p, 1, (int)left) == 0) {
-			log_warning("%zu VMM start(s) still in flight after %d ms; not waiting",
-				    l->in_flight, timeout_ms);
-			return;
-		}
+		if (left <= 0 || poll(&p, 1, (int)left) == 0)
+			break;
 		if (!read_answers(l))
 			launcher_lost(l);
 	}
+	return l->in_flight;
 }

@@ -39,6 +39,16 @@ typedef void (*launcher_spawn_fn)(int error, pid_t pid, int pidfd, void *ud);
 
 struct launcher_request;
 
+/* What the launcher tells its user, who decides what to say about it (the
+ * launcher itself logs nothing). */
+enum launcher_event {
+	LAUNCHER_SETTLED,    /* the last request in flight has been answered */
+	LAUNCHER_ABANDONED,  /* a cancelled start's VMM, pid, was SIGKILLed */
+	LAUNCHER_BAD_ANSWER, /* an answer that could not be used; its start failed */
+	LAUNCHER_LOST,       /* the launcher exited; n starts in flight failed */
+};
+typedef void (*launcher_event_fn)(enum launcher_event ev, pid_t pid, size_t n, void *ud);
+
 typedef struct launcher {
 	int sock;  /* SOCK_SEQPACKET to the launcher process */
 	pid_t pid; /* the launcher process; 0 once reaped */
@@ -48,16 +58,15 @@ typedef struct launcher {
 	struct launcher_request *requests; /* in flight, oldest first */
 	size_t in_flight;
 	bool gone;
-	/* Called when the last request in flight has been answered. */
-	void (*settled)(void *ud);
-	void *settled_ud;
+	launcher_event_fn event;
+	void *event_ud;
 } launcher;
 
 /* Fork the launcher. Call before the sandbox and before opening anything
  * the launcher must not hold. */
 int launcher_start(launcher *l);
 /* Read answers on loop from now on (sock may have come over a re-exec). */
-int launcher_watch(launcher *l, struct ev_loop *loop, void (*settled)(void *), void *ud);
+int launcher_watch(launcher *l, struct ev_loop *loop, launcher_event_fn event, void *ud);
 /* Close the socket and end the launcher process; blocks (daemon exit). */
 void launcher_stop(launcher *l);
 
@@ -82,8 +91,9 @@ size_t launcher_in_flight(const launcher *l);
  * with LAUNCHER_GONE. Idempotent. */
 void launcher_lost(launcher *l);
 /* Wait (blocking, at most timeout_ms) for the answers in flight, handling
- * them as the loop would: for exit and re-exec only. */
-void launcher_drain(launcher *l, int timeout_ms);
+ * them as the loop would: for exit and re-exec only. Returns how many are
+ * still in flight. */
+size_t launcher_drain(launcher *l, int timeout_ms);
 
 /* strerror() that also names LAUNCHER_GONE for what it is. */
 const char *launcher_strerror(int r);

@@ -242,9 +242,39 @@ static void sigchld_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	vmm_reap_orphans(w->data);
 }
 
-static void launcher_settled(void *ud)
+/* What the launcher reports: said here, and the orphan reaper, which waits
+ * while starts are in flight, runs once they are all answered. */
+static void launcher_event(enum launcher_event ev, pid_t pid, size_t n, void *ud)
 {
-	vmm_reap_orphans(ud);
+	switch (ev) {
+	case LAUNCHER_SETTLED:
+		vmm_reap_orphans(ud);
+		break;
+	case LAUNCHER_ABANDONED:
+		log_info("VMM pid %d: its start was abandoned; killed it", (int)pid);
+		break;
+	case LAUNCHER_BAD_ANSWER:
+		log_error(
+		    "the VMM launcher gave an answer that cannot be used (pid %d); that start "
+		    "failed",
+		    (int)pid);
+		break;
+	case LAUNCHER_LOST:
+		log_error("the VMM launcher has exited; no VMM can be started until cprd is "
+			  "restarted (%zu start(s) in flight failed)",
+			  n);
+		break;
+	}
+}
+
+/* At exit and before a re-exec only: blocks, bounded. */
+static void drain_launcher(struct daemon *d)
+{
+	size_t left = launcher_drain(&d->launcher, 2000);
+
+	if (left > 0)
+		log_warning("%zu VMM start(s) still unanswered after 2 s; not waiting longer",
+			    left);
 }
 
 static bool already_confined(void)
@@ -388,7 +418,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		/* Only starts that were let go of can be in flight (re-exec is
 		 * refused while a VM starts or updates): kill them here, where
 		 * their answers are still understood. */
-		launcher_drain(&d->launcher, 2000);
+		drain_launcher(d);
 		r = reexec(d);
 		log_error("re-exec of %s failed: %s; carrying on", d->reexec_binary, strerror(-r));
 		d->reexec_binary = (free(d->reexec_binary), NULL);
@@ -401,7 +431,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	/* A VMM still being started is in no registry entry yet. Its owner
 	 * takes the answer first, and records it, while the registry still
 	 * holds every update in flight. */
-	launcher_drain(&d->launcher, 2000);
+	drain_launcher(d);
 	/* Nothing is written from here on: letting go of an update in flight
 	 * must leave it in the registry for the next cprd to settle. */
 	ev_prepare_stop(d->loop, &d->flush);
@@ -409,7 +439,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	vm_detach_all(d);
 	/* Starts let go of just now (an update's new VMM that had no pid yet,
 	 * so no registry entry either) are killed when their answers come. */
-	launcher_drain(&d->launcher, 2000);
+	drain_launcher(d);
 	server_stop(d);
 	return 0;
 }
@@ -476,7 +506,7 @@ int main(int argc, char **argv)
 	}
 	r = stats_start(&d);
 	if (r >= 0)
-		r = launcher_watch(&d.launcher, d.loop, launcher_settled, &d);
+		r = launcher_watch(&d.launcher, d.loop, launcher_event, &d);
 	if (r < 0) {
 		log_error_errno(r, "cannot set up the event loop");
 		return 1;

@@ -144,7 +144,7 @@ class HeldLauncher(GuestTest):
         # The launcher starts the new VMM only now, after the update gave
         # it up: its answer must end that VMM, and cprd reap it.
         self.resume_launcher()
-        wait_until(lambda: "its start was abandoned; killing it" in self.d.read_log(), 10,
+        wait_until(lambda: "its start was abandoned; killed it" in self.d.read_log(), 10,
                    "cprd to kill the VMM nobody wants")
         self.settled_children([self.launcher, old])
         # The launcher still serves, and answers are not mixed up.

@@ -40,20 +40,24 @@ static void on_answer(int error, pid_t pid, int pidfd, void *ud)
 	*a = (struct answer){ .seen = true, .error = error, .pid = pid, .pidfd = pidfd };
 }
 
-static void on_settled(void *ud)
+static unsigned abandoned, lost;
+
+static void on_event(enum launcher_event ev, pid_t pid, size_t n, void *ud)
 {
-	settled++;
+	settled += ev == LAUNCHER_SETTLED;
+	abandoned += ev == LAUNCHER_ABANDONED;
+	lost += ev == LAUNCHER_LOST ? (unsigned)n : 0;
 }
 
 static void setup(void)
 {
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
 	memset(answers, 0, sizeof(answers));
-	settled = 0;
+	settled = abandoned = lost = 0;
 	ck_assert_int_eq(launcher_start(&l), 0);
 	loop = ev_loop_new(EVFLAG_AUTO);
 	ck_assert_ptr_nonnull(loop);
-	ck_assert_int_eq(launcher_watch(&l, loop, on_settled, NULL), 0);
+	ck_assert_int_eq(launcher_watch(&l, loop, on_event, NULL), 0);
 	log_fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
 	ck_assert_int_ge(log_fd, 0);
 }
@@ -164,6 +168,7 @@ START_TEST(a_cancelled_start_is_killed_when_its_answer_comes)
 	kill(l.pid, SIGCONT);
 	run_until_settled();
 	ck_assert(!answers[0].seen);
+	ck_assert_uint_eq(abandoned, 1);
 	/* The only child besides the launcher: SIGKILLed, not left running. */
 	ck_assert_int_eq(waitid(P_ALL, 0, &si, WEXITED), 0);
 	ck_assert_int_ne(si.si_pid, l.pid);
@@ -190,6 +195,7 @@ START_TEST(a_launcher_that_dies_fails_what_is_in_flight)
 		ck_assert_int_lt(answers[i].pidfd, 0);
 	}
 	ck_assert(l.gone);
+	ck_assert_uint_eq(lost, 2);
 	ck_assert_int_eq(
 	    launcher_spawn(&l, (char *const *)argv, log_fd, NULL, 0, on_answer, &answers[2], &id),
 	    -LAUNCHER_GONE);
