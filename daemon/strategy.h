@@ -85,15 +85,17 @@ struct update {
 	void *priv; /* the strategy's own */
 	struct call *call;
 	enum phase phase;
-	struct vmm *next; /* the new VMM until the VM adopts it */
-	struct vmm *old;  /* the old VMM once the guest has left it */
-	ev_timer timer;   /* deadline of the current phase */
-	ev_timer retry;   /* rollback: asking the old VMM to resume again */
-	ev_timer reap;    /* frees the update once its end has unwound */
+	enum phase failed_in; /* the phase a rollback started from */
+	struct vmm *next;     /* the new VMM until the VM adopts it */
+	struct vmm *old;      /* the old VMM once the guest has left it */
+	ev_timer timer;       /* deadline of the current phase */
+	ev_timer retry;       /* rollback: asking the old VMM to resume again */
+	ev_timer reap;        /* frees the update once its end has unwound */
 	double timeout;
 	bool ended;
-	bool old_gone;    /* the old VMM exited before the switch */
-	bool killing_new; /* committed, unconfirmed: waiting for its exit */
+	bool old_gone;             /* the old VMM exited before the switch */
+	bool killing_new;          /* committed, unconfirmed: waiting for its exit */
+	bool awaiting_old_monitor; /* rolling back: its monitor is to come back */
 	bool stats_asked, stats_pending;
 	unsigned cont_tries;
 	uint64_t t0_mono, t0_real;

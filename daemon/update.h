@@ -20,15 +20,20 @@ struct strategy;
 /* A phase's name as the registry and reports spell it, and back (-EINVAL). */
 const char *update_phase_name(int phase);
 int update_phase_from_name(const char *name);
+/* The phase an update is in now, by name. */
+const char *update_current_phase(const struct update *u);
 
 /* Start an update; answers c (may be NULL) with the report when done.
  * binary is the new VMM (absolute path). */
 void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c);
 
-/* Routed here by vm.c while vm->update is set. */
-void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
-void update_old_vmm_exited(struct update *u);
+/* Routed here by vm.c while vm->update is set: the VM's own VMM (the old
+ * one until the switch) said something, or exited. */
+void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
+void update_vm_vmm_exited(struct update *u);
+/* Its monitor answers again (after cprd reconnected to it). */
+void update_vm_vmm_ready(struct update *u);
 /* Daemon shutting down: stop tracking the update and end no process; the
  * next cprd settles it from the registry. */
 void update_abandon(struct update *u);

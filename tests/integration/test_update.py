@@ -217,6 +217,35 @@ class Update(SharedDaemonTest):
         self.assertEqual(out["rc"], 0, out)
         self.assert_guest_ok_in(out["rep"]["new_pid"])
 
+    def test_6_cprd_stopped_past_the_deadline(self):
+        # cprd is SIGSTOPped for longer than the update's timeout at several
+        # points of the update while the VMMs go on; after SIGCONT the
+        # update completes or rolls back, never both VMMs gone, never the
+        # old one resumed after the new one ran: the guest's single boot,
+        # unbroken heartbeat and in-RAM data say so.
+        import signal
+        import time
+        phases = []
+        for strategy in ("handover", "cpr-transfer"):
+            for delay in (0.05, 0.15, 0.3):
+                old = self.d.call("vm.status", {"name": "upd"})["pid"]
+                out = {}
+                t = threading.Thread(target=lambda: out.update(
+                    zip(("rc", "rep", "err"), self.update("--strategy", strategy,
+                                                          "--timeout", "1"))))
+                t.start()
+                time.sleep(delay)
+                self.d.proc.send_signal(signal.SIGSTOP)
+                time.sleep(2.5)
+                self.d.proc.send_signal(signal.SIGCONT)
+                t.join(30)
+                rep = out["rep"]
+                phases.append((strategy, delay, rep["result"], rep.get("phase")))
+                self.assertIn(rep["result"], ("ok", "rolled-back"), rep)
+                self.assertIsNone(self.d.proc.poll(), "cprd died")
+                self.assert_guest_ok_in(rep["new_pid"] if rep["result"] == "ok" else old)
+        print(f"\n    cprd stopped during: {phases}")
+
     def test_5_bad_requests(self):
         for params, code, frag in (
                 ({"name": "nope"}, -32000, "no VM named"),
