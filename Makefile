@@ -63,12 +63,17 @@ $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
 # needs the event loop: it names those objects as extra prerequisites.
 $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS)
+	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS) \
+		$(TEST_LIBS)
 
 $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
+
+# The launcher answers on an event loop.
+$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o
+$(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 
 # cprd and cprctl again, with ASan + UBSan (+ LSan), in $(B)/asan; installs
 # clang and its sanitizer runtimes when they are missing.

@@ -14,6 +14,10 @@ Methods (each per guest memory size, on one guest per size and method):
                      (-incoming defer) from spawn to its monitor answering
                      its first command (the greeting comes earlier, from the
                      monitor's own thread, before the machine is set up)
+  cprd-loop          cprd's own time (daemon.stats) for `vm.list` sent every
+                     ~10 ms while `cprctl update --all --parallel 4` runs
+                     over 4 VMs, against the same while idle; and the event
+                     loop's longest turn in each case (smallest size only)
 
 Blackout is always QEMU's own event timestamps: RESUME on the new VMM minus
 STOP on the old one. Results: bench/results/results.json (every sample),
@@ -56,7 +60,7 @@ UNSUPPORTED_RE = re.compile(r"unsupported|not supported|unknown strategy|not imp
                             r"not yet", re.I)
 
 METHODS = ["cprd-handover", "cprd-cpr-transfer", "qemu-migrate-copy", "qemu-cpr-transfer",
-           "qemu-startup"]
+           "qemu-startup", "cprd-loop"]
 TITLES = {
     "cprd-handover": "cprd handover (`cprctl update`)",
     "cprd-cpr-transfer": "cprd cpr-transfer (`cprctl update --strategy cpr-transfer`)",
@@ -65,7 +69,11 @@ TITLES = {
     "qemu-startup": "Reference: new QEMU start-up (cprd's command line, spawn to its monitor "
                     "answering a command, "
                     "taken while the cprd handover guest of that size runs)",
+    "cprd-loop": "cprd's own time while `update --all --parallel 4` runs",
 }
+LOOP_VMS = 4
+LOOP_PERIOD_S = 0.010  # a vm.list every ~10 ms
+LOOP_IDLE_S = 5.0
 BOOT_TIMEOUT = 180.0
 # Before each measured update, every method lets the host settle: the
 # previous update's old QEMU is still being torn down by the kernel and the
@@ -464,6 +472,116 @@ def run_cprd(bench, cprd, strategy, size, reps):
             cprd.call("vm.destroy", {"name": name}, timeout=60)
         except Exception as e:  # noqa: BLE001
             log(f"{method} {size_label(size)}: destroy failed: {e}")
+
+
+# ---------------------------------------------------------------- cprd's own time
+
+class Lister(threading.Thread):
+    """Sends vm.list every LOOP_PERIOD_S on one connection until stopped;
+    keeps the round trips it saw from the client's side."""
+
+    def __init__(self, cprd):
+        super().__init__(daemon=True)
+        self.conn = cprd.conn(timeout=30)
+        self.stop_ev = threading.Event()
+        self.rtt_ms = []
+        self.errors = 0
+
+    def run(self):
+        nxt = mono()
+        while not self.stop_ev.is_set():
+            t0 = mono()
+            try:
+                self.conn.call("vm.list")
+                self.rtt_ms.append((mono() - t0) * 1000)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                self.errors += 1
+            nxt += LOOP_PERIOD_S
+            time.sleep(max(0.0, nxt - mono()))
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(30)
+        self.conn.close()
+
+
+def loop_phase(cprd, work):
+    """Reset cprd's counters, run work() while a Lister runs, and return
+    what cprd counted meanwhile plus the client's round trips."""
+    cprd.call("daemon.stats", {"reset": True})
+    lister = Lister(cprd)
+    lister.start()
+    try:
+        extra = work()
+    finally:
+        lister.finish()
+    loop = cprd.call("daemon.stats", {"reset": True})["loop"]
+    vl = loop.get("methods", {}).get("vm.list", {})
+    keys = ("count", "request_p50_us", "request_p99_us", "request_max_us", "request_cpu_p50_us",
+            "request_cpu_p99_us", "request_cpu_max_us")
+    return {"vm_list": {k: vl.get(k) for k in keys},
+            "loop": {k: v for k, v in loop.items() if k != "methods"},
+            "methods": loop.get("methods", {}),
+            "client_rtt_ms": {"n": len(lister.rtt_ms), "p50": pct(lister.rtt_ms, 50),
+                              "p99": pct(lister.rtt_ms, 99), "max": pct(lister.rtt_ms, 100)},
+            "client_errors": lister.errors, **(extra or {})}
+
+
+def run_loop(bench, cprd, size, reps):
+    import cprdtest
+    cell = bench.res.cell("cprd-loop", size)
+    names = [f"bench-loop-{i}" for i in range(LOOP_VMS)]
+    consoles = []
+    try:
+        log(f"cprd-loop {size_label(size)}: creating {LOOP_VMS} VMs")
+        for name in names:
+            vm = cprd.call("vm.create", {"name": name, "memory": size,
+                                         "kernel": cprdtest.KERNEL, "initrd": cprdtest.INITRD,
+                                         "append": GUEST_APPEND}, timeout=BOOT_TIMEOUT)
+            PROCS.adopt(vm.get("pid"))
+            consoles.append(vm["console_log"])
+        for c in consoles:
+            wait_beats(c, 3)
+        time.sleep(SETTLE_S)
+        log(f"cprd-loop {size_label(size)}: idle, {LOOP_IDLE_S:.0f} s of vm.list")
+        cell["idle"] = loop_phase(cprd, lambda: time.sleep(LOOP_IDLE_S))
+
+        def updates():
+            rounds = []
+            for i in range(reps):
+                time.sleep(SETTLE_S)
+                t0 = mono()
+                p = cprd.cprctl("update", "--all", "--parallel", str(LOOP_VMS), timeout=600)
+                rounds.append({"rc": p.returncode, "wall_ms": (mono() - t0) * 1000,
+                               "summary": (p.stdout.strip().splitlines() or [""])[-1][:300]})
+                PROCS.adopt_descendants(cprd.pid)
+                log(f"cprd-loop {size_label(size)}: update --all #{i + 1}/{reps}: rc "
+                    f"{p.returncode}, {rounds[-1]['wall_ms']:.0f} ms")
+            return {"rounds": rounds}
+
+        cell["busy"] = loop_phase(cprd, updates)
+        cell["samples"] = [{"result": "ok" if r["rc"] == 0 else "failed", **r}
+                           for r in cell["busy"]["rounds"]]
+        for c in consoles:
+            try:
+                wait_beats(c, 3, timeout=60)
+            except RuntimeError as e:
+                cell["health_wait"] = str(e)
+        healths = [console_health(c) for c in consoles]
+        bad = [h for h in healths if not h["ok"]]
+        cell["health"] = bad[0] if bad else healths[0]
+        for phase in ("idle", "busy"):
+            v, lp = cell[phase]["vm_list"], cell[phase]["loop"]
+            log(f"cprd-loop {phase}: vm.list n={v['count']} p50 {v['request_p50_us']} us p99 "
+                f"{v['request_p99_us']} us max {v['request_max_us']} us; loop busy max "
+                f"{lp.get('busy_max_us')} us (CPU {lp.get('busy_cpu_max_us')} us)")
+    finally:
+        PROCS.adopt_descendants(cprd.pid)
+        for name in names:
+            try:
+                cprd.call("vm.destroy", {"name": name}, timeout=60)
+            except Exception:  # noqa: BLE001 - it may never have been created
+                pass
 
 
 # ---------------------------------------------------------------- direct QEMU
@@ -870,6 +988,8 @@ def write_report(res, sizes):
                "reading the kernel and setting up the machine; commands wait for the main loop.")
     out.append("")
 
+    loop_section(out, M.get("cprd-loop", {}))
+
     # verdicts
     out.append("## Verdict (from this run's numbers)")
     out.append("")
@@ -948,6 +1068,23 @@ def write_report(res, sizes):
                f"{vc.upper()}**")
     out += rows
     out.append("")
+    # (d)
+    lc = next((c for c in M.get("cprd-loop", {}).values() if c.get("busy")), None)
+    if lc:
+        v = lc["busy"]["vm_list"]
+        p99, mx = v.get("request_p99_us"), v.get("request_max_us")
+        vd = "met" if p99 is not None and p99 < 1000 else "not met"
+        out.append(f"**(d) `vm.list` handled in well under 1 ms of cprd's own time while "
+                   f"`update --all --parallel {LOOP_VMS}` runs (p99 < 1000 us): {vd.upper()}** — "
+                   f"p99 {p99} us, max {mx} us over {v.get('count')} requests (CPU time p99 "
+                   f"{v.get('request_cpu_p99_us')} us); idle p99 "
+                   f"{lc['idle']['vm_list'].get('request_p99_us')} us")
+    else:
+        vd = "not evaluable"
+        out.append("**(d) `vm.list` handled in well under 1 ms of cprd's own time during "
+                   "`update --all`: NOT EVALUABLE** — the cprd-loop case did not run")
+    verdicts["d"] = vd
+    out.append("")
     ct = [lab for lab in labels if get("cprd-cpr-transfer", lab, "tot_p50") is not None]
     if ct:
         out.append("For reference, the same for cprd's cpr-transfer strategy: " + "; ".join(
@@ -957,6 +1094,50 @@ def write_report(res, sizes):
     with open(BENCH_MD, "w") as f:
         f.write("\n".join(out))
     return verdicts
+
+
+def loop_section(out, cells):
+    out.append(f"## {TITLES['cprd-loop']}")
+    out.append("")
+    cell = next(iter(cells.values()), None)
+    if not cell or not cell.get("busy"):
+        out.append(f"Not run ({cell.get('status') if cell else 'not selected'}).")
+        out.append("")
+        return
+    lab = next(iter(cells))
+    rounds = cell["busy"].get("rounds", [])
+    out.append(f"{LOOP_VMS} VMs of {lab}; one client sends `vm.list` every "
+               f"{LOOP_PERIOD_S * 1000:.0f} ms on one connection, for {LOOP_IDLE_S:.0f} s while "
+               f"idle, then throughout {len(rounds)} runs of `cprctl update --all --parallel "
+               f"{LOOP_VMS}` ({sum(r['rc'] == 0 for r in rounds)} succeeded). cprd's own "
+               "time comes from its counters (`daemon.stats`): a request from its parse to its "
+               "reply queued; a loop turn from the poll returning to the next poll. Wall-clock "
+               "time on this shared host also holds the time cprd waited for a CPU; CPU time is "
+               "what cprd's thread used. In µs; percentiles are bucket upper bounds "
+               "(within 12.5%).")
+    out.append("")
+    out.append("| | requests | vm.list p50 | p99 | max | CPU p50 | CPU p99 | CPU max | "
+               "loop turns | turn p99 | turn max | turn CPU max | client round trip p50 / p99 "
+               "/ max (ms) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for phase in ("idle", "busy"):
+        c = cell[phase]
+        v, lp, rt = c["vm_list"], c["loop"], c["client_rtt_ms"]
+        out.append(f"| {'idle' if phase == 'idle' else 'update --all'} | {v.get('count')} | "
+                   f"{v.get('request_p50_us')} | {v.get('request_p99_us')} | "
+                   f"{v.get('request_max_us')} | {v.get('request_cpu_p50_us')} | "
+                   f"{v.get('request_cpu_p99_us')} | {v.get('request_cpu_max_us')} | "
+                   f"{lp.get('iterations')} | {lp.get('busy_p99_us')} | {lp.get('busy_max_us')} | "
+                   f"{lp.get('busy_cpu_max_us')} | {fmt(rt.get('p50'), 2)} / {fmt(rt.get('p99'), 2)}"
+                   f" / {fmt(rt.get('max'), 2)} |")
+    out.append("")
+    others = {m: h for m, h in cell["busy"].get("methods", {}).items() if m != "vm.list"}
+    if others:
+        out.append("Other requests handled meanwhile (their handler's own time; an update's "
+                   "wait for its VMMs is not cprd's): " + "; ".join(
+                       f"`{m}` n={h.get('count')} max {h.get('request_max_us')} µs"
+                       for m, h in sorted(others.items())) + ".")
+        out.append("")
 
 
 def plot(res, sizes):
@@ -1075,6 +1256,8 @@ def main():
                         run_cpr_direct(bench, size, reps)
                     elif m == "qemu-startup" and "cprd-handover" not in methods:
                         run_startup(bench, size, reps)
+                    elif m == "cprd-loop" and size == args.sizes[0]:
+                        run_loop(bench, cprd, size, min(reps, 5))
                 except Exception as e:  # noqa: BLE001 - one failure must not end the run
                     record_failure(bench, m, size, e)
                 res.save()

@@ -50,6 +50,8 @@ static void usage(FILE *f)
 	    "                      update every running VM, N at a time\n"
 	    "  history NAME        the VM's updates, newest first\n"
 	    "  daemon status       cprd's version, uptime, how it started, custody\n"
+	    "  daemon stats [--reset]\n"
+	    "                      cprd's own time: event-loop turns and requests handled\n"
 	    "  daemon reexec [--binary PATH]\n"
 	    "                      cprd re-executes itself (or a new binary), keeping every VM\n\n"
 	    "The socket is --socket, else $CPRD_SOCKET, else %s.\n"
@@ -401,11 +403,6 @@ static void print_destroyed(json_object *res)
 			str(res, "registry_error"));
 }
 
-static int binary_opt(int opt, const char *arg, void *ud)
-{
-	return add_path(ud, "binary", arg);
-}
-
 /* Ask cprd to re-execute itself, then wait until the new image answers. */
 static int daemon_reexec(json_object *params)
 {
@@ -449,21 +446,77 @@ static int daemon_reexec(json_object *params)
 	return EXIT_FAILED;
 }
 
+static int daemon_opt(int opt, const char *arg, void *ud)
+{
+	if (opt == 'r')
+		return json_object_object_add(ud, "reset", json_object_new_boolean(1));
+	return add_path(ud, "binary", arg);
+}
+
+/* One line: "busy p50 29 us, p99 93 us, max 120 us (CPU: ...)". */
+static void print_timing(const char *label, json_object *o, const char *name)
+{
+	char k[64];
+
+	printf("%-16s", label);
+	for (int cpu = 0; cpu < 2; cpu++) {
+		const char *sfx = cpu ? "_cpu" : "";
+
+		printf(cpu ? " (CPU:" : "");
+		snprintf(k, sizeof(k), "%s%s_p50_us", name, sfx);
+		printf(" p50 %s us,", str(o, k));
+		snprintf(k, sizeof(k), "%s%s_p99_us", name, sfx);
+		printf(" p99 %s us,", str(o, k));
+		snprintf(k, sizeof(k), "%s%s_max_us", name, sfx);
+		printf(" max %s us%s", str(o, k), cpu ? ")" : "");
+	}
+	printf("\n");
+}
+
+static void print_loop(json_object *loop)
+{
+	json_object *per = json_object_object_get(loop, "methods");
+
+	printf("%-16s %s turns, %s requests in %.1f s\n", "loop", str(loop, "iterations"),
+	       str(loop, "requests"),
+	       (double)json_object_get_int64(json_object_object_get(loop, "window_us")) / 1e6);
+	print_timing("  busy", loop, "busy");
+	print_timing("  requests", loop, "request");
+	json_object_object_foreach(per, name, m)
+	{
+		char label[64];
+
+		snprintf(label, sizeof(label), "  %s (%s)", name, str(m, "count"));
+		print_timing(label, m, "request");
+	}
+}
+
 static int verb_daemon(int argc, char **argv)
 {
-	static const struct option opts[] = { { "binary", required_argument, NULL, 'b' } };
+	static const struct option opts[] = { { "binary", required_argument, NULL, 'b' },
+					      { "reset", no_argument, NULL, 'r' } };
 	_cleanup_json_ json_object *res = NULL;
 	json_object *params = json_object_new_object();
+	const char *what;
 	int i, r;
 
-	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), binary_opt, params);
-	if (i >= 0 && i + 1 == argc && streq(argv[i], "reexec"))
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), daemon_opt, params);
+	what = i >= 0 && i + 1 == argc ? argv[i] : "";
+	if (streq(what, "reexec") && !json_object_object_get_ex(params, "reset", NULL))
 		return daemon_reexec(params);
+	if (streq(what, "stats") && !json_object_object_get_ex(params, "binary", NULL)) {
+		r = call("daemon.stats", params, &res);
+		if (r == EXIT_OK && arg_json)
+			print_json(res);
+		else if (r == EXIT_OK)
+			print_loop(json_object_object_get(res, "loop"));
+		return r;
+	}
 	json_object_put(params);
-	if (i < 0 || i + 1 != argc || !streq(argv[i], "status")) {
-		fprintf(
-		    stderr,
-		    "Usage: cprctl daemon status\n       cprctl daemon reexec [--binary PATH]\n");
+	if (!streq(what, "status")) {
+		fprintf(stderr,
+			"Usage: cprctl daemon status\n       cprctl daemon stats [--reset]\n"
+			"       cprctl daemon reexec [--binary PATH]\n");
 		return EXIT_USAGE;
 	}
 	r = call("daemon.status", NULL, &res);
@@ -473,7 +526,13 @@ static int verb_daemon(int argc, char **argv)
 		print_json(res);
 		return EXIT_OK;
 	}
-	json_object_object_foreach(res, k, v) printf("%-16s %s\n", k, json_object_get_string(v));
+	json_object_object_foreach(res, k, v)
+	{
+		if (streq(k, "loop"))
+			print_loop(v);
+		else
+			printf("%-16s %s\n", k, json_object_get_string(v));
+	}
 	return EXIT_OK;
 }
 

@@ -19,6 +19,8 @@ struct client;
 struct method;
 struct vm;
 struct sd_bus;
+struct stats;
+struct scope_bus;
 
 struct daemon {
 	struct ev_loop *loop;
@@ -33,16 +35,18 @@ struct daemon {
 	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;
 	launcher launcher;
-	bool kvm;               /* /dev/kvm usable: -accel kvm */
-	bool have_group;        /* group "cprd" exists */
-	gid_t group;            /* its gid */
-	uint64_t started_usec;  /* CLOCK_REALTIME at start */
-	uint64_t started_mono;  /* CLOCK_MONOTONIC at start */
-	const char *start_mode; /* "fresh", "fd-store", "re-exec", "recovered" */
-	char *self_path;        /* our binary, for re-exec */
-	char **argv;            /* our command line, for re-exec */
-	char *reexec_binary;    /* set by daemon.reexec: exec this once replies are out */
-	struct sd_bus *bus;     /* to systemd, opened on first use */
+	bool kvm;                    /* /dev/kvm usable: -accel kvm */
+	bool have_group;             /* group "cprd" exists */
+	gid_t group;                 /* its gid */
+	uint64_t started_usec;       /* CLOCK_REALTIME at start */
+	uint64_t started_mono;       /* CLOCK_MONOTONIC at start */
+	const char *start_mode;      /* "fresh", "fd-store", "re-exec", "recovered" */
+	char *self_path;             /* our binary, for re-exec */
+	char **argv;                 /* our command line, for re-exec */
+	char *reexec_binary;         /* set by daemon.reexec: exec this once replies are out */
+	struct sd_bus *bus;          /* to systemd, opened on first use */
+	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
+	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
 
 	const struct method *methods; /* the JSON-RPC methods, given by main() */
 	size_t n_methods;

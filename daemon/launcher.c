@@ -11,14 +11,28 @@
 #include <sys/wait.h>
 
 #include "common/macro.h"
+#include "daemon/daemon.h"
 #include "daemon/launcher.h"
 #include "proto/frame.h"
 
-#define LAUNCHER_TIMEOUT_MS 10000
+/* A request is this header followed by the argv, each string NUL-ended;
+ * the answer echoes the id. Ids increase for the daemon's whole life (they
+ * start from its clock, so they go on increasing across a re-exec). */
+struct request {
+	uint64_t id;
+};
 
 struct reply {
+	uint64_t id;   /* 0: a request the launcher could not read */
 	int32_t error; /* 0 or a positive errno */
 	int32_t pid;
+};
+
+struct launcher_request {
+	uint64_t id;
+	launcher_spawn_fn cb; /* NULL once cancelled */
+	void *ud;
+	struct launcher_request *next;
 };
 
 /* In the grandchild: put fds[i] at 3 + i, clear close-on-exec on exactly
@@ -128,9 +142,9 @@ static int spawn(char **argv, int log_fd, int *fds, size_t nfds, pid_t *ret_pid)
 	return n == sizeof(e) ? -e : 0;
 }
 
-static void send_reply(int sock, int error, pid_t pid)
+static void send_reply(int sock, uint64_t id, int error, pid_t pid)
 {
-	struct reply rep = { .error = error, .pid = pid };
+	struct reply rep = { .id = id, .error = error, .pid = pid };
 	_cleanup_close_ int pidfd = -EBADF;
 
 	if (pid > 0)
@@ -156,7 +170,7 @@ static void drop_daemon_environment(void)
 
 _Noreturn static void launcher_main(int sock)
 {
-	static char buf[LAUNCHER_MAX_REQUEST];
+	static char buf[sizeof(struct request) + LAUNCHER_MAX_REQUEST];
 
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	prctl(PR_SET_NAME, "cprd-launcher");
@@ -167,6 +181,7 @@ _Noreturn static void launcher_main(int sock)
 		int fds[LAUNCHER_MAX_FDS + 1];
 		char *argv[256];
 		size_t nfds = 0;
+		struct request req;
 		pid_t pid = -1;
 		ssize_t n;
 		int r;
@@ -177,15 +192,23 @@ _Noreturn static void launcher_main(int sock)
 		if (n < 0) {
 			if (n == -EINTR)
 				continue;
-			send_reply(sock, (int)-n, -1);
+			send_reply(sock, 0, (int)-n, -1);
 			continue;
 		}
+		if ((size_t)n < sizeof(req)) {
+			close_many(fds, nfds);
+			send_reply(sock, 0, EINVAL, -1);
+			continue;
+		}
+		memcpy(&req, buf, sizeof(req));
 		/* fds[0] is the log, the rest go to 3, 4, ... */
-		r = nfds < 1 ? -EBADF : parse_argv(buf, (size_t)n, argv, ELEMENTSOF(argv));
+		r = nfds < 1 ? -EBADF
+			     : parse_argv(buf + sizeof(req), (size_t)n - sizeof(req), argv,
+					  ELEMENTSOF(argv));
 		if (r == 0)
 			r = spawn(argv, fds[0], fds + 1, nfds - 1, &pid);
 		close_many(fds, nfds);
-		send_reply(sock, -r, pid);
+		send_reply(sock, req.id, -r, pid);
 	}
 }
 
@@ -221,6 +244,8 @@ int launcher_start(launcher *l)
 
 void launcher_stop(launcher *l)
 {
+	if (l->loop)
+		ev_io_stop(l->loop, &l->watcher);
 	l->sock = safe_close(l->sock);
 	if (l->pid > 0) {
 		kill(l->pid, SIGTERM);
@@ -228,50 +253,270 @@ void launcher_stop(launcher *l)
 			;
 		l->pid = 0;
 	}
+	while (l->requests) {
+		struct launcher_request *q = l->requests;
+
+		l->requests = q->next;
+		free(q);
+	}
+	l->in_flight = 0;
+}
+
+const char *launcher_strerror(int r)
+{
+	if (r == -LAUNCHER_GONE)
+		return "cprd's VMM launcher has exited; VMMs can be started again once cprd is "
+		       "restarted";
+	return strerror(-r);
+}
+
+size_t launcher_in_flight(const launcher *l)
+{
+	return l->in_flight;
+}
+
+/* The pidfd came from our own launcher, but it is checked like any fd that
+ * enters the daemon: it must be a pidfd, and of the pid that came with it. */
+static bool pidfd_names(int pidfd, pid_t pid)
+{
+	char path[64], buf[512], *p;
+	_cleanup_close_ int fd = -EBADF;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	p = strstr(buf, "\nPid:");
+	return p && atoi(p + 5) == (int)pid;
+}
+
+static void notify(launcher *l, enum launcher_event ev, pid_t pid, size_t n)
+{
+	if (l->event)
+		l->event(ev, pid, n, l->event_ud);
+}
+
+static struct launcher_request *take_request(launcher *l, uint64_t id)
+{
+	for (struct launcher_request **pp = &l->requests; *pp; pp = &(*pp)->next) {
+		struct launcher_request *q = *pp;
+
+		/* Id 0 answers a request the launcher could not read: it
+		 * serves them in order, so that is the oldest one. */
+		if (id == 0 || q->id == id) {
+			*pp = q->next;
+			l->in_flight--;
+			return q;
+		}
+	}
+	return NULL;
+}
+
+static void deliver(launcher *l, const struct reply *rep, int pidfd)
+{
+	struct launcher_request *q = take_request(l, rep->id);
+	launcher_spawn_fn cb = q ? q->cb : NULL;
+	void *ud = q ? q->ud : NULL;
+	int error = -rep->error;
+
+	free(q);
+	if (pidfd >= 0 && !pidfd_names(pidfd, rep->pid)) {
+		pidfd = safe_close(pidfd);
+		if (error == 0)
+			error = -EPROTO;
+		notify(l, LAUNCHER_BAD_ANSWER, rep->pid, 1);
+	}
+	if (!cb) {
+		/* Cancelled (or from before a re-exec): nobody wants this
+		 * VMM. It never had a monitor client or a registry entry, so
+		 * it goes; the orphan reaper collects it. */
+		if (pidfd >= 0) {
+			(void)pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+			safe_close(pidfd);
+			if (error == 0)
+				notify(l, LAUNCHER_ABANDONED, rep->pid, 1);
+		}
+		return;
+	}
+	cb(error, rep->pid, pidfd, ud);
+}
+
+/* Read every answer waiting. false when the launcher has closed its end. */
+static bool read_answers(launcher *l)
+{
+	for (;;) {
+		struct reply rep;
+		int pidfd = -EBADF;
+		size_t n_fds = 0;
+		ssize_t n;
+
+		if (l->sock < 0)
+			return false;
+		n = proto_recv_fds(l->sock, &rep, sizeof(rep), &pidfd, 1, &n_fds);
+		if (n == -EAGAIN)
+			return true;
+		if (n == 0 || n == -ECONNRESET)
+			return false;
+		if (n < 0 && n != -EBADMSG)
+			return true; /* nothing was taken from the socket */
+		if (n != sizeof(rep)) {
+			if (n_fds) { /* whatever it names, nobody will own it */
+				(void)pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+				safe_close(pidfd);
+			}
+			notify(l, LAUNCHER_BAD_ANSWER, 0, 1);
+			/* It answers in order: this was the oldest request's. */
+			rep = (struct reply){ .id = 0, .error = EPROTO };
+			pidfd = -EBADF;
+			n_fds = 0;
+		}
+		deliver(l, &rep, n_fds ? pidfd : -EBADF);
+	}
+}
+
+static void launcher_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+	launcher *l = w->data;
+
+	if (!read_answers(l))
+		launcher_lost(l);
+	if (l->in_flight == 0)
+		notify(l, LAUNCHER_SETTLED, 0, 0);
+}
+
+void launcher_lost(launcher *l)
+{
+	size_t failed = 0;
+
+	if (l->gone)
+		return;
+	/* What it answered before it went is still in the socket. */
+	(void)read_answers(l);
+	l->gone = true;
+	if (l->loop)
+		ev_io_stop(l->loop, &l->watcher);
+	l->sock = safe_close(l->sock);
+	while (l->requests) {
+		struct launcher_request *q = l->requests;
+
+		l->requests = q->next;
+		l->in_flight--;
+		if (q->cb) {
+			failed++;
+			q->cb(-LAUNCHER_GONE, 0, -EBADF, q->ud);
+		}
+		free(q);
+	}
+	notify(l, LAUNCHER_LOST, l->pid, failed);
+}
+
+int launcher_watch(launcher *l, struct ev_loop *loop, launcher_event_fn event, void *ud)
+{
+	int fl;
+
+	l->loop = loop;
+	l->event = event;
+	l->event_ud = ud;
+	/* Increasing across re-execs of the daemon, so an answer meant for
+	 * the previous image is never taken for one of ours. */
+	l->next_id = now_usec(CLOCK_MONOTONIC);
+	ev_io_init(&l->watcher, launcher_io_cb, l->sock, EV_READ);
+	l->watcher.data = l;
+	if (l->sock < 0) {
+		l->gone = true;
+		return 0;
+	}
+	/* Non-blocking on our end only: the launcher's end is a socket of
+	 * its own, and it blocks there waiting for work. */
+	fl = fcntl(l->sock, F_GETFL);
+	if (fl < 0 || fcntl(l->sock, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	ev_io_start(loop, &l->watcher);
+	return 0;
 }
 
 int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, size_t nfds,
-		   pid_t *ret_pid, int *ret_pidfd)
+		   launcher_spawn_fn cb, void *ud, uint64_t *ret_id)
 {
 	_cleanup_free_ char *buf = NULL;
-	int all[LAUNCHER_MAX_FDS + 1], got = -EBADF;
-	struct reply rep;
-	size_t len = 0, ngot = 0;
-	struct pollfd pfd = { .fd = l->sock, .events = POLLIN };
+	_cleanup_free_ struct launcher_request *q = NULL;
+	int all[LAUNCHER_MAX_FDS + 1];
+	struct request req;
+	size_t len = 0;
 	ssize_t n;
-	int r;
 
+	if (l->gone || l->sock < 0)
+		return -LAUNCHER_GONE;
 	if (nfds > LAUNCHER_MAX_FDS)
 		return -E2BIG;
 	for (char *const *a = argv; *a; a++)
 		len += strlen(*a) + 1;
 	if (len == 0 || len > LAUNCHER_MAX_REQUEST)
 		return -E2BIG;
-	buf = malloc(len);
-	if (!buf)
+	buf = malloc(sizeof(req) + len);
+	q = calloc(1, sizeof(*q));
+	if (!buf || !q)
 		return -ENOMEM;
-	len = 0;
+	req.id = ++l->next_id;
+	memcpy(buf, &req, sizeof(req));
+	len = sizeof(req);
 	for (char *const *a = argv; *a; a++)
 		len += (size_t)(stpcpy(buf + len, *a) - (buf + len)) + 1;
 	all[0] = log_fd;
 	memcpy(all + 1, fds, nfds * sizeof(int));
 
+	/* Non-blocking: the socket holds hundreds of requests, and one that
+	 * does not fit is refused (EAGAIN) rather than waited for. */
 	n = proto_send_fds(l->sock, buf, len, all, nfds + 1);
+	/* Its watcher sees the end of the stream and fails what is in flight:
+	 * not from in here, under this caller's feet. */
+	if (n == -EPIPE || n == -ECONNRESET || n == -ENOTCONN)
+		return -LAUNCHER_GONE;
 	if (n < 0)
 		return (int)n;
-	/* The launcher answers once the exec happened or failed: a bounded
-	 * wait on a local process, never on the VMM itself. */
-	do
-		r = poll(&pfd, 1, LAUNCHER_TIMEOUT_MS);
-	while (r < 0 && errno == EINTR);
-	if (r <= 0)
-		return r < 0 ? -errno : -ETIMEDOUT;
-	n = proto_recv_fds(l->sock, &rep, sizeof(rep), &got, 1, &ngot);
-	if (n < 0)
-		return (int)n;
-	if (n != sizeof(rep))
-		return -EPROTO;
-	*ret_pidfd = ngot ? got : -EBADF;
-	*ret_pid = rep.pid;
-	return -rep.error;
+	q->id = req.id;
+	q->cb = cb;
+	q->ud = ud;
+	/* Oldest first: the launcher answers in order. */
+	{
+		struct launcher_request **pp = &l->requests;
+
+		while (*pp)
+			pp = &(*pp)->next;
+		*pp = TAKE_PTR(q);
+	}
+	l->in_flight++;
+	*ret_id = req.id;
+	return 0;
+}
+
+void launcher_cancel(launcher *l, uint64_t id)
+{
+	for (struct launcher_request *q = l->requests; q; q = q->next)
+		if (q->id == id) {
+			q->cb = NULL;
+			q->ud = NULL;
+			return;
+		}
+}
+
+size_t launcher_drain(launcher *l, int timeout_ms)
+{
+	uint64_t deadline = now_usec(CLOCK_MONOTONIC) + (uint64_t)timeout_ms * 1000;
+
+	while (l->in_flight > 0 && l->sock >= 0) {
+		struct pollfd p = { .fd = l->sock, .events = POLLIN };
+		int64_t left = (int64_t)(deadline - now_usec(CLOCK_MONOTONIC)) / 1000;
+
+		if (left <= 0 || poll(&p, 1, (int)left) == 0)
+			break;
+		if (!read_answers(l))
+			launcher_lost(l);
+	}
+	return l->in_flight;
 }

@@ -22,7 +22,9 @@
 #include "daemon/recover.h"
 #include "daemon/registry.h"
 #include "daemon/sandbox.h"
+#include "daemon/scope.h"
 #include "daemon/server.h"
+#include "daemon/stats.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
 
@@ -240,6 +242,41 @@ static void sigchld_cb(struct ev_loop *loop, ev_signal *w, int revents)
 	vmm_reap_orphans(w->data);
 }
 
+/* What the launcher reports: said here, and the orphan reaper, which waits
+ * while starts are in flight, runs once they are all answered. */
+static void launcher_event(enum launcher_event ev, pid_t pid, size_t n, void *ud)
+{
+	switch (ev) {
+	case LAUNCHER_SETTLED:
+		vmm_reap_orphans(ud);
+		break;
+	case LAUNCHER_ABANDONED:
+		log_info("VMM pid %d: its start was abandoned; killed it", (int)pid);
+		break;
+	case LAUNCHER_BAD_ANSWER:
+		log_error(
+		    "the VMM launcher gave an answer that cannot be used (pid %d); that start "
+		    "failed",
+		    (int)pid);
+		break;
+	case LAUNCHER_LOST:
+		log_error("the VMM launcher has exited; no VMM can be started until cprd is "
+			  "restarted (%zu start(s) in flight failed)",
+			  n);
+		break;
+	}
+}
+
+/* At exit and before a re-exec only: blocks, bounded. */
+static void drain_launcher(struct daemon *d)
+{
+	size_t left = launcher_drain(&d->launcher, 2000);
+
+	if (left > 0)
+		log_warning("%zu VMM start(s) still unanswered after 2 s; not waiting longer",
+			    left);
+}
+
 static bool already_confined(void)
 {
 	FILE *f = fopen("/proc/self/status", "re");
@@ -283,7 +320,8 @@ static int reexec(struct daemon *d)
 		fds[nfds++] = (fd_);                                                         \
 	} while (0)
 	ADD(d->listen_fd, "cprd-listen");
-	ADD(d->launcher.sock, "cprd-launcher");
+	if (d->launcher.sock >= 0)
+		ADD(d->launcher.sock, "cprd-launcher");
 	for (size_t i = 0; (e = memstore_nth(d->store, NULL, i)); i++)
 		ADD(e->fd, FDSTORE_PREFIX "%s/%s", e->vm, e->name);
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
@@ -377,6 +415,10 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		if (!d->reexec_binary)
 			break;
 		server_flush_all(d, 1000);
+		/* Only starts that were let go of can be in flight (re-exec is
+		 * refused while a VM starts or updates): kill them here, where
+		 * their answers are still understood. */
+		drain_launcher(d);
 		r = reexec(d);
 		log_error("re-exec of %s failed: %s; carrying on", d->reexec_binary, strerror(-r));
 		d->reexec_binary = (free(d->reexec_binary), NULL);
@@ -386,11 +428,18 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (d->vms)
 		log_notice("leaving %zu VM(s) running; their VMMs keep the guests alive",
 			   vm_count(d));
+	/* A VMM still being started is in no registry entry yet. Its owner
+	 * takes the answer first, and records it, while the registry still
+	 * holds every update in flight. */
+	drain_launcher(d);
 	/* Nothing is written from here on: letting go of an update in flight
 	 * must leave it in the registry for the next cprd to settle. */
 	ev_prepare_stop(d->loop, &d->flush);
 	ev_timer_stop(d->loop, &d->registry_retry);
 	vm_detach_all(d);
+	/* Starts let go of just now (an update's new VMM that had no pid yet,
+	 * so no registry entry either) are killed when their answers come. */
+	drain_launcher(d);
 	server_stop(d);
 	return 0;
 }
@@ -436,9 +485,11 @@ int main(int argc, char **argv)
 	if (r < 0)
 		return 1;
 	n_inherited = inherited_fds_take(&d, &listen_fd, &launcher_fd, &pidfds);
-	if (launcher_fd >= 0 && getenv("CPRD_LAUNCHER_PID")) {
-		d.launcher.sock = launcher_fd; /* carried over a re-exec */
-		d.launcher.pid = (pid_t)atoi(getenv("CPRD_LAUNCHER_PID"));
+	if (getenv("CPRD_LAUNCHER_PID")) {
+		/* Carried over a re-exec; without its socket it had died, and
+		 * under the inherited seccomp filter no new one can be forked. */
+		d.launcher.sock = launcher_fd;
+		d.launcher.pid = launcher_fd >= 0 ? (pid_t)atoi(getenv("CPRD_LAUNCHER_PID")) : 0;
 		unsetenv("CPRD_LAUNCHER_PID");
 	} else {
 		safe_close(launcher_fd);
@@ -454,6 +505,13 @@ int main(int argc, char **argv)
 	d.loop = ev_loop_new(EVFLAG_AUTO);
 	if (!d.loop) {
 		log_error("cannot create the event loop");
+		return 1;
+	}
+	r = stats_start(&d);
+	if (r >= 0)
+		r = launcher_watch(&d.launcher, d.loop, launcher_event, &d);
+	if (r < 0) {
+		log_error_errno(r, "cannot set up the event loop");
 		return 1;
 	}
 	d.kvm = streq(o.accel, "kvm") ||
@@ -474,8 +532,9 @@ int main(int argc, char **argv)
 	r = run(&d, &o, ready_fd, listen_fd);
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
+	stats_free(&d);
+	scope_close(&d);
 	ev_loop_destroy(d.loop);
-	sd_bus_flush_close_unref(d.bus);
 	registry_done(&d.registry);
 	free(d.socket_path);
 	free(d.state_dir);

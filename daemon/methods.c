@@ -13,6 +13,7 @@
 #include "daemon/methods.h"
 #include "daemon/registry.h"
 #include "daemon/server.h"
+#include "daemon/stats.h"
 #include "daemon/strategy.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
@@ -623,6 +624,31 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
 	json_object_object_add(o, "registry", registry_health_to_json(&d->registry));
 	json_object_object_add(o, "strategies", strategies_json());
+	json_object_object_add(o, "loop", stats_to_json(d));
+	call_reply(c, o);
+}
+
+/* The loop's counters; with reset, read and start a new window in one go,
+ * so that nothing falls between the two. */
+static void m_daemon_stats(struct daemon *d, struct call *c, json_object *params)
+{
+	bool reset = false;
+	const struct param spec[] = { { "reset", P_BOOL, false, &reset } };
+	json_object *o;
+
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+		return;
+	if (reset && !call_peer_privileged(c)) {
+		call_fail(c, JSONRPC_ERR_PERMISSION,
+			  "permission denied: resetting the counters needs root or group 'cprd' "
+			  "(peer uid %u)",
+			  (unsigned)call_peer(c)->uid);
+		return;
+	}
+	o = json_object_new_object();
+	json_object_object_add(o, "loop", stats_to_json(d));
+	if (reset)
+		stats_reset(d);
 	call_reply(c, o);
 }
 
@@ -685,6 +711,7 @@ const struct method rpc_methods[] = {
 	{ "fd.list", m_fd_list, 0 },
 	{ "fd.release", m_fd_release, METHOD_MUTATING },
 	{ "daemon.status", m_daemon_status, 0 },
+	{ "daemon.stats", m_daemon_stats, 0 },
 	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
 };
 

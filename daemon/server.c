@@ -12,6 +12,7 @@
 #include "common/json.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
+#include "daemon/stats.h"
 #include "proto/frame.h"
 #include "proto/jsonrpc.h"
 
@@ -251,9 +252,11 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 	jsonrpc_request req = {};
 	const struct method *m;
 	const char *why = NULL;
+	struct stats_mark t0;
 	struct call *c;
 	char msg[160];
 
+	stats_mark(&t0);
 	if (jsonrpc_request_parse(o, &req, &why) < 0) {
 		close_many(fds, nfds);
 		reply_error(cl, b, req.id, JSONRPC_INVALID_REQUEST, why);
@@ -295,6 +298,8 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 		return;
 	}
 	m->fn(cl->d, c, req.params);
+	/* Until the reply was queued, or the handler handed the call on. */
+	stats_request(cl->d, m, &t0);
 }
 
 static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t nfds)

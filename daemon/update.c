@@ -563,10 +563,28 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		rollback_with_log(u, "the new VMM could not load the state");
 }
 
+static void next_spawned(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+
+	u->new_pid = v->pid;
+	/* A cprd restarted from here on must know of this VMM, or it would
+	 * run on unmanaged. */
+	if (vm_registry_commit(u->vm->d) < 0)
+		update_rollback(u, "cannot record the new VMM in the registry: %s",
+				u->vm->d->registry.why);
+}
+
 static void next_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	char why[160];
+
+	if (v->spawn_error) {
+		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
+				launcher_strerror(v->spawn_error));
+		return;
+	}
 
 	/* In COMMIT: pid_cb read what it said to the end, and no RESUME was
 	 * there: QEMU announces RESUME before it starts the vCPUs, so the guest
@@ -595,6 +613,7 @@ static void next_monitor_lost(struct vmm *v, void *ud)
 }
 
 static const struct vmm_ops next_ops = {
+	.spawned = next_spawned,
 	.ready = next_ready,
 	.event = next_event,
 	.exited = next_exited,
@@ -613,17 +632,11 @@ bool update_launch(struct update *u, const struct vmm_incoming *in)
 			      &next_ops, u, &u->next);
 	if (r < 0) {
 		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
-				strerror(-r));
+				launcher_strerror(r));
 		return false;
 	}
-	u->new_pid = u->next->pid;
-	/* A cprd restarted from here on must know of this VMM, or it would
-	 * run on unmanaged. */
-	if (vm_registry_commit(d) < 0) {
-		update_rollback(u, "cannot record the new VMM in the registry: %s",
-				d->registry.why);
-		return false;
-	}
+	/* Spawning: next_spawned() records it, or next_exited() says why it
+	 * did not start. */
 	return true;
 }
 

@@ -275,6 +275,14 @@ static void vmm_exited(struct vmm *v, void *ud)
 
 	switch (vm->state) {
 	case VM_STARTING:
+		if (v->spawn_error) {
+			char why[256];
+
+			snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
+				 launcher_strerror(v->spawn_error));
+			fail_start(vm, JSONRPC_ERR_VMM, why);
+			return;
+		}
 		fail_start(vm, JSONRPC_ERR_VMM, vm->exit_desc);
 		return;
 	case VM_STOPPING:
@@ -359,6 +367,32 @@ static void vmm_ready(struct vmm *v, void *ud)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
 }
 
+static void store_pidfd(struct vm *vm);
+
+static void vmm_spawned(struct vmm *v, void *ud)
+{
+	struct vm *vm = ud;
+	struct daemon *d = vm->d;
+
+	vm->last_pid = v->pid;
+	store_pidfd(vm);
+	/* From here on a guest may run: before anything else the registry
+	 * names this VMM (pid and start time), so that a cprd that dies while
+	 * the guest boots leaves nothing its successor does not know. If that
+	 * cannot be written, the VM is not created. */
+	if (vm_registry_commit(d) < 0) {
+		log_error("VM %s: start abandoned: cannot record it in the registry", vm->cfg.name);
+		if (vm->waiting)
+			call_fail(
+			    TAKE_PTR(vm->waiting), JSONRPC_ERR_RESOURCE,
+			    "cannot record VM '%s' in the registry: %s; the VM was not created",
+			    vm->cfg.name, d->registry.why);
+		abandon_start(vm);
+		return;
+	}
+	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)v->pid);
+}
+
 /* The VMM lives on without a monitor (something closed the connection):
  * QEMU's monitor listens again, so connect anew. */
 static void vmm_monitor_lost(struct vmm *v, void *ud)
@@ -377,6 +411,7 @@ static void vmm_monitor_lost(struct vmm *v, void *ud)
 }
 
 static const struct vmm_ops vm_vmm_ops = {
+	.spawned = vmm_spawned,
 	.ready = vmm_ready,
 	.event = vmm_event,
 	.exited = vmm_exited,
@@ -546,30 +581,14 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		      vm, &vm->vmm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
-			 strerror(-r));
+			 launcher_strerror(r));
 		fail_start(vm, JSONRPC_ERR_VMM, why);
 		return;
 	}
-	vm->last_pid = vm->vmm->pid;
-	store_pidfd(vm);
-	/* From here on a guest may run: before anything else the registry
-	 * names this VMM (pid and start time), so that a cprd that dies while
-	 * the guest boots leaves nothing its successor does not know. If that
-	 * cannot be written, the VM is not created. */
-	r = vm_registry_commit(d);
-	if (r < 0) {
-		log_error("VM %s: start abandoned: cannot record it in the registry", vm->cfg.name);
-		if (vm->waiting)
-			call_fail(
-			    TAKE_PTR(vm->waiting), JSONRPC_ERR_RESOURCE,
-			    "cannot record VM '%s' in the registry: %s; the VM was not created",
-			    vm->cfg.name, d->registry.why);
-		abandon_start(vm);
-		return;
-	}
+	/* Spawning: vmm_spawned() or vmm_exited() follows. The deadline
+	 * covers the launcher's answer too. */
 	ev_timer_set(&vm->timer, VM_START_TIMEOUT, 0.);
 	ev_timer_start(d->loop, &vm->timer);
-	log_info("VM %s: VMM %s started, pid %d", vm->cfg.name, vm->cfg.vmm, (int)vm->vmm->pid);
 }
 
 void vm_destroy(struct vm *vm, struct call *c)

@@ -29,12 +29,27 @@
  * once that is done. */
 void vmm_reap_orphans(struct daemon *d)
 {
+	siginfo_t ls = {};
+
+	if (d->launcher.pid > 0 &&
+	    waitid(P_PID, (id_t)d->launcher.pid, &ls, WEXITED | WNOHANG) == 0 && ls.si_pid > 0) {
+		log_debug("reaped the VMM launcher, pid %d (%s %d)", (int)ls.si_pid,
+			  ls.si_code == CLD_EXITED ? "status" : "signal", ls.si_status);
+		d->launcher.pid = 0;
+		launcher_lost(&d->launcher);
+	}
+	/* A VMM whose start is still in flight is a child whose pid cprd does
+	 * not know yet: reaped here, its exit status would be lost and its pid
+	 * freed while the launcher's answer may still name it. The launcher
+	 * calls back here once everything in flight is answered. */
+	if (launcher_in_flight(&d->launcher) > 0)
+		return;
 	for (;;) {
 		siginfo_t si = {};
 
 		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0 || si.si_pid <= 0)
 			return;
-		if (si.si_pid == d->launcher.pid || vmm_pid_watched(d, si.si_pid))
+		if (vmm_pid_watched(d, si.si_pid))
 			return;
 		if (waitid(P_PID, (id_t)si.si_pid, &si, WEXITED | WNOHANG) < 0)
 			return;
@@ -153,6 +168,9 @@ static void reap(struct vmm *v)
 		snprintf(v->exit_desc, sizeof(v->exit_desc), "killed by signal %s",
 			 sigabbrev_np(si.si_status) ? sigabbrev_np(si.si_status) : "?");
 	}
+	if (v->spawn_error)
+		snprintf(v->exit_desc, sizeof(v->exit_desc), "could not be executed: %s",
+			 launcher_strerror(v->spawn_error));
 	ev_io_stop(v->d->loop, &v->pid_watcher);
 	ev_timer_stop(v->d->loop, &v->kill_timer);
 	ev_timer_stop(v->d->loop, &v->monitor_timer);
@@ -184,7 +202,8 @@ static void qmp_sync_watcher(struct vmm *v)
 {
 	int events;
 
-	if (!v->qmp)
+	/* Nothing to hear before the VMM exists; commands wait queued. */
+	if (!v->qmp || v->spawning)
 		return;
 	events = EV_READ | (qmp_wants_write(v->qmp) ? EV_WRITE : 0);
 	if (ev_is_active(&v->qmp_watcher) && v->qmp_watcher.events == events)
@@ -302,6 +321,8 @@ static void vmm_destroy(struct vmm *v)
 			*p = v->daemon_next;
 			break;
 		}
+	if (v->spawning)
+		launcher_cancel(&v->d->launcher, v->spawn_id);
 	ev_io_stop(v->d->loop, &v->pid_watcher);
 	ev_timer_stop(v->d->loop, &v->kill_timer);
 	ev_timer_stop(v->d->loop, &v->monitor_timer);
@@ -309,6 +330,7 @@ static void vmm_destroy(struct vmm *v)
 	drop_qmp(v, false);
 	free(v->qmp_path);
 	free(v->binary);
+	free(v->vm_name);
 	free(v);
 }
 
@@ -402,6 +424,53 @@ static int held_fd(struct daemon *d, const char *vm, const char *name)
 	return memstore_get(d->store, vm, name, &e) < 0 ? -EBADF : e->fd;
 }
 
+static void watch_pidfd(struct vmm *v)
+{
+	ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
+	ev_io_start(v->d->loop, &v->pid_watcher);
+}
+
+/* The launcher's answer, from the loop. v is still ours: letting go of a
+ * spawning VMM cancels its request, and then this is never called. */
+static void spawn_done(int error, pid_t pid, int pidfd, void *ud)
+{
+	struct vmm *v = ud;
+
+	v->spawning = false;
+	v->spawn_id = 0;
+	log_debug("VMM pid %d: launched in %.1f ms%s%s", (int)pid,
+		  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0, error ? ": " : "",
+		  error ? launcher_strerror(error) : "");
+	if (pidfd >= 0) {
+		v->pid = pid;
+		v->pidfd = pidfd;
+	}
+	hold(v);
+	if (error < 0) {
+		v->spawn_error = error;
+		if (v->pidfd >= 0) {
+			/* The child that failed to exec exits at once (127):
+			 * its owner hears of it once it is reaped. */
+			watch_pidfd(v);
+		} else {
+			v->exit_code = -1;
+			snprintf(v->exit_desc, sizeof(v->exit_desc), "could not be started");
+			drop_qmp(v, true);
+			if (v->ops && v->ops->exited)
+				v->ops->exited(v, v->ud); /* may end v */
+		}
+		release(v);
+		return;
+	}
+	v->start_time = proc_start_time(pid);
+	scope_adopt(v->d, pid, v->vm_name);
+	watch_pidfd(v);
+	qmp_sync_watcher(v);
+	if (v->ops && v->ops->spawned)
+		v->ops->spawned(v, v->ud); /* may end v */
+	release(v);
+}
+
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, const char *log_path,
 		 const struct vmm_incoming *in)
 {
@@ -444,7 +513,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 		strv_free(argv);
 		return -errno;
 	}
-	r = launcher_spawn(&v->d->launcher, argv, log, fds, n, &v->pid, &v->pidfd);
+	r = launcher_spawn(&v->d->launcher, argv, log, fds, n, spawn_done, v, &v->spawn_id);
 	strv_free(argv);
 	return r;
 }
@@ -470,20 +539,18 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	TAKE_FD(qmp_conn);
 	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
 
+	v->vm_name = strdup(cfg->name);
+	if (!v->vm_name) {
+		vmm_free(v);
+		return -ENOMEM;
+	}
 	v->spawned_usec = now_usec(CLOCK_MONOTONIC);
 	r = spawn(v, cfg, qmp_listen, log_path, in);
-	log_debug("VMM pid %d: launched in %.1f ms", (int)v->pid,
-		  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0);
 	if (r < 0) {
-		/* The exec failed; reap the child the launcher made, if any. */
-		vmm_kill(v);
+		vmm_free(v); /* nothing was asked of the launcher */
 		return r;
 	}
-	v->start_time = proc_start_time(v->pid);
-	scope_adopt(d, v->pid, cfg->name);
-	ev_io_set(&v->pid_watcher, v->pidfd, EV_READ);
-	ev_io_start(d->loop, &v->pid_watcher);
-	qmp_sync_watcher(v);
+	v->spawning = true; /* spawn_done() takes it from here */
 	*ret = v;
 	return 0;
 }

@@ -21,6 +21,9 @@ struct vmm;
 /* Each may end the VMM (vmm_kill/vmm_free) or its owner; the VMM is held
  * until the callback returns. */
 struct vmm_ops {
+	/* Started: pid and pidfd are set, the exec happened. Optional. A
+	 * start that failed is reported by exited instead, with spawn_error. */
+	void (*spawned)(struct vmm *v, void *ud);
 	void (*ready)(struct vmm *v, void *ud); /* QMP negotiated */
 	void (*event)(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud);
 	void (*exited)(struct vmm *v, void *ud);       /* reaped; exit_code/exit_desc set */
@@ -29,8 +32,12 @@ struct vmm_ops {
 
 struct vmm {
 	struct daemon *d;
-	pid_t pid;
-	int pidfd;
+	pid_t pid;         /* 0 while spawning */
+	int pidfd;         /* -EBADF while spawning */
+	bool spawning;     /* asked of the launcher, not answered yet */
+	uint64_t spawn_id; /* the launcher request, while spawning */
+	int spawn_error;   /* the start failed: the exec's negative errno */
+	char *vm_name;     /* for the VMM's scope */
 	ev_io pid_watcher;
 	qmp *qmp;
 	ev_io qmp_watcher;
@@ -64,11 +71,17 @@ struct vmm_incoming {
 	const char *cpr_main_path, *cpr_state_path;
 };
 
-/* Start a VMM for cfg using the fds held for the VM, with its monitor on
- * qmp_path and its output appended to log_path. in may be NULL. */
 /* Whether pid is a VMM that cprd watches (and so reaps through its pidfd). */
 bool vmm_pid_watched(const struct daemon *d, pid_t pid);
 
+/*
+ * Start a VMM for cfg using the fds held for the VM, with its monitor on
+ * qmp_path and its output appended to log_path. in may be NULL. Returns at
+ * once with *ret spawning (no pid yet): ops->spawned follows once the
+ * launcher has started it, or ops->exited, with spawn_error set, when the
+ * exec failed (the failed child already reaped) or the launcher is gone.
+ * Failing here means nothing was asked of the launcher.
+ */
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
 	      const struct vmm_ops *ops, void *ud, struct vmm **ret);
@@ -93,7 +106,9 @@ json_object *vmm_fd_map(const struct vmm *v);
 
 /* Let go: stop watching and free (later, if v is inside one of its own
  * callbacks). No callback of v's runs again, not even for commands still
- * waiting; the process, if any, and its monitor socket are left alone.
+ * waiting; the process, if any, and its monitor socket are left alone,
+ * except for a VMM still spawning: nobody could ever find that one, so the
+ * launcher's answer, when it comes, kills it (see launcher_cancel).
  * Returns NULL, for `v = vmm_free(v)`. */
 struct vmm *vmm_free(struct vmm *v);
 /* SIGKILL, remove its monitor socket, and let go of it at once as

@@ -106,7 +106,9 @@ class Update(SharedDaemonTest):
         if paused:
             self.assertGreater(rep["blackout_ms"], 0, "the guest was paused and resumed")
         if rep.get("new_pid"):
-            wait_until(lambda: not pid_alive(rep["new_pid"]), 5, "the new VMM to be gone")
+            # Reaped, not merely dead: a zombie is still cprd's child.
+            wait_until(lambda: rep["new_pid"] not in children(self.d.pid), 5,
+                       "the new VMM to be gone")
         self.assert_guest_ok_in(old)
         self.d.wait_fds(fds)
         names = [f["name"] for f in self.d.call("vm.fds", {"name": "upd"})["fds"]]
@@ -121,6 +123,15 @@ class Update(SharedDaemonTest):
         with open(path, "w") as f:
             f.write("not a program\n")
         self.rollback_case(path, "Permission denied")
+
+    def test_3_rollback_new_binary_fails_to_execute(self):
+        # Executable, so the checks before the launch pass: the exec itself
+        # fails, in the launcher, and its answer rolls the update back.
+        path = wrapper(self.d.dir, "noprogram", "")
+        with open(path, "w") as f:
+            f.write("not a program either\n")
+        rep = self.rollback_case(path, f"cannot start the new VMM '{path}': Exec format error")
+        self.assertIsNone(rep["new_pid"])
 
     def test_3_rollback_new_vmm_exits_at_start(self):
         self.rollback_case(wrapper(self.d.dir, "dies", "echo dying on purpose >&2; exit 3"),
