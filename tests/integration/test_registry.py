@@ -54,10 +54,14 @@ class FullStateDir(unittest.TestCase):
         self.assertIn("cannot record VM 'nope' in the registry", err.message)
         self.assertIn(os.path.join(self.d.dir, "registry.json"), err.message)
         self.assertIn("No space left on device", err.message)
-        self.assertEqual(vm_file_holders(self.d.dir, "nope", exclude={self.d.pid}), [],
-                         "a VMM of the VM that was not created still runs")
-        self.assertEqual(self.qemu_children(), {keep["pid"], gone["pid"]})
-        self.assertNotIn("Z", [st for _, st in children(self.d.pid).values()], "a zombie")
+        # Its VMM was SIGKILLed before the answer; cprd reaps it from its
+        # loop, never waiting for it there: give that a moment.
+        wait_until(lambda: not vm_file_holders(self.d.dir, "nope", exclude={self.d.pid}), 10,
+                   "the VMM of the VM that was not created to be gone")
+        wait_until(lambda: self.qemu_children() == {keep["pid"], gone["pid"]}, 10,
+                   "only the two VMs' VMMs to be cprd's children")
+        wait_until(lambda: "Z" not in [st for _, st in children(self.d.pid).values()], 10,
+                   "no zombie")
         self.assertFalse(os.path.exists(os.path.join(self.d.dir, "vms", "nope")))
         self.assertEqual(self.d.settled_fds(), base_fds, "the failed create leaked fds")
 
