@@ -243,6 +243,11 @@ class Update(SharedDaemonTest):
                 phases.append((strategy, delay, rep["result"], rep.get("phase")))
                 self.assertIn(rep["result"], ("ok", "rolled-back"), rep)
                 self.assertIsNone(self.d.proc.poll(), "cprd died")
+                # The VMM that lost is SIGKILLed and reaped from cprd's loop.
+                loser = old if rep["result"] == "ok" else rep.get("new_pid")
+                if loser:
+                    wait_until(lambda: loser not in children(self.d.pid), 10,
+                               f"VMM {loser} to be reaped")
                 self.assert_guest_ok_in(rep["new_pid"] if rep["result"] == "ok" else old)
         print(f"\n    cprd stopped during: {phases}")
 
