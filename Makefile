@@ -57,6 +57,16 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 
+# The update engine's suite runs the daemon itself, every object but
+# main.o, on its own event loop: it links what cprd links.
+$(B)/libdaemon.a: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
+	$(AR) rcs $@ $^
+$(B)/tests/test_update: tests/unit/test_update.c $(B)/libdaemon.a $(B)/libkvm.a \
+		$(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS) \
+		$(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+
 deps:
 	@sh scripts/install-deps.sh
 
