@@ -1400,6 +1400,9 @@ START_TEST(handover_committed_new_exit_without_resume_rolls_back)
 
 	r = the_report(vm);
 	check_report(r, "handover", "rolled-back", "commit");
+	/* Its exit, not the cont its closed monitor left unanswered, says why. */
+	check_error(r, "the new VMM killed by signal KILL while waiting for the new VMM to run the "
+		       "guest");
 	check_blackout(r, "30.500");
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
@@ -1452,6 +1455,40 @@ START_TEST(handover_committed_new_vmm_silent_is_killed_after_5s_and_rolled_back)
 
 	r = the_report(vm);
 	check_report(r, "handover", "rolled-back", "commit");
+	check_error(r, "the new VMM did not confirm within 5 s that it runs the guest, and was "
+		       "ended before it did");
+	check_blackout(r, "30.500");
+	ck_assert(fake_reaped(&nw));
+	ck_assert_int_eq(vm->vmm->pid, old.pid);
+	FINISH(vm, &old, &nw);
+}
+END_TEST
+
+/* Its monitor closes but the process lives on: not yet an exit. For 0.5 s
+ * nothing happens; then it is SIGKILLed and judged by what it had said
+ * (nothing): only once it is gone is the old VMM resumed. */
+START_TEST(handover_committed_new_monitor_closed_alive_is_killed_before_old_resumes)
+{
+	struct fake old = FAKE("old"), nw = FAKE("new");
+	struct vm *vm = vm_up(&old);
+	_cleanup_json_ json_object *r = NULL;
+	uint64_t t0;
+	int64_t stats;
+
+	handover_to_commit(vm, &old, &nw, &stats);
+	nw.mon = safe_close(nw.mon);
+	t0 = now_usec(CLOCK_MONOTONIC);
+	while (now_usec(CLOCK_MONOTONIC) - t0 < 200000)
+		turn();
+	ck_assert(fake_alive(&nw));
+	fake_quiet(&old);
+	ck_assert_int_eq(phase(vm), PHASE_COMMIT);
+	RUN_UNTIL(!fake_alive(&nw)); /* SIGKILLed by the engine */
+	old_rolls_back(vm, &old, true, true);
+
+	r = the_report(vm);
+	check_report(r, "handover", "rolled-back", "commit");
+	check_error(r, "the new VMM did not confirm");
 	check_blackout(r, "30.500");
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
@@ -1908,6 +1945,8 @@ static const struct {
 	  &handover_committed_new_exit_right_after_resume_keeps_switch_never_conts_old },
 	{ "handover_committed_new_vmm_silent_is_killed_after_5s_and_rolled_back",
 	  &handover_committed_new_vmm_silent_is_killed_after_5s_and_rolled_back },
+	{ "handover_committed_new_monitor_closed_alive_is_killed_before_old_resumes",
+	  &handover_committed_new_monitor_closed_alive_is_killed_before_old_resumes },
 	{ "handover_old_exit_and_new_monitor_eof_in_one_turn_end_the_update_once",
 	  &handover_old_exit_and_new_monitor_eof_in_one_turn_end_the_update_once },
 	{ "handover_both_vmms_exit_in_one_turn_while_migrating_end_the_update_once",
