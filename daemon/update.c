@@ -652,6 +652,13 @@ void update_old_vmm_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
 
+	/* After the switch the VM's VMM is the new one: the guest ran there
+	 * and went with it. */
+	if (u->phase == PHASE_END_OLD) {
+		add_error(u, "the new VMM %s after it took over the guest", vm->exit_desc);
+		end_lost(u);
+		return;
+	}
 	add_error(u, "the old VMM %s while %s", vm->exit_desc, phase_doing[u->phase]);
 	if (u->phase == PHASE_MIGRATE) {
 		/* It may have sent everything before it went: if the new VMM

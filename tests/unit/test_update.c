@@ -1428,6 +1428,8 @@ START_TEST(handover_committed_new_exit_right_after_resume_keeps_switch_never_con
 
 	r = the_report(vm);
 	check_report(r, "handover", "failed", "end-old");
+	check_error(r, "the new VMM killed by signal KILL after it took over the guest");
+	ck_assert(!strstr(rstr(r, "error"), "old VMM"));
 	check_blackout(r, "4.250");
 	check_crashed_memory_held(vm);
 	RUN_UNTIL(fake_reaped(&old));
