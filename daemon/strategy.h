@@ -93,8 +93,9 @@ struct update {
 	ev_timer reap;        /* frees the update once its end has unwound */
 	double timeout;
 	bool ended;
-	bool old_gone;    /* the old VMM exited before the switch */
-	bool killing_new; /* committed, unconfirmed: waiting for its exit */
+	bool old_gone;             /* the old VMM exited before the switch */
+	bool killing_new;          /* committed, unconfirmed: waiting for its exit */
+	bool awaiting_old_monitor; /* rolling back: its monitor is to come back */
 	bool stats_asked, stats_pending;
 	unsigned cont_tries;
 	uint64_t t0_mono, t0_real;

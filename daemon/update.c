@@ -256,6 +256,8 @@ static void end_lost(struct update *u)
 
 /* ---- rollback: only before the guest ran in the new VMM ---- */
 
+static void resume_old(struct update *u);
+
 static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
 
 static void try_cont(struct update *u)
@@ -337,23 +339,46 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	}
 	vmm_cancel(vm->vmm, u);
 	arm(u, ROLLBACK_TIMEOUT);
-	/* Stop any outgoing migration (harmless when there is none), let the
-	 * strategy drop what the old VMM holds for it, then make sure the
-	 * guest runs. */
-	if (vmm_command(vm->vmm, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0) {
+	if (!vmm_connected(vm->vmm)) {
+		/* Its monitor closed: either it is exiting (the exit comes and
+		 * says so) or it lives on and cprd reconnects (then resume). */
+		u->awaiting_old_monitor = true;
+		return;
+	}
+	resume_old(u);
+}
+
+/* Stop any outgoing migration (harmless when there is none), let the
+ * strategy drop what the old VMM holds for it, then make sure the guest
+ * runs. */
+static void resume_old(struct update *u)
+{
+	struct vmm *old = u->vm->vmm;
+
+	u->awaiting_old_monitor = false;
+	if (vmm_command(old, "migrate_cancel", NULL, -EBADF, NULL, NULL) < 0) {
 		add_error(u, "cannot resume the old VMM: its monitor is gone");
 		end(u, "failed");
 		return;
 	}
 	if (u->s->rollback)
-		u->s->rollback(u, vm->vmm);
-	if (vmm_command(vm->vmm, "query-status", NULL, -EBADF, status_for_rollback, u) < 0) {
+		u->s->rollback(u, old);
+	if (vmm_command(old, "query-status", NULL, -EBADF, status_for_rollback, u) < 0) {
 		add_error(u, "cannot resume the old VMM: its monitor is gone");
 		end(u, "failed");
 	}
 }
 
+void update_vm_vmm_ready(struct update *u)
+{
+	if (u->phase == PHASE_ROLLBACK && u->awaiting_old_monitor)
+		resume_old(u);
+}
+
 /* ---- after the switch: end the old VMM ---- */
+
+static void update_old_vmm_event(struct update *u, const char *event, json_object *data,
+				 int64_t ts_us);
 
 static void old_ended(struct vmm *v, void *ud)
 {
@@ -624,7 +649,16 @@ void update_migrate(struct update *u, json_object *args)
 		update_rollback(u, "lost the old VMM's monitor");
 }
 
-void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+{
+	/* After the switch the VM's own VMM is the new one, whose events are
+	 * no longer the update's business. */
+	if (u->phase != PHASE_END_OLD)
+		update_old_vmm_event(u, event, data, ts_us);
+}
+
+static void update_old_vmm_event(struct update *u, const char *event, json_object *data,
+				 int64_t ts_us)
 {
 	const char *st;
 
@@ -648,15 +682,14 @@ void update_old_vmm_event(struct update *u, const char *event, json_object *data
 		u->s->old_event(u, event, data);
 }
 
-void update_old_vmm_exited(struct update *u)
+void update_vm_vmm_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	/* After the switch the VM's VMM is the new one: the guest ran there
-	 * and went with it. */
 	if (u->phase == PHASE_END_OLD) {
-		add_error(u, "the new VMM %s after it took over the guest", vm->exit_desc);
-		end_lost(u);
+		/* The VM's VMM is the new one by now: it is the one that died,
+		 * after the guest moved to it. The update still ends the old. */
+		vm_vmm_lost(vm);
 		return;
 	}
 	add_error(u, "the old VMM %s while %s", vm->exit_desc, phase_doing[u->phase]);
@@ -698,7 +731,16 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		kill_unconfirmed(u);
 		return;
 	case PHASE_ROLLBACK:
-		add_error(u, "the old VMM did not resume in time");
+		if (u->awaiting_old_monitor && u->failed_in < PHASE_MIGRATE &&
+		    vmm_alive(u->vm->vmm)) {
+			/* Never told to migrate: the guest never paused. */
+			add_error(u, "the old VMM's monitor is gone; the guest never paused and "
+				     "runs on in it");
+			end(u, "rolled-back");
+			return;
+		}
+		add_error(u, u->awaiting_old_monitor ? "the old VMM's monitor did not come back"
+						     : "the old VMM did not resume in time");
 		end(u, "failed");
 		return;
 	case PHASE_END_OLD:
@@ -720,8 +762,18 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c)
 {
-	struct update *u = calloc(1, sizeof(*u));
+	struct update *u;
+	int r;
 
+	/* A monitor connection that closed a moment ago is taken up again
+	 * now rather than by the reconnect timer. */
+	if (!vmm_connected(vm->vmm) && (r = vmm_reconnect(vm->vmm)) < 0) {
+		call_fail(c, JSONRPC_ERR_VMM,
+			  "VM '%s': cannot reach its VMM's monitor (%s); nothing was changed",
+			  vm->cfg.name, strerror(-r));
+		return;
+	}
+	u = calloc(1, sizeof(*u));
 	if (!u) {
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;

@@ -28,9 +28,12 @@ const char *update_current_phase(const struct update *u);
 void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c);
 
-/* Routed here by vm.c while vm->update is set. */
-void update_old_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
-void update_old_vmm_exited(struct update *u);
+/* Routed here by vm.c while vm->update is set: the VM's own VMM (the old
+ * one until the switch) said something, or exited. */
+void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
+void update_vm_vmm_exited(struct update *u);
+/* Its monitor answers again (after cprd reconnected to it). */
+void update_vm_vmm_ready(struct update *u);
 /* Daemon shutting down: stop tracking the update and end no process; the
  * next cprd settles it from the registry. */
 void update_abandon(struct update *u);

@@ -285,7 +285,7 @@ static void vmm_exited(struct vmm *v, void *ud)
 		return;
 	default:
 		if (vm->update) {
-			update_old_vmm_exited(vm->update); /* decides what the VM is now */
+			update_vm_vmm_exited(vm->update); /* decides what the VM is now */
 			return;
 		}
 		vm_vmm_lost(vm);
@@ -311,7 +311,7 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 	struct vm *vm = ud;
 
 	if (vm->update)
-		update_old_vmm_event(vm->update, event, data, ts_us);
+		update_vm_vmm_event(vm->update, event, data, ts_us);
 	if (streq(event, "STOP") && vm->state == VM_RUNNING)
 		vm_set_state(vm, VM_PAUSED);
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
@@ -349,16 +349,38 @@ static void vmm_ready(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
 
+	if (vm->update) {
+		update_vm_vmm_ready(vm->update);
+		return;
+	}
 	if (vm->state != VM_STARTING)
 		return;
 	if (vmm_command(v, "query-status", NULL, -EBADF, started, vm) < 0)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
 }
 
+/* The VMM lives on without a monitor (something closed the connection):
+ * QEMU's monitor listens again, so connect anew. */
+static void vmm_monitor_lost(struct vmm *v, void *ud)
+{
+	struct vm *vm = ud;
+	int r = vmm_reconnect(v);
+
+	if (r < 0)
+		log_warning("VM %s: VMM pid %d closed its monitor and cprd cannot reconnect to %s: "
+			    "%s; retrying",
+			    vm->cfg.name, (int)v->pid, v->qmp_path ? v->qmp_path : "?",
+			    strerror(-r));
+	else
+		log_notice("VM %s: VMM pid %d closed its monitor; reconnected", vm->cfg.name,
+			   (int)v->pid);
+}
+
 static const struct vmm_ops vm_vmm_ops = {
 	.ready = vmm_ready,
 	.event = vmm_event,
 	.exited = vmm_exited,
+	.monitor_lost = vmm_monitor_lost,
 };
 
 static void store_pidfd(struct vm *vm)

@@ -20,6 +20,8 @@
 
 #define VMM_KILL_WAIT 2.0 /* seconds */
 #define MONITOR_GRACE 0.5 /* seconds; see monitor_gone() */
+#define MONITOR_RECONNECT_EVERY 1.0
+#define MONITOR_RECONNECTS 30
 
 /* As subreaper cprd inherits whatever a VMM leaves behind (a wrapper's
  * stray child, a helper QEMU forked): reap those. A VMM it watches is left
@@ -513,17 +515,35 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 	return v;
 }
 
-int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
-	       const struct vmm_ops *ops, void *ud, struct vmm **ret)
+/* A new client of the monitor a running VMM listens on at v->qmp_path. */
+static int connect_monitor(struct vmm *v)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	_cleanup_close_ int c = -EBADF;
+	int r;
+
+	if (!v->qmp_path || strlen(v->qmp_path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	strcpy(sa.sun_path, v->qmp_path);
+	c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return -errno;
+	r = qmp_new(c, &v->qmp);
+	if (r < 0)
+		return r;
+	TAKE_FD(c);
+	qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
+	return 0;
+}
+
+int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const char *qmp_path,
+	       const struct vmm_ops *ops, void *ud, struct vmm **ret)
+{
 	struct vmm *v;
 	int r;
 
-	if (strlen(qmp_path) >= sizeof(sa.sun_path))
+	if (strlen(qmp_path) >= sizeof(((struct sockaddr_un *)NULL)->sun_path))
 		return -ENAMETOOLONG;
-	strcpy(sa.sun_path, qmp_path);
 	v = vmm_new(d, binary, qmp_path, ops, ud);
 	if (!v)
 		return -ENOMEM;
@@ -532,17 +552,36 @@ int vmm_attach(struct daemon *d, pid_t pid, int pidfd, const char *binary, const
 	v->start_time = proc_start_time(pid);
 	/* Without a monitor the VMM is still watched (its pidfd) and kept: a
 	 * guest is never ended just because cprd cannot talk to its VMM. */
-	c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		r = -errno;
-	else
-		r = qmp_new(c, &v->qmp);
-	if (r >= 0) {
-		TAKE_FD(c);
-		qmp_set_handlers(v->qmp, on_qmp_ready, on_qmp_event, v);
-	}
+	r = connect_monitor(v);
 	*ret = v;
 	return r < 0 ? -ENOTCONN : 0;
+}
+
+bool vmm_connected(const struct vmm *v)
+{
+	return v && v->qmp && !v->muted && !v->doomed;
+}
+
+int vmm_reconnect(struct vmm *v)
+{
+	int r;
+
+	if (vmm_connected(v))
+		return 0;
+	if (!vmm_alive(v) || !v->qmp_path)
+		return -ESRCH;
+	r = connect_monitor(v);
+	if (r >= 0) {
+		v->reconnects = 0;
+		qmp_sync_watcher(v);
+		return 0;
+	}
+	/* Asked again from the same timer, boundedly. */
+	if (++v->reconnects < MONITOR_RECONNECTS) {
+		ev_timer_set(&v->monitor_timer, MONITOR_RECONNECT_EVERY, 0.);
+		ev_timer_start(v->d->loop, &v->monitor_timer);
+	}
+	return r;
 }
 
 void vmm_watch(struct vmm *v)

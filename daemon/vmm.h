@@ -54,6 +54,7 @@ struct vmm {
 	bool ending;            /* SIGKILLed: reaped from the loop, then destroyed */
 	ev_timer kill_timer;    /* bounds how long an ending VMM is waited for */
 	ev_timer monitor_timer; /* monitor closed: does the process outlive it? */
+	unsigned reconnects;    /* failed attempts to connect to it again */
 };
 
 /* How a new VMM receives its guest: not at all (a fresh boot), with
@@ -106,6 +107,12 @@ bool vmm_alive(const struct vmm *v);
  * waiting in the socket are seen before a decision that depends on them.
  * false when the monitor is gone. */
 bool vmm_drain(struct vmm *v);
+/* Whether cprd can talk to the VMM now. */
+bool vmm_connected(const struct vmm *v);
+/* The monitor connection closed while the VMM lives on: connect to its
+ * monitor socket again (QEMU listens anew). Retried every second for a
+ * while, through ops->monitor_lost, when the connection fails. */
+int vmm_reconnect(struct vmm *v);
 /* Forget ud's commands still waiting on v's monitor (see qmp_cancel). */
 size_t vmm_cancel(struct vmm *v, void *ud);
 

