@@ -64,7 +64,7 @@
 #define T_OLD_RESUME 1700000000130500LL /* 30.500 ms later */
 #define PLAIN (JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE)
 
-/* ---- relay mode: the "VMM" process ------------------------------------- */
+/* ---- relay mode: the "VMM" process --------------------------------------- */
 
 /* Runs instead of the tests when the launcher starts this executable as a
  * VMM. Its stdout and stderr are the VM's vmm.log. */
@@ -112,7 +112,7 @@ static int relay_main(int argc, char **argv)
 	return (unsigned char)c;
 }
 
-/* ---- the daemon under test, one per test process ------------------------ */
+/* ---- the daemon under test, one per test process ------------------------- */
 
 static struct daemon D;
 static char base[PATH_MAX - 128]; /* every test's state directory is in here */
@@ -281,7 +281,7 @@ static void turns(int n)
 		}                                                                             \
 	} while (0)
 
-/* ---- one VMM as the test plays it -------------------------------------- */
+/* ---- one VMM as the test plays it ---------------------------------------- */
 
 struct fake {
 	const char *role; /* "old" or "new", for messages */
@@ -1019,7 +1019,7 @@ START_TEST(handover_ok_commands_in_order_cont_after_completed_then_old_stats_and
 }
 END_TEST
 
-/* ---- 2. the old VMM exits while the new one is prepared ----------------- */
+/* ---- 2. the old VMM exits while the new one is prepared ------------------ */
 
 /* Nothing of a finished update reacts to what either VMM still says. */
 static void check_ended_for_good(struct vm *vm, struct fake *old, struct fake *nw,
@@ -1222,7 +1222,7 @@ START_TEST(handover_new_exit_while_migrating_rolls_back_and_conts_paused_old)
 }
 END_TEST
 
-/* ---- 4, 5. the deadline ---------------------------------------------------- */
+/* ---- 4, 5. the deadline -------------------------------------------------- */
 
 /* cprd stopped past the deadline while the new VMM completed: the event
  * waits unread when the timer fires, and must be read first. */
@@ -1293,7 +1293,7 @@ START_TEST(handover_deadline_with_nothing_unread_rolls_back_and_kills_new)
 }
 END_TEST
 
-/* ---- 6. a reply on the new VMM's own monitor ends it ---------------------- */
+/* ---- 6. a reply on the new VMM's own monitor ends it --------------------- */
 
 /* The refusal comes with more behind it in the same read: the new VMM is
  * let go of from inside its own dispatch, which must read on safely and
@@ -1370,7 +1370,7 @@ START_TEST(handover_refused_prepare_on_new_vmm_rolls_back_from_inside_its_dispat
 }
 END_TEST
 
-/* ---- 7. after the commit ---------------------------------------------------- */
+/* ---- 7. after the commit ------------------------------------------------- */
 
 /* To the commit: the old VMM paused and completed (its byte count asked,
  * unanswered), the new VMM completed and was told `cont`, unanswered. */
@@ -1509,7 +1509,7 @@ START_TEST(handover_committed_new_monitor_closed_alive_is_killed_before_old_resu
 }
 END_TEST
 
-/* ---- 8. one end, whatever arrives together ---------------------------------- */
+/* ---- 8. one end, whatever arrives together ------------------------------- */
 
 START_TEST(handover_old_exit_and_new_monitor_eof_in_one_turn_end_the_update_once)
 {
@@ -1560,7 +1560,7 @@ START_TEST(handover_both_vmms_exit_in_one_turn_while_migrating_end_the_update_on
 }
 END_TEST
 
-/* ---- 9. the phase tables ------------------------------------------------------ */
+/* ---- 9. the phase tables ------------------------------------------------- */
 
 static bool bug_logged(const char *line)
 {
@@ -1660,7 +1660,7 @@ START_TEST(handover_rollback_asked_after_switch_is_refused_and_never_resumes_old
 }
 END_TEST
 
-/* ---- cpr-transfer -------------------------------------------------------------- */
+/* ---- cpr-transfer -------------------------------------------------------- */
 
 static void cpr_prepare_old(struct vm *vm, struct fake *old)
 {
