@@ -1985,6 +1985,7 @@ static const struct {
 
 int main(int argc, char **argv)
 {
+	const char *tmp;
 	int failed;
 	SRunner *sr;
 	Suite *s;
@@ -2000,8 +2001,12 @@ int main(int argc, char **argv)
 		perror("realpath /proc/self/exe");
 		return 1;
 	}
-	snprintf(base, sizeof(base), "%s/cprd-test-update-XXXXXX",
-		 getenv("TMPDIR") && getenv("TMPDIR")[0] ? getenv("TMPDIR") : "/tmp");
+	/* The VMs' monitor and cpr sockets are bound in there: a unix socket
+	 * path has at most 107 bytes. */
+	tmp = getenv("TMPDIR");
+	if (!tmp || !tmp[0] || strlen(tmp) > 40)
+		tmp = "/tmp";
+	snprintf(base, sizeof(base), "%s/cprd-test-update-XXXXXX", tmp);
 	if (!mkdtemp(base)) {
 		perror("mkdtemp");
 		return 1;
