@@ -82,6 +82,16 @@ asan:
 	@sh scripts/need-clang.sh $(B)/asan $(ASAN_CC) $(SAN_FLAGS)
 	@$(MAKE) --no-print-directory B=$(B)/asan SANITIZE=1 CC=$(ASAN_CC) all
 
+# The update engine's suite runs the daemon itself, every object but
+# main.o, on its own event loop: it links what cprd links.
+$(B)/libdaemon.a: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
+	$(AR) rcs $@ $^
+$(B)/tests/test_update: tests/unit/test_update.c $(B)/libdaemon.a $(B)/libkvm.a \
+		$(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS) \
+		$(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+
 deps:
 	@sh scripts/install-deps.sh
 

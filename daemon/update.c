@@ -468,8 +468,10 @@ static void cont_new_done(qmp *q, json_object *ret, const char *cls, const char 
 {
 	struct update *u = ud;
 
-	/* Refused: it did not run the guest, so going back is still safe. */
-	if (!ret && u->phase == PHASE_COMMIT)
+	/* Refused: it did not run the guest, so going back is still safe. A
+	 * monitor that closed refused nothing: the VMM's exit, read to the
+	 * end, or its lost monitor decides (next_exited, next_monitor_lost). */
+	if (!ret && u->phase == PHASE_COMMIT && !streq(cls, "Disconnected"))
 		update_rollback(u, "the new VMM refused to run the guest: %s", desc);
 }
 
