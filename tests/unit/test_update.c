@@ -236,6 +236,8 @@ static void setup(void)
 
 	D.loop = ev_loop_new(EVFLAG_AUTO);
 	ck_assert_ptr_nonnull(D.loop);
+	/* Its answers come on the loop, as in cprd. */
+	ck_assert_int_eq(launcher_watch(&D.launcher, D.loop, NULL, NULL), 0);
 	ev_init(&tick, tick_cb);
 	ev_prepare_init(&flush, flush_cb);
 	ev_prepare_start(D.loop, &flush);
@@ -629,6 +631,8 @@ static struct vm *vm_up(struct fake *old)
 	ck_assert_ptr_nonnull(vm);
 	ck_assert_int_eq(vm->state, VM_STARTING);
 	fake_attach(old);
+	/* The launcher answers on the loop: the pid is known once it has. */
+	RUN_UNTIL(vm->vmm->pid != 0);
 	ck_assert_int_eq(old->pid, vm->vmm->pid);
 	ck_assert(!has_arg(old, "-S", NULL) && !has_arg(old, "-incoming", NULL));
 	fake_greet(old, OLD_VERSION);
@@ -835,6 +839,7 @@ static void handover_attach_new(struct vm *vm, struct fake *nw)
 {
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
+	RUN_UNTIL(vm->update->next && vm->update->next->pid != 0);
 	ck_assert_int_eq(nw->pid, vm->update->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
@@ -1685,6 +1690,7 @@ static void cpr_attach_new(struct vm *vm, struct fake *nw)
 
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
+	RUN_UNTIL(vm->update->next && vm->update->next->pid != 0);
 	ck_assert_int_eq(nw->pid, vm->update->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
