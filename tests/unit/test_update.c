@@ -1305,6 +1305,28 @@ START_TEST(handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back)
 }
 END_TEST
 
+/* Known gone already: the start fails at once, inside update_start(). */
+START_TEST(handover_launcher_gone_before_the_update_rolls_back_at_once)
+{
+	struct fake old = FAKE("old");
+	struct vm *vm = vm_up(&old);
+	_cleanup_json_ json_object *r = NULL;
+
+	ck_assert_int_eq(kill(D.launcher.pid, SIGKILL), 0);
+	RUN_UNTIL(D.launcher.gone);
+	start(vm, "handover", NO_DEADLINE);
+	ck_assert_int_eq(phase(vm), PHASE_ROLLBACK);
+	old_rolls_back(vm, &old, true, false);
+
+	r = the_report(vm);
+	check_never_started(r, "cprd's VMM launcher has exited");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-status,migrate_cancel,closefd,query-status");
+	fd_baseline--; /* the launcher's socket, closed once it was lost */
+	FINISH(vm, &old);
+}
+END_TEST
+
 /* ---- 4, 5. the deadline -------------------------------------------------- */
 
 /* cprd stopped past the deadline while the new VMM completed: the event
@@ -2030,6 +2052,8 @@ static const struct {
 	  &handover_new_vmm_that_cannot_be_executed_rolls_back },
 	{ "handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back",
 	  &handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back },
+	{ "handover_launcher_gone_before_the_update_rolls_back_at_once",
+	  &handover_launcher_gone_before_the_update_rolls_back_at_once },
 	{ "handover_new_exit_while_migrating_rolls_back_and_conts_paused_old",
 	  &handover_new_exit_while_migrating_rolls_back_and_conts_paused_old },
 	{ "handover_deadline_with_completed_event_unread_commits_never_rolls_back",
