@@ -75,22 +75,17 @@ $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 $(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o
 $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 
+# The update engine's suite runs the daemon itself, every object but
+# main.o, on its own event loop: it links what cprd links.
+$(B)/tests/test_update: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
+$(B)/tests/test_update: TEST_LIBS = $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+
 # cprd and cprctl again, with ASan + UBSan (+ LSan), in $(B)/asan; installs
 # clang and its sanitizer runtimes when they are missing.
 ASAN_CC ?= clang
 asan:
 	@sh scripts/need-clang.sh $(B)/asan $(ASAN_CC) $(SAN_FLAGS)
 	@$(MAKE) --no-print-directory B=$(B)/asan SANITIZE=1 CC=$(ASAN_CC) all
-
-# The update engine's suite runs the daemon itself, every object but
-# main.o, on its own event loop: it links what cprd links.
-$(B)/libdaemon.a: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
-	$(AR) rcs $@ $^
-$(B)/tests/test_update: tests/unit/test_update.c $(B)/libdaemon.a $(B)/libkvm.a \
-		$(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
-	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $(filter %.c,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS) \
-		$(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
 
 deps:
 	@sh scripts/install-deps.sh

@@ -547,7 +547,10 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 	v->spawned_usec = now_usec(CLOCK_MONOTONIC);
 	r = spawn(v, cfg, qmp_listen, log_path, in);
 	if (r < 0) {
-		vmm_free(v); /* nothing was asked of the launcher */
+		/* Nothing was asked of the launcher, and nothing will ever listen
+		 * where the monitor was bound. */
+		unlink(qmp_path);
+		vmm_free(v);
 		return r;
 	}
 	v->spawning = true; /* spawn_done() takes it from here */

@@ -194,6 +194,13 @@ static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 		(void)vm_registry_commit(&D);
 }
 
+/* main.c's: the orphan reaper waits while starts are in flight. */
+static void launcher_event(enum launcher_event ev, pid_t pid, size_t n, void *ud)
+{
+	if (ev == LAUNCHER_SETTLED)
+		vmm_reap_orphans(&D);
+}
+
 static void setup(void)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -236,11 +243,10 @@ static void setup(void)
 
 	D.loop = ev_loop_new(EVFLAG_AUTO);
 	ck_assert_ptr_nonnull(D.loop);
-	/* Its answers come on the loop, as in cprd. */
-	ck_assert_int_eq(launcher_watch(&D.launcher, D.loop, NULL, NULL), 0);
 	ev_init(&tick, tick_cb);
 	ev_prepare_init(&flush, flush_cb);
 	ev_prepare_start(D.loop, &flush);
+	ck_assert_int_eq(launcher_watch(&D.launcher, D.loop, launcher_event, NULL), 0);
 	ev_run(D.loop, EVRUN_NOWAIT);
 	fd_baseline = count_fds();
 }
@@ -631,8 +637,7 @@ static struct vm *vm_up(struct fake *old)
 	ck_assert_ptr_nonnull(vm);
 	ck_assert_int_eq(vm->state, VM_STARTING);
 	fake_attach(old);
-	/* The launcher answers on the loop: the pid is known once it has. */
-	RUN_UNTIL(vm->vmm->pid != 0);
+	RUN_UNTIL(vm->vmm->pid > 0); /* the launcher's answer */
 	ck_assert_int_eq(old->pid, vm->vmm->pid);
 	ck_assert(!has_arg(old, "-S", NULL) && !has_arg(old, "-incoming", NULL));
 	fake_greet(old, OLD_VERSION);
@@ -839,7 +844,7 @@ static void handover_attach_new(struct vm *vm, struct fake *nw)
 {
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
-	RUN_UNTIL(vm->update->next && vm->update->next->pid != 0);
+	RUN_UNTIL(vm->update->next->pid > 0);
 	ck_assert_int_eq(nw->pid, vm->update->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
@@ -1224,6 +1229,101 @@ START_TEST(handover_new_exit_while_migrating_rolls_back_and_conts_paused_old)
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,migrate-set-capabilities,getfd,qom-list-types,"
 				  "migrate-incoming");
 	FINISH(vm, &old, &nw);
+}
+END_TEST
+
+/* No new VMM ever runs: the old one, told to prepare, is only rolled back.
+ * Its preparation is read, unanswered. */
+static void old_prepared_then_rolled_back(struct vm *vm, struct fake *old)
+{
+	fake_expect(old, "query-migrate-capabilities");
+	fake_expect(old, "migrate-set-parameters");
+	fake_expect(old, "getfd");
+	close(fake_take_fd(old));
+	RUN_UNTIL(phase(vm) == PHASE_ROLLBACK);
+	old_rolls_back(vm, old, true, false);
+}
+
+static void check_never_started(json_object *r, const char *error)
+{
+	ck_assert_str_eq(rstr(r, "result"), "rolled-back");
+	ck_assert_str_eq(rstr(r, "phase"), "launch");
+	check_error(r, error);
+	check_blackout(r, "0.000");
+	ck_assert(!json_object_object_get(r, "new_pid"));
+	ck_assert(!json_object_object_get(r, "new_version"));
+	ck_assert_int_eq(poll(&(struct pollfd){ .fd = relay_listen, .events = POLLIN }, 1, 0), 0);
+}
+
+/* The launcher answers that the exec failed: the failed child is reaped,
+ * and the update rolls back saying why. */
+START_TEST(handover_new_vmm_that_cannot_be_executed_rolls_back)
+{
+	struct fake old = FAKE("old");
+	struct vm *vm = vm_up(&old);
+	_cleanup_json_ json_object *r = NULL;
+	char bad[PATH_MAX + 16];
+	int fd;
+
+	snprintf(bad, sizeof(bad), "%s/not-a-vmm", dir);
+	fd = open(bad, O_WRONLY | O_CREAT | O_CLOEXEC, 0755);
+	ck_assert_int_eq(write(fd, "not a program\n", 14), 14);
+	close(fd);
+	update_start(vm, strategy_find("handover"), bad, NO_DEADLINE, NULL);
+	old_prepared_then_rolled_back(vm, &old);
+
+	r = the_report(vm);
+	check_never_started(r, "cannot start the new VMM");
+	check_error(r, strerror(ENOEXEC));
+	ck_assert_str_eq(rstr(r, "new_vmm"), bad);
+	ck_assert_int_eq(vm->vmm->pid, old.pid);
+	FINISH(vm, &old);
+}
+END_TEST
+
+/* The launcher dies with the new VMM's start in flight (stopped, then
+ * killed, so that it never answers): the start fails from the loop. */
+START_TEST(handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back)
+{
+	struct fake old = FAKE("old");
+	struct vm *vm = vm_up(&old);
+	_cleanup_json_ json_object *r = NULL;
+
+	ck_assert_int_eq(kill(D.launcher.pid, SIGSTOP), 0);
+	start(vm, "handover", NO_DEADLINE);
+	ck_assert_uint_eq(launcher_in_flight(&D.launcher), 1);
+	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
+	ck_assert_int_eq(kill(D.launcher.pid, SIGKILL), 0);
+	old_prepared_then_rolled_back(vm, &old);
+
+	r = the_report(vm);
+	check_never_started(r, "cprd's VMM launcher has exited");
+	ck_assert(D.launcher.gone && D.launcher.sock < 0);
+	ck_assert_int_eq(vm->vmm->pid, old.pid);
+	fd_baseline--; /* the launcher's socket, closed once it was lost */
+	FINISH(vm, &old);
+}
+END_TEST
+
+/* Known gone already: the start fails at once, inside update_start(). */
+START_TEST(handover_launcher_gone_before_the_update_rolls_back_at_once)
+{
+	struct fake old = FAKE("old");
+	struct vm *vm = vm_up(&old);
+	_cleanup_json_ json_object *r = NULL;
+
+	ck_assert_int_eq(kill(D.launcher.pid, SIGKILL), 0);
+	RUN_UNTIL(D.launcher.gone);
+	start(vm, "handover", NO_DEADLINE);
+	ck_assert_int_eq(phase(vm), PHASE_ROLLBACK);
+	old_rolls_back(vm, &old, true, false);
+
+	r = the_report(vm);
+	check_never_started(r, "cprd's VMM launcher has exited");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-status,migrate_cancel,closefd,query-status");
+	fd_baseline--; /* the launcher's socket, closed once it was lost */
+	FINISH(vm, &old);
 }
 END_TEST
 
@@ -1690,7 +1790,7 @@ static void cpr_attach_new(struct vm *vm, struct fake *nw)
 
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
-	RUN_UNTIL(vm->update->next && vm->update->next->pid != 0);
+	RUN_UNTIL(vm->update->next->pid > 0);
 	ck_assert_int_eq(nw->pid, vm->update->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
@@ -1948,6 +2048,12 @@ static const struct {
 	  &handover_new_exit_while_preparing_rolls_back_naming_phase },
 	{ "handover_old_exit_during_rollback_fails_vm_crashed_memory_held",
 	  &handover_old_exit_during_rollback_fails_vm_crashed_memory_held },
+	{ "handover_new_vmm_that_cannot_be_executed_rolls_back",
+	  &handover_new_vmm_that_cannot_be_executed_rolls_back },
+	{ "handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back",
+	  &handover_launcher_gone_with_the_new_vmm_start_in_flight_rolls_back },
+	{ "handover_launcher_gone_before_the_update_rolls_back_at_once",
+	  &handover_launcher_gone_before_the_update_rolls_back_at_once },
 	{ "handover_new_exit_while_migrating_rolls_back_and_conts_paused_old",
 	  &handover_new_exit_while_migrating_rolls_back_and_conts_paused_old },
 	{ "handover_deadline_with_completed_event_unread_commits_never_rolls_back",
