@@ -8,7 +8,7 @@ import tempfile
 import threading
 import unittest
 
-from cprdtest import (CPRD, Conn, Console, Daemon, GUEST_APPEND, GuestTest, INITRD, KERNEL, QEMU,
+from cprdtest import (CPRD, guest_accel, Conn, Console, Daemon, GUEST_APPEND, GuestTest, INITRD, KERNEL, QEMU,
                       RpcError, children, fd_count, kill_vmms_under, pid_alive, require_guest,
                       require_root, vm_file_holders, wait_until, wrapper)
 from svcmgr import ServiceManager
@@ -27,7 +27,7 @@ class FdStore(unittest.TestCase):
         require_guest()
         self.dir = tempfile.mkdtemp(prefix="cprd-test-")
         self.sock = os.path.join(self.dir, "cprd.sock")
-        self.sm = ServiceManager(self.dir, [CPRD, "--foreground", "--state-dir", self.dir])
+        self.sm = ServiceManager(self.dir, [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()])
 
     def tearDown(self):
         log = os.path.join(self.dir, "service.log")

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import unittest
 
-from cprdtest import CPRD, Conn, fill, mount_tmpfs, require_root, wait_until
+from cprdtest import CPRD, guest_accel, Conn, fill, mount_tmpfs, require_root, wait_until
 
 
 class Notify(unittest.TestCase):
@@ -26,7 +26,7 @@ class Notify(unittest.TestCase):
         ns.settimeout(10)
         env = dict(os.environ, NOTIFY_SOCKET=path)
         # No --foreground: under a service manager cprd must not detach.
-        p = subprocess.Popen([CPRD, "--state-dir", os.path.join(self.dir, "state")], env=env,
+        p = subprocess.Popen([CPRD, "--state-dir", os.path.join(self.dir, "state"), "--accel", guest_accel()], env=env,
                              stderr=subprocess.PIPE, text=True)
         try:
             msgs = []
@@ -60,7 +60,7 @@ class Notify(unittest.TestCase):
             ns.settimeout(10)
             env = dict(os.environ, NOTIFY_SOCKET=path)
             with open(os.path.join(self.dir, "cprd.log"), "wb") as log:
-                p = subprocess.Popen([CPRD, "--state-dir", state], env=env, stdout=log,
+                p = subprocess.Popen([CPRD, "--state-dir", state, "--accel", guest_accel()], env=env, stdout=log,
                                      stderr=log)
             try:
                 def next_status():
@@ -96,7 +96,8 @@ class Notify(unittest.TestCase):
             self.skipTest("systemd-socket-activate not installed (package systemd)")
         sock = os.path.join(self.dir, "act.sock")
         p = subprocess.Popen(["systemd-socket-activate", "-l", sock, CPRD, "--foreground",
-                              "--state-dir", os.path.join(self.dir, "state")],
+                              "--state-dir", os.path.join(self.dir, "state"), "--accel",
+                              guest_accel()],
                              stderr=subprocess.PIPE, text=True)
         try:
             wait_until(lambda: os.path.exists(sock), 10, "the activation socket")
