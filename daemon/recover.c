@@ -207,7 +207,12 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 		f.old_status = st_old;
 	strategy_leftovers(vm, up);
 
-	switch (settle_decide(&f)) {
+	enum settle_action action = settle_decide(&f);
+
+	log_info("VM %s: interrupted update (phase %s): new VMM %s, old VMM %s: %s", vm->cfg.name,
+		 update_phase_name(phase), f.new_alive ? (f.new_status ?: "mute") : "gone",
+		 f.old_alive ? (f.old_status ?: "mute") : "gone", settle_action_to_string(action));
+	switch (action) {
 	case SETTLE_KEEP_NEW:
 		if (!streq(st_new, "running"))
 			resume(next, false);

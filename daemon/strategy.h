@@ -123,5 +123,3 @@ bool update_launch(struct update *u, const struct vmm_incoming *in);
 void update_migrate(struct update *u, json_object *args);
 /* The VM's directory, for the strategy's own files. */
 const char *update_vm_dir(const struct update *u);
-/* The new VMM's monitor socket path. */
-int update_next_qmp_path(const struct update *u, char **ret);

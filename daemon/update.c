@@ -92,11 +92,6 @@ const char *update_vm_dir(const struct update *u)
 	return u->vm->dir;
 }
 
-int update_next_qmp_path(const struct update *u, char **ret)
-{
-	return asprintf(ret, "%s/qmp-next.sock", u->vm->dir) < 0 ? -ENOMEM : 0;
-}
-
 /* ---- the report ---- */
 
 /* Milliseconds with microsecond resolution, printed as such. */
@@ -628,7 +623,7 @@ bool update_launch(struct update *u, const struct vmm_incoming *in)
 	_cleanup_free_ char *qmp_path = NULL;
 	int r;
 
-	r = update_next_qmp_path(u, &qmp_path);
+	r = asprintf(&qmp_path, "%s/qmp-next.sock", u->vm->dir) < 0 ? -ENOMEM : 0;
 	if (r >= 0)
 		r = vmm_start(d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
 			      &next_ops, u, &u->next);
