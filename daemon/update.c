@@ -760,8 +760,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		if (u->old_gone)
 			end_lost(u);
 		else
-			update_rollback(u, "timed out while %s (after %g s)",
-					phase_doing[u->phase], u->timeout);
+			update_rollback(u, "timed out while %s (after %g s)", phase_doing[u->phase],
+					u->timeout);
 	}
 }
 
