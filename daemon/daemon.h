@@ -10,6 +10,7 @@
 
 #include "common/clock.h"
 #include "daemon/launcher.h"
+#include "daemon/policy.h"
 #include "daemon/registry.h"
 #include "memstore/memstore.h"
 
@@ -47,6 +48,7 @@ struct daemon {
 	struct sd_bus *bus;          /* to systemd, opened on first use */
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
 	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
+	struct policy policy;        /* which VMMs peers but root may run */
 
 	const struct method *methods; /* the JSON-RPC methods, given by main() */
 	size_t n_methods;

@@ -36,7 +36,8 @@ struct options {
 	const char *state_dir;
 	bool foreground;
 	bool sandbox;
-	const char *accel; /* "auto", "kvm" or "tcg" */
+	const char *accel;     /* "auto", "kvm" or "tcg" */
+	const char *vmm_allow; /* the allow-list of VMM binaries */
 };
 
 static void notify_status(struct daemon *d)
@@ -92,16 +93,19 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--no-sandbox]\n\n"
+	    "            [--vmm-allow FILE] [--no-sandbox]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
 	    "  --accel A         how VMMs run guests: kvm, tcg, or auto (kvm when /dev/kvm\n"
 	    "                    is usable; the default)\n"
+	    "  --vmm-allow FILE  VMM binaries that peers other than root may run, one path or\n"
+	    "                    pattern per line (default %s; without it:\n"
+	    "                    %s)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR);
+	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM);
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -112,13 +116,17 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-sandbox", no_argument, NULL, 'S' },
 		{ "accel", required_argument, NULL, 'a' },
+		{ "vmm-allow", required_argument, NULL, 'A' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true, .accel = "auto" };
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
+			       .sandbox = true,
+			       .accel = "auto",
+			       .vmm_allow = POLICY_DEFAULT_FILE };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -142,6 +150,9 @@ static int parse_options(int argc, char **argv, struct options *o)
 			}
 			o->accel = optarg;
 			break;
+		case 'A':
+			o->vmm_allow = optarg;
+			break;
 		case 'h':
 			help();
 			exit(0);
@@ -156,6 +167,26 @@ static int parse_options(int argc, char **argv, struct options *o)
 		fprintf(stderr, "cprd: unexpected argument '%s'\n", argv[optind]);
 		return -EINVAL;
 	}
+	return 0;
+}
+
+static int load_policy(struct policy *p, const char *path)
+{
+	unsigned line;
+	int r = policy_load(p, path, &line);
+
+	if (r == -EPERM)
+		return log_error_errno(r,
+				       "%s can be changed by others than root: refusing to use "
+				       "it as the allow-list of VMM binaries",
+				       path);
+	if (r < 0 && line > 0)
+		return log_error_errno(r,
+				       "%s:%u: an absolute path or pattern of VMM binaries "
+				       "expected",
+				       path, line);
+	if (r < 0)
+		return log_error_errno(r, "cannot read the allow-list of VMM binaries %s", path);
 	return 0;
 }
 
@@ -464,6 +495,8 @@ int main(int argc, char **argv)
 	}
 	log_setup();
 	signal(SIGPIPE, SIG_IGN);
+	if (load_policy(&d.policy, o.vmm_allow) < 0)
+		return 1;
 	if (setup_state_dir(&d, o.state_dir) < 0)
 		return 1;
 	if (registry_init(&d.registry, d.state_dir) < 0)
@@ -539,5 +572,6 @@ int main(int argc, char **argv)
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);
+	policy_done(&d.policy);
 	return r < 0 ? 1 : 0;
 }
