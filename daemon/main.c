@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-daemon.h>
@@ -322,6 +323,30 @@ static bool already_confined(void)
 	return yes;
 }
 
+/* Exec the re-exec binary from the one fd the seccomp filter lets be
+ * executed (sandbox.h). On failure the slot holds its placeholder again. */
+static int exec_in_slot(struct daemon *d, char **argv)
+{
+	_cleanup_close_ int bin = open(d->reexec_binary, O_PATH | O_CLOEXEC);
+	char buf[16];
+	int r;
+
+	if (bin < 0)
+		return -errno;
+	if (d->exec_slot < 0)
+		return -EBADF;
+	if (dup3(bin, d->exec_slot, O_CLOEXEC) < 0)
+		return -errno;
+	snprintf(buf, sizeof(buf), "%d", d->exec_slot);
+	setenv(SANDBOX_EXEC_SLOT_ENV, buf, 1);
+	syscall(SYS_execveat, d->exec_slot, "", argv, environ, AT_EMPTY_PATH);
+	r = -errno;
+	bin = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (bin >= 0)
+		(void)dup3(bin, d->exec_slot, O_CLOEXEC);
+	return r;
+}
+
 /* Replace this process image, keeping every held fd open: they are listed
  * in CPRD_INHERIT and read back by the new image exactly like fds from the
  * service manager's store. The launcher survives too (it was forked before
@@ -381,14 +406,14 @@ static int reexec(struct daemon *d)
 	for (int i = 0; i < nfds; i++)
 		fcntl(fds[i], F_SETFD, 0);
 	log_notice("re-executing %s with %d fds held", d->reexec_binary, nfds);
-	execv(d->reexec_binary, argv);
-	r = -errno;
+	r = exec_in_slot(d, argv);
 	for (int i = 0; i < nfds; i++)
 		fcntl(fds[i], F_SETFD, FD_CLOEXEC);
 	unsetenv("CPRD_INHERIT");
 	unsetenv("CPRD_REEXEC");
 	unsetenv("CPRD_LAUNCHER_PID");
 	unsetenv("CPRD_SOCKET_OWNED");
+	unsetenv(SANDBOX_EXEC_SLOT_ENV);
 	free(argv);
 	return r;
 }
@@ -407,8 +432,13 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 
+	if (o->sandbox) {
+		r = sandbox_drop_caps();
+		if (r < 0)
+			return log_error_errno(r, "cannot drop capabilities");
+	}
 	if (o->sandbox && !already_confined()) {
-		r = sandbox_apply();
+		r = sandbox_apply(d->exec_slot);
 		if (r < 0)
 			return log_error_errno(r, "cannot apply the seccomp filter");
 	}
@@ -489,11 +519,17 @@ int main(int argc, char **argv)
 	int ready_fd = -EBADF, listen_fd = -EBADF, launcher_fd = -EBADF, n_inherited, n_vms, r;
 	bool reexeced;
 
+	/* First: the number an inherited seccomp filter lets be executed. */
+	d.exec_slot = sandbox_exec_slot();
+	unsetenv(SANDBOX_EXEC_SLOT_ENV);
 	if (parse_options(argc, argv, &o) < 0) {
 		help();
 		return 2;
 	}
 	log_setup();
+	if (d.exec_slot < 0)
+		log_warning("no fd for re-exec (%s): daemon.reexec will fail",
+			    strerror(-d.exec_slot));
 	signal(SIGPIPE, SIG_IGN);
 	if (load_policy(&d.policy, o.vmm_allow) < 0)
 		return 1;
