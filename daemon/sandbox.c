@@ -205,30 +205,31 @@ static int add_rules(scmp_filter_ctx ctx, int exec_fd)
 	/* Every socket cprd opens is a UNIX socket. */
 	if (r == 0)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(socket), 1,
-				     SCMP_A0(SCMP_CMP_EQ, AF_UNIX));
+				     SCMP_A0(SCMP_CMP_EQ, AF_UNIX, 0));
 	if (r == 0)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(socketpair), 1,
-				     SCMP_A0(SCMP_CMP_EQ, AF_UNIX));
+				     SCMP_A0(SCMP_CMP_EQ, AF_UNIX, 0));
 	/* The kernel takes the request as 32 bits: compare those only. */
 	for (size_t i = 0; i < ELEMENTSOF(allowed_ioctl) && r == 0; i++)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(ioctl), 1,
 				     SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffUL, allowed_ioctl[i]));
 	for (size_t i = 0; i < ELEMENTSOF(allowed_signal) && r == 0; i++) {
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(kill), 1,
-				     SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t)allowed_signal[i]));
+				     SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t)allowed_signal[i], 0));
 		if (r == 0)
-			r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(pidfd_send_signal), 1,
-					     SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t)allowed_signal[i]));
+			r = seccomp_rule_add(
+			    ctx, SCMP_ACT_ALLOW, SCMP_SYS(pidfd_send_signal), 1,
+			    SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t)allowed_signal[i], 0));
 	}
 	/* abort() and raise() signal cprd's own threads, nobody else's. */
 	if (r == 0)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(tgkill), 1,
-				     SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)getpid()));
+				     SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)getpid(), 0));
 	/* The re-exec: the one binary daemon.reexec chose, put at exec_fd. */
 	if (r == 0 && exec_fd >= 0)
 		r = seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(execveat), 2,
-				     SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)exec_fd),
-				     SCMP_A4(SCMP_CMP_EQ, AT_EMPTY_PATH));
+				     SCMP_A0(SCMP_CMP_EQ, (scmp_datum_t)exec_fd, 0),
+				     SCMP_A4(SCMP_CMP_EQ, AT_EMPTY_PATH, 0));
 #ifdef CPRD_SANITIZE
 	for (size_t i = 0; i < ELEMENTSOF(allowed_sanitizer) && r == 0; i++) {
 		int nr = seccomp_syscall_resolve_name(allowed_sanitizer[i]);
