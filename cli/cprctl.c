@@ -313,17 +313,29 @@ static int verb_create(int argc, char **argv)
 	return EXIT_OK;
 }
 
+static int flag_opt(int opt, const char *arg, void *ud)
+{
+	*(bool *)ud = true;
+	return 0;
+}
+
 static int verb_list(int argc, char **argv)
 {
+	static const struct option opts[] = { { "outdated", no_argument, NULL, 'o' } };
 	_cleanup_json_ json_object *res = NULL;
-	json_object *vms;
+	json_object *vms, *params = NULL;
+	bool outdated = false;
 	int r;
 
-	if (parse_opts(argc, argv, true, NULL, 0, NULL, NULL) != argc) {
-		fprintf(stderr, "Usage: cprctl list\n");
+	if (parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), flag_opt, &outdated) != argc) {
+		fprintf(stderr, "Usage: cprctl list [--outdated]\n");
 		return EXIT_USAGE;
 	}
-	r = call("vm.list", NULL, &res);
+	if (outdated) {
+		params = json_object_new_object();
+		json_object_object_add(params, "outdated", json_object_new_boolean(true));
+	}
+	r = call("vm.list", params, &res);
 	if (r != EXIT_OK)
 		return r;
 	if (arg_json) {
@@ -349,7 +361,7 @@ static int verb_list(int argc, char **argv)
 		       str(vm, "vmm"));
 	}
 	if (json_object_array_length(vms) == 0)
-		printf("(no VMs)\n");
+		printf(outdated ? "(no VM runs an outdated VMM)\n" : "(no VMs)\n");
 	return EXIT_OK;
 }
 
@@ -562,6 +574,8 @@ static int verb_destroy(int argc, char **argv)
 struct update_opts {
 	json_object *base; /* vmm, strategy, timeout for every VM */
 	bool all;
+	bool check;    /* the pre-flight only */
+	bool outdated; /* --all: only VMs whose VMM was replaced on disk */
 	long parallel;
 };
 
@@ -596,6 +610,12 @@ static int update_opt(int opt, const char *arg, void *ud)
 	case 'a':
 		o->all = true;
 		return 0;
+	case 'c':
+		o->check = true;
+		return 0;
+	case 'o':
+		o->outdated = true;
+		return 0;
 	}
 	return -EINVAL;
 }
@@ -627,6 +647,11 @@ static json_object *update_one(const char *name, json_object *base, char *msg, s
 		data = json_object_object_get(err, "data");
 		if (data && json_object_object_get(data, "result"))
 			return json_object_get(data);
+		if (data && json_object_object_get(data, "ok")) { /* a pre-flight's facts */
+			json_object_object_add(data, "error",
+					       json_object_new_string(str(err, "message")));
+			return json_object_get(data);
+		}
 		snprintf(msg, msglen, "%s", str(err, "message"));
 		return NULL;
 	}
@@ -636,13 +661,32 @@ static json_object *update_one(const char *name, json_object *base, char *msg, s
 
 static bool report_ok(json_object *rep)
 {
+	json_object *ok = json_object_object_get(rep, "ok");
+
+	if (ok) /* a pre-flight */
+		return json_object_get_boolean(ok);
 	return rep && streq(str(rep, "result"), "ok");
+}
+
+static void print_check(json_object *rep)
+{
+	if (report_ok(rep))
+		printf("%s: pre-flight of %s for %s passed: QEMU %s (%s), machine %s, %.0f ms\n",
+		       str(rep, "vm"), str(rep, "vmm"), str(rep, "strategy"),
+		       str(rep, "vmm_version"), str(rep, "vmm_package"), str(rep, "machine"),
+		       json_object_get_double(json_object_object_get(rep, "duration_ms")));
+	else
+		printf("%s: %s\n", str(rep, "vm"), str(rep, "error"));
 }
 
 static void print_report(json_object *rep)
 {
 	json_object *bo = json_object_object_get(rep, "blackout_ms");
 
+	if (json_object_object_get(rep, "ok")) {
+		print_check(rep);
+		return;
+	}
 	printf("%s: %s, blackout %s%s, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
 	       str(rep, "vm"), str(rep, "result"), bo ? json_object_get_string(bo) : "unknown",
 	       bo ? " ms" : "", json_object_get_double(json_object_object_get(rep, "total_ms")),
@@ -706,17 +750,69 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-static int update_fleet(json_object *base, long parallel)
+/* Before any VM is touched: one pre-flight per distinct binary and machine
+ * type among the VMs to update (on the first VM that has them). Returns
+ * whether all passed; their facts go into checks. */
+static bool preflight_fleet(json_object *base, json_object *vms, const char **names, size_t n,
+			    json_object *checks)
 {
+	_cleanup_json_ json_object *params = json_object_new_object(),
+				   *seen = json_object_new_object();
+	bool ok = true;
+
+	json_object_object_foreach(base, k, v)
+	    json_object_object_add(params, k, json_object_get(v));
+	json_object_object_add(params, "check", json_object_new_boolean(true));
+	for (size_t i = 0; i < json_object_array_length(vms); i++) {
+		json_object *vm = json_object_array_get_idx(vms, i), *rep;
+		const char *bin =
+		    json_object_object_get(base, "vmm") ? str(base, "vmm") : str(vm, "vmm");
+		_cleanup_free_ char *key = NULL;
+		char msg[256] = "";
+		bool listed = false;
+
+		for (size_t j = 0; j < n && !listed; j++)
+			listed = streq(names[j], str(vm, "name"));
+		if (!listed || asprintf(&key, "%s\n%s", bin, str(vm, "machine")) < 0 ||
+		    json_object_object_get_ex(seen, key, NULL))
+			continue;
+		json_object_object_add(seen, key, NULL);
+		rep = update_one(str(vm, "name"), params, msg, sizeof(msg));
+		if (!rep) {
+			rep = json_object_new_object();
+			json_object_object_add(rep, "vm", json_object_new_string(str(vm, "name")));
+			json_object_object_add(rep, "vmm", json_object_new_string(bin));
+			json_object_object_add(rep, "ok", json_object_new_boolean(false));
+			json_object_object_add(rep, "error", json_object_new_string(msg));
+		}
+		if (!arg_json)
+			print_check(rep);
+		ok = ok && report_ok(rep);
+		json_object_array_add(checks, rep);
+	}
+	return ok;
+}
+
+static int update_fleet(const struct update_opts *o)
+{
+	json_object *base = o->base;
+	long parallel = o->parallel;
 	_cleanup_json_ json_object *list = NULL, *out = NULL;
 	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER, .base = base };
-	json_object *vms, *summary;
+	json_object *vms, *summary, *checks;
 	pthread_t th[64];
 	double *bo;
 	size_t nbo = 0, nok = 0, nthreads;
 	int r;
 
-	r = call("vm.list", NULL, &list);
+	if (o->outdated) {
+		json_object *p = json_object_new_object();
+
+		json_object_object_add(p, "outdated", json_object_new_boolean(true));
+		r = call("vm.list", p, &list);
+	} else {
+		r = call("vm.list", NULL, &list);
+	}
 	if (r != EXIT_OK)
 		return r;
 	vms = json_object_object_get(list, "vms");
@@ -732,6 +828,29 @@ static int update_fleet(json_object *base, long parallel)
 
 		if (streq(str(vm, "state"), "running"))
 			f.names[f.n++] = str(vm, "name");
+	}
+	checks = json_object_new_array();
+	if (!preflight_fleet(base, vms, f.names, f.n, checks) || o->check) {
+		bool passed = o->check && json_object_array_length(checks) > 0;
+
+		for (size_t i = 0; i < json_object_array_length(checks) && passed; i++)
+			passed = report_ok(json_object_array_get_idx(checks, i));
+		if (arg_json) {
+			out = json_object_new_object();
+			json_object_object_add(out, "checks", checks);
+			json_object_object_add(out, "updates", json_object_new_array());
+			print_json(out);
+		} else {
+			json_object_put(checks);
+			if (!o->check)
+				printf("a pre-flight failed: no VM was updated\n");
+			else if (f.n == 0)
+				printf("no running VM to check\n");
+		}
+		free(f.names);
+		free(f.reports);
+		free(bo);
+		return passed || (o->check && f.n == 0) ? EXIT_OK : EXIT_FAILED;
 	}
 	nthreads = MIN((size_t)parallel, MIN(f.n, ELEMENTSOF(th)));
 	if (!arg_json)
@@ -765,6 +884,7 @@ static int update_fleet(json_object *base, long parallel)
 			       nbo ? json_object_new_double(bo[nbo / 2]) : NULL);
 	json_object_object_add(summary, "blackout_max_ms",
 			       nbo ? json_object_new_double(bo[nbo - 1]) : NULL);
+	json_object_object_add(out, "checks", checks);
 	json_object_object_add(out, "updates", arr);
 	json_object_object_add(out, "summary", summary);
 	if (arg_json)
@@ -788,6 +908,8 @@ static int verb_update(int argc, char **argv)
 		{ "timeout", required_argument, NULL, 't' },
 		{ "all", no_argument, NULL, 'a' },
 		{ "parallel", required_argument, NULL, 'p' },
+		{ "check", no_argument, NULL, 'c' },
+		{ "outdated", no_argument, NULL, 'o' },
 	};
 	struct update_opts o = { .base = json_object_new_object(), .parallel = 1 };
 	_cleanup_json_ json_object *base = o.base, *rep = NULL;
@@ -795,15 +917,18 @@ static int verb_update(int argc, char **argv)
 	int i;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
-	if (i < 0 || (o.all ? i != argc : i + 1 != argc)) {
-		fprintf(stderr, "Usage: cprctl update NAME [--vmm PATH] [--strategy NAME] "
-				"[--timeout SECONDS]\n"
-				"       cprctl update --all [--parallel N] [--vmm PATH] "
-				"[--strategy S] [--timeout SECONDS]\n");
+	if (i < 0 || (o.all ? i != argc : i + 1 != argc) || (o.outdated && !o.all)) {
+		fprintf(stderr,
+			"Usage: cprctl update NAME [--check] [--vmm PATH] [--strategy NAME] "
+			"[--timeout SECONDS]\n"
+			"       cprctl update --all [--outdated] [--check] [--parallel N] "
+			"[--vmm PATH] [--strategy S] [--timeout SECONDS]\n");
 		return EXIT_USAGE;
 	}
 	if (o.all)
-		return update_fleet(base, o.parallel);
+		return update_fleet(&o);
+	if (o.check)
+		json_object_object_add(base, "check", json_object_new_boolean(true));
 	rep = update_one(argv[i], base, msg, sizeof(msg));
 	if (!rep) {
 		fprintf(stderr, "cprctl: %s\n", msg);
@@ -813,7 +938,7 @@ static int verb_update(int argc, char **argv)
 		print_json(rep);
 	else
 		print_report(rep);
-	if (!report_ok(rep) && !arg_json)
+	if (!report_ok(rep) && !arg_json && !o.check)
 		fprintf(stderr, "cprctl: update of %s %s: %s\n", argv[i], str(rep, "result"),
 			str(rep, "error"));
 	return report_ok(rep) ? EXIT_OK : EXIT_FAILED;

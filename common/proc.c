@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,4 +73,72 @@ bool unix_listening(const char *path)
 			return true;
 	}
 	return false;
+}
+
+/* A mapping's file that is gone from disk, and is no memory that never
+ * had a file there (a memfd, System V or POSIX shared memory). */
+static bool is_replaced_file(const char *path)
+{
+	static const char suffix[] = " (deleted)";
+	size_t n = strlen(path), k = sizeof(suffix) - 1;
+
+	if (path[0] != '/' || n <= k || !streq(path + n - k, suffix))
+		return false;
+	return strncmp(path, "/memfd:", 7) != 0 && strncmp(path, "/SYSV", 5) != 0 &&
+	       strncmp(path, "/dev/", 5) != 0;
+}
+
+/* Append the file's name (not its directory, nor " (deleted)") to buf. */
+static void list_add(char *buf, size_t size, const char *path)
+{
+	size_t len = strlen(buf), n = strlen(path) - strlen(" (deleted)");
+	const char *name = memrchr(path, '/', n);
+
+	name = name ? name + 1 : path;
+	n -= (size_t)(name - path);
+	if (len + n + 3 >= size)
+		return;
+	if (len) {
+		memcpy(buf + len, ", ", 2);
+		len += 2;
+	}
+	memcpy(buf + len, name, n);
+	buf[len + n] = '\0';
+}
+
+int proc_replaced_files(pid_t pid, char *buf, size_t size)
+{
+	_cleanup_(fclosep) FILE *f = NULL;
+	char path[64], line[4096 + 128], dev[16];
+	unsigned long inodes[64];
+	size_t seen = 0;
+	int count = 0;
+
+	buf[0] = '\0';
+	snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+	f = fopen(path, "re");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long inode;
+		bool again = false;
+		int off = 0;
+
+		line[strcspn(line, "\n")] = '\0';
+		/* address perms offset dev inode, then the path after blanks */
+		if (sscanf(line, "%*s %*s %*s %15s %lu %n", dev, &inode, &off) < 2 || off <= 0)
+			continue;
+		if (!is_replaced_file(line + off))
+			continue;
+		/* A library is mapped several times: count it once. */
+		for (size_t i = 0; i < seen && !again; i++)
+			again = inodes[i] == inode;
+		if (again)
+			continue;
+		if (seen < ELEMENTSOF(inodes))
+			inodes[seen++] = inode;
+		count++;
+		list_add(buf, size, line + off);
+	}
+	return count;
 }

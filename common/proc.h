@@ -21,3 +21,12 @@ pid_t pidfd_pid(int pidfd);
  * it answers without connecting, where a probe connection would be taken
  * by the listener as a real client. */
 bool unix_listening(const char *path);
+
+/* Files a running process maps that were deleted or replaced on disk since
+ * it mapped them: its executable and libraries after a package upgrade
+ * (which renames the new file over the old), as needrestart finds them.
+ * Memory that never had a file (memfds, shared memory) does not count.
+ * Their names go into buf, ", "-separated, as far as size allows. Returns
+ * how many files, or a negative errno (-ENOENT: no such process; -EACCES:
+ * not allowed to read its maps). */
+int proc_replaced_files(pid_t pid, char *buf, size_t size);

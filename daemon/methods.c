@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "common/json.h"
+#include "daemon/check.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/methods.h"
@@ -347,13 +348,17 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
 {
+	bool outdated = false;
+	const struct param spec[] = { { "outdated", P_BOOL, false, &outdated } };
 	json_object *arr, *res;
+	char files[8];
 
-	if (!params_parse(c, params, NULL, 0))
+	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
 		return;
 	arr = json_object_new_array();
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		json_object_array_add(arr, vm_to_json(vm));
+		if (!outdated || vm_outdated(vm, files, sizeof(files)) > 0)
+			json_object_array_add(arr, vm_to_json(vm));
 	res = json_object_new_object();
 	json_object_object_add(res, "vms", arr);
 	call_reply(c, res);
@@ -379,11 +384,11 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *vmm = NULL, *strategy = "handover";
 	uint64_t timeout = 60;
+	bool check = false;
 	const struct param spec[] = {
-		{ "name", P_STRING, true, &name },
-		{ "vmm", P_STRING, false, &vmm },
-		{ "strategy", P_STRING, false, &strategy },
-		{ "timeout", P_UINT, false, &timeout },
+		{ "name", P_STRING, true, &name },          { "vmm", P_STRING, false, &vmm },
+		{ "strategy", P_STRING, false, &strategy }, { "timeout", P_UINT, false, &timeout },
+		{ "check", P_BOOL, false, &check },
 	};
 	_cleanup_free_ char *binary = NULL;
 	const struct strategy *s;
@@ -403,8 +408,9 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		call_fail(c, JSONRPC_INVALID_PARAMS, "timeout must be between 1 and 3600 seconds");
 		return;
 	}
-	if (vm->update) {
-		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already being updated", vm->cfg.name);
+	if (vm->update || vm->check) {
+		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already being %s", vm->cfg.name,
+			  vm->update ? "updated" : "checked for an update");
 		return;
 	}
 	if (vm->state != VM_RUNNING || vm->waiting) {
@@ -425,7 +431,10 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!vmm_allowed_or_fail(d, c, binary))
 		return;
-	update_start(vm, s, binary, (double)timeout, c);
+	if (check)
+		check_start(vm, s, binary, (double)timeout, c);
+	else
+		update_start(vm, s, binary, (double)timeout, c);
 }
 
 static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
@@ -733,10 +742,12 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 		}
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->update || vm->waiting) {
+		if (vm->update || vm->waiting || vm->check) {
 			call_fail(c, JSONRPC_ERR_BUSY,
 				  "VM '%s' is %s; re-execute when it has finished", vm->cfg.name,
-				  vm->update ? "being updated" : vm_state_to_string(vm->state));
+				  vm->update  ? "being updated"
+				  : vm->check ? "being checked for an update"
+					      : vm_state_to_string(vm->state));
 			return;
 		}
 	/* The new image finds the VMs through the registry: a stale one would

@@ -296,6 +296,23 @@ static struct vmm *settle_start(struct vm *vm, struct vmm *v, char *st, size_t s
 	return NULL;
 }
 
+/* cprd died during a pre-flight: its VMM is nobody's, end it. */
+static void end_check(struct vm *vm, json_object *chk)
+{
+	int fd = open_vmm(chk, "pid", "pid_start", -EBADF);
+	char *sock = NULL;
+
+	if (fd >= 0) {
+		pidfd_send_signal(fd, SIGKILL, NULL, 0);
+		close(fd);
+		log_notice("VM %s: ended the VMM of a pre-flight that cprd's restart interrupted",
+			   vm->cfg.name);
+	}
+	if (asprintf(&sock, "%s/qmp-check.sock", vm->dir) >= 0)
+		unlink(sock);
+	free(sock);
+}
+
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
 	struct vm_config cfg;
@@ -319,6 +336,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		safe_close(stored_pidfd);
 		return;
 	}
+	if (json_object_object_get(rec, "check"))
+		end_check(vm, json_object_object_get(rec, "check"));
 	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
 	pidfd = open_vmm(rec, "pid", "pid_start", stored_pidfd);
 	if (pidfd >= 0) {

@@ -187,4 +187,6 @@ const struct strategy strategy_cpr_transfer = {
 	.rollback = rollback,
 	.done = done,
 	.settle = remove_sockets,
+	.needs_caps = (const char *const[]){ "events", NULL },
+	.needs_mode = "cpr-transfer",
 };

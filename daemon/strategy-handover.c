@@ -293,4 +293,5 @@ const struct strategy strategy_handover = {
 	.old_event = old_event,
 	.rollback = rollback,
 	.done = done,
+	.needs_caps = (const char *const[]){ "x-ignore-shared", "events", NULL },
 };

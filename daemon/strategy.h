@@ -68,6 +68,11 @@ struct strategy {
 	/* After a cprd restart, remove what an interrupted update of this
 	 * strategy left in the VM's directory. Optional. */
 	void (*settle)(const char *vm_dir);
+	/* The pre-flight (check.c): the migration capabilities a new VMM must
+	 * offer (NULL-ended), and the migration mode it must accept (NULL:
+	 * the default one). */
+	const char *const *needs_caps;
+	const char *needs_mode;
 };
 
 extern const struct strategy strategy_handover;

@@ -10,11 +10,13 @@
 
 #include "common/file.h"
 #include "common/json.h"
+#include "common/proc.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
+#include "daemon/check.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
@@ -133,6 +135,8 @@ static json_object *vm_record(struct vm *vm)
 	}
 	if (vm->update)
 		json_object_object_add(o, "update", update_to_record(vm->update));
+	if (vm->check)
+		json_object_object_add(o, "check", check_to_record(vm->check));
 	return o;
 }
 
@@ -205,6 +209,8 @@ void vm_detach_all(struct daemon *d)
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
 		if (vm->update)
 			update_abandon(vm->update);
+		if (vm->check)
+			check_abandon(vm->check);
 		ev_timer_stop(d->loop, &vm->timer);
 		if (vm->waiting)
 			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR,
@@ -593,10 +599,12 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 
 void vm_destroy(struct vm *vm, struct call *c)
 {
-	if (vm->waiting || vm->update) {
+	if (vm->waiting || vm->update || vm->check) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
 			  vm->cfg.name,
-			  vm->update ? "being updated" : vm_state_to_string(vm->state));
+			  vm->update  ? "being updated"
+			  : vm->check ? "being checked for an update"
+				      : vm_state_to_string(vm->state));
 		return;
 	}
 	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
@@ -662,6 +670,28 @@ void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
 
 /* ---- views ---- */
 
+int vm_outdated(struct vm *vm, char *buf, size_t size)
+{
+	if (!vmm_alive(vm->vmm)) {
+		buf[0] = '\0';
+		return -ESRCH;
+	}
+	return proc_replaced_files(vm->vmm->pid, buf, size);
+}
+
+/* "outdated": whether the running VMM's binary or a library it maps was
+ * replaced on disk since it started (null when that cannot be read, or
+ * nothing runs), with the files' names. */
+static void add_outdated(json_object *o, pid_t pid)
+{
+	char files[256];
+	int n = pid > 0 ? proc_replaced_files(pid, files, sizeof(files)) : -ESRCH;
+
+	json_object_object_add(o, "outdated", n >= 0 ? json_object_new_boolean(n > 0) : NULL);
+	if (n > 0)
+		add_str(o, "outdated_files", files);
+}
+
 json_object *vm_to_json(struct vm *vm)
 {
 	json_object *o = json_object_new_object();
@@ -672,6 +702,8 @@ json_object *vm_to_json(struct vm *vm)
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
+	add_str(o, "vmm_package", vm->vmm && vm->vmm->version[0] ? vm->vmm->package : NULL);
+	add_outdated(o, alive ? vm->vmm->pid : 0);
 	json_object_object_add(o, "memory_bytes",
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));

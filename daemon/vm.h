@@ -50,6 +50,7 @@ struct vm {
 	ev_timer timer;        /* start-up or stop deadline */
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
 	struct update *update; /* in flight, or NULL */
+	struct check *check;   /* a pre-flight in flight, or NULL */
 	pid_t last_pid;
 	int exit_code; /* of the last VMM, -1 unknown */
 	char exit_desc[64];
@@ -96,6 +97,9 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running);
 
 json_object *vm_to_json(struct vm *vm);
+/* How many files the running VMM maps that were replaced on disk since
+ * (see proc_replaced_files()), their names in buf; -ESRCH when no VMM runs. */
+int vm_outdated(struct vm *vm, char *buf, size_t size);
 json_object *vm_fds_to_json(struct vm *vm);
 
 void vm_config_done(struct vm_config *cfg);

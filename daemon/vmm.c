@@ -264,6 +264,7 @@ static void on_qmp_ready(qmp *q, void *ud)
 	if (v->doomed)
 		return;
 	snprintf(v->version, sizeof(v->version), "%s", qmp_vmm_version(q));
+	snprintf(v->package, sizeof(v->package), "%s", qmp_vmm_package(q));
 	if (v->spawned_usec)
 		log_debug("VMM pid %d: monitor ready %.1f ms after spawn", (int)v->pid,
 			  (double)(now_usec(CLOCK_MONOTONIC) - v->spawned_usec) / 1000.0);

@@ -44,6 +44,7 @@ struct vmm {
 	char *qmp_path;
 	char *binary;
 	char version[32];
+	char package[96];               /* the build's package string */
 	unsigned long long start_time;  /* /proc/PID/stat starttime: identity */
 	uint64_t spawned_usec;          /* CLOCK_MONOTONIC at spawn, 0 if attached */
 	int fd_ram, fd_console, fd_tap; /* where the held fds sit in the VMM */

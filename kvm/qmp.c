@@ -26,6 +26,7 @@ struct qmp {
 	proto_writer *out;
 	bool greeted, ready;
 	char version[32];
+	char package[96]; /* the build's own words, e.g. "Debian 1:10.0.2+ds-2" */
 	int64_t next_id;
 	struct pending *head, *tail; /* in order of sending */
 	struct pending *failing;     /* being failed by qmp_fail_pending() */
@@ -107,6 +108,29 @@ bool qmp_is_ready(const qmp *q)
 const char *qmp_vmm_version(const qmp *q)
 {
 	return q->greeted ? q->version : NULL;
+}
+
+const char *qmp_vmm_package(const qmp *q)
+{
+	return q->greeted ? q->package : NULL;
+}
+
+/* QEMU gives the package as " (Debian 1:10.0.2+ds-2)": keep the words. */
+static void set_package(qmp *q, const char *s)
+{
+	size_t n;
+
+	s += strspn(s, " (");
+	n = strlen(s);
+	while (n > 0 && (s[n - 1] == ')' || s[n - 1] == ' '))
+		n--;
+	if (n >= sizeof(q->package))
+		n = sizeof(q->package) - 1;
+	memcpy(q->package, s, n);
+	q->package[n] = '\0';
+	for (char *c = q->package; *c; c++)
+		if ((unsigned char)*c < 0x20)
+			*c = '?'; /* it is shown on terminals */
 }
 
 size_t qmp_pending(const qmp *q)
@@ -219,6 +243,9 @@ static int handle_greeting(qmp *q, json_object *greeting)
 			min = json_object_get_int(x);
 		if (json_object_object_get_ex(qemu, "micro", &x))
 			mic = json_object_get_int(x);
+		if (json_object_object_get_ex(v, "package", &x) &&
+		    json_object_is_type(x, json_type_string))
+			set_package(q, json_object_get_string(x));
 	}
 	snprintf(q->version, sizeof(q->version), "%d.%d.%d", maj, min, mic);
 	q->greeted = true;

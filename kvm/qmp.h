@@ -36,6 +36,9 @@ int qmp_fd(const qmp *q);
 bool qmp_is_ready(const qmp *q);
 /* "MAJOR.MINOR.MICRO" from the greeting, or NULL before it. */
 const char *qmp_vmm_version(const qmp *q);
+/* The greeting's package string without its parentheses ("" when the build
+ * gives none), or NULL before the greeting. */
+const char *qmp_vmm_package(const qmp *q);
 
 /* Queue a command. args is taken (may be NULL). fd >= 0 is sent with the
  * command as SCM_RIGHTS (getfd, add-fd) and stays the caller's. */

@@ -1,0 +1,260 @@
+/* SPDX-License-Identifier: MIT */
+#include <json-c/json.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/file.h"
+#include "common/json.h"
+#include "daemon/check.h"
+#include "daemon/log.h"
+#include "daemon/server.h"
+#include "daemon/strategy.h"
+#include "daemon/vm.h"
+#include "daemon/vmm.h"
+#include "proto/jsonrpc.h"
+
+struct check {
+	struct vm *vm;
+	const struct strategy *s;
+	struct call *call;
+	struct vmm *vmm;
+	char *binary;
+	ev_timer timer;
+	ev_timer reap;
+	uint64_t t0;
+	json_object *caps; /* what the VMM offers, once asked */
+	bool ended;
+};
+
+static void check_free(struct check *k)
+{
+	json_object_put(k->caps);
+	free(k->binary);
+	free(k);
+}
+
+static void reap_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	check_free(w->data);
+}
+
+static json_object *facts(struct check *k, bool ok)
+{
+	json_object *o = json_object_new_object();
+	struct vmm *v = k->vmm;
+
+	json_object_object_add(o, "vm", json_object_new_string(k->vm->cfg.name));
+	json_object_object_add(o, "vmm", json_object_new_string(k->binary));
+	json_object_object_add(o, "strategy", json_object_new_string(k->s->name));
+	json_object_object_add(o, "ok", json_object_new_boolean(ok));
+	json_object_object_add(o, "machine", json_object_new_string(k->vm->cfg.machine));
+	if (v && v->version[0]) {
+		json_object_object_add(o, "vmm_version", json_object_new_string(v->version));
+		json_object_object_add(o, "vmm_package", json_object_new_string(v->package));
+	}
+	if (k->caps)
+		json_object_object_add(o, "capabilities", json_object_get(k->caps));
+	json_object_object_add(
+	    o, "duration_ms",
+	    json_object_new_double((double)(now_usec(CLOCK_MONOTONIC) - k->t0) / 1000.0));
+	return o;
+}
+
+/* Once: end the VMM, answer, free on the next loop turn (this may run
+ * inside the VMM's own callback). */
+_printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
+{
+	struct ev_loop *loop = k->vm->d->loop;
+	char why[400] = "";
+	json_object *o;
+
+	if (k->ended)
+		return;
+	k->ended = true;
+	if (fmt) {
+		va_list ap;
+
+		va_start(ap, fmt);
+		vsnprintf(why, sizeof(why), fmt, ap);
+		va_end(ap);
+	}
+	o = facts(k, !fmt);
+	ev_timer_stop(loop, &k->timer);
+	k->vmm = vmm_kill(k->vmm);
+	k->vm->check = NULL;
+	daemon_changed(k->vm->d);
+	if (fmt) {
+		log_warning("VM %s: pre-flight of %s failed: %s", k->vm->cfg.name, k->binary, why);
+		call_fail_data(k->call, JSONRPC_ERR_VMM, o,
+			       "pre-flight of '%s' for VM '%s' failed: %s", k->binary,
+			       k->vm->cfg.name, why);
+	} else {
+		log_info("VM %s: pre-flight of %s (%s) passed", k->vm->cfg.name, k->binary,
+			 k->s->name);
+		call_reply(k->call, o);
+	}
+	ev_timer_init(&k->reap, reap_cb, 0., 0.);
+	k->reap.data = k;
+	ev_timer_start(loop, &k->reap);
+}
+
+static void mode_set(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct check *k = ud;
+
+	if (!ret)
+		end(k, "it does not accept migration mode '%s': %s", k->s->needs_mode, desc);
+	else
+		end(k, NULL);
+}
+
+static bool offers(json_object *caps, const char *name)
+{
+	for (size_t i = 0; i < json_object_array_length(caps); i++) {
+		json_object *c = json_object_array_get_idx(caps, i);
+		const char *n = json_object_get_string(json_object_object_get(c, "capability"));
+
+		if (n && streq(n, name))
+			return true;
+	}
+	return false;
+}
+
+static void caps_known(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct check *k = ud;
+	json_object *args;
+
+	if (!ret || !json_object_is_type(ret, json_type_array)) {
+		end(k, "it does not list its migration capabilities: %s", desc ? desc : "?");
+		return;
+	}
+	k->caps = json_object_new_array();
+	for (size_t i = 0; i < json_object_array_length(ret); i++) {
+		const char *n = json_object_get_string(
+		    json_object_object_get(json_object_array_get_idx(ret, i), "capability"));
+
+		if (n)
+			json_object_array_add(k->caps, json_object_new_string(n));
+	}
+	for (const char *const *c = k->s->needs_caps; c && *c; c++)
+		if (!offers(ret, *c)) {
+			end(k, "it lacks the migration capability '%s' that %s needs", *c,
+			    k->s->name);
+			return;
+		}
+	if (!k->s->needs_mode) {
+		end(k, NULL);
+		return;
+	}
+	args = json_object_new_object();
+	json_object_object_add(args, "mode", json_object_new_string(k->s->needs_mode));
+	if (vmm_command(k->vmm, "migrate-set-parameters", args, -EBADF, mode_set, k) < 0)
+		end(k, "it closed its monitor");
+}
+
+static void k_ready(struct vmm *v, void *ud)
+{
+	struct check *k = ud;
+
+	if (vmm_command(v, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+		end(k, "it closed its monitor");
+}
+
+static void k_spawned(struct vmm *v, void *ud)
+{
+	/* Recorded, so that a cprd restarted from here on ends it. */
+	daemon_changed(((struct check *)ud)->vm->d);
+}
+
+static void k_exited(struct vmm *v, void *ud)
+{
+	struct check *k = ud;
+
+	char tail[240];
+
+	if (v->spawn_error) {
+		end(k, "cannot start it: %s", launcher_strerror(v->spawn_error));
+		return;
+	}
+	/* Its last words are the log's: it wrote there after the VM's VMM. */
+	file_tail(k->vm->vmm_log_path, tail, sizeof(tail));
+	end(k, "it %s%s%s", v->exit_desc, tail[0] ? "; it said: " : "", tail);
+}
+
+static void k_monitor_lost(struct vmm *v, void *ud)
+{
+	end(ud, "it closed its monitor");
+}
+
+static const struct vmm_ops check_ops = {
+	.spawned = k_spawned,
+	.ready = k_ready,
+	.exited = k_exited,
+	.monitor_lost = k_monitor_lost,
+};
+
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct check *k = w->data;
+
+	if (k->vmm)
+		vmm_drain(k->vmm); /* what it said already counts */
+	end(k, "it did not get through in %.0f s", k->timer.repeat ? k->timer.repeat : 0.);
+}
+
+void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		 struct call *c)
+{
+	const struct vmm_incoming in = { .defer = true };
+	_cleanup_free_ char *qmp_path = NULL;
+	struct check *k = calloc(1, sizeof(*k));
+	int r;
+
+	if (!k || !(k->binary = strdup(binary)) ||
+	    asprintf(&qmp_path, "%s/qmp-check.sock", vm->dir) < 0) {
+		if (k)
+			free(k->binary);
+		free(k);
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return;
+	}
+	k->vm = vm;
+	k->s = s;
+	k->call = c;
+	k->t0 = now_usec(CLOCK_MONOTONIC);
+	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path, &in, &check_ops, k,
+		      &k->vmm);
+	if (r < 0) {
+		call_fail(c, JSONRPC_ERR_VMM,
+			  "pre-flight of '%s' for VM '%s' failed: cannot start it: %s", binary,
+			  vm->cfg.name, launcher_strerror(r));
+		check_free(k);
+		return;
+	}
+	vm->check = k;
+	ev_timer_init(&k->timer, timer_cb, timeout, 0.);
+	k->timer.repeat = timeout; /* for the message */
+	k->timer.data = k;
+	ev_timer_start(vm->d->loop, &k->timer);
+	log_info("VM %s: pre-flight of %s (%s)", vm->cfg.name, binary, s->name);
+}
+
+void check_abandon(struct check *k)
+{
+	end(k, "cprd is shutting down");
+}
+
+json_object *check_to_record(const struct check *k)
+{
+	json_object *o = json_object_new_object();
+
+	if (k->vmm && k->vmm->pid > 0) {
+		json_object_object_add(o, "pid", json_object_new_int(k->vmm->pid));
+		json_object_object_add(o, "pid_start",
+				       json_object_new_int64((int64_t)k->vmm->start_time));
+	}
+	return o;
+}

@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The pre-flight of an update (vm.update with "check": true): start the
+ * new binary with the VM's own configuration, paused and waiting for an
+ * incoming migration, beside the running guest; confirm that it starts,
+ * answers its monitor and offers what the strategy needs; report its
+ * version and build; end it. The guest is never paused and nothing goes
+ * into the VM's history.
+ */
+#pragma once
+
+struct vm;
+struct call;
+struct strategy;
+struct check;
+
+/* Answers c when done. The VM must be running and neither updated nor
+ * checked already (the caller checks). */
+void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		 struct call *c);
+
+/* cprd stops: end the check's VMM, answer its caller. */
+void check_abandon(struct check *k);
+
+/* For the registry: the check's VMM, so that a restarted cprd ends it. */
+json_object *check_to_record(const struct check *k);
