@@ -292,7 +292,7 @@ class Logs(unittest.TestCase):
         self.d.call("vm.destroy", {"name": "chatty2"})
 
 
-class StateOnTmpfs(unittest.TestCase):
+class StatePlacement(unittest.TestCase):
     """The run says where its state directories are (run.py --state-tmpfs for
     the normal build): a VM starts there, whatever the file system."""
 
