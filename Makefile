@@ -100,12 +100,15 @@ guest: deps
 unit: $(UNIT_TESTS)
 	@sh tests/run-unit.sh $(UNIT_TESTS)
 
+# The normal build's run keeps its state directories on a tmpfs (as /run/cprd
+# is on an ordinary host), the ASan build's on a disk file system.
 integration: all guest
-	@python3 tests/integration/run.py --build $(B)
+	@python3 tests/integration/run.py --build $(B) --state-tmpfs
 
 # The integration tests again, against the ASan build, on the same guest.
 asan-integration: asan guest
-	@python3 tests/integration/run.py --build $(B)/asan --guest $(B)/guest --label asan
+	@python3 tests/integration/run.py --build $(B)/asan --guest $(B)/guest --label asan \
+		--state-base /var/tmp
 
 # format-check, the Check suites, the integration tests against the normal
 # and the ASan build, a short fuzz run (tests/run-all.sh says which failed).

@@ -1,19 +1,22 @@
 /* SPDX-License-Identifier: MIT */
 #include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
 #include <sys/stat.h>
 
 #include "common/file.h"
 #include "common/macro.h"
 
-void file_tail(const char *path, char *buf, size_t size)
+void file_tail(int dirfd, const char *name, char *buf, size_t size)
 {
-	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	_cleanup_close_ int fd =
+	    openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
 	struct stat st;
 	ssize_t n;
 	off_t off;
 
 	buf[0] = '\0';
-	if (fd < 0 || fstat(fd, &st) < 0)
+	if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		return;
 	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
 	n = pread(fd, buf, size - 1, off);
@@ -25,4 +28,80 @@ void file_tail(const char *path, char *buf, size_t size)
 	for (char *p = buf; *p; p++)
 		if (*p == '\n')
 			*p = ' ';
+}
+
+/* Everything from 0 to EOF of in into out; bounded, in case the writer
+ * outruns the copy. */
+static int copy_all(int in, int out, off_t limit)
+{
+	char buf[65536];
+	off_t off = 0;
+
+	while (off < limit) {
+		ssize_t n = pread(in, buf, sizeof(buf), off), w = 0;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return 0;
+		while (w < n) {
+			ssize_t k = write(out, buf + w, (size_t)(n - w));
+
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k <= 0)
+				return k < 0 ? -errno : -EIO;
+			w += k;
+		}
+		off += n;
+	}
+	return 0;
+}
+
+int file_rotate(int dirfd, const char *name, off_t max)
+{
+	_cleanup_close_ int fd = -EBADF, out = -EBADF;
+	char old[NAME_MAX + 1], tmp[NAME_MAX + 1];
+	struct stat st;
+	int r;
+
+	/* The common case, every few seconds per log: one stat, no open. */
+	if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		return errno == ENOENT ? 0 : -errno;
+	if (S_ISLNK(st.st_mode))
+		return -ELOOP;
+	if (!S_ISREG(st.st_mode))
+		return -EBADFD;
+	if (st.st_size <= max)
+		return 0;
+	if ((size_t)snprintf(old, sizeof(old), "%s.1", name) >= sizeof(old) ||
+	    (size_t)snprintf(tmp, sizeof(tmp), ".%s.1.tmp", name) >= sizeof(tmp))
+		return -ENAMETOOLONG;
+	fd = openat(dirfd, name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode))
+		return -EBADFD;
+	/* A fresh temp file renamed over name.1: a symlink planted at either
+	 * is replaced, never written through. */
+	if (unlinkat(dirfd, tmp, 0) < 0 && errno != ENOENT)
+		r = -errno;
+	else if ((out = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+			       0640)) < 0)
+		r = -errno;
+	else
+		r = copy_all(fd, out, st.st_size + max);
+	if (r >= 0 && close(TAKE_FD(out)) < 0)
+		r = -errno;
+	if (r >= 0 && renameat(dirfd, tmp, dirfd, old) < 0)
+		r = -errno;
+	if (r < 0)
+		(void)unlinkat(dirfd, tmp, 0);
+	if (ftruncate(fd, 0) < 0)
+		return -errno;
+	return r < 0 ? r : 1;
 }

@@ -40,8 +40,20 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
 	return (ssize_t)len;
 }
 
-/* The last size - 1 bytes of the file at path, trailing newlines and
- * blanks dropped and the others folded into spaces, NUL-terminated: what a
- * process wrote to its log before it died, on one line. Empty when the
- * file cannot be read. */
-void file_tail(const char *path, char *buf, size_t size);
+/* The last size - 1 bytes of the file name in the directory dirfd (never
+ * through a symlink), trailing newlines and blanks dropped and the others
+ * folded into spaces, NUL-terminated: what a process wrote to its log
+ * before it died, on one line. Empty when the file cannot be read. */
+void file_tail(int dirfd, const char *name, char *buf, size_t size);
+
+/* Copy-truncate rotation of a log that another process appends to through
+ * its own O_APPEND fd (which cprd cannot replace): once the regular file
+ * name in dirfd is larger than max bytes, its content is copied to
+ * name.1 (replacing the previous one) and the file truncated to 0 in
+ * place, so the writer's next write lands at the start and `tail -f`
+ * follows on. What the writer adds between the end of the copy and the
+ * truncation is lost. A copy that fails still truncates: the size bound
+ * comes first. Never follows a symlink at either name. Returns 1 when it
+ * rotated, 0 when the file is within max or absent, else a negative errno
+ * (-ELOOP: a symlink stands there, left alone). */
+int file_rotate(int dirfd, const char *name, off_t max);

@@ -180,7 +180,7 @@ static void k_exited(struct vmm *v, void *ud)
 		return;
 	}
 	/* Its last words are the log's: it wrote there after the VM's VMM. */
-	file_tail(k->vm->vmm_log_path, tail, sizeof(tail));
+	file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
 	end(k, "it %s%s%s", v->exit_desc, tail[0] ? "; it said: " : "", tail);
 }
 
@@ -225,8 +225,7 @@ void check_start(struct vm *vm, const struct strategy *s, const char *binary, do
 	k->s = s;
 	k->call = c;
 	k->t0 = now_usec(CLOCK_MONOTONIC);
-	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->vmm_log_path, &in, &check_ops, k,
-		      &k->vmm);
+	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->dir_fd, &in, &check_ops, k, &k->vmm);
 	if (r < 0) {
 		call_fail(c, JSONRPC_ERR_VMM,
 			  "pre-flight of '%s' for VM '%s' failed: cannot start it: %s", binary,

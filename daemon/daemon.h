@@ -26,6 +26,8 @@ struct scope_bus;
 struct daemon {
 	struct ev_loop *loop;
 	char *state_dir;   /* e.g. /run/cprd */
+	int state_fd;      /* state_dir, checked to be ours alone (main.c) */
+	int vms_fd;        /* state_dir/vms, likewise */
 	char *socket_path; /* NULL when the socket came from systemd */
 	int listen_fd;
 	bool socket_activated;
@@ -58,6 +60,9 @@ struct daemon {
 	bool status_stale;        /* the STATUS= line needs sending again */
 	ev_prepare flush;         /* before the loop waits: write what changed */
 	ev_timer registry_retry;  /* while the registry cannot be written */
+	off_t log_max;            /* --log-max-size: logs rotate past it; 0 never */
+	bool own_log;             /* cprd.log in state_dir is cprd's own stderr */
+	ev_timer log_timer;       /* checks the logs' sizes */
 };
 
 /* Something the registry records changed (a VM came or went, changed

@@ -12,10 +12,10 @@
 #define HISTORY_MAX_BYTES (4 << 20)
 #define HISTORY_LINE_MAX 4096
 
-int history_append(const char *path, json_object *rec)
+int history_append(int dirfd, const char *name, json_object *rec)
 {
-	_cleanup_close_ int fd =
-	    open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
+	_cleanup_close_ int fd = openat(
+	    dirfd, name, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0640);
 	size_t len;
 	const char *s = jsonrpc_to_string(rec, &len);
 	char line[HISTORY_LINE_MAX];
@@ -35,16 +35,17 @@ int history_append(const char *path, json_object *rec)
 
 /* The newest HISTORY_MAX_BYTES of the file: a long-lived VM's history can
  * outgrow that, and it is the recent updates that matter. */
-json_object *history_read(const char *path)
+json_object *history_read(int dirfd, const char *name)
 {
-	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	_cleanup_close_ int fd =
+	    openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
 	_cleanup_free_ char *buf = NULL;
 	json_object *arr = json_object_new_array();
 	struct stat st;
 	off_t from;
 	char *line, *save = NULL, *start;
 
-	if (fd < 0 || fstat(fd, &st) < 0)
+	if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		return arr;
 	from = st.st_size > HISTORY_MAX_BYTES ? st.st_size - HISTORY_MAX_BYTES : 0;
 	if (read_at_most(fd, from, HISTORY_MAX_BYTES, &buf) <= 0)

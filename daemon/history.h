@@ -8,7 +8,8 @@
 
 #include <json-c/json.h>
 
-/* Append rec as one line, in one write (a line is never torn). */
-int history_append(const char *path, json_object *rec);
+/* Append rec as one line, in one write (a line is never torn), to the file
+ * name in the directory dirfd, never through a symlink. */
+int history_append(int dirfd, const char *name, json_object *rec);
 /* The newest entries (at most the file's last 4 MiB), newest first. */
-json_object *history_read(const char *path);
+json_object *history_read(int dirfd, const char *name);

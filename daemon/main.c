@@ -28,9 +28,13 @@
 #include "daemon/stats.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
+#include "kvm/qemu.h"
 
 #define DEFAULT_STATE_DIR "/run/cprd"
 #define REGISTRY_RETRY_SEC 1.0
+#define DEFAULT_LOG_MAX (4 << 20)
+#define LOG_MIN 4096
+#define LOG_CHECK_SEC 2.0
 
 struct options {
 	const char *socket_path;
@@ -39,6 +43,7 @@ struct options {
 	bool sandbox;
 	const char *accel;     /* "auto", "kvm" or "tcg" */
 	const char *vmm_allow; /* the allow-list of VMM binaries */
+	uint64_t log_max;      /* --log-max-size, 0: never rotate */
 };
 
 static void notify_status(struct daemon *d)
@@ -90,11 +95,16 @@ static void registry_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	 * the write went through. */
 }
 
+static void log_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	vm_rotate_logs(w->data);
+}
+
 static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--vmm-allow FILE] [--no-sandbox]\n\n"
+	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--no-sandbox]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -104,6 +114,8 @@ static void help(void)
 	    "                    pattern per line (default %s; without it:\n"
 	    "                    %s)\n"
 	    "  --foreground      do not detach; log to stderr\n"
+	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
+	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --version         print the version\n",
 	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM);
@@ -118,6 +130,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "no-sandbox", no_argument, NULL, 'S' },
 		{ "accel", required_argument, NULL, 'a' },
 		{ "vmm-allow", required_argument, NULL, 'A' },
+		{ "log-max-size", required_argument, NULL, 'L' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
@@ -127,7 +140,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
 			       .sandbox = true,
 			       .accel = "auto",
-			       .vmm_allow = POLICY_DEFAULT_FILE };
+			       .vmm_allow = POLICY_DEFAULT_FILE,
+			       .log_max = DEFAULT_LOG_MAX };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -153,6 +167,17 @@ static int parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'A':
 			o->vmm_allow = optarg;
+			break;
+		case 'L':
+			if (qemu_parse_size(optarg, &o->log_max) < 0 ||
+			    o->log_max > (uint64_t)INT64_MAX ||
+			    (o->log_max > 0 && o->log_max < LOG_MIN)) {
+				fprintf(stderr,
+					"cprd: --log-max-size takes a size of at least %d bytes, "
+					"such as 4M, or 0 for no limit, not '%s'\n",
+					LOG_MIN, optarg);
+				return -EINVAL;
+			}
 			break;
 		case 'h':
 			help();
@@ -191,12 +216,44 @@ static int load_policy(struct policy *p, const char *path)
 	return 0;
 }
 
+/* dir (fd) is cprd's alone: a directory owned by the user cprd runs as
+ * (root) that nobody else can write to. Anyone who could would plant a
+ * symlink where cprd is about to write, or swap a VM's directory. */
+static int check_private_dir(int fd, const char *path)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return log_error_errno(-errno, "cannot stat %s", path);
+	if (!S_ISDIR(st.st_mode)) {
+		log_error("%s is not a directory", path);
+		return -ENOTDIR;
+	}
+	if (st.st_uid != geteuid()) {
+		log_error("refusing state directory %s: it is owned by uid %u, not by uid %u, "
+			  "which cprd runs as; chown it or choose another --state-dir",
+			  path, (unsigned)st.st_uid, (unsigned)geteuid());
+		return -EPERM;
+	}
+	if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+		log_error("refusing state directory %s: mode %04o lets %s write to it; "
+			  "chmod go-w it or choose another --state-dir",
+			  path, (unsigned)(st.st_mode & 07777),
+			  st.st_mode & S_IWOTH ? "everyone" : "its group");
+		return -EPERM;
+	}
+	return 0;
+}
+
 /* Absolute state dir, created 0755, plus vms/ 0750 and a lock so that two
- * daemons never share one. The lock fd stays open for the daemon's life. */
+ * daemons never share one. Both directories are checked to be cprd's
+ * alone and kept open: every file in them is reached through these
+ * descriptors, never through a symlink. The lock fd stays open for the
+ * daemon's life. */
 static int setup_state_dir(struct daemon *d, const char *dir)
 {
-	_cleanup_free_ char *vms = NULL, *lock = NULL;
-	int fd;
+	_cleanup_free_ char *vms = NULL;
+	int fd, r;
 
 	d->state_dir = realpath(dir, NULL);
 	if (!d->state_dir) {
@@ -206,14 +263,25 @@ static int setup_state_dir(struct daemon *d, const char *dir)
 		if (!d->state_dir)
 			return log_error_errno(-errno, "cannot resolve %s", dir);
 	}
-	if (asprintf(&vms, "%s/vms", d->state_dir) < 0 ||
-	    asprintf(&lock, "%s/cprd.lock", d->state_dir) < 0)
+	if (asprintf(&vms, "%s/vms", d->state_dir) < 0)
 		return -ENOMEM;
-	if (mkdir(vms, 0750) < 0 && errno != EEXIST)
+	d->state_fd = open(d->state_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (d->state_fd < 0)
+		return log_error_errno(-errno, "cannot open state directory %s", d->state_dir);
+	r = check_private_dir(d->state_fd, d->state_dir);
+	if (r < 0)
+		return r;
+	if (mkdirat(d->state_fd, "vms", 0750) < 0 && errno != EEXIST)
 		return log_error_errno(-errno, "cannot create %s", vms);
-	fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	d->vms_fd = openat(d->state_fd, "vms", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (d->vms_fd < 0)
+		return log_error_errno(-errno, "cannot open %s", vms);
+	r = check_private_dir(d->vms_fd, vms);
+	if (r < 0)
+		return r;
+	fd = openat(d->state_fd, "cprd.lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (fd < 0)
-		return log_error_errno(-errno, "cannot open %s", lock);
+		return log_error_errno(-errno, "cannot open %s/cprd.lock", d->state_dir);
 	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
 		close(fd);
 		log_error("another cprd already uses state directory %s", d->state_dir);
@@ -247,19 +315,18 @@ static int detach(int *ret_ready_fd)
 	return 0;
 }
 
-static int redirect_log(const char *state_dir)
+static int redirect_log(struct daemon *d)
 {
-	_cleanup_free_ char *path = NULL;
 	_cleanup_close_ int fd = -EBADF, null = -EBADF;
 
-	if (asprintf(&path, "%s/cprd.log", state_dir) < 0)
-		return -ENOMEM;
-	fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	fd = openat(d->state_fd, "cprd.log",
+		    O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0640);
 	null = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (fd < 0 || null < 0)
 		return -errno;
 	if (dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
 		return -errno;
+	d->own_log = true;
 	return 0;
 }
 
@@ -456,6 +523,13 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	ev_init(&d->registry_retry, registry_retry_cb);
 	d->registry_retry.repeat = REGISTRY_RETRY_SEC;
 	d->registry_retry.data = d;
+	/* QEMU writes the logs through fds of its own: cprd sees no write,
+	 * so it looks at their sizes every few seconds (cheap: a stat each). */
+	d->log_max = (off_t)o->log_max;
+	ev_timer_init(&d->log_timer, log_timer_cb, LOG_CHECK_SEC, LOG_CHECK_SEC);
+	d->log_timer.data = d;
+	if (d->log_max > 0)
+		ev_timer_start(d->loop, &d->log_timer);
 
 	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
 		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
@@ -497,6 +571,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	 * must leave it in the registry for the next cprd to settle. */
 	ev_prepare_stop(d->loop, &d->flush);
 	ev_timer_stop(d->loop, &d->registry_retry);
+	ev_timer_stop(d->loop, &d->log_timer);
 	vm_detach_all(d);
 	/* Starts let go of just now (an update's new VMM that had no pid yet,
 	 * so no registry entry either) are killed when their answers come. */
@@ -511,6 +586,8 @@ int main(int argc, char **argv)
 	 * leaves running, by design) stays reachable, so that LeakSanitizer
 	 * reports only what was really lost. */
 	static struct daemon d = { .listen_fd = -EBADF,
+				   .state_fd = -EBADF,
+				   .vms_fd = -EBADF,
 				   .launcher = { .sock = -EBADF },
 				   .start_mode = "fresh" };
 	struct options o;
@@ -540,7 +617,7 @@ int main(int argc, char **argv)
 	reexeced = getenv("CPRD_REEXEC") != NULL;
 	unsetenv("CPRD_REEXEC");
 	if (!o.foreground && !reexeced && !getenv("NOTIFY_SOCKET") && !getenv("LISTEN_FDS")) {
-		if (detach(&ready_fd) < 0 || redirect_log(d.state_dir) < 0) {
+		if (detach(&ready_fd) < 0 || redirect_log(&d) < 0) {
 			log_error("cannot detach: %m");
 			return 1;
 		}
@@ -605,6 +682,8 @@ int main(int argc, char **argv)
 	scope_close(&d);
 	ev_loop_destroy(d.loop);
 	registry_done(&d.registry);
+	safe_close(d.vms_fd);
+	safe_close(d.state_fd);
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "common/json.h"
+#include "common/valid.h"
 #include "daemon/check.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
@@ -84,6 +85,19 @@ static bool parse_one(json_object *v, const struct param *p)
 	return false;
 }
 
+/* json-c strings may hold a NUL: everything after it would be lost in C
+ * ("x\u0000y" would name a VM "x"). */
+static bool has_nul(json_object *v)
+{
+	if (json_object_is_type(v, json_type_string))
+		return (size_t)json_object_get_string_len(v) != strlen(json_object_get_string(v));
+	if (json_object_is_type(v, json_type_array))
+		for (size_t i = 0; i < json_object_array_length(v); i++)
+			if (has_nul(json_object_array_get_idx(v, i)))
+				return true;
+	return false;
+}
+
 /* Check params against spec; on any problem answer c and return false. */
 static bool params_parse(struct call *c, json_object *params, const struct param *spec, size_t n)
 {
@@ -97,6 +111,11 @@ static bool params_parse(struct call *c, json_object *params, const struct param
 				return false;
 			}
 			continue;
+		}
+		if ((spec[i].type == P_STRING || spec[i].type == P_STRINGS) && has_nul(v)) {
+			call_fail(c, JSONRPC_INVALID_PARAMS,
+				  "parameter '%s' must not contain a NUL byte", spec[i].name);
+			return false;
 		}
 		if (!parse_one(v, &spec[i])) {
 			call_fail(c, JSONRPC_INVALID_PARAMS, "parameter '%s' must be %s",
@@ -239,6 +258,9 @@ static void format_size(uint64_t b, char *buf, size_t n)
 		snprintf(buf, n, "%" PRIu64 " MiB", b >> 20);
 }
 
+/* Checked as given, before it is rounded up to whole MiB: rounding first
+ * would wrap 2^64-1 to 0 and report "16" (bytes) as 1048576. A bare number
+ * is bytes, as README says. */
 static bool memory_ok(struct call *c, uint64_t bytes)
 {
 	uint64_t phys = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
@@ -246,7 +268,9 @@ static bool memory_ok(struct call *c, uint64_t bytes)
 
 	if (bytes < QEMU_MIN_MEMORY) {
 		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "memory must be at least 16 MiB (got %" PRIu64 " bytes)", bytes);
+			  "memory must be at least 16 MiB (got %" PRIu64
+			  " bytes; a number without a unit is bytes: say \"%" PRIu64 "M\" for MiB)",
+			  bytes, bytes);
 		return false;
 	}
 	if (bytes > phys) {
@@ -272,6 +296,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		{ "machine", P_STRING, false, &machine },
 	};
 	struct vm_config cfg = {};
+	const char *why;
 	int r;
 
 	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
@@ -287,9 +312,10 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		call_fail(c, JSONRPC_ERR_EXISTS, "a VM named '%s' already exists", name);
 		return;
 	}
-	memory = (memory + (1 << 20) - 1) & ~((uint64_t)(1 << 20) - 1);
 	if (!memory_ok(c, memory))
 		return;
+	/* cannot wrap: memory is at most the host's RAM here */
+	memory = (memory + (1 << 20) - 1) & ~((uint64_t)(1 << 20) - 1);
 	if (vcpus < 1 || vcpus > 256) {
 		call_fail(c, JSONRPC_INVALID_PARAMS, "vcpus must be between 1 and 256");
 		return;
@@ -308,12 +334,21 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 	}
-	if (tap && (strlen(tap) >= 16 || !tap[0])) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "tap interface name must be 1-15 characters");
+	if (tap && (why = ifname_invalid(tap))) {
+		call_fail(c, JSONRPC_INVALID_PARAMS, "tap interface name '%.64s' %s", tap, why);
 		return;
 	}
-	if (append && strchr(append, '\n')) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "append must be a single line");
+	if (append && str_has_ctrl(append)) {
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "append must be a single line without control characters");
+		return;
+	}
+	if (machine && (!machine[0] || strlen(machine) > 64 ||
+			strspn(machine, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+					"0123456789-_.") != strlen(machine))) {
+		call_fail(c, JSONRPC_INVALID_PARAMS,
+			  "machine type '%.64s' must be 1-64 letters, digits, '-', '_' or '.'",
+			  machine);
 		return;
 	}
 	vmm = vmm ? vmm : QEMU_DEFAULT_BINARY;

@@ -16,23 +16,27 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(json_tokener *, json_tokener_free)
 int registry_init(struct registry *r, const char *state_dir)
 {
 	*r = (struct registry){ .since_usec = now_usec(CLOCK_REALTIME) };
-	if (asprintf(&r->path, "%s/registry.json", state_dir) < 0) {
+	if (asprintf(&r->path, "%s/" REGISTRY_FILE, state_dir) < 0) {
 		r->path = NULL;
 		return -ENOMEM;
 	}
-	if (asprintf(&r->tmp, "%s/.registry.json.tmp", state_dir) < 0) {
+	if (asprintf(&r->tmp, "%s/" REGISTRY_TMP, state_dir) < 0) {
 		r->tmp = NULL;
 		r->path = (free(r->path), NULL);
 		return -ENOMEM;
 	}
+	r->dirfd = open(state_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (r->dirfd < 0)
+		r->dirfd = -errno;
 	return 0;
 }
 
 void registry_done(struct registry *r)
 {
+	safe_close(r->dirfd);
 	free(r->path);
 	free(r->tmp);
-	*r = (struct registry){};
+	*r = (struct registry){ .dirfd = -EBADF };
 }
 
 static void set_health(struct registry *r, int error, const char *fmt, ...) _printf_(3, 4);
@@ -96,12 +100,18 @@ int registry_write(struct registry *r, json_object *root)
 	 * path (a leftover, or a symlink planted to make root write through
 	 * it) is removed, and O_EXCL|O_NOFOLLOW refuse one planted again in
 	 * between rather than follow it. */
-	if (unlink(r->tmp) < 0 && errno != ENOENT) {
+	if (r->dirfd < 0) {
+		e = r->dirfd;
+		op = "cannot open its directory";
+		goto fail;
+	}
+	if (unlinkat(r->dirfd, REGISTRY_TMP, 0) < 0 && errno != ENOENT) {
 		e = -errno;
 		op = "cannot remove the old temp file";
 		goto fail;
 	}
-	fd = open(r->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	fd = openat(r->dirfd, REGISTRY_TMP, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+		    0600);
 	if (fd < 0) {
 		e = -errno;
 		op = "cannot create the temp file";
@@ -120,7 +130,7 @@ int registry_write(struct registry *r, json_object *root)
 		op = "cannot write the temp file";
 		goto unlink;
 	}
-	if (rename(r->tmp, r->path) < 0) {
+	if (renameat(r->dirfd, REGISTRY_TMP, r->dirfd, REGISTRY_FILE) < 0) {
 		e = -errno;
 		op = "cannot rename the temp file over it";
 		goto unlink;
@@ -130,7 +140,7 @@ int registry_write(struct registry *r, json_object *root)
 	return 0;
 
 unlink:
-	unlink(r->tmp);
+	unlinkat(r->dirfd, REGISTRY_TMP, 0);
 fail:
 	set_health(r, e, "%s: %s: %s", r->path, op, strerror(-e));
 	r->dirty = true; /* the file does not hold what was meant to be there */
@@ -160,7 +170,11 @@ int registry_read(const struct registry *r, json_object **ret, char *why, size_t
 	size_t end;
 
 	snprintf(why, why_size, "%s", "");
-	fd = open(r->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	fd = r->dirfd < 0 ? r->dirfd
+			  : openat(r->dirfd, REGISTRY_FILE,
+				   O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+	if (r->dirfd < 0)
+		errno = -r->dirfd;
 	if (fd < 0 || fstat(fd, &st) < 0) {
 		int e = errno;
 

@@ -21,15 +21,22 @@
 #define REGISTRY_VERSION 1
 #define REGISTRY_MAX_BYTES (4 << 20)
 
+#define REGISTRY_FILE "registry.json"
+#define REGISTRY_TMP ".registry.json.tmp"
+
 struct registry {
-	char *path;          /* STATE_DIR/registry.json */
-	char *tmp;           /* STATE_DIR/.registry.json.tmp */
+	char *path;          /* STATE_DIR/registry.json: for people */
+	char *tmp;           /* STATE_DIR/.registry.json.tmp: likewise */
+	int dirfd;           /* STATE_DIR, or the negative errno of opening it */
 	bool dirty;          /* changed since the last successful write */
 	int error;           /* 0, or the negative errno of the last write */
 	char why[512];       /* what failed, with the path: for people */
 	uint64_t since_usec; /* CLOCK_REALTIME: the current health began */
 };
 
+/* Files are reached through a descriptor of state_dir, opened here (a
+ * directory that cannot be opened makes every read and write fail with
+ * that error), and never through a symlink. */
 int registry_init(struct registry *r, const char *state_dir);
 void registry_done(struct registry *r);
 

@@ -221,7 +221,7 @@ static void end(struct update *u, const char *result)
 	vm->update = NULL;
 	vm->updates++;
 	rep = report(u, result, ended_in);
-	history_append(vm->history_path, rep);
+	history_append(vm->dir_fd, VM_HISTORY, rep);
 	log_result(u, rep);
 	daemon_changed(vm->d);
 
@@ -508,7 +508,7 @@ static void rollback_with_log(struct update *u, const char *why)
 {
 	char tail[300];
 
-	file_tail(u->vm->vmm_log_path, tail, sizeof(tail));
+	file_tail(u->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
 	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
 }
 
@@ -625,8 +625,8 @@ bool update_launch(struct update *u, const struct vmm_incoming *in)
 
 	r = asprintf(&qmp_path, "%s/qmp-next.sock", u->vm->dir) < 0 ? -ENOMEM : 0;
 	if (r >= 0)
-		r = vmm_start(d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->vmm_log_path, in,
-			      &next_ops, u, &u->next);
+		r = vmm_start(d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->dir_fd, in, &next_ops,
+			      u, &u->next);
 	if (r < 0) {
 		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
 				launcher_strerror(r));
@@ -870,7 +870,7 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	json_object_object_add(o, "blackout_ms", NULL);
 	json_object_object_add(o, "error", json_object_new_string(resolution));
 	vm->updates++;
-	history_append(vm->history_path, o);
+	history_append(vm->dir_fd, VM_HISTORY, o);
 	log_warning("update vm=%s result=interrupted error=%s", vm->cfg.name, resolution);
 	json_object_put(o);
 }
@@ -898,5 +898,5 @@ void update_abandon(struct update *u)
 
 json_object *update_history(struct vm *vm)
 {
-	return history_read(vm->history_path);
+	return history_read(vm->dir_fd, VM_HISTORY);
 }

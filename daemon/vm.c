@@ -169,14 +169,14 @@ int vm_registry_commit(struct daemon *d)
 
 static void remove_files(struct vm *vm)
 {
-	const char *files[] = { vm->console_path, vm->vmm_log_path, vm->qmp_path,
-				vm->history_path };
+	const char *files[] = { VM_CONSOLE_LOG,  VM_CONSOLE_LOG ".1", VM_VMM_LOG,
+				VM_VMM_LOG ".1", VM_QMP_SOCK,         VM_HISTORY };
 
+	if (vm->dir_fd < 0)
+		return;
 	for (size_t i = 0; i < ELEMENTSOF(files); i++)
-		if (files[i])
-			unlink(files[i]);
-	if (vm->dir)
-		rmdir(vm->dir);
+		(void)unlinkat(vm->dir_fd, files[i], 0);
+	(void)unlinkat(vm->d->vms_fd, vm->cfg.name, AT_REMOVEDIR);
 }
 
 /* Forget the VM entirely: custody released, files removed. */
@@ -194,6 +194,7 @@ static void vm_free(struct vm *vm)
 	fdstore_remove_vm(d, vm->cfg.name);
 	memstore_release_vm(d->store, vm->cfg.name);
 	remove_files(vm);
+	safe_close(vm->dir_fd);
 	free(vm->dir);
 	free(vm->console_path);
 	free(vm->vmm_log_path);
@@ -230,7 +231,7 @@ static void fail_start(struct vm *vm, int code, const char *why)
 {
 	char tail[400];
 
-	file_tail(vm->vmm_log_path, tail, sizeof(tail));
+	file_tail(vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
 	if (vm->waiting)
 		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
@@ -486,18 +487,50 @@ static int open_tap(const char *ifname, int *ret_fd)
 	return 0;
 }
 
+/* The VM's directory, STATE_DIR/vms/NAME, created if need be and opened
+ * without following a symlink; its paths, for people. */
 static int vm_paths(struct vm *vm)
 {
-	if (asprintf(&vm->dir, "%s/vms/%s", vm->d->state_dir, vm->cfg.name) < 0 ||
-	    asprintf(&vm->console_path, "%s/console.log", vm->dir) < 0 ||
-	    asprintf(&vm->vmm_log_path, "%s/vmm.log", vm->dir) < 0 ||
-	    asprintf(&vm->qmp_path, "%s/qmp.sock", vm->dir) < 0 ||
-	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0)
+	struct daemon *d = vm->d;
+
+	if (asprintf(&vm->dir, "%s/vms/%s", d->state_dir, vm->cfg.name) < 0 ||
+	    asprintf(&vm->console_path, "%s/" VM_CONSOLE_LOG, vm->dir) < 0 ||
+	    asprintf(&vm->vmm_log_path, "%s/" VM_VMM_LOG, vm->dir) < 0 ||
+	    asprintf(&vm->qmp_path, "%s/" VM_QMP_SOCK, vm->dir) < 0 ||
+	    asprintf(&vm->history_path, "%s/" VM_HISTORY, vm->dir) < 0)
 		return -ENOMEM;
-	if (mkdir(vm->dir, 0750) < 0 && errno != EEXIST)
+	if (mkdirat(d->vms_fd, vm->cfg.name, 0750) < 0 && errno != EEXIST)
 		return -errno;
-	unlink(vm->history_path); /* a new VM of an old name starts a new history */
-	return 0;
+	vm->dir_fd =
+	    openat(d->vms_fd, vm->cfg.name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	return vm->dir_fd < 0 ? -errno : 0;
+}
+
+/* Each VM's console and VMM logs, and cprd's own log when it writes one in
+ * the state directory, are cut back to d->log_max (file_rotate()). */
+void vm_rotate_logs(struct daemon *d)
+{
+	static const char *const logs[] = { VM_CONSOLE_LOG, VM_VMM_LOG };
+	int r;
+
+	if (d->log_max <= 0)
+		return;
+	for (struct vm *vm = d->vms; vm; vm = vm->next)
+		for (size_t i = 0; vm->dir_fd >= 0 && i < ELEMENTSOF(logs); i++) {
+			r = file_rotate(vm->dir_fd, logs[i], d->log_max);
+			if (r < 0)
+				log_warning("VM %s: cannot rotate %s/%s: %s", vm->cfg.name, vm->dir,
+					    logs[i], strerror(-r));
+			else if (r > 0)
+				log_debug("VM %s: %s grew past %lld bytes; its content is now in "
+					  "%s.1",
+					  vm->cfg.name, logs[i], (long long)d->log_max, logs[i]);
+		}
+	if (d->own_log) {
+		r = file_rotate(d->state_fd, "cprd.log", d->log_max);
+		if (r < 0)
+			log_warning("cannot rotate %s/cprd.log: %s", d->state_dir, strerror(-r));
+	}
 }
 
 /* Take the VM's resources into custody: memory, console log, tap. On
@@ -513,8 +546,9 @@ static int vm_acquire(struct vm *vm, const char **ret_what)
 	if (r < 0)
 		return r;
 	*ret_what = "its console log";
-	con = open(vm->console_path,
-		   O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
+	con = openat(vm->dir_fd, VM_CONSOLE_LOG,
+		     O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK,
+		     0640);
 	if (con < 0)
 		return -errno;
 	if (vm->cfg.tap) {
@@ -570,7 +604,10 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->next = d->vms;
 	d->vms = vm;
 
+	vm->dir_fd = -EBADF;
 	r = vm_paths(vm);
+	if (r >= 0 && unlinkat(vm->dir_fd, VM_HISTORY, 0) < 0 && errno != ENOENT)
+		r = -errno; /* a new VM of an old name starts a new history */
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot create %s: %s",
 			 vm->dir ? vm->dir : "its directory", strerror(-r));
@@ -583,8 +620,8 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}
-	r = vmm_start(d, &vm->cfg, vm->cfg.vmm, vm->qmp_path, vm->vmm_log_path, NULL, &vm_vmm_ops,
-		      vm, &vm->vmm);
+	r = vmm_start(d, &vm->cfg, vm->cfg.vmm, vm->qmp_path, vm->dir_fd, NULL, &vm_vmm_ops, vm,
+		      &vm->vmm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot execute VMM '%s': %s", vm->cfg.vmm,
 			 launcher_strerror(r));
@@ -627,6 +664,7 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 		      unsigned updates)
 {
 	struct vm *vm = calloc(1, sizeof(*vm));
+	int r;
 
 	if (!vm) {
 		vm_config_done(cfg);
@@ -642,19 +680,21 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 	vm->updates = updates;
 	ev_init(&vm->timer, timer_cb);
 	vm->timer.data = vm;
-	if (asprintf(&vm->dir, "%s/vms/%s", d->state_dir, vm->cfg.name) < 0 ||
-	    asprintf(&vm->console_path, "%s/console.log", vm->dir) < 0 ||
-	    asprintf(&vm->vmm_log_path, "%s/vmm.log", vm->dir) < 0 ||
-	    asprintf(&vm->qmp_path, "%s/qmp.sock", vm->dir) < 0 ||
-	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0) {
+	vm->dir_fd = -EBADF;
+	r = vm_paths(vm);
+	if (r == -ENOMEM) {
 		free(vm->dir);
 		free(vm->console_path);
 		free(vm->vmm_log_path);
 		free(vm->qmp_path);
+		free(vm->history_path);
 		vm_config_done(&vm->cfg);
 		free(vm);
 		return NULL;
 	}
+	/* Kept all the same: a VM is never dropped for want of its files. */
+	if (r < 0)
+		log_warning("VM %s: cannot open %s: %s", vm->cfg.name, vm->dir, strerror(-r));
 	vm->next = d->vms;
 	d->vms = vm;
 	return vm;

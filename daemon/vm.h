@@ -46,6 +46,7 @@ struct vm {
 	struct vm_config cfg;
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
+	int dir_fd;            /* dir: its files are reached through it, never a symlink */
 	struct vmm *vmm;       /* NULL once the VMM is gone */
 	ev_timer timer;        /* start-up or stop deadline */
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
@@ -58,6 +59,12 @@ struct vm {
 	unsigned updates; /* finished updates, any result */
 	struct vm *next;
 };
+
+/* The files in a VM's directory, STATE_DIR/vms/NAME. */
+#define VM_CONSOLE_LOG "console.log"
+#define VM_VMM_LOG "vmm.log"
+#define VM_QMP_SOCK "qmp.sock"
+#define VM_HISTORY "history.jsonl"
 
 const char *vm_state_to_string(enum vm_state s);
 
@@ -72,6 +79,9 @@ bool vm_set_state(struct vm *vm, enum vm_state state);
  * a client about a change that a restarted cprd must know (a VM created, an
  * update started), and fail that request when it fails. */
 int vm_registry_commit(struct daemon *d);
+
+/* Every log that has grown past d->log_max is rotated (file_rotate()). */
+void vm_rotate_logs(struct daemon *d);
 
 struct vm *vm_find(struct daemon *d, const char *name);
 size_t vm_count(struct daemon *d);

@@ -472,7 +472,7 @@ static void spawn_done(int error, pid_t pid, int pidfd, void *ud)
 	release(v);
 }
 
-static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, const char *log_path,
+static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
 		 const struct vmm_incoming *in)
 {
 	struct qemu_config qc = {
@@ -509,7 +509,8 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 	r = qemu_build_argv(&qc, &argv);
 	if (r < 0)
 		return r;
-	log = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
+	log = openat(log_dirfd, VM_VMM_LOG,
+		     O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0640);
 	if (log < 0) {
 		strv_free(argv);
 		return -errno;
@@ -520,7 +521,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 }
 
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
-	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
+	      const char *qmp_path, int log_dirfd, const struct vmm_incoming *in,
 	      const struct vmm_ops *ops, void *ud, struct vmm **ret)
 {
 	_cleanup_close_ int qmp_listen = -EBADF, qmp_conn = -EBADF;
@@ -546,7 +547,7 @@ int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
 		return -ENOMEM;
 	}
 	v->spawned_usec = now_usec(CLOCK_MONOTONIC);
-	r = spawn(v, cfg, qmp_listen, log_path, in);
+	r = spawn(v, cfg, qmp_listen, log_dirfd, in);
 	if (r < 0) {
 		/* Nothing was asked of the launcher, and nothing will ever listen
 		 * where the monitor was bound. */

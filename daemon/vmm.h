@@ -77,14 +77,15 @@ bool vmm_pid_watched(const struct daemon *d, pid_t pid);
 
 /*
  * Start a VMM for cfg using the fds held for the VM, with its monitor on
- * qmp_path and its output appended to log_path. in may be NULL. Returns at
- * once with *ret spawning (no pid yet): ops->spawned follows once the
- * launcher has started it, or ops->exited, with spawn_error set, when the
- * exec failed (the failed child already reaped) or the launcher is gone.
- * Failing here means nothing was asked of the launcher.
+ * qmp_path and its output appended to VM_VMM_LOG in the directory
+ * log_dirfd. in may be NULL. Returns at once with *ret spawning (no pid
+ * yet): ops->spawned follows once the launcher has started it, or
+ * ops->exited, with spawn_error set, when the exec failed (the failed child
+ * already reaped) or the launcher is gone. Failing here means nothing was
+ * asked of the launcher.
  */
 int vmm_start(struct daemon *d, const struct vm_config *cfg, const char *binary,
-	      const char *qmp_path, const char *log_path, const struct vmm_incoming *in,
+	      const char *qmp_path, int log_dirfd, const struct vmm_incoming *in,
 	      const struct vmm_ops *ops, void *ud, struct vmm **ret);
 
 /* Take over a VMM that is already running (after cprd restarted): watch

@@ -33,6 +33,20 @@ BOOT_RE = re.compile(r"^CPRD-GUEST boot id=([0-9a-f]+)", re.M)
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
+# run.py --state-base DIR / --state-tmpfs: the temporary directories the tests
+# make, every cprd's state directory first among them, go below this base, so
+# that one run covers a state directory on tmpfs (the default /run/cprd is one
+# on an ordinary host) and another one on a disk file system.
+STATE_BASE = os.environ.get("CPRD_STATE_BASE") or None
+if STATE_BASE:
+    tempfile.tempdir = STATE_BASE
+
+
+def fs_type(path):
+    """The file system type of path as stat(1) names it (tmpfs, ext2/ext3...)."""
+    p = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown"
+
 
 def guest_accel():
     """kvm or tcg, as `make guest` found the guest can boot here (a /dev/kvm

@@ -10,6 +10,7 @@ test during which it was written. The normal build ignores them."""
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +85,25 @@ class Result(unittest.TextTestResult):
         self.printErrorList("FAIL", self.failures)
 
 
+def state_base(args):
+    """Set CPRD_STATE_BASE from the options; returns the tmpfs it mounted."""
+    base, mounted = args.state_base, None
+    if args.state_tmpfs:
+        # short: the VMs' monitor sockets are below it (sun_path is 108 bytes)
+        base = tempfile.mkdtemp(prefix="cprd-tmpfs-")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "cprd-test",
+                            base], capture_output=True, text=True)
+        if p.returncode == 0:
+            mounted = base
+        else:
+            os.rmdir(base)
+            base = tempfile.mkdtemp(prefix="cprd-", dir="/dev/shm")
+            print(f"cannot mount a tmpfs ({p.stderr.strip()}); state directories in {base}")
+    if base:
+        os.environ["CPRD_STATE_BASE"] = os.path.abspath(base)
+    return mounted
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(here, "..", "..", "build"),
@@ -91,6 +111,12 @@ def main():
     ap.add_argument("--guest", help="the guest from `make guest` (default BUILD/guest)")
     ap.add_argument("--label", default="", help="prefix of the summary line, e.g. asan")
     ap.add_argument("--counts", help="also write 'PASSED FAILED SKIPPED' to this file")
+    ap.add_argument("--state-base", metavar="DIR",
+                    help="make the state directories (every temp directory of the tests) "
+                         "below DIR")
+    ap.add_argument("--state-tmpfs", action="store_true",
+                    help="make them on a tmpfs of this run's own (mounted, as root; else "
+                         "/dev/shm)")
     ap.add_argument("-k", dest="pattern", action="append", help="only tests matching")
     ap.add_argument("modules", nargs="*")
     args = ap.parse_args()
@@ -99,7 +125,11 @@ def main():
         os.environ["CPRD_GUEST"] = os.path.abspath(args.guest)
 
     Result.san_dir = os.environ["CPRD_SAN_DIR"] = tempfile.mkdtemp(prefix="cprd-san-run-")
+    mounted = state_base(args)
     import cprdtest
+    if cprdtest.STATE_BASE:
+        print(f"state directories below {cprdtest.STATE_BASE} "
+              f"({cprdtest.fs_type(cprdtest.STATE_BASE)})")
     os.environ.update(cprdtest.sanitizer_env(os.environ, Result.san_dir))
 
     loader = unittest.TestLoader()
@@ -124,6 +154,11 @@ def main():
         print("FAIL a sanitizer report was written after the last test:\n" + late)
         failed += 1
     shutil.rmtree(Result.san_dir, ignore_errors=True)
+    if mounted:
+        subprocess.run(["umount", "-l", mounted])
+        os.rmdir(mounted)
+    elif args.state_tmpfs:
+        shutil.rmtree(os.environ["CPRD_STATE_BASE"], ignore_errors=True)
     label = f"{args.label} " if args.label else ""
     print(f"{label}integration: {passed} passed, {failed} failed, {skipped} skipped")
     if args.counts:

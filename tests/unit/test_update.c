@@ -229,6 +229,10 @@ static void setup(void)
 	D.state_dir = strdup(dir);
 	snprintf(path, sizeof(path), "%s/vms", dir);
 	ck_assert_int_eq(mkdir(path, 0750), 0);
+	D.state_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	D.vms_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ck_assert_int_ge(D.state_fd, 0);
+	ck_assert_int_ge(D.vms_fd, 0);
 	ck_assert_int_eq(registry_init(&D.registry, dir), 0);
 	ck_assert_int_eq(memstore_new(&D.store), 0);
 
@@ -258,6 +262,8 @@ static void teardown(void)
 	D.store = memstore_free(D.store);
 	ev_loop_destroy(D.loop);
 	registry_done(&D.registry);
+	D.vms_fd = safe_close(D.vms_fd);
+	D.state_fd = safe_close(D.state_fd);
 	free(D.state_dir);
 	relay_listen = safe_close(relay_listen);
 	if (!getenv("CPRD_TEST_KEEP"))

@@ -1,0 +1,215 @@
+/* SPDX-License-Identifier: MIT */
+/* common/: the checks of peer-given names, and log rotation on a real
+ * directory with a real O_APPEND writer. */
+#include <check.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/file.h"
+#include "common/macro.h"
+#include "common/valid.h"
+
+START_TEST(ifnames_the_kernel_keeps_as_given_pass)
+{
+	const char *ok[] = { "tap0", "tap-web1", "t", "vm_1.net", "abcdefghijklmno" };
+
+	for (size_t i = 0; i < ELEMENTSOF(ok); i++)
+		ck_assert_msg(ifname_invalid(ok[i]) == NULL, "%s: %s", ok[i], ifname_invalid(ok[i]));
+}
+END_TEST
+
+START_TEST(ifnames_the_kernel_would_rewrite_or_refuse_fail)
+{
+	const struct {
+		const char *name, *why;
+	} bad[] = {
+		{ "", "1-15" },
+		{ "abcdefghijklmnop", "1-15" }, /* IFNAMSIZ is 16 with the NUL */
+		{ "tap%d", "'%'" },
+		{ "%", "'%'" },
+		{ ".", "'.'" },
+		{ "..", "'.'" },
+		{ "a/b", "'/'" },
+		{ "a:b", "':'" },
+		{ "a b", "printable" },
+		{ "a\tb", "printable" },
+		{ "a\x7f", "printable" },
+		{ "t\xc3\xa4p", "printable" },
+	};
+
+	for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+		const char *why = ifname_invalid(bad[i].name);
+
+		ck_assert_msg(why, "'%s' was accepted", bad[i].name);
+		ck_assert_msg(strstr(why, bad[i].why), "'%s': %s", bad[i].name, why);
+	}
+}
+END_TEST
+
+START_TEST(control_bytes_are_found)
+{
+	ck_assert(!str_has_ctrl(""));
+	ck_assert(!str_has_ctrl("console=ttyS0 quiet cprd.hb_ms=50"));
+	ck_assert(!str_has_ctrl("caf\xc3\xa9")); /* UTF-8 is not control */
+	ck_assert(str_has_ctrl("a\nb"));
+	ck_assert(str_has_ctrl("a\rb"));
+	ck_assert(str_has_ctrl("\x1b[2J"));
+	ck_assert(str_has_ctrl("x\x7f"));
+}
+END_TEST
+
+/* ---- file_rotate ---- */
+
+static char dir[PATH_MAX];
+static int dfd = -EBADF;
+
+static void setup(void)
+{
+	snprintf(dir, sizeof(dir), "/tmp/cprd-common-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ck_assert_int_ge(dfd, 0);
+}
+
+static void teardown(void)
+{
+	const char *names[] = { "log", "log.1", ".log.1.tmp", "victim", "fifo" };
+
+	for (size_t i = 0; i < ELEMENTSOF(names); i++)
+		unlinkat(dfd, names[i], 0);
+	dfd = safe_close(dfd);
+	rmdir(dir);
+}
+
+static off_t size_of(const char *name)
+{
+	struct stat st;
+
+	return fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 ? -1 : st.st_size;
+}
+
+static void put(int fd, char c, size_t n)
+{
+	char buf[1024];
+
+	memset(buf, c, sizeof(buf));
+	while (n > 0) {
+		size_t k = MIN(n, sizeof(buf));
+
+		ck_assert_int_eq(write(fd, buf, k), (ssize_t)k);
+		n -= k;
+	}
+}
+
+START_TEST(a_log_within_its_bound_is_left_alone)
+{
+	_cleanup_close_ int w = openat(dfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+
+	ck_assert_int_eq(file_rotate(dfd, "absent", 4096), 0);
+	put(w, 'a', 4096);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 0);
+	ck_assert_int_eq(size_of("log"), 4096);
+	ck_assert_int_eq(size_of("log.1"), -1);
+}
+END_TEST
+
+START_TEST(a_log_past_its_bound_is_copied_and_the_writer_goes_on_at_the_start)
+{
+	_cleanup_close_ int w = openat(dfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	_cleanup_close_ int r = -EBADF;
+	char buf[8];
+
+	put(w, 'a', 5000);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
+	ck_assert_int_eq(size_of("log"), 0);
+	ck_assert_int_eq(size_of("log.1"), 5000);
+	ck_assert_int_eq(size_of(".log.1.tmp"), -1);
+	/* The writer's own fd, as QEMU's: its next line is the file's first. */
+	put(w, 'b', 3);
+	ck_assert_int_eq(size_of("log"), 3);
+	r = openat(dfd, "log", O_RDONLY | O_CLOEXEC);
+	ck_assert_int_eq(read(r, buf, sizeof(buf)), 3);
+	ck_assert_int_eq(memcmp(buf, "bbb", 3), 0);
+	/* A second rotation replaces the kept copy: one is kept. */
+	put(w, 'c', 4200);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
+	ck_assert_int_eq(size_of("log.1"), 4203);
+}
+END_TEST
+
+START_TEST(a_symlink_planted_as_the_log_or_its_copy_is_never_followed)
+{
+	_cleanup_close_ int v = openat(dfd, "victim", O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+	_cleanup_close_ int w = -EBADF;
+	char target[PATH_MAX + 16];
+
+	put(v, 'v', 10000);
+	snprintf(target, sizeof(target), "%s/victim", dir);
+	ck_assert_int_eq(symlinkat(target, dfd, "log"), 0);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), -ELOOP);
+	ck_assert_int_eq(size_of("victim"), 10000);
+	ck_assert_int_eq(unlinkat(dfd, "log", 0), 0);
+
+	/* log.1 a symlink to the victim: replaced, the victim untouched. */
+	ck_assert_int_eq(symlinkat(target, dfd, "log.1"), 0);
+	w = openat(dfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	put(w, 'a', 5000);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
+	ck_assert_int_eq(size_of("victim"), 10000);
+	ck_assert_int_eq(size_of("log.1"), 5000);
+}
+END_TEST
+
+START_TEST(a_fifo_as_the_log_is_refused_without_blocking)
+{
+	ck_assert_int_eq(mkfifoat(dfd, "fifo", 0600), 0);
+	ck_assert_int_eq(file_rotate(dfd, "fifo", 4096), -EBADFD);
+}
+END_TEST
+
+START_TEST(file_tail_reads_the_end_and_not_through_a_symlink)
+{
+	_cleanup_close_ int w = openat(dfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	_cleanup_close_ int v = openat(dfd, "victim", O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+	char tail[16], target[PATH_MAX + 16];
+
+	ck_assert_int_eq(write(w, "first\nlast line\n", 16), 16);
+	file_tail(dfd, "log", tail, sizeof(tail));
+	ck_assert_str_eq(tail, "irst last line");
+	ck_assert_int_eq(write(v, "secret", 6), 6);
+	snprintf(target, sizeof(target), "%s/victim", dir);
+	ck_assert_int_eq(unlinkat(dfd, "log", 0), 0);
+	ck_assert_int_eq(symlinkat(target, dfd, "log"), 0);
+	file_tail(dfd, "log", tail, sizeof(tail));
+	ck_assert_str_eq(tail, "");
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("common");
+	TCase *t = tcase_create("valid"), *f = tcase_create("file");
+	SRunner *sr;
+	int failed;
+
+	tcase_add_test(t, ifnames_the_kernel_keeps_as_given_pass);
+	tcase_add_test(t, ifnames_the_kernel_would_rewrite_or_refuse_fail);
+	tcase_add_test(t, control_bytes_are_found);
+	suite_add_tcase(s, t);
+	tcase_add_checked_fixture(f, setup, teardown);
+	tcase_add_test(f, a_log_within_its_bound_is_left_alone);
+	tcase_add_test(f, a_log_past_its_bound_is_copied_and_the_writer_goes_on_at_the_start);
+	tcase_add_test(f, a_symlink_planted_as_the_log_or_its_copy_is_never_followed);
+	tcase_add_test(f, a_fifo_as_the_log_is_refused_without_blocking);
+	tcase_add_test(f, file_tail_reads_the_end_and_not_through_a_symlink);
+	suite_add_tcase(s, f);
+	sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? 1 : 0;
+}
