@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <systemd/sd-bus.h>
@@ -37,6 +38,7 @@ struct options {
 	bool foreground;
 	bool sandbox;
 	const char *accel; /* "auto", "kvm" or "tcg" */
+	struct peer_limits limits;
 };
 
 static void notify_status(struct daemon *d)
@@ -92,7 +94,7 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--no-sandbox]\n\n"
+	    "            [--no-sandbox] [--max-clients-per-uid N] [--idle-timeout SEC]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -100,8 +102,30 @@ static void help(void)
 	    "                    is usable; the default)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
+	    "  --max-clients-per-uid N\n"
+	    "                    connections one uid other than root may hold (default %d;\n"
+	    "                    0: no per-uid limit)\n"
+	    "  --idle-timeout SEC\n"
+	    "                    close a connection with no call in flight after SEC\n"
+	    "                    seconds without traffic (default %d; 0: never)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR);
+	    DEFAULT_STATE_DIR, LIMITS_MAX_CLIENTS_PER_UID, LIMITS_IDLE_TIMEOUT_SEC);
+}
+
+static int parse_unsigned(const char *opt, const char *s, unsigned max, unsigned *ret)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v > max) {
+		fprintf(stderr, "cprd: %s takes a whole number from 0 to %u, not '%s'\n", opt, max,
+			s);
+		return -EINVAL;
+	}
+	*ret = (unsigned)v;
+	return 0;
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -112,13 +136,18 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-sandbox", no_argument, NULL, 'S' },
 		{ "accel", required_argument, NULL, 'a' },
+		{ "max-clients-per-uid", required_argument, NULL, 'U' },
+		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true, .accel = "auto" };
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
+			       .sandbox = true,
+			       .accel = "auto",
+			       .limits = PEER_LIMITS_DEFAULT };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -141,6 +170,16 @@ static int parse_options(int argc, char **argv, struct options *o)
 				return -EINVAL;
 			}
 			o->accel = optarg;
+			break;
+		case 'U':
+			if (parse_unsigned("--max-clients-per-uid", optarg, LIMITS_MAX_CLIENTS,
+					   &o->limits.max_per_uid) < 0)
+				return -EINVAL;
+			break;
+		case 'I':
+			if (parse_unsigned("--idle-timeout", optarg, 86400,
+					   &o->limits.idle_timeout_sec) < 0)
+				return -EINVAL;
 			break;
 		case 'h':
 			help();
@@ -229,6 +268,24 @@ static int redirect_log(const char *state_dir)
 	if (dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
 		return -errno;
 	return 0;
+}
+
+/* Each connection may hold up to PROTO_MAX_FDS fds of a message not yet
+ * complete, and custody needs fds of its own: the default soft limit of
+ * 1024 runs out long before the connection limits apply. The launcher is
+ * forked before this, so VMMs keep the soft limit they had (select()). */
+static void raise_fd_limit(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return (void)log_warning("cannot read RLIMIT_NOFILE: %m");
+	if (rl.rlim_cur >= rl.rlim_max)
+		return;
+	rl.rlim_cur = rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		log_warning("cannot raise the soft RLIMIT_NOFILE to %llu: %m",
+			    (unsigned long long)rl.rlim_max);
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
@@ -499,6 +556,8 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+	raise_fd_limit();
+	d.limits = o.limits;
 	/* Not ev_default_loop(): the default loop reaps every child through
 	 * its own SIGCHLD handler (waitpid(-1)), which would steal the VMMs'
 	 * exit status from their pidfds and free their pids for reuse. */
