@@ -36,7 +36,7 @@ struct daemon {
 	struct peer_limits limits; /* what one peer may take (limits.h) */
 	size_t out_queued;         /* unread replies, all clients together */
 	ev_timer accept_pause;     /* accepting stopped while out of fds */
-	struct ratelimit rl_refused, rl_nofile, rl_dropped, rl_idle;
+	struct ratelimit rl_refused, rl_nofile, rl_dropped, rl_idle, rl_stream; /* log lines */
 	struct vm *vms;
 	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;

@@ -613,7 +613,13 @@ static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void client_fail_stream(struct client *c, int code, const char *msg)
 {
-	log_warning("client pid %d: %s; closing the connection", (int)c->peer.pid, msg);
+	unsigned n = 0;
+
+	/* A peer can make this happen on every connection it has. */
+	if (ratelimit_pass(&c->d->rl_stream, now_usec(CLOCK_MONOTONIC), &n))
+		log_warning("client pid %d uid %u: %s; closing the connection%s", (int)c->peer.pid,
+			    (unsigned)c->peer.uid, msg,
+			    n ? " (more such closes were not logged)" : "");
 	reply_error(c, NULL, NULL, code, msg);
 	c->closing = true;
 	client_update_watcher(c);
@@ -869,7 +875,7 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 
 	d->methods = methods;
 	d->n_methods = n;
-	d->rl_refused = d->rl_nofile = d->rl_dropped = d->rl_idle =
+	d->rl_refused = d->rl_nofile = d->rl_dropped = d->rl_idle = d->rl_stream =
 	    (struct ratelimit){ .interval_usec = LIMITS_LOG_INTERVAL_SEC * 1000000ULL };
 	if (listen_fd >= 0) {
 		d->listen_fd = listen_fd;
