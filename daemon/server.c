@@ -130,6 +130,9 @@ static void client_queue(struct client *c, const char *s, size_t len, const int 
 		return;
 	r = s ? proto_writer_queue(c->out, s, len, fds, nfds) : -ENOMEM;
 	client_account(c);
+	/* An answer is traffic: a call that ran for minutes (vm.update) must
+	 * not find its connection idle the moment it ends. */
+	c->last_active = ev_now(c->d->loop);
 	if (r < 0) {
 		client_drop(c, strerror(-r));
 		return;
