@@ -24,6 +24,7 @@
 #define CLIENT_TRIM_AT (256 << 10)  /* queued this much once: give memory back when it goes */
 #define CLIENT_TRIM_MSG (64 << 10)  /* sent a message this large: the same */
 #define ACCEPT_PAUSE_SEC 0.25       /* out of fds: accept nothing for this long */
+#define CLIENT_BURST 4 /* messages a privileged client runs per turn before others get theirs */
 
 struct client {
 	struct daemon *d;
@@ -37,12 +38,14 @@ struct client {
 	bool eof;     /* peer sends no more: answer calls in flight, then close */
 	bool dead;    /* fd closed; waiting for its calls to finish */
 	bool trim;    /* held much memory once: malloc_trim() when it goes */
+	bool backlog; /* complete messages wait in the reader for their turn */
 	unsigned refs;
 	unsigned calls;
 	size_t accounted;      /* its part of d->out_queued */
 	ev_tstamp last_active; /* a message came or a reply went out */
 	ev_tstamp over_since;  /* over its share of the output budget; 0: not */
 	ev_timer timer;        /* idle timeout, or dropped for staying over its share */
+	ev_idle resume;        /* runs the backlog once the loop has nothing else */
 	struct client *prev, *next;
 };
 
@@ -69,7 +72,7 @@ struct call {
 static void client_unref(struct client *c);
 static void client_close(struct client *c);
 static void client_update_watcher(struct client *c);
-static void client_process(struct client *c);
+static void client_process(struct client *c, unsigned max);
 
 static bool peer_is_privileged(struct daemon *d, int fd, const struct ucred *cred)
 {
@@ -469,6 +472,7 @@ static void client_close(struct client *c)
 		return;
 	ev_io_stop(c->d->loop, &c->watcher); /* before the fd goes */
 	ev_timer_stop(c->d->loop, &c->timer);
+	ev_idle_stop(c->d->loop, &c->resume);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
 	client_account(c); /* no longer counted: its replies go nowhere */
@@ -542,15 +546,16 @@ static void client_update_watcher(struct client *c)
 {
 	/* Back-pressure: a client over its share of the output budget is not
 	 * read from (no new calls) until it has read its replies. */
-	int events = c->closing || c->eof || client_over_share(c) ? 0 : EV_READ;
+	int events = c->closing || c->eof || c->backlog || client_over_share(c) ? 0 : EV_READ;
 
 	if (c->dead)
 		return;
 	if (!proto_writer_is_empty(c->out))
 		events |= EV_WRITE;
 	if (events == 0) {
-		/* Nothing to read or write: done unless calls still owe answers. */
-		if (c->closing || c->calls == 0) {
+		/* Nothing to read or write: done unless calls still owe answers
+		 * or messages wait for their turn. */
+		if (!c->backlog && (c->closing || c->calls == 0)) {
 			client_close(c);
 			return;
 		}
@@ -628,12 +633,23 @@ static void client_fail_stream(struct client *c, int code, const char *msg)
 	client_update_watcher(c);
 }
 
-/* Run the complete messages buffered, until the client is over its share
- * of the output budget (the rest wait in the reader, with their fds). */
-static void client_process(struct client *c)
+/* Run at most max of the complete messages buffered, and none once the
+ * client is over its share of the output budget (the rest wait in the
+ * reader, with their fds). What is left runs from an idle watcher, one
+ * message per turn, which libev runs only when no I/O is pending; the
+ * client is not read from meanwhile. So a peer that pipelines hundreds of
+ * batches, or forty peers that do, cannot keep root's request waiting
+ * behind all of theirs: unprivileged peers' messages run only from there
+ * (max 0 from their I/O callbacks), privileged peers' at once. */
+static void client_process(struct client *c, unsigned max)
 {
+	unsigned n = 0;
+
 	c->refs++; /* a handler may end up closing the client */
-	while (!c->dead && !c->closing && !client_over_share(c)) {
+	c->backlog = false;
+	if (max == 0)
+		c->backlog = true;
+	while (!c->backlog && !c->dead && !c->closing && !client_over_share(c)) {
 		_cleanup_free_ char *line = NULL;
 		_cleanup_free_ int *fds = NULL;
 		size_t len, nfds = 0;
@@ -650,7 +666,25 @@ static void client_process(struct client *c)
 		if (len >= CLIENT_TRIM_MSG)
 			c->trim = true; /* json-c's thousands of small pieces */
 		handle_message(c, line, len, fds, nfds);
+		if (++n >= max) {
+			c->backlog = true;
+			break;
+		}
 	}
+	if (c->backlog && !c->dead && !c->closing)
+		ev_idle_start(c->d->loop, &c->resume);
+	else
+		ev_idle_stop(c->d->loop, &c->resume);
+	client_unref(c);
+}
+
+static void client_resume_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+	struct client *c = w->data;
+
+	c->refs++;
+	client_process(c, 1);
+	client_update_watcher(c);
 	client_unref(c);
 }
 
@@ -684,7 +718,7 @@ static void client_read(struct client *c)
 		client_close(c);
 		return;
 	}
-	client_process(c);
+	client_process(c, c->privileged ? CLIENT_BURST : 0);
 }
 
 static void client_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -702,7 +736,7 @@ static void client_cb(struct ev_loop *loop, ev_io *w, int revents)
 		}
 		c->last_active = ev_now(loop);
 		/* Back under its share: what it sent meanwhile runs now. */
-		client_process(c);
+		client_process(c, c->privileged ? CLIENT_BURST : 0);
 	}
 	if ((revents & EV_READ) && !c->dead)
 		client_read(c);
@@ -819,6 +853,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	ev_io_start(loop, &c->watcher);
 	ev_init(&c->timer, client_timer_cb);
 	c->timer.data = c;
+	ev_idle_init(&c->resume, client_resume_cb);
+	c->resume.data = c;
 	client_arm_timer(c);
 }
 

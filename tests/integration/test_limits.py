@@ -14,12 +14,19 @@ import subprocess
 import time
 import unittest
 
-from cprdtest import CPRCTL, Conn, Daemon, fd_count, require_root, wait_until
+from cprdtest import CPRCTL, CPRD, Conn, Daemon, fd_count, require_root, wait_until
 
 NOBODY = 65534
 PY = "/usr/bin/python3"  # the system's: nobody may not read a user's own interpreter
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "limits_peer.py")
 BUSY, TOO_LARGE, TIMEOUT = -32003, -32007, -32010
+
+
+def sanitized():
+    """ASan's allocator keeps freed memory in quarantine and maps shadow
+    memory: RSS says nothing about cprd's own memory there."""
+    with open(CPRD, "rb") as f:
+        return b"__asan_init" in f.read()
 
 
 def rss_kib(pid):
@@ -117,6 +124,8 @@ class Limits(unittest.TestCase):
     def assert_back_to_baseline(self, rss_slack_kib=8192):
         wait_until(lambda: fd_count(self.d.pid) <= self.base_fds, 20,
                    f"cprd's fds to return to {self.base_fds} (are {fd_count(self.d.pid)})")
+        if sanitized():
+            return
         wait_until(lambda: rss_kib(self.d.pid) <= self.base_rss + rss_slack_kib, 20,
                    f"cprd's RSS to return near {self.base_rss} KiB "
                    f"(is {rss_kib(self.d.pid)} KiB)")
@@ -189,12 +198,16 @@ class Limits(unittest.TestCase):
             peak = max(peak, rss_kib(self.d.pid))
             time.sleep(0.1)
         self.assert_root_answers()
+        # Over its share for 10 s, or over it with the budget spent: dropped.
+        wait_until(lambda: "does not read its replies" in self.d.read_log()
+                   or "stayed over its share" in self.d.read_log(), 30,
+                   "cprd to drop a peer that does not read")
         out = unread.release()
         # 64 MiB for all clients' unread replies, plus what is being built.
-        self.assertLess(peak - self.base_rss, 120 * 1024,
-                        f"cprd grew by {(peak - self.base_rss) // 1024} MiB")
+        if not sanitized():
+            self.assertLess(peak - self.base_rss, 120 * 1024,
+                            f"cprd grew by {(peak - self.base_rss) // 1024} MiB")
         self.assertGreater(out["dropped"], 0, "cprd never dropped a peer that does not read")
-        self.assertIn("does not read its replies", self.d.read_log())
         self.assert_back_to_baseline()
 
     def test_a_batch_is_capped_and_costs_little(self):
