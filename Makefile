@@ -70,6 +70,7 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
+$(B)/tests/test_limits: $(B)/obj/daemon/limits.o
 
 # The launcher answers on an event loop.
 $(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o

@@ -11,6 +11,7 @@
 #include "common/clock.h"
 #include "daemon/launcher.h"
 #include "daemon/policy.h"
+#include "daemon/limits.h"
 #include "daemon/registry.h"
 #include "memstore/memstore.h"
 
@@ -34,6 +35,11 @@ struct daemon {
 	ev_io listen_watcher;
 	ev_signal sig_term, sig_int, sig_chld;
 	struct client *clients;
+	unsigned n_clients;
+	struct peer_limits limits; /* what one peer may take (limits.h) */
+	size_t out_queued;         /* unread replies, all clients together */
+	ev_timer accept_pause;     /* accepting stopped while out of fds */
+	struct ratelimit rl_refused, rl_nofile, rl_dropped, rl_idle, rl_stream; /* log lines */
 	struct vm *vms;
 	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;

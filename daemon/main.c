@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -44,6 +45,7 @@ struct options {
 	const char *accel;     /* "auto", "kvm" or "tcg" */
 	const char *vmm_allow; /* the allow-list of VMM binaries */
 	uint64_t log_max;      /* --log-max-size, 0: never rotate */
+	struct peer_limits limits;
 };
 
 static void notify_status(struct daemon *d)
@@ -104,7 +106,8 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--no-sandbox]\n\n"
+	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--no-sandbox]\n"
+	    "            [--max-clients-per-uid N] [--idle-timeout SEC]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -117,8 +120,31 @@ static void help(void)
 	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
 	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
+	    "  --max-clients-per-uid N\n"
+	    "                    connections one uid other than root may hold (default %d;\n"
+	    "                    0: no per-uid limit)\n"
+	    "  --idle-timeout SEC\n"
+	    "                    close a connection with no call in flight after SEC\n"
+	    "                    seconds without traffic (default %d; 0: never)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM);
+	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM, LIMITS_MAX_CLIENTS_PER_UID,
+	    LIMITS_IDLE_TIMEOUT_SEC);
+}
+
+static int parse_unsigned(const char *opt, const char *s, unsigned max, unsigned *ret)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v > max) {
+		fprintf(stderr, "cprd: %s takes a whole number from 0 to %u, not '%s'\n", opt, max,
+			s);
+		return -EINVAL;
+	}
+	*ret = (unsigned)v;
+	return 0;
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -131,6 +157,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "accel", required_argument, NULL, 'a' },
 		{ "vmm-allow", required_argument, NULL, 'A' },
 		{ "log-max-size", required_argument, NULL, 'L' },
+		{ "max-clients-per-uid", required_argument, NULL, 'U' },
+		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
@@ -141,7 +169,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 			       .sandbox = true,
 			       .accel = "auto",
 			       .vmm_allow = POLICY_DEFAULT_FILE,
-			       .log_max = DEFAULT_LOG_MAX };
+			       .log_max = DEFAULT_LOG_MAX,
+			       .limits = PEER_LIMITS_DEFAULT };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -178,6 +207,16 @@ static int parse_options(int argc, char **argv, struct options *o)
 					LOG_MIN, optarg);
 				return -EINVAL;
 			}
+			break;
+		case 'U':
+			if (parse_unsigned("--max-clients-per-uid", optarg, LIMITS_MAX_CLIENTS,
+					   &o->limits.max_per_uid) < 0)
+				return -EINVAL;
+			break;
+		case 'I':
+			if (parse_unsigned("--idle-timeout", optarg, 86400,
+					   &o->limits.idle_timeout_sec) < 0)
+				return -EINVAL;
 			break;
 		case 'h':
 			help();
@@ -328,6 +367,24 @@ static int redirect_log(struct daemon *d)
 		return -errno;
 	d->own_log = true;
 	return 0;
+}
+
+/* Each connection may hold up to PROTO_MAX_FDS fds of a message not yet
+ * complete, and custody needs fds of its own: the default soft limit of
+ * 1024 runs out long before the connection limits apply. The launcher is
+ * forked before this, so VMMs keep the soft limit they had (select()). */
+static void raise_fd_limit(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return (void)log_warning("cannot read RLIMIT_NOFILE: %m");
+	if (rl.rlim_cur >= rl.rlim_max)
+		return;
+	rl.rlim_cur = rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		log_warning("cannot raise the soft RLIMIT_NOFILE to %llu: %m",
+			    (unsigned long long)rl.rlim_max);
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
@@ -645,6 +702,8 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+	raise_fd_limit();
+	d.limits = o.limits;
 	/* Not ev_default_loop(): the default loop reaps every child through
 	 * its own SIGCHLD handler (waitpid(-1)), which would steal the VMMs'
 	 * exit status from their pidfds and free their pids for reuse. */

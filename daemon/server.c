@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <grp.h>
+#include <malloc.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -13,13 +14,17 @@
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include "daemon/stats.h"
+#include "daemon/vmm.h"
 #include "proto/frame.h"
 #include "proto/jsonrpc.h"
 
 #define CLIENT_MAX_MSG (256 * 1024) /* requests are small; 256 KiB is generous */
-#define CLIENT_MAX_QUEUED (8 << 20) /* a client that reads nothing is dropped */
+#define CLIENT_MAX_QUEUED (8 << 20) /* over this a client is dropped at once */
 #define CLIENT_MAX_CALLS 64         /* calls in flight per connection */
-#define CLIENT_MAX_COUNT 1024
+#define CLIENT_TRIM_AT (256 << 10)  /* queued this much once: give memory back when it goes */
+#define CLIENT_TRIM_MSG (64 << 10)  /* sent a message this large: the same */
+#define ACCEPT_PAUSE_SEC 0.25       /* out of fds: accept nothing for this long */
+#define CLIENT_BURST 4 /* messages a privileged client runs per turn before others get theirs */
 
 struct client {
 	struct daemon *d;
@@ -32,15 +37,24 @@ struct client {
 	bool closing; /* flush what is queued, then close */
 	bool eof;     /* peer sends no more: answer calls in flight, then close */
 	bool dead;    /* fd closed; waiting for its calls to finish */
+	bool trim;    /* held much memory once: malloc_trim() when it goes */
+	bool backlog; /* complete messages wait in the reader for their turn */
 	unsigned refs;
 	unsigned calls;
+	size_t accounted;      /* its part of d->out_queued */
+	ev_tstamp last_active; /* a message came or a reply went out */
+	ev_tstamp over_since;  /* over its share of the output budget; 0: not */
+	ev_timer timer;        /* idle timeout, or dropped for staying over its share */
+	ev_idle resume;        /* runs the backlog once the loop has nothing else */
 	struct client *prev, *next;
 };
 
 /* A batch answers once all its calls finished, as one array. */
 struct batch {
 	struct client *client;
-	json_object *replies;
+	char *text; /* "[reply,reply,...": each reply is serialised when it comes */
+	size_t len;
+	size_t n; /* replies in text */
 	unsigned pending;
 	bool sealed; /* all calls dispatched */
 };
@@ -58,6 +72,7 @@ struct call {
 static void client_unref(struct client *c);
 static void client_close(struct client *c);
 static void client_update_watcher(struct client *c);
+static void client_process(struct client *c, unsigned max);
 
 static bool peer_is_privileged(struct daemon *d, int fd, const struct ucred *cred)
 {
@@ -81,35 +96,124 @@ static bool peer_is_privileged(struct daemon *d, int fd, const struct ucred *cre
 
 /* ---- sending ---- */
 
-static void client_send(struct client *c, json_object *msg, const int *fds, size_t nfds)
+/* Keep d->out_queued, the bytes all clients have not read yet, in step. */
+static void client_account(struct client *c)
 {
-	size_t len;
-	const char *s;
+	size_t q = c->dead ? 0 : proto_writer_queued_bytes(c->out);
+
+	c->d->out_queued = c->d->out_queued - c->accounted + q;
+	c->accounted = q;
+	if (q >= CLIENT_TRIM_AT)
+		c->trim = true;
+}
+
+static bool client_over_share(const struct client *c)
+{
+	return limits_out_check(&c->d->limits, c->d->n_clients, c->accounted, c->d->out_queued) !=
+	       OUT_OK;
+}
+
+static void client_drop(struct client *c, const char *why)
+{
+	unsigned n = 0;
+
+	if (ratelimit_pass(&c->d->rl_dropped, now_usec(CLOCK_MONOTONIC), &n))
+		log_warning("client pid %d uid %u: dropping the connection: %s (%zu bytes unread, "
+			    "%zu by all clients)%s",
+			    (int)c->peer.pid, (unsigned)c->peer.uid, why, c->accounted,
+			    c->d->out_queued, n ? "; more drops were not logged" : "");
+	client_close(c); /* what is queued is freed with the client */
+}
+
+static void client_queue(struct client *c, const char *s, size_t len, const int *fds, size_t nfds)
+{
 	int r;
 
 	if (c->dead || c->closing)
 		return;
-	s = jsonrpc_to_string(msg, &len);
-	r = proto_writer_queue(c->out, s, len, fds, nfds);
-	if (r < 0 || proto_writer_queued_bytes(c->out) > CLIENT_MAX_QUEUED) {
-		log_warning("client pid %d: dropping connection: %s", (int)c->peer.pid,
-			    r < 0 ? strerror(-r) : "it does not read its replies");
-		client_close(c); /* what is queued is freed with the client */
+	r = s ? proto_writer_queue(c->out, s, len, fds, nfds) : -ENOMEM;
+	client_account(c);
+	/* An answer is traffic: a call that ran for minutes (vm.update) must
+	 * not find its connection idle the moment it ends. */
+	c->last_active = ev_now(c->d->loop);
+	if (r < 0) {
+		client_drop(c, strerror(-r));
+		return;
+	}
+	if (c->accounted > CLIENT_MAX_QUEUED) {
+		client_drop(c, "it does not read its replies");
+		return;
+	}
+	/* Over its share it is no longer read from (client_update_watcher);
+	 * over its share while all clients together are over the budget, it
+	 * goes now: memory for unread replies is bounded for the whole daemon. */
+	if (limits_out_check(&c->d->limits, c->d->n_clients, c->accounted, c->d->out_queued) ==
+	    OUT_DROP) {
+		client_drop(c, "it does not read its replies and the budget for unread replies "
+			       "is spent");
 		return;
 	}
 	client_update_watcher(c);
 }
 
+static void client_send(struct client *c, json_object *msg, const int *fds, size_t nfds)
+{
+	size_t len = 0;
+	const char *s = jsonrpc_to_string(msg, &len);
+
+	client_queue(c, s, len, fds, nfds);
+}
+
+static bool batch_append(struct batch *b, const char *s, size_t len)
+{
+	char *t = realloc(b->text, b->len + len + 2); /* a ',' or '[' and a ']' */
+
+	if (!t)
+		return false;
+	b->text = t;
+	b->text[b->len++] = b->n++ ? ',' : '[';
+	memcpy(b->text + b->len, s, len);
+	b->len += len;
+	return true;
+}
+
+/* A batch's answer is kept as text, not as json-c objects (several times
+ * larger), and bounded: a call whose answer would make it larger than
+ * LIMITS_BATCH_MAX_REPLY is answered with an error instead. */
+static void batch_add(struct batch *b, json_object *reply)
+{
+	_cleanup_json_ json_object *e = NULL;
+	size_t len = 0;
+	const char *s = jsonrpc_to_string(reply, &len);
+
+	if (s && b->len + len + 2 > LIMITS_BATCH_MAX_REPLY) {
+		json_object *id = NULL;
+
+		json_object_object_get_ex(reply, "id", &id);
+		e = jsonrpc_error_new(id, JSONRPC_ERR_TOO_LARGE,
+				      "this batch's answer would exceed 4 MiB; this call's "
+				      "answer was left out (send fewer calls per batch)",
+				      NULL);
+		s = jsonrpc_to_string(e, &len);
+	}
+	/* Out of memory: this reply is lost, the batch still answers the rest. */
+	if (s)
+		(void)batch_append(b, s, len);
+	json_object_put(reply);
+}
+
 static void batch_finish_one(struct batch *b, json_object *reply)
 {
 	if (reply)
-		json_object_array_add(b->replies, reply);
+		batch_add(b, reply);
 	b->pending--;
 	if (b->pending > 0 || !b->sealed)
 		return;
-	if (json_object_array_length(b->replies) > 0)
-		client_send(b->client, b->replies, NULL, 0);
-	json_object_put(b->replies);
+	if (b->n > 0) {
+		b->text[b->len++] = ']';
+		client_queue(b->client, b->text, b->len, NULL, 0);
+	}
+	free(b->text);
 	client_unref(b->client);
 	free(b);
 }
@@ -248,7 +352,8 @@ static void reply_error(struct client *cl, struct batch *b, json_object *id, int
 	json_object *e = jsonrpc_error_new(id, code, msg, NULL);
 
 	if (b) {
-		json_object_array_add(b->replies, e);
+		if (e)
+			batch_add(b, e);
 		return;
 	}
 	client_send(cl, e, NULL, 0);
@@ -334,9 +439,19 @@ static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t
 		close_many(fds, nfds);
 		return;
 	}
+	/* Each call costs what its answer costs: a batch may not multiply
+	 * that without bound (thousands of vm.list fit in one message). */
+	if (n > LIMITS_BATCH_MAX_CALLS) {
+		char msg[128];
+
+		snprintf(msg, sizeof(msg),
+			 "batch of %zu calls exceeds the limit of %d calls per batch; none was run",
+			 n, LIMITS_BATCH_MAX_CALLS);
+		reply_error(cl, NULL, NULL, JSONRPC_ERR_TOO_LARGE, msg);
+		return;
+	}
 	b = calloc(1, sizeof(*b));
-	if (!b || !(b->replies = json_object_new_array())) {
-		free(b);
+	if (!b) {
 		reply_error(cl, NULL, NULL, JSONRPC_INTERNAL_ERROR, "out of memory");
 		return;
 	}
@@ -372,8 +487,12 @@ static void client_close(struct client *c)
 	if (c->dead)
 		return;
 	ev_io_stop(c->d->loop, &c->watcher); /* before the fd goes */
+	ev_timer_stop(c->d->loop, &c->timer);
+	ev_idle_stop(c->d->loop, &c->resume);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
+	client_account(c); /* no longer counted: its replies go nowhere */
+	c->d->n_clients--;
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -386,42 +505,203 @@ static void client_close(struct client *c)
 
 static void client_unref(struct client *c)
 {
+	bool trim;
+
 	if (--c->refs > 0)
 		return;
+	trim = c->trim;
 	proto_reader_free(c->in);
 	proto_writer_free(c->out);
 	free(c);
+	/* Megabytes of replies freed in small pieces stay in malloc's free
+	 * lists, and the next peer's attack would find cprd larger still. */
+	if (trim)
+		malloc_trim(0);
+}
+
+/* The VMM of one of our VMs: its connection is never idle-closed. */
+static bool client_is_vmm(const struct client *c)
+{
+	for (const struct vmm *v = c->d->vmms; v; v = v->daemon_next)
+		if (v->pid > 0 && v->pid == c->peer.pid)
+			return true;
+	return false;
+}
+
+/* One timer per client, at whichever comes first: the end of its grace
+ * over its share of the output budget, or its idle timeout (only while no
+ * call is in flight: vm.create and vm.update may take minutes). */
+static void client_arm_timer(struct client *c)
+{
+	struct daemon *d = c->d;
+	ev_tstamp now = ev_now(d->loop), at = 0;
+
+	if (c->dead)
+		return;
+	if (client_over_share(c)) {
+		if (c->over_since == 0)
+			c->over_since = now;
+		at = c->over_since + LIMITS_OUT_OVER_SEC;
+	} else {
+		c->over_since = 0;
+	}
+	if (d->limits.idle_timeout_sec > 0 && c->calls == 0) {
+		ev_tstamp idle = c->last_active + d->limits.idle_timeout_sec;
+
+		if (at == 0 || idle < at)
+			at = idle;
+	}
+	ev_timer_stop(d->loop, &c->timer);
+	if (at == 0)
+		return;
+	ev_timer_set(&c->timer, at > now ? at - now : 0, 0);
+	ev_timer_start(d->loop, &c->timer);
 }
 
 static void client_update_watcher(struct client *c)
 {
-	int events = c->closing || c->eof ? 0 : EV_READ;
+	/* Back-pressure: a client over its share of the output budget is not
+	 * read from (no new calls) until it has read its replies. */
+	int events = c->closing || c->eof || c->backlog || client_over_share(c) ? 0 : EV_READ;
 
 	if (c->dead)
 		return;
 	if (!proto_writer_is_empty(c->out))
 		events |= EV_WRITE;
 	if (events == 0) {
-		/* Nothing to read or write: done unless calls still owe answers. */
-		if (c->closing || c->calls == 0)
+		/* Nothing to read or write: done unless calls still owe answers
+		 * or messages wait for their turn. */
+		if (!c->backlog && (c->closing || c->calls == 0)) {
 			client_close(c);
-		else
-			ev_io_stop(c->d->loop, &c->watcher);
+			return;
+		}
+		ev_io_stop(c->d->loop, &c->watcher);
+	} else if (c->watcher.events != events || !ev_is_active(&c->watcher)) {
+		ev_io_stop(c->d->loop, &c->watcher);
+		ev_io_set(&c->watcher, c->fd, events);
+		ev_io_start(c->d->loop, &c->watcher);
+	}
+	client_arm_timer(c);
+}
+
+/* A last word to a peer about to be closed: best effort, never waits. */
+static void notice_and_close(int fd, int code, const char *msg)
+{
+	_cleanup_json_ json_object *e = jsonrpc_error_new(NULL, code, msg, NULL);
+	size_t len = 0;
+	const char *s = e ? jsonrpc_to_string(e, &len) : NULL;
+	struct iovec iov[2] = { { (void *)s, len }, { (void *)"\n", 1 } };
+	struct msghdr mh = { .msg_iov = iov, .msg_iovlen = 2 };
+
+	if (s)
+		(void)sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+	safe_close(fd);
+}
+
+static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct client *c = w->data;
+	struct daemon *d = c->d;
+	ev_tstamp now = ev_now(loop);
+	char msg[96];
+	unsigned n = 0;
+
+	if (c->over_since > 0 && client_over_share(c) &&
+	    now >= c->over_since + LIMITS_OUT_OVER_SEC) {
+		client_drop(c, "it stayed over its share of the budget for unread replies");
 		return;
 	}
-	if (c->watcher.events == events && ev_is_active(&c->watcher))
-		return;
-	ev_io_stop(c->d->loop, &c->watcher);
-	ev_io_set(&c->watcher, c->fd, events);
-	ev_io_start(c->d->loop, &c->watcher);
+	if (d->limits.idle_timeout_sec > 0 && c->calls == 0 &&
+	    now >= c->last_active + d->limits.idle_timeout_sec) {
+		if (client_is_vmm(c)) {
+			c->last_active = now;
+		} else {
+			if (ratelimit_pass(&d->rl_idle, now_usec(CLOCK_MONOTONIC), &n))
+				log_info("client pid %d uid %u: idle for %u s; closing the "
+					 "connection%s",
+					 (int)c->peer.pid, (unsigned)c->peer.uid,
+					 d->limits.idle_timeout_sec,
+					 n ? " (more idle connections closed, not logged)" : "");
+			snprintf(msg, sizeof(msg),
+				 "connection idle for %u s with no call in flight; closed",
+				 d->limits.idle_timeout_sec);
+			ev_io_stop(loop, &c->watcher);
+			ev_timer_stop(loop, &c->timer);
+			notice_and_close(TAKE_FD(c->fd), JSONRPC_ERR_TIMEOUT, msg);
+			client_close(c);
+			return;
+		}
+	}
+	client_arm_timer(c);
 }
 
 static void client_fail_stream(struct client *c, int code, const char *msg)
 {
-	log_warning("client pid %d: %s; closing the connection", (int)c->peer.pid, msg);
+	unsigned n = 0;
+
+	/* A peer can make this happen on every connection it has. */
+	if (ratelimit_pass(&c->d->rl_stream, now_usec(CLOCK_MONOTONIC), &n))
+		log_warning("client pid %d uid %u: %s; closing the connection%s", (int)c->peer.pid,
+			    (unsigned)c->peer.uid, msg,
+			    n ? " (more such closes were not logged)" : "");
 	reply_error(c, NULL, NULL, code, msg);
 	c->closing = true;
 	client_update_watcher(c);
+}
+
+/* Run at most max of the complete messages buffered, and none once the
+ * client is over its share of the output budget (the rest wait in the
+ * reader, with their fds). What is left runs from an idle watcher, one
+ * message per turn, which libev runs only when no I/O is pending; the
+ * client is not read from meanwhile. So a peer that pipelines hundreds of
+ * batches, or forty peers that do, cannot keep root's request waiting
+ * behind all of theirs: unprivileged peers' messages run only from there
+ * (max 0 from their I/O callbacks), privileged peers' at once. */
+static void client_process(struct client *c, unsigned max)
+{
+	unsigned n = 0;
+
+	c->refs++; /* a handler may end up closing the client */
+	c->backlog = false;
+	if (max == 0)
+		c->backlog = true;
+	while (!c->backlog && !c->dead && !c->closing && !client_over_share(c)) {
+		_cleanup_free_ char *line = NULL;
+		_cleanup_free_ int *fds = NULL;
+		size_t len, nfds = 0;
+		int r = proto_reader_next(c->in, &line, &len, &fds, &nfds);
+
+		if (r == 0)
+			break;
+		if (r < 0) {
+			client_fail_stream(c, JSONRPC_ERR_BAD_FDS,
+					   "fds attached to an empty line (closed)");
+			break;
+		}
+		c->last_active = ev_now(c->d->loop);
+		if (len >= CLIENT_TRIM_MSG)
+			c->trim = true; /* json-c's thousands of small pieces */
+		handle_message(c, line, len, fds, nfds);
+		if (++n >= max) {
+			c->backlog = true;
+			break;
+		}
+	}
+	if (c->backlog && !c->dead && !c->closing)
+		ev_idle_start(c->d->loop, &c->resume);
+	else
+		ev_idle_stop(c->d->loop, &c->resume);
+	client_unref(c);
+}
+
+static void client_resume_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+	struct client *c = w->data;
+
+	c->refs++;
+	client_process(c, 1);
+	client_update_watcher(c);
+	client_unref(c);
 }
 
 static void client_read(struct client *c)
@@ -454,23 +734,7 @@ static void client_read(struct client *c)
 		client_close(c);
 		return;
 	}
-	c->refs++; /* a handler may end up closing the client */
-	while (!c->dead && !c->closing) {
-		_cleanup_free_ char *line = NULL;
-		_cleanup_free_ int *fds = NULL;
-		size_t len, nfds = 0;
-		int r = proto_reader_next(c->in, &line, &len, &fds, &nfds);
-
-		if (r == 0)
-			break;
-		if (r < 0) {
-			client_fail_stream(c, JSONRPC_ERR_BAD_FDS,
-					   "fds attached to an empty line (closed)");
-			break;
-		}
-		handle_message(c, line, len, fds, nfds);
-	}
-	client_unref(c);
+	client_process(c, c->privileged ? CLIENT_BURST : 0);
 }
 
 static void client_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -481,10 +745,14 @@ static void client_cb(struct ev_loop *loop, ev_io *w, int revents)
 	c->refs++;
 	if (revents & EV_WRITE) {
 		r = proto_writer_flush(c->out, c->fd);
+		client_account(c);
 		if (r < 0) {
 			client_close(c);
 			goto out;
 		}
+		c->last_active = ev_now(loop);
+		/* Back under its share: what it sent meanwhile runs now. */
+		client_process(c, c->privileged ? CLIENT_BURST : 0);
 	}
 	if ((revents & EV_READ) && !c->dead)
 		client_read(c);
@@ -493,43 +761,117 @@ out:
 	client_unref(c);
 }
 
+/* Out of fds (EMFILE, ENFILE) or kernel memory: the pending connection
+ * stays in the backlog and the listening socket stays readable, so
+ * accepting again at once would spin. Stop for a moment instead (the
+ * libev documentation's advice); idle timeouts and departing peers free
+ * fds meanwhile. */
+static void accept_pause(struct daemon *d, int err)
+{
+	unsigned n = 0;
+
+	ev_io_stop(d->loop, &d->listen_watcher);
+	ev_timer_set(&d->accept_pause, ACCEPT_PAUSE_SEC, 0);
+	ev_timer_start(d->loop, &d->accept_pause);
+	if (ratelimit_pass(&d->rl_nofile, now_usec(CLOCK_MONOTONIC), &n))
+		log_warning("cannot accept a connection: %s; not accepting for %.0f ms (%u "
+			    "connections open)%s",
+			    strerror(err), ACCEPT_PAUSE_SEC * 1000, d->n_clients,
+			    n ? "; this happened more often than logged" : "");
+}
+
+static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct daemon *d = w->data;
+
+	ev_io_start(loop, &d->listen_watcher);
+}
+
+static struct peer_counts count_peers(const struct daemon *d, uid_t uid)
+{
+	struct peer_counts n = {};
+
+	for (const struct client *c = d->clients; c; c = c->next) {
+		n.total++;
+		n.unprivileged += !c->privileged;
+		n.same_uid += c->peer.uid == uid;
+	}
+	return n;
+}
+
+/* Refused: the peer hears why, and the log says so once in a while. */
+static void refuse(struct daemon *d, int fd, const struct ucred *peer, enum admit_verdict v)
+{
+	char msg[160];
+	unsigned n = 0;
+
+	if (v == ADMIT_UID)
+		snprintf(msg, sizeof(msg), "too many connections from uid %u (at most %u); closed",
+			 (unsigned)peer->uid, d->limits.max_per_uid);
+	else
+		snprintf(msg, sizeof(msg), "%s (%u open); closed", admit_verdict_to_string(v),
+			 d->n_clients);
+	if (ratelimit_pass(&d->rl_refused, now_usec(CLOCK_MONOTONIC), &n))
+		log_warning("refused a connection from pid %d uid %u: %s%s", (int)peer->pid,
+			    (unsigned)peer->uid, msg, n ? "; more were refused, not logged" : "");
+	notice_and_close(fd, JSONRPC_ERR_BUSY, msg);
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct daemon *d = w->data;
 	socklen_t len = sizeof(struct ucred);
-	size_t count = 0;
+	_cleanup_close_ int fd = -EBADF;
+	struct ucred peer = {};
+	struct peer_counts counts;
+	enum admit_verdict v;
+	bool privileged;
 	struct client *c;
-	int fd;
 
 	fd = accept4(d->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-	if (fd < 0)
+	if (fd < 0) {
+		if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+			accept_pause(d, errno);
 		return;
-	for (c = d->clients; c; c = c->next)
-		count++;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0) {
+		log_warning("refused a connection: cannot read its credentials: %m");
+		return;
+	}
+	privileged = peer_is_privileged(d, fd, &peer);
+	counts = count_peers(d, peer.uid);
+	v = limits_admit(&d->limits, privileged, peer.uid, &counts);
+	if (v != ADMIT_OK) {
+		refuse(d, TAKE_FD(fd), &peer, v);
+		return;
+	}
 	c = calloc(1, sizeof(*c));
-	if (!c || count >= CLIENT_MAX_COUNT ||
-	    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->peer, &len) < 0 ||
-	    proto_reader_new(CLIENT_MAX_MSG, &c->in) < 0 || proto_writer_new(&c->out) < 0) {
-		if (c) {
+	if (!c || proto_reader_new(CLIENT_MAX_MSG, &c->in) < 0 || proto_writer_new(&c->out) < 0) {
+		if (c)
 			proto_reader_free(c->in);
-			free(c);
-		}
-		close(fd);
-		log_warning("refused a connection: %s",
-			    count >= CLIENT_MAX_COUNT ? "too many clients" : "out of resources");
+		free(c);
+		log_warning("refused a connection from pid %d: out of memory", (int)peer.pid);
 		return;
 	}
 	c->d = d;
-	c->fd = fd;
+	c->fd = TAKE_FD(fd);
 	c->refs = 1;
-	c->privileged = peer_is_privileged(d, fd, &c->peer);
+	c->peer = peer;
+	c->privileged = privileged;
+	c->last_active = ev_now(loop);
 	c->next = d->clients;
 	if (d->clients)
 		d->clients->prev = c;
 	d->clients = c;
-	ev_io_init(&c->watcher, client_cb, fd, EV_READ);
+	d->n_clients++;
+	ev_io_init(&c->watcher, client_cb, c->fd, EV_READ);
 	c->watcher.data = c;
 	ev_io_start(loop, &c->watcher);
+	ev_init(&c->timer, client_timer_cb);
+	c->timer.data = c;
+	ev_idle_init(&c->resume, client_resume_cb);
+	c->resume.data = c;
+	client_arm_timer(c);
 }
 
 static int socket_bind(struct daemon *d)
@@ -588,6 +930,8 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 
 	d->methods = methods;
 	d->n_methods = n;
+	d->rl_refused = d->rl_nofile = d->rl_dropped = d->rl_idle = d->rl_stream =
+	    (struct ratelimit){ .interval_usec = LIMITS_LOG_INTERVAL_SEC * 1000000ULL };
 	if (listen_fd >= 0) {
 		d->listen_fd = listen_fd;
 		/* After a re-exec the socket is still our own bound path. */
@@ -605,11 +949,14 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 	ev_io_init(&d->listen_watcher, accept_cb, d->listen_fd, EV_READ);
 	d->listen_watcher.data = d;
 	ev_io_start(d->loop, &d->listen_watcher);
+	ev_init(&d->accept_pause, accept_resume_cb);
+	d->accept_pause.data = d;
 	return 0;
 }
 
 void server_stop(struct daemon *d)
 {
+	ev_timer_stop(d->loop, &d->accept_pause);
 	ev_io_stop(d->loop, &d->listen_watcher);
 	d->listen_fd = safe_close(d->listen_fd);
 	if (d->socket_path && !d->socket_activated)
