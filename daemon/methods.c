@@ -186,15 +186,15 @@ static const char *check_file_error(int r)
 	case -EINVAL:
 		return "must be an absolute path";
 	case -EACCES:
-		return "is not readable by you (cprd opens it with the rights of the peer "
+		return "not readable by you (cprd opens it with the rights of the peer "
 		       "that asks)";
 	case -EPERM:
 		return "it or a directory above it has a POSIX ACL, which cprd does not judge; "
 		       "use a path without ACLs";
 	case -EBADFD:
-		return "is not a regular file";
+		return "not a regular file";
 	case -ELOOP:
-		return "is a symlink loop, or changed while it was looked up";
+		return "a symlink loop, or changed while it was looked up";
 	case -ETXTBSY:
 		return "it or a directory above it is yours or writable by you: cprd opens it "
 		       "again for every new VMM, so it must be a file you cannot change (put it "
