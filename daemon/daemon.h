@@ -55,6 +55,7 @@ struct daemon {
 	bool status_stale;        /* the STATUS= line needs sending again */
 	ev_prepare flush;         /* before the loop waits: write what changed */
 	ev_timer registry_retry;  /* while the registry cannot be written */
+	ev_timer watchdog;        /* WATCHDOG=1 to systemd while the loop turns */
 };
 
 /* Something the registry records changed (a VM came or went, changed
