@@ -21,6 +21,7 @@ struct scope_bus {
 struct pending {
 	struct daemon *d;
 	pid_t pid;
+	char vm[64];
 	char unit[128];
 };
 
@@ -142,10 +143,10 @@ static int attached(sd_bus_message *reply, void *ud, sd_bus_error *ret_error)
 	const sd_bus_error *e = sd_bus_message_get_error(reply);
 
 	if (e)
-		log_warning("cannot move VMM pid %d into %s: %s", (int)p->pid, p->unit,
-			    e->message ? e->message : e->name);
+		log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+			    p->unit, e->message ? e->message : e->name);
 	else
-		log_debug("VMM pid %d joined %s", (int)p->pid, p->unit);
+		log_debug("VM %s: VMM pid %d joined %s", p->vm, (int)p->pid, p->unit);
 	return 0;
 }
 
@@ -185,20 +186,21 @@ static int adopted(sd_bus_message *reply, void *ud, sd_bus_error *ret_error)
 	if (e && sd_bus_error_has_name(e, "org.freedesktop.systemd1.UnitExists")) {
 		r = attach(p);
 		if (r < 0)
-			log_warning("cannot move VMM pid %d into %s: %s", (int)p->pid, p->unit,
-				    strerror(-r));
+			log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+				    p->unit, strerror(-r));
 	} else if (e) {
-		log_warning("cannot move VMM pid %d into %s: %s", (int)p->pid, p->unit,
-			    e->message ? e->message : e->name);
+		log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+			    p->unit, e->message ? e->message : e->name);
 	} else {
-		log_debug("VMM pid %d moved into %s", (int)p->pid, p->unit);
+		log_debug("VM %s: VMM pid %d moved into %s", p->vm, (int)p->pid, p->unit);
 	}
 	return 0;
 }
 
 /* Each VM has one scope, cprd-vm-NAME.scope in machine.slice, for its whole
  * life: its first VMM starts it, an update's new VMM joins it, and it ends
- * with the VM's last VMM. */
+ * with the VM's last VMM. Joining a scope (AttachProcessesToUnit) needs it
+ * delegated, as machined's scopes for VMs and containers are. */
 int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 {
 	_cleanup_free_ struct pending *p = NULL;
@@ -213,6 +215,7 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 		return -ENOMEM;
 	p->d = d;
 	p->pid = pid;
+	snprintf(p->vm, sizeof(p->vm), "%s", vm);
 	snprintf(p->unit, sizeof(p->unit), "cprd-vm-%s.scope", vm);
 	snprintf(desc, sizeof(desc), "VMM of VM %s (held by cprd)", vm);
 	r = bus_attach(d);
@@ -223,9 +226,10 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 	if (r >= 0)
 		r = sd_bus_message_append(m, "ss", p->unit, "fail");
 	if (r >= 0)
-		r = sd_bus_message_append(m, "a(sv)", 4, "PIDs", "au", 1, (uint32_t)pid, "Slice",
+		r = sd_bus_message_append(m, "a(sv)", 5, "PIDs", "au", 1, (uint32_t)pid, "Slice",
 					  "s", "machine.slice", "Description", "s", desc,
-					  "CollectMode", "s", "inactive-or-failed");
+					  "CollectMode", "s", "inactive-or-failed", "Delegate", "b",
+					  1);
 	if (r >= 0)
 		r = sd_bus_message_append(m, "a(sa(sv))", 0);
 	if (r >= 0)
