@@ -10,6 +10,7 @@
 
 #include "common/clock.h"
 #include "daemon/launcher.h"
+#include "daemon/policy.h"
 #include "daemon/registry.h"
 #include "memstore/memstore.h"
 
@@ -44,9 +45,11 @@ struct daemon {
 	char *self_path;             /* our binary, for re-exec */
 	char **argv;                 /* our command line, for re-exec */
 	char *reexec_binary;         /* set by daemon.reexec: exec this once replies are out */
+	int exec_slot;               /* the only fd the seccomp filter lets be executed */
 	struct sd_bus *bus;          /* to systemd, opened on first use */
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
 	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
+	struct policy policy;        /* which VMMs peers but root may run */
 
 	const struct method *methods; /* the JSON-RPC methods, given by main() */
 	size_t n_methods;

@@ -9,6 +9,7 @@
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-daemon.h>
@@ -36,7 +37,8 @@ struct options {
 	const char *state_dir;
 	bool foreground;
 	bool sandbox;
-	const char *accel; /* "auto", "kvm" or "tcg" */
+	const char *accel;     /* "auto", "kvm" or "tcg" */
+	const char *vmm_allow; /* the allow-list of VMM binaries */
 };
 
 static void notify_status(struct daemon *d)
@@ -111,16 +113,19 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--no-sandbox]\n\n"
+	    "            [--vmm-allow FILE] [--no-sandbox]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
 	    "  --accel A         how VMMs run guests: kvm, tcg, or auto (kvm when /dev/kvm\n"
 	    "                    is usable; the default)\n"
+	    "  --vmm-allow FILE  VMM binaries that peers other than root may run, one path or\n"
+	    "                    pattern per line (default %s; without it:\n"
+	    "                    %s)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR);
+	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM);
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -131,13 +136,17 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-sandbox", no_argument, NULL, 'S' },
 		{ "accel", required_argument, NULL, 'a' },
+		{ "vmm-allow", required_argument, NULL, 'A' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true, .accel = "auto" };
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
+			       .sandbox = true,
+			       .accel = "auto",
+			       .vmm_allow = POLICY_DEFAULT_FILE };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -161,6 +170,9 @@ static int parse_options(int argc, char **argv, struct options *o)
 			}
 			o->accel = optarg;
 			break;
+		case 'A':
+			o->vmm_allow = optarg;
+			break;
 		case 'h':
 			help();
 			exit(0);
@@ -175,6 +187,26 @@ static int parse_options(int argc, char **argv, struct options *o)
 		fprintf(stderr, "cprd: unexpected argument '%s'\n", argv[optind]);
 		return -EINVAL;
 	}
+	return 0;
+}
+
+static int load_policy(struct policy *p, const char *path)
+{
+	unsigned line;
+	int r = policy_load(p, path, &line);
+
+	if (r == -EPERM)
+		return log_error_errno(r,
+				       "%s can be changed by others than root: refusing to use "
+				       "it as the allow-list of VMM binaries",
+				       path);
+	if (r < 0 && line > 0)
+		return log_error_errno(r,
+				       "%s:%u: an absolute path or pattern of VMM binaries "
+				       "expected",
+				       path, line);
+	if (r < 0)
+		return log_error_errno(r, "cannot read the allow-list of VMM binaries %s", path);
 	return 0;
 }
 
@@ -310,6 +342,30 @@ static bool already_confined(void)
 	return yes;
 }
 
+/* Exec the re-exec binary from the one fd the seccomp filter lets be
+ * executed (sandbox.h). On failure the slot holds its placeholder again. */
+static int exec_in_slot(struct daemon *d, char **argv)
+{
+	_cleanup_close_ int bin = open(d->reexec_binary, O_PATH | O_CLOEXEC);
+	char buf[16];
+	int r;
+
+	if (bin < 0)
+		return -errno;
+	if (d->exec_slot < 0)
+		return -EBADF;
+	if (dup3(bin, d->exec_slot, O_CLOEXEC) < 0)
+		return -errno;
+	snprintf(buf, sizeof(buf), "%d", d->exec_slot);
+	setenv(SANDBOX_EXEC_SLOT_ENV, buf, 1);
+	syscall(SYS_execveat, d->exec_slot, "", argv, environ, AT_EMPTY_PATH);
+	r = -errno;
+	bin = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (bin >= 0)
+		(void)dup3(bin, d->exec_slot, O_CLOEXEC);
+	return r;
+}
+
 /* Replace this process image, keeping every held fd open: they are listed
  * in CPRD_INHERIT and read back by the new image exactly like fds from the
  * service manager's store. The launcher survives too (it was forked before
@@ -369,14 +425,14 @@ static int reexec(struct daemon *d)
 	for (int i = 0; i < nfds; i++)
 		fcntl(fds[i], F_SETFD, 0);
 	log_notice("re-executing %s with %d fds held", d->reexec_binary, nfds);
-	execv(d->reexec_binary, argv);
-	r = -errno;
+	r = exec_in_slot(d, argv);
 	for (int i = 0; i < nfds; i++)
 		fcntl(fds[i], F_SETFD, FD_CLOEXEC);
 	unsetenv("CPRD_INHERIT");
 	unsetenv("CPRD_REEXEC");
 	unsetenv("CPRD_LAUNCHER_PID");
 	unsetenv("CPRD_SOCKET_OWNED");
+	unsetenv(SANDBOX_EXEC_SLOT_ENV);
 	free(argv);
 	return r;
 }
@@ -397,8 +453,13 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (r < 0)
 		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 
+	if (o->sandbox) {
+		r = sandbox_drop_caps();
+		if (r < 0)
+			return log_error_errno(r, "cannot drop capabilities");
+	}
 	if (o->sandbox && !already_confined()) {
-		r = sandbox_apply();
+		r = sandbox_apply(d->exec_slot);
 		if (r < 0)
 			return log_error_errno(r, "cannot apply the seccomp filter");
 	}
@@ -483,12 +544,20 @@ int main(int argc, char **argv)
 	int ready_fd = -EBADF, listen_fd = -EBADF, launcher_fd = -EBADF, n_inherited, n_vms, r;
 	bool reexeced;
 
+	/* First: the number an inherited seccomp filter lets be executed. */
+	d.exec_slot = sandbox_exec_slot();
+	unsetenv(SANDBOX_EXEC_SLOT_ENV);
 	if (parse_options(argc, argv, &o) < 0) {
 		help();
 		return 2;
 	}
 	log_setup();
+	if (d.exec_slot < 0)
+		log_warning("no fd for re-exec (%s): daemon.reexec will fail",
+			    strerror(-d.exec_slot));
 	signal(SIGPIPE, SIG_IGN);
+	if (load_policy(&d.policy, o.vmm_allow) < 0)
+		return 1;
 	if (setup_state_dir(&d, o.state_dir) < 0)
 		return 1;
 	if (registry_init(&d.registry, d.state_dir) < 0)
@@ -564,5 +633,6 @@ int main(int argc, char **argv)
 	free(d.socket_path);
 	free(d.state_dir);
 	free(d.self_path);
+	policy_done(&d.policy);
 	return r < 0 ? 1 : 0;
 }

@@ -11,6 +11,7 @@
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/methods.h"
+#include "daemon/policy.h"
 #include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/stats.h"
@@ -142,20 +143,45 @@ static struct vm *vm_param(struct daemon *d, struct call *c, json_object *params
 
 /* ---- vm.* ---- */
 
-/* A readable regular file, named by an absolute path. */
-static int check_file(const char *path)
+/* A regular file, named by an absolute path, that the peer itself may
+ * read: cprd reads it as root and hands it to a VMM, so a peer that is
+ * not root must not name what it could not read. */
+static int check_file(struct call *c, const char *path)
 {
 	_cleanup_close_ int fd = -EBADF;
-	struct stat st;
+	struct creds cr;
+	int r;
 
-	if (path[0] != '/')
-		return -EINVAL;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	return S_ISREG(st.st_mode) ? 0 : -EISDIR;
+	if (call_peer(c)->uid == 0)
+		return open_as(path, NULL, &fd);
+	r = call_peer_creds(c, &cr);
+	if (r < 0)
+		return r;
+	return open_as(path, &cr, &fd);
+}
+
+static const char *check_file_error(int r)
+{
+	switch (r) {
+	case -EINVAL:
+		return "must be an absolute path";
+	case -EACCES:
+		return "is not readable by you (cprd opens it with the rights of the peer "
+		       "that asks)";
+	case -EPERM:
+		return "it or a directory above it has a POSIX ACL, which cprd does not judge; "
+		       "use a path without ACLs";
+	case -EBADFD:
+		return "is not a regular file";
+	case -ELOOP:
+		return "is a symlink loop, or changed while it was looked up";
+	case -ETXTBSY:
+		return "it or a directory above it is yours or writable by you: cprd opens it "
+		       "again for every new VMM, so it must be a file you cannot change (put it "
+		       "in a directory of root's)";
+	default:
+		return strerror(-r);
+	}
 }
 
 /* Resolve the VMM binary as execvp would, to an absolute path. */
@@ -184,6 +210,24 @@ static int find_vmm(const char *name, char **ret)
 		}
 	}
 	return -ENOENT;
+}
+
+/* A peer that is not root runs, as root, only what root allowed (policy.h). */
+static bool vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *binary)
+{
+	int r;
+
+	if (call_peer(c)->uid == 0)
+		return true;
+	r = policy_may_run(&d->policy, binary);
+	if (r == 0)
+		return true;
+	call_fail(c, JSONRPC_ERR_PERMISSION, "VMM binary '%.200s' %s", binary,
+		  r == -EACCES
+		      ? "is not in the allow-list of VMM binaries (see cprd(8), --vmm-allow)"
+		  : r == -EPERM ? "or a directory above it can be changed by others than root"
+				: strerror(-r));
+	return false;
 }
 
 static void format_size(uint64_t b, char *buf, size_t n)
@@ -253,11 +297,13 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
 		if (!files[i][1])
 			continue;
-		r = check_file(files[i][1]);
+		r = check_file(c, files[i][1]);
 		if (r < 0) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "%s '%.200s': %s", files[i][0],
-				  files[i][1],
-				  r == -EINVAL ? "must be an absolute path" : strerror(-r));
+			call_fail(c,
+				  r == -EACCES || r == -EPERM || r == -ETXTBSY
+				      ? JSONRPC_ERR_PERMISSION
+				      : JSONRPC_INVALID_PARAMS,
+				  "%s '%.200s': %s", files[i][0], files[i][1], check_file_error(r));
 			return;
 		}
 	}
@@ -276,6 +322,10 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			  r == -ENOENT   ? "not found"
 			  : r == -EINVAL ? "must be an absolute path or a name in PATH"
 					 : strerror(-r));
+		return;
+	}
+	if (!vmm_allowed_or_fail(d, c, cfg.vmm)) {
+		vm_config_done(&cfg);
 		return;
 	}
 	cfg.name = strdup(name);
@@ -373,6 +423,8 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;
 	}
+	if (!vmm_allowed_or_fail(d, c, binary))
+		return;
 	update_start(vm, s, binary, (double)timeout, c);
 }
 
@@ -666,6 +718,19 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 			  binary && binary[0] == '/' ? strerror(errno)
 						     : "must be an absolute path");
 		return;
+	}
+	if (call_peer(c)->uid != 0) {
+		int r = policy_may_reexec(d->self_path, binary);
+
+		if (r < 0) {
+			call_fail(c, JSONRPC_ERR_PERMISSION, "binary '%.200s' %s", binary,
+				  r == -EACCES  ? "is not cprd's own: only root may re-execute "
+						  "into another binary"
+				  : r == -EPERM ? "or a directory above it can be changed by "
+						  "others than root"
+						: strerror(-r));
+			return;
+		}
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
 		if (vm->update || vm->waiting) {

@@ -206,6 +206,22 @@ bool call_peer_privileged(const struct call *c)
 	return c->client->privileged;
 }
 
+int call_peer_creds(const struct call *c, struct creds *ret)
+{
+	gid_t groups[CREDS_GROUPS_MAX];
+	socklen_t len = sizeof(groups);
+
+	if (c->client->dead)
+		return -ENOTCONN;
+	/* The groups the peer had when it connected, as its uid and gid. */
+	if (getsockopt(c->client->fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0)
+		return errno == ERANGE ? -E2BIG : -errno;
+	*ret = (struct creds){ .uid = c->client->peer.uid, .gid = c->client->peer.gid };
+	ret->ngroups = len / sizeof(gid_t);
+	memcpy(ret->groups, groups, len);
+	return 0;
+}
+
 /* ---- dispatch ---- */
 
 static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req)

@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <json-c/json.h>
 
+#include "common/access.h"
 #include "common/macro.h"
 #include "daemon/daemon.h"
 
@@ -50,3 +51,6 @@ size_t call_nfds(const struct call *c);
 int call_take_fd(struct call *c, size_t i);
 const struct ucred *call_peer(const struct call *c);
 bool call_peer_privileged(const struct call *c);
+/* The peer's uid, gid and supplementary groups, to act with its rights.
+ * -E2BIG: more groups than struct creds holds. */
+int call_peer_creds(const struct call *c, struct creds *ret);

@@ -1,0 +1,279 @@
+"""Group 'cprd' cannot gain root through cprd: a member runs only the VMM
+binaries root allowed (a root-owned allow-list), re-executes cprd only into
+its own binary, and names as kernel or initrd only files it could read
+itself and cannot change. Root peers are not limited. The peers here are
+real: a child that dropped to uid 65534 with group 'cprd'."""
+
+import grp
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from cprdtest import CPRD, Daemon, guest_accel, require_root, wrapper
+from test_custody import as_user
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STANDIN = os.path.join(HERE, "standin_vmm.py")
+PERM, BAD_PARAMS = -32002, -32602
+NOBODY = 65534
+MEMORY = str(32 << 20)
+
+
+def cprd_group():
+    try:
+        return grp.getgrnam("cprd").gr_gid
+    except KeyError:
+        if subprocess.run(["groupadd", "--system", "cprd"]).returncode != 0:
+            raise unittest.SkipTest("no group 'cprd' and groupadd failed") from None
+        return grp.getgrnam("cprd").gr_gid
+
+
+def root_only_dir():
+    """A fresh directory that only root can change, all the way up, or skip:
+    what an allow-listed binary and a kernel a member names must live in."""
+    for base in ("/run", "/var/tmp", "/root"):
+        try:
+            d = tempfile.mkdtemp(prefix="cprd-trust-", dir=base)
+        except OSError:
+            continue
+        p, ok = d, True
+        while True:
+            st = os.stat(p)
+            ok = ok and st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if p == "/":
+                break
+            p = os.path.dirname(p)
+        os.chmod(d, 0o755)
+        if ok:
+            return d
+        shutil.rmtree(d)
+    raise unittest.SkipTest("no directory here is root's alone all the way up")
+
+
+def call_as_member(d, gid, method, params):
+    """(code, message) of one call made by uid 65534 in group cprd; code 0: ok."""
+    def fn():
+        try:
+            res = d.conn().call(method, params)
+            return {"r": [0, res]}
+        except Exception as e:  # noqa: BLE001 - RpcError or a socket error
+            return {"r": [getattr(e, "code", -1), getattr(e, "message", repr(e))]}
+    out = as_user(NOBODY, NOBODY, [gid], fn)
+    if "exception" in out:
+        raise AssertionError(out["exception"])
+    return tuple(out["r"])
+
+
+class Trust(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_root(cls)
+        cls.gid = cprd_group()
+        cls.root = root_only_dir()
+        cls.vmm_ok = wrapper(cls.root, "vmm-ok", f'exec python3 {STANDIN} "$@"')
+        cls.kernel = os.path.join(cls.root, "kernel")
+        shutil.copy(STANDIN, cls.kernel)
+        os.chmod(cls.kernel, 0o644)
+        cls.allow = os.path.join(cls.root, "vmm.allow")
+        with open(cls.allow, "w") as f:
+            f.write("# VMMs a member of group cprd may run\n\n" + cls.vmm_ok + "\n")
+        cls.d = Daemon(["--vmm-allow", cls.allow]).start()
+        os.chmod(cls.d.dir, 0o755)
+        os.chmod(cls.d.sock, 0o660)
+        # Not allowed, and somewhere anyone may write.
+        cls.vmm_other = wrapper(cls.d.dir, "vmm-other", f'exec python3 {STANDIN} "$@"')
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.destroy_all()
+        cls.d.stop()
+        shutil.rmtree(cls.root, ignore_errors=True)
+
+    def create(self, name, vmm=None, kernel=None):
+        return {"name": name, "memory": MEMORY, "kernel": kernel or self.kernel,
+                "vmm": vmm or self.vmm_ok}
+
+    def member(self, method, params):
+        return call_as_member(self.d, self.gid, method, params)
+
+    def test_member_runs_only_allowed_vmms(self):
+        code, res = self.member("vm.create", self.create("allowed"))
+        self.assertEqual(code, 0, res)
+        self.assertTrue(res["pid"] > 0)
+
+        code, msg = self.member("vm.create", self.create("other", vmm=self.vmm_other))
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is not in the allow-list of VMM binaries", msg)
+        code, msg = self.member("vm.update", {"name": "allowed", "vmm": self.vmm_other})
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is not in the allow-list", msg)
+        # Nothing was started for either: the VM still runs its first VMM.
+        st = self.d.call("vm.status", {"name": "allowed"})
+        self.assertEqual((st["state"], st["pid"]), ("running", res["pid"]))
+        self.assertNotIn("other", [v["name"] for v in self.d.call("vm.list")["vms"]])
+
+        # Root chooses freely.
+        res = self.d.call("vm.create", self.create("by-root", vmm=self.vmm_other))
+        self.assertTrue(res["pid"] > 0)
+
+    def test_allowed_binary_that_others_can_change_is_refused(self):
+        changeable = wrapper(self.root, "vmm-changeable", f'exec python3 {STANDIN} "$@"')
+        os.chmod(changeable, 0o775)
+        with open(self.allow, "a") as f:
+            f.write(changeable + "\n")
+        # The list is read at start: a cprd of its own.
+        d = Daemon(["--vmm-allow", self.allow]).start()
+        try:
+            os.chmod(d.dir, 0o755)
+            code, msg = call_as_member(d, self.gid, "vm.create",
+                                       self.create("changeable", vmm=changeable))
+            self.assertEqual(code, PERM, msg)
+            self.assertIn("can be changed by others than root", msg)
+        finally:
+            d.destroy_all()
+            d.stop()
+
+    def test_member_reexecutes_only_into_cprd_itself(self):
+        code, msg = self.member("daemon.reexec", {"binary": "/bin/true"})
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is not cprd's own", msg)
+        self.assertIsNone(self.d.proc.poll())
+
+    def test_kernel_is_opened_with_the_members_rights(self):
+        code, msg = self.member("vm.create", self.create("shadow", kernel="/etc/shadow"))
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is not readable by you", msg)
+
+        # Readable, but in a directory the member owns: it could swap the
+        # file for a link to /etc/shadow before the next VMM starts.
+        own = tempfile.mkdtemp(dir=self.root)
+        os.chmod(own, 0o755)
+        os.chown(own, NOBODY, NOBODY)
+        mine = os.path.join(own, "kernel")
+        shutil.copy(STANDIN, mine)
+        os.chmod(mine, 0o644)
+        code, msg = self.member("vm.create", self.create("swappable", kernel=mine))
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is yours or writable by you", msg)
+
+        # Root may name it: root reads what it likes.
+        self.assertTrue(self.d.call("vm.create", self.create("root-kernel", kernel=mine))["pid"])
+
+    def test_fifo_as_kernel_is_refused_without_blocking(self):
+        fifo = os.path.join(self.root, "fifo")
+        os.mkfifo(fifo, 0o644)
+        for who in ("root", "member"):
+            done = {}
+
+            def ask():
+                if who == "root":
+                    try:
+                        self.d.call("vm.create", self.create("fifo", kernel=fifo))
+                        done["r"] = (0, "created")
+                    except Exception as e:  # noqa: BLE001
+                        done["r"] = (getattr(e, "code", -1), str(e))
+                else:
+                    done["r"] = self.member("vm.create", self.create("fifo", kernel=fifo))
+            t = threading.Thread(target=ask, daemon=True)
+            t.start()
+            t.join(10)
+            self.assertFalse(t.is_alive(), f"{who}: cprd blocked opening a FIFO")
+            code, msg = done["r"]
+            self.assertEqual(code, BAD_PARAMS, msg)
+            self.assertIn("is not a regular file", msg)
+        self.d.call("daemon.status")  # and serves everyone still
+
+
+class AllowListFile(unittest.TestCase):
+    """The allow-list is root's: cprd will not start on one that others can
+    change, or on one it cannot read as a list of absolute paths."""
+
+    def setUp(self):
+        require_root(self)
+        self.root = root_only_dir()
+        self.allow = os.path.join(self.root, "vmm.allow")
+        self.state = tempfile.mkdtemp(prefix="cprd-test-")
+
+    def tearDown(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def start(self):
+        p = subprocess.run([CPRD, "--foreground", "--state-dir", self.state,
+                            "--accel", guest_accel(), "--vmm-allow", self.allow],
+                           capture_output=True, text=True, timeout=20)
+        return p.returncode, p.stderr
+
+    def test_writable_by_others_is_refused(self):
+        with open(self.allow, "w") as f:
+            f.write("/usr/bin/qemu-system-*\n")
+        os.chmod(self.allow, 0o666)
+        code, err = self.start()
+        self.assertEqual(code, 1, err)
+        self.assertIn("can be changed by others than root", err)
+
+    def test_relative_line_is_refused_with_its_number(self):
+        with open(self.allow, "w") as f:
+            f.write("# ok\n/usr/bin/qemu-system-x86_64\nqemu-system-x86_64\n")
+        os.chmod(self.allow, 0o644)
+        code, err = self.start()
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"{self.allow}:3:", err)
+
+    def test_missing_file_named_explicitly_is_refused(self):
+        code, err = self.start()
+        self.assertEqual(code, 1, err)
+        self.assertIn("cannot read the allow-list", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+def proc_status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+class Narrow(unittest.TestCase):
+    """cprd keeps only the capabilities it uses, in every set, and keeps
+    them so across a re-exec (the bounding set does not give them back)."""
+
+    # CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, KILL, NET_ADMIN,
+    # SYS_PTRACE, SYS_RESOURCE: why each, in daemon/sandbox.c.
+    KEPT = sum(1 << c for c in (0, 1, 2, 3, 5, 12, 19, 24))
+
+    def setUp(self):
+        require_root(self)
+        self.d = Daemon().start()
+
+    def tearDown(self):
+        self.d.stop()
+
+    def check(self, when):
+        st = proc_status(self.d.proc.pid)
+        # What this machine grants root at all (a container may hold back some).
+        kept = self.KEPT & int(proc_status(os.getpid())["CapBnd"], 16)
+        for s in ("CapEff", "CapPrm", "CapBnd"):
+            self.assertEqual(int(st[s], 16), kept, f"{when}: {s} {st[s]}")
+        self.assertEqual(int(st["CapInh"], 16), 0, when)
+        self.assertEqual(int(st["CapAmb"], 16), 0, when)
+        self.assertEqual(st["Seccomp"], "2", when)
+
+    def test_only_the_capabilities_it_uses(self):
+        self.check("at start")
+        self.d.cprctl("daemon", "reexec")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.d.call("daemon.status")["start_mode"] == "re-exec":
+                    break
+            except Exception:  # noqa: BLE001 - between the two images
+                pass
+            time.sleep(0.1)
+        self.check("after a re-exec")
