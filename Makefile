@@ -37,7 +37,7 @@ CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
-	format format-check install clean
+	format format-check install clean units units-verify FORCE
 all: $(B)/cprd $(B)/cprctl
 
 $(B)/obj/%.o: %.c
@@ -144,14 +144,38 @@ bench: deps
 	@$(MAKE) --no-print-directory all guest
 	@python3 bench/bench.py --build $(B)
 
-PREFIX ?= /usr/local
-install: all
-	install -D -m 0755 $(B)/cprd $(DESTDIR)$(PREFIX)/sbin/cprd
-	install -D -m 0755 $(B)/cprctl $(DESTDIR)$(PREFIX)/bin/cprctl
-	install -D -m 0644 units/cprd.service $(DESTDIR)/etc/systemd/system/cprd.service
-	install -D -m 0644 units/cprd.socket $(DESTDIR)/etc/systemd/system/cprd.socket
-	install -D -m 0644 units/cprd.sysusers $(DESTDIR)/usr/lib/sysusers.d/cprd.conf
-	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/cprd/README.md
+# Paths follow PREFIX; systemd looks for a package's units, sysusers and
+# catalog files under /usr/lib and /usr/local/lib (UNITDIR etc. for others).
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+SBINDIR    ?= $(PREFIX)/sbin
+DOCDIR     ?= $(PREFIX)/share/doc/cprd
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
+
+# The units, with this PREFIX's paths in them.
+$(B)/units/cprd.service: units/cprd.service.in FORCE
+	@mkdir -p $(dir $@)
+	@sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+		$< >$@.tmp
+	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
+units: $(B)/units/cprd.service
+
+# Lint of the unit files (systemd-analyze verify), part of make check.
+units-verify: all
+	@sh scripts/units-verify.sh $(B)
+
+install: all units
+	install -D -m 0755 $(B)/cprd $(DESTDIR)$(SBINDIR)/cprd
+	install -D -m 0755 $(B)/cprctl $(DESTDIR)$(BINDIR)/cprctl
+	install -D -m 0644 $(B)/units/cprd.service $(DESTDIR)$(UNITDIR)/cprd.service
+	install -D -m 0644 units/cprd.socket $(DESTDIR)$(UNITDIR)/cprd.socket
+	install -D -m 0644 units/cprd.sysusers $(DESTDIR)$(SYSUSERSDIR)/cprd.conf
+	install -D -m 0644 units/cprd.catalog $(DESTDIR)$(CATALOGDIR)/cprd.catalog
+	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+
+FORCE:
 
 format:
 	clang-format -i $(wildcard */*.c */*.h)

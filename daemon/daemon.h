@@ -69,6 +69,7 @@ struct daemon {
 	off_t log_max;            /* --log-max-size: logs rotate past it; 0 never */
 	bool own_log;             /* cprd.log in state_dir is cprd's own stderr */
 	ev_timer log_timer;       /* checks the logs' sizes */
+	ev_timer watchdog;        /* WATCHDOG=1 to systemd while the loop turns */
 };
 
 /* Something the registry records changed (a VM came or went, changed

@@ -3,50 +3,155 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <systemd/sd-journal.h>
 #include <time.h>
 
 #include "daemon/log.h"
 
-static bool use_journal_prefix;
+#define LOG_LINE_MAX 2048
+#define LOG_FIELDS_MAX 16
+
+static bool to_journal;
 static int max_prio = LOG_INFO;
+
+/* systemd connected stderr to the journal: JOURNAL_STREAM names the
+ * device and inode of that stream, and only while stderr is still it
+ * (not redirected by a wrapper) are lines sent to the journal directly. */
+static bool stderr_is_journal(void)
+{
+	const char *e = getenv("JOURNAL_STREAM");
+	unsigned long long dev, ino;
+	struct stat st;
+
+	if (!e || sscanf(e, "%llu:%llu", &dev, &ino) != 2)
+		return false;
+	if (fstat(STDERR_FILENO, &st) < 0)
+		return false;
+	return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
 
 void log_setup(void)
 {
 	const char *lvl = getenv("CPRD_LOG_LEVEL");
 
-	use_journal_prefix = getenv("JOURNAL_STREAM") != NULL;
+	to_journal = stderr_is_journal();
 	if (lvl && lvl[0] == 'd')
 		max_prio = LOG_DEBUG;
 }
 
-/* One write() per line, so that lines from concurrent writers never mix. */
-void log_msg(int prio, const char *fmt, ...)
+/* "VM NAME: ..." is how every line about one VM begins ("update vm=NAME
+ * ..." for an update's result). */
+static bool vm_of(const char *msg, char *vm, size_t size)
+{
+	const char *end;
+
+	if (strncmp(msg, "VM ", 3) == 0) {
+		msg += 3;
+		end = strchr(msg, ':');
+	} else if (strncmp(msg, "update vm=", 10) == 0) {
+		msg += 10;
+		end = strchr(msg, ' ');
+	} else {
+		return false;
+	}
+	if (!end || end == msg || (size_t)(end - msg) >= size || memchr(msg, ' ', end - msg))
+		return false;
+	memcpy(vm, msg, end - msg);
+	vm[end - msg] = '\0';
+	return true;
+}
+
+static int field(struct iovec *iov, size_t *n, char *buf, size_t size, const char *fmt, ...)
+{
+	va_list ap;
+	int len;
+
+	va_start(ap, fmt);
+	len = vsnprintf(buf, size, fmt, ap);
+	va_end(ap);
+	if (len < 0 || *n >= LOG_FIELDS_MAX)
+		return -EINVAL;
+	iov[(*n)++] = (struct iovec){ .iov_base = buf,
+				      .iov_len = (size_t)len < size ? (size_t)len : size - 1 };
+	return 0;
+}
+
+/* One journal entry: MESSAGE, PRIORITY, CPRD_VM= for a line about a VM,
+ * MESSAGE_ID and the caller's fields when given. */
+static void send_journal(int prio, const char *message_id, const char *const *fields,
+			 const char *msg)
+{
+	char m[LOG_LINE_MAX + 8], p[16], id[48], vm[160], vmf[168];
+	struct iovec iov[LOG_FIELDS_MAX];
+	size_t n = 0;
+	bool have_vm = false;
+
+	(void)field(iov, &n, m, sizeof(m), "MESSAGE=%s", msg);
+	(void)field(iov, &n, p, sizeof(p), "PRIORITY=%d", prio);
+	if (message_id)
+		(void)field(iov, &n, id, sizeof(id), "MESSAGE_ID=%s", message_id);
+	for (size_t i = 0; fields && fields[i] && n < LOG_FIELDS_MAX; i++) {
+		have_vm |= strncmp(fields[i], "CPRD_VM=", 8) == 0;
+		iov[n++] =
+		    (struct iovec){ .iov_base = (char *)fields[i], .iov_len = strlen(fields[i]) };
+	}
+	if (!have_vm && vm_of(msg, vm, sizeof(vm)))
+		(void)field(iov, &n, vmf, sizeof(vmf), "CPRD_VM=%s", vm);
+	if (sd_journal_sendv(iov, (int)n) < 0) {
+		/* The journal refused it: stderr, which goes there too. */
+		dprintf(STDERR_FILENO, "<%d>%s\n", prio, msg);
+	}
+}
+
+static void vlog(int prio, const char *message_id, const char *const *fields, const char *fmt,
+		 va_list ap)
 {
 	static const char *const names[] = { "emerg",   "alert",  "crit", "error",
 					     "warning", "notice", "info", "debug" };
-	char line[2048], ts[32];
+	char line[LOG_LINE_MAX], ts[32];
 	struct timespec now;
 	struct tm tm;
-	va_list ap;
-	int saved = errno, n;
+	int saved = errno, n = 0;
 
 	if (prio > max_prio)
 		return;
-	if (use_journal_prefix) {
-		n = snprintf(line, sizeof(line), "<%d>", prio);
-	} else {
-		clock_gettime(CLOCK_REALTIME, &now);
-		localtime_r(&now.tv_sec, &tm);
-		strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-		n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: ", ts,
-			     now.tv_nsec / 1000000, (int)getpid(), names[prio & 7]);
+	if (to_journal) {
+		vsnprintf(line, sizeof(line), fmt, ap);
+		send_journal(prio, message_id, fields, line);
+		errno = saved;
+		return;
 	}
-	va_start(ap, fmt);
+	clock_gettime(CLOCK_REALTIME, &now);
+	localtime_r(&now.tv_sec, &tm);
+	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+	n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: ", ts, now.tv_nsec / 1000000,
+		     (int)getpid(), names[prio & 7]);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
-	va_end(ap);
 	if (n > (int)sizeof(line) - 2)
 		n = (int)sizeof(line) - 2;
 	line[n++] = '\n';
+	/* One write() per line, so that lines from concurrent writers never mix. */
 	(void)!write(STDERR_FILENO, line, (size_t)n);
 	errno = saved;
+}
+
+void log_msg(int prio, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vlog(prio, NULL, NULL, fmt, ap);
+	va_end(ap);
+}
+
+void log_struct(int prio, const char *message_id, const char *const *fields, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vlog(prio, message_id, fields, fmt, ap);
+	va_end(ap);
 }

@@ -5,10 +5,21 @@
 
 #include "common/macro.h"
 
-/* Logging belongs to the daemon alone. Under systemd (JOURNAL_STREAM set)
- * lines carry a <N> priority prefix for the journal; elsewhere a timestamp. */
+/* Logging belongs to the daemon alone. Under systemd (stderr is the stream
+ * JOURNAL_STREAM names) each line is one journal entry, and a line about a
+ * VM ("VM NAME: ...") carries CPRD_VM=NAME; elsewhere a timestamped line on
+ * stderr. */
 void log_setup(void);
 _printf_(2, 3) void log_msg(int prio, const char *fmt, ...);
+
+/* Journal message ids, documented in units/cprd.catalog. */
+#define CPRD_MESSAGE_UPDATE "ae081965fb0a44d390d312bbf3d2f862"
+#define CPRD_MESSAGE_STARTED "e4972ca2f7b34959a65fdf99da5ec2b9"
+
+/* A line with a MESSAGE_ID and more journal fields ("KEY=value", the list
+ * ends with NULL); on stderr the line alone. */
+_printf_(4, 5) void log_struct(int prio, const char *message_id, const char *const *fields,
+			       const char *fmt, ...);
 
 #define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
 #define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)

@@ -102,6 +102,25 @@ static void log_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	vm_rotate_logs(w->data);
 }
 
+static void watchdog_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	sd_notify(0, "WATCHDOG=1");
+}
+
+/* With WatchdogSec= in the unit, the loop tells systemd it still turns, at
+ * half the interval; a loop that is stuck is killed and restarted. */
+static void watchdog_start(struct daemon *d)
+{
+	uint64_t usec = 0;
+
+	if (sd_watchdog_enabled(0, &usec) <= 0 || usec == 0)
+		return;
+	ev_timer_init(&d->watchdog, watchdog_cb, 0., (double)usec / 2e6);
+	ev_timer_again(d->loop, &d->watchdog);
+	ev_unref(d->loop); /* the watchdog alone keeps nothing running */
+	sd_notify(0, "WATCHDOG=1");
+}
+
 static void help(void)
 {
 	printf(
@@ -544,6 +563,8 @@ static int reexec(struct daemon *d)
 
 static int run(struct daemon *d, const struct options *o, int ready_fd, int listen_fd)
 {
+	char mode[64], vms[32];
+	const char *fields[] = { mode, vms, NULL };
 	int r;
 
 	if (o->socket_path)
@@ -588,10 +609,14 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 	if (d->log_max > 0)
 		ev_timer_start(d->loop, &d->log_timer);
 
-	log_info("cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
-		 d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
-		 d->kvm ? "kvm" : "tcg", d->start_mode, vm_count(d),
-		 o->sandbox ? "" : ", no sandbox");
+	snprintf(mode, sizeof(mode), "CPRD_START_MODE=%s", d->start_mode);
+	snprintf(vms, sizeof(vms), "CPRD_VMS=%zu", vm_count(d));
+	log_struct(LOG_INFO, CPRD_MESSAGE_STARTED, fields,
+		   "cprd %s ready on %s (state %s, %s, started %s, %zu VM(s)%s)", CPRD_VERSION,
+		   d->socket_activated ? "the activated socket" : d->socket_path, d->state_dir,
+		   d->kvm ? "kvm" : "tcg", d->start_mode, vm_count(d),
+		   o->sandbox ? "" : ", no sandbox");
+	watchdog_start(d);
 	sd_notify(0, "READY=1");
 	notify_status(d);
 	if (ready_fd >= 0) {

@@ -19,7 +19,9 @@ struct scope_bus {
 };
 
 struct pending {
+	struct daemon *d;
 	pid_t pid;
+	char vm[64];
 	char unit[128];
 };
 
@@ -118,24 +120,91 @@ static int bus_attach(struct daemon *d)
 	return 0;
 }
 
-static int adopted(sd_bus_message *reply, void *ud, sd_bus_error *ret_error)
+static int call_async(struct daemon *d, sd_bus_message *m, sd_bus_message_handler_t cb,
+		      struct pending *p)
+{
+	sd_bus_slot *slot = NULL;
+	int r;
+
+	r = sd_bus_call_async(d->bus, &slot, m, cb, p, SCOPE_TIMEOUT_USEC);
+	if (r < 0)
+		return r;
+	/* The slot lives until the answer (or the timeout, or the bus going
+	 * away) and then frees what the callback needed. */
+	sd_bus_slot_set_destroy_callback(slot, free);
+	sd_bus_slot_set_floating(slot, 1);
+	sd_bus_slot_unref(slot);
+	return 0;
+}
+
+static int attached(sd_bus_message *reply, void *ud, sd_bus_error *ret_error)
 {
 	const struct pending *p = ud;
 	const sd_bus_error *e = sd_bus_message_get_error(reply);
 
 	if (e)
-		log_warning("cannot move VMM pid %d into %s: %s", (int)p->pid, p->unit,
-			    e->message ? e->message : e->name);
+		log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+			    p->unit, e->message ? e->message : e->name);
 	else
-		log_debug("VMM pid %d moved into %s", (int)p->pid, p->unit);
+		log_debug("VM %s: VMM pid %d joined %s", p->vm, (int)p->pid, p->unit);
 	return 0;
 }
 
+/* The VM's scope is there already, holding the VMM that an update is
+ * replacing: the new VMM joins it, and the scope outlives the old one. */
+static int attach(struct pending *p)
+{
+	_cleanup_free_ struct pending *q = NULL;
+	sd_bus_message *m = NULL;
+	int r;
+
+	q = malloc(sizeof(*q));
+	if (!q)
+		return -ENOMEM;
+	*q = *p;
+	if (!p->d->bus)
+		return -ENOTCONN;
+	r = sd_bus_message_new_method_call(
+	    p->d->bus, &m, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+	    "org.freedesktop.systemd1.Manager", "AttachProcessesToUnit");
+	if (r >= 0)
+		r = sd_bus_message_append(m, "ssau", p->unit, "", 1, (uint32_t)p->pid);
+	if (r >= 0)
+		r = call_async(p->d, m, attached, q);
+	sd_bus_message_unref(m);
+	if (r >= 0)
+		TAKE_PTR(q);
+	return r;
+}
+
+static int adopted(sd_bus_message *reply, void *ud, sd_bus_error *ret_error)
+{
+	struct pending *p = ud;
+	const sd_bus_error *e = sd_bus_message_get_error(reply);
+	int r;
+
+	if (e && sd_bus_error_has_name(e, "org.freedesktop.systemd1.UnitExists")) {
+		r = attach(p);
+		if (r < 0)
+			log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+				    p->unit, strerror(-r));
+	} else if (e) {
+		log_warning("VM %s: cannot move VMM pid %d into %s: %s", p->vm, (int)p->pid,
+			    p->unit, e->message ? e->message : e->name);
+	} else {
+		log_debug("VM %s: VMM pid %d moved into %s", p->vm, (int)p->pid, p->unit);
+	}
+	return 0;
+}
+
+/* Each VM has one scope, cprd-vm-NAME.scope in machine.slice, for its whole
+ * life: its first VMM starts it, an update's new VMM joins it, and it ends
+ * with the VM's last VMM. Joining a scope (AttachProcessesToUnit) needs it
+ * delegated, as machined's scopes for VMs and containers are. */
 int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 {
 	_cleanup_free_ struct pending *p = NULL;
 	sd_bus_message *m = NULL;
-	sd_bus_slot *slot = NULL;
 	char desc[160];
 	int r;
 
@@ -144,8 +213,10 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return -ENOMEM;
+	p->d = d;
 	p->pid = pid;
-	snprintf(p->unit, sizeof(p->unit), "cprd-vm-%s-%d.scope", vm, (int)pid);
+	snprintf(p->vm, sizeof(p->vm), "%s", vm);
+	snprintf(p->unit, sizeof(p->unit), "cprd-vm-%s.scope", vm);
 	snprintf(desc, sizeof(desc), "VMM of VM %s (held by cprd)", vm);
 	r = bus_attach(d);
 	if (r >= 0)
@@ -155,25 +226,21 @@ int scope_adopt(struct daemon *d, pid_t pid, const char *vm)
 	if (r >= 0)
 		r = sd_bus_message_append(m, "ss", p->unit, "fail");
 	if (r >= 0)
-		r = sd_bus_message_append(m, "a(sv)", 4, "PIDs", "au", 1, (uint32_t)pid, "Slice",
+		r = sd_bus_message_append(m, "a(sv)", 5, "PIDs", "au", 1, (uint32_t)pid, "Slice",
 					  "s", "machine.slice", "Description", "s", desc,
-					  "CollectMode", "s", "inactive-or-failed");
+					  "CollectMode", "s", "inactive-or-failed", "Delegate", "b",
+					  1);
 	if (r >= 0)
 		r = sd_bus_message_append(m, "a(sa(sv))", 0);
 	if (r >= 0)
-		r = sd_bus_call_async(d->bus, &slot, m, adopted, p, SCOPE_TIMEOUT_USEC);
+		r = call_async(d, m, adopted, p);
 	sd_bus_message_unref(m);
 	if (r < 0) {
 		log_warning("VM %s: cannot move VMM pid %d into %s: %s", vm, (int)pid, p->unit,
 			    strerror(-r));
 		return r;
 	}
-	/* The slot lives until the answer (or the timeout, or the bus going
-	 * away) and then frees what the callback needed. */
-	sd_bus_slot_set_destroy_callback(slot, free);
 	TAKE_PTR(p);
-	sd_bus_slot_set_floating(slot, 1);
-	sd_bus_slot_unref(slot);
 	return 0;
 }
 

@@ -8,7 +8,6 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <systemd/sd-journal.h>
 #include <unistd.h>
 
 #include "common/file.h"
@@ -150,18 +149,26 @@ static void log_result(struct update *u, json_object *rep)
 	const char *total = json_object_get_string(json_object_object_get(rep, "total_ms"));
 	const char *phase = json_object_get_string(json_object_object_get(rep, "phase"));
 	int prio = streq(result, "ok") ? LOG_INFO : LOG_WARNING;
+	char f[8][sizeof(u->error) + 16];
+	const char *fields[9];
+	size_t n = 0;
 
-	log_msg(prio,
-		"update vm=%s strategy=%s result=%s phase=%s blackout_ms=%s total_ms=%s "
-		"old_pid=%d new_pid=%d%s%s",
-		u->vm->cfg.name, u->s->name, result, phase, bo ? bo : "unknown", total,
-		(int)u->old_pid, (int)u->new_pid, u->error[0] ? " error=" : "", u->error);
-	if (getenv("JOURNAL_STREAM"))
-		sd_journal_send("MESSAGE=update of %s: %s", u->vm->cfg.name, result, "PRIORITY=%d",
-				prio, "CPRD_VM=%s", u->vm->cfg.name, "CPRD_STRATEGY=%s", u->s->name,
-				"CPRD_RESULT=%s", result, "CPRD_PHASE=%s", phase,
-				"CPRD_BLACKOUT_MS=%s", bo ? bo : "", "CPRD_TOTAL_MS=%s", total,
-				"CPRD_ERROR=%s", u->error, NULL);
+	snprintf(f[n], sizeof(f[n]), "CPRD_VM=%s", u->vm->cfg.name), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_STRATEGY=%s", u->s->name), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_RESULT=%s", result), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_PHASE=%s", phase), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_BLACKOUT_MS=%s", bo ? bo : ""), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_TOTAL_MS=%s", total), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_NEW_PID=%d", (int)u->new_pid), n++;
+	snprintf(f[n], sizeof(f[n]), "CPRD_ERROR=%s", u->error), n++;
+	for (size_t i = 0; i < n; i++)
+		fields[i] = f[i];
+	fields[n] = NULL;
+	log_struct(prio, CPRD_MESSAGE_UPDATE, fields,
+		   "update vm=%s strategy=%s result=%s phase=%s blackout_ms=%s total_ms=%s "
+		   "old_pid=%d new_pid=%d%s%s",
+		   u->vm->cfg.name, u->s->name, result, phase, bo ? bo : "unknown", total,
+		   (int)u->old_pid, (int)u->new_pid, u->error[0] ? " error=" : "", u->error);
 }
 
 _printf_(2, 3) static void add_error(struct update *u, const char *fmt, ...)

@@ -2,7 +2,8 @@
 # Install what cprd needs to build, test and demo on Debian 12 (bookworm).
 # With --check also what `make check` needs beyond that: clang-format for
 # format-check, clang and its sanitizer and libFuzzer runtimes for the ASan
-# build and the fuzz run.
+# build and the fuzz run, systemd-nspawn and debootstrap for the container
+# tests (systemd as PID 1, tests/container/).
 # QEMU >= 10 comes from bookworm-backports; the backports source is added by
 # reusing the mirror URI that the machine's apt sources already name, so no
 # archive host is written here.
@@ -10,7 +11,7 @@ set -eu
 
 PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check"
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
-PKGS_CHECK="clang-format clang libclang-rt-dev"
+PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap"
 QEMU_MIN=10
 
 case "${1:-}" in
@@ -41,18 +42,7 @@ qemu_major() {
 	qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
 }
 
-mirror_uri() {
-	# deb822 sources first, then one-line sources; first "debian" archive URI wins.
-	for f in /etc/apt/sources.list.d/*.sources; do
-		[ -f "$f" ] || continue
-		awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
-	done | head -n 1 | grep . && return 0
-	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-		[ -f "$f" ] || continue
-		awk '$1 == "deb" && $0 ~ /bookworm/ && $0 !~ /security/ {
-			for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' "$f"
-	done | head -n 1 | grep .
-}
+. "$(dirname "$0")/mirror.sh"
 
 add_backports() {
 	list=/etc/apt/sources.list.d/cprd-bookworm-backports.list

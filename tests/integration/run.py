@@ -39,7 +39,9 @@ class Result(unittest.TextTestResult):
         super().startTest(test)
 
     def _took(self):
-        return f" ({time.monotonic() - self._t0:.1f}s)"
+        # A class's setUpClass failing is reported before any test started.
+        t0 = getattr(self, "_t0", None)
+        return f" ({time.monotonic() - t0:.1f}s)" if t0 is not None else ""
 
     def addSuccess(self, test):
         reports = self._reports()
