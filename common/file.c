@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: MIT */
+#include <dirent.h>
 #include <fcntl.h>
+#include <string.h>
 #include <sys/stat.h>
 
 #include "common/file.h"
@@ -25,4 +27,25 @@ void file_tail(const char *path, char *buf, size_t size)
 	for (char *p = buf; *p; p++)
 		if (*p == '\n')
 			*p = ' ';
+}
+
+int rm_dir_entries(const char *path)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *dir;
+	struct dirent *de;
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	dir = fdopendir(fd);
+	if (!dir)
+		return -errno;
+	TAKE_FD(fd);
+	while ((de = readdir(dir)))
+		if (!streq(de->d_name, ".") && !streq(de->d_name, "..") &&
+		    unlinkat(dirfd(dir), de->d_name, 0) < 0 && r == 0)
+			r = -errno;
+	closedir(dir);
+	return r;
 }

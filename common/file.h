@@ -45,3 +45,7 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
  * process wrote to its log before it died, on one line. Empty when the
  * file cannot be read. */
 void file_tail(const char *path, char *buf, size_t size);
+
+/* Unlink every entry of the directory at path that is not a directory
+ * itself (it does not recurse). 0, or the first negative errno. */
+int rm_dir_entries(const char *path);

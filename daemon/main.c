@@ -29,6 +29,11 @@
 #include "daemon/vmm.h"
 
 #define DEFAULT_STATE_DIR "/run/cprd"
+/* Between systemd's container range (524288-1879048191) and its foreign
+ * range (from 2147352576): no user database, nspawn or sysusers hands these
+ * out (docs/ARCHITECTURE.md, "Confined VMMs"). */
+#define DEFAULT_VMM_ID_BASE 0x70000000U
+#define DEFAULT_VMM_ID_COUNT 65536U
 #define REGISTRY_RETRY_SEC 1.0
 
 struct options {
@@ -37,6 +42,8 @@ struct options {
 	bool foreground;
 	bool sandbox;
 	const char *accel; /* "auto", "kvm" or "tcg" */
+	bool confine;
+	uint32_t vmm_id_base, vmm_id_count;
 };
 
 static void notify_status(struct daemon *d)
@@ -92,16 +99,40 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--no-sandbox]\n\n"
+	    "            [--vmm-ids BASE:COUNT] [--no-confine] [--no-sandbox]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
 	    "  --accel A         how VMMs run guests: kvm, tcg, or auto (kvm when /dev/kvm\n"
 	    "                    is usable; the default)\n"
 	    "  --foreground      do not detach; log to stderr\n"
+	    "  --vmm-ids B:C     uids/gids for VMMs, one per VM (default %u:%u)\n"
+	    "  --no-confine      run VMMs as root in the host's namespaces (unsafe)\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR);
+	    DEFAULT_STATE_DIR, DEFAULT_VMM_ID_BASE, DEFAULT_VMM_ID_COUNT);
+}
+
+static int parse_ids(const char *s, uint32_t *ret_base, uint32_t *ret_count)
+{
+	unsigned long long base, count;
+	char *end;
+
+	errno = 0;
+	base = strtoull(s, &end, 0);
+	if (errno || end == s || *end != ':')
+		return -EINVAL;
+	s = end + 1;
+	count = strtoull(s, &end, 0);
+	if (errno || end == s || *end)
+		return -EINVAL;
+	/* Not root's, nor the 16-bit (uid_t)-1 or nobody below, nor reaching
+	 * (uid_t)-1 above. */
+	if (base < 65536 || count == 0 || base + count > UINT32_MAX)
+		return -ERANGE;
+	*ret_base = (uint32_t)base;
+	*ret_count = (uint32_t)count;
+	return 0;
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -112,13 +143,20 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-sandbox", no_argument, NULL, 'S' },
 		{ "accel", required_argument, NULL, 'a' },
+		{ "vmm-ids", required_argument, NULL, 'I' },
+		{ "no-confine", no_argument, NULL, 'C' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
 	int c;
 
-	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR, .sandbox = true, .accel = "auto" };
+	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
+			       .sandbox = true,
+			       .accel = "auto",
+			       .confine = true,
+			       .vmm_id_base = DEFAULT_VMM_ID_BASE,
+			       .vmm_id_count = DEFAULT_VMM_ID_COUNT };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -141,6 +179,18 @@ static int parse_options(int argc, char **argv, struct options *o)
 				return -EINVAL;
 			}
 			o->accel = optarg;
+			break;
+		case 'I':
+			if (parse_ids(optarg, &o->vmm_id_base, &o->vmm_id_count) < 0) {
+				fprintf(stderr,
+					"cprd: --vmm-ids takes BASE:COUNT, BASE >= 65536 and the "
+					"range below 4294967295, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			break;
+		case 'C':
+			o->confine = false;
 			break;
 		case 'h':
 			help();
@@ -516,6 +566,12 @@ int main(int argc, char **argv)
 	}
 	d.kvm = streq(o.accel, "kvm") ||
 		(streq(o.accel, "auto") && access("/dev/kvm", R_OK | W_OK) == 0);
+	d.confine = o.confine;
+	d.vmm_id_base = o.vmm_id_base;
+	d.vmm_id_count = o.vmm_id_count;
+	if (!d.confine)
+		log_warning("--no-confine: VMMs run as root in cprd's namespaces, and a guest that "
+			    "takes over its VMM owns the host");
 	g = getgrnam("cprd");
 	d.have_group = g != NULL;
 	d.group = g ? g->gr_gid : 0;

@@ -89,7 +89,7 @@ static void arm(struct update *u, double seconds)
 
 const char *update_vm_dir(const struct update *u)
 {
-	return u->vm->dir;
+	return u->vm->run_dir;
 }
 
 /* ---- the report ---- */

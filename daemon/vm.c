@@ -121,6 +121,8 @@ static json_object *vm_record(struct vm *vm)
 	json_object_object_add(o, "memory_bytes",
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
+	if (vm->cfg.uid > 0)
+		json_object_object_add(o, "uid", json_object_new_int64((int64_t)vm->cfg.uid));
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	add_str(o, "state", vm_state_to_string(vm->state));
@@ -171,6 +173,12 @@ static void remove_files(struct vm *vm)
 	for (size_t i = 0; i < ELEMENTSOF(files); i++)
 		if (files[i])
 			unlink(files[i]);
+	/* Whatever a VMM left in its own directory (its sockets) goes too:
+	 * the uid is free for another VM from here on. */
+	if (vm->run_dir)
+		(void)rm_dir_entries(vm->run_dir);
+	if (vm->run_dir)
+		rmdir(vm->run_dir);
 	if (vm->dir)
 		rmdir(vm->dir);
 }
@@ -195,6 +203,7 @@ static void vm_free(struct vm *vm)
 	free(vm->vmm_log_path);
 	free(vm->qmp_path);
 	free(vm->history_path);
+	free(vm->run_dir);
 	vm_config_done(&vm->cfg);
 	free(vm);
 	daemon_changed(d);
@@ -480,18 +489,55 @@ static int open_tap(const char *ifname, int *ret_fd)
 	return 0;
 }
 
+/* dir/vmm, 0700 and the VM's uid's: where its VMMs may create what they
+ * must (cpr-transfer's sockets), and the only host directory a confined VMM
+ * sees. Made anew for a new VM of an old name: nothing of a predecessor's,
+ * perhaps owned by another uid, stays in it. */
+int vm_prepare_run_dir(struct vm *vm)
+{
+	if (mkdir(vm->run_dir, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	if ((vm->cfg.uid > 0 && chown(vm->run_dir, vm->cfg.uid, vm->cfg.uid) < 0) ||
+	    chmod(vm->run_dir, 0700) < 0)
+		return -errno;
+	return 0;
+}
+
+int vm_pick_uid(struct vm *vm)
+{
+	struct daemon *d = vm->d;
+
+	/* No range (a daemon built by a unit test, never cprd: --vmm-ids
+	 * has COUNT >= 1): the VMMs stay root's, unconfined. */
+	if (vm->cfg.uid > 0 || d->vmm_id_count == 0)
+		return 0;
+	for (uint32_t i = 0; i < d->vmm_id_count; i++) {
+		uid_t uid = d->vmm_id_base + i;
+		bool taken = false;
+
+		for (struct vm *o = d->vms; o && !taken; o = o->next)
+			taken = o != vm && o->cfg.uid == uid;
+		if (!taken) {
+			vm->cfg.uid = uid;
+			return 0;
+		}
+	}
+	return -EUSERS;
+}
+
 static int vm_paths(struct vm *vm)
 {
 	if (asprintf(&vm->dir, "%s/vms/%s", vm->d->state_dir, vm->cfg.name) < 0 ||
 	    asprintf(&vm->console_path, "%s/console.log", vm->dir) < 0 ||
 	    asprintf(&vm->vmm_log_path, "%s/vmm.log", vm->dir) < 0 ||
 	    asprintf(&vm->qmp_path, "%s/qmp.sock", vm->dir) < 0 ||
-	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0)
+	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0 ||
+	    asprintf(&vm->run_dir, "%s/vmm", vm->dir) < 0)
 		return -ENOMEM;
 	if (mkdir(vm->dir, 0750) < 0 && errno != EEXIST)
 		return -errno;
 	unlink(vm->history_path); /* a new VM of an old name starts a new history */
-	return 0;
+	return vm_prepare_run_dir(vm);
 }
 
 /* Take the VM's resources into custody: memory, console log, tap. On
@@ -510,6 +556,10 @@ static int vm_acquire(struct vm *vm, const char **ret_what)
 	con = open(vm->console_path,
 		   O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
 	if (con < 0)
+		return -errno;
+	/* QEMU opens it anew through /proc/self/fd, which checks the
+	 * inode's permissions against the VMM's own uid. */
+	if (vm->cfg.uid > 0 && fchown(con, vm->cfg.uid, vm->cfg.uid) < 0)
 		return -errno;
 	if (vm->cfg.tap) {
 		/* EINVAL/EBUSY: the name is taken by another kind of interface
@@ -564,6 +614,14 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->next = d->vms;
 	d->vms = vm;
 
+	r = vm_pick_uid(vm);
+	if (r < 0) {
+		snprintf(why, sizeof(why),
+			 "no free VMM uid: all %u of the range from %u are taken (cprd --vmm-ids)",
+			 (unsigned)d->vmm_id_count, (unsigned)d->vmm_id_base);
+		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
+		return;
+	}
 	r = vm_paths(vm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot create %s: %s",
@@ -638,11 +696,13 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 	    asprintf(&vm->console_path, "%s/console.log", vm->dir) < 0 ||
 	    asprintf(&vm->vmm_log_path, "%s/vmm.log", vm->dir) < 0 ||
 	    asprintf(&vm->qmp_path, "%s/qmp.sock", vm->dir) < 0 ||
-	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0) {
+	    asprintf(&vm->history_path, "%s/history.jsonl", vm->dir) < 0 ||
+	    asprintf(&vm->run_dir, "%s/vmm", vm->dir) < 0) {
 		free(vm->dir);
 		free(vm->console_path);
 		free(vm->vmm_log_path);
 		free(vm->qmp_path);
+		free(vm->history_path);
 		vm_config_done(&vm->cfg);
 		free(vm);
 		return NULL;
@@ -681,6 +741,9 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "initrd", vm->cfg.initrd);
 	add_str(o, "append", vm->cfg.append);
 	add_str(o, "tap", vm->cfg.tap);
+	json_object_object_add(
+	    o, "uid", vm->cfg.uid > 0 ? json_object_new_int64((int64_t)vm->cfg.uid) : NULL);
+	json_object_object_add(o, "confined", json_object_new_boolean(vm->d->confine));
 	add_str(o, "console_log", vm->console_path);
 	add_str(o, "vmm_log", vm->vmm_log_path);
 	add_str(o, "qmp_socket", vm->qmp_path);

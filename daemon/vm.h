@@ -39,6 +39,7 @@ struct vm_config {
 	char *machine;
 	uint64_t memory_bytes;
 	unsigned vcpus;
+	uid_t uid; /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
 };
 
 struct vm {
@@ -46,6 +47,7 @@ struct vm {
 	struct vm_config cfg;
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
+	char *run_dir;         /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
 	struct vmm *vmm;       /* NULL once the VMM is gone */
 	ev_timer timer;        /* start-up or stop deadline */
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
@@ -99,5 +101,10 @@ json_object *vm_to_json(struct vm *vm);
 json_object *vm_fds_to_json(struct vm *vm);
 
 void vm_config_done(struct vm_config *cfg);
+/* Give vm a uid of its own from the daemon's VMM range (lowest free), unless
+ * it has one. -EUSERS when every id of the range is taken. */
+int vm_pick_uid(struct vm *vm);
+/* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
+int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */
 void vm_detach_all(struct daemon *d);
