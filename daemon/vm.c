@@ -614,6 +614,23 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->next = d->vms;
 	d->vms = vm;
 
+	/* Said now, by name, rather than as the VMM's failure to start. */
+	for (int i = 0; i < 2; i++) {
+		const char *img = i == 0 ? vm->cfg.kernel : vm->cfg.initrd;
+		int fd = -EBADF;
+
+		if (!img)
+			continue;
+		r = vmm_open_image(img, &fd);
+		if (r < 0) {
+			snprintf(why, sizeof(why), "cannot use %s %s: %s",
+				 i == 0 ? "kernel" : "initrd", img,
+				 r == -EINVAL ? "not a regular file" : strerror(-r));
+			fail_start(vm, JSONRPC_ERR_RESOURCE, why);
+			return;
+		}
+		close(fd);
+	}
 	r = vm_pick_uid(vm);
 	if (r < 0) {
 		snprintf(why, sizeof(why),

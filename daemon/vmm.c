@@ -471,6 +471,24 @@ static void spawn_done(int error, pid_t pid, int pidfd, void *ud)
 	release(v);
 }
 
+/* The kernel and initrd reach the VMM as fds, opened here with cprd's
+ * rights, so that a confined VMM's root needs no host path for them and
+ * the VMM cannot be pointed at anything but a regular file (O_NONBLOCK:
+ * a FIFO planted at the path must not hang the daemon in open). QEMU
+ * reads them through /proc/self/fd. */
+int vmm_open_image(const char *path, int *ret_fd)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+	struct stat st;
+
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode))
+		return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+	*ret_fd = TAKE_FD(fd);
+	return 0;
+}
+
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, const char *log_path,
 		 const struct vmm_incoming *in)
 {
@@ -489,11 +507,26 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 		.cpr_main_path = in ? in->cpr_main_path : NULL,
 		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};
-	int fds[4], tap = held_fd(v->d, cfg->name, "net0");
-	_cleanup_close_ int log = -EBADF;
+	int fds[6], tap = held_fd(v->d, cfg->name, "net0");
+	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
+	char kernel_path[32], initrd_path[32];
 	char **argv = NULL;
 	size_t n = 0;
 	int r;
+
+	r = vmm_open_image(cfg->kernel, &kernel);
+	if (r < 0) {
+		log_error("VM %s: cannot open kernel %s: %s", cfg->name, cfg->kernel, strerror(-r));
+		return r;
+	}
+	if (cfg->initrd) {
+		r = vmm_open_image(cfg->initrd, &initrd);
+		if (r < 0) {
+			log_error("VM %s: cannot open initrd %s: %s", cfg->name, cfg->initrd,
+				  strerror(-r));
+			return r;
+		}
+	}
 
 	fds[n] = held_fd(v->d, cfg->name, "ram0");
 	qc.ram_fd = v->fd_ram = QEMU_CHILD_FD_BASE + (int)n++;
@@ -504,6 +537,16 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 	if (tap >= 0) {
 		fds[n] = tap;
 		qc.tap_fd = v->fd_tap = QEMU_CHILD_FD_BASE + (int)n++;
+	}
+	fds[n] = kernel;
+	snprintf(kernel_path, sizeof(kernel_path), "/proc/self/fd/%d",
+		 QEMU_CHILD_FD_BASE + (int)n++);
+	qc.kernel = kernel_path;
+	if (initrd >= 0) {
+		fds[n] = initrd;
+		snprintf(initrd_path, sizeof(initrd_path), "/proc/self/fd/%d",
+			 QEMU_CHILD_FD_BASE + (int)n++);
+		qc.initrd = initrd_path;
 	}
 	r = qemu_build_argv(&qc, &argv);
 	if (r < 0)
