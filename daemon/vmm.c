@@ -510,6 +510,8 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 	int fds[6], tap = held_fd(v->d, cfg->name, "net0");
 	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
 	char kernel_path[32], initrd_path[32];
+	_cleanup_free_ char *run_dir = NULL;
+	struct launcher_confine conf;
 	char **argv = NULL;
 	size_t n = 0;
 	int r;
@@ -556,7 +558,17 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 		strv_free(argv);
 		return -errno;
 	}
-	r = launcher_spawn(&v->d->launcher, argv, log, fds, n, spawn_done, v, &v->spawn_id);
+	/* vm.c made STATE_DIR/vms/NAME/vmm that uid's (vm_prepare_run_dir). */
+	if (v->d->confine && cfg->uid > 0 &&
+	    asprintf(&run_dir, "%s/vms/%s/vmm", v->d->state_dir, cfg->name) < 0) {
+		strv_free(argv);
+		return -ENOMEM;
+	}
+	conf = (struct launcher_confine){
+		.uid = cfg->uid, .gid = (gid_t)cfg->uid, .kvm = v->d->kvm, .rw_dir = run_dir
+	};
+	r = launcher_spawn_confined(&v->d->launcher, argv, log, fds, n, run_dir ? &conf : NULL,
+				    spawn_done, v, &v->spawn_id);
 	strv_free(argv);
 	return r;
 }
