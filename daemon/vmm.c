@@ -502,6 +502,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, con
 		.initrd = cfg->initrd,
 		.append = cfg->append,
 		.kvm = v->d->kvm,
+		.sandbox = v->d->confine && cfg->uid > 0,
 		.tap_fd = -1,
 		.incoming = in && in->defer,
 		.cpr_main_path = in ? in->cpr_main_path : NULL,
