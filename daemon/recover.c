@@ -417,10 +417,17 @@ int recover(struct daemon *d, json_object *pidfds)
 		close(json_object_get_int(v));
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		const memstore_entry *con;
 		int r = vm_pick_uid(vm);
 
 		if (r >= 0)
 			r = vm_prepare_run_dir(vm);
+		/* A console log from before the VM had a uid: its next VMM
+		 * reopens it as that uid. */
+		if (r >= 0 && vm->cfg.uid > 0 &&
+		    memstore_get(d->store, vm->cfg.name, "console", &con) >= 0 &&
+		    fchown(con->fd, vm->cfg.uid, vm->cfg.uid) < 0)
+			r = -errno;
 		if (r < 0)
 			log_error(
 			    "VM %s: cannot give it a VMM uid and directory %s: %s; its updates "

@@ -503,6 +503,25 @@ int vm_prepare_run_dir(struct vm *vm)
 	return 0;
 }
 
+int vm_check_images(const struct vm_config *cfg, char *why, size_t size)
+{
+	for (int i = 0; i < 2; i++) {
+		const char *img = i == 0 ? cfg->kernel : cfg->initrd;
+		int fd = -EBADF, r;
+
+		if (!img)
+			continue;
+		r = vmm_open_image(img, &fd);
+		if (r < 0) {
+			snprintf(why, size, "cannot use %s %s: %s", i == 0 ? "kernel" : "initrd",
+				 img, r == -EINVAL ? "not a regular file" : strerror(-r));
+			return r;
+		}
+		close(fd);
+	}
+	return 0;
+}
+
 int vm_pick_uid(struct vm *vm)
 {
 	struct daemon *d = vm->d;
@@ -615,21 +634,10 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	d->vms = vm;
 
 	/* Said now, by name, rather than as the VMM's failure to start. */
-	for (int i = 0; i < 2; i++) {
-		const char *img = i == 0 ? vm->cfg.kernel : vm->cfg.initrd;
-		int fd = -EBADF;
-
-		if (!img)
-			continue;
-		r = vmm_open_image(img, &fd);
-		if (r < 0) {
-			snprintf(why, sizeof(why), "cannot use %s %s: %s",
-				 i == 0 ? "kernel" : "initrd", img,
-				 r == -EINVAL ? "not a regular file" : strerror(-r));
-			fail_start(vm, JSONRPC_ERR_RESOURCE, why);
-			return;
-		}
-		close(fd);
+	r = vm_check_images(&vm->cfg, why, sizeof(why));
+	if (r < 0) {
+		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
+		return;
 	}
 	r = vm_pick_uid(vm);
 	if (r < 0) {

@@ -104,6 +104,9 @@ void vm_config_done(struct vm_config *cfg);
 /* Give vm a uid of its own from the daemon's VMM range (lowest free), unless
  * it has one. -EUSERS when every id of the range is taken. */
 int vm_pick_uid(struct vm *vm);
+/* Whether every VMM started for cfg can be given its kernel and initrd
+ * (vmm_open_image); on failure why says which and why. */
+int vm_check_images(const struct vm_config *cfg, char *why, size_t size);
 /* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
 int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */

@@ -7,6 +7,7 @@ update strategies keep the guest alive and the VM's uid."""
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import unittest
@@ -190,6 +191,23 @@ class Confined(SharedDaemonTest):
         self.assertEqual(sorted(qemus), sorted([self.status("ca")["pid"],
                                                 self.status("cb")["pid"]]))
 
+    def test_z_restarted_cprd_takes_back_the_vmm_and_its_uid(self):
+        # The uid is the VM's, in the registry: a restarted cprd finds the
+        # confined VMM (another uid, other namespaces) and its next VMM is
+        # that uid again.
+        before = self.status("ca")
+        self.d.proc.send_signal(signal.SIGTERM)
+        self.d.proc.wait(timeout=30)
+        self.assertTrue(pid_alive(before["pid"]), "the VMM did not outlive cprd")
+        self.d.start()
+        after = self.status("ca")
+        self.assertEqual((after["state"], after["pid"], after["uid"]),
+                         ("running", before["pid"], before["uid"]))
+        p = self.d.cprctl("update", "ca", "--json", "--strategy", "cpr-transfer")
+        self.assertEqual(json.loads(p.stdout)["result"], "ok", p.stdout)
+        self.assertEqual(self.assert_confined("ca")[1], before["uid"])
+        Console(self.a["console_log"]).wait_beats(2)
+
     def test_uid_is_freed_at_destroy_and_reused(self):
         vm = self.d.create_guest("cc")
         uid = vm["uid"]
@@ -219,6 +237,7 @@ class Confined(SharedDaemonTest):
         p = self.d.cprctl("update", "cf", "--json", timeout=30)
         rep = json.loads(p.stdout)
         self.assertEqual(rep["result"], "rolled-back", p.stdout)
+        self.assertIn(f"cannot use kernel {kernel}: not a regular file", rep["error"])
         self.assertEqual(self.status("cf")["pid"], vm["pid"])
         con.wait_beats(2)
         con.assert_healthy(self)
