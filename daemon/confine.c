@@ -137,11 +137,15 @@ static int build_root(const struct confine *c, const char *binary)
 {
 	const unsigned long ro = MS_RDONLY | MS_NOSUID | MS_NODEV;
 	_cleanup_close_ int bin_fd = -EBADF, dir_fd = -EBADF;
-	char tree[PATH_MAX], p[PATH_MAX];
+	char tree[PATH_MAX], p[PATH_MAX], real[PATH_MAX];
 	int r;
 
-	/* Opened before ROOT hides them: both may live under /tmp. */
-	if (!path_under(binary, "/usr")) {
+	/* Opened before ROOT hides them: both may live under /tmp. A binary
+	 * that is in /usr once links are resolved (/bin/qemu on a merged-/usr
+	 * system) is there already. */
+	if (!realpath(binary, real))
+		return fail(errno, "resolve %s", binary);
+	if (!path_under(real, "/usr")) {
 		binary_tree(binary, tree, sizeof(tree));
 		bin_fd = open(tree, O_PATH | O_CLOEXEC);
 		if (bin_fd < 0)
