@@ -73,7 +73,7 @@ $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 $(B)/tests/test_limits: $(B)/obj/daemon/limits.o
 
 # The launcher answers on an event loop.
-$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o
+$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o $(B)/obj/daemon/confine.o
 $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 
 # The update engine's suite runs the daemon itself, every object but

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/stat.h>
 
 #include "common/file.h"
@@ -104,4 +106,25 @@ int file_rotate(int dirfd, const char *name, off_t max)
 	if (ftruncate(fd, 0) < 0)
 		return -errno;
 	return r < 0 ? r : 1;
+}
+
+int rm_dir_entries(const char *path)
+{
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *dir;
+	struct dirent *de;
+	int r = 0;
+
+	if (fd < 0)
+		return -errno;
+	dir = fdopendir(fd);
+	if (!dir)
+		return -errno;
+	TAKE_FD(fd);
+	while ((de = readdir(dir)))
+		if (!streq(de->d_name, ".") && !streq(de->d_name, "..") &&
+		    unlinkat(dirfd(dir), de->d_name, 0) < 0 && r == 0)
+			r = -errno;
+	closedir(dir);
+	return r;
 }

@@ -57,3 +57,7 @@ void file_tail(int dirfd, const char *name, char *buf, size_t size);
  * rotated, 0 when the file is within max or absent, else a negative errno
  * (-ELOOP: a symlink stands there, left alone). */
 int file_rotate(int dirfd, const char *name, off_t max);
+
+/* Unlink every entry of the directory at path that is not a directory
+ * itself (it does not recurse). 0, or the first negative errno. */
+int rm_dir_entries(const char *path);

@@ -45,6 +45,9 @@ struct daemon {
 	memstore *store;
 	launcher launcher;
 	bool kvm;                    /* /dev/kvm usable: -accel kvm */
+	bool confine;                /* VMMs run confined (docs/ARCHITECTURE.md) */
+	uid_t vmm_id_base;           /* each VM's VMMs get uid = gid = base + i, */
+	uint32_t vmm_id_count;       /* 0 <= i < count */
 	bool have_group;             /* group "cprd" exists */
 	gid_t group;                 /* its gid */
 	uint64_t started_usec;       /* CLOCK_REALTIME at start */

@@ -11,16 +11,23 @@
 #include <sys/wait.h>
 
 #include "common/macro.h"
+#include "daemon/confine.h"
 #include "daemon/daemon.h"
 #include "daemon/launcher.h"
 #include "proto/frame.h"
 
-/* A request is this header followed by the argv, each string NUL-ended;
- * the answer echoes the id. Ids increase for the daemon's whole life (they
+/* A request is this header followed by the argv (argc strings, each
+ * NUL-ended) and, for a confined VMM, the directory it may write; the
+ * answer echoes the id. Ids increase for the daemon's whole life (they
  * start from its clock, so they go on increasing across a re-exec). */
 struct request {
 	uint64_t id;
+	uint32_t uid, gid; /* 0: not confined */
+	uint32_t flags;
+	uint32_t argc;
 };
+
+#define REQUEST_KVM 1U
 
 struct reply {
 	uint64_t id;   /* 0: a request the launcher could not read */
@@ -37,7 +44,8 @@ struct launcher_request {
 
 /* In the grandchild: put fds[i] at 3 + i, clear close-on-exec on exactly
  * those, and exec. Only async-signal-safe calls from here on. */
-_Noreturn static void exec_child(char *const *argv, int log_fd, int *fds, size_t nfds, int err_fd)
+_Noreturn static void exec_child(char *const *argv, int log_fd, int *fds, size_t nfds, int err_fd,
+				 const struct confine *conf)
 {
 	sigset_t all;
 	int null_fd, e;
@@ -67,6 +75,14 @@ _Noreturn static void exec_child(char *const *argv, int log_fd, int *fds, size_t
 	/* Whatever else is open gets close-on-exec, err_fd included. */
 	if (syscall(SYS_close_range, 3 + nfds, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
 		goto fail;
+	if (conf && conf->uid > 0) {
+		int r = confine_enter(conf, argv[0]);
+
+		if (r < 0) {
+			errno = -r;
+			goto fail;
+		}
+	}
 	/* execv, not execvp: the daemon resolved the path already, and execvp
 	 * would hand a non-executable file to /bin/sh on ENOEXEC. */
 	execv(argv[0], argv);
@@ -76,25 +92,30 @@ fail:
 	_exit(127);
 }
 
-static int parse_argv(char *buf, size_t len, char **argv, size_t max)
+/* argc strings into argv, and the one after them, if any, into *ret_rest. */
+static int parse_argv(char *buf, size_t len, uint32_t argc, char **argv, size_t max,
+		      char **ret_rest)
 {
-	size_t n = 0;
+	size_t n = 0, off = 0;
 
-	if (len == 0 || buf[len - 1] != '\0')
+	*ret_rest = NULL;
+	if (len == 0 || buf[len - 1] != '\0' || argc == 0 || argc >= max)
 		return -EINVAL;
-	for (size_t off = 0; off < len; off += strlen(buf + off) + 1) {
-		if (n + 1 >= max)
-			return -E2BIG;
+	for (; off < len && n < argc; off += strlen(buf + off) + 1)
 		argv[n++] = buf + off;
-	}
+	if (n != argc)
+		return -EINVAL;
 	argv[n] = NULL;
+	if (off < len)
+		*ret_rest = buf + off;
 	return argv[0][0] ? 0 : -EINVAL;
 }
 
 /* Fork twice; the grandchild execs, the middle child exits at once so the
  * VMM is re-parented to the daemon (the subreaper). Returns the grandchild's
  * pid and the exec's result (0, or a negative errno). */
-static int spawn(char **argv, int log_fd, int *fds, size_t nfds, pid_t *ret_pid)
+static int spawn(char **argv, int log_fd, int *fds, size_t nfds, const struct confine *conf,
+		 pid_t *ret_pid)
 {
 	int errp[2], pidp[2], e = 0;
 	pid_t mid, pid = -1;
@@ -117,9 +138,19 @@ static int spawn(char **argv, int log_fd, int *fds, size_t nfds, pid_t *ret_pid)
 		pid_t g;
 
 		setsid();
+		/* The namespaces here, so that the VMM is pid 1 of its own pid
+		 * namespace while g, the pid reported, is its pid as the
+		 * launcher and cprd see it. */
+		if (conf && conf->uid > 0 && unshare(CONFINE_NAMESPACES) < 0) {
+			e = errno;
+			dprintf(log_fd, "cprd launcher: cannot confine the VMM: unshare: %s\n",
+				strerror(e));
+			(void)!write(errp[1], &e, sizeof(e));
+			_exit(1);
+		}
 		g = fork();
 		if (g == 0)
-			exec_child(argv, log_fd, fds, nfds, errp[1]);
+			exec_child(argv, log_fd, fds, nfds, errp[1], conf);
 		(void)!write(pidp[1], &g, sizeof(g));
 		_exit(g < 0 ? 1 : 0);
 	}
@@ -130,8 +161,10 @@ static int spawn(char **argv, int log_fd, int *fds, size_t nfds, pid_t *ret_pid)
 	while (waitpid(mid, NULL, 0) < 0 && errno == EINTR)
 		;
 	if (n != sizeof(pid) || pid <= 0) {
+		/* The middle child's own failure, when it says which. */
+		n = read(errp[0], &e, sizeof(e));
 		close(errp[0]);
-		return -ECHILD;
+		return n == sizeof(e) && e > 0 ? -e : -ECHILD;
 	}
 	/* EOF means the exec happened (the pipe was close-on-exec). */
 	do
@@ -179,9 +212,10 @@ _Noreturn static void launcher_main(int sock)
 	drop_daemon_environment();
 	for (;;) {
 		int fds[LAUNCHER_MAX_FDS + 1];
-		char *argv[256];
+		char *argv[256], *rw_dir = NULL;
 		size_t nfds = 0;
 		struct request req;
+		struct confine conf = {};
 		pid_t pid = -1;
 		ssize_t n;
 		int r;
@@ -203,10 +237,18 @@ _Noreturn static void launcher_main(int sock)
 		memcpy(&req, buf, sizeof(req));
 		/* fds[0] is the log, the rest go to 3, 4, ... */
 		r = nfds < 1 ? -EBADF
-			     : parse_argv(buf + sizeof(req), (size_t)n - sizeof(req), argv,
-					  ELEMENTSOF(argv));
+			     : parse_argv(buf + sizeof(req), (size_t)n - sizeof(req), req.argc,
+					  argv, ELEMENTSOF(argv), &rw_dir);
+		conf = (struct confine){ .uid = req.uid,
+					 .gid = req.gid,
+					 .kvm = req.flags & REQUEST_KVM,
+					 .rw_dir = rw_dir };
+		/* Confined without a directory, or with root's gid: refused,
+		 * never run with less confinement than asked for. */
+		if (r == 0 && req.uid > 0 && (!rw_dir || req.gid == 0))
+			r = -EINVAL;
 		if (r == 0)
-			r = spawn(argv, fds[0], fds + 1, nfds - 1, &pid);
+			r = spawn(argv, fds[0], fds + 1, nfds - 1, &conf, &pid);
 		close_many(fds, nfds);
 		send_reply(sock, req.id, -r, pid);
 	}
@@ -443,10 +485,17 @@ int launcher_watch(launcher *l, struct ev_loop *loop, launcher_event_fn event, v
 int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, size_t nfds,
 		   launcher_spawn_fn cb, void *ud, uint64_t *ret_id)
 {
+	return launcher_spawn_confined(l, argv, log_fd, fds, nfds, NULL, cb, ud, ret_id);
+}
+
+int launcher_spawn_confined(launcher *l, char *const *argv, int log_fd, const int *fds, size_t nfds,
+			    const struct launcher_confine *conf, launcher_spawn_fn cb, void *ud,
+			    uint64_t *ret_id)
+{
 	_cleanup_free_ char *buf = NULL;
 	_cleanup_free_ struct launcher_request *q = NULL;
 	int all[LAUNCHER_MAX_FDS + 1];
-	struct request req;
+	struct request req = {};
 	size_t len = 0;
 	ssize_t n;
 
@@ -454,8 +503,14 @@ int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, s
 		return -LAUNCHER_GONE;
 	if (nfds > LAUNCHER_MAX_FDS)
 		return -E2BIG;
-	for (char *const *a = argv; *a; a++)
+	if (conf && (conf->uid == 0 || conf->gid == 0 || !conf->rw_dir))
+		return -EINVAL;
+	for (char *const *a = argv; *a; a++) {
 		len += strlen(*a) + 1;
+		req.argc++;
+	}
+	if (conf)
+		len += strlen(conf->rw_dir) + 1;
 	if (len == 0 || len > LAUNCHER_MAX_REQUEST)
 		return -E2BIG;
 	buf = malloc(sizeof(req) + len);
@@ -463,10 +518,17 @@ int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, s
 	if (!buf || !q)
 		return -ENOMEM;
 	req.id = ++l->next_id;
+	if (conf) {
+		req.uid = conf->uid;
+		req.gid = conf->gid;
+		req.flags = conf->kvm ? REQUEST_KVM : 0;
+	}
 	memcpy(buf, &req, sizeof(req));
 	len = sizeof(req);
 	for (char *const *a = argv; *a; a++)
 		len += (size_t)(stpcpy(buf + len, *a) - (buf + len)) + 1;
+	if (conf)
+		len += (size_t)(stpcpy(buf + len, conf->rw_dir) - (buf + len)) + 1;
 	all[0] = log_fd;
 	memcpy(all + 1, fds, nfds * sizeof(int));
 

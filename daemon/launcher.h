@@ -79,6 +79,23 @@ void launcher_stop(launcher *l);
  */
 int launcher_spawn(launcher *l, char *const *argv, int log_fd, const int *fds, size_t nfds,
 		   launcher_spawn_fn cb, void *ud, uint64_t *ret_id);
+
+/* How a VMM is confined (daemon/confine.h does it in the VMM's process):
+ * its own pid, mount, ipc and uts namespaces, a minimal read-only root with
+ * rw_dir the one writable host directory (at its own path), uid and gid
+ * (both non-zero), no supplementary group but /dev/kvm's when kvm, no
+ * capabilities, no_new_privs. A start that cannot be confined fails; it
+ * never runs with less. */
+struct launcher_confine {
+	uid_t uid;
+	gid_t gid;
+	bool kvm;
+	const char *rw_dir;
+};
+/* launcher_spawn(), confined as conf says (NULL: not at all). */
+int launcher_spawn_confined(launcher *l, char *const *argv, int log_fd, const int *fds, size_t nfds,
+			    const struct launcher_confine *conf, launcher_spawn_fn cb, void *ud,
+			    uint64_t *ret_id);
 /* The requester lets go: its callback is never called, and the process,
  * when the answer names one, is SIGKILLed (and left to the daemon's orphan
  * reaper). No-op for an id not in flight. */

@@ -32,6 +32,11 @@
 #include "kvm/qemu.h"
 
 #define DEFAULT_STATE_DIR "/run/cprd"
+/* Between systemd's container range (524288-1879048191) and its foreign
+ * range (from 2147352576): no user database, nspawn or sysusers hands these
+ * out (docs/ARCHITECTURE.md, "Confined VMMs"). */
+#define DEFAULT_VMM_ID_BASE 0x70000000U
+#define DEFAULT_VMM_ID_COUNT 65536U
 #define REGISTRY_RETRY_SEC 1.0
 #define DEFAULT_LOG_MAX (4 << 20)
 #define LOG_MIN 4096
@@ -46,6 +51,8 @@ struct options {
 	const char *vmm_allow; /* the allow-list of VMM binaries */
 	uint64_t log_max;      /* --log-max-size, 0: never rotate */
 	struct peer_limits limits;
+	bool confine;
+	uint32_t vmm_id_base, vmm_id_count;
 };
 
 static void notify_status(struct daemon *d)
@@ -125,8 +132,9 @@ static void help(void)
 {
 	printf(
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
-	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--no-sandbox]\n"
-	    "            [--max-clients-per-uid N] [--idle-timeout SEC]\n\n"
+	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--vmm-ids BASE:COUNT]\n"
+	    "            [--no-confine] [--no-sandbox] [--max-clients-per-uid N]\n"
+	    "            [--idle-timeout SEC]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -138,6 +146,8 @@ static void help(void)
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
 	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
+	    "  --vmm-ids B:C     uids/gids for VMMs, one per VM (default %u:%u)\n"
+	    "  --no-confine      run VMMs as root in the host's namespaces (unsafe)\n"
 	    "  --no-sandbox      do not apply the seccomp filter (debugging)\n"
 	    "  --max-clients-per-uid N\n"
 	    "                    connections one uid other than root may hold (default %d;\n"
@@ -146,8 +156,8 @@ static void help(void)
 	    "                    close a connection with no call in flight after SEC\n"
 	    "                    seconds without traffic (default %d; 0: never)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM, LIMITS_MAX_CLIENTS_PER_UID,
-	    LIMITS_IDLE_TIMEOUT_SEC);
+	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM, DEFAULT_VMM_ID_BASE,
+	    DEFAULT_VMM_ID_COUNT, LIMITS_MAX_CLIENTS_PER_UID, LIMITS_IDLE_TIMEOUT_SEC);
 }
 
 static int parse_unsigned(const char *opt, const char *s, unsigned max, unsigned *ret)
@@ -166,6 +176,28 @@ static int parse_unsigned(const char *opt, const char *s, unsigned max, unsigned
 	return 0;
 }
 
+static int parse_ids(const char *s, uint32_t *ret_base, uint32_t *ret_count)
+{
+	unsigned long long base, count;
+	char *end;
+
+	errno = 0;
+	base = strtoull(s, &end, 0);
+	if (errno || end == s || *end != ':')
+		return -EINVAL;
+	s = end + 1;
+	count = strtoull(s, &end, 0);
+	if (errno || end == s || *end)
+		return -EINVAL;
+	/* Not root's, nor the 16-bit (uid_t)-1 or nobody below, nor reaching
+	 * (uid_t)-1 above. */
+	if (base < 65536 || count == 0 || base + count > UINT32_MAX)
+		return -ERANGE;
+	*ret_base = (uint32_t)base;
+	*ret_count = (uint32_t)count;
+	return 0;
+}
+
 static int parse_options(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
@@ -178,6 +210,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "log-max-size", required_argument, NULL, 'L' },
 		{ "max-clients-per-uid", required_argument, NULL, 'U' },
 		{ "idle-timeout", required_argument, NULL, 'I' },
+		{ "vmm-ids", required_argument, NULL, 'i' },
+		{ "no-confine", no_argument, NULL, 'C' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
@@ -189,7 +223,10 @@ static int parse_options(int argc, char **argv, struct options *o)
 			       .accel = "auto",
 			       .vmm_allow = POLICY_DEFAULT_FILE,
 			       .log_max = DEFAULT_LOG_MAX,
-			       .limits = PEER_LIMITS_DEFAULT };
+			       .limits = PEER_LIMITS_DEFAULT,
+			       .confine = true,
+			       .vmm_id_base = DEFAULT_VMM_ID_BASE,
+			       .vmm_id_count = DEFAULT_VMM_ID_COUNT };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -236,6 +273,18 @@ static int parse_options(int argc, char **argv, struct options *o)
 			if (parse_unsigned("--idle-timeout", optarg, 86400,
 					   &o->limits.idle_timeout_sec) < 0)
 				return -EINVAL;
+			break;
+		case 'i':
+			if (parse_ids(optarg, &o->vmm_id_base, &o->vmm_id_count) < 0) {
+				fprintf(stderr,
+					"cprd: --vmm-ids takes BASE:COUNT, BASE >= 65536 and the "
+					"range below 4294967295, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			break;
+		case 'C':
+			o->confine = false;
 			break;
 		case 'h':
 			help();
@@ -746,6 +795,12 @@ int main(int argc, char **argv)
 	}
 	d.kvm = streq(o.accel, "kvm") ||
 		(streq(o.accel, "auto") && access("/dev/kvm", R_OK | W_OK) == 0);
+	d.confine = o.confine;
+	d.vmm_id_base = o.vmm_id_base;
+	d.vmm_id_count = o.vmm_id_count;
+	if (!d.confine)
+		log_warning("--no-confine: VMMs run as root in cprd's namespaces, and a guest that "
+			    "takes over its VMM owns the host");
 	g = getgrnam("cprd");
 	d.have_group = g != NULL;
 	d.group = g ? g->gr_gid : 0;

@@ -624,9 +624,11 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 		return;
 	if (!(vm = find_vm_or_fail(d, c, vmname)))
 		return;
-	/* A VMM may claim its own VM's fds and nobody else's. */
+	/* A VMM may claim its own VM's fds and nobody else's: its pid, and
+	 * for a confined one its uid too, which no other VM's VMM has. */
 	if (!call_peer_privileged(c) &&
-	    !(vmm_alive(vm->vmm) && call_peer(c)->pid == vm->vmm->pid)) {
+	    !(vmm_alive(vm->vmm) && call_peer(c)->pid == vm->vmm->pid &&
+	      (!d->confine || vm->cfg.uid == 0 || call_peer(c)->uid == vm->cfg.uid))) {
 		call_fail(c, JSONRPC_ERR_PERMISSION,
 			  "permission denied: only root, group 'cprd' or VM '%s''s own VMM may "
 			  "claim its fds",

@@ -46,6 +46,13 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		    (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
 		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),
 	};
+	int64_t uid = json_object_get_int64(json_object_object_get(rec, "uid"));
+
+	/* Kept as recorded even when --vmm-ids changed since: the VMM that
+	 * runs now, and its successor, are that uid. None recorded (a VM of
+	 * a cprd from before confinement): one is picked once all are known. */
+	if (uid > 0 && uid < (int64_t)UINT32_MAX)
+		cfg->uid = (uid_t)uid;
 	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
 	    !cfg->machine) {
 		vm_config_done(cfg);
@@ -174,7 +181,7 @@ static void strategy_leftovers(struct vm *vm, json_object *up)
 	const struct strategy *s = strategy_find(jstr(up, "strategy"));
 
 	if (s && s->settle)
-		s->settle(vm->dir);
+		s->settle(vm->run_dir);
 }
 
 static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
@@ -427,6 +434,24 @@ int recover(struct daemon *d, json_object *pidfds)
 	{
 		(void)k;
 		close(json_object_get_int(v));
+	}
+	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		const memstore_entry *con;
+		int r = vm_pick_uid(vm);
+
+		if (r >= 0)
+			r = vm_prepare_run_dir(vm);
+		/* A console log from before the VM had a uid: its next VMM
+		 * reopens it as that uid. */
+		if (r >= 0 && vm->cfg.uid > 0 &&
+		    memstore_get(d->store, vm->cfg.name, "console", &con) >= 0 &&
+		    fchown(con->fd, vm->cfg.uid, vm->cfg.uid) < 0)
+			r = -errno;
+		if (r < 0)
+			log_error(
+			    "VM %s: cannot give it a VMM uid and directory %s: %s; its updates "
+			    "will fail",
+			    vm->cfg.name, vm->run_dir, strerror(-r));
 	}
 	/* Fds inherited for VMs the registry does not know are not ours to keep. */
 	for (size_t i = 0; i < memstore_count(d->store, NULL);) {

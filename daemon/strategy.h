@@ -126,5 +126,6 @@ _printf_(2, 3) void update_rollback(struct update *u, const char *fmt, ...);
 bool update_launch(struct update *u, const struct vmm_incoming *in);
 /* PHASE_MIGRATE, and `migrate` on the old VMM with args (taken). */
 void update_migrate(struct update *u, json_object *args);
-/* The VM's directory, for the strategy's own files. */
+/* The VM's VMM directory (owned by its uid, inside a confined VMM's
+ * root at the same path), for what the strategy's VMMs open by path. */
 const char *update_vm_dir(const struct update *u);

@@ -88,7 +88,7 @@ static void arm(struct update *u, double seconds)
 
 const char *update_vm_dir(const struct update *u)
 {
-	return u->vm->dir;
+	return u->vm->run_dir;
 }
 
 /* ---- the report ---- */
@@ -628,8 +628,15 @@ bool update_launch(struct update *u, const struct vmm_incoming *in)
 {
 	struct daemon *d = u->vm->d;
 	_cleanup_free_ char *qmp_path = NULL;
+	char why[512];
 	int r;
 
+	/* The kernel and initrd are opened anew for every VMM: the files may
+	 * have changed since the VM was created. */
+	if (vm_check_images(&u->vm->cfg, why, sizeof(why)) < 0) {
+		update_rollback(u, "cannot start the new VMM: %s", why);
+		return false;
+	}
 	r = asprintf(&qmp_path, "%s/qmp-next.sock", u->vm->dir) < 0 ? -ENOMEM : 0;
 	if (r >= 0)
 		r = vmm_start(d, &u->vm->cfg, u->new_binary, qmp_path, u->vm->dir_fd, in, &next_ops,

@@ -123,6 +123,8 @@ static json_object *vm_record(struct vm *vm)
 	json_object_object_add(o, "memory_bytes",
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
+	if (vm->cfg.uid > 0)
+		json_object_object_add(o, "uid", json_object_new_int64((int64_t)vm->cfg.uid));
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	add_str(o, "state", vm_state_to_string(vm->state));
@@ -176,6 +178,12 @@ static void remove_files(struct vm *vm)
 		return;
 	for (size_t i = 0; i < ELEMENTSOF(files); i++)
 		(void)unlinkat(vm->dir_fd, files[i], 0);
+	/* Whatever a VMM left in its own directory (its sockets) goes too:
+	 * the uid is free for another VM from here on. */
+	if (vm->run_dir) {
+		(void)rm_dir_entries(vm->run_dir);
+		(void)unlinkat(vm->dir_fd, VM_RUN_DIR, AT_REMOVEDIR);
+	}
 	(void)unlinkat(vm->d->vms_fd, vm->cfg.name, AT_REMOVEDIR);
 }
 
@@ -200,6 +208,7 @@ static void vm_free(struct vm *vm)
 	free(vm->vmm_log_path);
 	free(vm->qmp_path);
 	free(vm->history_path);
+	free(vm->run_dir);
 	vm_config_done(&vm->cfg);
 	free(vm);
 	daemon_changed(d);
@@ -487,6 +496,67 @@ static int open_tap(const char *ifname, int *ret_fd)
 	return 0;
 }
 
+/* dir/vmm, 0700 and the VM's uid's: where its VMMs may create what they
+ * must (cpr-transfer's sockets), and the only host directory a confined VMM
+ * sees. Made anew for a new VM of an old name: nothing of a predecessor's,
+ * perhaps owned by another uid, stays in it. */
+int vm_prepare_run_dir(struct vm *vm)
+{
+	_cleanup_close_ int fd = -EBADF;
+
+	if (vm->dir_fd < 0)
+		return -EBADF;
+	if (mkdirat(vm->dir_fd, VM_RUN_DIR, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	fd = openat(vm->dir_fd, VM_RUN_DIR, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if ((vm->cfg.uid > 0 && fchown(fd, vm->cfg.uid, vm->cfg.uid) < 0) || fchmod(fd, 0700) < 0)
+		return -errno;
+	return 0;
+}
+
+int vm_check_images(const struct vm_config *cfg, char *why, size_t size)
+{
+	for (int i = 0; i < 2; i++) {
+		const char *img = i == 0 ? cfg->kernel : cfg->initrd;
+		int fd = -EBADF, r;
+
+		if (!img)
+			continue;
+		r = vmm_open_image(img, &fd);
+		if (r < 0) {
+			snprintf(why, size, "cannot use %s %s: %s", i == 0 ? "kernel" : "initrd",
+				 img, r == -EINVAL ? "not a regular file" : strerror(-r));
+			return r;
+		}
+		close(fd);
+	}
+	return 0;
+}
+
+int vm_pick_uid(struct vm *vm)
+{
+	struct daemon *d = vm->d;
+
+	/* No range (a daemon built by a unit test, never cprd: --vmm-ids
+	 * has COUNT >= 1): the VMMs stay root's, unconfined. */
+	if (vm->cfg.uid > 0 || d->vmm_id_count == 0)
+		return 0;
+	for (uint32_t i = 0; i < d->vmm_id_count; i++) {
+		uid_t uid = d->vmm_id_base + i;
+		bool taken = false;
+
+		for (struct vm *o = d->vms; o && !taken; o = o->next)
+			taken = o != vm && o->cfg.uid == uid;
+		if (!taken) {
+			vm->cfg.uid = uid;
+			return 0;
+		}
+	}
+	return -EUSERS;
+}
+
 /* The VM's directory, STATE_DIR/vms/NAME, created if need be and opened
  * without following a symlink; its paths, for people. */
 static int vm_paths(struct vm *vm)
@@ -497,7 +567,8 @@ static int vm_paths(struct vm *vm)
 	    asprintf(&vm->console_path, "%s/" VM_CONSOLE_LOG, vm->dir) < 0 ||
 	    asprintf(&vm->vmm_log_path, "%s/" VM_VMM_LOG, vm->dir) < 0 ||
 	    asprintf(&vm->qmp_path, "%s/" VM_QMP_SOCK, vm->dir) < 0 ||
-	    asprintf(&vm->history_path, "%s/" VM_HISTORY, vm->dir) < 0)
+	    asprintf(&vm->history_path, "%s/" VM_HISTORY, vm->dir) < 0 ||
+	    asprintf(&vm->run_dir, "%s/" VM_RUN_DIR, vm->dir) < 0)
 		return -ENOMEM;
 	if (mkdirat(d->vms_fd, vm->cfg.name, 0750) < 0 && errno != EEXIST)
 		return -errno;
@@ -550,6 +621,10 @@ static int vm_acquire(struct vm *vm, const char **ret_what)
 		     O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK,
 		     0640);
 	if (con < 0)
+		return -errno;
+	/* QEMU opens it anew through /proc/self/fd, which checks the
+	 * inode's permissions against the VMM's own uid. */
+	if (vm->cfg.uid > 0 && fchown(con, vm->cfg.uid, vm->cfg.uid) < 0)
 		return -errno;
 	if (vm->cfg.tap) {
 		/* EINVAL/EBUSY: the name is taken by another kind of interface
@@ -605,9 +680,25 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	d->vms = vm;
 
 	vm->dir_fd = -EBADF;
+	/* Said now, by name, rather than as the VMM's failure to start. */
+	r = vm_check_images(&vm->cfg, why, sizeof(why));
+	if (r < 0) {
+		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
+		return;
+	}
+	r = vm_pick_uid(vm);
+	if (r < 0) {
+		snprintf(why, sizeof(why),
+			 "no free VMM uid: all %u of the range from %u are taken (cprd --vmm-ids)",
+			 (unsigned)d->vmm_id_count, (unsigned)d->vmm_id_base);
+		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
+		return;
+	}
 	r = vm_paths(vm);
 	if (r >= 0 && unlinkat(vm->dir_fd, VM_HISTORY, 0) < 0 && errno != ENOENT)
 		r = -errno; /* a new VM of an old name starts a new history */
+	if (r >= 0)
+		r = vm_prepare_run_dir(vm);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot create %s: %s",
 			 vm->dir ? vm->dir : "its directory", strerror(-r));
@@ -753,6 +844,9 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "initrd", vm->cfg.initrd);
 	add_str(o, "append", vm->cfg.append);
 	add_str(o, "tap", vm->cfg.tap);
+	json_object_object_add(
+	    o, "uid", vm->cfg.uid > 0 ? json_object_new_int64((int64_t)vm->cfg.uid) : NULL);
+	json_object_object_add(o, "confined", json_object_new_boolean(vm->d->confine));
 	add_str(o, "console_log", vm->console_path);
 	add_str(o, "vmm_log", vm->vmm_log_path);
 	add_str(o, "qmp_socket", vm->qmp_path);

@@ -39,6 +39,7 @@ struct vm_config {
 	char *machine;
 	uint64_t memory_bytes;
 	unsigned vcpus;
+	uid_t uid; /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
 };
 
 struct vm {
@@ -47,6 +48,7 @@ struct vm {
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
 	int dir_fd;            /* dir: its files are reached through it, never a symlink */
+	char *run_dir;         /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
 	struct vmm *vmm;       /* NULL once the VMM is gone */
 	ev_timer timer;        /* start-up or stop deadline */
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
@@ -65,6 +67,7 @@ struct vm {
 #define VM_VMM_LOG "vmm.log"
 #define VM_QMP_SOCK "qmp.sock"
 #define VM_HISTORY "history.jsonl"
+#define VM_RUN_DIR "vmm" /* the VMMs' own: owned by the VM's uid */
 
 const char *vm_state_to_string(enum vm_state s);
 
@@ -113,5 +116,13 @@ int vm_outdated(struct vm *vm, char *buf, size_t size);
 json_object *vm_fds_to_json(struct vm *vm);
 
 void vm_config_done(struct vm_config *cfg);
+/* Give vm a uid of its own from the daemon's VMM range (lowest free), unless
+ * it has one. -EUSERS when every id of the range is taken. */
+int vm_pick_uid(struct vm *vm);
+/* Whether every VMM started for cfg can be given its kernel and initrd
+ * (vmm_open_image); on failure why says which and why. */
+int vm_check_images(const struct vm_config *cfg, char *why, size_t size);
+/* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
+int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */
 void vm_detach_all(struct daemon *d);

@@ -10,6 +10,7 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include "common/access.h"
 #include "common/macro.h"
 #include "common/proc.h"
 #include "daemon/log.h"
@@ -472,6 +473,19 @@ static void spawn_done(int error, pid_t pid, int pidfd, void *ud)
 	release(v);
 }
 
+/* The kernel and initrd reach the VMM as fds, opened here with cprd's
+ * rights, so that a confined VMM's root needs no host path for them and
+ * the VMM cannot be pointed at anything but a regular file (open_as()
+ * looks before it opens: a FIFO or a device planted at the path is
+ * refused unopened). QEMU reads them through /proc/self/fd. */
+int vmm_open_image(const char *path, int *ret_fd)
+{
+	/* With cprd's rights; whoever named it was judged at create. */
+	int r = open_as(path, NULL, ret_fd);
+
+	return r == -EBADFD ? -EINVAL : r;
+}
+
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
 		 const struct vmm_incoming *in)
 {
@@ -485,16 +499,34 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		.initrd = cfg->initrd,
 		.append = cfg->append,
 		.kvm = v->d->kvm,
+		.sandbox = v->d->confine && cfg->uid > 0,
 		.tap_fd = -1,
 		.incoming = in && in->defer,
 		.cpr_main_path = in ? in->cpr_main_path : NULL,
 		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};
-	int fds[4], tap = held_fd(v->d, cfg->name, "net0");
-	_cleanup_close_ int log = -EBADF;
+	int fds[6], tap = held_fd(v->d, cfg->name, "net0");
+	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
+	char kernel_path[32], initrd_path[32];
+	_cleanup_free_ char *run_dir = NULL;
+	struct launcher_confine conf;
 	char **argv = NULL;
 	size_t n = 0;
 	int r;
+
+	r = vmm_open_image(cfg->kernel, &kernel);
+	if (r < 0) {
+		log_error("VM %s: cannot open kernel %s: %s", cfg->name, cfg->kernel, strerror(-r));
+		return r;
+	}
+	if (cfg->initrd) {
+		r = vmm_open_image(cfg->initrd, &initrd);
+		if (r < 0) {
+			log_error("VM %s: cannot open initrd %s: %s", cfg->name, cfg->initrd,
+				  strerror(-r));
+			return r;
+		}
+	}
 
 	fds[n] = held_fd(v->d, cfg->name, "ram0");
 	qc.ram_fd = v->fd_ram = QEMU_CHILD_FD_BASE + (int)n++;
@@ -506,6 +538,16 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		fds[n] = tap;
 		qc.tap_fd = v->fd_tap = QEMU_CHILD_FD_BASE + (int)n++;
 	}
+	fds[n] = kernel;
+	snprintf(kernel_path, sizeof(kernel_path), "/proc/self/fd/%d",
+		 QEMU_CHILD_FD_BASE + (int)n++);
+	qc.kernel = kernel_path;
+	if (initrd >= 0) {
+		fds[n] = initrd;
+		snprintf(initrd_path, sizeof(initrd_path), "/proc/self/fd/%d",
+			 QEMU_CHILD_FD_BASE + (int)n++);
+		qc.initrd = initrd_path;
+	}
 	r = qemu_build_argv(&qc, &argv);
 	if (r < 0)
 		return r;
@@ -515,7 +557,17 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		strv_free(argv);
 		return -errno;
 	}
-	r = launcher_spawn(&v->d->launcher, argv, log, fds, n, spawn_done, v, &v->spawn_id);
+	/* vm.c made STATE_DIR/vms/NAME/vmm that uid's (vm_prepare_run_dir). */
+	if (v->d->confine && cfg->uid > 0 &&
+	    asprintf(&run_dir, "%s/vms/%s/vmm", v->d->state_dir, cfg->name) < 0) {
+		strv_free(argv);
+		return -ENOMEM;
+	}
+	conf = (struct launcher_confine){
+		.uid = cfg->uid, .gid = (gid_t)cfg->uid, .kvm = v->d->kvm, .rw_dir = run_dir
+	};
+	r = launcher_spawn_confined(&v->d->launcher, argv, log, fds, n, run_dir ? &conf : NULL,
+				    spawn_done, v, &v->spawn_id);
 	strv_free(argv);
 	return r;
 }

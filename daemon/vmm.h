@@ -72,6 +72,10 @@ struct vmm_incoming {
 	const char *cpr_main_path, *cpr_state_path;
 };
 
+/* Open a kernel or initrd for a VMM: a regular file only, else -EINVAL
+ * (-EISDIR for a directory). */
+int vmm_open_image(const char *path, int *ret_fd);
+
 /* Whether pid is a VMM that cprd watches (and so reaps through its pidfd). */
 bool vmm_pid_watched(const struct daemon *d, pid_t pid);
 

@@ -102,6 +102,14 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	addf(&a, "%s,memory-backend=ram0,aux-ram-share=on", c->machine);
 	add(&a, "-accel");
 	add(&a, c->kvm ? "kvm" : "tcg");
+	/* QEMU's own filter, installed before it touches guest input: no
+	 * obsolete calls, no set*id, no fork or exec, no scheduler or
+	 * memory-policy changes. Nothing cprd asks of a VMM (handover,
+	 * cpr-transfer) needs any of them. */
+	if (c->sandbox) {
+		add(&a, "-sandbox");
+		add(&a, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+	}
 	add(&a, "-smp");
 	addf(&a, "%u", c->vcpus);
 	add(&a, "-m");

@@ -22,6 +22,7 @@ struct qemu_config {
 	unsigned vcpus;
 	const char *kernel, *initrd, *append; /* initrd/append may be NULL */
 	bool kvm;                             /* -accel kvm, else tcg */
+	bool sandbox;                         /* QEMU's own seccomp filter, every group of it on */
 	/* fd numbers as the VMM sees them; -1 when absent */
 	int ram_fd;     /* sealed memfd holding guest RAM */
 	int console_fd; /* serial console log, opened O_APPEND by the daemon */

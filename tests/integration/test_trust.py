@@ -82,7 +82,9 @@ class Trust(unittest.TestCase):
         cls.allow = os.path.join(cls.root, "vmm.allow")
         with open(cls.allow, "w") as f:
             f.write("# VMMs a member of group cprd may run\n\n" + cls.vmm_ok + "\n")
-        cls.d = Daemon(["--vmm-allow", cls.allow]).start()
+        # The stand-ins run from the source tree, which a confined VMM's
+        # root does not hold; what is tested here is who may name what.
+        cls.d = Daemon(["--vmm-allow", cls.allow, "--no-confine"]).start()
         os.chmod(cls.d.dir, 0o755)
         os.chmod(cls.d.sock, 0o660)
         # Not allowed, and somewhere anyone may write.
@@ -127,7 +129,7 @@ class Trust(unittest.TestCase):
         with open(self.allow, "a") as f:
             f.write(changeable + "\n")
         # The list is read at start: a cprd of its own.
-        d = Daemon(["--vmm-allow", self.allow]).start()
+        d = Daemon(["--vmm-allow", self.allow, "--no-confine"]).start()
         try:
             os.chmod(d.dir, 0o755)
             code, msg = call_as_member(d, self.gid, "vm.create",

@@ -4,6 +4,7 @@ updates; every failure rolls back to the old VMM with the guest running."""
 
 import json
 import os
+import shutil
 import threading
 import unittest
 
@@ -164,8 +165,13 @@ class Update(SharedDaemonTest):
     def test_3_rollback_new_vmm_refuses_on_its_monitor(self):
         # The rollback starts inside a reply on the new VMM's own monitor,
         # which cprd must then end and free while that reply is on the stack.
-        fake = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusing_vmm.py")
-        self.rollback_case(wrapper(self.d.dir, "refuses", f'exec python3 {fake} "$@"'),
+        # A copy is the VMM binary itself: a confined VMM's root holds its
+        # binary, not the source tree a wrapper would point into.
+        fake = os.path.join(self.d.dir, "refusing_vmm.py")
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusing_vmm.py"),
+                    fake)
+        os.chmod(fake, 0o755)
+        self.rollback_case(fake,
                            "refused the incoming migration: this VMM refuses incoming migrations")
         self.assertIsNone(self.d.proc.poll(), "cprd died")
 

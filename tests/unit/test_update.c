@@ -630,7 +630,7 @@ static struct vm *vm_up(struct fake *old)
 	struct vm_config cfg = {
 		.name = strdup(VM_NAME),
 		.vmm = strdup(self),
-		.kernel = strdup("/boot/vmlinuz-test"),
+		.kernel = strdup(self), /* opened by cprd: any regular file */
 		.machine = strdup("pc-q35-9.2"),
 		.memory_bytes = 16 << 20,
 		.vcpus = 1,
@@ -1801,12 +1801,12 @@ static void cpr_attach_new(struct vm *vm, struct fake *nw)
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
 	ck_assert_uint_eq(count_arg(nw, "-incoming"), 2);
-	snprintf(want, sizeof(want), "unix:%s/cpr-main.sock", vm->dir);
+	snprintf(want, sizeof(want), "unix:%s/cpr-main.sock", vm->run_dir);
 	ck_assert(has_arg(nw, "-incoming", want));
 	snprintf(want, sizeof(want),
 		 "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", \"type\": "
 		 "\"unix\", \"path\": \"%s/cpr-state.sock\"}}",
-		 vm->dir);
+		 vm->run_dir);
 	ck_assert(has_arg(nw, "-incoming", want));
 }
 
@@ -1817,7 +1817,7 @@ static int cpr_listen(struct vm *vm)
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
 	ck_assert_int_ge(fd, 0);
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/cpr-state.sock", vm->dir);
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/cpr-state.sock", vm->run_dir);
 	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	ck_assert_int_eq(listen(fd, 1), 0);
 	return fd;
@@ -1842,7 +1842,7 @@ static int cpr_to_migrate(struct vm *vm, struct fake *old, struct fake *nw, doub
 		 "\"type\":\"unix\",\"path\":\"%s/cpr-main.sock\"}},{\"channel-type\":\"cpr\","
 		 "\"addr\":{\"transport\":\"socket\",\"type\":\"unix\",\"path\":\"%s/"
 		 "cpr-state.sock\"}}]}",
-		 vm->dir, vm->dir);
+		 vm->run_dir, vm->run_dir);
 	ck_assert_str_eq(a, want);
 	ck_assert_int_eq(phase(vm), PHASE_MIGRATE);
 	fake_return(old, id, "{}");
@@ -1894,7 +1894,7 @@ START_TEST(cpr_transfer_ok_late_monitor_asked_cont_after_completed_then_old_stat
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
 	ck_assert_int_eq(vm->state, VM_RUNNING);
 	/* What the strategy made in the VM's directory is gone. */
-	snprintf(path, sizeof(path), "%s/cpr-state.sock", vm->dir);
+	snprintf(path, sizeof(path), "%s/cpr-state.sock", vm->run_dir);
 	ck_assert_int_eq(access(path, F_OK), -1);
 	close(fd);
 	FINISH(vm, &old, &nw);
