@@ -20,6 +20,7 @@
 #define CLIENT_MAX_QUEUED (8 << 20) /* a client that reads nothing is dropped */
 #define CLIENT_MAX_CALLS 64         /* calls in flight per connection */
 #define CLIENT_MAX_COUNT 1024
+#define SUBSCRIBER_LINGER 10.0 /* a dropped subscriber's last chance to read */
 
 struct client {
 	struct daemon *d;
@@ -29,9 +30,11 @@ struct client {
 	proto_writer *out;
 	struct ucred peer;
 	bool privileged;
-	bool closing; /* flush what is queued, then close */
-	bool eof;     /* peer sends no more: answer calls in flight, then close */
-	bool dead;    /* fd closed; waiting for its calls to finish */
+	bool closing;    /* flush what is queued, then close */
+	bool eof;        /* peer sends no more: answer calls in flight, then close */
+	bool dead;       /* fd closed; waiting for its calls to finish */
+	bool subscriber; /* events.subscribe: every event is sent here too */
+	ev_timer linger; /* a dropped subscriber is closed when it fires */
 	unsigned refs;
 	unsigned calls;
 	struct client *prev, *next;
@@ -222,6 +225,71 @@ int call_peer_creds(const struct call *c, struct creds *ret)
 	return 0;
 }
 
+/* ---- event subscribers ---- */
+
+int call_subscribe(struct call *c)
+{
+	if (c->client->dead || c->client->closing)
+		return -ENOTCONN;
+	c->client->subscriber = true;
+	return 0;
+}
+
+size_t server_subscribers(const struct daemon *d)
+{
+	size_t n = 0;
+
+	for (const struct client *c = d->clients; c; c = c->next)
+		n += c->subscriber && !c->closing;
+	return n;
+}
+
+/* The subscriber's queue is past its cap: its last message says why, and
+ * it has SUBSCRIBER_LINGER seconds to read what is queued before it is
+ * closed. What it holds is bounded by the cap plus two messages. */
+static void subscriber_drop(struct client *c, server_drop_fn dropped)
+{
+	size_t queued = proto_writer_queued_bytes(c->out);
+	_cleanup_json_ json_object *last = dropped(c->d, queued);
+	const char *s;
+	size_t len;
+
+	log_warning("client pid %d: dropping its event subscription: it does not read "
+		    "(%zu bytes queued)",
+		    (int)c->peer.pid, queued);
+	s = last ? jsonrpc_to_string(last, &len) : NULL;
+	if (!s || proto_writer_queue(c->out, s, len, NULL, 0) < 0) {
+		client_close(c);
+		return;
+	}
+	c->closing = true;
+	ev_timer_set(&c->linger, SUBSCRIBER_LINGER, 0.);
+	ev_timer_start(c->d->loop, &c->linger);
+	client_update_watcher(c);
+}
+
+void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_queued,
+			       server_drop_fn dropped)
+{
+	struct client *c, *next;
+	const char *s = NULL;
+	size_t len = 0;
+
+	for (c = d->clients; c; c = next) {
+		next = c->next; /* a dropped client may leave the list */
+		if (!c->subscriber || c->closing || c->dead)
+			continue;
+		if (!s && !(s = jsonrpc_to_string(msg, &len)))
+			return;
+		if (proto_writer_queue(c->out, s, len, NULL, 0) < 0 ||
+		    proto_writer_queued_bytes(c->out) > max_queued) {
+			subscriber_drop(c, dropped);
+			continue;
+		}
+		client_update_watcher(c);
+	}
+}
+
 /* ---- dispatch ---- */
 
 static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req)
@@ -372,6 +440,7 @@ static void client_close(struct client *c)
 	if (c->dead)
 		return;
 	ev_io_stop(c->d->loop, &c->watcher); /* before the fd goes */
+	ev_timer_stop(c->d->loop, &c->linger);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
 	if (c->prev)
@@ -493,6 +562,16 @@ out:
 	client_unref(c);
 }
 
+static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct client *c = w->data;
+
+	log_warning("client pid %d: closing the dropped event subscription: it read nothing "
+		    "for %.0f s",
+		    (int)c->peer.pid, SUBSCRIBER_LINGER);
+	client_close(c);
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct daemon *d = w->data;
@@ -529,6 +608,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	d->clients = c;
 	ev_io_init(&c->watcher, client_cb, fd, EV_READ);
 	c->watcher.data = c;
+	ev_init(&c->linger, linger_cb);
+	c->linger.data = c;
 	ev_io_start(loop, &c->watcher);
 }
 
