@@ -53,7 +53,9 @@ static void usage(FILE *f)
 	    "  daemon stats [--reset]\n"
 	    "                      cprd's own time: event-loop turns and requests handled\n"
 	    "  daemon reexec [--binary PATH]\n"
-	    "                      cprd re-executes itself (or a new binary), keeping every VM\n\n"
+	    "                      cprd re-executes itself (or a new binary), keeping every VM\n"
+	    "  metrics             cprd's metrics, in Prometheus' text format\n"
+	    "  events              follow cprd's events, one line each (--json: NDJSON)\n\n"
 	    "The socket is --socket, else $CPRD_SOCKET, else %s.\n"
 	    "Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
 	    DEFAULT_SOCKET);
@@ -977,13 +979,109 @@ static int verb_history(int argc, char **argv)
 	return name_verb(argc, argv, "vm.history", "name", print_history);
 }
 
+/* ---- metrics and events ---- */
+
+static int verb_metrics(int argc, char **argv)
+{
+	_cleanup_json_ json_object *res = NULL;
+	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL), r;
+
+	if (i < 0 || i != argc) {
+		fprintf(stderr, "cprctl: metrics takes no arguments\n");
+		return EXIT_USAGE;
+	}
+	r = call("daemon.metrics", NULL, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json)
+		print_json(res);
+	else
+		fputs(str(res, "text") ? str(res, "text") : "", stdout);
+	return EXIT_OK;
+}
+
+/* One line per event: local time, kind, VM, then its other plain members
+ * as key=value (the full update report only with --json). */
+static void print_event(const char *method, json_object *ev, void *ud)
+{
+	json_object *t = json_object_object_get(ev, "time_usec");
+	const char *kind = str(ev, "kind"), *vm = str(ev, "vm");
+	time_t secs;
+	struct tm tm;
+	char when[64], zone[8];
+
+	if (!streq(method, "event") || !json_object_is_type(ev, json_type_object) || !kind)
+		return;
+	if (streq(kind, "dropped"))
+		*(bool *)ud = true;
+	if (arg_json) {
+		puts(json_object_to_json_string_ext(ev, JSON_C_TO_STRING_PLAIN |
+							    JSON_C_TO_STRING_NOSLASHESCAPE));
+		fflush(stdout);
+		return;
+	}
+	secs = (time_t)(json_object_get_int64(t) / 1000000);
+	localtime_r(&secs, &tm);
+	strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+	strftime(zone, sizeof(zone), "%z", &tm);
+	printf("%s.%03d%s %s%s%s", when, (int)(json_object_get_int64(t) / 1000 % 1000), zone, kind,
+	       vm ? " " : "", vm ? vm : "");
+	json_object_object_foreach(ev, k, v)
+	{
+		const char *s = json_object_get_string(v);
+
+		if (streq(k, "seq") || streq(k, "time_usec") || streq(k, "kind") ||
+		    streq(k, "vm") || !v || json_object_is_type(v, json_type_object) ||
+		    json_object_is_type(v, json_type_array))
+			continue;
+		printf(strchr(s, ' ') ? " %s=\"%s\"" : " %s=%s", k, s);
+	}
+	putchar('\n');
+	fflush(stdout);
+}
+
+static int verb_events(int argc, char **argv)
+{
+	_cleanup_json_ json_object *error = NULL;
+	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL), r;
+	proto_client *c = NULL;
+	bool dropped = false;
+
+	if (i < 0 || i != argc) {
+		fprintf(stderr, "cprctl: events takes no arguments\n");
+		return EXIT_USAGE;
+	}
+	if (connect_or_say(&c) < 0)
+		return EXIT_NOCONN;
+	proto_client_set_notify(c, print_event, &dropped);
+	r = proto_client_call(c, "events.subscribe", NULL, NULL, 0, arg_timeout_ms, NULL, &error,
+			      NULL, NULL);
+	if (r == -EREMOTEIO) {
+		fprintf(stderr, "cprctl: %s\n",
+			str(error, "message") ? str(error, "message") : "?");
+		proto_client_free(c);
+		return EXIT_FAILED;
+	}
+	/* Until cprd goes away or drops us: like `virsh event --loop`. */
+	while (r == 0)
+		r = proto_client_follow(c, -1);
+	proto_client_free(c);
+	fprintf(stderr, "cprctl: %s\n",
+		dropped            ? "cprd dropped the subscription: events were not read fast "
+				     "enough"
+		: r == -ECONNRESET ? "cprd closed the connection"
+				   : strerror(-r));
+	return EXIT_FAILED;
+}
+
 static const struct {
 	const char *name;
 	int (*fn)(int argc, char **argv);
 } verbs[] = {
 	{ "update", verb_update },   { "history", verb_history }, { "create", verb_create },
 	{ "list", verb_list },       { "status", verb_status },   { "fds", verb_fds },
-	{ "destroy", verb_destroy }, { "daemon", verb_daemon },
+	{ "destroy", verb_destroy }, { "daemon", verb_daemon },   { "metrics", verb_metrics },
+	{ "events", verb_events },
 };
 
 int main(int argc, char **argv)

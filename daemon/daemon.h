@@ -22,6 +22,7 @@ struct method;
 struct vm;
 struct sd_bus;
 struct stats;
+struct metrics;
 struct scope_bus;
 
 struct daemon {
@@ -61,6 +62,8 @@ struct daemon {
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
 	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
 	struct policy policy;        /* which VMMs peers but root may run */
+	struct metrics *metrics;     /* daemon-wide counters (metrics.c) */
+	size_t events_max_queued;    /* per event subscriber (events.c) */
 
 	const struct method *methods; /* the JSON-RPC methods, given by main() */
 	size_t n_methods;

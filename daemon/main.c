@@ -17,9 +17,11 @@
 #include <time.h>
 
 #include "daemon/daemon.h"
+#include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/inherit.h"
 #include "daemon/log.h"
+#include "daemon/metrics.h"
 #include "daemon/methods.h"
 #include "daemon/recover.h"
 #include "daemon/registry.h"
@@ -53,6 +55,9 @@ struct options {
 	struct peer_limits limits;
 	bool confine;
 	uint32_t vmm_id_base, vmm_id_count;
+	const char *metrics_file;
+	double metrics_interval;
+	size_t events_max_queued;
 };
 
 static void notify_status(struct daemon *d)
@@ -86,6 +91,7 @@ static void flush(struct daemon *d)
 	} else {
 		ev_timer_stop(d->loop, &d->registry_retry);
 	}
+	metrics_flush(d); /* before status_stale is cleared: it reads it */
 	if (d->status_stale)
 		notify_status(d);
 }
@@ -134,7 +140,8 @@ static void help(void)
 	    "Usage: cprd [--socket PATH] [--state-dir DIR] [--accel auto|kvm|tcg] [--foreground]\n"
 	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--vmm-ids BASE:COUNT]\n"
 	    "            [--no-confine] [--no-sandbox] [--max-clients-per-uid N]\n"
-	    "            [--idle-timeout SEC]\n\n"
+	    "            [--idle-timeout SEC] [--metrics-file PATH [--metrics-interval SEC]]\n"
+	    "            [--events-max-queued BYTES]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -143,6 +150,11 @@ static void help(void)
 	    "  --vmm-allow FILE  VMM binaries that peers other than root may run, one path or\n"
 	    "                    pattern per line (default %s; without it:\n"
 	    "                    %s)\n"
+	    "  --metrics-file PATH  keep the Prometheus metrics in PATH (absolute), replaced\n"
+	    "                    atomically, e.g. for node_exporter's textfile collector\n"
+	    "  --metrics-interval SEC  write that file at most every SEC seconds (default 5)\n"
+	    "  --events-max-queued BYTES  unread bytes an event subscriber may have queued\n"
+	    "                    before it is dropped (default 1 MiB)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
 	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
@@ -198,6 +210,20 @@ static int parse_ids(const char *s, uint32_t *ret_base, uint32_t *ret_count)
 	return 0;
 }
 
+/* A number in [min, max], nothing after it. */
+static int parse_number(const char *s, double min, double max, double *ret)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= min && v <= max))
+		return -EINVAL;
+	*ret = v;
+	return 0;
+}
+
 static int parse_options(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
@@ -212,10 +238,14 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "vmm-ids", required_argument, NULL, 'i' },
 		{ "no-confine", no_argument, NULL, 'C' },
+		{ "metrics-file", required_argument, NULL, 'M' },
+		{ "metrics-interval", required_argument, NULL, 'T' },
+		{ "events-max-queued", required_argument, NULL, 'E' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
 	};
+	double num;
 	int c;
 
 	*o = (struct options){ .state_dir = DEFAULT_STATE_DIR,
@@ -226,7 +256,9 @@ static int parse_options(int argc, char **argv, struct options *o)
 			       .limits = PEER_LIMITS_DEFAULT,
 			       .confine = true,
 			       .vmm_id_base = DEFAULT_VMM_ID_BASE,
-			       .vmm_id_count = DEFAULT_VMM_ID_COUNT };
+			       .vmm_id_count = DEFAULT_VMM_ID_COUNT,
+			       .metrics_interval = 5,
+			       .events_max_queued = EVENTS_MAX_QUEUED };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
 		case 's':
@@ -285,6 +317,36 @@ static int parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'C':
 			o->confine = false;
+			break;
+		case 'M':
+			if (optarg[0] != '/' || optarg[strlen(optarg) - 1] == '/') {
+				fprintf(stderr,
+					"cprd: --metrics-file takes an absolute file path, "
+					"not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->metrics_file = optarg;
+			break;
+		case 'T':
+			if (parse_number(optarg, 0, 3600, &num) < 0) {
+				fprintf(stderr,
+					"cprd: --metrics-interval takes seconds from 0 to "
+					"3600, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->metrics_interval = num;
+			break;
+		case 'E':
+			if (parse_number(optarg, 4096, 1 << 30, &num) < 0) {
+				fprintf(stderr,
+					"cprd: --events-max-queued takes bytes from 4096 to "
+					"1073741824, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->events_max_queued = (size_t)num;
 			break;
 		case 'h':
 			help();
@@ -786,7 +848,10 @@ int main(int argc, char **argv)
 		log_error("cannot create the event loop");
 		return 1;
 	}
+	d.events_max_queued = o.events_max_queued;
 	r = stats_start(&d);
+	if (r >= 0)
+		r = metrics_start(&d, o.metrics_file, o.metrics_interval);
 	if (r >= 0)
 		r = launcher_watch(&d.launcher, d.loop, launcher_event, &d);
 	if (r < 0) {
@@ -818,6 +883,7 @@ int main(int argc, char **argv)
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
 	stats_free(&d);
+	metrics_free(&d);
 	scope_close(&d);
 	ev_loop_destroy(d.loop);
 	registry_done(&d.registry);

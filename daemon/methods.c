@@ -10,8 +10,10 @@
 #include "common/json.h"
 #include "common/valid.h"
 #include "daemon/check.h"
+#include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
+#include "daemon/metrics.h"
 #include "daemon/methods.h"
 #include "daemon/policy.h"
 #include "daemon/registry.h"
@@ -826,6 +828,8 @@ const struct method rpc_methods[] = {
 	{ "daemon.status", m_daemon_status, 0 },
 	{ "daemon.stats", m_daemon_stats, 0 },
 	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
+	{ "daemon.metrics", metrics_method, 0 },
+	{ "events.subscribe", events_subscribe, 0 },
 };
 
 const size_t rpc_methods_count = ELEMENTSOF(rpc_methods);

@@ -25,6 +25,8 @@
 #define CLIENT_TRIM_MSG (64 << 10)  /* sent a message this large: the same */
 #define ACCEPT_PAUSE_SEC 0.25       /* out of fds: accept nothing for this long */
 #define CLIENT_BURST 4 /* messages a privileged client runs per turn before others get theirs */
+#define CLIENT_MAX_COUNT 1024
+#define SUBSCRIBER_LINGER 10.0 /* a dropped subscriber's last chance to read */
 
 struct client {
 	struct daemon *d;
@@ -34,11 +36,13 @@ struct client {
 	proto_writer *out;
 	struct ucred peer;
 	bool privileged;
-	bool closing; /* flush what is queued, then close */
-	bool eof;     /* peer sends no more: answer calls in flight, then close */
-	bool dead;    /* fd closed; waiting for its calls to finish */
-	bool trim;    /* held much memory once: malloc_trim() when it goes */
-	bool backlog; /* complete messages wait in the reader for their turn */
+	bool closing;    /* flush what is queued, then close */
+	bool eof;        /* peer sends no more: answer calls in flight, then close */
+	bool dead;       /* fd closed; waiting for its calls to finish */
+	bool trim;       /* held much memory once: malloc_trim() when it goes */
+	bool backlog;    /* complete messages wait in the reader for their turn */
+	bool subscriber; /* events.subscribe: every event is sent here too */
+	ev_timer linger; /* a dropped subscriber is closed when it fires */
 	unsigned refs;
 	unsigned calls;
 	size_t accounted;      /* its part of d->out_queued */
@@ -326,6 +330,71 @@ int call_peer_creds(const struct call *c, struct creds *ret)
 	return 0;
 }
 
+/* ---- event subscribers ---- */
+
+int call_subscribe(struct call *c)
+{
+	if (c->client->dead || c->client->closing)
+		return -ENOTCONN;
+	c->client->subscriber = true;
+	return 0;
+}
+
+size_t server_subscribers(const struct daemon *d)
+{
+	size_t n = 0;
+
+	for (const struct client *c = d->clients; c; c = c->next)
+		n += c->subscriber && !c->closing;
+	return n;
+}
+
+/* The subscriber's queue is past its cap: its last message says why, and
+ * it has SUBSCRIBER_LINGER seconds to read what is queued before it is
+ * closed. What it holds is bounded by the cap plus two messages. */
+static void subscriber_drop(struct client *c, server_drop_fn dropped)
+{
+	size_t queued = proto_writer_queued_bytes(c->out);
+	_cleanup_json_ json_object *last = dropped(c->d, queued);
+	const char *s;
+	size_t len;
+
+	log_warning("client pid %d: dropping its event subscription: it does not read "
+		    "(%zu bytes queued)",
+		    (int)c->peer.pid, queued);
+	s = last ? jsonrpc_to_string(last, &len) : NULL;
+	if (!s || proto_writer_queue(c->out, s, len, NULL, 0) < 0) {
+		client_close(c);
+		return;
+	}
+	c->closing = true;
+	ev_timer_set(&c->linger, SUBSCRIBER_LINGER, 0.);
+	ev_timer_start(c->d->loop, &c->linger);
+	client_update_watcher(c);
+}
+
+void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_queued,
+			       server_drop_fn dropped)
+{
+	struct client *c, *next;
+	const char *s = NULL;
+	size_t len = 0;
+
+	for (c = d->clients; c; c = next) {
+		next = c->next; /* a dropped client may leave the list */
+		if (!c->subscriber || c->closing || c->dead)
+			continue;
+		if (!s && !(s = jsonrpc_to_string(msg, &len)))
+			return;
+		if (proto_writer_queue(c->out, s, len, NULL, 0) < 0 ||
+		    proto_writer_queued_bytes(c->out) > max_queued) {
+			subscriber_drop(c, dropped);
+			continue;
+		}
+		client_update_watcher(c);
+	}
+}
+
 /* ---- dispatch ---- */
 
 static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req)
@@ -489,6 +558,7 @@ static void client_close(struct client *c)
 	ev_io_stop(c->d->loop, &c->watcher); /* before the fd goes */
 	ev_timer_stop(c->d->loop, &c->timer);
 	ev_idle_stop(c->d->loop, &c->resume);
+	ev_timer_stop(c->d->loop, &c->linger);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
 	client_account(c); /* no longer counted: its replies go nowhere */
@@ -817,6 +887,16 @@ static void refuse(struct daemon *d, int fd, const struct ucred *peer, enum admi
 	notice_and_close(fd, JSONRPC_ERR_BUSY, msg);
 }
 
+static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct client *c = w->data;
+
+	log_warning("client pid %d: closing the dropped event subscription: it read nothing "
+		    "for %.0f s",
+		    (int)c->peer.pid, SUBSCRIBER_LINGER);
+	client_close(c);
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
 	struct daemon *d = w->data;
@@ -866,6 +946,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 	d->n_clients++;
 	ev_io_init(&c->watcher, client_cb, c->fd, EV_READ);
 	c->watcher.data = c;
+	ev_init(&c->linger, linger_cb);
+	c->linger.data = c;
 	ev_io_start(loop, &c->watcher);
 	ev_init(&c->timer, client_timer_cb);
 	c->timer.data = c;

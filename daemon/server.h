@@ -38,6 +38,17 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 void server_flush_all(struct daemon *d, int timeout_ms);
 void server_stop(struct daemon *d);
 
+/* Event subscribers (events.c): events.subscribe makes the call's
+ * connection one (-ENOTCONN when it is closing). Each event is queued to
+ * every subscriber; one with more than max_queued bytes still unread gets
+ * dropped(d, queued_bytes) (taken) as its last message and is closed once
+ * that is read, or after a short grace period. */
+typedef json_object *(*server_drop_fn)(struct daemon *d, size_t queued_bytes);
+int call_subscribe(struct call *c);
+size_t server_subscribers(const struct daemon *d);
+void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_queued,
+			       server_drop_fn dropped);
+
 /* Finishing a call. result is taken; fds are duplicated for the reply. */
 void call_reply(struct call *c, json_object *result);
 void call_reply_fds(struct call *c, json_object *result, const int *fds, size_t nfds);

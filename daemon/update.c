@@ -12,6 +12,7 @@
 
 #include "common/file.h"
 #include "common/json.h"
+#include "daemon/events.h"
 #include "daemon/history.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
@@ -230,6 +231,7 @@ static void end(struct update *u, const char *result)
 	rep = report(u, result, ended_in);
 	history_append(vm->dir_fd, VM_HISTORY, rep);
 	log_result(u, rep);
+	events_update_finished(vm, rep);
 	daemon_changed(vm->d);
 
 	c = TAKE_PTR(u->call);
@@ -828,6 +830,7 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 		return;
 	}
 	arm(u, timeout);
+	events_update_started(vm, s->name, u->old_binary, binary, u->old_pid);
 
 	log_info("VM %s: %s update from %s (pid %d) to %s", vm->cfg.name, s->name, vm->cfg.vmm,
 		 (int)u->old_pid, binary);
@@ -886,6 +889,7 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	vm->updates++;
 	history_append(vm->dir_fd, VM_HISTORY, o);
 	log_warning("update vm=%s result=interrupted error=%s", vm->cfg.name, resolution);
+	events_update_finished(vm, o);
 	json_object_put(o);
 }
 

@@ -11,6 +11,7 @@
 #include "common/file.h"
 #include "common/json.h"
 #include "common/proc.h"
+#include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/registry.h"
@@ -47,6 +48,8 @@ const char *vm_state_to_string(enum vm_state s)
 
 bool vm_set_state(struct vm *vm, enum vm_state state)
 {
+	enum vm_state old;
+
 	if (vm->state == state)
 		return true;
 	if (state < 0 || state >= _VM_STATE_MAX || !state_change_allowed[vm->state][state]) {
@@ -62,7 +65,9 @@ bool vm_set_state(struct vm *vm, enum vm_state state)
 	if (!((vm->state == VM_RUNNING && state == VM_PAUSED) ||
 	      (vm->state == VM_PAUSED && state == VM_RUNNING)))
 		daemon_changed(vm->d);
+	old = vm->state;
 	vm->state = state;
+	events_vm_state(vm, old, state);
 	return true;
 }
 
@@ -192,6 +197,7 @@ static void vm_free(struct vm *vm)
 {
 	struct daemon *d = vm->d;
 
+	events_vm_destroyed(vm);
 	for (struct vm **pp = &d->vms; *pp; pp = &(*pp)->next)
 		if (*pp == vm) {
 			*pp = vm->next;
@@ -277,6 +283,7 @@ void vm_vmm_lost(struct vm *vm)
 	vm_set_state(vm, VM_CRASHED);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
+	events_vm_crashed(vm);
 	vm->vmm = vmm_free(vm->vmm);
 	daemon_changed(vm->d); /* the record loses its VMM */
 }
@@ -678,6 +685,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->timer.data = vm;
 	vm->next = d->vms;
 	d->vms = vm;
+	events_vm_created(vm);
 
 	vm->dir_fd = -EBADF;
 	/* Said now, by name, rather than as the VMM's failure to start. */

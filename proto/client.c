@@ -336,3 +336,23 @@ int proto_client_call(proto_client *c, const char *method, json_object *params, 
 		*ret_result = json_object_get(result);
 	return 0;
 }
+
+int proto_client_follow(proto_client *c, int timeout_ms)
+{
+	int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+	_cleanup_free_ int *fds = NULL;
+	json_object *o = NULL;
+	size_t nfds = 0;
+	int r;
+
+	if (!c)
+		return -EINVAL;
+	/* No call has id 0 (they count from 1): what "answers" it is an
+	 * error the daemon sent without an id, which no call waits for. */
+	r = read_response(c, 0, deadline, &o, &fds, &nfds);
+	if (r < 0)
+		return r;
+	json_object_put(o);
+	close_many(fds, nfds);
+	return -EBADMSG;
+}

@@ -35,3 +35,12 @@ void proto_client_set_notify(proto_client *c, proto_client_notify_fn fn, void *u
 int proto_client_call(proto_client *c, const char *method, json_object *params, const int *fds,
 		      size_t nfds, int timeout_ms, json_object **ret_result,
 		      json_object **ret_error, int **ret_fds, size_t *ret_nfds);
+
+/*
+ * With no call in flight, hand the notifications that arrive to the notify
+ * function (e.g. after events.subscribe) until timeout_ms passes (< 0:
+ * forever). Returns -ETIMEDOUT then, -ECONNRESET when the daemon hung up,
+ * -EBADMSG for a message that is neither a notification nor a response to
+ * a call of ours (fds that came with any are closed).
+ */
+int proto_client_follow(proto_client *c, int timeout_ms);

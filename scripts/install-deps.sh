@@ -10,8 +10,10 @@
 set -eu
 
 PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check"
+# prometheus-node-exporter: the metrics test scrapes cprd's --metrics-file
+# through its textfile collector (it runs its own, on a loopback port).
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
-PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap"
+PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap prometheus-node-exporter"
 QEMU_MIN=10
 
 case "${1:-}" in

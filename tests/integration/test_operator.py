@@ -147,6 +147,7 @@ class Operator(unittest.TestCase):
         p = self.d.cprctl("list", "--outdated")
         self.assertIn("op", p.stdout)
         self.assertNotIn("side", p.stdout)
+        self.assertIn("\ncprd_vmms_outdated 1\n", self.d.call("daemon.metrics")["text"])
 
         # Updating the outdated ones runs the new binary: nothing is left.
         side = self.status("side")["pid"]
@@ -156,6 +157,7 @@ class Operator(unittest.TestCase):
         self.assertIs(st["outdated"], False, st)
         self.assertNotEqual(st["pid"], self.vm["pid"])
         self.assertEqual(self.status("side")["pid"], side, "only the outdated VM is updated")
+        self.assertIn("\ncprd_vmms_outdated 0\n", self.d.call("daemon.metrics")["text"])
         self.con.wait_beats(2)
         self.con.assert_healthy(self)
 
