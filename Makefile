@@ -35,10 +35,22 @@ MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
 DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
+# Man pages are written in scdoc (man/NAME.SECTION.scd) and built into roff.
+MAN_PAGES    := $(patsubst man/%.scd,$(B)/man/%,$(wildcard man/*.scd))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
-	format format-check install clean
-all: $(B)/cprd $(B)/cprctl
+	format format-check install clean man man-check
+all: $(B)/cprd $(B)/cprctl $(MAN_PAGES)
+
+man: $(MAN_PAGES)
+
+$(B)/man/%: man/%.scd
+	@mkdir -p $(dir $@)
+	scdoc < $< > $@.tmp && mv $@.tmp $@
+
+# The pages render through groff and man without a warning.
+man-check: $(MAN_PAGES)
+	@sh tests/check-man.sh $(MAN_PAGES)
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -148,6 +160,10 @@ install: all
 	install -D -m 0644 units/cprd.socket $(DESTDIR)/etc/systemd/system/cprd.socket
 	install -D -m 0644 units/cprd.sysusers $(DESTDIR)/usr/lib/sysusers.d/cprd.conf
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/cprd/README.md
+	install -D -m 0644 $(B)/man/cprctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/cprctl.1
+	install -D -m 0644 $(B)/man/cprd.8 $(DESTDIR)$(PREFIX)/share/man/man8/cprd.8
+	install -D -m 0644 completion/cprctl.bash \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cprctl
 
 format:
 	clang-format -i $(wildcard */*.c */*.h)

@@ -8,7 +8,7 @@
 # archive host is written here.
 set -eu
 
-PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check"
+PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check scdoc"
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
 PKGS_CHECK="clang-format clang libclang-rt-dev"
 QEMU_MIN=10

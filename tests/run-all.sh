@@ -1,5 +1,6 @@
 #!/bin/sh
-# make check, after the builds: format-check, the Check unit suites, a short
+# make check, after the builds: format-check, the Check unit suites, the man
+# pages rendering without warnings, a short
 # fuzz run, the integration tests against the normal build (B) and again
 # against the ASan build (B/asan, on the guest in B/guest). Every part runs
 # even when one before it failed; the exit status is non-zero if any failed.
@@ -37,6 +38,7 @@ counts() {
 
 part format-check $MAKE --no-print-directory format-check
 part unit sh tests/run-unit.sh "$B"/tests/test_*
+part man $MAKE --no-print-directory man-check B="$B"
 part fuzz $MAKE --no-print-directory fuzz B="$B" FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 part integration python3 tests/integration/run.py --build "$B" --counts "$T/normal"
 part "asan integration" python3 tests/integration/run.py --build "$B/asan" --guest "$B/guest" \

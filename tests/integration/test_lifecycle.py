@@ -54,7 +54,7 @@ class Lifecycle(SharedDaemonTest):
         self.assertEqual(by_name["ram0"]["size"], 256 << 20)
         self.assertEqual(by_name["console"]["kind"], "file")
         human = self.d.cprctl("fds", "life1", check=True).stdout
-        self.assertRegex(human, r"(?m)^ram0\s+memfd\s+256M")
+        self.assertRegex(human, r"(?m)^ram0\s+memfd\s+256 MiB\s")
 
         p = self.d.cprctl("destroy", "life1")
         self.assertEqual(p.returncode, 0, p.stderr)
