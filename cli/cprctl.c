@@ -135,6 +135,7 @@ static int parse_opts(int argc, char **argv, bool verb, const struct option *ext
 		      int (*handle)(int opt, const char *arg, void *ud), void *ud)
 {
 	struct option opts[32];
+	bool version = false;
 	size_t n = 0;
 	int c;
 
@@ -166,8 +167,9 @@ static int parse_opts(int argc, char **argv, bool verb, const struct option *ext
 			else
 				usage(stdout);
 			exit(EXIT_OK);
-		case OPT_VERSION:
-			exit(print_version());
+		case OPT_VERSION: /* after the rest: --json may follow */
+			version = true;
+			break;
 		case '?':
 			usage_error("invalid option (getopt said why above)");
 			return -EINVAL;
@@ -176,6 +178,8 @@ static int parse_opts(int argc, char **argv, bool verb, const struct option *ext
 				return -EINVAL;
 		}
 	}
+	if (version)
+		exit(print_version());
 	return optind;
 }
 
@@ -908,10 +912,11 @@ static int update_wait_ms(json_object *base)
 }
 
 /* One update over its own connection. Returns the report (owned) or NULL
- * with msg set when there is no report (cprd refused the request); then
- * *ret_status is the exit status that goes with it. */
+ * with msg set when there is no report (cprd refused the request: then
+ * *ret_err is its error, when ret_err is not NULL); *ret_status is the exit
+ * status that goes with it. */
 static json_object *update_one(const char *name, json_object *base, char *msg, size_t msglen,
-			       int *ret_status)
+			       int *ret_status, json_object **ret_err)
 {
 	_cleanup_json_ json_object *params = json_object_new_object(), *res = NULL, *err = NULL;
 	proto_client *c = NULL;
@@ -939,6 +944,8 @@ static json_object *update_one(const char *name, json_object *base, char *msg, s
 		if (data && json_object_object_get(data, "result"))
 			return json_object_get(data);
 		snprintf(msg, msglen, "%s", str(err, "message"));
+		if (ret_err)
+			*ret_err = TAKE_PTR(err);
 		return NULL;
 	}
 	if (r == -ETIMEDOUT) {
@@ -994,7 +1001,7 @@ static void *fleet_worker(void *p)
 		if (i >= f->n)
 			return NULL;
 		msg[0] = '\0';
-		rep = update_one(f->names[i], f->base, msg, sizeof(msg), &status);
+		rep = update_one(f->names[i], f->base, msg, sizeof(msg), &status, NULL);
 		if (!rep) {
 			rep = json_object_new_object();
 			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
@@ -1142,7 +1149,7 @@ static int verb_update(int argc, char **argv)
 		{ "parallel", required_argument, NULL, 'p' },
 	};
 	struct update_opts o = { .base = json_object_new_object(), .parallel = 1 };
-	_cleanup_json_ json_object *base = o.base, *rep = NULL;
+	_cleanup_json_ json_object *base = o.base, *rep = NULL, *err = NULL;
 	char msg[256] = "";
 	int i, status;
 
@@ -1160,9 +1167,15 @@ static int verb_update(int argc, char **argv)
 		    json_object_new_int(MIN(3600, MAX(1, (arg_timeout_ms + 999) / 1000))));
 	if (o.all)
 		return update_fleet(base, o.parallel);
-	rep = update_one(argv[i], base, msg, sizeof(msg), &status);
+	rep = update_one(argv[i], base, msg, sizeof(msg), &status, &err);
+	if (!rep && err)
+		return remote_error(err);
 	if (!rep)
-		return fail(status, status == EXIT_NOCONN ? "unreachable" : "update", "%s", msg);
+		return fail(status,
+			    strstr(msg, "did not answer") ? "timeout"
+			    : status == EXIT_NOCONN       ? "unreachable"
+							  : "client",
+			    "%s", msg);
 	if (arg_json)
 		print_json(rep);
 	else
