@@ -35,10 +35,22 @@ MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
 DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
+# Man pages are written in scdoc (man/NAME.SECTION.scd) and built into roff.
+MAN_PAGES    := $(patsubst man/%.scd,$(B)/man/%,$(wildcard man/*.scd))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
-	format format-check install clean units units-verify FORCE
-all: $(B)/cprd $(B)/cprctl
+	format format-check install clean units units-verify man man-check FORCE
+all: $(B)/cprd $(B)/cprctl $(MAN_PAGES)
+
+man: $(MAN_PAGES)
+
+$(B)/man/%: man/%.scd
+	@mkdir -p $(dir $@)
+	scdoc < $< > $@.tmp && mv $@.tmp $@
+
+# The pages render through groff and man without a warning.
+man-check: $(MAN_PAGES)
+	@sh tests/check-man.sh $(MAN_PAGES)
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -174,6 +186,10 @@ install: all units
 	install -D -m 0644 units/cprd.sysusers $(DESTDIR)$(SYSUSERSDIR)/cprd.conf
 	install -D -m 0644 units/cprd.catalog $(DESTDIR)$(CATALOGDIR)/cprd.catalog
 	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -D -m 0644 $(B)/man/cprctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/cprctl.1
+	install -D -m 0644 $(B)/man/cprd.8 $(DESTDIR)$(PREFIX)/share/man/man8/cprd.8
+	install -D -m 0644 completion/cprctl.bash \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/cprctl
 
 FORCE:
 

@@ -4,82 +4,148 @@
  * params of one JSON-RPC call, makes it through proto/'s client and prints
  * the result as a table (or as JSON with --json).
  */
+#include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #include "common/json.h"
+#include "common/version.h"
 #include "proto/client.h"
 #include "proto/jsonrpc.h"
 
 #define DEFAULT_SOCKET "/run/cprd/cprd.sock"
 
-enum { EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NOCONN = 3 };
+/* How long a call waits for cprd's answer unless --timeout says otherwise:
+ * never forever, so that a stopped cprd cannot hang a script. create waits
+ * for the guest to start (cprd gives a VMM 60 s), an update for its own
+ * --timeout plus this margin (cprd then still rolls back and answers). */
+#define CALL_TIMEOUT_MS (30 * 1000)
+#define CREATE_TIMEOUT_MS (120 * 1000)
+#define UPDATE_MARGIN_MS (30 * 1000)
+
+/* As systemctl: 3 means "not running" for status, so cprd's absence is 4. */
+enum { EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NOT_RUNNING = 3, EXIT_NOCONN = 4 };
+
+struct verb {
+	const char *name;
+	int (*fn)(int argc, char **argv);
+	const char *synopsis; /* after "cprctl " */
+	const char *summary;
+	const char *options; /* the verb's own, one per line, or NULL */
+};
 
 static const char *arg_socket;
 static bool arg_json;
-static int arg_timeout_ms = -1;
+static int arg_timeout_ms = -1; /* -1: each call's default */
+static const struct verb *arg_verb;
+
+static const struct verb *verb_find(const char *name);
+static void usage(FILE *f);
+static void verb_usage(FILE *f, const struct verb *v);
+
+enum { OPT_VERSION = 0x100, OPT_TIMEOUT };
 
 static const struct option common_opts[] = {
 	{ "json", no_argument, NULL, 'j' },
 	{ "socket", required_argument, NULL, 'S' },
+	{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, OPT_VERSION },
 };
 
-static void usage(FILE *f)
+static void print_json(json_object *o)
 {
-	fprintf(
-	    f,
-	    "Usage: cprctl [--socket PATH] [--json] VERB [ARGS...]\n\n"
-	    "Verbs:\n"
-	    "  create NAME --memory SIZE --kernel PATH [--initrd PATH] [--append STR]\n"
-	    "         [--vcpus N] [--vmm PATH] [--tap IFNAME] [--machine TYPE]\n"
-	    "                      define and start a VM; returns when the guest runs\n"
-	    "  list                all VMs\n"
-	    "  status [NAME]       one VM; without NAME, cprd itself\n"
-	    "  fds NAME            the fds cprd holds for a VM\n"
-	    "  destroy NAME        stop the VM's VMM and release everything held for it\n"
-	    "  update NAME [--vmm PATH] [--strategy NAME] [--timeout SECONDS]\n"
-	    "                      replace the VM's VMM under the running guest (strategies:\n"
-	    "                      handover, the default; `cprctl status` lists cprd's)\n"
-	    "  update --all [--parallel N] [--vmm PATH] ...\n"
-	    "                      update every running VM, N at a time\n"
-	    "  history NAME        the VM's updates, newest first\n"
-	    "  daemon status       cprd's version, uptime, how it started, custody\n"
-	    "  daemon stats [--reset]\n"
-	    "                      cprd's own time: event-loop turns and requests handled\n"
-	    "  daemon reexec [--binary PATH]\n"
-	    "                      cprd re-executes itself (or a new binary), keeping every VM\n"
-	    "  metrics             cprd's metrics, in Prometheus' text format\n"
-	    "  events              follow cprd's events, one line each (--json: NDJSON)\n\n"
-	    "The socket is --socket, else $CPRD_SOCKET, else %s.\n"
-	    "Exit status: 0 success, 1 the operation failed, 2 usage error, 3 cprd unreachable.\n",
-	    DEFAULT_SOCKET);
+	puts(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+						   JSON_C_TO_STRING_NOSLASHESCAPE));
 }
 
-/* Parse options; the common ones (--json, --socket) are allowed anywhere.
- * extra/nextra describe a verb's own and handle() takes them. For a verb,
- * getopt permutes so that "status NAME --json" works; for the command line
- * before the verb it stops at the verb. Returns the index of the first
- * operand. */
+/* A failure of cprctl's own (cprd never answered, or the command line is
+ * wrong): the message on stderr and, with --json, the same shape as one of
+ * cprd's errors on stdout, {"code": null, "message", "data": {"kind"}}. */
+_printf_(3, 4) static int fail(int status, const char *kind, const char *fmt, ...)
+{
+	_cleanup_free_ char *msg = NULL;
+	va_list ap;
+
+	va_start(ap, fmt);
+	if (vasprintf(&msg, fmt, ap) < 0)
+		msg = NULL;
+	va_end(ap);
+	fprintf(stderr, "cprctl: %s\n", msg ? msg : fmt);
+	if (arg_json) {
+		_cleanup_json_ json_object *o = json_object_new_object(), *data = NULL;
+
+		data = json_object_new_object();
+		json_object_object_add(data, "kind", json_object_new_string(kind));
+		json_object_object_add(o, "code", NULL);
+		json_object_object_add(o, "message", json_object_new_string(msg ? msg : fmt));
+		json_object_object_add(o, "data", TAKE_PTR(data));
+		print_json(o);
+	}
+	return status;
+}
+
+/* A wrong command line: what is wrong, the verb's synopsis, exit 2. */
+_printf_(1, 2) static int usage_error(const char *fmt, ...)
+{
+	_cleanup_free_ char *msg = NULL;
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	if (vasprintf(&msg, fmt, ap) < 0)
+		msg = NULL;
+	va_end(ap);
+	r = fail(EXIT_USAGE, "usage", "%s", msg ? msg : fmt);
+	if (arg_verb)
+		fprintf(stderr, "Usage: cprctl %s\nTry 'cprctl help %s'.\n", arg_verb->synopsis,
+			arg_verb->name);
+	else
+		fprintf(stderr, "Try 'cprctl --help'.\n");
+	return r;
+}
+
+static int parse_seconds(const char *arg, double max, int *ret_ms)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(arg, &end);
+	if (errno || end == arg || *end || !(v > 0) || v > max)
+		return -EINVAL;
+	*ret_ms = (int)(v * 1000 + 0.999); /* up to the next ms, never 0 */
+	return 0;
+}
+
+static int print_version(void);
+
+/* Parse options; the common ones (--json, --socket, --timeout, --help) are
+ * allowed anywhere. extra/nextra describe a verb's own and handle() takes
+ * them. For a verb, getopt permutes so that "status NAME --json" works;
+ * for the command line before the verb it stops at the verb. Returns the
+ * index of the first operand, or -EINVAL after saying what is wrong. */
 static int parse_opts(int argc, char **argv, bool verb, const struct option *extra, size_t nextra,
 		      int (*handle)(int opt, const char *arg, void *ud), void *ud)
 {
 	struct option opts[32];
+	bool version = false;
 	size_t n = 0;
 	int c;
 
-	for (size_t i = 0; i < nextra && n < ELEMENTSOF(opts) - 4; i++)
+	for (size_t i = 0; i < nextra && n < ELEMENTSOF(opts) - ELEMENTSOF(common_opts) - 1; i++)
 		opts[n++] = extra[i];
 	for (size_t i = 0; i < ELEMENTSOF(common_opts); i++)
 		opts[n++] = common_opts[i];
 	opts[n] = (struct option){};
 	optind = 0; /* full re-initialisation: each verb parses its own argv */
-	while ((c = getopt_long(argc, argv, verb ? "" : "+", opts, NULL)) >= 0) {
+	while ((c = getopt_long(argc, argv, verb ? "hj" : "+hj", opts, NULL)) >= 0) {
 		switch (c) {
 		case 'j':
 			arg_json = true;
@@ -87,26 +153,37 @@ static int parse_opts(int argc, char **argv, bool verb, const struct option *ext
 		case 'S':
 			arg_socket = optarg;
 			break;
+		case OPT_TIMEOUT:
+			if (parse_seconds(optarg, 86400, &arg_timeout_ms) < 0) {
+				usage_error("--timeout needs a number of seconds (0 < S <= 86400), "
+					    "not '%s'",
+					    optarg);
+				return -EINVAL;
+			}
+			break;
 		case 'h':
-			usage(stdout);
+			if (verb && arg_verb)
+				verb_usage(stdout, arg_verb);
+			else
+				usage(stdout);
 			exit(EXIT_OK);
+		case OPT_VERSION: /* after the rest: --json may follow */
+			version = true;
+			break;
 		case '?':
+			usage_error("invalid option (getopt said why above)");
 			return -EINVAL;
 		default:
 			if (!handle || handle(c, optarg, ud) < 0)
 				return -EINVAL;
 		}
 	}
+	if (version)
+		exit(print_version());
 	return optind;
 }
 
 /* ---- calling cprd ---- */
-
-static void print_json(json_object *o)
-{
-	puts(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
-						   JSON_C_TO_STRING_NOSLASHESCAPE));
-}
 
 static const char *socket_path(void)
 {
@@ -115,44 +192,117 @@ static const char *socket_path(void)
 	return path && *path ? path : DEFAULT_SOCKET;
 }
 
-static int connect_or_say(proto_client **ret)
+static int timeout_ms(int default_ms)
 {
-	int r = proto_client_connect(socket_path(), ret);
-
-	if (r < 0)
-		fprintf(stderr, "cprctl: cannot reach cprd at %s: %s%s\n", socket_path(),
-			strerror(-r),
-			r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
-	return r;
+	return arg_timeout_ms >= 0 ? arg_timeout_ms : default_ms;
 }
 
-/* Make one call. On failure prints the reason and returns the exit status
- * to use; on success returns 0 with *ret_result. */
-static int call(const char *method, json_object *params, json_object **ret_result)
+static int connect_or_say(int timeout, proto_client **ret)
+{
+	int r = proto_client_connect_timeout(socket_path(), timeout, ret);
+
+	if (r == -ETIMEDOUT)
+		return fail(EXIT_NOCONN, "timeout",
+			    "cprd at %s did not accept the connection within %.1f s (is it stopped "
+			    "or overloaded? --timeout sets the limit)",
+			    socket_path(), timeout / 1000.0);
+	if (r < 0)
+		return fail(EXIT_NOCONN, "unreachable", "cannot reach cprd at %s: %s%s",
+			    socket_path(), strerror(-r),
+			    r == -ENOENT || r == -ECONNREFUSED ? " (is cprd running?)" : "");
+	return EXIT_OK;
+}
+
+/* cprd's error: its message on stderr, with --json the error object as it
+ * came (code, message, data with kind) on stdout. */
+static int remote_error(json_object *error)
+{
+	json_object *m = json_object_object_get(error, "message");
+
+	if (arg_json)
+		print_json(error);
+	fprintf(stderr, "cprctl: %s\n", m ? json_object_get_string(m) : "unknown error");
+	return EXIT_FAILED;
+}
+
+/* Make one call, waiting at most the --timeout or default_ms. On failure
+ * says why and returns the exit status to use; on success returns 0 with
+ * *ret_result. params is taken. */
+static int call_within(const char *method, json_object *params, int default_ms,
+		       json_object **ret_result)
 {
 	_cleanup_json_ json_object *error = NULL;
 	proto_client *c = NULL;
-	int r;
+	int t = timeout_ms(default_ms), r;
 
-	if (connect_or_say(&c) < 0) {
+	r = connect_or_say(t, &c);
+	if (r != EXIT_OK) {
 		json_object_put(params);
-		return EXIT_NOCONN;
+		return r;
 	}
-	r = proto_client_call(c, method, params, NULL, 0, arg_timeout_ms, ret_result, &error, NULL,
-			      NULL);
+	r = proto_client_call(c, method, params, NULL, 0, t, ret_result, &error, NULL, NULL);
 	proto_client_free(c);
-	if (r == -EREMOTEIO) {
-		json_object *m = json_object_object_get(error, "message");
+	if (r == -EREMOTEIO)
+		return remote_error(error);
+	if (r == -ETIMEDOUT)
+		return fail(EXIT_NOCONN, "timeout",
+			    "cprd at %s did not answer %s within %.1f s (is it stopped or "
+			    "overloaded? --timeout sets the limit)",
+			    socket_path(), method, t / 1000.0);
+	if (r < 0)
+		return fail(EXIT_FAILED, "client", "%s failed: %s", method, strerror(-r));
+	return EXIT_OK;
+}
 
-		if (arg_json)
-			print_json(error);
-		fprintf(stderr, "cprctl: %s\n", m ? json_object_get_string(m) : "unknown error");
-		return EXIT_FAILED;
+static int call(const char *method, json_object *params, json_object **ret_result)
+{
+	return call_within(method, params, CALL_TIMEOUT_MS, ret_result);
+}
+
+/* cprctl's version, and cprd's when it answers. */
+static int print_version(void)
+{
+	_cleanup_json_ json_object *st = NULL, *err = NULL, *out = NULL;
+	proto_client *c = NULL;
+	int t = timeout_ms(5000), r;
+
+	r = proto_client_connect_timeout(socket_path(), t, &c);
+	if (r == 0)
+		r = proto_client_call(c, "rpc.describe", NULL, NULL, 0, t, &st, &err, NULL, NULL);
+	if (r == -EREMOTEIO) /* a cprd from before rpc.describe */
+		r = proto_client_call(c, "daemon.status", NULL, NULL, 0, t, &st, NULL, NULL, NULL);
+	proto_client_free(c);
+	if (arg_json) {
+		json_object *srv = NULL;
+
+		out = json_object_new_object();
+		json_object_object_add(out, "version", json_object_new_string(CPRD_VERSION));
+		json_object_object_add(out, "protocol_version",
+				       json_object_new_int(CPRD_PROTOCOL_VERSION));
+		if (r == 0) {
+			srv = json_object_new_object();
+			json_object_object_add(
+			    srv, "version", json_object_get(json_object_object_get(st, "version")));
+			json_object_object_add(
+			    srv, "protocol_version",
+			    json_object_get(json_object_object_get(st, "protocol_version")));
+		}
+		json_object_object_add(out, "server", srv);
+		print_json(out);
+		return EXIT_OK;
 	}
-	if (r < 0) {
-		fprintf(stderr, "cprctl: %s failed: %s\n", method, strerror(-r));
-		return EXIT_FAILED;
-	}
+	printf("cprctl %s (protocol %d)\n", CPRD_VERSION, CPRD_PROTOCOL_VERSION);
+	if (r == 0 && json_object_object_get(st, "protocol_version"))
+		printf("cprd %s (protocol %s) at %s\n",
+		       json_object_get_string(json_object_object_get(st, "version")),
+		       json_object_get_string(json_object_object_get(st, "protocol_version")),
+		       socket_path());
+	else if (r == 0)
+		printf("cprd %s at %s\n",
+		       json_object_get_string(json_object_object_get(st, "version")),
+		       socket_path());
+	else
+		printf("cprd not reachable at %s: %s\n", socket_path(), strerror(-r));
 	return EXIT_OK;
 }
 
@@ -165,19 +315,25 @@ static const char *str(json_object *o, const char *key)
 	return v ? json_object_get_string(v) : "-";
 }
 
+/* Sizes in one style everywhere, IEC: "512 B", "4 KiB", "256 MiB", "1.5 GiB". */
 static void human_size(uint64_t b, char *buf, size_t n)
 {
-	if (b >= (1ULL << 30) && b % (1ULL << 30) == 0)
-		snprintf(buf, n, "%" PRIu64 "G", b >> 30);
-	else if (b >= (1ULL << 20))
-		snprintf(buf, n, "%" PRIu64 "M", b >> 20);
-	else if (b >= 1024)
-		snprintf(buf, n, "%" PRIu64 "K", b >> 10);
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB" };
+	size_t u = 0;
+	uint64_t scale = 1;
+
+	while (u + 1 < ELEMENTSOF(units) && b >= scale * 1024) {
+		scale *= 1024;
+		u++;
+	}
+	if (b % scale == 0)
+		snprintf(buf, n, "%" PRIu64 " %s", b / scale, units[u]);
 	else
-		snprintf(buf, n, "%" PRIu64, b);
+		snprintf(buf, n, "%.1f %s", (double)b / (double)scale, units[u]);
 }
 
-static void human_uptime(int64_t since_usec, char *buf, size_t n)
+/* How long ago since_usec (CLOCK_REALTIME) was: "42s", "5m 03s", "3h 05m", "2d 4h". */
+static void human_age(int64_t since_usec, char *buf, size_t n)
 {
 	struct timespec now;
 	int64_t s;
@@ -187,18 +343,89 @@ static void human_uptime(int64_t since_usec, char *buf, size_t n)
 	if (s < 0)
 		s = 0;
 	if (s >= 86400)
-		snprintf(buf, n, "%" PRId64 "d%" PRId64 "h", s / 86400, s % 86400 / 3600);
+		snprintf(buf, n, "%" PRId64 "d %" PRId64 "h", s / 86400, s % 86400 / 3600);
 	else if (s >= 3600)
-		snprintf(buf, n, "%" PRId64 "h%02" PRId64 "m", s / 3600, s % 3600 / 60);
+		snprintf(buf, n, "%" PRId64 "h %02" PRId64 "m", s / 3600, s % 3600 / 60);
+	else if (s >= 60)
+		snprintf(buf, n, "%" PRId64 "m %02" PRId64 "s", s / 60, s % 60);
 	else
-		snprintf(buf, n, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
+		snprintf(buf, n, "%" PRId64 "s", s);
+}
+
+/* Local time with its zone: "2025-06-01 14:03:07 CEST". */
+static void human_time(int64_t usec, char *buf, size_t n)
+{
+	time_t t = (time_t)(usec / 1000000);
+	struct tm tm;
+
+	if (!localtime_r(&t, &tm) || !strftime(buf, n, "%Y-%m-%d %H:%M:%S %Z", &tm))
+		snprintf(buf, n, "-");
+}
+
+static int64_t int_of(json_object *o, const char *key)
+{
+	return json_object_get_int64(json_object_object_get(o, key));
+}
+
+/* A table whose columns are as wide as their widest cell, so that long VM
+ * names do not push the others out of line. Cells are copied. */
+struct table {
+	size_t ncols, nrows;
+	unsigned right; /* bit i: column i is right-aligned */
+	char **cells;   /* nrows * ncols; row 0 is the header */
+};
+
+static void table_row(struct table *t, const char *const *cells)
+{
+	char **more = realloc(t->cells, (t->nrows + 1) * t->ncols * sizeof(char *));
+
+	if (!more) {
+		fprintf(stderr, "cprctl: out of memory\n");
+		exit(EXIT_FAILED);
+	}
+	t->cells = more;
+	for (size_t i = 0; i < t->ncols; i++)
+		t->cells[t->nrows * t->ncols + i] = strdup(cells[i] ? cells[i] : "-");
+	t->nrows++;
+}
+
+static void table_free(struct table *t)
+{
+	for (size_t k = 0; k < t->nrows * t->ncols; k++)
+		free(t->cells[k]);
+	free(t->cells);
+	t->cells = NULL;
+	t->nrows = 0;
+}
+
+/* Prints the table, then frees its cells. */
+static void table_print(struct table *t)
+{
+	size_t w[16] = {};
+
+	for (size_t r = 0; r < t->nrows; r++)
+		for (size_t i = 0; i < t->ncols && i < ELEMENTSOF(w); i++) {
+			const char *c = t->cells[r * t->ncols + i];
+
+			w[i] = MAX(w[i], c ? strlen(c) : 0);
+		}
+	for (size_t r = 0; r < t->nrows; r++) {
+		for (size_t i = 0; i < t->ncols; i++) {
+			const char *c = t->cells[r * t->ncols + i];
+			bool last = i + 1 == t->ncols;
+
+			c = c ? c : "";
+			if (t->right & (1u << i))
+				printf("%*s", (int)w[i], c);
+			else
+				printf("%-*s", last ? 0 : (int)w[i], c);
+			printf(last ? "\n" : "  ");
+		}
+	}
+	table_free(t);
 }
 
 /* ---- verbs ---- */
-
-struct create_args {
-	json_object *p;
-};
 
 static int add_path(json_object *p, const char *key, const char *path)
 {
@@ -219,7 +446,7 @@ static int add_path(json_object *p, const char *key, const char *path)
 
 static int create_opt(int opt, const char *arg, void *ud)
 {
-	json_object *p = ((struct create_args *)ud)->p;
+	json_object *p = ud;
 	char *end;
 	long v;
 
@@ -230,7 +457,7 @@ static int create_opt(int opt, const char *arg, void *ud)
 	case 'c':
 		v = strtol(arg, &end, 10);
 		if (*end || v < 1 || v > INT_MAX) {
-			fprintf(stderr, "cprctl: --vcpus needs a positive number\n");
+			usage_error("--vcpus needs a positive number, not '%s'", arg);
 			return -EINVAL;
 		}
 		json_object_object_add(p, "vcpus", json_object_new_int((int)v));
@@ -263,20 +490,23 @@ static void print_status(json_object *vm)
 					    "vmm_version", "machine", "accel",    "vcpus",
 					    "kernel",      "initrd",  "append",   "tap",
 					    "console_log", "vmm_log", "fds_held", "exit" };
-	char mem[32];
+	char buf[64], age[32];
 
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
 		json_object *v = json_object_object_get(vm, keys[i]);
 
-		if (!v)
-			continue;
-		printf("%-12s %s\n", keys[i], json_object_get_string(v));
-		if (streq(keys[i], "pid")) {
-			human_size((uint64_t)json_object_get_int64(
-				       json_object_object_get(vm, "memory_bytes")),
-				   mem, sizeof(mem));
-			printf("%-12s %s\n", "memory", mem);
+		/* A crashed VM has no VMM, but its memory is still held. */
+		if (streq(keys[i], "vcpus")) {
+			human_size((uint64_t)int_of(vm, "memory_bytes"), buf, sizeof(buf));
+			printf("%-12s %s\n", "memory", buf);
 		}
+		if (streq(keys[i], "console_log") && json_object_object_get(vm, "created_usec")) {
+			human_time(int_of(vm, "created_usec"), buf, sizeof(buf));
+			human_age(int_of(vm, "created_usec"), age, sizeof(age));
+			printf("%-12s %s (%s ago)\n", "created", buf, age);
+		}
+		if (v)
+			printf("%-12s %s\n", keys[i], json_object_get_string(v));
 	}
 }
 
@@ -292,19 +522,23 @@ static int verb_create(int argc, char **argv)
 		{ "tap", required_argument, NULL, 't' },
 		{ "machine", required_argument, NULL, 'M' },
 	};
-	struct create_args a = { .p = json_object_new_object() };
-	_cleanup_json_ json_object *res = NULL;
+	_cleanup_json_ json_object *p = json_object_new_object(), *res = NULL;
 	int i, r;
 
-	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), create_opt, &a);
-	if (i < 0 || i + 1 != argc) {
-		json_object_put(a.p);
-		fprintf(stderr,
-			"Usage: cprctl create NAME --memory SIZE --kernel PATH [options]\n");
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), create_opt, p);
+	if (i < 0)
 		return EXIT_USAGE;
-	}
-	json_object_object_add(a.p, "name", json_object_new_string(argv[i]));
-	r = call("vm.create", a.p, &res);
+	if (i + 1 != argc)
+		return usage_error(i == argc ? "create needs the VM's NAME"
+					     : "create takes one NAME, not '%s'",
+				   argv[MIN(i + 1, argc - 1)]);
+	/* What cprd would refuse anyway is the command line's fault: say so. */
+	if (!json_object_object_get_ex(p, "memory", NULL))
+		return usage_error("create needs --memory SIZE");
+	if (!json_object_object_get_ex(p, "kernel", NULL))
+		return usage_error("create needs --kernel PATH");
+	json_object_object_add(p, "name", json_object_new_string(argv[i]));
+	r = call_within("vm.create", TAKE_PTR(p), CREATE_TIMEOUT_MS, &res);
 	if (r != EXIT_OK)
 		return r;
 	if (arg_json)
@@ -315,71 +549,112 @@ static int verb_create(int argc, char **argv)
 	return EXIT_OK;
 }
 
-static int flag_opt(int opt, const char *arg, void *ud)
+static const char *const vm_states[] = { "starting", "running", "paused", "stopping", "crashed" };
+
+struct list_opts {
+	const char *state;
+	bool names;
+	bool outdated;
+};
+
+static int list_opt(int opt, const char *arg, void *ud)
 {
-	*(bool *)ud = true;
-	return 0;
+	struct list_opts *o = ud;
+
+	if (opt == 'n' || opt == 'o') {
+		*(opt == 'n' ? &o->names : &o->outdated) = true;
+		return 0;
+	}
+	for (size_t i = 0; i < ELEMENTSOF(vm_states); i++)
+		if (streq(arg, vm_states[i])) {
+			o->state = vm_states[i];
+			return 0;
+		}
+	usage_error("--state must be one of starting, running, paused, stopping, crashed; not "
+		    "'%s'",
+		    arg);
+	return -EINVAL;
 }
 
 static int verb_list(int argc, char **argv)
 {
-	static const struct option opts[] = { { "outdated", no_argument, NULL, 'o' } };
-	_cleanup_json_ json_object *res = NULL;
-	json_object *vms, *params = NULL;
-	bool outdated = false;
-	int r;
+	static const struct option opts[] = { { "state", required_argument, NULL, 's' },
+					      { "name", no_argument, NULL, 'n' },
+					      { "outdated", no_argument, NULL, 'o' } };
+	_cleanup_json_ json_object *res = NULL, *shown = json_object_new_array();
+	json_object *params = NULL;
+	struct table t = { .ncols = 8, .right = 1u << 2 | 1u << 3 | 1u << 4 };
+	struct list_opts o = {};
+	json_object *vms;
+	int i, r;
 
-	if (parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), flag_opt, &outdated) != argc) {
-		fprintf(stderr, "Usage: cprctl list [--outdated]\n");
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), list_opt, &o);
+	if (i < 0)
 		return EXIT_USAGE;
-	}
-	if (outdated) {
+	if (i != argc)
+		return usage_error("list takes no operand, not '%s'", argv[i]);
+	if (o.outdated) {
 		params = json_object_new_object();
 		json_object_object_add(params, "outdated", json_object_new_boolean(true));
 	}
 	r = call("vm.list", params, &res);
 	if (r != EXIT_OK)
 		return r;
+	vms = json_object_object_get(res, "vms");
+	for (size_t k = 0; k < json_object_array_length(vms); k++) {
+		json_object *vm = json_object_array_get_idx(vms, k);
+
+		if (!o.state || streq(str(vm, "state"), o.state))
+			json_object_array_add(shown, json_object_get(vm));
+	}
 	if (arg_json) {
+		json_object_object_add(res, "vms", TAKE_PTR(shown));
 		print_json(res);
 		return EXIT_OK;
 	}
-	vms = json_object_object_get(res, "vms");
-	printf("%-20s %-9s %8s %7s %5s %-8s %-9s %s\n", "NAME", "STATE", "PID", "MEMORY", "VCPUS",
-	       "UPTIME", "QEMU", "VMM");
-	for (size_t i = 0; i < json_object_array_length(vms); i++) {
-		json_object *vm = json_object_array_get_idx(vms, i);
+	if (o.names) {
+		for (size_t k = 0; k < json_object_array_length(shown); k++)
+			puts(str(json_object_array_get_idx(shown, k), "name"));
+		return EXIT_OK;
+	}
+	table_row(&t, (const char *const[]){ "NAME", "STATE", "PID", "MEMORY", "VCPUS", "UPTIME",
+					     "QEMU", "VMM" });
+	for (size_t k = 0; k < json_object_array_length(shown); k++) {
+		json_object *vm = json_object_array_get_idx(shown, k);
 		char mem[32], up[32];
 
-		human_size(
-		    (uint64_t)json_object_get_int64(json_object_object_get(vm, "memory_bytes")),
-		    mem, sizeof(mem));
-		human_uptime(json_object_get_int64(json_object_object_get(vm, "created_usec")), up,
-			     sizeof(up));
-		printf("%-20s %-9s %8s %7s %5s %-8s %-9s %s\n", str(vm, "name"), str(vm, "state"),
-		       json_object_object_get(vm, "pid") ? str(vm, "pid") : "-", mem,
-		       str(vm, "vcpus"), up,
-		       json_object_object_get(vm, "vmm_version") ? str(vm, "vmm_version") : "-",
-		       str(vm, "vmm"));
+		human_size((uint64_t)int_of(vm, "memory_bytes"), mem, sizeof(mem));
+		human_age(int_of(vm, "created_usec"), up, sizeof(up));
+		table_row(&t, (const char *const[]){ str(vm, "name"), str(vm, "state"),
+						     str(vm, "pid"), mem, str(vm, "vcpus"), up,
+						     str(vm, "vmm_version"), str(vm, "vmm") });
 	}
-	if (json_object_array_length(vms) == 0)
-		printf(outdated ? "(no VM runs an outdated VMM)\n" : "(no VMs)\n");
+	if (json_object_array_length(shown) == 0) {
+		table_free(&t); /* just the note, no bare header */
+		if (o.outdated)
+			printf("(no %sVM runs an outdated VMM)\n", o.state ? "such " : "");
+		else
+			printf(o.state ? "(no %s VMs)\n" : "(no VMs)\n", o.state);
+		return EXIT_OK;
+	}
+	table_print(&t);
 	return EXIT_OK;
 }
 
 /* Verbs of the form "VERB NAME" that print the result one way or another. */
 static int name_verb(int argc, char **argv, const char *method, const char *key,
-		     void (*print)(json_object *res))
+		     void (*print)(json_object *res), json_object **ret_res)
 {
 	_cleanup_json_ json_object *res = NULL;
 	json_object *p;
 	int i, r;
 
 	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
-	if (i < 0 || i + 1 != argc) {
-		fprintf(stderr, "Usage: cprctl %s NAME\n", argv[0]);
+	if (i < 0)
 		return EXIT_USAGE;
-	}
+	if (i + 1 != argc)
+		return usage_error(i == argc ? "%s needs a VM's NAME" : "%s takes one NAME",
+				   argv[0]);
 	p = json_object_new_object();
 	json_object_object_add(p, key, json_object_new_string(argv[i]));
 	r = call(method, p, &res);
@@ -389,22 +664,26 @@ static int name_verb(int argc, char **argv, const char *method, const char *key,
 		print_json(res);
 	else
 		print(res);
+	if (ret_res)
+		*ret_res = TAKE_PTR(res);
 	return EXIT_OK;
 }
 
 static void print_fds(json_object *res)
 {
 	json_object *fds = json_object_object_get(res, "fds");
+	struct table t = { .ncols = 4, .right = 1u << 2 | 1u << 3 };
 
-	printf("%-16s %-7s %10s %5s\n", "NAME", "KIND", "SIZE", "FD");
+	table_row(&t, (const char *const[]){ "NAME", "KIND", "SIZE", "FD" });
 	for (size_t i = 0; i < json_object_array_length(fds); i++) {
 		json_object *f = json_object_array_get_idx(fds, i);
 		char sz[32];
 
-		human_size((uint64_t)json_object_get_int64(json_object_object_get(f, "size")), sz,
-			   sizeof(sz));
-		printf("%-16s %-7s %10s %5s\n", str(f, "name"), str(f, "kind"), sz, str(f, "fd"));
+		human_size((uint64_t)int_of(f, "size"), sz, sizeof(sz));
+		table_row(
+		    &t, (const char *const[]){ str(f, "name"), str(f, "kind"), sz, str(f, "fd") });
 	}
+	table_print(&t);
 }
 
 static void print_destroyed(json_object *res)
@@ -429,7 +708,7 @@ static int daemon_reexec(json_object *params)
 		json_object_put(params);
 		return r;
 	}
-	before = json_object_get_int64(json_object_object_get(st, "started_usec"));
+	before = int_of(st, "started_usec");
 	r = call("daemon.reexec", params, &res);
 	if (r != EXIT_OK)
 		return r;
@@ -437,10 +716,10 @@ static int daemon_reexec(json_object *params)
 		proto_client *c = NULL;
 		json_object *now = NULL;
 
-		if (proto_client_connect(socket_path(), &c) == 0 &&
+		if (proto_client_connect_timeout(socket_path(), 2000, &c) == 0 &&
 		    proto_client_call(c, "daemon.status", NULL, NULL, 0, 2000, &now, NULL, NULL,
 				      NULL) == 0 &&
-		    json_object_get_int64(json_object_object_get(now, "started_usec")) != before) {
+		    int_of(now, "started_usec") != before) {
 			proto_client_free(c);
 			json_object_put(st);
 			st = now;
@@ -456,8 +735,7 @@ static int daemon_reexec(json_object *params)
 		struct timespec ts = { 0, 50 * 1000 * 1000 };
 		nanosleep(&ts, NULL);
 	}
-	fprintf(stderr, "cprctl: cprd did not come back within 10 s of re-executing\n");
-	return EXIT_FAILED;
+	return fail(EXIT_FAILED, "timeout", "cprd did not come back within 10 s of re-executing");
 }
 
 static int daemon_opt(int opt, const char *arg, void *ud)
@@ -492,8 +770,7 @@ static void print_loop(json_object *loop)
 	json_object *per = json_object_object_get(loop, "methods");
 
 	printf("%-16s %s turns, %s requests in %.1f s\n", "loop", str(loop, "iterations"),
-	       str(loop, "requests"),
-	       (double)json_object_get_int64(json_object_object_get(loop, "window_us")) / 1e6);
+	       str(loop, "requests"), (double)int_of(loop, "window_us") / 1e6);
 	print_timing("  busy", loop, "busy");
 	print_timing("  requests", loop, "request");
 	json_object_object_foreach(per, name, m)
@@ -502,6 +779,24 @@ static void print_loop(json_object *loop)
 
 		snprintf(label, sizeof(label), "  %s (%s)", name, str(m, "count"));
 		print_timing(label, m, "request");
+	}
+}
+
+static void print_daemon_status(json_object *res)
+{
+	char buf[64], age[32];
+
+	json_object_object_foreach(res, k, v)
+	{
+		if (streq(k, "loop")) {
+			print_loop(v);
+		} else if (streq(k, "started_usec")) {
+			human_time(json_object_get_int64(v), buf, sizeof(buf));
+			human_age(json_object_get_int64(v), age, sizeof(age));
+			printf("%-16s %s (%s ago)\n", "started", buf, age);
+		} else {
+			printf("%-16s %s\n", k, json_object_get_string(v));
+		}
 	}
 }
 
@@ -515,7 +810,11 @@ static int verb_daemon(int argc, char **argv)
 	int i, r;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), daemon_opt, params);
-	what = i >= 0 && i + 1 == argc ? argv[i] : "";
+	if (i < 0) {
+		json_object_put(params);
+		return EXIT_USAGE;
+	}
+	what = i + 1 == argc ? argv[i] : "";
 	if (streq(what, "reexec") && !json_object_object_get_ex(params, "reset", NULL))
 		return daemon_reexec(params);
 	if (streq(what, "stats") && !json_object_object_get_ex(params, "binary", NULL)) {
@@ -526,49 +825,48 @@ static int verb_daemon(int argc, char **argv)
 			print_loop(json_object_object_get(res, "loop"));
 		return r;
 	}
-	json_object_put(params);
-	if (!streq(what, "status")) {
-		fprintf(stderr,
-			"Usage: cprctl daemon status\n       cprctl daemon stats [--reset]\n"
-			"       cprctl daemon reexec [--binary PATH]\n");
-		return EXIT_USAGE;
+	if (!streq(what, "status") || json_object_object_length(params) > 0) {
+		json_object_put(params);
+		return usage_error("daemon needs one of status, stats [--reset], reexec [--binary "
+				   "PATH]");
 	}
+	json_object_put(params);
 	r = call("daemon.status", NULL, &res);
 	if (r != EXIT_OK)
 		return r;
-	if (arg_json) {
+	if (arg_json)
 		print_json(res);
-		return EXIT_OK;
-	}
-	json_object_object_foreach(res, k, v)
-	{
-		if (streq(k, "loop"))
-			print_loop(v);
-		else
-			printf("%-16s %s\n", k, json_object_get_string(v));
-	}
+	else
+		print_daemon_status(res);
 	return EXIT_OK;
 }
 
 static int verb_status(int argc, char **argv)
 {
+	_cleanup_json_ json_object *res = NULL;
 	char *daemon_argv[] = { argv[0], (char *)"status", NULL };
-	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL), r;
 
+	if (i < 0)
+		return EXIT_USAGE;
 	/* "cprctl status" alone: the daemon's own status. */
 	if (i == argc)
 		return verb_daemon(2, daemon_argv);
-	return name_verb(argc, argv, "vm.status", "name", print_status);
+	r = name_verb(argc, argv, "vm.status", "name", print_status, &res);
+	if (r != EXIT_OK)
+		return r;
+	/* As systemctl status: 3 for a VM that is there but not running. */
+	return streq(str(res, "state"), "running") ? EXIT_OK : EXIT_NOT_RUNNING;
 }
 
 static int verb_fds(int argc, char **argv)
 {
-	return name_verb(argc, argv, "vm.fds", "name", print_fds);
+	return name_verb(argc, argv, "vm.fds", "name", print_fds, NULL);
 }
 
 static int verb_destroy(int argc, char **argv)
 {
-	return name_verb(argc, argv, "vm.destroy", "name", print_destroyed);
+	return name_verb(argc, argv, "vm.destroy", "name", print_destroyed, NULL);
 }
 
 /* ---- update ---- */
@@ -600,8 +898,8 @@ static int update_opt(int opt, const char *arg, void *ud)
 	case 'p':
 		v = strtol(arg, &end, 10);
 		if (*end || v < 1 || v > 3600) {
-			fprintf(stderr, "cprctl: --%s needs a number from 1 to 3600\n",
-				opt == 't' ? "timeout" : "parallel");
+			usage_error("--%s needs a number from 1 to 3600, not '%s'",
+				    opt == 't' ? "timeout" : "parallel", arg);
 			return -EINVAL;
 		}
 		if (opt == 'p')
@@ -622,28 +920,42 @@ static int update_opt(int opt, const char *arg, void *ud)
 	return -EINVAL;
 }
 
+/* How long a client waits for an update: its own bound plus time for cprd
+ * to roll back and answer. */
+static int update_wait_ms(json_object *base)
+{
+	json_object *t = json_object_object_get(base, "timeout");
+
+	return (t ? json_object_get_int(t) : 60) * 1000 + UPDATE_MARGIN_MS;
+}
+
 /* One update over its own connection. Returns the report (owned) or NULL
- * with *ret_msg set when there is no report (cprd refused the request). */
-static json_object *update_one(const char *name, json_object *base, char *msg, size_t msglen)
+ * with msg set when there is no report (cprd refused the request: then
+ * *ret_err is its error, when ret_err is not NULL); *ret_status is the exit
+ * status that goes with it. */
+static json_object *update_one(const char *name, json_object *base, char *msg, size_t msglen,
+			       int *ret_status, json_object **ret_err)
 {
 	_cleanup_json_ json_object *params = json_object_new_object(), *res = NULL, *err = NULL;
 	proto_client *c = NULL;
 	json_object *data;
-	int r;
+	int wait = update_wait_ms(base), r;
 
 	json_object_object_foreach(base, k, v)
 	    json_object_object_add(params, k, json_object_get(v));
 	json_object_object_add(params, "name", json_object_new_string(name));
-	r = proto_client_connect(socket_path(), &c);
+	*ret_status = EXIT_NOCONN;
+	r = proto_client_connect_timeout(socket_path(), wait, &c);
 	if (r < 0) {
 		snprintf(msg, msglen, "cannot reach cprd at %s: %s", socket_path(), strerror(-r));
 		return NULL;
 	}
-	r = proto_client_call(c, "vm.update", TAKE_PTR(params), NULL, 0, -1, &res, &err, NULL,
+	r = proto_client_call(c, "vm.update", TAKE_PTR(params), NULL, 0, wait, &res, &err, NULL,
 			      NULL);
 	proto_client_free(c);
 	if (r == 0)
 		return TAKE_PTR(res);
+	*ret_status = EXIT_FAILED;
 	if (r == -EREMOTEIO) {
 		/* rolled back or failed: the report rides in the error's data */
 		data = json_object_object_get(err, "data");
@@ -655,6 +967,16 @@ static json_object *update_one(const char *name, json_object *base, char *msg, s
 			return json_object_get(data);
 		}
 		snprintf(msg, msglen, "%s", str(err, "message"));
+		if (ret_err)
+			*ret_err = TAKE_PTR(err);
+		return NULL;
+	}
+	if (r == -ETIMEDOUT) {
+		*ret_status = EXIT_NOCONN;
+		snprintf(msg, msglen,
+			 "cprd at %s did not answer vm.update within %.0f s (its result will be in "
+			 "`cprctl history %s`)",
+			 socket_path(), wait / 1000.0, name);
 		return NULL;
 	}
 	snprintf(msg, msglen, "vm.update failed: %s", strerror(-r));
@@ -692,11 +1014,8 @@ static void print_report(json_object *rep)
 	printf("%s: %s, blackout %s%s, total %.1f ms (pid %s -> %s, QEMU %s -> %s)%s%s\n",
 	       str(rep, "vm"), str(rep, "result"), bo ? json_object_get_string(bo) : "unknown",
 	       bo ? " ms" : "", json_object_get_double(json_object_object_get(rep, "total_ms")),
-	       str(rep, "old_pid"),
-	       json_object_object_get(rep, "new_pid") ? str(rep, "new_pid") : "-",
-	       str(rep, "old_version"),
-	       json_object_object_get(rep, "new_version") ? str(rep, "new_version") : "-",
-	       json_object_object_get(rep, "error") ? "; " : "",
+	       str(rep, "old_pid"), str(rep, "new_pid"), str(rep, "old_version"),
+	       str(rep, "new_version"), json_object_object_get(rep, "error") ? "; " : "",
 	       json_object_object_get(rep, "error") ? str(rep, "error") : "");
 }
 
@@ -712,6 +1031,7 @@ static void *fleet_worker(void *p)
 {
 	struct fleet *f = p;
 	char msg[256];
+	int status;
 
 	for (;;) {
 		size_t i;
@@ -723,7 +1043,7 @@ static void *fleet_worker(void *p)
 		if (i >= f->n)
 			return NULL;
 		msg[0] = '\0';
-		rep = update_one(f->names[i], f->base, msg, sizeof(msg));
+		rep = update_one(f->names[i], f->base, msg, sizeof(msg), &status, NULL);
 		if (!rep) {
 			rep = json_object_new_object();
 			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
@@ -752,6 +1072,26 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Why update --all leaves a VM alone: cprd updates only a running VM. */
+static json_object *skipped_entry(json_object *vm)
+{
+	json_object *o = json_object_new_object();
+	const char *state = str(vm, "state");
+	char why[160];
+
+	if (json_object_get_boolean(json_object_object_get(vm, "updating")))
+		snprintf(why, sizeof(why), "already being updated");
+	else if (streq(state, "crashed"))
+		snprintf(why, sizeof(why), "crashed (%s); destroy it and create it again",
+			 str(vm, "exit"));
+	else
+		snprintf(why, sizeof(why), "%s; only a running VM can be updated", state);
+	json_object_object_add(o, "vm", json_object_new_string(str(vm, "name")));
+	json_object_object_add(o, "state", json_object_new_string(state));
+	json_object_object_add(o, "reason", json_object_new_string(why));
+	return o;
+}
+
 /* Before any VM is touched: one pre-flight per distinct binary and machine
  * type among the VMs to update (on the first VM that has them). Returns
  * whether all passed; their facts go into checks. */
@@ -772,6 +1112,7 @@ static bool preflight_fleet(json_object *base, json_object *vms, const char **na
 		_cleanup_free_ char *key = NULL;
 		char msg[256] = "";
 		bool listed = false;
+		int status;
 
 		for (size_t j = 0; j < n && !listed; j++)
 			listed = streq(names[j], str(vm, "name"));
@@ -779,7 +1120,7 @@ static bool preflight_fleet(json_object *base, json_object *vms, const char **na
 		    json_object_object_get_ex(seen, key, NULL))
 			continue;
 		json_object_object_add(seen, key, NULL);
-		rep = update_one(str(vm, "name"), params, msg, sizeof(msg));
+		rep = update_one(str(vm, "name"), params, msg, sizeof(msg), &status, NULL);
 		if (!rep) {
 			rep = json_object_new_object();
 			json_object_object_add(rep, "vm", json_object_new_string(str(vm, "name")));
@@ -797,66 +1138,72 @@ static bool preflight_fleet(json_object *base, json_object *vms, const char **na
 
 static int update_fleet(const struct update_opts *o)
 {
+	_cleanup_json_ json_object *list = NULL, *out = NULL, *skipped = json_object_new_array(),
+				   *checks = json_object_new_array(), *params = NULL;
 	json_object *base = o->base;
 	long parallel = o->parallel;
-	_cleanup_json_ json_object *list = NULL, *out = NULL;
 	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER, .base = base };
-	json_object *vms, *summary, *checks;
+	json_object *vms, *summary;
 	pthread_t th[64];
 	double *bo;
-	size_t nbo = 0, nok = 0, nthreads;
+	size_t nbo = 0, nok = 0, nthreads, nskip;
 	int r;
 
 	if (o->outdated) {
-		json_object *p = json_object_new_object();
-
-		json_object_object_add(p, "outdated", json_object_new_boolean(true));
-		r = call("vm.list", p, &list);
-	} else {
-		r = call("vm.list", NULL, &list);
+		params = json_object_new_object();
+		json_object_object_add(params, "outdated", json_object_new_boolean(true));
 	}
+	r = call("vm.list", TAKE_PTR(params), &list);
 	if (r != EXIT_OK)
 		return r;
 	vms = json_object_object_get(list, "vms");
 	f.names = calloc(json_object_array_length(vms) + 1, sizeof(char *));
 	f.reports = calloc(json_object_array_length(vms) + 1, sizeof(json_object *));
 	bo = calloc(json_object_array_length(vms) + 1, sizeof(double));
-	if (!f.names || !f.reports || !bo) {
-		fprintf(stderr, "cprctl: out of memory\n");
-		return EXIT_FAILED;
-	}
+	if (!f.names || !f.reports || !bo)
+		return fail(EXIT_FAILED, "client", "out of memory");
 	for (size_t i = 0; i < json_object_array_length(vms); i++) {
 		json_object *vm = json_object_array_get_idx(vms, i);
 
-		if (streq(str(vm, "state"), "running"))
+		if (streq(str(vm, "state"), "running") &&
+		    !json_object_get_boolean(json_object_object_get(vm, "updating")))
 			f.names[f.n++] = str(vm, "name");
+		else
+			json_object_array_add(skipped, skipped_entry(vm));
 	}
-	checks = json_object_new_array();
+	nskip = json_object_array_length(skipped);
 	if (!preflight_fleet(base, vms, f.names, f.n, checks) || o->check) {
-		bool passed = o->check && json_object_array_length(checks) > 0;
+		bool passed = true;
 
-		for (size_t i = 0; i < json_object_array_length(checks) && passed; i++)
-			passed = report_ok(json_object_array_get_idx(checks, i));
+		for (size_t i = 0; i < json_object_array_length(checks); i++)
+			passed = passed && report_ok(json_object_array_get_idx(checks, i));
 		if (arg_json) {
 			out = json_object_new_object();
-			json_object_object_add(out, "checks", checks);
+			json_object_object_add(out, "checks", json_object_get(checks));
 			json_object_object_add(out, "updates", json_object_new_array());
+			json_object_object_add(out, "skipped", json_object_get(skipped));
 			print_json(out);
-		} else {
-			json_object_put(checks);
-			if (!o->check)
-				printf("a pre-flight failed: no VM was updated\n");
-			else if (f.n == 0)
-				printf("no running VM to check\n");
+		} else if (!passed) {
+			printf("a pre-flight failed: no VM was updated\n");
+		} else if (f.n == 0) {
+			printf("no running VM to check\n");
 		}
 		free(f.names);
 		free(f.reports);
 		free(bo);
-		return passed || (o->check && f.n == 0) ? EXIT_OK : EXIT_FAILED;
+		return passed ? EXIT_OK : EXIT_FAILED;
 	}
 	nthreads = MIN((size_t)parallel, MIN(f.n, ELEMENTSOF(th)));
-	if (!arg_json)
-		printf("updating %zu running VM(s), %zu at a time\n", f.n, nthreads);
+	if (!arg_json) {
+		printf("updating %zu running VM(s), %zu at a time", f.n, nthreads);
+		printf(nskip ? "; skipping %zu:\n" : "\n", nskip);
+		for (size_t i = 0; i < nskip; i++) {
+			json_object *s = json_object_array_get_idx(skipped, i);
+
+			printf("  skipped %s: %s\n", str(s, "vm"), str(s, "reason"));
+		}
+		fflush(stdout);
+	}
 	for (size_t t = 0; t < nthreads; t++)
 		if (pthread_create(&th[t], NULL, fleet_worker, &f) != 0)
 			nthreads = t;
@@ -882,24 +1229,29 @@ static int update_fleet(const struct update_opts *o)
 	json_object_object_add(summary, "count", json_object_new_int((int)f.n));
 	json_object_object_add(summary, "ok", json_object_new_int((int)nok));
 	json_object_object_add(summary, "failures", json_object_new_int((int)(f.n - nok)));
+	json_object_object_add(summary, "skipped", json_object_new_int((int)nskip));
 	json_object_object_add(summary, "blackout_p50_ms",
 			       nbo ? json_object_new_double(bo[nbo / 2]) : NULL);
 	json_object_object_add(summary, "blackout_max_ms",
 			       nbo ? json_object_new_double(bo[nbo - 1]) : NULL);
-	json_object_object_add(out, "checks", checks);
+	json_object_object_add(out, "checks", json_object_get(checks));
 	json_object_object_add(out, "updates", arr);
+	json_object_object_add(out, "skipped", json_object_get(skipped));
 	json_object_object_add(out, "summary", summary);
 	if (arg_json)
 		print_json(out);
 	else if (nbo)
-		printf("%zu updated, %zu failed; blackout p50 %.3f ms, max %.3f ms\n", nok,
-		       f.n - nok, bo[nbo / 2], bo[nbo - 1]);
+		printf("%zu updated, %zu failed, %zu skipped; blackout p50 %.3f ms, max %.3f ms\n",
+		       nok, f.n - nok, nskip, bo[nbo / 2], bo[nbo - 1]);
 	else
-		printf("%zu updated, %zu failed\n", nok, f.n - nok);
+		printf("%zu updated, %zu failed, %zu skipped\n", nok, f.n - nok, nskip);
 	free(f.names);
 	free(f.reports);
 	free(bo);
-	return nok == f.n ? EXIT_OK : EXIT_FAILED;
+	if (!arg_json && (nok != f.n || nskip))
+		fprintf(stderr, "cprctl: update --all: %zu of %zu VM(s) not updated\n",
+			f.n - nok + nskip, f.n + nskip);
+	return nok == f.n && nskip == 0 ? EXIT_OK : EXIT_FAILED;
 }
 
 static int verb_update(int argc, char **argv)
@@ -914,28 +1266,37 @@ static int verb_update(int argc, char **argv)
 		{ "outdated", no_argument, NULL, 'o' },
 	};
 	struct update_opts o = { .base = json_object_new_object(), .parallel = 1 };
-	_cleanup_json_ json_object *base = o.base, *rep = NULL;
+	_cleanup_json_ json_object *base = o.base, *rep = NULL, *err = NULL;
 	char msg[256] = "";
-	int i;
+	int i, status;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), update_opt, &o);
-	if (i < 0 || (o.all ? i != argc : i + 1 != argc) || (o.outdated && !o.all)) {
-		fprintf(stderr,
-			"Usage: cprctl update NAME [--check] [--vmm PATH] [--strategy NAME] "
-			"[--timeout SECONDS]\n"
-			"       cprctl update --all [--outdated] [--check] [--parallel N] "
-			"[--vmm PATH] [--strategy S] [--timeout SECONDS]\n");
+	if (i < 0)
 		return EXIT_USAGE;
-	}
+	if (o.all ? i != argc : i + 1 != argc)
+		return usage_error(o.all       ? "update --all takes no NAME"
+				   : i == argc ? "update needs a VM's NAME, or --all"
+					       : "update takes one NAME");
+	if (o.outdated && !o.all)
+		return usage_error("--outdated goes with --all");
+	/* --timeout before the verb is the update's bound too. */
+	if (arg_timeout_ms >= 0 && !json_object_object_get_ex(base, "timeout", NULL))
+		json_object_object_add(
+		    base, "timeout",
+		    json_object_new_int(MIN(3600, MAX(1, (arg_timeout_ms + 999) / 1000))));
 	if (o.all)
 		return update_fleet(&o);
 	if (o.check)
 		json_object_object_add(base, "check", json_object_new_boolean(true));
-	rep = update_one(argv[i], base, msg, sizeof(msg));
-	if (!rep) {
-		fprintf(stderr, "cprctl: %s\n", msg);
-		return msg[0] && strstr(msg, "cannot reach") ? EXIT_NOCONN : EXIT_FAILED;
-	}
+	rep = update_one(argv[i], base, msg, sizeof(msg), &status, &err);
+	if (!rep && err)
+		return remote_error(err);
+	if (!rep)
+		return fail(status,
+			    strstr(msg, "did not answer") ? "timeout"
+			    : status == EXIT_NOCONN       ? "unreachable"
+							  : "client",
+			    "%s", msg);
 	if (arg_json)
 		print_json(rep);
 	else
@@ -949,35 +1310,115 @@ static int verb_update(int argc, char **argv)
 static void print_history(json_object *res)
 {
 	json_object *ups = json_object_object_get(res, "updates");
+	struct table t = { .ncols = 8, .right = 1u << 4 | 1u << 5 };
 
-	printf("%-19s %-12s %-11s %11s %10s %-17s %s\n", "TIME", "STRATEGY", "RESULT", "BLACKOUT",
-	       "TOTAL", "QEMU", "ERROR");
+	table_row(&t, (const char *const[]){ "TIME", "AGE", "STRATEGY", "RESULT", "BLACKOUT",
+					     "TOTAL", "QEMU", "ERROR" });
 	for (size_t i = 0; i < json_object_array_length(ups); i++) {
 		json_object *u = json_object_array_get_idx(ups, i);
 		json_object *bo = json_object_object_get(u, "blackout_ms");
-		time_t t = (time_t)(json_object_get_int64(json_object_object_get(u, "time_usec")) /
-				    1000000);
-		char when[32], ver[40], bos[24];
-		struct tm tm;
+		char when[64], age[32], ver[80], bos[32], total[32];
 
-		localtime_r(&t, &tm);
-		strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
-		snprintf(ver, sizeof(ver), "%s->%s", str(u, "old_version"),
-			 json_object_object_get(u, "new_version") ? str(u, "new_version") : "-");
+		human_time(int_of(u, "time_usec"), when, sizeof(when));
+		human_age(int_of(u, "time_usec"), age, sizeof(age));
+		strcat(age, " ago");
+		snprintf(ver, sizeof(ver), "%s->%s", str(u, "old_version"), str(u, "new_version"));
 		snprintf(bos, sizeof(bos), "%s ms", bo ? json_object_get_string(bo) : "?");
-		printf("%-19s %-12s %-11s %11s %7.1f ms %-17s %s\n", when, str(u, "strategy"),
-		       str(u, "result"), bos,
-		       json_object_get_double(json_object_object_get(u, "total_ms")), ver,
-		       json_object_object_get(u, "error") ? str(u, "error") : "");
+		snprintf(total, sizeof(total), "%.1f ms",
+			 json_object_get_double(json_object_object_get(u, "total_ms")));
+		table_row(&t, (const char *const[]){
+				  when, age, str(u, "strategy"), str(u, "result"), bos, total, ver,
+				  json_object_object_get(u, "error") ? str(u, "error") : "" });
 	}
-	if (json_object_array_length(ups) == 0)
+	if (json_object_array_length(ups) == 0) {
+		table_free(&t);
 		printf("(no updates)\n");
+		return;
+	}
+	table_print(&t);
 }
 
 static int verb_history(int argc, char **argv)
 {
-	return name_verb(argc, argv, "vm.history", "name", print_history);
+	return name_verb(argc, argv, "vm.history", "name", print_history, NULL);
 }
+
+/* rpc.describe, for people: each method, who may call it, its params. */
+static void print_methods(json_object *res)
+{
+	json_object *ms = json_object_object_get(res, "methods");
+	struct table t = { .ncols = 3 };
+
+	printf("cprd %s, protocol %s (JSON-RPC %s)\n", str(res, "version"),
+	       str(res, "protocol_version"), str(res, "jsonrpc"));
+	table_row(&t, (const char *const[]){ "METHOD", "PERMISSION", "PARAMS" });
+	for (size_t i = 0; i < json_object_array_length(ms); i++) {
+		json_object *m = json_object_array_get_idx(ms, i);
+		json_object *ps = json_object_object_get(m, "params");
+		char params[512] = "";
+
+		for (size_t k = 0; k < json_object_array_length(ps); k++) {
+			json_object *p = json_object_array_get_idx(ps, k);
+			bool req = json_object_get_boolean(json_object_object_get(p, "required"));
+			size_t len = strlen(params);
+
+			snprintf(params + len, sizeof(params) - len, "%s%s%s:%s%s", k ? " " : "",
+				 req ? "" : "[", str(p, "name"), str(p, "type"), req ? "" : "]");
+		}
+		table_row(&t, (const char *const[]){ str(m, "name"), str(m, "permission"),
+						     params[0] ? params : "-" });
+	}
+	table_print(&t);
+}
+
+static int verb_methods(int argc, char **argv)
+{
+	_cleanup_json_ json_object *res = NULL;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	if (i < 0)
+		return EXIT_USAGE;
+	if (i != argc)
+		return usage_error("methods takes no operand");
+	r = call("rpc.describe", NULL, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json)
+		print_json(res);
+	else
+		print_methods(res);
+	return EXIT_OK;
+}
+
+static int verb_help(int argc, char **argv)
+{
+	const struct verb *v;
+	int i;
+
+	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	if (i < 0)
+		return EXIT_USAGE;
+	if (i == argc) {
+		usage(stdout);
+		return EXIT_OK;
+	}
+	if (i + 1 != argc)
+		return usage_error("help takes one VERB");
+	v = verb_find(argv[i]);
+	if (!v)
+		return usage_error("no verb '%s'", argv[i]);
+	verb_usage(stdout, v);
+	return EXIT_OK;
+}
+
+#define COMMON_HELP                                                                         \
+	"Options for every verb:\n"                                                         \
+	"  --socket PATH      cprd's socket (else $CPRD_SOCKET, else " DEFAULT_SOCKET ")\n" \
+	"  --json             output JSON; on failure one error object on stdout\n"         \
+	"  --timeout SECONDS  wait at most this long for cprd (default 30; create 120;\n"   \
+	"                     update: the update's own --timeout plus 30)\n"                \
+	"  -h, --help         this help; --version  cprctl's and cprd's versions\n"
 
 /* ---- metrics and events ---- */
 
@@ -986,10 +1427,10 @@ static int verb_metrics(int argc, char **argv)
 	_cleanup_json_ json_object *res = NULL;
 	int i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL), r;
 
-	if (i < 0 || i != argc) {
-		fprintf(stderr, "cprctl: metrics takes no arguments\n");
+	if (i < 0)
 		return EXIT_USAGE;
-	}
+	if (i != argc)
+		return usage_error("metrics takes no operand, not '%s'", argv[i]);
 	r = call("daemon.metrics", NULL, &res);
 	if (r != EXIT_OK)
 		return r;
@@ -1047,20 +1488,21 @@ static int verb_events(int argc, char **argv)
 	proto_client *c = NULL;
 	bool dropped = false;
 
-	if (i < 0 || i != argc) {
-		fprintf(stderr, "cprctl: events takes no arguments\n");
+	if (i < 0)
 		return EXIT_USAGE;
-	}
-	if (connect_or_say(&c) < 0)
-		return EXIT_NOCONN;
+	if (i != argc)
+		return usage_error("events takes no operand, not '%s'", argv[i]);
+	r = connect_or_say(timeout_ms(CALL_TIMEOUT_MS), &c);
+	if (r != EXIT_OK)
+		return r;
 	proto_client_set_notify(c, print_event, &dropped);
-	r = proto_client_call(c, "events.subscribe", NULL, NULL, 0, arg_timeout_ms, NULL, &error,
-			      NULL, NULL);
+	/* --timeout bounds the subscription's answer; the events that follow
+	 * are waited for as long as cprd is there. */
+	r = proto_client_call(c, "events.subscribe", NULL, NULL, 0, timeout_ms(CALL_TIMEOUT_MS),
+			      NULL, &error, NULL, NULL);
 	if (r == -EREMOTEIO) {
-		fprintf(stderr, "cprctl: %s\n",
-			str(error, "message") ? str(error, "message") : "?");
 		proto_client_free(c);
-		return EXIT_FAILED;
+		return remote_error(error);
 	}
 	/* Until cprd goes away or drops us: like `virsh event --loop`. */
 	while (r == 0)
@@ -1074,28 +1516,99 @@ static int verb_events(int argc, char **argv)
 	return EXIT_FAILED;
 }
 
-static const struct {
-	const char *name;
-	int (*fn)(int argc, char **argv);
-} verbs[] = {
-	{ "update", verb_update },   { "history", verb_history }, { "create", verb_create },
-	{ "list", verb_list },       { "status", verb_status },   { "fds", verb_fds },
-	{ "destroy", verb_destroy }, { "daemon", verb_daemon },   { "metrics", verb_metrics },
-	{ "events", verb_events },
+static const struct verb verbs[] = {
+	{ "create", verb_create, "create NAME --memory SIZE --kernel PATH [OPTIONS]",
+	  "define and start a VM; returns once the guest runs",
+	  "  --memory SIZE      guest RAM: bytes or 256M, 1G, 2GiB... (required)\n"
+	  "  --kernel PATH      the guest kernel (required)\n"
+	  "  --initrd PATH      the initial ramdisk\n"
+	  "  --append STR       the kernel command line\n"
+	  "  --vcpus N          virtual CPUs (default 1)\n"
+	  "  --vmm PATH         the QEMU binary (default qemu-system-x86_64 from PATH)\n"
+	  "  --tap IFNAME       a tap interface for the guest's network\n"
+	  "  --machine TYPE     QEMU machine type (default q35)\n" },
+	{ "list", verb_list, "list [--state STATE] [--outdated] [--name]",
+	  "all VMs: name, state, pid, memory, vcpus, uptime, QEMU version",
+	  "  --state STATE      only VMs in STATE: starting, running, paused, stopping,\n"
+	  "                     crashed\n"
+	  "  --outdated         only VMs whose VMM binary or a library it maps was\n"
+	  "                     replaced on disk since it started (after a package upgrade)\n"
+	  "  --name             only the names, one per line\n" },
+	{ "status", verb_status, "status [NAME]",
+	  "one VM (exit 3 when it is not running); without NAME, cprd itself", NULL },
+	{ "fds", verb_fds, "fds NAME", "the fds cprd holds for a VM", NULL },
+	{ "destroy", verb_destroy, "destroy NAME",
+	  "stop the VM's VMM and release everything held for it", NULL },
+	{ "update", verb_update,
+	  "update NAME|--all [--outdated] [--check] [--vmm PATH] [--strategy NAME] "
+	  "[--timeout SECONDS] [--parallel N]",
+	  "replace the VM's VMM under the running guest",
+	  "  --vmm PATH         the new QEMU binary (default: the VM's own again)\n"
+	  "  --strategy NAME    handover (default) or cpr-transfer\n"
+	  "  --timeout SECONDS  bound on the update up to its commit, 1-3600 (default 60)\n"
+	  "  --all              every VM; lists the VMs it skips (not running) and why,\n"
+	  "                     exits 1 if any was skipped or failed\n"
+	  "  --parallel N       with --all: N updates at a time (default 1)\n"
+	  "  --check            only the pre-flight: start the new binary beside the guest,\n"
+	  "                     check it, end it (with --all: once per binary and machine\n"
+	  "                     type; --all always runs these first and stops if one fails)\n"
+	  "  --outdated         with --all: only VMs whose VMM was replaced on disk\n" },
+	{ "history", verb_history, "history NAME",
+	  "the VM's updates, newest first: time, age, strategy, result, blackout, total", NULL },
+	{ "daemon", verb_daemon, "daemon status | stats [--reset] | reexec [--binary PATH]",
+	  "cprd itself: its status; its own time on its event loop; re-execute it",
+	  "  --reset            stats: start a new window\n"
+	  "  --binary PATH      reexec: into this cprd binary (default: the running one)\n" },
+	{ "methods", verb_methods, "methods",
+	  "cprd's JSON-RPC methods, their params and who may call them (rpc.describe)", NULL },
+	{ "metrics", verb_metrics, "metrics",
+	  "cprd's metrics in Prometheus' text format (daemon.metrics)", NULL },
+	{ "events", verb_events, "events",
+	  "follow cprd's events, one line each, until cprd goes (--json: NDJSON)", NULL },
+	{ "help", verb_help, "help [VERB]", "this help, or one verb's", NULL },
 };
+
+static const struct verb *verb_find(const char *name)
+{
+	for (size_t i = 0; i < ELEMENTSOF(verbs); i++)
+		if (streq(verbs[i].name, name))
+			return &verbs[i];
+	return NULL;
+}
+
+static void verb_usage(FILE *f, const struct verb *v)
+{
+	fprintf(f, "Usage: cprctl %s\n\n%s.\n", v->synopsis, v->summary);
+	if (v->options)
+		fprintf(f, "\nOptions:\n%s", v->options);
+	fprintf(f, "\n" COMMON_HELP);
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: cprctl [--socket PATH] [--json] [--timeout SECONDS] VERB [ARGS...]\n"
+		   "       cprctl help VERB | VERB --help | --version\n\nVerbs:\n");
+	for (size_t i = 0; i < ELEMENTSOF(verbs); i++)
+		fprintf(f, "  %-9s %s\n", verbs[i].name, verbs[i].summary);
+	fprintf(f, "\n" COMMON_HELP
+		   "\nExit status: 0 success, 1 the operation failed, 2 usage error, 3 (status)\n"
+		   "the VM is not running, 4 cprd not reachable or no answer in time.\n"
+		   "See cprctl(1).\n");
+}
 
 int main(int argc, char **argv)
 {
 	int i;
 
 	i = parse_opts(argc, argv, false, NULL, 0, NULL, NULL);
-	if (i < 0 || i >= argc) {
-		usage(stderr);
+	if (i < 0)
 		return EXIT_USAGE;
+	if (i >= argc) {
+		usage(stderr);
+		return fail(EXIT_USAGE, "usage", "no verb given");
 	}
-	for (size_t v = 0; v < ELEMENTSOF(verbs); v++)
-		if (streq(verbs[v].name, argv[i]))
-			return verbs[v].fn(argc - i, argv + i);
-	fprintf(stderr, "cprctl: unknown verb '%s'; try cprctl --help\n", argv[i]);
-	return EXIT_USAGE;
+	arg_verb = verb_find(argv[i]);
+	if (!arg_verb)
+		return fail(EXIT_USAGE, "usage", "unknown verb '%s'; try cprctl --help", argv[i]);
+	return arg_verb->fn(argc - i, argv + i);
 }

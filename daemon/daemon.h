@@ -9,13 +9,12 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/version.h"
 #include "daemon/launcher.h"
 #include "daemon/policy.h"
 #include "daemon/limits.h"
 #include "daemon/registry.h"
 #include "memstore/memstore.h"
-
-#define CPRD_VERSION "0.1.0"
 
 struct client;
 struct method;

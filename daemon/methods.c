@@ -25,63 +25,63 @@
 #include "kvm/qemu.h"
 #include "proto/jsonrpc.h"
 
-enum ptype { P_STRING, P_UINT, P_SIZE, P_BOOL, P_STRINGS };
+/*
+ * Each method's params are declared once, in a struct param[] next to its
+ * handler, and named in rpc_methods[] below: the server describes them
+ * from there (rpc.describe) and the handler binds them with params_bind(),
+ * which takes the spec from the method being called. out[i] receives
+ * params[i]: const char * for strings, uint64_t for uint and size, bool,
+ * json_object * (borrowed) for string arrays.
+ */
 
-struct param {
-	const char *name;
-	enum ptype type;
-	bool required;
-	void *out; /* const char **, uint64_t *, bool *, json_object ** */
-};
-
-static const char *ptype_name(enum ptype t)
+static const char *param_type_text(enum param_type t)
 {
 	switch (t) {
-	case P_STRING:
+	case PARAM_STRING:
 		return "a string";
-	case P_UINT:
+	case PARAM_UINT:
 		return "a non-negative integer";
-	case P_SIZE:
+	case PARAM_SIZE:
 		return "a size in bytes or a string like \"256M\"";
-	case P_BOOL:
+	case PARAM_BOOL:
 		return "a boolean";
 	default:
 		return "an array of strings";
 	}
 }
 
-static bool parse_one(json_object *v, const struct param *p)
+static bool parse_one(json_object *v, enum param_type type, void *out)
 {
-	switch (p->type) {
-	case P_STRING:
+	switch (type) {
+	case PARAM_STRING:
 		if (!json_object_is_type(v, json_type_string))
 			return false;
-		*(const char **)p->out = json_object_get_string(v);
+		*(const char **)out = json_object_get_string(v);
 		return true;
-	case P_UINT:
+	case PARAM_UINT:
 		if (!json_object_is_type(v, json_type_int) || json_object_get_int64(v) < 0)
 			return false;
-		*(uint64_t *)p->out = (uint64_t)json_object_get_int64(v);
+		*(uint64_t *)out = (uint64_t)json_object_get_int64(v);
 		return true;
-	case P_SIZE:
+	case PARAM_SIZE:
 		if (json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0) {
-			*(uint64_t *)p->out = json_object_get_uint64(v);
+			*(uint64_t *)out = json_object_get_uint64(v);
 			return true;
 		}
 		return json_object_is_type(v, json_type_string) &&
-		       qemu_parse_size(json_object_get_string(v), p->out) == 0;
-	case P_BOOL:
+		       qemu_parse_size(json_object_get_string(v), out) == 0;
+	case PARAM_BOOL:
 		if (!json_object_is_type(v, json_type_boolean))
 			return false;
-		*(bool *)p->out = json_object_get_boolean(v);
+		*(bool *)out = json_object_get_boolean(v);
 		return true;
-	case P_STRINGS:
+	case PARAM_STRINGS:
 		if (!json_object_is_type(v, json_type_array))
 			return false;
 		for (size_t i = 0; i < json_object_array_length(v); i++)
 			if (!json_object_is_type(json_object_array_get_idx(v, i), json_type_string))
 				return false;
-		*(json_object **)p->out = v;
+		*(json_object **)out = v;
 		return true;
 	}
 	return false;
@@ -100,28 +100,38 @@ static bool has_nul(json_object *v)
 	return false;
 }
 
-/* Check params against spec; on any problem answer c and return false. */
-static bool params_parse(struct call *c, json_object *params, const struct param *spec, size_t n)
+/* Check params against the called method's spec and fill out[] (n of them,
+ * one per declared param); on any problem answer c and return false. */
+static bool params_bind(struct call *c, json_object *params, void *const *out, size_t n)
 {
+	const struct method *m = call_method(c);
+	const struct param *spec = m->params;
+
+	if (n != m->n_params) { /* a handler out of step with its table */
+		call_fail(c, JSONRPC_INTERNAL_ERROR, "method '%s' binds %zu of %zu params", m->name,
+			  n, m->n_params);
+		return false;
+	}
 	for (size_t i = 0; i < n; i++) {
 		json_object *v = NULL;
 
 		if (!params || !json_object_object_get_ex(params, spec[i].name, &v) || !v) {
 			if (spec[i].required) {
-				call_fail(c, JSONRPC_INVALID_PARAMS, "missing parameter '%s'",
-					  spec[i].name);
+				call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
+						"missing parameter '%s'", spec[i].name);
 				return false;
 			}
 			continue;
 		}
-		if ((spec[i].type == P_STRING || spec[i].type == P_STRINGS) && has_nul(v)) {
-			call_fail(c, JSONRPC_INVALID_PARAMS,
-				  "parameter '%s' must not contain a NUL byte", spec[i].name);
+		if ((spec[i].type == PARAM_STRING || spec[i].type == PARAM_STRINGS) && has_nul(v)) {
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
+					"parameter '%s' must not contain a NUL byte", spec[i].name);
 			return false;
 		}
-		if (!parse_one(v, &spec[i])) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "parameter '%s' must be %s",
-				  spec[i].name, ptype_name(spec[i].type));
+		if (!parse_one(v, spec[i].type, out[i])) {
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
+					"parameter '%s' must be %s", spec[i].name,
+					param_type_text(spec[i].type));
 			return false;
 		}
 	}
@@ -135,33 +145,41 @@ static bool params_parse(struct call *c, json_object *params, const struct param
 		for (size_t i = 0; i < n && !known; i++)
 			known = streq(spec[i].name, key);
 		if (!known) {
-			call_fail(c, JSONRPC_INVALID_PARAMS, "unknown parameter '%.64s'", key);
+			_cleanup_free_ char *k = strndup(key, 64);
+
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, k ? k : "?",
+					"unknown parameter '%.64s'", key);
 			return false;
 		}
 	}
 	return true;
 }
 
-static struct vm *find_vm_or_fail(struct daemon *d, struct call *c, const char *name)
+static struct vm *find_vm_or_fail(struct daemon *d, struct call *c, const char *key,
+				  const char *name)
 {
 	struct vm *vm = vm_find(d, name);
 
 	if (!vm)
-		call_fail(c, JSONRPC_ERR_NOT_FOUND, "no VM named '%.64s'", name);
+		call_fail_param(c, JSONRPC_ERR_NOT_FOUND, key, "no VM named '%.64s'", name);
 	return vm;
 }
 
-/* Methods about one VM take exactly {key: NAME}. Answers c and returns NULL
- * when the params are wrong or there is no such VM. */
-static struct vm *vm_param(struct daemon *d, struct call *c, json_object *params, const char *key)
+/* Methods about one VM take exactly {name: NAME} (fd.*: {vm: NAME}), as
+ * their one declared param says. Answers c and returns NULL when the params
+ * are wrong or there is no such VM. */
+static struct vm *vm_param(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL;
-	const struct param spec[] = { { key, P_STRING, true, &name } };
+	void *const out[] = { &name };
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return NULL;
-	return find_vm_or_fail(d, c, name);
+	return find_vm_or_fail(d, c, call_method(c)->params[0].name, name);
 }
+
+static const struct param name_params[] = { { "name", PARAM_STRING, true } };
+static const struct param vm_params[] = { { "vm", PARAM_STRING, true } };
 
 /* ---- vm.* ---- */
 
@@ -244,11 +262,11 @@ static bool vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *bi
 	r = policy_may_run(&d->policy, binary);
 	if (r == 0)
 		return true;
-	call_fail(c, JSONRPC_ERR_PERMISSION, "VMM binary '%.200s' %s", binary,
-		  r == -EACCES
-		      ? "is not in the allow-list of VMM binaries (see cprd(8), --vmm-allow)"
-		  : r == -EPERM ? "or a directory above it can be changed by others than root"
-				: strerror(-r));
+	call_fail_param(c, JSONRPC_ERR_PERMISSION, "vmm", "VMM binary '%.200s' %s", binary,
+			r == -EACCES
+			    ? "is not in the allow-list of VMM binaries (see cprd(8), --vmm-allow)"
+			: r == -EPERM ? "or a directory above it can be changed by others than root"
+				      : strerror(-r));
 	return false;
 }
 
@@ -269,49 +287,55 @@ static bool memory_ok(struct call *c, uint64_t bytes)
 	char a[32], b[32];
 
 	if (bytes < QEMU_MIN_MEMORY) {
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "memory must be at least 16 MiB (got %" PRIu64
-			  " bytes; a number without a unit is bytes: say \"%" PRIu64 "M\" for MiB)",
-			  bytes, bytes);
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "memory",
+				"memory must be at least 16 MiB (got %" PRIu64
+				" bytes; a number without a unit is bytes: say \"%" PRIu64
+				"M\" for MiB)",
+				bytes, bytes);
 		return false;
 	}
 	if (bytes > phys) {
 		format_size(bytes, a, sizeof(a));
 		format_size(phys, b, sizeof(b));
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "memory %s exceeds this host's physical memory (%s)", a, b);
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "memory",
+				"memory %s exceeds this host's physical memory (%s)", a, b);
 		return false;
 	}
 	return true;
 }
+
+static const struct param vm_create_params[] = {
+	{ "name", PARAM_STRING, true },     { "memory", PARAM_SIZE, true },
+	{ "vcpus", PARAM_UINT, false },     { "kernel", PARAM_STRING, true },
+	{ "initrd", PARAM_STRING, false },  { "append", PARAM_STRING, false },
+	{ "vmm", PARAM_STRING, false },     { "tap", PARAM_STRING, false },
+	{ "machine", PARAM_STRING, false },
+};
 
 static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
 		   *tap = NULL, *machine = NULL;
 	uint64_t memory = 0, vcpus = 1;
-	const struct param spec[] = {
-		{ "name", P_STRING, true, &name },        { "memory", P_SIZE, true, &memory },
-		{ "vcpus", P_UINT, false, &vcpus },       { "kernel", P_STRING, true, &kernel },
-		{ "initrd", P_STRING, false, &initrd },   { "append", P_STRING, false, &append },
-		{ "vmm", P_STRING, false, &vmm },         { "tap", P_STRING, false, &tap },
-		{ "machine", P_STRING, false, &machine },
-	};
+	void *const out[] = { &name,   &memory, &vcpus, &kernel, &initrd,
+			      &append, &vmm,    &tap,   &machine };
 	struct vm_config cfg = {};
 	const char *why;
 	int r;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	if (!memstore_name_is_valid(name)) {
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "invalid VM name '%.64s': use 1-63 letters, digits, '-', '_' or '.', not "
-			  "starting with '.'",
-			  name);
+		call_fail_param(
+		    c, JSONRPC_INVALID_PARAMS, "name",
+		    "invalid VM name '%.64s': use 1-63 letters, digits, '-', '_' or '.', not "
+		    "starting with '.'",
+		    name);
 		return;
 	}
 	if (vm_find(d, name)) {
-		call_fail(c, JSONRPC_ERR_EXISTS, "a VM named '%s' already exists", name);
+		call_fail_param(c, JSONRPC_ERR_EXISTS, "name", "a VM named '%s' already exists",
+				name);
 		return;
 	}
 	if (!memory_ok(c, memory))
@@ -319,7 +343,8 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	/* cannot wrap: memory is at most the host's RAM here */
 	memory = (memory + (1 << 20) - 1) & ~((uint64_t)(1 << 20) - 1);
 	if (vcpus < 1 || vcpus > 256) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "vcpus must be between 1 and 256");
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "vcpus",
+				"vcpus must be between 1 and 256");
 		return;
 	}
 	const char *files[][2] = { { "kernel", kernel }, { "initrd", initrd } };
@@ -328,38 +353,40 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			continue;
 		r = check_file(c, files[i][1]);
 		if (r < 0) {
-			call_fail(c,
-				  r == -EACCES || r == -EPERM || r == -ETXTBSY
-				      ? JSONRPC_ERR_PERMISSION
-				      : JSONRPC_INVALID_PARAMS,
-				  "%s '%.200s': %s", files[i][0], files[i][1], check_file_error(r));
+			call_fail_param(c,
+					r == -EACCES || r == -EPERM || r == -ETXTBSY
+					    ? JSONRPC_ERR_PERMISSION
+					    : JSONRPC_INVALID_PARAMS,
+					files[i][0], "%s '%.200s': %s", files[i][0], files[i][1],
+					check_file_error(r));
 			return;
 		}
 	}
 	if (tap && (why = ifname_invalid(tap))) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "tap interface name '%.64s' %s", tap, why);
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "tap", "tap interface name '%.64s' %s",
+				tap, why);
 		return;
 	}
 	if (append && str_has_ctrl(append)) {
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "append must be a single line without control characters");
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "append",
+				"append must be a single line without control characters");
 		return;
 	}
 	if (machine && (!machine[0] || strlen(machine) > 64 ||
 			strspn(machine, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 					"0123456789-_.") != strlen(machine))) {
-		call_fail(c, JSONRPC_INVALID_PARAMS,
-			  "machine type '%.64s' must be 1-64 letters, digits, '-', '_' or '.'",
-			  machine);
+		call_fail_param(
+		    c, JSONRPC_INVALID_PARAMS, "machine",
+		    "machine type '%.64s' must be 1-64 letters, digits, '-', '_' or '.'", machine);
 		return;
 	}
 	vmm = vmm ? vmm : QEMU_DEFAULT_BINARY;
 	r = find_vmm(vmm, &cfg.vmm);
 	if (r < 0) {
-		call_fail(c, JSONRPC_ERR_VMM, "VMM binary '%.200s' %s", vmm,
-			  r == -ENOENT   ? "not found"
-			  : r == -EINVAL ? "must be an absolute path or a name in PATH"
-					 : strerror(-r));
+		call_fail_param(c, JSONRPC_ERR_VMM, "vmm", "VMM binary '%.200s' %s", vmm,
+				r == -ENOENT   ? "not found"
+				: r == -EINVAL ? "must be an absolute path or a name in PATH"
+					       : strerror(-r));
 		return;
 	}
 	if (!vmm_allowed_or_fail(d, c, cfg.vmm)) {
@@ -383,14 +410,16 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	vm_create(d, &cfg, c);
 }
 
+static const struct param vm_list_params[] = { { "outdated", PARAM_BOOL, false } };
+
 static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
 {
 	bool outdated = false;
-	const struct param spec[] = { { "outdated", P_BOOL, false, &outdated } };
+	void *const out[] = { &outdated };
 	json_object *arr, *res;
 	char files[8];
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	arr = json_object_new_array();
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
@@ -403,7 +432,7 @@ static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_status(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params, "name");
+	struct vm *vm = vm_param(d, c, params);
 
 	if (vm)
 		call_reply(c, vm_to_json(vm));
@@ -411,38 +440,41 @@ static void m_vm_status(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params, "name");
+	struct vm *vm = vm_param(d, c, params);
 
 	if (vm)
 		vm_destroy(vm, c);
 }
+
+static const struct param vm_update_params[] = {
+	{ "name", PARAM_STRING, true },      { "vmm", PARAM_STRING, false },
+	{ "strategy", PARAM_STRING, false }, { "timeout", PARAM_UINT, false },
+	{ "check", PARAM_BOOL, false },
+};
 
 static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *vmm = NULL, *strategy = "handover";
 	uint64_t timeout = 60;
 	bool check = false;
-	const struct param spec[] = {
-		{ "name", P_STRING, true, &name },          { "vmm", P_STRING, false, &vmm },
-		{ "strategy", P_STRING, false, &strategy }, { "timeout", P_UINT, false, &timeout },
-		{ "check", P_BOOL, false, &check },
-	};
+	void *const out[] = { &name, &vmm, &strategy, &timeout, &check };
 	_cleanup_free_ char *binary = NULL;
 	const struct strategy *s;
 	struct vm *vm;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
-	if (!(vm = find_vm_or_fail(d, c, name)))
+	if (!(vm = find_vm_or_fail(d, c, "name", name)))
 		return;
 	s = strategy_find(strategy);
 	if (!s) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "unknown strategy '%.32s' (%s)", strategy,
-			  strategy_names());
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "strategy",
+				"unknown strategy '%.32s' (%s)", strategy, strategy_names());
 		return;
 	}
 	if (timeout < 1 || timeout > 3600) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "timeout must be between 1 and 3600 seconds");
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "timeout",
+				"timeout must be between 1 and 3600 seconds");
 		return;
 	}
 	if (vm->update || vm->check) {
@@ -476,7 +508,7 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 
 static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params, "name");
+	struct vm *vm = vm_param(d, c, params);
 	json_object *res;
 
 	if (!vm)
@@ -500,7 +532,7 @@ static json_object *fds_result(struct vm *vm)
 
 static void m_fd_list(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params, "vm");
+	struct vm *vm = vm_param(d, c, params);
 
 	if (vm)
 		call_reply(c, fds_result(vm));
@@ -509,7 +541,7 @@ static void m_fd_list(struct daemon *d, struct call *c, json_object *params)
 /* vm.fds is the verb's name for the same view, keyed like the other vm.*. */
 static void m_vm_fds(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params, "name");
+	struct vm *vm = vm_param(d, c, params);
 
 	if (vm)
 		call_reply(c, fds_result(vm));
@@ -520,21 +552,23 @@ static bool is_reserved(const char *name)
 	return streq(name, "ram0") || streq(name, "console") || streq(name, "net0");
 }
 
+static const struct param fd_store_params[] = {
+	{ "vm", PARAM_STRING, true },
+	{ "names", PARAM_STRINGS, true },
+	{ "kinds", PARAM_STRINGS, false },
+};
+
 static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *vmname = NULL;
 	json_object *names = NULL, *kinds = NULL;
-	const struct param spec[] = {
-		{ "vm", P_STRING, true, &vmname },
-		{ "names", P_STRINGS, true, &names },
-		{ "kinds", P_STRINGS, false, &kinds },
-	};
+	void *const out[] = { &vmname, &names, &kinds };
 	size_t n;
 	struct vm *vm;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
-	if (!(vm = find_vm_or_fail(d, c, vmname)))
+	if (!(vm = find_vm_or_fail(d, c, "vm", vmname)))
 		return;
 	n = json_object_array_length(names);
 	if (n == 0 || n != call_nfds(c) || (kinds && json_object_array_length(kinds) != n)) {
@@ -549,27 +583,28 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 		const memstore_entry *e;
 
 		if (!memstore_name_is_valid(nm) || is_reserved(nm)) {
-			call_fail(c, JSONRPC_INVALID_PARAMS,
-				  "fd name '%.64s' is invalid or reserved", nm);
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, "names",
+					"fd name '%.64s' is invalid or reserved", nm);
 			return;
 		}
 		if (memstore_get(d->store, vm->cfg.name, nm, &e) == 0) {
-			call_fail(c, JSONRPC_ERR_EXISTS, "VM '%s' already holds an fd named '%s'",
-				  vm->cfg.name, nm);
+			call_fail_param(c, JSONRPC_ERR_EXISTS, "names",
+					"VM '%s' already holds an fd named '%s'", vm->cfg.name, nm);
 			return;
 		}
 		for (size_t j = 0; j < i; j++)
 			if (streq(nm,
 				  json_object_get_string(json_object_array_get_idx(names, j)))) {
-				call_fail(c, JSONRPC_INVALID_PARAMS, "fd name '%s' given twice",
-					  nm);
+				call_fail_param(c, JSONRPC_INVALID_PARAMS, "names",
+						"fd name '%s' given twice", nm);
 				return;
 			}
 		if (kinds && memstore_kind_from_string(
 				 json_object_get_string(json_object_array_get_idx(kinds, i))) < 0) {
-			call_fail(c, JSONRPC_INVALID_PARAMS,
-				  "unknown fd kind '%.32s' (memfd, tap, char, file, socket, pipe)",
-				  json_object_get_string(json_object_array_get_idx(kinds, i)));
+			call_fail_param(
+			    c, JSONRPC_INVALID_PARAMS, "kinds",
+			    "unknown fd kind '%.32s' (memfd, tap, char, file, socket, pipe)",
+			    json_object_get_string(json_object_array_get_idx(kinds, i)));
 			return;
 		}
 	}
@@ -609,22 +644,24 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 	call_reply(c, fds_result(vm));
 }
 
+static const struct param fd_claim_params[] = {
+	{ "vm", PARAM_STRING, true },
+	{ "names", PARAM_STRINGS, true },
+};
+
 static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *vmname = NULL;
 	json_object *names = NULL;
-	const struct param spec[] = {
-		{ "vm", P_STRING, true, &vmname },
-		{ "names", P_STRINGS, true, &names },
-	};
+	void *const out[] = { &vmname, &names };
 	int fds[16];
 	size_t n;
 	struct vm *vm;
 	json_object *res;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
-	if (!(vm = find_vm_or_fail(d, c, vmname)))
+	if (!(vm = find_vm_or_fail(d, c, "vm", vmname)))
 		return;
 	/* A VMM may claim its own VM's fds and nobody else's: its pid, and
 	 * for a confined one its uid too, which no other VM's VMM has. */
@@ -639,7 +676,8 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 	}
 	n = json_object_array_length(names);
 	if (n == 0 || n > ELEMENTSOF(fds)) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "claim between 1 and 16 fds at once");
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "names",
+				"claim between 1 and 16 fds at once");
 		return;
 	}
 	for (size_t i = 0; i < n; i++) {
@@ -647,8 +685,8 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 		const memstore_entry *e;
 
 		if (memstore_get(d->store, vm->cfg.name, nm, &e) < 0) {
-			call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'",
-				  vm->cfg.name, nm);
+			call_fail_param(c, JSONRPC_ERR_NOT_FOUND, "names",
+					"VM '%s' holds no fd named '%.64s'", vm->cfg.name, nm);
 			return;
 		}
 		fds[i] = e->fd;
@@ -660,18 +698,20 @@ static void m_fd_claim(struct daemon *d, struct call *c, json_object *params)
 	call_reply_fds(c, res, fds, n);
 }
 
+static const struct param fd_release_params[] = {
+	{ "vm", PARAM_STRING, true },
+	{ "name", PARAM_STRING, true },
+};
+
 static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *vmname = NULL, *name = NULL;
-	const struct param spec[] = {
-		{ "vm", P_STRING, true, &vmname },
-		{ "name", P_STRING, true, &name },
-	};
+	void *const out[] = { &vmname, &name };
 	struct vm *vm;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
-	if (!(vm = find_vm_or_fail(d, c, vmname)))
+	if (!(vm = find_vm_or_fail(d, c, "vm", vmname)))
 		return;
 	if (is_reserved(name)) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
@@ -680,8 +720,8 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 	}
 	fdstore_remove(d, vm->cfg.name, name);
 	if (memstore_remove(d->store, vm->cfg.name, name) < 0) {
-		call_fail(c, JSONRPC_ERR_NOT_FOUND, "VM '%s' holds no fd named '%.64s'",
-			  vm->cfg.name, name);
+		call_fail_param(c, JSONRPC_ERR_NOT_FOUND, "name",
+				"VM '%s' holds no fd named '%.64s'", vm->cfg.name, name);
 		return;
 	}
 	daemon_status_changed(d);
@@ -705,7 +745,7 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 {
 	json_object *o;
 
-	if (!params_parse(c, params, NULL, 0))
+	if (!params_bind(c, params, NULL, 0))
 		return;
 	o = json_object_new_object();
 	json_object_object_add(o, "version", json_object_new_string(CPRD_VERSION));
@@ -730,19 +770,22 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 
 /* The loop's counters; with reset, read and start a new window in one go,
  * so that nothing falls between the two. */
+static const struct param daemon_stats_params[] = { { "reset", PARAM_BOOL, false } };
+
 static void m_daemon_stats(struct daemon *d, struct call *c, json_object *params)
 {
 	bool reset = false;
-	const struct param spec[] = { { "reset", P_BOOL, false, &reset } };
+	void *const out[] = { &reset };
 	json_object *o;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	if (reset && !call_peer_privileged(c)) {
-		call_fail(c, JSONRPC_ERR_PERMISSION,
-			  "permission denied: resetting the counters needs root or group 'cprd' "
-			  "(peer uid %u)",
-			  (unsigned)call_peer(c)->uid);
+		call_fail_param(
+		    c, JSONRPC_ERR_PERMISSION, "reset",
+		    "permission denied: resetting the counters needs root or group 'cprd' "
+		    "(peer uid %u)",
+		    (unsigned)call_peer(c)->uid);
 		return;
 	}
 	o = json_object_new_object();
@@ -752,31 +795,35 @@ static void m_daemon_stats(struct daemon *d, struct call *c, json_object *params
 	call_reply(c, o);
 }
 
+static const struct param daemon_reexec_params[] = { { "binary", PARAM_STRING, false } };
+
 static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *binary = NULL;
-	const struct param spec[] = { { "binary", P_STRING, false, &binary } };
+	void *const out[] = { &binary };
 	json_object *o;
 
-	if (!params_parse(c, params, spec, ELEMENTSOF(spec)))
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	binary = binary ? binary : d->self_path;
 	if (!binary || binary[0] != '/' || access(binary, X_OK) < 0) {
-		call_fail(c, JSONRPC_INVALID_PARAMS, "binary '%.200s' %s", binary ? binary : "?",
-			  binary && binary[0] == '/' ? strerror(errno)
-						     : "must be an absolute path");
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "binary", "binary '%.200s' %s",
+				binary ? binary : "?",
+				binary && binary[0] == '/' ? strerror(errno)
+							   : "must be an absolute path");
 		return;
 	}
 	if (call_peer(c)->uid != 0) {
 		int r = policy_may_reexec(d->self_path, binary);
 
 		if (r < 0) {
-			call_fail(c, JSONRPC_ERR_PERMISSION, "binary '%.200s' %s", binary,
-				  r == -EACCES  ? "is not cprd's own: only root may re-execute "
-						  "into another binary"
-				  : r == -EPERM ? "or a directory above it can be changed by "
-						  "others than root"
-						: strerror(-r));
+			call_fail_param(
+			    c, JSONRPC_ERR_PERMISSION, "binary", "binary '%.200s' %s", binary,
+			    r == -EACCES  ? "is not cprd's own: only root may re-execute "
+					    "into another binary"
+			    : r == -EPERM ? "or a directory above it can be changed by "
+					    "others than root"
+					  : strerror(-r));
 			return;
 		}
 	}
@@ -813,23 +860,105 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 	ev_break(d->loop, EVBREAK_ALL);
 }
 
+/* ---- rpc.* ---- */
+
+static json_object *method_to_json(const struct method *m)
+{
+	json_object *o = json_object_new_object(), *ps = json_object_new_array();
+
+	json_object_object_add(o, "name", json_object_new_string(m->name));
+	json_object_object_add(o, "summary", json_object_new_string(m->summary));
+	json_object_object_add(o, "permission", json_object_new_string(method_permission(m)));
+	json_object_object_add(o, "takes_fds",
+			       json_object_new_boolean(!!(m->flags & METHOD_TAKES_FDS)));
+	for (size_t i = 0; i < m->n_params; i++) {
+		json_object *p = json_object_new_object();
+
+		json_object_object_add(p, "name", json_object_new_string(m->params[i].name));
+		json_object_object_add(
+		    p, "type", json_object_new_string(param_type_to_string(m->params[i].type)));
+		json_object_object_add(p, "required",
+				       json_object_new_boolean(m->params[i].required));
+		json_object_array_add(ps, p);
+	}
+	json_object_object_add(o, "params", ps);
+	return o;
+}
+
+/* The API as this cprd serves it: built from the very table it dispatches
+ * from, so it cannot disagree with what the server checks. */
+static void m_rpc_describe(struct daemon *d, struct call *c, json_object *params)
+{
+	json_object *o, *ms, *errs;
+	const jsonrpc_error_info *e;
+
+	if (!params_bind(c, params, NULL, 0))
+		return;
+	o = json_object_new_object();
+	json_object_object_add(o, "jsonrpc", json_object_new_string("2.0"));
+	json_object_object_add(o, "protocol_version", json_object_new_int(CPRD_PROTOCOL_VERSION));
+	json_object_object_add(o, "version", json_object_new_string(CPRD_VERSION));
+	ms = json_object_new_array();
+	for (size_t i = 0; i < d->n_methods; i++)
+		json_object_array_add(ms, method_to_json(&d->methods[i]));
+	json_object_object_add(o, "methods", ms);
+	errs = json_object_new_array();
+	for (size_t i = 0; (e = jsonrpc_error_nth(i)); i++) {
+		json_object *x = json_object_new_object();
+
+		json_object_object_add(x, "code", json_object_new_int(e->code));
+		json_object_object_add(x, "kind", json_object_new_string(e->kind));
+		json_object_object_add(x, "summary", json_object_new_string(e->summary));
+		json_object_array_add(errs, x);
+	}
+	json_object_object_add(o, "errors", errs);
+	call_reply(c, o);
+}
+
+/* Their params are checked here, as every method's are (params_bind()). */
+static void m_daemon_metrics(struct daemon *d, struct call *c, json_object *params)
+{
+	if (params_bind(c, params, NULL, 0))
+		metrics_method(d, c, NULL);
+}
+
+static void m_events_subscribe(struct daemon *d, struct call *c, json_object *params)
+{
+	if (params_bind(c, params, NULL, 0))
+		events_subscribe(d, c, NULL);
+}
+
 const struct method rpc_methods[] = {
-	{ "vm.create", m_vm_create, METHOD_MUTATING },
-	{ "vm.list", m_vm_list, 0 },
-	{ "vm.status", m_vm_status, 0 },
-	{ "vm.fds", m_vm_fds, 0 },
-	{ "vm.destroy", m_vm_destroy, METHOD_MUTATING },
-	{ "vm.update", m_vm_update, METHOD_MUTATING },
-	{ "vm.history", m_vm_history, 0 },
-	{ "fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS },
-	{ "fd.claim", m_fd_claim, METHOD_MUTATING },
-	{ "fd.list", m_fd_list, 0 },
-	{ "fd.release", m_fd_release, METHOD_MUTATING },
-	{ "daemon.status", m_daemon_status, 0 },
-	{ "daemon.stats", m_daemon_stats, 0 },
-	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING },
-	{ "daemon.metrics", metrics_method, 0 },
-	{ "events.subscribe", events_subscribe, 0 },
+	{ "vm.create", m_vm_create, METHOD_MUTATING, METHOD_PARAMS(vm_create_params),
+	  "define and start a VM; answers once the guest runs" },
+	{ "vm.list", m_vm_list, 0, METHOD_PARAMS(vm_list_params),
+	  "every VM's status; with outdated, only VMs whose VMM was replaced on disk" },
+	{ "vm.status", m_vm_status, 0, METHOD_PARAMS(name_params), "one VM's status" },
+	{ "vm.fds", m_vm_fds, 0, METHOD_PARAMS(name_params), "the fds cprd holds for a VM" },
+	{ "vm.destroy", m_vm_destroy, METHOD_MUTATING, METHOD_PARAMS(name_params),
+	  "end the VM's VMM and release everything held for it" },
+	{ "vm.update", m_vm_update, METHOD_MUTATING, METHOD_PARAMS(vm_update_params),
+	  "replace the VM's VMM under the running guest; with check, only its pre-flight" },
+	{ "vm.history", m_vm_history, 0, METHOD_PARAMS(name_params),
+	  "the VM's updates, newest first" },
+	{ "fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS,
+	  METHOD_PARAMS(fd_store_params), "put the attached fds into the VM's custody" },
+	{ "fd.claim", m_fd_claim, METHOD_MUTATING | METHOD_OWN_VMM, METHOD_PARAMS(fd_claim_params),
+	  "get duplicates of fds held for the VM" },
+	{ "fd.list", m_fd_list, 0, METHOD_PARAMS(vm_params), "the fds cprd holds for a VM" },
+	{ "fd.release", m_fd_release, METHOD_MUTATING, METHOD_PARAMS(fd_release_params),
+	  "close one fd stored for the VM" },
+	{ "daemon.status", m_daemon_status, 0, NULL, 0, "cprd's version, uptime and custody" },
+	{ "daemon.stats", m_daemon_stats, 0, METHOD_PARAMS(daemon_stats_params),
+	  "cprd's own time on its event loop; reset needs root or group cprd" },
+	{ "daemon.reexec", m_daemon_reexec, METHOD_MUTATING, METHOD_PARAMS(daemon_reexec_params),
+	  "cprd re-executes itself, keeping every VM" },
+	{ "rpc.describe", m_rpc_describe, 0, NULL, 0,
+	  "every method with its params and permission, the errors, the protocol version" },
+	{ "daemon.metrics", m_daemon_metrics, 0, NULL, 0,
+	  "daemon-wide metrics in Prometheus' text format" },
+	{ "events.subscribe", m_events_subscribe, 0, NULL, 0,
+	  "turn this connection into a stream of event notifications" },
 };
 
 const size_t rpc_methods_count = ELEMENTSOF(rpc_methods);

@@ -66,7 +66,8 @@ struct batch {
 struct call {
 	struct client *client;
 	struct batch *batch;
-	json_object *id;   /* borrowed reference; NULL is JSON null */
+	json_object *id; /* borrowed reference; NULL is JSON null */
+	const struct method *method;
 	bool notification; /* no "id" member: never answered */
 	int fds[PROTO_MAX_FDS];
 	size_t nfds;
@@ -267,12 +268,31 @@ void call_reply(struct call *c, json_object *result)
 	call_reply_fds(c, result, NULL, 0);
 }
 
-static void call_failv(struct call *c, int code, json_object *data, const char *fmt, va_list ap)
+/* Every error's data says its kind (and the parameter it is about): a
+ * data object the caller gives (an update's report) gets them added, what
+ * it already has is kept. */
+static json_object *error_data(int code, json_object *data, const char *param)
+{
+	if (!data)
+		return jsonrpc_error_data_new(code, param);
+	if (!json_object_is_type(data, json_type_object))
+		return data;
+	if (!json_object_object_get_ex(data, "kind", NULL))
+		json_object_object_add(data, "kind",
+				       json_object_new_string(jsonrpc_error_kind(code)));
+	if (param && !json_object_object_get_ex(data, "param", NULL))
+		json_object_object_add(data, "param", json_object_new_string(param));
+	return data;
+}
+
+static void call_failv(struct call *c, int code, json_object *data, const char *param,
+		       const char *fmt, va_list ap)
 {
 	_cleanup_free_ char *msg = NULL;
 
 	if (vasprintf(&msg, fmt, ap) < 0)
 		msg = NULL;
+	data = error_data(code, data, param);
 	call_finish(c, jsonrpc_error_new(c->id, code, msg ? msg : "out of memory", data), NULL, 0);
 }
 
@@ -281,7 +301,7 @@ void call_fail(struct call *c, int code, const char *fmt, ...)
 	va_list ap;
 
 	va_start(ap, fmt);
-	call_failv(c, code, NULL, fmt, ap);
+	call_failv(c, code, NULL, NULL, fmt, ap);
 	va_end(ap);
 }
 
@@ -290,8 +310,46 @@ void call_fail_data(struct call *c, int code, json_object *data, const char *fmt
 	va_list ap;
 
 	va_start(ap, fmt);
-	call_failv(c, code, data, fmt, ap);
+	call_failv(c, code, data, NULL, fmt, ap);
 	va_end(ap);
+}
+
+void call_fail_param(struct call *c, int code, const char *param, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	call_failv(c, code, NULL, param, fmt, ap);
+	va_end(ap);
+}
+
+const struct method *call_method(const struct call *c)
+{
+	return c->method;
+}
+
+const char *param_type_to_string(enum param_type t)
+{
+	switch (t) {
+	case PARAM_STRING:
+		return "string";
+	case PARAM_UINT:
+		return "uint";
+	case PARAM_SIZE:
+		return "size";
+	case PARAM_BOOL:
+		return "bool";
+	case PARAM_STRINGS:
+		return "strings";
+	}
+	return "?";
+}
+
+const char *method_permission(const struct method *m)
+{
+	if (!(m->flags & METHOD_MUTATING))
+		return "read";
+	return m->flags & METHOD_OWN_VMM ? "mutating-or-own-vmm" : "mutating";
 }
 
 size_t call_nfds(const struct call *c)
@@ -397,7 +455,8 @@ void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_qu
 
 /* ---- dispatch ---- */
 
-static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req)
+static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_request *req,
+			     const struct method *m)
 {
 	struct call *c = calloc(1, sizeof(*c));
 
@@ -405,6 +464,7 @@ static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_r
 		return NULL;
 	c->client = cl;
 	c->batch = b;
+	c->method = m;
 	c->id = json_object_get(req->id); /* json-c: NULL stays NULL */
 	c->notification = req->is_notification;
 	cl->refs++;
@@ -418,7 +478,7 @@ static struct call *call_new(struct client *cl, struct batch *b, const jsonrpc_r
 static void reply_error(struct client *cl, struct batch *b, json_object *id, int code,
 			const char *msg)
 {
-	json_object *e = jsonrpc_error_new(id, code, msg, NULL);
+	json_object *e = jsonrpc_error_new(id, code, msg, jsonrpc_error_data_new(code, NULL));
 
 	if (b) {
 		if (e)
@@ -460,7 +520,7 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 			reply_error(cl, b, req.id, JSONRPC_METHOD_NOT_FOUND, msg);
 		return;
 	}
-	c = cl->calls < CLIENT_MAX_CALLS ? call_new(cl, b, &req) : NULL;
+	c = cl->calls < CLIENT_MAX_CALLS ? call_new(cl, b, &req, m) : NULL;
 	if (!c) {
 		close_many(fds, nfds);
 		if (!req.is_notification)
@@ -476,7 +536,7 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 			  "method '%s' takes no fds, but %zu came with it (closed)", m->name, nfds);
 		return;
 	}
-	if ((m->flags & METHOD_MUTATING) && !cl->privileged && !streq(m->name, "fd.claim")) {
+	if ((m->flags & METHOD_MUTATING) && !(m->flags & METHOD_OWN_VMM) && !cl->privileged) {
 		call_fail(c, JSONRPC_ERR_PERMISSION,
 			  "permission denied: '%s' changes state and needs root or group 'cprd' "
 			  "(peer uid %u)",

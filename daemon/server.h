@@ -20,15 +20,39 @@
 struct call;
 
 enum method_flags {
-	METHOD_MUTATING = 1 << 0, /* only root or group cprd (fd.claim: see there) */
+	METHOD_MUTATING = 1 << 0, /* only root or group cprd */
 	METHOD_TAKES_FDS = 1 << 1,
+	METHOD_OWN_VMM = 1 << 2, /* with MUTATING: also the VM's own VMM (the handler judges) */
 };
 
+enum param_type { PARAM_STRING, PARAM_UINT, PARAM_SIZE, PARAM_BOOL, PARAM_STRINGS };
+
+/* One named member of a method's params. */
+struct param {
+	const char *name;
+	enum param_type type;
+	bool required;
+};
+
+/*
+ * A method, as the server dispatches it and as rpc.describe tells it: the
+ * one table serves both. params[] is what the handler binds, in that order
+ * (methods.c: params_bind()), so what is described is what is checked.
+ */
 struct method {
 	const char *name;
 	void (*fn)(struct daemon *d, struct call *c, json_object *params);
 	unsigned flags;
+	const struct param *params;
+	size_t n_params;
+	const char *summary; /* one line, for rpc.describe */
 };
+
+#define METHOD_PARAMS(a) (a), ELEMENTSOF(a)
+
+const char *param_type_to_string(enum param_type t);
+/* "read", "mutating" or "mutating-or-own-vmm". */
+const char *method_permission(const struct method *m);
 
 /* Serve methods[0..n) (the table must outlive the server) on listen_fd
  * when one was inherited (socket activation or re-exec), else on the
@@ -53,9 +77,16 @@ void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_qu
 void call_reply(struct call *c, json_object *result);
 void call_reply_fds(struct call *c, json_object *result, const int *fds, size_t nfds);
 _printf_(3, 4) void call_fail(struct call *c, int code, const char *fmt, ...);
-/* Same, with a "data" member attached to the error (taken). */
+/* Same, with a "data" member attached to the error (taken). Every error's
+ * data carries "kind" (proto/jsonrpc.h), added to data when it has none. */
 _printf_(4, 5) void call_fail_data(struct call *c, int code, json_object *data, const char *fmt,
 				   ...);
+/* Same, naming the offending parameter in data's "param". */
+_printf_(4, 5) void call_fail_param(struct call *c, int code, const char *param, const char *fmt,
+				    ...);
+
+/* The method being called. */
+const struct method *call_method(const struct call *c);
 
 /* What came with the request. Fds not taken are closed when the call ends. */
 size_t call_nfds(const struct call *c);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/time.h>
 #include <time.h>
 
 #include "common/json.h"
@@ -57,6 +58,11 @@ proto_client *proto_client_free(proto_client *c)
 
 int proto_client_connect(const char *path, proto_client **ret)
 {
+	return proto_client_connect_timeout(path, -1, ret);
+}
+
+int proto_client_connect_timeout(const char *path, int timeout_ms, proto_client **ret)
+{
 	_cleanup_(proto_client_freep) proto_client *c = NULL;
 	struct sockaddr_un sa;
 	socklen_t salen;
@@ -84,8 +90,17 @@ int proto_client_connect(const char *path, proto_client **ret)
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (c->fd < 0)
 		return -errno;
+	/* A blocking connect to a UNIX socket waits for room in the backlog
+	 * at most SO_SNDTIMEO, and then fails with EAGAIN. */
+	if (timeout_ms >= 0) {
+		struct timeval tv = { .tv_sec = timeout_ms / 1000,
+				      .tv_usec = (timeout_ms % 1000) * 1000 + (timeout_ms == 0) };
+
+		if (setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0)
+			return -errno;
+	}
 	if (connect(c->fd, (struct sockaddr *)&sa, salen) < 0)
-		return -errno;
+		return errno == EAGAIN && timeout_ms >= 0 ? -ETIMEDOUT : -errno;
 	/* Connected first: a non-blocking connect could return EAGAIN when
 	 * the daemon's backlog is full. Afterwards poll() does the waiting. */
 	r = fcntl(c->fd, F_GETFL);

@@ -12,6 +12,9 @@ typedef struct proto_client proto_client;
 
 /* Connect to the daemon's socket at path (SOCK_CLOEXEC). */
 int proto_client_connect(const char *path, proto_client **ret);
+/* Same, giving up after timeout_ms (< 0: never) with -ETIMEDOUT: a daemon
+ * that is stopped with a full listen backlog never accepts. */
+int proto_client_connect_timeout(const char *path, int timeout_ms, proto_client **ret);
 proto_client *proto_client_free(proto_client *c);
 
 /* Called for every notification (message without "id") that arrives while a

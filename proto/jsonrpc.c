@@ -9,6 +9,57 @@
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(json_tokener *, json_tokener_free);
 
+static const jsonrpc_error_info errors[] = {
+	{ JSONRPC_PARSE_ERROR, "parse-error",
+	  "not JSON, trailing data, or nesting deeper than 32" },
+	{ JSONRPC_INVALID_REQUEST, "invalid-request",
+	  "not a JSON-RPC 2.0 request, or an empty batch" },
+	{ JSONRPC_METHOD_NOT_FOUND, "unknown-method", "no method of that name" },
+	{ JSONRPC_INVALID_PARAMS, "invalid-params",
+	  "a parameter is missing, of the wrong type, out of range or unknown" },
+	{ JSONRPC_INTERNAL_ERROR, "internal", "cprd could not build the answer (out of memory)" },
+	{ JSONRPC_ERR_NOT_FOUND, "not-found", "no such VM, or no such fd held for it" },
+	{ JSONRPC_ERR_EXISTS, "exists", "the name is already used" },
+	{ JSONRPC_ERR_PERMISSION, "permission", "the peer may not do this" },
+	{ JSONRPC_ERR_BUSY, "busy", "the VM or connection is busy with another operation" },
+	{ JSONRPC_ERR_BAD_STATE, "bad-state", "the VM is not in a state that allows this" },
+	{ JSONRPC_ERR_VMM, "vmm-failed",
+	  "the VMM failed (not found, exited at start, update rolled back or failed)" },
+	{ JSONRPC_ERR_BAD_FDS, "bad-fds",
+	  "fds missing, unexpected, too many or of the wrong kind" },
+	{ JSONRPC_ERR_TOO_LARGE, "too-large",
+	  "the message exceeds 256 KiB; the connection is closed" },
+	{ JSONRPC_ERR_RESOURCE, "resource",
+	  "a host resource failed (memory, files, the registry cannot be written)" },
+	{ JSONRPC_ERR_UNSUPPORTED, "unsupported", "not available on this host or with this VMM" },
+	{ JSONRPC_ERR_TIMEOUT, "timeout", "the operation did not finish in time" },
+};
+
+const jsonrpc_error_info *jsonrpc_error_nth(size_t i)
+{
+	return i < ELEMENTSOF(errors) ? &errors[i] : NULL;
+}
+
+const char *jsonrpc_error_kind(int code)
+{
+	for (size_t i = 0; i < ELEMENTSOF(errors); i++)
+		if (errors[i].code == code)
+			return errors[i].kind;
+	return "error";
+}
+
+json_object *jsonrpc_error_data_new(int code, const char *param)
+{
+	_cleanup_json_ json_object *o = json_object_new_object();
+
+	if (!o ||
+	    json_object_object_add(o, "kind", json_object_new_string(jsonrpc_error_kind(code))) < 0)
+		return NULL;
+	if (param && json_object_object_add(o, "param", json_object_new_string(param)) < 0)
+		return NULL;
+	return TAKE_PTR(o);
+}
+
 static int fail(const char **ret_why, const char *why, int r)
 {
 	if (ret_why)

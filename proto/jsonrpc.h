@@ -6,6 +6,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <json-c/json.h>
 
@@ -30,6 +31,26 @@ enum {
 	JSONRPC_ERR_UNSUPPORTED = -32009, /* not available on this host / VMM */
 	JSONRPC_ERR_TIMEOUT = -32010,
 };
+
+/* The version of cprd's API over JSON-RPC, as rpc.describe reports it:
+ * raised when a method, parameter or result changes incompatibly. */
+#define CPRD_PROTOCOL_VERSION 1
+
+/* Every error code cprd can answer, with the symbolic kind that its
+ * error's data carries ({"kind": ...}) and one line saying what it means. */
+typedef struct jsonrpc_error_info {
+	int code;
+	const char *kind;
+	const char *summary;
+} jsonrpc_error_info;
+
+/* The i-th known error, NULL past the last. */
+const jsonrpc_error_info *jsonrpc_error_nth(size_t i);
+/* The kind for code ("error" for a code not in the table). */
+const char *jsonrpc_error_kind(int code);
+/* {"kind": KIND} plus {"param": param} when param is not NULL. NULL when
+ * out of memory. */
+json_object *jsonrpc_error_data_new(int code, const char *param);
 
 /*
  * Parse one message with json-c, depth limited to JSONRPC_MAX_DEPTH.

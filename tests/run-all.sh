@@ -1,6 +1,7 @@
 #!/bin/sh
 # make check, after the builds: format-check, the unit files' lint
-# (systemd-analyze verify), the Check unit suites, a short
+# (systemd-analyze verify), the Check unit suites, the man pages rendering
+# without warnings, a short
 # fuzz run, the integration tests against the normal build (B) and again
 # against the ASan build (B/asan, on the guest in B/guest). Every part runs
 # even when one before it failed; the exit status is non-zero if any failed.
@@ -39,6 +40,7 @@ counts() {
 part format-check $MAKE --no-print-directory format-check
 part units-verify $MAKE --no-print-directory units-verify B="$B"
 part unit sh tests/run-unit.sh "$B"/tests/test_*
+part man $MAKE --no-print-directory man-check B="$B"
 part fuzz $MAKE --no-print-directory fuzz B="$B" FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 # State directories on a tmpfs in the one run, on a disk file system in the
 # other: cprd must work on both (/run/cprd is a tmpfs on an ordinary host).

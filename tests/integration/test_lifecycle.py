@@ -46,7 +46,7 @@ class Lifecycle(SharedDaemonTest):
 
         listing = self.d.cprctl("list", check=True).stdout
         self.assertRegex(listing, r"(?m)^NAME\s+STATE\s+PID")
-        self.assertRegex(listing, rf"(?m)^life1\s+running\s+{vm['pid']}\s+256M")
+        self.assertRegex(listing, rf"(?m)^life1\s+running\s+{vm['pid']}\s+256 MiB\s")
 
         fds = json.loads(self.d.cprctl("fds", "life1", "--json", check=True).stdout)["fds"]
         by_name = {f["name"]: f for f in fds}
@@ -54,7 +54,7 @@ class Lifecycle(SharedDaemonTest):
         self.assertEqual(by_name["ram0"]["size"], 256 << 20)
         self.assertEqual(by_name["console"]["kind"], "file")
         human = self.d.cprctl("fds", "life1", check=True).stdout
-        self.assertRegex(human, r"(?m)^ram0\s+memfd\s+256M")
+        self.assertRegex(human, r"(?m)^ram0\s+memfd\s+256 MiB\s")
 
         p = self.d.cprctl("destroy", "life1")
         self.assertEqual(p.returncode, 0, p.stderr)
@@ -97,8 +97,9 @@ class Lifecycle(SharedDaemonTest):
         self.assertNotIn(vm["pid"], children(self.d.pid), "crashed VMM not reaped")
         names = [f["name"] for f in self.d.call("vm.fds", {"name": "life3"})["fds"]]
         self.assertIn("ram0", names)
-        human = self.d.cprctl("status", "life3", check=True).stdout
-        self.assertRegex(human, r"(?m)^state\s+crashed")
+        p = self.d.cprctl("status", "life3")
+        self.assertEqual(p.returncode, 3, "status of a VM not running exits 3")
+        self.assertRegex(p.stdout, r"(?m)^state\s+crashed")
         self.d.cprctl("destroy", "life3", check=True)
         self.assertEqual(self.d.call("vm.list")["vms"], [])
 
