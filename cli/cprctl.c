@@ -688,7 +688,9 @@ static void print_fds(json_object *res)
 
 static void print_destroyed(json_object *res)
 {
-	printf("VM %s destroyed; everything held for it was released\n", str(res, "name"));
+	printf("VM %s destroyed; everything held for it was released (its logs and history are "
+	       "kept: cprctl history %s, cprctl purge %s)\n",
+	       str(res, "name"), str(res, "name"), str(res, "name"));
 	if (json_object_object_get(res, "registry_error"))
 		fprintf(stderr,
 			"cprctl: warning: cprd could not record this in its registry (%s); a cprd "
@@ -1310,9 +1312,13 @@ static int verb_update(int argc, char **argv)
 static void print_history(json_object *res)
 {
 	json_object *ups = json_object_object_get(res, "updates");
-	struct table t = { .ncols = 8, .right = 1u << 4 | 1u << 5 };
+	bool all = !json_object_object_get(res, "vm");
+	struct table t = { .ncols = 9, .right = 1u << 5 | 1u << 6 };
 
-	table_row(&t, (const char *const[]){ "TIME", "AGE", "STRATEGY", "RESULT", "BLACKOUT",
+	if (json_object_get_boolean(json_object_object_get(res, "destroyed")))
+		printf("VM %s was destroyed; its history as kept (cprctl purge %s removes it):\n",
+		       str(res, "vm"), str(res, "vm"));
+	table_row(&t, (const char *const[]){ "TIME", "AGE", "VM", "STRATEGY", "RESULT", "BLACKOUT",
 					     "TOTAL", "QEMU", "ERROR" });
 	for (size_t i = 0; i < json_object_array_length(ups); i++) {
 		json_object *u = json_object_array_get_idx(ups, i);
@@ -1327,7 +1333,8 @@ static void print_history(json_object *res)
 		snprintf(total, sizeof(total), "%.1f ms",
 			 json_object_get_double(json_object_object_get(u, "total_ms")));
 		table_row(&t, (const char *const[]){
-				  when, age, str(u, "strategy"), str(u, "result"), bos, total, ver,
+				  when, age, all ? str(u, "vm") : str(res, "vm"),
+				  str(u, "strategy"), str(u, "result"), bos, total, ver,
 				  json_object_object_get(u, "error") ? str(u, "error") : "" });
 	}
 	if (json_object_array_length(ups) == 0) {
@@ -1338,9 +1345,51 @@ static void print_history(json_object *res)
 	table_print(&t);
 }
 
+static int flag_opt(int opt, const char *arg, void *ud)
+{
+	*(bool *)ud = true;
+	return 0;
+}
+
 static int verb_history(int argc, char **argv)
 {
-	return name_verb(argc, argv, "vm.history", "name", print_history, NULL);
+	static const struct option opts[] = { { "all", no_argument, NULL, 'a' } };
+	_cleanup_json_ json_object *res = NULL;
+	json_object *p;
+	bool all = false;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), flag_opt, &all);
+	if (i < 0)
+		return EXIT_USAGE;
+	if (all ? i != argc : i + 1 != argc)
+		return usage_error(all         ? "history --all takes no NAME"
+				   : i == argc ? "history needs a VM's NAME, or --all"
+					       : "history takes one NAME");
+	p = json_object_new_object();
+	if (all)
+		json_object_object_add(p, "all", json_object_new_boolean(true));
+	else
+		json_object_object_add(p, "name", json_object_new_string(argv[i]));
+	r = call("vm.history", p, &res);
+	if (r != EXIT_OK)
+		return r;
+	if (arg_json)
+		print_json(res);
+	else
+		print_history(res);
+	return EXIT_OK;
+}
+
+static void print_purged(json_object *res)
+{
+	printf("what was kept of VM %s (console log, VMM log, history) is removed\n",
+	       str(res, "name"));
+}
+
+static int verb_purge(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.purge", "name", print_purged, NULL);
 }
 
 /* rpc.describe, for people: each method, who may call it, its params. */
@@ -1553,8 +1602,12 @@ static const struct verb verbs[] = {
 	  "                     check it, end it (with --all: once per binary and machine\n"
 	  "                     type; --all always runs these first and stops if one fails)\n"
 	  "  --outdated         with --all: only VMs whose VMM was replaced on disk\n" },
-	{ "history", verb_history, "history NAME",
-	  "the VM's updates, newest first: time, age, strategy, result, blackout, total", NULL },
+	{ "history", verb_history, "history NAME|--all",
+	  "the VM's updates, newest first: time, age, strategy, result, blackout, total; a "
+	  "destroyed VM's as kept",
+	  "  --all              the newest updates of every VM, live or destroyed\n" },
+	{ "purge", verb_purge, "purge NAME",
+	  "remove what is kept of a destroyed VM: its console and VMM logs and history", NULL },
 	{ "daemon", verb_daemon, "daemon status | stats [--reset] | reexec [--binary PATH]",
 	  "cprd itself: its status; its own time on its event loop; re-execute it",
 	  "  --reset            stats: start a new window\n"

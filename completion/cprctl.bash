@@ -17,7 +17,7 @@ _cprctl_vms()
 _cprctl()
 {
 	local cur=${COMP_WORDS[COMP_CWORD]} prev=
-	local verbs="create list status fds destroy update history daemon metrics events methods help"
+	local verbs="create list status fds destroy update history purge daemon metrics events methods help"
 	local common="--socket --json --timeout --help --version"
 	local verb= i
 	((COMP_CWORD > 0)) && prev=${COMP_WORDS[COMP_CWORD - 1]}
@@ -62,6 +62,7 @@ _cprctl()
 	list) opts="--state --outdated --name" ;;
 	update) opts="--all --outdated --check --vmm --strategy --parallel" ;;
 	daemon) opts="--reset --binary" ;;
+	history) opts="--all" ;;
 	esac
 
 	if [[ $cur == -* ]]; then
@@ -69,7 +70,7 @@ _cprctl()
 		return
 	fi
 	case $verb in
-	status | fds | destroy | update | history)
+	status | fds | destroy | update | history | purge)
 		COMPREPLY=($(compgen -W "$(_cprctl_vms)" -- "$cur"))
 		;;
 	daemon)

@@ -26,9 +26,11 @@ struct scope_bus;
 
 struct daemon {
 	struct ev_loop *loop;
-	char *state_dir;   /* e.g. /run/cprd */
-	int state_fd;      /* state_dir, checked to be ours alone (main.c) */
-	int vms_fd;        /* state_dir/vms, likewise */
+	char *state_dir; /* e.g. /run/cprd */
+	int state_fd;    /* state_dir, checked to be ours alone (main.c) */
+	int vms_fd;      /* state_dir/vms, likewise */
+	int archive_fd;  /* --log-dir: what destroyed VMs leave (archive.c); < 0: none */
+	const char *archive_dir;
 	char *socket_path; /* NULL when the socket came from systemd */
 	int listen_fd;
 	bool socket_activated;

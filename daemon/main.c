@@ -16,6 +16,7 @@
 #include <systemd/sd-daemon.h>
 #include <time.h>
 
+#include "daemon/archive.h"
 #include "daemon/daemon.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
@@ -56,6 +57,7 @@ struct options {
 	bool confine;
 	uint32_t vmm_id_base, vmm_id_count;
 	const char *metrics_file;
+	const char *log_dir; /* --log-dir: what destroyed VMs leave */
 	double metrics_interval;
 	size_t events_max_queued;
 };
@@ -141,7 +143,7 @@ static void help(void)
 	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--vmm-ids BASE:COUNT]\n"
 	    "            [--no-confine] [--no-sandbox] [--max-clients-per-uid N]\n"
 	    "            [--idle-timeout SEC] [--metrics-file PATH [--metrics-interval SEC]]\n"
-	    "            [--events-max-queued BYTES]\n\n"
+	    "            [--events-max-queued BYTES] [--log-dir DIR]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -155,6 +157,8 @@ static void help(void)
 	    "  --metrics-interval SEC  write that file at most every SEC seconds (default 5)\n"
 	    "  --events-max-queued BYTES  unread bytes an event subscriber may have queued\n"
 	    "                    before it is dropped (default 1 MiB)\n"
+	    "  --log-dir DIR     keep destroyed VMs' console and VMM logs and history in\n"
+	    "                    DIR/NAME (default %s; \"\": keep nothing)\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
 	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
@@ -168,8 +172,9 @@ static void help(void)
 	    "                    close a connection with no call in flight after SEC\n"
 	    "                    seconds without traffic (default %d; 0: never)\n"
 	    "  --version         print the version\n",
-	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM, DEFAULT_VMM_ID_BASE,
-	    DEFAULT_VMM_ID_COUNT, LIMITS_MAX_CLIENTS_PER_UID, LIMITS_IDLE_TIMEOUT_SEC);
+	    DEFAULT_STATE_DIR, POLICY_DEFAULT_FILE, POLICY_DEFAULT_VMM, ARCHIVE_DEFAULT_DIR,
+	    DEFAULT_VMM_ID_BASE, DEFAULT_VMM_ID_COUNT, LIMITS_MAX_CLIENTS_PER_UID,
+	    LIMITS_IDLE_TIMEOUT_SEC);
 }
 
 static int parse_unsigned(const char *opt, const char *s, unsigned max, unsigned *ret)
@@ -239,6 +244,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "vmm-ids", required_argument, NULL, 'i' },
 		{ "no-confine", no_argument, NULL, 'C' },
 		{ "metrics-file", required_argument, NULL, 'M' },
+		{ "log-dir", required_argument, NULL, 'G' },
 		{ "metrics-interval", required_argument, NULL, 'T' },
 		{ "events-max-queued", required_argument, NULL, 'E' },
 		{ "help", no_argument, NULL, 'h' },
@@ -258,6 +264,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 			       .vmm_id_base = DEFAULT_VMM_ID_BASE,
 			       .vmm_id_count = DEFAULT_VMM_ID_COUNT,
 			       .metrics_interval = 5,
+			       .log_dir = ARCHIVE_DEFAULT_DIR,
 			       .events_max_queued = EVENTS_MAX_QUEUED };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
@@ -317,6 +324,16 @@ static int parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'C':
 			o->confine = false;
+			break;
+		case 'G':
+			if (optarg[0] && optarg[0] != '/') {
+				fprintf(stderr,
+					"cprd: --log-dir takes an absolute path (or \"\" to keep "
+					"nothing), not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->log_dir = optarg;
 			break;
 		case 'M':
 			if (optarg[0] != '/' || optarg[strlen(optarg) - 1] == '/') {
@@ -781,6 +798,7 @@ int main(int argc, char **argv)
 	static struct daemon d = { .listen_fd = -EBADF,
 				   .state_fd = -EBADF,
 				   .vms_fd = -EBADF,
+				   .archive_fd = -EBADF,
 				   .launcher = { .sock = -EBADF },
 				   .start_mode = "fresh" };
 	struct options o;
@@ -807,6 +825,7 @@ int main(int argc, char **argv)
 		return 1;
 	if (registry_init(&d.registry, d.state_dir) < 0)
 		return 1;
+	(void)archive_open(&d, o.log_dir); /* says why when it cannot */
 	reexeced = getenv("CPRD_REEXEC") != NULL;
 	unsetenv("CPRD_REEXEC");
 	if (!o.foreground && !reexeced && !getenv("NOTIFY_SOCKET") && !getenv("LISTEN_FDS")) {

@@ -9,6 +9,7 @@
 
 #include "common/json.h"
 #include "common/valid.h"
+#include "daemon/archive.h"
 #include "daemon/check.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
@@ -506,16 +507,82 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		update_start(vm, s, binary, (double)timeout, c);
 }
 
+static const struct param vm_history_params[] = {
+	{ "name", PARAM_STRING, false },
+	{ "all", PARAM_BOOL, false },
+};
+
+#define HISTORY_ALL_MAX 200
+
+/* One VM's updates, that VM's kept ones once it is destroyed, or with
+ * "all" the newest of every VM, live or destroyed. */
 static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
 {
-	struct vm *vm = vm_param(d, c, params);
-	json_object *res;
+	const char *name = NULL;
+	bool all = false;
+	void *const out[] = { &name, &all };
+	json_object *res, *kept = NULL;
+	struct vm *vm;
 
-	if (!vm)
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
+	if (!name == !all) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, name ? "all" : "name",
+				"give either a VM's name or all");
+		return;
+	}
 	res = json_object_new_object();
-	json_object_object_add(res, "vm", json_object_new_string(vm->cfg.name));
-	json_object_object_add(res, "updates", update_history(vm));
+	if (all) {
+		json_object_object_add(res, "updates", archive_history_all(d, HISTORY_ALL_MAX));
+		call_reply(c, res);
+		return;
+	}
+	vm = vm_find(d, name);
+	if (!vm && archive_history(d, name, &kept) < 0) {
+		json_object_put(res);
+		call_fail_param(c, JSONRPC_ERR_NOT_FOUND, "name",
+				"no VM named '%.64s', and nothing kept of one", name);
+		return;
+	}
+	json_object_object_add(res, "vm", json_object_new_string(name));
+	json_object_object_add(res, "updates", vm ? update_history(vm) : kept);
+	if (!vm)
+		json_object_object_add(res, "destroyed", json_object_new_boolean(true));
+	call_reply(c, res);
+}
+
+/* Remove what is kept of a destroyed VM. */
+static void m_vm_purge(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL;
+	void *const out[] = { &name };
+	json_object *res;
+	int r;
+
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
+		return;
+	if (vm_find(d, name)) {
+		call_fail_param(c, JSONRPC_ERR_BAD_STATE, "name",
+				"VM '%.64s' exists: destroy it first (its logs are then kept, "
+				"and can be purged)",
+				name);
+		return;
+	}
+	r = archive_purge(d, name);
+	if (r < 0) {
+		if (r == -ENOENT)
+			call_fail_param(c, JSONRPC_ERR_NOT_FOUND, "name",
+					"nothing is kept of a VM named '%.64s'", name);
+		else
+			call_fail_param(c, JSONRPC_ERR_RESOURCE, "name",
+					"cannot remove what is kept of VM '%.64s': %s", name,
+					strerror(-r));
+		return;
+	}
+	log_info("VM %s: what was kept of it is removed", name);
+	res = json_object_new_object();
+	json_object_object_add(res, "name", json_object_new_string(name));
+	json_object_object_add(res, "purged", json_object_new_boolean(true));
 	call_reply(c, res);
 }
 
@@ -939,8 +1006,10 @@ const struct method rpc_methods[] = {
 	  "end the VM's VMM and release everything held for it" },
 	{ "vm.update", m_vm_update, METHOD_MUTATING, METHOD_PARAMS(vm_update_params),
 	  "replace the VM's VMM under the running guest; with check, only its pre-flight" },
-	{ "vm.history", m_vm_history, 0, METHOD_PARAMS(name_params),
-	  "the VM's updates, newest first" },
+	{ "vm.history", m_vm_history, 0, METHOD_PARAMS(vm_history_params),
+	  "the VM's updates, newest first (kept ones too once it is destroyed); all: every VM's" },
+	{ "vm.purge", m_vm_purge, METHOD_MUTATING, METHOD_PARAMS(name_params),
+	  "remove the logs and history kept of a destroyed VM" },
 	{ "fd.store", m_fd_store, METHOD_MUTATING | METHOD_TAKES_FDS,
 	  METHOD_PARAMS(fd_store_params), "put the attached fds into the VM's custody" },
 	{ "fd.claim", m_fd_claim, METHOD_MUTATING | METHOD_OWN_VMM, METHOD_PARAMS(fd_claim_params),

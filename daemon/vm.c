@@ -17,6 +17,7 @@
 #include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/update.h"
+#include "daemon/archive.h"
 #include "daemon/check.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
@@ -181,6 +182,7 @@ static void remove_files(struct vm *vm)
 
 	if (vm->dir_fd < 0)
 		return;
+	archive_vm(vm); /* the evidence outlives the VM */
 	for (size_t i = 0; i < ELEMENTSOF(files); i++)
 		(void)unlinkat(vm->dir_fd, files[i], 0);
 	/* Whatever a VMM left in its own directory (its sockets) goes too:

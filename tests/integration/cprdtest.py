@@ -328,6 +328,11 @@ class Daemon:
 
     def __init__(self, extra_args=(), env=None, perturb=True):
         self.dir = tempfile.mkdtemp(prefix="cprd-test-")
+        # What destroyed VMs leave (--log-dir), kept beside the state
+        # directory rather than in the host's /var/log/cprd.
+        self.kept = self.dir + ".kept"
+        if not any(a == "--log-dir" or a.startswith("--log-dir=") for a in extra_args):
+            extra_args = list(extra_args) + ["--log-dir", self.kept]
         self.sock = os.path.join(self.dir, "cprd.sock")
         self.log = os.path.join(self.dir, "cprd.log")
         self.extra_args = list(extra_args)
@@ -457,6 +462,7 @@ class Daemon:
             except OSError:
                 log = "(no log)"
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.kept, ignore_errors=True)
         if self.san_dir:
             shutil.rmtree(self.san_dir, ignore_errors=True)
             self.san_dir = None

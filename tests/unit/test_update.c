@@ -231,6 +231,7 @@ static void setup(void)
 	ck_assert_int_eq(mkdir(path, 0750), 0);
 	D.state_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	D.vms_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	D.archive_fd = -EBADF; /* destroyed VMs leave nothing behind here */
 	ck_assert_int_ge(D.state_fd, 0);
 	ck_assert_int_ge(D.vms_fd, 0);
 	ck_assert_int_eq(registry_init(&D.registry, dir), 0);
