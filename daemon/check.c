@@ -24,6 +24,7 @@ struct check {
 	ev_timer timer;
 	ev_timer reap;
 	uint64_t t0;
+	double timeout;
 	json_object *caps; /* what the VMM offers, once asked */
 	bool ended;
 };
@@ -202,7 +203,7 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (k->vmm)
 		vmm_drain(k->vmm); /* what it said already counts */
-	end(k, "it did not get through in %.0f s", k->timer.repeat ? k->timer.repeat : 0.);
+	end(k, "it did not get through in %g s", k->timeout);
 }
 
 void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
@@ -234,8 +235,8 @@ void check_start(struct vm *vm, const struct strategy *s, const char *binary, do
 		return;
 	}
 	vm->check = k;
+	k->timeout = timeout;
 	ev_timer_init(&k->timer, timer_cb, timeout, 0.);
-	k->timer.repeat = timeout; /* for the message */
 	k->timer.data = k;
 	ev_timer_start(vm->d->loop, &k->timer);
 	log_info("VM %s: pre-flight of %s (%s)", vm->cfg.name, binary, s->name);
