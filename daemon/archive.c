@@ -13,7 +13,6 @@
 #include "daemon/daemon.h"
 #include "daemon/history.h"
 #include "daemon/log.h"
-#include "daemon/update.h"
 #include "daemon/vm.h"
 #include "memstore/memstore.h"
 
@@ -150,18 +149,6 @@ int archive_history(struct daemon *d, const char *name, json_object **ret)
 	return 0;
 }
 
-static int64_t time_of(json_object *rec)
-{
-	return json_object_get_int64(json_object_object_get(rec, "time_usec"));
-}
-
-static int newest_first(const void *a, const void *b)
-{
-	int64_t x = time_of(*(json_object *const *)a), y = time_of(*(json_object *const *)b);
-
-	return (x < y) - (x > y);
-}
-
 static void add_all(json_object *into, json_object *from, const char *vm)
 {
 	for (size_t i = 0; i < json_object_array_length(from); i++) {
@@ -173,19 +160,12 @@ static void add_all(json_object *into, json_object *from, const char *vm)
 	}
 }
 
-json_object *archive_history_all(struct daemon *d, size_t max)
+void archive_histories(struct daemon *d, json_object *into)
 {
-	json_object *all = json_object_new_array();
 	DIR *dir = NULL;
 	struct dirent *de;
 	int fd;
 
-	for (struct vm *vm = d->vms; vm; vm = vm->next) {
-		json_object *h = update_history(vm);
-
-		add_all(all, h, vm->cfg.name);
-		json_object_put(h);
-	}
 	fd = d->archive_fd >= 0 ? openat(d->archive_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
 				: -EBADF;
 	if (fd >= 0 && !(dir = fdopendir(fd)))
@@ -193,19 +173,13 @@ json_object *archive_history_all(struct daemon *d, size_t max)
 	while (dir && (de = readdir(dir))) {
 		json_object *h = NULL;
 
-		/* A live VM's own history is read above; what is kept of an
-		 * earlier VM of the same name goes in too. */
 		if (de->d_name[0] == '.' || archive_history(d, de->d_name, &h) < 0)
 			continue;
-		add_all(all, h, de->d_name);
+		add_all(into, h, de->d_name);
 		json_object_put(h);
 	}
 	if (dir)
 		closedir(dir);
-	json_object_array_sort(all, newest_first);
-	while (json_object_array_length(all) > max)
-		json_object_array_del_idx(all, max, json_object_array_length(all) - max);
-	return all;
 }
 
 int archive_purge(struct daemon *d, const char *name)

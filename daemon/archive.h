@@ -29,8 +29,9 @@ void archive_vm(struct vm *vm);
  * when nothing is kept under that name. */
 int archive_history(struct daemon *d, const char *name, json_object **ret);
 
-/* The newest updates of every VM, live or kept, newest first, at most max. */
-json_object *archive_history_all(struct daemon *d, size_t max);
+/* Every kept update record of every VM name, each with its "vm", added to
+ * the array into (in no particular order). */
+void archive_histories(struct daemon *d, json_object *into);
 
 /* Remove what is kept for name. -ENOENT when nothing is. */
 int archive_purge(struct daemon *d, const char *name);

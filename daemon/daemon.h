@@ -63,8 +63,12 @@ struct daemon {
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */
 	struct stats *stats;         /* cprd's own time on the loop (stats.c) */
 	struct policy policy;        /* which VMMs peers but root may run */
-	struct metrics *metrics;     /* daemon-wide counters (metrics.c) */
-	size_t events_max_queued;    /* per event subscriber (events.c) */
+	/* Sees every event events.c sends, and NULL when only a gauge changed
+	 * (main.c: the metrics). A hook, so that events.c, which vm.c and
+	 * update.c call, depends on nothing that reads VMs. */
+	void (*observe_event)(struct daemon *d, json_object *event);
+	struct metrics *metrics;  /* daemon-wide counters (metrics.c) */
+	size_t events_max_queued; /* per event subscriber (events.c) */
 
 	const struct method *methods; /* the JSON-RPC methods, given by main() */
 	size_t n_methods;

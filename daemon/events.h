@@ -21,19 +21,11 @@
 struct vm;
 struct call;
 
-/* Tell subscribers (and the counters) of an event: fields (taken, may be
- * NULL) get seq, time_usec, kind and, when vm is not NULL, "vm". */
+/* Tell subscribers, and d->observe_event (the counters: main.c sets it to
+ * the metrics), of an event: fields (taken, may be NULL) get seq,
+ * time_usec, kind and, when vm is not NULL, "vm". What an event says of a
+ * VM or an update is composed where they live (vm.c, update.c). */
 void events_emit(struct daemon *d, const char *kind, const char *vm, json_object *fields);
-
-/* The hooks the VM and update code call. */
-void events_vm_created(struct vm *vm);
-void events_vm_state(struct vm *vm, int old_state, int new_state);
-void events_vm_crashed(struct vm *vm);
-void events_vm_destroyed(struct vm *vm);
-void events_update_started(struct vm *vm, const char *strategy, const char *old_vmm,
-			   const char *new_vmm, int old_pid);
-/* report is borrowed. */
-void events_update_finished(struct vm *vm, json_object *report);
 
 /* The events.subscribe method. */
 void events_subscribe(struct daemon *d, struct call *c, json_object *params);

@@ -136,6 +136,15 @@ static void watchdog_start(struct daemon *d)
 	sd_notify(0, "WATCHDOG=1");
 }
 
+/* Every event goes to the metrics' counters; NULL: only a gauge changed. */
+static void observe_event(struct daemon *d, json_object *event)
+{
+	if (event)
+		metrics_observe(d, event);
+	else
+		metrics_changed(d);
+}
+
 static void help(void)
 {
 	printf(
@@ -868,6 +877,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	d.events_max_queued = o.events_max_queued;
+	d.observe_event = observe_event;
 	r = stats_start(&d);
 	if (r >= 0)
 		r = metrics_start(&d, o.metrics_file, o.metrics_interval);

@@ -514,6 +514,42 @@ static const struct param vm_history_params[] = {
 
 #define HISTORY_ALL_MAX 200
 
+static int64_t time_of(json_object *rec)
+{
+	return json_object_get_int64(json_object_object_get(rec, "time_usec"));
+}
+
+static int newest_first(const void *a, const void *b)
+{
+	int64_t x = time_of(*(json_object *const *)a), y = time_of(*(json_object *const *)b);
+
+	return (x < y) - (x > y);
+}
+
+/* The newest updates of every VM, live or kept (archive.c), newest first,
+ * at most max; each names its VM. */
+static json_object *history_all(struct daemon *d, size_t max)
+{
+	json_object *all = json_object_new_array();
+
+	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		json_object *h = update_history(vm);
+
+		for (size_t i = 0; i < json_object_array_length(h); i++) {
+			json_object *r = json_object_array_get_idx(h, i);
+
+			json_object_object_add(r, "vm", json_object_new_string(vm->cfg.name));
+			json_object_array_add(all, json_object_get(r));
+		}
+		json_object_put(h);
+	}
+	archive_histories(d, all);
+	json_object_array_sort(all, newest_first);
+	if (json_object_array_length(all) > max)
+		json_object_array_del_idx(all, max, json_object_array_length(all) - max);
+	return all;
+}
+
 /* One VM's updates, that VM's kept ones once it is destroyed, or with
  * "all" the newest of every VM, live or destroyed. */
 static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
@@ -533,7 +569,7 @@ static void m_vm_history(struct daemon *d, struct call *c, json_object *params)
 	}
 	res = json_object_new_object();
 	if (all) {
-		json_object_object_add(res, "updates", archive_history_all(d, HISTORY_ALL_MAX));
+		json_object_object_add(res, "updates", history_all(d, HISTORY_ALL_MAX));
 		call_reply(c, res);
 		return;
 	}

@@ -95,6 +95,39 @@ const char *update_vm_dir(const struct update *u)
 /* ---- the report ---- */
 
 /* Milliseconds with microsecond resolution, printed as such. */
+static void add_str(json_object *o, const char *k, const char *v)
+{
+	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
+}
+
+/* ---- events ---- */
+
+static void emit_update_started(struct vm *vm, const char *strategy, const char *old_vmm,
+				const char *new_vmm, int old_pid)
+{
+	json_object *f = json_object_new_object();
+
+	add_str(f, "strategy", strategy);
+	add_str(f, "old_vmm", old_vmm);
+	add_str(f, "new_vmm", new_vmm);
+	json_object_object_add(f, "old_pid", json_object_new_int(old_pid));
+	events_emit(vm->d, "update-started", vm->cfg.name, f);
+}
+
+static void emit_update_finished(struct vm *vm, json_object *report)
+{
+	json_object *f = json_object_new_object();
+	const char *keys[] = { "strategy", "result", "blackout_ms", "total_ms", "error" };
+	json_object *v;
+
+	/* The summary flat, for one-line readers; the whole report beside it. */
+	for (size_t i = 0; i < ELEMENTSOF(keys); i++)
+		if (json_object_object_get_ex(report, keys[i], &v))
+			json_object_object_add(f, keys[i], json_object_get(v));
+	json_object_object_add(f, "report", json_object_get(report));
+	events_emit(vm->d, "update-finished", vm->cfg.name, f);
+}
+
 static json_object *ms_json(double ms)
 {
 	char buf[32];
@@ -231,7 +264,7 @@ static void end(struct update *u, const char *result)
 	rep = report(u, result, ended_in);
 	history_append(vm->dir_fd, VM_HISTORY, rep);
 	log_result(u, rep);
-	events_update_finished(vm, rep);
+	emit_update_finished(vm, rep);
 	daemon_changed(vm->d);
 
 	c = TAKE_PTR(u->call);
@@ -830,7 +863,7 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 		return;
 	}
 	arm(u, timeout);
-	events_update_started(vm, s->name, u->old_binary, binary, u->old_pid);
+	emit_update_started(vm, s->name, u->old_binary, binary, u->old_pid);
 
 	log_info("VM %s: %s update from %s (pid %d) to %s", vm->cfg.name, s->name, vm->cfg.vmm,
 		 (int)u->old_pid, binary);
@@ -889,7 +922,7 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	vm->updates++;
 	history_append(vm->dir_fd, VM_HISTORY, o);
 	log_warning("update vm=%s result=interrupted error=%s", vm->cfg.name, resolution);
-	events_update_finished(vm, o);
+	emit_update_finished(vm, o);
 	json_object_put(o);
 }
 

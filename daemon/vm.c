@@ -22,6 +22,11 @@
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
+static void emit_vm_state(struct vm *vm, int old_state, int new_state);
+static void emit_vm_created(struct vm *vm);
+static void emit_vm_crashed(struct vm *vm);
+static void emit_vm_destroyed(struct vm *vm);
+
 #define VM_START_TIMEOUT 60.0 /* TCG boots slowly on a loaded host */
 #define VM_STOP_TIMEOUT 10.0
 
@@ -68,7 +73,7 @@ bool vm_set_state(struct vm *vm, enum vm_state state)
 		daemon_changed(vm->d);
 	old = vm->state;
 	vm->state = state;
-	events_vm_state(vm, old, state);
+	emit_vm_state(vm, old, state);
 	return true;
 }
 
@@ -106,6 +111,55 @@ void vm_config_done(struct vm_config *cfg)
 static void add_str(json_object *o, const char *k, const char *v)
 {
 	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
+}
+
+/* ---- events (events.c sends them; what they say of a VM is said here) ---- */
+
+static void emit_vm_created(struct vm *vm)
+{
+	json_object *f = json_object_new_object();
+
+	add_str(f, "state", vm_state_to_string(vm->state));
+	add_str(f, "vmm", vm->cfg.vmm);
+	json_object_object_add(f, "memory_bytes",
+			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
+	events_emit(vm->d, "created", vm->cfg.name, f);
+}
+
+static void emit_vm_state(struct vm *vm, int old_state, int new_state)
+{
+	json_object *f = json_object_new_object();
+
+	add_str(f, "from", vm_state_to_string(old_state));
+	add_str(f, "state", vm_state_to_string(new_state));
+	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	events_emit(vm->d, "state", vm->cfg.name, f);
+}
+
+static void emit_vm_crashed(struct vm *vm)
+{
+	json_object *f = json_object_new_object();
+
+	json_object_object_add(f, "pid", vm->last_pid ? json_object_new_int(vm->last_pid) : NULL);
+	json_object_object_add(f, "exit_code", json_object_new_int(vm->exit_code));
+	/* vmm.c gives a VMM killed by signal N the exit code 128 + N. */
+	json_object_object_add(f, "signal",
+			       vm->exit_code > 128 && strncmp(vm->exit_desc, "killed", 6) == 0
+				   ? json_object_new_int(vm->exit_code - 128)
+				   : NULL);
+	add_str(f, "exit", vm->exit_desc);
+	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	events_emit(vm->d, "crashed", vm->cfg.name, f);
+}
+
+static void emit_vm_destroyed(struct vm *vm)
+{
+	json_object *f = json_object_new_object();
+
+	/* A VM that never ran was not destroyed by anyone: its start failed. */
+	add_str(f, "reason", vm->state == VM_STARTING ? "start-failed" : "destroyed");
+	add_str(f, "state", vm_state_to_string(vm->state));
+	events_emit(vm->d, "destroyed", vm->cfg.name, f);
 }
 
 /* What a restarted cprd needs to find the VM again (recover.c reads it).
@@ -199,7 +253,7 @@ static void vm_free(struct vm *vm)
 {
 	struct daemon *d = vm->d;
 
-	events_vm_destroyed(vm);
+	emit_vm_destroyed(vm);
 	for (struct vm **pp = &d->vms; *pp; pp = &(*pp)->next)
 		if (*pp == vm) {
 			*pp = vm->next;
@@ -285,7 +339,7 @@ void vm_vmm_lost(struct vm *vm)
 	vm_set_state(vm, VM_CRASHED);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
-	events_vm_crashed(vm);
+	emit_vm_crashed(vm);
 	vm->vmm = vmm_free(vm->vmm);
 	daemon_changed(vm->d); /* the record loses its VMM */
 }
@@ -687,7 +741,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	vm->timer.data = vm;
 	vm->next = d->vms;
 	d->vms = vm;
-	events_vm_created(vm);
+	emit_vm_created(vm);
 
 	vm->dir_fd = -EBADF;
 	/* Said now, by name, rather than as the VMM's failure to start. */
