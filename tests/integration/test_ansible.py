@@ -105,6 +105,8 @@ class RollingUpdate(unittest.TestCase):
                            timeout=900)
         out = p.stdout + p.stderr
         self.assertTrue(os.path.exists(summary), "no summary was written:\n" + out)
+        if os.environ.get("CPRD_TEST_SHOW"):
+            print(out)
         with open(summary) as f:
             return p.returncode, out, json.load(f)
 
