@@ -12,8 +12,10 @@ set -eu
 PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check scdoc"
 # prometheus-node-exporter: the metrics test scrapes cprd's --metrics-file
 # through its textfile collector (it runs its own, on a loopback port).
+# ansible-core: the rolling-update role (contrib/ansible) runs against three
+# cprd instances on this machine (tests/integration/test_ansible.py).
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
-PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap prometheus-node-exporter"
+PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap prometheus-node-exporter ansible-core"
 QEMU_MIN=10
 
 case "${1:-}" in
