@@ -1312,17 +1312,24 @@ static int verb_update(int argc, char **argv)
 static void print_history(json_object *res)
 {
 	json_object *ups = json_object_object_get(res, "updates");
+	/* One VM's: no VM column; --all: the VM after the age. */
 	bool all = !json_object_object_get(res, "vm");
-	struct table t = { .ncols = 9, .right = 1u << 5 | 1u << 6 };
+	struct table t = { .ncols = all ? 9 : 8,
+			   .right = all ? 1u << 5 | 1u << 6 : 1u << 4 | 1u << 5 };
 
 	if (json_object_get_boolean(json_object_object_get(res, "destroyed")))
 		printf("VM %s was destroyed; its history as kept (cprctl purge %s removes it):\n",
 		       str(res, "vm"), str(res, "vm"));
-	table_row(&t, (const char *const[]){ "TIME", "AGE", "VM", "STRATEGY", "RESULT", "BLACKOUT",
-					     "TOTAL", "QEMU", "ERROR" });
+	if (all)
+		table_row(&t, (const char *const[]){ "TIME", "AGE", "VM", "STRATEGY", "RESULT",
+						     "BLACKOUT", "TOTAL", "QEMU", "ERROR" });
+	else
+		table_row(&t, (const char *const[]){ "TIME", "AGE", "STRATEGY", "RESULT",
+						     "BLACKOUT", "TOTAL", "QEMU", "ERROR" });
 	for (size_t i = 0; i < json_object_array_length(ups); i++) {
 		json_object *u = json_object_array_get_idx(ups, i);
 		json_object *bo = json_object_object_get(u, "blackout_ms");
+		const char *err = json_object_object_get(u, "error") ? str(u, "error") : "";
 		char when[64], age[32], ver[80], bos[32], total[32];
 
 		human_time(int_of(u, "time_usec"), when, sizeof(when));
@@ -1332,10 +1339,14 @@ static void print_history(json_object *res)
 		snprintf(bos, sizeof(bos), "%s ms", bo ? json_object_get_string(bo) : "?");
 		snprintf(total, sizeof(total), "%.1f ms",
 			 json_object_get_double(json_object_object_get(u, "total_ms")));
-		table_row(&t, (const char *const[]){
-				  when, age, all ? str(u, "vm") : str(res, "vm"),
-				  str(u, "strategy"), str(u, "result"), bos, total, ver,
-				  json_object_object_get(u, "error") ? str(u, "error") : "" });
+		if (all)
+			table_row(&t, (const char *const[]){ when, age, str(u, "vm"),
+							     str(u, "strategy"), str(u, "result"),
+							     bos, total, ver, err });
+		else
+			table_row(&t,
+				  (const char *const[]){ when, age, str(u, "strategy"),
+							 str(u, "result"), bos, total, ver, err });
 	}
 	if (json_object_array_length(ups) == 0) {
 		table_free(&t);
