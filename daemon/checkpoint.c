@@ -26,6 +26,7 @@
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -49,7 +50,8 @@
 #define CKPT_RAM "ram0.img"        /* cprd method: guest RAM, sparse */
 #define CKPT_QEMU "memory.img"     /* qemu method: everything, mapped-ram */
 #define CKPT_HISTORY "history.jsonl"
-#define CKPT_FDNAME "cprd-ckpt"
+#define CKPT_FDSET 7 /* qemu method: the fd set file:/dev/fdset/N names */
+#define CKPT_FDSET_STR "7"
 #define CKPT_CHUNK (64u << 20) /* bytes copied per turn of the loop */
 #define CKPT_PAGE 4096u
 
@@ -72,6 +74,9 @@ struct ckpt {
 	XXH3_state_t *xx;
 	ev_idle copier;
 	ev_timer timer;
+	ev_timer retry; /* rollback: asking the VMM to resume again */
+	unsigned cont_tries;
+	bool rolling_back;
 	struct vmm *next; /* restore: the new VMM until the VM adopts it */
 	uint64_t t0_mono, t0_real;
 	int64_t stop_us, resume_us, paused_at_us;
@@ -306,6 +311,7 @@ static void ckpt_free(struct ckpt *k)
 
 	ev_idle_stop(loop, &k->copier);
 	ev_timer_stop(loop, &k->timer);
+	ev_timer_stop(loop, &k->retry);
 	if (k->map)
 		munmap(k->map, k->size);
 	if (k->xx)
@@ -409,6 +415,7 @@ static void end(struct ckpt *k, const char *result)
 }
 
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
+static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents);
 static void copy_cb(struct ev_loop *loop, ev_idle *w, int revents);
 
 static struct ckpt *ckpt_new(struct vm *vm, const char *dir, bool qemu, double timeout,
@@ -428,7 +435,8 @@ static struct ckpt *ckpt_new(struct vm *vm, const char *dir, bool qemu, double t
 	k->root = strdup(dir);
 	ev_idle_init(&k->copier, copy_cb);
 	ev_init(&k->timer, timer_cb);
-	k->copier.data = k->timer.data = k;
+	ev_init(&k->retry, retry_cb);
+	k->copier.data = k->timer.data = k->retry.data = k;
 	if (!k->root) {
 		free(k);
 		return NULL;
@@ -538,26 +546,61 @@ static int start_copy(struct ckpt *k)
 
 /* ======== checkpoint ======== */
 
+/* Answered only once the guest runs again: a client told "rolled-back"
+ * finds it running. "finish-migrate" refuses cont for a moment. */
+static void try_cont(struct ckpt *k);
+
+static void cont_old_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct ckpt *k = ud;
+
+	if (ret) {
+		end(k, "rolled-back");
+		return;
+	}
+	if (++k->cont_tries < 40 && vmm_alive(k->vm->vmm)) {
+		ev_timer_set(&k->retry, 0.05, 0.);
+		ev_timer_start(k->vm->d->loop, &k->retry);
+		return;
+	}
+	set_error(k, "and resuming the guest failed: %s", desc ? desc : "?");
+	end(k, "failed");
+}
+
+static void try_cont(struct ckpt *k)
+{
+	if (vmm_command(k->vm->vmm, "cont", NULL, -EBADF, cont_old_done, k) < 0)
+		end(k, "failed");
+}
+
+static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	try_cont(w->data);
+}
+
 /* Before the checkpoint is in place: the temporary directory goes, and the
  * guest runs on in its VMM. */
 static void save_rollback(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 
+	if (k->rolling_back)
+		return;
+	k->rolling_back = true;
 	ev_idle_stop(vm->d->loop, &k->copier);
 	if (k->tmp[0])
 		(void)rm_flat(k->root_fd, k->tmp);
+	k->tmp[0] = '\0';
 	if (!vmm_alive(vm->vmm)) {
 		end(k, "failed");
 		return;
 	}
 	vmm_cancel(vm->vmm, k);
 	(void)vmm_command(vm->vmm, "migrate_cancel", NULL, -EBADF, NULL, NULL);
-	(void)vmm_command(vm->vmm, "closefd",
-			  json_tokener_parse("{\"fdname\": \"" CKPT_FDNAME "\"}"), -EBADF, NULL,
+	(void)vmm_command(vm->vmm, "remove-fd",
+			  json_tokener_parse("{\"fdset-id\": " CKPT_FDSET_STR "}"), -EBADF, NULL,
 			  NULL);
-	(void)vmm_command(vm->vmm, "cont", NULL, -EBADF, NULL, NULL);
-	end(k, "rolled-back");
+	try_cont(k);
 }
 
 _printf_(2, 3) static void save_fail(struct ckpt *k, const char *fmt, ...)
@@ -709,6 +752,28 @@ static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char 
 		save_fail(k, "cannot map the VM's RAM: %s", strerror(-r));
 }
 
+/* QEMU says why a migration failed only when asked. */
+static void failed_why(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct ckpt *k = ud;
+	const char *why = ret ? jstr(ret, "error-desc") : NULL;
+	char tail[300] = "";
+
+	struct statvfs sv;
+
+	if (!why)
+		file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+	/* QEMU reports a full disk as an I/O error: say how full it is. */
+	if (fstatvfs(k->root_fd, &sv) == 0 && (uint64_t)sv.f_bavail * sv.f_frsize < k->size)
+		save_fail(k, "the VMM's save failed: %s; No space left: %s has %llu bytes free",
+			  why ? why : tail, k->root, (unsigned long long)sv.f_bavail * sv.f_frsize);
+	else
+		save_fail(k, "the VMM's save failed: %s",
+			  why       ? why
+			  : tail[0] ? tail
+				    : "no reason given");
+}
+
 static void save_migration_event(struct ckpt *k, json_object *data)
 {
 	const char *st = jstr(data, "status");
@@ -719,10 +784,8 @@ static void save_migration_event(struct ckpt *k, json_object *data)
 		if (vmm_command(k->vm->vmm, "query-migrate", NULL, -EBADF, migrate_stats, k) < 0)
 			save_fail(k, "lost the VMM's monitor");
 	} else if (streq(st, "failed") || streq(st, "cancelled")) {
-		char tail[300];
-
-		file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
-		save_fail(k, "the VMM's save %s%s%s", st, tail[0] ? "; VMM log: " : "", tail);
+		if (vmm_command(k->vm->vmm, "query-migrate", NULL, -EBADF, failed_why, k) < 0)
+			save_fail(k, "the VMM's save %s", st);
 	}
 }
 
@@ -765,16 +828,21 @@ static json_object *params_json(const struct ckpt *k)
 }
 
 /* Queue the migration on v: capabilities, parameters, the file as an fd,
- * then migrate (save) or migrate-incoming (restore). */
+ * then migrate (save) or migrate-incoming (restore). The file reaches QEMU
+ * as an fd set (add-fd) that file:/dev/fdset/N opens, the access mode
+ * telling which of its fds; mapped-ram opens it once per channel. A
+ * confined VMM writes nothing by path. */
 static int queue_migration(struct ckpt *k, struct vmm *v, qmp_reply_fn cb)
 {
-	json_object *uri = json_tokener_parse("{\"uri\": \"fd:" CKPT_FDNAME "\"}");
+	json_object *uri = json_object_new_object(), *add = json_object_new_object();
 	int r = 0;
 
+	json_object_object_add(uri, "uri",
+			       json_object_new_string("file:/dev/fdset/" CKPT_FDSET_STR));
+	json_object_object_add(add, "fdset-id", json_object_new_int(CKPT_FDSET));
 	r |= vmm_command(v, "migrate-set-capabilities", caps_json(k->qemu), -EBADF, cb, k);
 	r |= vmm_command(v, "migrate-set-parameters", params_json(k), -EBADF, cb, k);
-	r |= vmm_command(v, "getfd", json_tokener_parse("{\"fdname\": \"" CKPT_FDNAME "\"}"),
-			 k->state_fd, cb, k);
+	r |= vmm_command(v, "add-fd", add, k->state_fd, cb, k);
 	r |= vmm_command(v, k->restore ? "migrate-incoming" : "migrate", uri, -EBADF, cb, k);
 	return r < 0 ? -ENOTCONN : 0;
 }
@@ -819,6 +887,7 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 		return;
 	}
 	k->channels = a->channels ? a->channels : host_cores();
+	k->size = vm->cfg.memory_bytes;
 	vm->ckpt = k;
 	events_emit(d, "checkpoint-started", vm->cfg.name, NULL);
 	log_info("VM %s: checkpoint (%s method) to %s/%s", vm->cfg.name, a->method, root,
@@ -843,7 +912,7 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	k->dir_fd = openat(k->root_fd, k->tmp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (k->dir_fd >= 0)
 		k->state_fd = openat(k->dir_fd, k->qemu ? CKPT_QEMU : CKPT_DEVICE,
-				     O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+				     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (k->state_fd < 0) {
 		save_fail(k, "cannot create the checkpoint in %s: %s", root, strerror(errno));
 		return;
@@ -1188,6 +1257,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (k->restore)
 		restore_fail(k, "timed out after %g s", k->timeout);
+	else if (k->rolling_back)
+		end(k, "failed");
 	else
 		save_fail(k, "timed out after %g s", k->timeout);
 }

@@ -132,6 +132,107 @@ class CheckpointTest(unittest.TestCase):
         vmm = wrapper(tmp, "qemu-next", f'exec {QEMU} "$@"')
         self.checkpoint_reboot_restore("cprd", vmm=vmm)
 
+    def assert_rolled_back(self, con, args, why):
+        rc, rep, _ = self.ctl("checkpoint", "ck", *args, ok=False)
+        self.assertEqual(rc, 1)
+        self.assertEqual(rep["result"], "rolled-back", rep)
+        self.assertIn(why, rep["error"])
+        self.assertEqual(self.status("ck")["state"], "running")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+
+    def test_failed_checkpoints_roll_back(self):
+        con = self.guest("ck")
+        # A full file system: a small tmpfs, filled.
+        full = tempfile.mkdtemp(prefix="cprd-full-")
+        self.addCleanup(shutil.rmtree, full, True)
+        self.addCleanup(subprocess.run, ["umount", "-l", full], capture_output=True)
+        mount_tmpfs(full, "4M")
+        os.mkdir(os.path.join(full, "ck"))
+        fill(os.path.join(full, "filler"))
+        self.assert_rolled_back(con, ["--dir", full + "/ck"], "No space left")
+        self.assertEqual(sorted(os.listdir(full + "/ck")), [], "a half-written checkpoint")
+        # A read-only directory (root ignores modes: a read-only mount).
+        ro = tempfile.mkdtemp(prefix="cprd-ro-")
+        self.addCleanup(shutil.rmtree, ro, True)
+        self.addCleanup(subprocess.run, ["umount", "-l", ro], capture_output=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", ro],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            self.skipTest(f"cannot mount a read-only tmpfs: {p.stderr}")
+        self.assert_rolled_back(con, ["--dir", ro], "Read-only file system")
+        for method in ("cprd", "qemu"):
+            self.assert_rolled_back(con, ["--dir", full + "/ck", "--method", method],
+                                    "No space left")
+            self.assertEqual(os.listdir(full + "/ck"), [])
+
+    def test_bad_checkpoints_are_refused(self):
+        con = self.guest("ck")
+        rc, rep, _ = self.ctl("checkpoint", "ck")
+        ram = os.path.join(rep["path"], "ram0.img")
+        good = ram + ".good"
+        shutil.copyfile(ram, good)
+        size = os.path.getsize(ram)
+
+        def refused(why, *args):
+            rc, rep, err = self.ctl("restore", "ck", *args, ok=False)
+            self.assertEqual(rc, 1, err)
+            if rep and "result" in rep:
+                self.assertEqual(rep["result"], "refused", rep)
+                self.assertIn(why, rep["error"])
+            else:
+                self.assertIn(why, err)
+            self.assertEqual(self.status("ck")["state"], "checkpointed")
+            self.assertTrue(os.path.exists(ram), "the checkpoint must stay")
+            held = [f["name"] for f in self.d.call("vm.fds", {"name": "ck"})["fds"]]
+            self.assertNotIn("ram0", held)
+            self.assertEqual(qemus_of(self.d.pid), [])
+
+        os.truncate(ram, size // 2)
+        refused("truncated")
+        shutil.copyfile(good, ram)
+        with open(ram, "r+b") as f:   # flip a byte the guest wrote
+            fd = f.fileno()
+            off = os.lseek(fd, 1 << 20, os.SEEK_DATA)
+            while os.pread(fd, 4096, off) == bytes(4096):
+                off += 4096
+            b = os.pread(fd, 4096, off)
+            i = next(i for i, x in enumerate(b) if x)
+            os.pwrite(fd, bytes([b[i] ^ 0x5a]), off + i)
+        refused("corrupt")
+        shutil.copyfile(good, ram)
+        refused("bytes of RAM", "--memory", "512M")
+        meta = os.path.join(rep["path"], "meta.json")
+        with open(meta) as f:
+            m = json.load(f)
+        m["vm"] = "other"
+        with open(meta + ".good", "w") as f:
+            json.dump(json.load(open(meta)), f)
+        with open(meta, "w") as f:
+            json.dump(m, f)
+        refused("of VM 'other'")
+        os.replace(meta + ".good", meta)
+        os.unlink(good)
+        rc, rep, _ = self.ctl("restore", "ck")
+        self.assertEqual(rep["result"], "ok", rep)
+        con.wait_beats(3)
+        con.assert_healthy(self)
+
+    def test_all_and_restore_on_start(self):
+        cons = {n: self.guest(n, memory="128M") for n in ("a1", "a2")}
+        rc, out, _ = self.ctl("checkpoint", "--all", "--parallel", "2")
+        self.assertEqual([r["result"] for r in out["checkpoints"]], ["ok", "ok"], out)
+        before = {n: c.text() for n, c in cons.items()}
+        self.reboot(extra=["--restore-on-start"])
+        for n in cons:
+            wait_until(lambda: self.status(n)["state"] == "running", 120, f"{n} to run")
+            con = Console(self.status(n)["console_log"])
+            con.wait_beats(3)
+            assert_one_life(self, before[n] + con.text())
+        rc, out, _ = self.ctl("checkpoint", "--all")
+        rc, out, _ = self.ctl("restore", "--all", "--parallel", "2")
+        self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
+
 
 def _is_qemu_of(pid, state_dir):
     try:
