@@ -1862,7 +1862,7 @@ static const struct verb verbs[] = {
 	  "checkpoint NAME|--all [--dir DIR] [--method cprd|qemu] [--channels N] "
 	  "[--timeout SECONDS] [--parallel N]",
 	  "save the guest to disk, end its VMM and release its RAM (to survive a host reboot)",
-	  "  --dir DIR          the checkpoint directory (default: cprd --checkpoint-dir)\n"
+	  "  --dir DIR          the checkpoint directory (default: cprd's own)\n"
 	  "  --method M         cprd (default: cprd copies the RAM it holds) or qemu\n"
 	  "                     (QEMU's cpr-reboot with mapped-ram and multifd)\n"
 	  "  --channels N       qemu method: multifd channels (default: the host's cores)\n"
