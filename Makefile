@@ -26,6 +26,7 @@ SD_LIBS      := $(shell pkg-config --libs libsystemd 2>/dev/null || echo -lsyste
 SECCOMP_LIBS := $(shell pkg-config --libs libseccomp 2>/dev/null || echo -lseccomp)
 CHECK_LIBS   := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 EV_LIBS      := -lev
+XXHASH_LIBS  := $(shell pkg-config --libs libxxhash 2>/dev/null || echo -lxxhash)
 CFLAGS       += $(JSON_CFLAGS)
 
 COMMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard common/*.c))
@@ -66,7 +67,7 @@ $(B)/libmemstore.a: $(MEMSTORE_OBJ)
 	$(AR) rcs $@ $^
 
 $(B)/cprd: $(DAEMON_OBJ) $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS) $(XXHASH_LIBS)
 
 $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(JSON_LIBS) -pthread
@@ -91,7 +92,7 @@ $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 # The update engine's suite runs the daemon itself, every object but
 # main.o, on its own event loop: it links what cprd links.
 $(B)/tests/test_update: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
-$(B)/tests/test_update: TEST_LIBS = $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS)
+$(B)/tests/test_update: TEST_LIBS = $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS) $(XXHASH_LIBS)
 
 # cprd and cprctl again, with ASan + UBSan (+ LSan), in $(B)/asan; installs
 # clang and its sanitizer runtimes when they are missing.

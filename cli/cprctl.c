@@ -549,7 +549,8 @@ static int verb_create(int argc, char **argv)
 	return EXIT_OK;
 }
 
-static const char *const vm_states[] = { "starting", "running", "paused", "stopping", "crashed" };
+static const char *const vm_states[] = { "starting", "running", "paused",
+					 "stopping", "crashed", "checkpointed" };
 
 struct list_opts {
 	const char *state;
@@ -1309,6 +1310,261 @@ static int verb_update(int argc, char **argv)
 	return report_ok(rep) ? EXIT_OK : EXIT_FAILED;
 }
 
+/* ---- checkpoint and restore ---- */
+
+struct ckpt_opts {
+	json_object *base;
+	long parallel;
+	bool all;
+};
+
+static int ckpt_opt(int opt, const char *arg, void *ud)
+{
+	struct ckpt_opts *o = ud;
+	char *end;
+	long v;
+
+	switch (opt) {
+	case 'v':
+		if (strchr(arg, '/'))
+			return add_path(o->base, "vmm", arg);
+		json_object_object_add(o->base, "vmm", json_object_new_string(arg));
+		return 0;
+	case 'd':
+		return add_path(o->base, "dir", arg);
+	case 'm':
+		json_object_object_add(o->base, "method", json_object_new_string(arg));
+		return 0;
+	case 'M':
+		json_object_object_add(o->base, "memory", json_object_new_string(arg));
+		return 0;
+	case 'c':
+	case 't':
+	case 'p':
+		v = strtol(arg, &end, 10);
+		if (*end || v < 1 || v > 86400) {
+			usage_error("--%s needs a number from 1 to 86400, not '%s'",
+				    opt == 'c'   ? "channels"
+				    : opt == 't' ? "timeout"
+						 : "parallel",
+				    arg);
+			return -EINVAL;
+		}
+		if (opt == 'p')
+			o->parallel = v;
+		else
+			json_object_object_add(o->base, opt == 'c' ? "channels" : "timeout",
+					       json_object_new_int((int)v));
+		return 0;
+	case 'a':
+		o->all = true;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+/* One vm.checkpoint or vm.restore over its own connection: the report
+ * (owned; a failure's comes in the error's data), or NULL with msg set. */
+static json_object *ckpt_one(const char *method, const char *name, json_object *base, char *msg,
+			     size_t msglen)
+{
+	_cleanup_json_ json_object *params = json_object_new_object(), *res = NULL, *err = NULL;
+	json_object *t = json_object_object_get(base, "timeout"), *data;
+	int wait = (t ? json_object_get_int(t) : 600) * 1000 + UPDATE_MARGIN_MS, r;
+	proto_client *c = NULL;
+
+	json_object_object_foreach(base, k, v)
+	    json_object_object_add(params, k, json_object_get(v));
+	json_object_object_add(params, "name", json_object_new_string(name));
+	r = proto_client_connect_timeout(socket_path(), wait, &c);
+	if (r < 0) {
+		snprintf(msg, msglen, "cannot reach cprd at %s: %s", socket_path(), strerror(-r));
+		return NULL;
+	}
+	r = proto_client_call(c, method, TAKE_PTR(params), NULL, 0, wait, &res, &err, NULL, NULL);
+	proto_client_free(c);
+	if (r == 0)
+		return TAKE_PTR(res);
+	data = json_object_object_get(err, "data");
+	if (r == -EREMOTEIO && data && json_object_object_get(data, "result"))
+		return json_object_get(data);
+	snprintf(msg, msglen, "%s", r == -EREMOTEIO ? str(err, "message") : strerror(-r));
+	return NULL;
+}
+
+static void print_ckpt(json_object *rep)
+{
+	bool restore = streq(str(rep, "operation"), "restore");
+	json_object *e = json_object_object_get(rep, "error");
+
+	if (restore)
+		printf("%s: restore %s (%s method) in %s ms, %s bytes read, blackout %s ms, VMM "
+		       "%s%s%s\n",
+		       str(rep, "vm"), str(rep, "result"), str(rep, "method"),
+		       str(rep, "restore_ms"), str(rep, "bytes_read"), str(rep, "blackout_ms"),
+		       str(rep, "new_vmm"), e ? "; " : "", e ? str(rep, "error") : "");
+	else
+		printf("%s: checkpoint %s (%s method) in %s ms to %s, %s bytes written, file %s "
+		       "bytes, %s on disk%s%s\n",
+		       str(rep, "vm"), str(rep, "result"), str(rep, "method"), str(rep, "save_ms"),
+		       str(rep, "path"), str(rep, "bytes_written"), str(rep, "file_bytes"),
+		       str(rep, "disk_bytes"), e ? "; " : "", e ? str(rep, "error") : "");
+}
+
+struct ckpt_fleet {
+	pthread_mutex_t lock;
+	const char *method;
+	json_object *base, *reports;
+	const char **names;
+	size_t n, next;
+};
+
+static void *ckpt_worker(void *p)
+{
+	struct ckpt_fleet *f = p;
+	char msg[512];
+
+	for (;;) {
+		json_object *rep;
+		size_t i;
+
+		pthread_mutex_lock(&f->lock);
+		i = f->next < f->n ? f->next++ : f->n;
+		pthread_mutex_unlock(&f->lock);
+		if (i >= f->n)
+			return NULL;
+		msg[0] = '\0';
+		rep = ckpt_one(f->method, f->names[i], f->base, msg, sizeof(msg));
+		if (!rep) {
+			rep = json_object_new_object();
+			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
+			json_object_object_add(rep, "result", json_object_new_string("failed"));
+			json_object_object_add(rep, "error", json_object_new_string(msg));
+		}
+		pthread_mutex_lock(&f->lock);
+		json_object_array_put_idx(f->reports, i, rep);
+		if (!arg_json) {
+			if (json_object_object_get(rep, "operation"))
+				print_ckpt(rep);
+			else
+				printf("%s: failed: %s\n", f->names[i], str(rep, "error"));
+			fflush(stdout);
+		}
+		pthread_mutex_unlock(&f->lock);
+	}
+}
+
+/* --all: every running or paused VM (checkpoint), every checkpointed one
+ * (restore), N at a time. */
+static int ckpt_fleet(const char *method, struct ckpt_opts *o)
+{
+	_cleanup_json_ json_object *list = NULL;
+	struct ckpt_fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER,
+				.method = method,
+				.base = o->base };
+	bool restore = streq(method, "vm.restore");
+	json_object *vms;
+	pthread_t th[64];
+	size_t nthreads, nok = 0;
+	int r;
+
+	r = call("vm.list", NULL, &list);
+	if (r != EXIT_OK)
+		return r;
+	vms = json_object_object_get(list, "vms");
+	f.names = calloc(json_object_array_length(vms) + 1, sizeof(char *));
+	if (!f.names)
+		return fail(EXIT_FAILED, "client", "out of memory");
+	for (size_t i = 0; i < json_object_array_length(vms); i++) {
+		const char *st = str(json_object_array_get_idx(vms, i), "state");
+
+		if (restore ? streq(st, "checkpointed")
+			    : streq(st, "running") || streq(st, "paused"))
+			f.names[f.n++] = str(json_object_array_get_idx(vms, i), "name");
+	}
+	f.reports = json_object_new_array();
+	nthreads = MIN((size_t)o->parallel, MIN(f.n, ELEMENTSOF(th)));
+	for (size_t t = 0; t < nthreads; t++)
+		if (pthread_create(&th[t], NULL, ckpt_worker, &f) != 0)
+			nthreads = t;
+	if (nthreads == 0 && f.n > 0)
+		ckpt_worker(&f);
+	for (size_t t = 0; t < nthreads; t++)
+		pthread_join(th[t], NULL);
+	for (size_t i = 0; i < f.n; i++)
+		nok += report_ok(json_object_array_get_idx(f.reports, i));
+	if (arg_json) {
+		json_object *out = json_object_new_object();
+
+		json_object_object_add(out, restore ? "restores" : "checkpoints", f.reports);
+		print_json(out);
+		json_object_put(out);
+	} else {
+		printf("%zu of %zu VM(s) %s\n", nok, f.n, restore ? "restored" : "checkpointed");
+		json_object_put(f.reports);
+	}
+	free(f.names);
+	return nok == f.n ? EXIT_OK : EXIT_FAILED;
+}
+
+static int ckpt_verb(const char *method, int argc, char **argv, const struct option *opts,
+		     size_t nopts)
+{
+	struct ckpt_opts o = { .base = json_object_new_object(), .parallel = 1 };
+	_cleanup_json_ json_object *base = o.base, *rep = NULL;
+	const char *verb = streq(method, "vm.restore") ? "restore" : "checkpoint";
+	char msg[512] = "";
+	int i;
+
+	i = parse_opts(argc, argv, true, opts, nopts, ckpt_opt, &o);
+	if (i < 0)
+		return EXIT_USAGE;
+	if (o.all ? i != argc : i + 1 != argc)
+		return usage_error(
+		    o.all ? "%s --all takes no NAME" : "%s needs one VM's NAME, or --all", verb);
+	if (o.all)
+		return ckpt_fleet(method, &o);
+	rep = ckpt_one(method, argv[i], base, msg, sizeof(msg));
+	if (!rep)
+		return fail(EXIT_FAILED, "remote", "%s", msg);
+	if (arg_json)
+		print_json(rep);
+	else
+		print_ckpt(rep);
+	if (!report_ok(rep) && !arg_json)
+		fprintf(stderr, "cprctl: %s of %s %s: %s\n", verb, argv[i], str(rep, "result"),
+			str(rep, "error"));
+	return report_ok(rep) ? EXIT_OK : EXIT_FAILED;
+}
+
+static int verb_checkpoint(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "dir", required_argument, NULL, 'd' },
+		{ "method", required_argument, NULL, 'm' },
+		{ "channels", required_argument, NULL, 'c' },
+		{ "timeout", required_argument, NULL, 't' },
+		{ "all", no_argument, NULL, 'a' },
+		{ "parallel", required_argument, NULL, 'p' },
+	};
+
+	return ckpt_verb("vm.checkpoint", argc, argv, opts, ELEMENTSOF(opts));
+}
+
+static int verb_restore(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "vmm", required_argument, NULL, 'v' },
+		{ "dir", required_argument, NULL, 'd' },
+		{ "memory", required_argument, NULL, 'M' },
+		{ "timeout", required_argument, NULL, 't' },
+		{ "all", no_argument, NULL, 'a' },
+		{ "parallel", required_argument, NULL, 'p' },
+	};
+
+	return ckpt_verb("vm.restore", argc, argv, opts, ELEMENTSOF(opts));
+}
+
 static void print_history(json_object *res)
 {
 	json_object *ups = json_object_object_get(res, "updates");
@@ -1590,7 +1846,7 @@ static const struct verb verbs[] = {
 	{ "list", verb_list, "list [--state STATE] [--outdated] [--name]",
 	  "all VMs: name, state, pid, memory, vcpus, uptime, QEMU version",
 	  "  --state STATE      only VMs in STATE: starting, running, paused, stopping,\n"
-	  "                     crashed\n"
+	  "                     crashed, checkpointed\n"
 	  "  --outdated         only VMs whose VMM binary or a library it maps was\n"
 	  "                     replaced on disk since it started (after a package upgrade)\n"
 	  "  --name             only the names, one per line\n" },
@@ -1613,6 +1869,27 @@ static const struct verb verbs[] = {
 	  "                     check it, end it (with --all: once per binary and machine\n"
 	  "                     type; --all always runs these first and stops if one fails)\n"
 	  "  --outdated         with --all: only VMs whose VMM was replaced on disk\n" },
+	{ "checkpoint", verb_checkpoint,
+	  "checkpoint NAME|--all [--dir DIR] [--method cprd|qemu] [--channels N] "
+	  "[--timeout SECONDS] [--parallel N]",
+	  "save the guest to disk, end its VMM and release its RAM (to survive a host reboot)",
+	  "  --dir DIR          the checkpoint directory (default: cprd's own)\n"
+	  "  --method M         cprd (default: cprd copies the RAM it holds) or qemu\n"
+	  "                     (QEMU's cpr-reboot with mapped-ram and multifd)\n"
+	  "  --channels N       qemu method: multifd channels (default: the host's cores)\n"
+	  "  --timeout SECONDS  bound on the checkpoint (default 600)\n"
+	  "  --all              every running or paused VM\n"
+	  "  --parallel N       with --all: N checkpoints at a time (default 1)\n" },
+	{ "restore", verb_restore,
+	  "restore NAME|--all [--vmm PATH] [--dir DIR] [--memory SIZE] [--timeout SECONDS] "
+	  "[--parallel N]",
+	  "start a VMM on the VM's checkpoint and resume the guest",
+	  "  --vmm PATH         the QEMU binary (default: the VM's own)\n"
+	  "  --dir DIR          the checkpoint directory (default: where it was written)\n"
+	  "  --memory SIZE      refuse unless the checkpoint holds this much RAM\n"
+	  "  --timeout SECONDS  bound on the restore (default 600)\n"
+	  "  --all              every checkpointed VM\n"
+	  "  --parallel N       with --all: N restores at a time (default 1)\n" },
 	{ "history", verb_history, "history NAME|--all",
 	  "the VM's updates, newest first: time, age, strategy, result, blackout, total; a "
 	  "destroyed VM's as kept",

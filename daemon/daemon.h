@@ -31,7 +31,8 @@ struct daemon {
 	int vms_fd;      /* state_dir/vms, likewise */
 	int archive_fd;  /* --log-dir: what destroyed VMs leave (archive.c); < 0: none */
 	const char *archive_dir;
-	char *socket_path; /* NULL when the socket came from systemd */
+	const char *checkpoint_dir; /* --checkpoint-dir (checkpoint.c) */
+	char *socket_path;          /* NULL when the socket came from systemd */
 	int listen_fd;
 	bool socket_activated;
 	ev_io listen_watcher;

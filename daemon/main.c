@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "daemon/archive.h"
+#include "daemon/checkpoint.h"
 #include "daemon/daemon.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
@@ -58,6 +59,8 @@ struct options {
 	uint32_t vmm_id_base, vmm_id_count;
 	const char *metrics_file;
 	const char *log_dir; /* --log-dir: what destroyed VMs leave */
+	const char *checkpoint_dir;
+	bool restore_on_start;
 	double metrics_interval;
 	size_t events_max_queued;
 };
@@ -152,7 +155,8 @@ static void help(void)
 	    "            [--vmm-allow FILE] [--log-max-size SIZE] [--vmm-ids BASE:COUNT]\n"
 	    "            [--no-confine] [--no-sandbox] [--max-clients-per-uid N]\n"
 	    "            [--idle-timeout SEC] [--metrics-file PATH [--metrics-interval SEC]]\n"
-	    "            [--events-max-queued BYTES] [--log-dir DIR]\n\n"
+	    "            [--events-max-queued BYTES] [--log-dir DIR]\n"
+	    "            [--checkpoint-dir DIR] [--restore-on-start]\n\n"
 	    "Holds guest memory and device fds for VMMs and updates VMMs under running guests.\n\n"
 	    "  --socket PATH     JSON-RPC socket (default STATE_DIR/cprd.sock)\n"
 	    "  --state-dir DIR   runtime state: VM logs, monitor sockets (default %s)\n"
@@ -168,6 +172,9 @@ static void help(void)
 	    "                    before it is dropped (default 1 MiB)\n"
 	    "  --log-dir DIR     keep destroyed VMs' console and VMM logs and history in\n"
 	    "                    DIR/NAME (default %s; \"\": keep nothing)\n"
+	    "  --checkpoint-dir DIR  where checkpoints go and are found after a reboot\n"
+	    "                    (default " CHECKPOINT_DEFAULT_DIR ")\n"
+	    "  --restore-on-start  restore every checkpointed VM once cprd is up\n"
 	    "  --foreground      do not detach; log to stderr\n"
 	    "  --log-max-size S  rotate a console, VMM or cprd log in the state directory\n"
 	    "                    once it passes S bytes (\"4M\", the default; 0: never)\n"
@@ -256,6 +263,8 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "log-dir", required_argument, NULL, 'G' },
 		{ "metrics-interval", required_argument, NULL, 'T' },
 		{ "events-max-queued", required_argument, NULL, 'E' },
+		{ "checkpoint-dir", required_argument, NULL, 'K' },
+		{ "restore-on-start", no_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{},
@@ -274,6 +283,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 			       .vmm_id_count = DEFAULT_VMM_ID_COUNT,
 			       .metrics_interval = 5,
 			       .log_dir = ARCHIVE_DEFAULT_DIR,
+			       .checkpoint_dir = CHECKPOINT_DEFAULT_DIR,
 			       .events_max_queued = EVENTS_MAX_QUEUED };
 	while ((c = getopt_long(argc, argv, "s:d:fh", opts, NULL)) >= 0) {
 		switch (c) {
@@ -333,6 +343,18 @@ static int parse_options(int argc, char **argv, struct options *o)
 			break;
 		case 'C':
 			o->confine = false;
+			break;
+		case 'K':
+			if (optarg[0] != '/') {
+				fprintf(stderr,
+					"cprd: --checkpoint-dir takes an absolute path, not '%s'\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->checkpoint_dir = optarg;
+			break;
+		case 'R':
+			o->restore_on_start = true;
 			break;
 		case 'G':
 			if (optarg[0] && optarg[0] != '/') {
@@ -900,8 +922,11 @@ int main(int argc, char **argv)
 	d.group = g ? g->gr_gid : 0;
 	d.started_usec = now_usec(CLOCK_REALTIME);
 	d.started_mono = now_usec(CLOCK_MONOTONIC);
+	d.checkpoint_dir = o.checkpoint_dir;
 	n_vms = recover(&d, pidfds);
-	json_object_put(pidfds); /* its fds were taken or closed by recover() */
+	if (o.restore_on_start)
+		checkpoint_restore_all(&d); /* once the loop runs */
+	json_object_put(pidfds);            /* its fds were taken or closed by recover() */
 	if (reexeced)
 		d.start_mode = "re-exec";
 	else if (n_inherited > 0)

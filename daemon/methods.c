@@ -11,6 +11,7 @@
 #include "common/valid.h"
 #include "daemon/archive.h"
 #include "daemon/check.h"
+#include "daemon/checkpoint.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
@@ -478,9 +479,11 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 				"timeout must be between 1 and 3600 seconds");
 		return;
 	}
-	if (vm->update || vm->check) {
+	if (vm->update || vm->check || vm->ckpt) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already being %s", vm->cfg.name,
-			  vm->update ? "updated" : "checked for an update");
+			  vm->update  ? "updated"
+			  : vm->check ? "checked for an update"
+				      : "checkpointed or restored");
 		return;
 	}
 	if (vm->state != VM_RUNNING || vm->waiting) {
@@ -505,6 +508,119 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		check_start(vm, s, binary, (double)timeout, c);
 	else
 		update_start(vm, s, binary, (double)timeout, c);
+}
+
+static const struct param vm_checkpoint_params[] = {
+	{ "name", PARAM_STRING, true },   { "method", PARAM_STRING, false },
+	{ "dir", PARAM_STRING, false },   { "channels", PARAM_UINT, false },
+	{ "timeout", PARAM_UINT, false },
+};
+
+/* A VM being checkpointed, restored, updated or started is busy. */
+static bool vm_idle_or_fail(struct call *c, struct vm *vm)
+{
+	if (!vm->update && !vm->check && !vm->ckpt && !vm->waiting)
+		return true;
+	call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
+		  vm->cfg.name,
+		  vm->update  ? "being updated"
+		  : vm->check ? "being checked for an update"
+		  : vm->ckpt  ? "being checkpointed or restored"
+			      : vm_state_to_string(vm->state));
+	return false;
+}
+
+static bool dir_param_ok(struct call *c, const char *dir)
+{
+	if (!dir || (dir[0] == '/' && strlen(dir) < PATH_MAX - 2 * MEMSTORE_NAME_MAX))
+		return true;
+	call_fail_param(c, JSONRPC_INVALID_PARAMS, "dir", "dir must be an absolute path");
+	return false;
+}
+
+static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL, *method = "cprd", *dir = NULL;
+	uint64_t channels = 0, timeout = 600;
+	void *const out[] = { &name, &method, &dir, &channels, &timeout };
+	struct vm *vm;
+
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, "name", name)))
+		return;
+	if (!streq(method, "cprd") && !streq(method, "qemu")) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "method",
+				"unknown method '%.32s' (cprd, qemu)", method);
+		return;
+	}
+	if (channels > 64 || timeout < 1 || timeout > 86400) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, channels > 64 ? "channels" : "timeout",
+				"channels must be at most 64, timeout 1 to 86400 seconds");
+		return;
+	}
+	if (!dir_param_ok(c, dir) || !vm_idle_or_fail(c, vm))
+		return;
+	if (vm->state != VM_RUNNING && vm->state != VM_PAUSED) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE,
+			  "VM '%s' is %s; only a running or paused VM can be checkpointed",
+			  vm->cfg.name, vm_state_to_string(vm->state));
+		return;
+	}
+	checkpoint_start(vm,
+			 &(struct checkpoint_args){ .method = method,
+						    .dir = dir,
+						    .channels = (unsigned)channels,
+						    .timeout = (double)timeout },
+			 c);
+}
+
+static const struct param vm_restore_params[] = {
+	{ "name", PARAM_STRING, true },   { "vmm", PARAM_STRING, false },
+	{ "dir", PARAM_STRING, false },   { "memory", PARAM_SIZE, false },
+	{ "timeout", PARAM_UINT, false },
+};
+
+static void m_vm_restore(struct daemon *d, struct call *c, json_object *params)
+{
+	const char *name = NULL, *vmm = NULL, *dir = NULL;
+	uint64_t memory = 0, timeout = 600;
+	void *const out[] = { &name, &vmm, &dir, &memory, &timeout };
+	_cleanup_free_ char *binary = NULL;
+	struct vm *vm;
+
+	if (!params_bind(c, params, out, ELEMENTSOF(out)))
+		return;
+	if (!(vm = find_vm_or_fail(d, c, "name", name)))
+		return;
+	if (timeout < 1 || timeout > 86400) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "timeout",
+				"timeout must be between 1 and 86400 seconds");
+		return;
+	}
+	if (!dir_param_ok(c, dir) || !vm_idle_or_fail(c, vm))
+		return;
+	if (vm->state != VM_CHECKPOINTED) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE,
+			  "VM '%s' is %s; only a checkpointed VM can be restored", vm->cfg.name,
+			  vm_state_to_string(vm->state));
+		return;
+	}
+	if (vmm) {
+		if (find_vmm(vmm, &binary) < 0)
+			binary = strdup(vmm);
+		if (!binary) {
+			call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+			return;
+		}
+		if (!vmm_allowed_or_fail(d, c, binary))
+			return;
+	}
+	restore_start(
+	    vm,
+	    &(struct restore_args){
+		.binary = binary, .dir = dir, .memory_bytes = memory, .timeout = (double)timeout },
+	    c);
 }
 
 static const struct param vm_history_params[] = {
@@ -931,11 +1047,12 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 		}
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->update || vm->waiting || vm->check) {
+		if (vm->update || vm->waiting || vm->check || vm->ckpt) {
 			call_fail(c, JSONRPC_ERR_BUSY,
 				  "VM '%s' is %s; re-execute when it has finished", vm->cfg.name,
 				  vm->update  ? "being updated"
 				  : vm->check ? "being checked for an update"
+				  : vm->ckpt  ? "being checkpointed or restored"
 					      : vm_state_to_string(vm->state));
 			return;
 		}
@@ -1042,6 +1159,10 @@ const struct method rpc_methods[] = {
 	  "end the VM's VMM and release everything held for it" },
 	{ "vm.update", m_vm_update, METHOD_MUTATING, METHOD_PARAMS(vm_update_params),
 	  "replace the VM's VMM under the running guest; with check, only its pre-flight" },
+	{ "vm.checkpoint", m_vm_checkpoint, METHOD_MUTATING, METHOD_PARAMS(vm_checkpoint_params),
+	  "save the guest to a persistent checkpoint, end its VMM and release its RAM" },
+	{ "vm.restore", m_vm_restore, METHOD_MUTATING, METHOD_PARAMS(vm_restore_params),
+	  "start a VMM on the VM's checkpoint and resume the guest" },
 	{ "vm.history", m_vm_history, 0, METHOD_PARAMS(vm_history_params),
 	  "the VM's updates, newest first (kept ones too once it is destroyed); all: every VM's" },
 	{ "vm.purge", m_vm_purge, METHOD_MUTATING, METHOD_PARAMS(name_params),

@@ -9,6 +9,7 @@
 
 #include "common/json.h"
 #include "common/proc.h"
+#include "daemon/checkpoint.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/recover.h"
@@ -345,6 +346,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	}
 	if (json_object_object_get(rec, "check"))
 		end_check(vm, json_object_object_get(rec, "check"));
+	if (jstr(rec, "checkpoint")) /* checkpoint_recover() looks at it */
+		vm->checkpoint_root = strdup(jstr(rec, "checkpoint"));
 	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
 	pidfd = open_vmm(rec, "pid", "pid_start", stored_pidfd);
 	if (pidfd >= 0) {
@@ -430,6 +433,7 @@ int recover(struct daemon *d, json_object *pidfds)
 		}
 		recover_one(d, rec, stored);
 	}
+	checkpoint_recover(d);
 	json_object_object_foreach(pidfds, k, v)
 	{
 		(void)k;

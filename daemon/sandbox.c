@@ -107,6 +107,9 @@ static const char *const allowed[] = {
 	"lstat",
 	"statx",
 	"fadvise64",
+	/* checkpoints: guest RAM to and from its file, in the kernel */
+	"sendfile",
+	"copy_file_range",
 	/* the state directory (registry, logs, monitor sockets, history) */
 	"open",
 	"openat",

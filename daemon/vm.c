@@ -19,6 +19,7 @@
 #include "daemon/update.h"
 #include "daemon/archive.h"
 #include "daemon/check.h"
+#include "daemon/checkpoint.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
@@ -32,17 +33,25 @@ static void emit_vm_destroyed(struct vm *vm);
 
 static const char *const state_names[_VM_STATE_MAX] = {
 	[VM_STARTING] = "starting", [VM_RUNNING] = "running", [VM_PAUSED] = "paused",
-	[VM_STOPPING] = "stopping", [VM_CRASHED] = "crashed",
+	[VM_STOPPING] = "stopping", [VM_CRASHED] = "crashed", [VM_CHECKPOINTED] = "checkpointed",
 };
 
 /* The lifecycle, as vm_set_state() enforces it. A crashed VM runs again
  * only when a restarted cprd finds its VMM alive after all. */
 static const bool state_change_allowed[_VM_STATE_MAX][_VM_STATE_MAX] = {
 	[VM_STARTING] = { [VM_RUNNING] = true, [VM_PAUSED] = true, [VM_CRASHED] = true },
-	[VM_RUNNING] = { [VM_PAUSED] = true, [VM_STOPPING] = true, [VM_CRASHED] = true },
-	[VM_PAUSED] = { [VM_RUNNING] = true, [VM_STOPPING] = true, [VM_CRASHED] = true },
+	[VM_RUNNING] = { [VM_PAUSED] = true,
+			 [VM_STOPPING] = true,
+			 [VM_CRASHED] = true,
+			 [VM_CHECKPOINTED] = true },
+	[VM_PAUSED] = { [VM_RUNNING] = true,
+			[VM_STOPPING] = true,
+			[VM_CRASHED] = true,
+			[VM_CHECKPOINTED] = true },
 	[VM_STOPPING] = {},
-	[VM_CRASHED] = { [VM_RUNNING] = true, [VM_PAUSED] = true },
+	/* crashed -> checkpointed: a restarted cprd finds its checkpoint */
+	[VM_CRASHED] = { [VM_RUNNING] = true, [VM_PAUSED] = true, [VM_CHECKPOINTED] = true },
+	[VM_CHECKPOINTED] = { [VM_RUNNING] = true },
 };
 
 static const struct vmm_ops vm_vmm_ops;
@@ -199,6 +208,8 @@ static json_object *vm_record(struct vm *vm)
 		json_object_object_add(o, "update", update_to_record(vm->update));
 	if (vm->check)
 		json_object_object_add(o, "check", check_to_record(vm->check));
+	if (vm->checkpoint_root)
+		add_str(o, "checkpoint", vm->checkpoint_root);
 	return o;
 }
 
@@ -271,6 +282,7 @@ static void vm_free(struct vm *vm)
 	free(vm->qmp_path);
 	free(vm->history_path);
 	free(vm->run_dir);
+	free(vm->checkpoint_root);
 	vm_config_done(&vm->cfg);
 	free(vm);
 	daemon_changed(d);
@@ -283,6 +295,8 @@ void vm_detach_all(struct daemon *d)
 			update_abandon(vm->update);
 		if (vm->check)
 			check_abandon(vm->check);
+		if (vm->ckpt)
+			checkpoint_abandon(vm->ckpt);
 		ev_timer_stop(d->loop, &vm->timer);
 		if (vm->waiting)
 			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR,
@@ -375,6 +389,8 @@ static void vmm_exited(struct vmm *v, void *ud)
 			update_vm_vmm_exited(vm->update); /* decides what the VM is now */
 			return;
 		}
+		if (vm->ckpt)
+			checkpoint_vmm_exited(vm->ckpt); /* the guest was not saved */
 		vm_vmm_lost(vm);
 	}
 }
@@ -399,6 +415,8 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 
 	if (vm->update)
 		update_vm_vmm_event(vm->update, event, data, ts_us);
+	if (vm->ckpt)
+		checkpoint_vmm_event(vm->ckpt, event, data, ts_us);
 	if (streq(event, "STOP") && vm->state == VM_RUNNING)
 		vm_set_state(vm, VM_PAUSED);
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
@@ -667,6 +685,39 @@ void vm_rotate_logs(struct daemon *d)
 	}
 }
 
+int vm_reacquire(struct vm *vm, const char **ret_what)
+{
+	_cleanup_close_ int con = -EBADF, tap = -EBADF;
+	memstore *m = vm->d->store;
+	const memstore_entry *e;
+	int r;
+
+	if (memstore_get(m, vm->cfg.name, "console", &e) < 0) {
+		*ret_what = "its console log";
+		con = openat(vm->dir_fd, VM_CONSOLE_LOG,
+			     O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK,
+			     0640);
+		if (con < 0)
+			return -errno;
+		if (vm->cfg.uid > 0 && fchown(con, vm->cfg.uid, vm->cfg.uid) < 0)
+			return -errno;
+		r = memstore_put(m, vm->cfg.name, "console", MEMSTORE_KIND_FILE, con);
+		if (r < 0)
+			return r;
+		fdstore_add(vm->d, vm->cfg.name, "console", TAKE_FD(con));
+	}
+	if (vm->cfg.tap && memstore_get(m, vm->cfg.name, "net0", &e) < 0) {
+		*ret_what = "its tap device";
+		r = open_tap(vm->cfg.tap, &tap);
+		if (r >= 0)
+			r = memstore_put(m, vm->cfg.name, "net0", MEMSTORE_KIND_TAP, tap);
+		if (r < 0)
+			return r;
+		fdstore_add(vm->d, vm->cfg.name, "net0", TAKE_FD(tap));
+	}
+	return 0;
+}
+
 /* Take the VM's resources into custody: memory, console log, tap. On
  * failure *ret_what names the one that failed. */
 static int vm_acquire(struct vm *vm, const char **ret_what)
@@ -791,15 +842,18 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 
 void vm_destroy(struct vm *vm, struct call *c)
 {
-	if (vm->waiting || vm->update || vm->check) {
+	if (vm->waiting || vm->update || vm->check || vm->ckpt) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
 			  vm->cfg.name,
 			  vm->update  ? "being updated"
 			  : vm->check ? "being checked for an update"
+			  : vm->ckpt  ? "being checkpointed or restored"
 				      : vm_state_to_string(vm->state));
 		return;
 	}
-	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
+	if (vm->state == VM_CHECKPOINTED)
+		checkpoint_discard(vm); /* the guest is in it: it goes with the VM */
+	if (!vmm_alive(vm->vmm)) {      /* crashed: nothing runs */
 		log_info("VM %s: destroyed; custody released", vm->cfg.name);
 		finish_destroy(vm, c);
 		return;

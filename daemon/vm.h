@@ -22,6 +22,7 @@
 
 struct call;
 struct update;
+struct ckpt;
 
 enum vm_state {
 	VM_STARTING,
@@ -29,6 +30,7 @@ enum vm_state {
 	VM_PAUSED,
 	VM_STOPPING,
 	VM_CRASHED,
+	VM_CHECKPOINTED, /* no VMM, no RAM: the guest is in its checkpoint */
 	_VM_STATE_MAX,
 };
 
@@ -54,6 +56,8 @@ struct vm {
 	struct call *waiting;  /* vm.create or vm.destroy to answer */
 	struct update *update; /* in flight, or NULL */
 	struct check *check;   /* a pre-flight in flight, or NULL */
+	struct ckpt *ckpt;     /* a checkpoint or restore in flight, or NULL */
+	char *checkpoint_root; /* where its checkpoint is, while it has one */
 	pid_t last_pid;
 	int exit_code; /* of the last VMM, -1 unknown */
 	char exit_desc[64];
@@ -122,6 +126,9 @@ int vm_pick_uid(struct vm *vm);
 /* Whether every VMM started for cfg can be given its kernel and initrd
  * (vmm_open_image); on failure why says which and why. */
 int vm_check_images(const struct vm_config *cfg, char *why, size_t size);
+/* Restore: hold the console log (appended to) and tap again unless they
+ * are held; *ret_what names the one that failed. */
+int vm_reacquire(struct vm *vm, const char **ret_what);
 /* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
 int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */

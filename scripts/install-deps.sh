@@ -9,7 +9,7 @@
 # archive host is written here.
 set -eu
 
-PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev check scdoc"
+PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev libseccomp-dev libxxhash-dev check scdoc"
 # prometheus-node-exporter: the metrics test scrapes cprd's --metrics-file
 # through its textfile collector (it runs its own, on a loopback port).
 # ansible-core: the rolling-update role (contrib/ansible) runs against three

@@ -1,0 +1,249 @@
+"""Checkpoint and restore against real QEMU and the real guest, across a
+simulated host reboot: cprd and every VMM end (no memfd survives), the state
+directory is wiped as /run is at boot, a fresh cprd starts on the same
+checkpoint directory, and the restored guest beats on with the next sequence
+number, still on its first boot, its in-RAM data check passing. Each failure
+is injected for real: a full file system, a read-only directory, a truncated
+and a bit-flipped checkpoint, the wrong memory size."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import unittest
+
+from cprdtest import (BOOT_RE, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
+                      mount_tmpfs, require_guest, require_root, wait_until, wrapper)
+
+
+def assert_one_life(tc, text):
+    """One boot, heartbeats 1..N without a gap, every memory check ok."""
+    beats = [(int(s), d) for s, d in HB_RE.findall(text)]
+    tc.assertEqual(len(BOOT_RE.findall(text)), 1, "the guest booted more than once")
+    seqs = [s for s, _ in beats]
+    tc.assertEqual(seqs, list(range(1, len(seqs) + 1)), "heartbeat sequence has a gap")
+    tc.assertTrue(all(d == "ok" for _, d in beats), "guest memory check failed")
+    return seqs
+
+
+def qemus_of(pid):
+    return [p for p, (comm, _) in children(pid).items() if comm.startswith("qemu")]
+
+
+class CheckpointTest(unittest.TestCase):
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.ckdir = tempfile.mkdtemp(prefix="cprd-ckpt-")
+        self.d = Daemon(["--checkpoint-dir", self.ckdir]).start()
+
+    def tearDown(self):
+        self.d.stop()
+        subprocess.run(["umount", "-l", self.ckdir], capture_output=True)
+        shutil.rmtree(self.ckdir, ignore_errors=True)
+
+    def ctl(self, *args, ok=True):
+        p = self.d.cprctl(*args, "--json")
+        if ok and p.returncode != 0:
+            self.fail(f"cprctl {' '.join(args)} failed ({p.returncode}): {p.stdout} {p.stderr}")
+        try:
+            return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None, p.stderr
+        except json.JSONDecodeError:
+            self.fail(f"cprctl {' '.join(args)}: not JSON: {p.stdout!r} {p.stderr}")
+
+    def guest(self, name, memory="256M"):
+        con = Console(self.d.create_guest(name, memory=memory)["console_log"])
+        con.wait_beats(3)
+        return con
+
+    def reboot(self, extra=()):
+        """End cprd and every VMM, wipe the state directory (as /run is
+        wiped), start a fresh cprd on the same directories."""
+        d = self.d
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(20)
+        kill_vmms_under(d.dir)
+        wait_until(lambda: not [p for p in os.listdir("/proc") if p.isdigit()
+                                and _is_qemu_of(p, d.dir)], 10, "every VMM to be gone")
+        log = d.read_log()
+        shutil.rmtree(d.dir)
+        os.mkdir(d.dir, 0o700)
+        with open(d.log, "w") as f:
+            f.write(log + "\n--- reboot ---\n")
+        d.extra_args = ["--checkpoint-dir", self.ckdir, "--log-dir", d.kept] + list(extra)
+        d.start()
+
+    def status(self, name):
+        return self.d.call("vm.status", {"name": name})
+
+    def checkpoint_reboot_restore(self, method, vmm=None):
+        con = self.guest("ck")
+        rc, rep, _ = self.ctl("checkpoint", "ck", "--method", method)
+        self.assertEqual(rep["result"], "ok", rep)
+        self.assertEqual(rep["method"], method)
+        self.assertEqual(rep["path"], os.path.join(self.ckdir, "ck"))
+        self.assertGreater(rep["bytes_written"], 0)
+        # Sparse: the guest touched far less than its 256 MiB.
+        self.assertLess(rep["disk_bytes"], 200 << 20, rep)
+        self.assertEqual(self.status("ck")["state"], "checkpointed")
+        # SIGKILLed: the kernel may take a moment to reap it.
+        wait_until(lambda: qemus_of(self.d.pid) == [], 5, "the VMM to be gone")
+        held = [f["name"] for f in self.d.call("vm.fds", {"name": "ck"})["fds"]]
+        self.assertNotIn("ram0", held, "the guest's RAM must be released")
+        self.assertIn("meta.json", os.listdir(rep["path"]))
+        before = con.text()
+        last = assert_one_life(self, before)[-1]
+
+        self.reboot()
+        listed = {v["name"]: v for v in self.d.call("vm.list")["vms"]}
+        self.assertEqual(listed["ck"]["state"], "checkpointed")
+        args = ["restore", "ck"] + (["--vmm", vmm] if vmm else [])
+        rc, rep, _ = self.ctl(*args)
+        self.assertEqual(rep["result"], "ok", rep)
+        self.assertEqual(rep["method"], method)
+        self.assertGreater(rep["blackout_ms"], 0)
+        self.assertEqual(rep["new_vmm"], vmm or QEMU)
+        st = self.status("ck")
+        self.assertEqual(st["state"], "running")
+        self.assertEqual(st["vmm"], vmm or QEMU)
+        con2 = Console(st["console_log"])
+        con2.wait_beats(3)
+        seqs = assert_one_life(self, before + con2.text())
+        self.assertGreater(seqs[-1], last + 2)
+        self.assertFalse(os.path.exists(os.path.join(self.ckdir, "ck")),
+                         "a restored checkpoint must be retired")
+        hist = self.d.call("vm.history", {"name": "ck"})["updates"]
+        ops = [h.get("operation") for h in hist]
+        self.assertIn("checkpoint", ops)
+        self.assertIn("restore", ops)
+
+    def test_cprd_method_across_reboot(self):
+        self.checkpoint_reboot_restore("cprd")
+
+    def test_qemu_method_across_reboot(self):
+        self.checkpoint_reboot_restore("qemu")
+
+    def test_restore_with_another_vmm(self):
+        tmp = tempfile.mkdtemp(prefix="cprd-vmm-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.chmod(tmp, 0o755)
+        vmm = wrapper(tmp, "qemu-next", f'exec {QEMU} "$@"')
+        self.checkpoint_reboot_restore("cprd", vmm=vmm)
+
+    def assert_rolled_back(self, con, args, why):
+        rc, rep, _ = self.ctl("checkpoint", "ck", *args, ok=False)
+        self.assertEqual(rc, 1)
+        self.assertEqual(rep["result"], "rolled-back", rep)
+        self.assertIn(why, rep["error"])
+        self.assertEqual(self.status("ck")["state"], "running")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+
+    def test_failed_checkpoints_roll_back(self):
+        con = self.guest("ck")
+        # A full file system: a small tmpfs, filled.
+        full = tempfile.mkdtemp(prefix="cprd-full-")
+        self.addCleanup(shutil.rmtree, full, True)
+        self.addCleanup(subprocess.run, ["umount", "-l", full], capture_output=True)
+        mount_tmpfs(full, "4M")
+        os.mkdir(os.path.join(full, "ck"))
+        fill(os.path.join(full, "filler"))
+        self.assert_rolled_back(con, ["--dir", full + "/ck"], "No space left")
+        self.assertEqual(sorted(os.listdir(full + "/ck")), [], "a half-written checkpoint")
+        # A read-only directory (root ignores modes: a read-only mount).
+        ro = tempfile.mkdtemp(prefix="cprd-ro-")
+        self.addCleanup(shutil.rmtree, ro, True)
+        self.addCleanup(subprocess.run, ["umount", "-l", ro], capture_output=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", ro],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            self.skipTest(f"cannot mount a read-only tmpfs: {p.stderr}")
+        self.assert_rolled_back(con, ["--dir", ro], "Read-only file system")
+        for method in ("cprd", "qemu"):
+            self.assert_rolled_back(con, ["--dir", full + "/ck", "--method", method],
+                                    "No space left")
+            self.assertEqual(os.listdir(full + "/ck"), [])
+
+    def test_bad_checkpoints_are_refused(self):
+        con = self.guest("ck")
+        rc, rep, _ = self.ctl("checkpoint", "ck")
+        ram = os.path.join(rep["path"], "ram0.img")
+        good = ram + ".good"
+        shutil.copyfile(ram, good)
+        size = os.path.getsize(ram)
+
+        def refused(why, *args):
+            rc, rep, err = self.ctl("restore", "ck", *args, ok=False)
+            self.assertEqual(rc, 1, err)
+            if rep and "result" in rep:
+                self.assertEqual(rep["result"], "refused", rep)
+                self.assertIn(why, rep["error"])
+            else:
+                self.assertIn(why, err)
+            self.assertEqual(self.status("ck")["state"], "checkpointed")
+            self.assertTrue(os.path.exists(ram), "the checkpoint must stay")
+            held = [f["name"] for f in self.d.call("vm.fds", {"name": "ck"})["fds"]]
+            self.assertNotIn("ram0", held)
+            self.assertEqual(qemus_of(self.d.pid), [])
+
+        os.truncate(ram, size // 2)
+        refused("truncated")
+        shutil.copyfile(good, ram)
+        with open(ram, "r+b") as f:   # flip a byte the guest wrote
+            fd = f.fileno()
+            off = os.lseek(fd, 1 << 20, os.SEEK_DATA)
+            while os.pread(fd, 4096, off) == bytes(4096):
+                off += 4096
+            b = os.pread(fd, 4096, off)
+            i = next(i for i, x in enumerate(b) if x)
+            os.pwrite(fd, bytes([b[i] ^ 0x5a]), off + i)
+        refused("corrupt")
+        shutil.copyfile(good, ram)
+        refused("bytes of RAM", "--memory", "512M")
+        meta = os.path.join(rep["path"], "meta.json")
+        with open(meta) as f:
+            m = json.load(f)
+        m["vm"] = "other"
+        with open(meta + ".good", "w") as f:
+            json.dump(json.load(open(meta)), f)
+        with open(meta, "w") as f:
+            json.dump(m, f)
+        refused("of VM 'other'")
+        os.replace(meta + ".good", meta)
+        os.unlink(good)
+        rc, rep, _ = self.ctl("restore", "ck")
+        self.assertEqual(rep["result"], "ok", rep)
+        con.wait_beats(3)
+        con.assert_healthy(self)
+
+    def test_all_and_restore_on_start(self):
+        cons = {n: self.guest(n, memory="128M") for n in ("a1", "a2")}
+        rc, out, _ = self.ctl("checkpoint", "--all", "--parallel", "2")
+        self.assertEqual([r["result"] for r in out["checkpoints"]], ["ok", "ok"], out)
+        before = {n: c.text() for n, c in cons.items()}
+        self.reboot(extra=["--restore-on-start"])
+        for n in cons:
+            wait_until(lambda: self.status(n)["state"] == "running", 120, f"{n} to run")
+            con = Console(self.status(n)["console_log"])
+            con.wait_beats(3)
+            assert_one_life(self, before[n] + con.text())
+        rc, out, _ = self.ctl("checkpoint", "--all")
+        rc, out, _ = self.ctl("restore", "--all", "--parallel", "2")
+        self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
+
+
+def _is_qemu_of(pid, state_dir):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if not f.read().startswith("qemu"):
+                return False
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(state_dir + "/")
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    unittest.main()
