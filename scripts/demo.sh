@@ -13,7 +13,7 @@ cleanup() {
 	"$CPRCTL" destroy demo >/dev/null 2>&1 || true
 	[ -f "$STATE/pid" ] && kill "$(cat "$STATE/pid")" 2>/dev/null || true
 	sleep 0.2
-	rm -rf "$STATE"
+	rm -rf "$STATE" "$STATE.kept"
 }
 trap cleanup EXIT INT TERM
 
@@ -21,7 +21,8 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "starting cprd (state in $STATE)"
 # The accelerator `make guest` found able to boot the guest here.
-"$B/cprd" --state-dir "$STATE" --accel "$(cat "$B/guest/accel" 2>/dev/null || echo auto)"
+"$B/cprd" --state-dir "$STATE" --log-dir "$STATE.kept" \
+	--accel "$(cat "$B/guest/accel" 2>/dev/null || echo auto)"
 "$CPRCTL" daemon status --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' >"$STATE/pid"
 "$CPRCTL" daemon status
 
@@ -71,6 +72,9 @@ step "cprctl status demo"
 step "cprctl destroy demo"
 "$CPRCTL" destroy demo
 "$CPRCTL" list
+
+step "cprctl history demo (kept after destroy, with its console log, in $STATE.kept/demo)"
+"$CPRCTL" history demo
 echo
 echo "demo finished: the guest ran under cprd, moved to two new QEMUs without"
-echo "noticing, and everything was released."
+echo "noticing, and everything held for it was released; its logs and history are kept."
