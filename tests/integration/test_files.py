@@ -20,7 +20,7 @@ from cprdtest import (CPRD, GUEST_APPEND, HB_RE, INITRD, KERNEL, Console, Daemon
 
 def start_refused(state, *extra):
     """cprd on state in the foreground; it must exit at once. Returns stderr."""
-    p = subprocess.run([CPRD, "--foreground", "--state-dir", state, "--accel", guest_accel()]
+    p = subprocess.run([CPRD, "--foreground", "--state-dir", state, "--accel", guest_accel(), "--log-dir", ""]
                        + list(extra), capture_output=True, text=True, timeout=20)
     if p.returncode == 0:
         raise AssertionError(f"cprd started on {state}: {p.stderr}")
@@ -74,7 +74,7 @@ class StateDirectory(unittest.TestCase):
         os.symlink(self.victim, os.path.join(self.dir, "cprd.log"))
         # Detached, cprd logs to STATE_DIR/cprd.log: it must fail to
         # detach rather than append its log to the victim.
-        p = subprocess.run([CPRD, "--state-dir", self.dir, "--accel", guest_accel()],
+        p = subprocess.run([CPRD, "--state-dir", self.dir, "--accel", guest_accel(), "--log-dir", ""],
                            capture_output=True, text=True, timeout=20)
         try:
             self.assertNotEqual(p.returncode, 0, "cprd started with cprd.log a symlink")

@@ -178,7 +178,7 @@ class DaemonProcess(unittest.TestCase):
             self.assertEqual(mode, 0o660)
             # A second daemon on the same state dir must refuse, not steal it.
             import subprocess
-            p = subprocess.run([CPRD, "--foreground", "--state-dir", d.dir, "--accel", guest_accel()],
+            p = subprocess.run([CPRD, "--foreground", "--state-dir", d.dir, "--accel", guest_accel(), "--log-dir", ""],
                                capture_output=True, text=True, timeout=10)
             self.assertNotEqual(p.returncode, 0)
             self.assertIn("another cprd already uses state directory", p.stderr)
@@ -192,7 +192,7 @@ class DaemonProcess(unittest.TestCase):
         import shutil
         state = tempfile.mkdtemp(prefix="cprd-test-")
         try:
-            p = subprocess.run([CPRD, "--state-dir", state, "--accel", guest_accel()], capture_output=True, text=True,
+            p = subprocess.run([CPRD, "--state-dir", state, "--accel", guest_accel(), "--log-dir", ""], capture_output=True, text=True,
                                timeout=20)
             self.assertEqual(p.returncode, 0, p.stderr)
             d = Daemon()

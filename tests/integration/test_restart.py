@@ -27,7 +27,7 @@ class FdStore(unittest.TestCase):
         require_guest()
         self.dir = tempfile.mkdtemp(prefix="cprd-test-")
         self.sock = os.path.join(self.dir, "cprd.sock")
-        self.sm = ServiceManager(self.dir, [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()])
+        self.sm = ServiceManager(self.dir, [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel(), "--log-dir", ""])
 
     def tearDown(self):
         log = os.path.join(self.dir, "service.log")

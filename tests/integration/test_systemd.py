@@ -26,7 +26,7 @@ class Notify(unittest.TestCase):
         ns.settimeout(10)
         env = dict(os.environ, NOTIFY_SOCKET=path)
         # No --foreground: under a service manager cprd must not detach.
-        p = subprocess.Popen([CPRD, "--state-dir", os.path.join(self.dir, "state"), "--accel", guest_accel()], env=env,
+        p = subprocess.Popen([CPRD, "--state-dir", os.path.join(self.dir, "state"), "--accel", guest_accel(), "--log-dir", ""], env=env,
                              stderr=subprocess.PIPE, text=True)
         try:
             msgs = []
@@ -60,7 +60,7 @@ class Notify(unittest.TestCase):
             ns.settimeout(10)
             env = dict(os.environ, NOTIFY_SOCKET=path)
             with open(os.path.join(self.dir, "cprd.log"), "wb") as log:
-                p = subprocess.Popen([CPRD, "--state-dir", state, "--accel", guest_accel()], env=env, stdout=log,
+                p = subprocess.Popen([CPRD, "--state-dir", state, "--accel", guest_accel(), "--log-dir", ""], env=env, stdout=log,
                                      stderr=log)
             try:
                 def next_status():
