@@ -19,6 +19,15 @@ struct check;
 void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		 struct call *c);
 
+/* The first step of an update to a binary other than the running one: start
+ * it beside the guest (with the VM's machine alias) and ask its machine
+ * types and version. An update it cannot be given (the VM's pinned machine
+ * type missing; cpr-transfer to an older QEMU) is refused with the reason
+ * before anything changed; otherwise, or when the probe learns nothing (the
+ * binary does not start), update_start() follows and reports. */
+void check_then_update(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		       struct call *c);
+
 /* cprd stops: end the check's VMM, answer its caller. */
 void check_abandon(struct check *k);
 
