@@ -225,19 +225,19 @@ static void machines_known(qmp *q, json_object *ret, const char *cls, const char
 		       have, k->vmm->version);
 		return;
 	}
-	end(k, NULL);
+	if (k->probe)
+		end(k, NULL);
+	else if (vmm_command(k->vmm, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+		end(k, "it closed its monitor");
 }
 
+/* Its machine types and version first (what a probe is for, and what the
+ * update would refuse), then, for a pre-flight, its migration capabilities. */
 static void k_ready(struct vmm *v, void *ud)
 {
 	struct check *k = ud;
 
-	if (k->probe) {
-		if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, k) < 0)
-			end(k, "it closed its monitor");
-		return;
-	}
-	if (vmm_command(v, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+	if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, k) < 0)
 		end(k, "it closed its monitor");
 }
 
@@ -348,6 +348,7 @@ void check_then_update(struct vm *vm, const struct strategy *s, const char *bina
 
 void check_abandon(struct check *k)
 {
+	k->refused = true; /* a probe's update does not follow */
 	end(k, "cprd is shutting down");
 }
 

@@ -4,8 +4,9 @@
  * new binary with the VM's own configuration, paused and waiting for an
  * incoming migration, beside the running guest; confirm that it starts,
  * answers its monitor and offers what the strategy needs; report its
- * version and build; end it. The guest is never paused and nothing goes
- * into the VM's history.
+ * version and build, and that it has the VM's machine type (and, for
+ * cpr-transfer, is no older than the running QEMU); end it. The guest is
+ * never paused and nothing goes into the VM's history.
  */
 #pragma once
 
