@@ -22,6 +22,9 @@ set -eu
 
 CACHE=${CPRD_QEMU_CACHE:-/var/cache/cprd-test}
 MIN=${QEMU_NEXT_MIN:-10.2}
+# The stamp's second line: a build made with other configure options than
+# these is not reused (bump it when they change).
+CONFIG_ID=seccomp-1
 JOBS=${JOBS:-$(nproc)}
 umask 022
 
@@ -32,7 +35,8 @@ cached() {
 	best= bestv=
 	for s in "$CACHE"/qemu-*/.stamp; do
 		[ -f "$s" ] || continue
-		v=$(cat "$s")
+		[ "$(sed -n 2p "$s")" = "$CONFIG_ID" ] || continue
+		v=$(sed -n 1p "$s")
 		if [ -z "$bestv" ] || dpkg --compare-versions "$v" gt "$bestv"; then
 			best=${s%/.stamp} bestv=$v
 		fi
@@ -46,7 +50,7 @@ if [ "${1:-}" = --print ]; then
 	exit
 fi
 if bin=$(cached); then
-	say "using $bin (QEMU $(cat "${bin%/bin/*}/.stamp"), built before)"
+	say "using $bin (QEMU $(sed -n 1p "${bin%/bin/*}/.stamp"), built before)"
 	echo "$bin"
 	exit 0
 fi
@@ -69,7 +73,7 @@ uri=$(mirror_uri) || unavailable "no Debian mirror URI in the machine's apt sour
 # Build dependencies. QEMU >= 10.2 needs meson >= 1.5: bookworm has 1.0.1,
 # bookworm-backports a newer one (Debian's +ds tarball bundles no wheels).
 PKGS="dpkg-dev ninja-build libglib2.0-dev libfdt-dev libpixman-1-dev libslirp-dev flex bison \
-python3-venv"
+python3-venv libseccomp-dev"
 meson_ok() {
 	v=$(dpkg-query -W -f='${Version}' meson 2>/dev/null) || return 1
 	dpkg --compare-versions "$v" ge 1.5
@@ -136,6 +140,7 @@ say "building QEMU $upver (Debian source qemu $ver)"
 dsc=$(ls "$SRC"/qemu_*.dsc)
 (cd "$SRC" && dpkg-source --no-check -x "$dsc" tree >/dev/null)
 
+# --enable-seccomp: cprd runs a confined VMM with QEMU's -sandbox.
 # Debian's installed QEMU knows where its firmware lives; this build shares it
 # (the +ds source ships no BIOS images).
 fwpath=$(qemu-system-x86_64 -L help 2>/dev/null | paste -sd: -)
@@ -148,19 +153,24 @@ start=$(date +%s)
 (cd "$SRC/build" && ../tree/configure --prefix="$PREFIX" --python=/usr/bin/python3 \
 	--target-list=x86_64-softmmu --without-default-features --disable-docs --disable-werror \
 	--disable-download --disable-install-blobs --enable-kvm --disable-user --disable-tools \
-	--disable-guest-agent --firmwarepath="$fwpath") >"$SRC/configure.log" 2>&1 || {
+	--disable-guest-agent --enable-seccomp --firmwarepath="$fwpath") >"$SRC/configure.log" 2>&1 || {
 	tail -n 30 "$SRC/configure.log" >&2
 	say "configure failed ($SRC/configure.log)"
 	exit 1
 }
-ninja -C "$SRC/build" -j "$JOBS" >"$SRC/build.log" 2>&1 || {
+# The emulator alone, not QEMU's own tests (half of the default target);
+# should installing without them miss a file, the whole build and install.
+meson=meson
+[ -x "$SRC/build/pyvenv/bin/meson" ] && meson="$SRC/build/pyvenv/bin/meson"
+{ ninja -C "$SRC/build" -j "$JOBS" qemu-system-x86_64 trace/trace-events-all &&
+	"$meson" install -C "$SRC/build" --no-rebuild; } >"$SRC/build.log" 2>&1 ||
+	ninja -C "$SRC/build" -j "$JOBS" install >>"$SRC/build.log" 2>&1 || {
 	tail -n 30 "$SRC/build.log" >&2
 	say "build failed ($SRC/build.log)"
 	exit 1
 }
-ninja -C "$SRC/build" install >>"$SRC/build.log" 2>&1
 "$PREFIX/bin/qemu-system-x86_64" --version >/dev/null
-echo "$ver" >"$PREFIX/.stamp"
+printf '%s\n%s\n' "$ver" "$CONFIG_ID" >"$PREFIX/.stamp"
 rm -rf "$SRC" "$CACHE/qemu-next.unavailable"
 say "QEMU $upver built in $(($(date +%s) - start)) s into $PREFIX"
 echo "$PREFIX/bin/qemu-system-x86_64"
