@@ -9,8 +9,8 @@ import os
 import tempfile
 import unittest
 
-from cprdtest import (Console, Daemon, GuestTest, QEMU, SharedDaemonTest, children, pid_alive,
-                      qemu_next, qemu_version, require_guest, require_root, wrapper)
+from cprdtest import (Console, Daemon, GuestTest, QEMU, RpcError, SharedDaemonTest, qemu_next,
+                      qemu_version, require_guest, require_root, wrapper)
 
 
 def cmdline(pid):
@@ -100,7 +100,7 @@ class CrossVersion(SharedDaemonTest):
         con.wait_beats(3)
         con.assert_healthy(self)
 
-    def there_and_back(self, name, forward, back):
+    def to_newer(self, name, forward):
         con = self.guest(name)
         pinned = base_machine(self.old_version)
         self.assertEqual(self.d.call("vm.status", {"name": name})["machine"], pinned)
@@ -113,7 +113,7 @@ class CrossVersion(SharedDaemonTest):
         return con
 
     def test_handover_there_and_back(self):
-        con = self.there_and_back("hv", "handover", "handover")
+        con = self.to_newer("hv", "handover")
         rc, rep, err = self.update("hv", "--vmm", QEMU)
         self.assertEqual(rc, 0, (rep, err))
         self.assertEqual(rep["new_version"], self.old_version)
@@ -121,13 +121,14 @@ class CrossVersion(SharedDaemonTest):
         self.d.call("vm.destroy", {"name": "hv"})
 
     def test_cpr_transfer_forward_refused_back(self):
-        con = self.there_and_back("cpr", "cpr-transfer", "cpr-transfer")
+        con = self.to_newer("cpr", "cpr-transfer")
         pid = self.d.call("vm.status", {"name": "cpr"})["pid"]
         beats = len(con.beats())
-        rc, rep, err = self.update("cpr", "--vmm", QEMU, "--strategy", "cpr-transfer")
-        self.assertNotEqual(rc, 0)
+        with self.assertRaises(RpcError) as cm:
+            self.d.call("vm.update", {"name": "cpr", "vmm": QEMU, "strategy": "cpr-transfer"})
+        err = cm.exception.message
         self.assertIn("refused before the guest was paused", err)
-        self.assertIn("cpr-transfer cannot go back", err)
+        self.assertIn(f"cpr-transfer cannot go back from QEMU {self.new_version}", err)
         self.assertIn("use the handover strategy", err)
         # Nothing happened: same VMM, no update in the history.
         self.assertEqual(self.d.call("vm.status", {"name": "cpr"})["pid"], pid)
@@ -146,9 +147,11 @@ class CrossVersion(SharedDaemonTest):
         con = self.guest("new", vmm=self.next)
         st = self.d.call("vm.status", {"name": "new"})
         self.assertEqual(st["machine"], base_machine(self.new_version))
-        rc, rep, err = self.update("new", "--vmm", QEMU)
-        self.assertNotEqual(rc, 0)
-        self.assertIn(f"lacks the machine type '{st['machine']}'", err)
+        for strategy in ("handover", "cpr-transfer"):
+            with self.assertRaises(RpcError) as cm:
+                self.d.call("vm.update", {"name": "new", "vmm": QEMU, "strategy": strategy})
+            self.assertIn("refused before the guest was paused", cm.exception.message)
+            self.assertIn(f"lacks the machine type '{st['machine']}'", cm.exception.message)
         self.assertEqual(self.d.call("vm.status", {"name": "new"})["pid"], st["pid"])
         self.assertEqual(self.d.call("vm.history", {"name": "new"})["updates"], [])
         con.wait_beats(2)
