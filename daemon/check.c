@@ -204,8 +204,9 @@ static void machines_known(qmp *q, json_object *ret, const char *cls, const char
 	const char *machine = k->vm->cfg.machine, *have = k->vm->vmm ? k->vm->vmm->version : "";
 	long from = version_mm(have), to = version_mm(k->vmm->version);
 
-	if (!ret) {
-		end(k, "it does not list its machine types: %s", desc ? desc : "?");
+	/* Not a refusal: a probe that learns nothing lets the update find out. */
+	if (!ret || !json_object_is_type(ret, json_type_array)) {
+		end(k, "it does not list its machine types: %s", desc ? desc : "not a list");
 		return;
 	}
 	if (!vm_machine_resolve(ret, machine)) {
