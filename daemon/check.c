@@ -287,7 +287,7 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  bool probe, struct call *c)
 {
-	const struct vmm_incoming in = { .defer = true };
+	const struct vmm_incoming in = { .defer = true, .check = true };
 	_cleanup_free_ char *qmp_path = NULL;
 	struct check *k = calloc(1, sizeof(*k));
 	struct vm_config cfg = vm->cfg;

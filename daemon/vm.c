@@ -410,13 +410,12 @@ static void machines_known(qmp *q, json_object *ret, const char *cls, const char
 	if (vm->state != VM_STARTING)
 		return;
 	name = ret ? vm_machine_resolve(ret, vm->cfg.machine) : NULL;
-	if (!name) {
-		fail_start(vm, JSONRPC_ERR_VMM,
-			   ret ? "the VMM does not list the machine type it runs"
-			       : "the VMM does not list its machine types");
-		return;
-	}
-	if (!streq(name, vm->cfg.machine)) {
+	/* A VMM that does not say (not QEMU, or not this QMP) keeps the type
+	 * as given; later VMMs then get that. */
+	if (!name)
+		log_warning("VM %s: the VMM does not list machine type %s (%s); it stays unpinned",
+			    vm->cfg.name, vm->cfg.machine, desc ? desc : "no such type");
+	else if (!streq(name, vm->cfg.machine)) {
 		pinned = strdup(name);
 		if (!pinned) {
 			fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");

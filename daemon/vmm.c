@@ -502,6 +502,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		.sandbox = v->d->confine && cfg->uid > 0,
 		.tap_fd = -1,
 		.incoming = in && in->defer,
+		.check = in && in->check,
 		.cpr_main_path = in ? in->cpr_main_path : NULL,
 		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};

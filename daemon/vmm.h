@@ -71,6 +71,7 @@ struct vmm {
  * -incoming defer, or as a cpr-transfer destination on two socket paths. */
 struct vmm_incoming {
 	bool defer;
+	bool check; /* a pre-flight's or probe's VMM, never the guest's */
 	const char *cpr_main_path, *cpr_state_path;
 };
 
