@@ -177,6 +177,12 @@ static void caps_known(qmp *q, json_object *ret, const char *cls, const char *de
 		end(k, "it closed its monitor");
 }
 
+static void ask_caps(struct check *k)
+{
+	if (vmm_command(k->vmm, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+		end(k, "it closed its monitor");
+}
+
 /* "10.2.2" -> 10002: major and minor only. */
 static long version_mm(const char *v)
 {
@@ -204,9 +210,14 @@ static void machines_known(qmp *q, json_object *ret, const char *cls, const char
 	const char *machine = k->vm->cfg.machine, *have = k->vm->vmm ? k->vm->vmm->version : "";
 	long from = version_mm(have), to = version_mm(k->vmm->version);
 
-	/* Not a refusal: a probe that learns nothing lets the update find out. */
+	/* Not a refusal: a probe that learns nothing lets the update find out,
+	 * a pre-flight goes on to what it can learn. */
 	if (!ret || !json_object_is_type(ret, json_type_array)) {
-		end(k, "it does not list its machine types: %s", desc ? desc : "not a list");
+		if (k->probe)
+			end(k, "it does not list its machine types: %s",
+			    desc ? desc : "not a list");
+		else
+			ask_caps(k);
 		return;
 	}
 	if (!vm_machine_resolve(ret, machine)) {
@@ -228,8 +239,8 @@ static void machines_known(qmp *q, json_object *ret, const char *cls, const char
 	}
 	if (k->probe)
 		end(k, NULL);
-	else if (vmm_command(k->vmm, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
-		end(k, "it closed its monitor");
+	else
+		ask_caps(k);
 }
 
 /* Its machine types and version first (what a probe is for, and what the
