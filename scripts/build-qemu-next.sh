@@ -162,15 +162,20 @@ start=$(date +%s)
 # should installing without them miss a file, the whole build and install.
 meson=meson
 [ -x "$SRC/build/pyvenv/bin/meson" ] && meson="$SRC/build/pyvenv/bin/meson"
-{ ninja -C "$SRC/build" -j "$JOBS" qemu-system-x86_64 trace/trace-events-all &&
-	"$meson" install -C "$SRC/build" --no-rebuild; } >"$SRC/build.log" 2>&1 ||
-	ninja -C "$SRC/build" -j "$JOBS" install >>"$SRC/build.log" 2>&1 || {
+if { ninja -C "$SRC/build" -j "$JOBS" qemu-system-x86_64 trace/trace-events-all &&
+	"$meson" install -C "$SRC/build" --no-rebuild; } >"$SRC/build.log" 2>&1; then
+	say "built and installed the emulator alone"
+elif say "installing the emulator alone failed; building everything" &&
+	ninja -C "$SRC/build" -j "$JOBS" install >>"$SRC/build.log" 2>&1; then
+	:
+else
 	tail -n 30 "$SRC/build.log" >&2
 	say "build failed ($SRC/build.log)"
 	exit 1
-}
+fi
 "$PREFIX/bin/qemu-system-x86_64" --version >/dev/null
 printf '%s\n%s\n' "$ver" "$CONFIG_ID" >"$PREFIX/.stamp"
+cp "$SRC/configure.log" "$SRC/build.log" "$PREFIX/" 2>/dev/null || :
 rm -rf "$SRC" "$CACHE/qemu-next.unavailable"
 say "QEMU $upver built in $(($(date +%s) - start)) s into $PREFIX"
 echo "$PREFIX/bin/qemu-system-x86_64"
