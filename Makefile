@@ -40,7 +40,7 @@ UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/tes
 MAN_PAGES    := $(patsubst man/%.scd,$(B)/man/%,$(wildcard man/*.scd))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
-	format format-check install clean units units-verify man man-check FORCE
+	format format-check install clean units units-verify man man-check qemu-next FORCE
 all: $(B)/cprd $(B)/cprctl $(MAN_PAGES)
 
 man: $(MAN_PAGES)
@@ -111,6 +111,14 @@ guest: deps
 	@sh scripts/build-guest.sh $(B)/guest
 	@sh scripts/accel-probe.sh $(B)/guest
 
+# A second, newer QEMU for the cross-version tests, built from Debian's source
+# package once into QEMU_NEXT_CACHE/qemu-VERSION (outside the clone) and
+# reused (scripts/build-qemu-next.sh says how it is fetched and verified).
+QEMU_NEXT_CACHE ?= /var/cache/cprd-test
+export CPRD_QEMU_CACHE := $(QEMU_NEXT_CACHE)
+qemu-next:
+	@sh scripts/build-qemu-next.sh >/dev/null
+
 unit: $(UNIT_TESTS)
 	@sh tests/run-unit.sh $(UNIT_TESTS)
 
@@ -128,7 +136,7 @@ asan-integration: asan guest
 # and the ASan build, a short fuzz run (tests/run-all.sh says which failed).
 check: check-deps
 	@$(MAKE) --no-print-directory all asan $(UNIT_TESTS)
-	@$(MAKE) --no-print-directory guest
+	@$(MAKE) --no-print-directory guest qemu-next
 	@MAKE="$(MAKE)" sh tests/run-all.sh $(B)
 
 demo: deps

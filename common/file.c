@@ -11,6 +11,11 @@
 
 void file_tail(int dirfd, const char *name, char *buf, size_t size)
 {
+	file_tail_from(dirfd, name, 0, buf, size);
+}
+
+void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t size)
+{
 	_cleanup_close_ int fd =
 	    openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
 	struct stat st;
@@ -20,7 +25,13 @@ void file_tail(int dirfd, const char *name, char *buf, size_t size)
 	buf[0] = '\0';
 	if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		return;
+	/* Shorter than from: truncated (rotated) since, so all of it is
+	 * newer than from. */
+	if (from > st.st_size)
+		from = 0;
 	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
+	if (off < from)
+		off = from;
 	n = pread(fd, buf, size - 1, off);
 	if (n <= 0)
 		return;

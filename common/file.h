@@ -45,6 +45,9 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
  * folded into spaces, NUL-terminated: what a process wrote to its log
  * before it died, on one line. Empty when the file cannot be read. */
 void file_tail(int dirfd, const char *name, char *buf, size_t size);
+/* The same, of what was written at or after offset from only (a file
+ * shorter than from was truncated since: all of it). */
+void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t size);
 
 /* Copy-truncate rotation of a log that another process appends to through
  * its own O_APPEND fd (which cprd cannot replace): once the regular file

@@ -11,9 +11,12 @@
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include "daemon/strategy.h"
+#include "daemon/update.h"
 #include "daemon/vm.h"
 #include "daemon/vmm.h"
 #include "proto/jsonrpc.h"
+
+#define PROBE_TIMEOUT 10.0
 
 struct check {
 	struct vm *vm;
@@ -24,8 +27,11 @@ struct check {
 	ev_timer timer;
 	ev_timer reap;
 	uint64_t t0;
-	double timeout;
+	double limit;      /* the check's own deadline, for its message */
 	json_object *caps; /* what the VMM offers, once asked */
+	double timeout;    /* a probe: the update's, which follows it */
+	bool probe;        /* the first step of an update: it follows unless refused */
+	bool refused;
 	bool ended;
 };
 
@@ -86,7 +92,23 @@ _printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
 	k->vmm = vmm_kill(k->vmm);
 	k->vm->check = NULL;
 	daemon_changed(k->vm->d);
-	if (fmt) {
+	if (k->probe && k->refused) {
+		log_warning("VM %s: update to %s refused: %s", k->vm->cfg.name, k->binary, why);
+		call_fail_data(k->call, JSONRPC_ERR_VMM, o,
+			       "VM '%s': update to '%s' refused before the guest was paused: %s; "
+			       "nothing was changed",
+			       k->vm->cfg.name, k->binary, why);
+	} else if (k->probe) {
+		/* What the probe could not learn (it did not start, say) the
+		 * update finds out for itself, and reports. */
+		json_object_put(o);
+		if (k->vm->state == VM_RUNNING && !k->vm->update)
+			update_start(k->vm, k->s, k->binary, k->timeout, k->call);
+		else
+			call_fail(k->call, JSONRPC_ERR_BAD_STATE,
+				  "VM '%s' is %s; only a running VM can be updated",
+				  k->vm->cfg.name, vm_state_to_string(k->vm->state));
+	} else if (fmt) {
 		log_warning("VM %s: pre-flight of %s failed: %s", k->vm->cfg.name, k->binary, why);
 		call_fail_data(k->call, JSONRPC_ERR_VMM, o,
 			       "pre-flight of '%s' for VM '%s' failed: %s", k->binary,
@@ -156,11 +178,79 @@ static void caps_known(qmp *q, json_object *ret, const char *cls, const char *de
 		end(k, "it closed its monitor");
 }
 
+static void ask_caps(struct check *k)
+{
+	if (vmm_command(k->vmm, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+		end(k, "it closed its monitor");
+}
+
+/* "10.2.2" -> 10002: major and minor only. */
+static long version_mm(const char *v)
+{
+	unsigned major = 0, minor = 0;
+
+	return sscanf(v, "%u.%u", &major, &minor) == 2 ? (long)major * 1000 + minor : -1;
+}
+
+/* A refusal of the update that the probe stands for. */
+_printf_(2, 3) static void refuse(struct check *k, const char *fmt, ...)
+{
+	char why[400];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	k->refused = true;
+	end(k, "%s", why);
+}
+
+static void machines_known(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct check *k = ud;
+	const char *machine = k->vm->cfg.machine, *have = k->vm->vmm ? k->vm->vmm->version : "";
+	long from = version_mm(have), to = version_mm(k->vmm->version);
+
+	/* Not a refusal: a probe that learns nothing lets the update find out,
+	 * a pre-flight goes on to what it can learn. */
+	if (!ret || !json_object_is_type(ret, json_type_array)) {
+		if (k->probe)
+			end(k, "it does not list its machine types: %s",
+			    desc ? desc : "not a list");
+		else
+			ask_caps(k);
+		return;
+	}
+	if (!vm_machine_resolve(ret, machine)) {
+		refuse(k, "QEMU %s lacks the machine type '%s' that the VM was created with",
+		       k->vmm->version, machine);
+		return;
+	}
+	/* The cpr channel's state (CprState) is not versioned by the machine
+	 * type as the main stream is: a newer QEMU sends subsections an older
+	 * one cannot load (10.2 -> 10.0 fails so), and then the guest has
+	 * been paused already. Handover has no cpr channel. */
+	if (k->s->needs_mode && streq(k->s->needs_mode, "cpr-transfer") && from > 0 && to > 0 &&
+	    to < from) {
+		refuse(k,
+		       "cpr-transfer cannot go back from QEMU %s to the older %s (the cpr state of "
+		       "a newer QEMU is not one an older QEMU loads); use the handover strategy",
+		       have, k->vmm->version);
+		return;
+	}
+	if (k->probe)
+		end(k, NULL);
+	else
+		ask_caps(k);
+}
+
+/* Its machine types and version first (what a probe is for, and what the
+ * update would refuse), then, for a pre-flight, its migration capabilities. */
 static void k_ready(struct vmm *v, void *ud)
 {
 	struct check *k = ud;
 
-	if (vmm_command(v, "query-migrate-capabilities", NULL, -EBADF, caps_known, k) < 0)
+	if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, k) < 0)
 		end(k, "it closed its monitor");
 }
 
@@ -180,8 +270,8 @@ static void k_exited(struct vmm *v, void *ud)
 		end(k, "cannot start it: %s", launcher_strerror(v->spawn_error));
 		return;
 	}
-	/* Its last words are the log's: it wrote there after the VM's VMM. */
-	file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+	/* Its last words: what it wrote to the VM's log since it started. */
+	file_tail_from(k->vm->dir_fd, VM_VMM_LOG, v->log_start, tail, sizeof(tail));
 	end(k, "it %s%s%s", v->exit_desc, tail[0] ? "; it said: " : "", tail);
 }
 
@@ -203,15 +293,16 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (k->vmm)
 		vmm_drain(k->vmm); /* what it said already counts */
-	end(k, "it did not get through in %g s", k->timeout);
+	end(k, "it did not get through in %g s", k->limit);
 }
 
-void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
-		 struct call *c)
+static void start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		  bool probe, struct call *c)
 {
-	const struct vmm_incoming in = { .defer = true };
+	const struct vmm_incoming in = { .defer = true, .check = true };
 	_cleanup_free_ char *qmp_path = NULL;
 	struct check *k = calloc(1, sizeof(*k));
+	struct vm_config cfg = vm->cfg;
 	int r;
 
 	if (!k || !(k->binary = strdup(binary)) ||
@@ -225,8 +316,19 @@ void check_start(struct vm *vm, const struct strategy *s, const char *binary, do
 	k->vm = vm;
 	k->s = s;
 	k->call = c;
+	k->probe = probe;
+	k->timeout = timeout;
 	k->t0 = now_usec(CLOCK_MONOTONIC);
-	r = vmm_start(vm->d, &vm->cfg, binary, qmp_path, vm->dir_fd, &in, &check_ops, k, &k->vmm);
+	/* The probe asks which machine types the binary has: it is started
+	 * with the alias, which every QEMU of the family knows. */
+	if (probe && cfg.machine_alias)
+		cfg.machine = cfg.machine_alias;
+	r = vmm_start(vm->d, &cfg, binary, qmp_path, vm->dir_fd, &in, &check_ops, k, &k->vmm);
+	if (r < 0 && probe) {
+		check_free(k);
+		update_start(vm, s, binary, timeout, c);
+		return;
+	}
 	if (r < 0) {
 		call_fail(c, JSONRPC_ERR_VMM,
 			  "pre-flight of '%s' for VM '%s' failed: cannot start it: %s", binary,
@@ -235,15 +337,31 @@ void check_start(struct vm *vm, const struct strategy *s, const char *binary, do
 		return;
 	}
 	vm->check = k;
-	k->timeout = timeout;
+	if (probe && timeout > PROBE_TIMEOUT)
+		timeout = PROBE_TIMEOUT;
+	k->limit = timeout;
 	ev_timer_init(&k->timer, timer_cb, timeout, 0.);
 	k->timer.data = k;
 	ev_timer_start(vm->d->loop, &k->timer);
-	log_info("VM %s: pre-flight of %s (%s)", vm->cfg.name, binary, s->name);
+	log_info("VM %s: %s of %s (%s)", vm->cfg.name, probe ? "probe" : "pre-flight", binary,
+		 s->name);
+}
+
+void check_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		 struct call *c)
+{
+	start(vm, s, binary, timeout, false, c);
+}
+
+void check_then_update(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
+		       struct call *c)
+{
+	start(vm, s, binary, timeout, true, c);
 }
 
 void check_abandon(struct check *k)
 {
+	k->refused = true; /* a probe's update does not follow */
 	end(k, "cprd is shutting down");
 }
 

@@ -462,6 +462,7 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	void *const out[] = { &name, &vmm, &strategy, &timeout, &check };
 	_cleanup_free_ char *binary = NULL;
 	const struct strategy *s;
+	char replaced[256];
 	struct vm *vm;
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
@@ -506,8 +507,10 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 		return;
 	if (check)
 		check_start(vm, s, binary, (double)timeout, c);
-	else
+	else if (streq(binary, vm->cfg.vmm) && vm_outdated(vm, replaced, sizeof(replaced)) == 0)
 		update_start(vm, s, binary, (double)timeout, c);
+	else /* another binary, or this one replaced on disk */
+		check_then_update(vm, s, binary, (double)timeout, c);
 }
 
 static const struct param vm_checkpoint_params[] = {

@@ -43,6 +43,7 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		.append = dup_or_null(jstr(rec, "append")),
 		.tap = dup_or_null(jstr(rec, "tap")),
 		.machine = dup_or_null(jstr(rec, "machine")),
+		.machine_alias = dup_or_null(jstr(rec, "machine_alias")),
 		.memory_bytes =
 		    (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
 		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),

@@ -545,12 +545,14 @@ static void kill_unconfirmed(struct update *u)
 
 /* ---- the new VMM ---- */
 
-/* What the new VMM wrote last says why better than cprd can. */
+/* What the new VMM wrote last says why better than cprd can: QEMU's own
+ * words, from that VMM's run only (the log is shared by the VM's VMMs). */
 static void rollback_with_log(struct update *u, const char *why)
 {
-	char tail[300];
+	char tail[300] = "";
 
-	file_tail(u->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+	if (u->next)
+		file_tail_from(u->vm->dir_fd, VM_VMM_LOG, u->next->log_start, tail, sizeof(tail));
 	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
 }
 
@@ -728,7 +730,14 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 	} else if (streq(event, "MIGRATION") && u->phase == PHASE_MIGRATE) {
 		st = json_object_get_string(json_object_object_get(data, "status"));
 		if (st && (streq(st, "failed") || streq(st, "cancelled"))) {
-			update_rollback(u, "migration %s on the old VMM", st);
+			/* The reason is the new VMM's (a machine type or a
+			 * section it does not know), if it said one. */
+			if (u->next)
+				vmm_drain(u->next);
+			if (!u->ended)
+				rollback_with_log(u, streq(st, "failed")
+							 ? "migration failed on the old VMM"
+							 : "migration cancelled on the old VMM");
 			return;
 		}
 		/* Ask for the byte count now, while the new VMM resumes. */

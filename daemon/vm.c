@@ -112,6 +112,7 @@ void vm_config_done(struct vm_config *cfg)
 	free(cfg->append);
 	free(cfg->tap);
 	free(cfg->machine);
+	free(cfg->machine_alias);
 	*cfg = (struct vm_config){};
 }
 
@@ -189,6 +190,8 @@ static json_object *vm_record(struct vm *vm)
 	if (vm->cfg.tap)
 		add_str(o, "tap", vm->cfg.tap);
 	add_str(o, "machine", vm->cfg.machine);
+	if (vm->cfg.machine_alias)
+		add_str(o, "machine_alias", vm->cfg.machine_alias);
 	json_object_object_add(o, "memory_bytes",
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
@@ -314,9 +317,10 @@ static void abandon_start(struct vm *vm)
 
 static void fail_start(struct vm *vm, int code, const char *why)
 {
-	char tail[400];
+	char tail[400] = "";
 
-	file_tail(vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+	file_tail_from(vm->dir_fd, VM_VMM_LOG, vm->vmm ? vm->vmm->log_start : 0, tail,
+		       sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
 	if (vm->waiting)
 		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
@@ -450,6 +454,55 @@ static void started(qmp *q, json_object *ret, const char *cls, const char *desc,
 		call_reply(TAKE_PTR(vm->waiting), vm_to_json(vm));
 }
 
+const char *vm_machine_resolve(json_object *machines, const char *type)
+{
+	for (size_t i = 0; json_object_is_type(machines, json_type_array) &&
+			   i < json_object_array_length(machines);
+	     i++) {
+		json_object *m = json_object_array_get_idx(machines, i);
+		const char *name = json_object_get_string(json_object_object_get(m, "name"));
+		const char *alias = json_object_get_string(json_object_object_get(m, "alias"));
+
+		if (name && (streq(name, type) || (alias && streq(alias, type))))
+			return name;
+	}
+	return NULL;
+}
+
+/* The machine type is pinned at birth: an alias (q35) names the newest
+ * type of the first VMM's QEMU, and every later VMM of the VM, whatever its
+ * version, must be given that same versioned type (as libvirt records it). */
+static void machines_known(qmp *q, json_object *ret, const char *cls, const char *desc,
+			   void *userdata)
+{
+	struct vm *vm = userdata;
+	const char *name;
+	char *pinned;
+
+	if (vm->state != VM_STARTING)
+		return;
+	name = ret ? vm_machine_resolve(ret, vm->cfg.machine) : NULL;
+	/* A VMM that does not say (not QEMU, or not this QMP) keeps the type
+	 * as given; later VMMs then get that. */
+	if (!name)
+		log_warning("VM %s: the VMM does not list machine type %s (%s); it stays unpinned",
+			    vm->cfg.name, vm->cfg.machine, desc ? desc : "no such type");
+	else if (!streq(name, vm->cfg.machine)) {
+		pinned = strdup(name);
+		if (!pinned) {
+			fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
+			return;
+		}
+		log_info("VM %s: machine type %s is %s", vm->cfg.name, vm->cfg.machine, name);
+		free(vm->cfg.machine_alias);
+		vm->cfg.machine_alias = vm->cfg.machine;
+		vm->cfg.machine = pinned;
+		daemon_changed(vm->d);
+	}
+	if (vmm_command(vm->vmm, "query-status", NULL, -EBADF, started, vm) < 0)
+		fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
+}
+
 static void vmm_ready(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
@@ -460,7 +513,7 @@ static void vmm_ready(struct vmm *v, void *ud)
 	}
 	if (vm->state != VM_STARTING)
 		return;
-	if (vmm_command(v, "query-status", NULL, -EBADF, started, vm) < 0)
+	if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, vm) < 0)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, "out of memory");
 }
 
@@ -957,6 +1010,7 @@ json_object *vm_to_json(struct vm *vm)
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
 	add_str(o, "machine", vm->cfg.machine);
+	add_str(o, "machine_alias", vm->cfg.machine_alias);
 	add_str(o, "accel", vm->d->kvm ? "kvm" : "tcg");
 	add_str(o, "kernel", vm->cfg.kernel);
 	add_str(o, "initrd", vm->cfg.initrd);

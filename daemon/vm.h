@@ -38,7 +38,8 @@ struct vm_config {
 	char *name;
 	char *vmm; /* absolute path of the VMM binary */
 	char *kernel, *initrd, *append, *tap;
-	char *machine;
+	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
+	char *machine_alias; /* what create asked for (q35), or NULL */
 	uint64_t memory_bytes;
 	unsigned vcpus;
 	uid_t uid; /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
@@ -112,6 +113,10 @@ void vm_vmm_lost(struct vm *vm);
 struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
 		      unsigned updates);
 void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running);
+
+/* The versioned name of machine type (or alias) type in a VMM's answer to
+ * query-machines, or NULL when it has no such type. */
+const char *vm_machine_resolve(json_object *machines, const char *type);
 
 json_object *vm_to_json(struct vm *vm);
 /* How many files the running VMM maps that were replaced on disk since

@@ -502,6 +502,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		.sandbox = v->d->confine && cfg->uid > 0,
 		.tap_fd = -1,
 		.incoming = in && in->defer,
+		.check = in && in->check,
 		.cpr_main_path = in ? in->cpr_main_path : NULL,
 		.cpr_state_path = in ? in->cpr_state_path : NULL,
 	};
@@ -510,6 +511,7 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 	char kernel_path[32], initrd_path[32];
 	_cleanup_free_ char *run_dir = NULL;
 	struct launcher_confine conf;
+	struct stat st;
 	char **argv = NULL;
 	size_t n = 0;
 	int r;
@@ -557,6 +559,10 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		strv_free(argv);
 		return -errno;
 	}
+	/* The VM's VMMs share the log: this one's own lines (what QEMU said
+	 * when it failed) are those from here on. */
+	if (fstat(log, &st) == 0)
+		v->log_start = st.st_size;
 	/* vm.c made STATE_DIR/vms/NAME/vmm that uid's (vm_prepare_run_dir). */
 	if (v->d->confine && cfg->uid > 0 &&
 	    asprintf(&run_dir, "%s/vms/%s/vmm", v->d->state_dir, cfg->name) < 0) {

@@ -50,6 +50,8 @@ struct vmm {
 	int fd_ram, fd_console, fd_tap; /* where the held fds sit in the VMM */
 	int exit_code;                  /* -1 unknown */
 	char exit_desc[64];
+	/* VM_VMM_LOG's size when it was started: its own lines follow. */
+	off_t log_start;
 	const struct vmm_ops *ops;
 	void *ud;
 	struct vmm *daemon_next; /* in d->vmms */
@@ -69,6 +71,7 @@ struct vmm {
  * -incoming defer, or as a cpr-transfer destination on two socket paths. */
 struct vmm_incoming {
 	bool defer;
+	bool check; /* a pre-flight's or probe's VMM, never the guest's */
 	const char *cpr_main_path, *cpr_state_path;
 };
 

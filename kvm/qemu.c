@@ -88,7 +88,7 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 
 	add(&a, c->binary);
 	add(&a, "-name");
-	addf(&a, "guest=%s", c->name);
+	addf(&a, c->check ? "guest=%s,process=cprd-check" : "guest=%s", c->name);
 	add(&a, "-nodefaults");
 	add(&a, "-no-user-config");
 	add(&a, "-display");

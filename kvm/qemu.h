@@ -29,6 +29,7 @@ struct qemu_config {
 	int qmp_fd;     /* listening UNIX socket for the QMP monitor */
 	int tap_fd;     /* tap device, optional */
 	bool incoming;  /* -incoming defer: wait for migrate-incoming */
+	bool check;     /* a pre-flight or probe: named cprd-check (-name process=) */
 	/* cpr-transfer destination: both channels are UNIX socket paths (QEMU
 	 * 10.0 takes the cpr channel only as a path, and an fd main channel
 	 * crashes the source in this mode). The destination reads the cpr

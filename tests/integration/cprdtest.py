@@ -42,6 +42,38 @@ if STATE_BASE:
     tempfile.tempdir = STATE_BASE
 
 
+# The second, newer QEMU (`make qemu-next`, cached outside the clone):
+# CPRD_QEMU_NEXT names a binary, else the newest build in CPRD_QEMU_CACHE.
+QEMU_CACHE = os.environ.get("CPRD_QEMU_CACHE") or "/var/cache/cprd-test"
+
+
+def qemu_next():
+    """The newer QEMU's binary, or raise SkipTest saying why there is none."""
+    path = os.environ.get("CPRD_QEMU_NEXT")
+    if path:
+        if not os.access(path, os.X_OK):
+            raise unittest.SkipTest(f"CPRD_QEMU_NEXT={path} is not an executable")
+        return path
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "build-qemu-next.sh")
+    p = subprocess.run(["sh", script, "--print"], capture_output=True, text=True,
+                       env=dict(os.environ, CPRD_QEMU_CACHE=QEMU_CACHE))
+    if p.returncode == 0 and p.stdout.strip():
+        return p.stdout.strip()
+    try:
+        with open(os.path.join(QEMU_CACHE, "qemu-next.unavailable")) as f:
+            why = f.read().strip()
+    except OSError:
+        why = f"not built in {QEMU_CACHE}: run `make qemu-next`"
+    raise unittest.SkipTest(f"no newer QEMU: {why}")
+
+
+def qemu_version(binary):
+    """'10.0.2' from `BINARY --version`."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    return m.group(1) if m else "?"
+
+
 def fs_type(path):
     """The file system type of path as stat(1) names it (tmpfs, ext2/ext3...)."""
     p = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)

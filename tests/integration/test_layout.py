@@ -19,10 +19,12 @@ SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
 # Edges that close a circle and are known. vm and update are one part (the
 # update engine adopts a VMM into a VM; a VM routes its VMM's events to its
 # update).
-# The VM and what runs on it now (an update, a checkpoint or restore) are
-# one part: the operation adopts VMMs into the VM, the VM routes its VMM's
-# events to the operation in flight (docs/ARCHITECTURE.md).
-KNOWN_CIRCLES = {("vm", "update"), ("update", "vm"), ("vm", "checkpoint"), ("checkpoint", "vm")}
+# The VM and what runs on it now (an update, its pre-flight, a checkpoint
+# or restore) are one part: the operation adopts VMMs into the VM or reads
+# its configuration, the VM routes its VMM's events to the operation in
+# flight (docs/ARCHITECTURE.md).
+KNOWN_CIRCLES = {("vm", "update"), ("update", "vm"), ("vm", "checkpoint"), ("checkpoint", "vm"),
+                 ("vm", "check"), ("check", "vm")}
 
 
 def symbols(obj):

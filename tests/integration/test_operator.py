@@ -102,10 +102,11 @@ class Operator(unittest.TestCase):
 
     def test_4_wrong_machine_type(self):
         """A QEMU without the VM's machine type (made here by a wrapper that
-        asks the real one for a machine no QEMU has)."""
+        asks the real one for a machine no QEMU has, in place of the VM's
+        pinned pc-q35-X.Y)."""
         pid, n, before = self.status()["pid"], len(self.history()), set(children(self.d.pid))
         old = wrapper(self.tmp, "old-qemu",
-                      'for a; do shift; case "$a" in q35,*) a="pc-q35-0.1${a#q35}";; esac; '
+                      'for a; do shift; case "$a" in pc-q35-*,*) a="pc-q35-0.1,${a#*,}";; esac; '
                       f'set -- "$@" "$a"; done; exec {QEMU} "$@"')
         with self.assertRaises(RpcError) as cm:
             self.check(vmm=old)

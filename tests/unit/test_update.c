@@ -632,7 +632,7 @@ static struct vm *vm_up(struct fake *old)
 		.name = strdup(VM_NAME),
 		.vmm = strdup(self),
 		.kernel = strdup(self), /* opened by cprd: any regular file */
-		.machine = strdup("pc-q35-9.2"),
+		.machine = strdup("q35"),
 		.memory_bytes = 16 << 20,
 		.vcpus = 1,
 	};
@@ -648,9 +648,17 @@ static struct vm *vm_up(struct fake *old)
 	ck_assert_int_eq(old->pid, vm->vmm->pid);
 	ck_assert(!has_arg(old, "-S", NULL) && !has_arg(old, "-incoming", NULL));
 	fake_greet(old, OLD_VERSION);
+	/* The alias is pinned to the versioned type of this first VMM. */
+	id = fake_expect(old, "query-machines");
+	fake_return(old, id,
+		    "[{\"name\": \"pc-i440fx-9.2\", \"alias\": \"pc\"},"
+		    " {\"name\": \"pc-q35-9.1\"},"
+		    " {\"name\": \"pc-q35-9.2\", \"alias\": \"q35\"}]");
 	id = fake_expect(old, "query-status");
 	fake_return(old, id, "{\"status\": \"running\", \"running\": true}");
 	RUN_UNTIL(vm->state == VM_RUNNING);
+	ck_assert_str_eq(vm->cfg.machine, "pc-q35-9.2");
+	ck_assert_str_eq(vm->cfg.machine_alias, "q35");
 	ck_assert_uint_eq(memstore_count(D.store, VM_NAME), 2); /* ram0, console */
 	return vm;
 }
@@ -999,7 +1007,7 @@ START_TEST(handover_ok_commands_in_order_cont_after_completed_then_old_stats_and
 	old.mon = safe_close(old.mon);
 	run_to_end(vm);
 
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "query-migrate");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,migrate-set-capabilities,getfd,qom-list-types,"
@@ -1135,7 +1143,7 @@ START_TEST(handover_new_exit_while_starting_rolls_back_naming_phase_and_its_log)
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->state, VM_RUNNING);
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,"
 				   "migrate_cancel,closefd,query-status");
 	check_ended_for_good(vm, &old, &nw, VM_RUNNING);
@@ -1230,7 +1238,7 @@ START_TEST(handover_new_exit_while_migrating_rolls_back_and_conts_paused_old)
 	check_blackout(r, "30.500"); /* STOP to the old VMM's RESUME */
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "migrate_cancel,closefd,query-status,cont,cont");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,migrate-set-capabilities,getfd,qom-list-types,"
@@ -1328,7 +1336,7 @@ START_TEST(handover_launcher_gone_before_the_update_rolls_back_at_once)
 	r = the_report(vm);
 	check_never_started(r, "cprd's VMM launcher has exited");
 	ck_assert_str_eq(old.seen,
-			 "qmp_capabilities,query-status,migrate_cancel,closefd,query-status");
+			 "qmp_capabilities,query-machines,query-status,migrate_cancel,closefd,query-status");
 	fd_baseline--; /* the launcher's socket, closed once it was lost */
 	FINISH(vm, &old);
 }
@@ -1368,7 +1376,7 @@ START_TEST(handover_deadline_with_completed_event_unread_commits_never_rolls_bac
 	check_report(r, "handover", "ok", "end-old");
 	check_blackout(r, "4.250");
 	ck_assert_int_eq(json_object_get_int64(json_object_object_get(r, "bytes_transferred")), 42);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "query-migrate");
 	ck_assert(fake_reaped(&old));
@@ -1441,7 +1449,7 @@ START_TEST(handover_refused_migrate_incoming_rolls_back_from_inside_new_vmm_disp
 	check_blackout(r, "0.000");
 	RUN_UNTIL(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,"
 				   "migrate_cancel,closefd,query-status");
 	close(op.fd);
@@ -1552,7 +1560,7 @@ START_TEST(handover_committed_new_exit_right_after_resume_keeps_switch_never_con
 	check_blackout(r, "4.250");
 	check_crashed_memory_held(vm);
 	ck_assert(fake_reaped(&old));
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "query-migrate");
 	check_ended_for_good(vm, &old, &nw, VM_CRASHED);
@@ -1758,7 +1766,7 @@ START_TEST(handover_rollback_asked_after_switch_is_refused_and_never_resumes_old
 	r = the_report(vm);
 	ck_assert_str_eq(rstr(r, "result"), "failed");
 	ck_assert(bug_logged("cannot go from phase end-old to rollback; refused"));
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,query-migrate-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
 				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
 				   "query-migrate");
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
@@ -1888,7 +1896,7 @@ START_TEST(cpr_transfer_ok_late_monitor_asked_cont_after_completed_then_old_stat
 	ck_assert_str_eq(rstr(r, "new_version"), NEW_VERSION);
 	ck_assert_int_eq(json_object_get_int64(json_object_object_get(r, "bytes_transferred")),
 			 9000);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,migrate-set-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
 				   "migrate-set-parameters,migrate,query-migrate");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,query-migrate,cont");
 	ck_assert(fake_reaped(&old));
@@ -1945,7 +1953,7 @@ START_TEST(cpr_transfer_new_exit_while_starting_rolls_back_naming_phase)
 	check_blackout(r, "0.000");
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,migrate-set-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
 				   "migrate-set-parameters,migrate_cancel,query-status");
 	check_ended_for_good(vm, &old, &nw, VM_RUNNING);
 	FINISH(vm, &old, &nw);
@@ -2005,7 +2013,7 @@ START_TEST(cpr_transfer_deadline_with_completed_event_unread_commits_never_rolls
 	r = the_report(vm);
 	check_report(r, "cpr-transfer", "ok", "end-old");
 	check_blackout(r, "4.250");
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-status,migrate-set-capabilities,"
+	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
 				   "migrate-set-parameters,migrate,query-migrate");
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
 	close(fd);
