@@ -224,6 +224,7 @@ def run_plain(bench, size):
     try:
         for i in range(bench.args.reps):
             img = os.path.join(bench.root, f"plain-{size_label(size)}.img")
+            d.console = os.path.join(d.dir, f"console{i}.log")  # one boot per log
             qp = d.qmp_path()
             old = d.spawn(argv(qp))
             oq = QMP(qp, "old", old)
@@ -371,6 +372,13 @@ def write_section(data):
                        f"{sec(med(cell, 'restore_ms'))} | {gib(written)} | "
                        f"{gib(med(cell, 'file_bytes'))} | {gib(med(cell, 'disk_bytes'))} | "
                        f"{health} |")
+    out.append("")
+    out.append("\"written\" is what the method wrote: for the plain stream QEMU's RAM "
+               "transferred, for cprd's methods `bytes_written` of the report, for `dd` its "
+               "bytes. A restore includes starting a QEMU (and, for mapped-ram, its multifd "
+               "threads), a fixed cost that `dd` does not pay and that weighs most at small "
+               "sizes. The methods run one after another on one guest, so the host's load "
+               "(shared, see above) varies between rows.")
     out.append("")
     verdicts = verdict_lines(data, out)
     out.append(END)
