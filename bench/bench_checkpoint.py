@@ -379,6 +379,13 @@ def write_section(data):
                "threads), a fixed cost that `dd` does not pay and that weighs most at small "
                "sizes. The methods run one after another on one guest, so the host's load "
                "(shared, see above) varies between rows.")
+    if any("boot count not judged" in ((s.get("health") or {}).get("problem") or "")
+           for c in M.get("qemu-plain", {}).values() for s in c["samples"]):
+        out.append("")
+        out.append("\"boot count not judged\": in this run the baseline's boots of one size "
+                   "shared a console log (fixed since), so a second boot could not be told from "
+                   "a reboot; its heartbeats went on after each restore and its data check "
+                   "passed.")
     out.append("")
     verdicts = verdict_lines(data, out)
     out.append(END)
@@ -450,14 +457,16 @@ def verdict_lines(data, out):
             rows.append(f"  - {lab}: not evaluable (no cprd checkpoint to tell touched RAM)")
             ok_all = False
             continue
-        for m in new:
-            for s in M.get(m, {}).get(lab, {}).get("samples", []):
-                ev = True
-                ok = s["disk_bytes"] <= touched * 1.01
-                ok_all &= ok
-                if not ok or m == new[-1] or m == new[0]:
-                    rows.append(f"  - {lab} {m}: {gib(s['disk_bytes'])} GiB allocated vs touched "
-                                f"{gib(touched)} GiB + 1% — {'met' if ok else 'NOT met'}")
+        alloc = [(s["disk_bytes"], m) for m in new
+                 for s in M.get(m, {}).get(lab, {}).get("samples", [])]
+        if alloc:
+            ev = True
+            worst, wm = max(alloc)
+            ok = worst <= touched * 1.01
+            ok_all &= ok
+            rows.append(f"  - {lab}: the largest of {len(alloc)} checkpoints ({wm}) allocates "
+                        f"{worst / 2**20:.1f} MiB, touched RAM {touched / 2**20:.1f} MiB + 1% = "
+                        f"{touched * 1.01 / 2**20:.1f} MiB — {'met' if ok else 'NOT met'}")
     v = "met" if ev and ok_all else "not met" if ev else "not evaluable"
     res["disk-touched"] = v
     out.append(f"**A checkpoint never allocates more disk than touched RAM + 1%: {v.upper()}** "
