@@ -40,7 +40,8 @@ UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/tes
 MAN_PAGES    := $(patsubst man/%.scd,$(B)/man/%,$(wildcard man/*.scd))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
-	format format-check install clean units units-verify man man-check qemu-next FORCE
+	format format-check install clean units units-verify man man-check qemu-next bench-checkpoint \
+	FORCE
 all: $(B)/cprd $(B)/cprctl $(MAN_PAGES)
 
 man: $(MAN_PAGES)
@@ -164,6 +165,13 @@ fuzz:
 bench: deps
 	@$(MAKE) --no-print-directory all guest
 	@python3 bench/bench.py --build $(B)
+	@python3 bench/bench_checkpoint.py --build $(B)
+
+# Checkpoint/restore only: sizes and more with BENCH_CHECKPOINT_ARGS, e.g.
+# BENCH_CHECKPOINT_ARGS="--sizes 1G,4G --data-pct 25".
+bench-checkpoint: deps
+	@$(MAKE) --no-print-directory all guest
+	@python3 bench/bench_checkpoint.py --build $(B) $(BENCH_CHECKPOINT_ARGS)
 
 # Paths follow PREFIX; systemd looks for a package's units, sysusers and
 # catalog files under /usr/lib and /usr/local/lib (UNITDIR etc. for others).

@@ -52,6 +52,9 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 PLOT_GP = os.path.join(HERE, "plot.gp")
 BENCH_MD = os.path.join(ROOT, "BENCHMARKS.md")
+# bench_checkpoint.py's section of BENCHMARKS.md: kept when this rewrites it.
+CKPT_BEGIN = "<!-- bench-checkpoint: begin -->"
+CKPT_END = "<!-- bench-checkpoint: end -->"
 
 GUEST_APPEND = "console=ttyS0 quiet cprd.data_mb=8 cprd.hb_ms=200"
 HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+)", re.M)
@@ -1091,9 +1094,22 @@ def write_report(res, sizes):
             f"{lab} blackout p50 {fmt(get('cprd-cpr-transfer', lab, 'bo_p50'))} ms, total p50 "
             f"{fmt(get('cprd-cpr-transfer', lab, 'tot_p50'))} ms" for lab in ct) + ".")
         out.append("")
+    kept = kept_checkpoint_section()  # before the file is truncated
     with open(BENCH_MD, "w") as f:
-        f.write("\n".join(out))
+        f.write("\n".join(out) + kept)
     return verdicts
+
+
+def kept_checkpoint_section():
+    """The checkpoint benchmark's section of the current BENCHMARKS.md."""
+    try:
+        with open(BENCH_MD) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    if CKPT_BEGIN not in text or CKPT_END not in text:
+        return ""
+    return "\n" + text[text.index(CKPT_BEGIN):text.index(CKPT_END) + len(CKPT_END)] + "\n"
 
 
 def loop_section(out, cells):
