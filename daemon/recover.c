@@ -1,12 +1,15 @@
 /* SPDX-License-Identifier: MIT */
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/pidfd.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 
+#include "common/file.h"
 #include "common/json.h"
 #include "common/proc.h"
 #include "daemon/checkpoint.h"
@@ -417,6 +420,127 @@ static json_object *load_registry(struct daemon *d)
 	return NULL;
 }
 
+/* The VM a process's command line names: cprd starts every VMM, and a
+ * wrapper around one, with "-name guest=NAME[,...]". 0 with the name in
+ * buf, or -ENOENT. */
+static int cmdline_guest(pid_t pid, char *buf, size_t size)
+{
+	_cleanup_free_ char *args = NULL;
+	_cleanup_close_ int fd = -EBADF;
+	char path[64];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -ENOENT;
+	n = read_at_most(fd, 0, 64 << 10, &args);
+	if (n <= 0)
+		return -ENOENT;
+	for (char *a = args; a < args + n; a += strlen(a) + 1) {
+		char *next = a + strlen(a) + 1;
+		size_t len;
+
+		if (!streq(a, "-name") || next >= args + n || strncmp(next, "guest=", 6) != 0)
+			continue;
+		len = strcspn(next + 6, ",");
+		if (len == 0 || len >= size)
+			return -ENOENT;
+		memcpy(buf, next + 6, len);
+		buf[len] = '\0';
+		return 0;
+	}
+	return -ENOENT;
+}
+
+/* Whether pid holds an fd to the file (dev, ino). */
+static bool holds(pid_t pid, dev_t dev, ino_t ino)
+{
+	char path[64];
+	DIR *dir;
+	struct dirent *de;
+	bool yes = false;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	dir = opendir(path);
+	while (dir && !yes && (de = readdir(dir))) {
+		struct stat st;
+
+		yes = de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 &&
+		      st.st_dev == dev && st.st_ino == ino;
+	}
+	if (dir)
+		closedir(dir);
+	return yes;
+}
+
+/* Whether the registry names pid anywhere (a VMM, an update's old or new
+ * one, a pre-flight's: every "..pid" member), or cprd already knows it. */
+static bool recorded(json_object *o, pid_t pid)
+{
+	if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++)
+			if (recorded(json_object_array_get_idx(o, i), pid))
+				return true;
+		return false;
+	}
+	if (!json_object_is_type(o, json_type_object))
+		return false;
+	json_object_object_foreach(o, k, v)
+	{
+		size_t n = strlen(k);
+
+		if (n >= 3 && streq(k + n - 3, "pid") && json_object_is_type(v, json_type_int) &&
+		    json_object_get_int(v) == pid)
+			return true;
+		if (recorded(v, pid))
+			return true;
+	}
+	return false;
+}
+
+static bool known_vmm(const struct daemon *d, json_object *registry, pid_t pid)
+{
+	for (const struct vmm *v = d->vmms; v; v = v->daemon_next)
+		if (v->pid == pid)
+			return true;
+	return recorded(registry, pid);
+}
+
+/* A VMM that a killed cprd had asked the launcher for, and not yet
+ * recorded, runs on unknown: paused, holding the VM's memory and console,
+ * and nobody would ever end it. It is found by its command line (cprd names
+ * every VMM "-name guest=NAME") and by what it holds (that VM's own RAM
+ * memfd, the same inode), and ended: the guest runs in the VMM the registry
+ * names, or in none. */
+static void end_strays(struct daemon *d, json_object *registry)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *de;
+
+	while (proc && (de = readdir(proc))) {
+		pid_t pid = (pid_t)atoi(de->d_name);
+		const memstore_entry *ram;
+		char name[MEMSTORE_NAME_MAX];
+		struct stat st;
+		int fd;
+
+		if (pid <= 1 || pid == getpid() || known_vmm(d, registry, pid) ||
+		    cmdline_guest(pid, name, sizeof(name)) < 0 || !vm_find(d, name) ||
+		    memstore_get(d->store, name, "ram0", &ram) < 0 || fstat(ram->fd, &st) < 0 ||
+		    !holds(pid, st.st_dev, st.st_ino))
+			continue;
+		fd = pidfd_open(pid, 0);
+		if (fd >= 0 && pidfd_send_signal(fd, SIGKILL, NULL, 0) == 0)
+			log_warning("VM %s: ended pid %d, a VMM that holds its memory but that no "
+				    "record names (a cprd that died while starting it)",
+				    name, (int)pid);
+		safe_close(fd);
+	}
+	if (proc)
+		closedir(proc);
+}
+
 int recover(struct daemon *d, json_object *pidfds)
 {
 	_cleanup_json_ json_object *root = load_registry(d);
@@ -475,6 +599,7 @@ int recover(struct daemon *d, json_object *pidfds)
 		}
 		i++;
 	}
+	end_strays(d, root);
 	/* Also when there was none: a state directory that cannot take the
 	 * registry shows up now, in daemon.status, not at the first create. */
 	(void)vm_registry_commit(d);

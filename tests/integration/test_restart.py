@@ -1,6 +1,7 @@
 """cprd restarts, re-executes and crashes without the guests noticing."""
 
 import json
+import subprocess
 import os
 import shutil
 import signal
@@ -347,3 +348,45 @@ class InterruptedCreate(GuestTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Strays(unittest.TestCase):
+    """A VMM that a killed cprd had started but not yet recorded runs on
+    unknown, holding the VM's memory: the next cprd finds it by its command
+    line and what it holds, and ends it; a process of the same name that
+    holds nothing of the VM's is left alone."""
+
+    def test_an_unrecorded_vmm_holding_the_vms_memory_is_ended(self):
+        require_root(self)
+        standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin_vmm.py")
+        d = Daemon(["--no-confine"]).start()
+        procs = []
+        try:
+            vmm = wrapper(d.dir, "standin", f'exec python3 {standin} "$@"')
+            d.call("vm.create", {"name": "s", "memory": str(32 << 20), "kernel": standin,
+                                 "vmm": vmm})
+            c = d.conn()
+            c.call("fd.claim", {"vm": "s", "names": ["ram0"]})
+            (ram,) = c.take_fds()
+            c.close()
+            # What the launcher would have started: cprd's -name, the memfd.
+            sleeper = ["python3", "-c", "import time; time.sleep(600)", "-name"]
+            stray = subprocess.Popen(sleeper + ["guest=s,debug-threads=on"], pass_fds=[ram])
+            other = subprocess.Popen(sleeper + ["guest=s"])  # holds nothing of it
+            procs = [stray, other]
+            os.close(ram)
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait()
+            os.unlink(d.sock)
+            d.start()
+            wait_until(lambda: stray.poll() is not None, 10, "the stray VMM to be ended")
+            self.assertEqual(stray.returncode, -signal.SIGKILL)
+            self.assertIsNone(other.poll(), "a process that holds nothing of the VM's was ended")
+            self.assertIn("a VMM that holds its memory but that no record names", d.read_log())
+            self.assertEqual(d.call("vm.status", {"name": "s"})["state"], "running")
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            d.destroy_all()
+            d.stop()
