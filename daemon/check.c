@@ -271,7 +271,7 @@ static void k_exited(struct vmm *v, void *ud)
 		return;
 	}
 	/* Its last words: what it wrote to the VM's log since it started. */
-	file_tail_from(k->vm->dir_fd, VM_VMM_LOG, v->log_start, tail, sizeof(tail));
+	vm_vmm_said(k->vm, v, tail, sizeof(tail));
 	end(k, "it %s%s%s", v->exit_desc, tail[0] ? "; it said: " : "", tail);
 }
 

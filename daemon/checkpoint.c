@@ -762,7 +762,7 @@ static void failed_why(qmp *q, json_object *ret, const char *cls, const char *de
 	struct statvfs sv;
 
 	if (!why)
-		file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+		vm_vmm_said(k->vm, k->vm->vmm, tail, sizeof(tail));
 	/* QEMU reports a full disk as an I/O error: say how full it is. */
 	if (fstatvfs(k->root_fd, &sv) == 0 && (uint64_t)sv.f_bavail * sv.f_frsize < k->size)
 		save_fail(k, "the VMM's save failed: %s; No space left: %s has %llu bytes free",
@@ -1016,7 +1016,7 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 	} else if (st && streq(st, "failed")) {
 		char tail[300];
 
-		file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+		vm_vmm_said(k->vm, v, tail, sizeof(tail));
 		restore_fail(k, "the new VMM could not load the checkpoint%s%s",
 			     tail[0] ? "; VMM log: " : "", tail);
 	}
@@ -1039,7 +1039,7 @@ static void next_exited(struct vmm *v, void *ud)
 			     launcher_strerror(v->spawn_error));
 		return;
 	}
-	file_tail(k->vm->dir_fd, VM_VMM_LOG, tail, sizeof(tail));
+	vm_vmm_said(k->vm, v, tail, sizeof(tail));
 	restore_fail(k, "the new VMM %s while loading the checkpoint%s%s", v->exit_desc,
 		     tail[0] ? "; VMM log: " : "", tail);
 }

@@ -552,7 +552,7 @@ static void rollback_with_log(struct update *u, const char *why)
 	char tail[300] = "";
 
 	if (u->next)
-		file_tail_from(u->vm->dir_fd, VM_VMM_LOG, u->next->log_start, tail, sizeof(tail));
+		vm_vmm_said(u->vm, u->next, tail, sizeof(tail));
 	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
 }
 

@@ -319,8 +319,7 @@ static void fail_start(struct vm *vm, int code, const char *why)
 {
 	char tail[400] = "";
 
-	file_tail_from(vm->dir_fd, VM_VMM_LOG, vm->vmm ? vm->vmm->log_start : 0, tail,
-		       sizeof(tail));
+	vm_vmm_said(vm, vm->vmm, tail, sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
 	if (vm->waiting)
 		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
@@ -895,13 +894,9 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 
 void vm_destroy(struct vm *vm, struct call *c)
 {
-	if (vm->waiting || vm->update || vm->check || vm->ckpt) {
+	if (vm_busy(vm)) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
-			  vm->cfg.name,
-			  vm->update  ? "being updated"
-			  : vm->check ? "being checked for an update"
-			  : vm->ckpt  ? "being checkpointed or restored"
-				      : vm_state_to_string(vm->state));
+			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
 	if (vm->state == VM_CHECKPOINTED)
@@ -971,6 +966,22 @@ void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
 }
 
 /* ---- views ---- */
+
+const char *vm_busy(const struct vm *vm)
+{
+	if (vm->update)
+		return "being updated";
+	if (vm->check)
+		return "being checked for an update";
+	if (vm->ckpt)
+		return "being checkpointed or restored";
+	return vm->waiting ? vm_state_to_string(vm->state) : NULL;
+}
+
+void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size)
+{
+	file_tail_from(vm->dir_fd, VM_VMM_LOG, v ? v->log_start : 0, buf, size);
+}
 
 int vm_outdated(struct vm *vm, char *buf, size_t size)
 {
