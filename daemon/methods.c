@@ -272,6 +272,27 @@ static bool vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *bi
 	return false;
 }
 
+/* The binary a later VMM of a VM runs: resolved as execvp would, else
+ * kept as named (a missing or unusable one is not refused here: the start
+ * fails and the operation says so, as it rolls back), and allowed for this
+ * peer. NULL: c is answered. */
+static char *new_vmm_or_fail(struct daemon *d, struct call *c, const char *name)
+{
+	char *binary = NULL;
+
+	if (find_vmm(name, &binary) < 0)
+		binary = strdup(name);
+	if (!binary) {
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		return NULL;
+	}
+	if (!vmm_allowed_or_fail(d, c, binary)) {
+		free(binary);
+		return NULL;
+	}
+	return binary;
+}
+
 static void format_size(uint64_t b, char *buf, size_t n)
 {
 	if (b >= (1ULL << 30))
@@ -419,14 +440,19 @@ static void m_vm_list(struct daemon *d, struct call *c, json_object *params)
 	bool outdated = false;
 	void *const out[] = { &outdated };
 	json_object *arr, *res;
-	char files[8];
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	arr = json_object_new_array();
-	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (!outdated || vm_outdated(vm, files, sizeof(files)) > 0)
-			json_object_array_add(arr, vm_to_json(vm));
+	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		/* The status reads the VMM's maps once; the filter uses that. */
+		json_object *st = vm_to_json(vm);
+
+		if (!outdated || json_object_get_boolean(json_object_object_get(st, "outdated")))
+			json_object_array_add(arr, st);
+		else
+			json_object_put(st);
+	}
 	res = json_object_new_object();
 	json_object_object_add(res, "vms", arr);
 	call_reply(c, res);
@@ -493,17 +519,7 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 			  vm_state_to_string(vm->state));
 		return;
 	}
-	/* A missing or unusable binary is not refused here: the update
-	 * starts, fails to launch it, and reports that it rolled back. */
-	if (!vmm)
-		binary = strdup(vm->cfg.vmm);
-	else if (find_vmm(vmm, &binary) < 0)
-		binary = strdup(vmm);
-	if (!binary) {
-		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
-		return;
-	}
-	if (!vmm_allowed_or_fail(d, c, binary))
+	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
 	if (check)
 		check_start(vm, s, binary, (double)timeout, c);
@@ -522,14 +538,10 @@ static const struct param vm_checkpoint_params[] = {
 /* A VM being checkpointed, restored, updated or started is busy. */
 static bool vm_idle_or_fail(struct call *c, struct vm *vm)
 {
-	if (!vm->update && !vm->check && !vm->ckpt && !vm->waiting)
+	if (!vm_busy(vm))
 		return true;
 	call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
-		  vm->cfg.name,
-		  vm->update  ? "being updated"
-		  : vm->check ? "being checked for an update"
-		  : vm->ckpt  ? "being checkpointed or restored"
-			      : vm_state_to_string(vm->state));
+		  vm->cfg.name, vm_busy(vm));
 	return false;
 }
 
@@ -609,16 +621,8 @@ static void m_vm_restore(struct daemon *d, struct call *c, json_object *params)
 			  vm_state_to_string(vm->state));
 		return;
 	}
-	if (vmm) {
-		if (find_vmm(vmm, &binary) < 0)
-			binary = strdup(vmm);
-		if (!binary) {
-			call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
-			return;
-		}
-		if (!vmm_allowed_or_fail(d, c, binary))
-			return;
-	}
+	if (vmm && !(binary = new_vmm_or_fail(d, c, vmm)))
+		return;
 	restore_start(
 	    vm,
 	    &(struct restore_args){
@@ -1050,13 +1054,10 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 		}
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->update || vm->waiting || vm->check || vm->ckpt) {
+		if (vm_busy(vm)) {
 			call_fail(c, JSONRPC_ERR_BUSY,
 				  "VM '%s' is %s; re-execute when it has finished", vm->cfg.name,
-				  vm->update  ? "being updated"
-				  : vm->check ? "being checked for an update"
-				  : vm->ckpt  ? "being checkpointed or restored"
-					      : vm_state_to_string(vm->state));
+				  vm_busy(vm));
 			return;
 		}
 	/* The new image finds the VMs through the registry: a stale one would
