@@ -43,9 +43,7 @@ void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t s
 			*p = ' ';
 }
 
-/* Everything from 0 to EOF of in into out; bounded, in case the writer
- * outruns the copy. */
-static int copy_all(int in, int out, off_t limit)
+int file_copy(int in, int out, off_t limit)
 {
 	char buf[65536];
 	off_t off = 0;
@@ -107,7 +105,7 @@ int file_rotate(int dirfd, const char *name, off_t max)
 			       0640)) < 0)
 		r = -errno;
 	else
-		r = copy_all(fd, out, st.st_size + max);
+		r = file_copy(fd, out, st.st_size + max);
 	if (r >= 0 && close(TAKE_FD(out)) < 0)
 		r = -errno;
 	if (r >= 0 && renameat(dirfd, tmp, dirfd, old) < 0)

@@ -40,6 +40,10 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
 	return (ssize_t)len;
 }
 
+/* in (from offset 0 to its end, at most limit bytes: a writer may outrun
+ * the copy) written to out at out's own offset. 0 or a negative errno. */
+int file_copy(int in, int out, off_t limit);
+
 /* The last size - 1 bytes of the file name in the directory dirfd (never
  * through a symlink), trailing newlines and blanks dropped and the others
  * folded into spaces, NUL-terminated: what a process wrote to its log

@@ -60,26 +60,13 @@ static int append_file(int from_dir, const char *from, int to, off_t limit)
 {
 	_cleanup_close_ int in =
 	    openat(from_dir, from, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-	char buf[65536];
-	off_t done = 0;
 	struct stat st;
 
 	if (in < 0)
 		return errno == ENOENT ? 0 : -errno;
 	if (fstat(in, &st) < 0 || !S_ISREG(st.st_mode))
 		return -EBADFD;
-	while (done < limit) {
-		ssize_t n = read(in, buf, sizeof(buf));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : 0;
-		if (write(to, buf, (size_t)n) != n)
-			return -EIO;
-		done += n;
-	}
-	return 0;
+	return file_copy(in, to, limit);
 }
 
 /* name.1 then name (older first) at the end of the kept name, after a line
