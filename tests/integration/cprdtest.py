@@ -184,6 +184,23 @@ def sanitizer_reports(report_dir):
     return "\n".join(out)
 
 
+def rss_kib(pid):
+    """A process's resident memory, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def sanitized():
+    """Whether CPRD is the ASan build. ASan's allocator keeps freed memory
+    in quarantine and maps shadow memory: RSS says nothing about cprd's own
+    memory there."""
+    with open(CPRD, "rb") as f:
+        return b"__asan_init" in f.read()
+
+
 def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -8,7 +8,7 @@ import signal
 import stat
 import unittest
 
-from cprdtest import (CPRD, guest_accel, Console, Daemon, GUEST_APPEND, INITRD, KERNEL, QEMU, SharedDaemonTest,
+from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, QEMU, SharedDaemonTest,
                       children, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
@@ -103,17 +103,6 @@ class Lifecycle(SharedDaemonTest):
         self.d.cprctl("destroy", "life3", check=True)
         self.assertEqual(self.d.call("vm.list")["vms"], [])
 
-    def test_processes_a_vmm_leaves_behind_are_reaped(self):
-        # cprd is a subreaper: a VMM's stray child comes to it when its own
-        # parent is gone, and must not stay a zombie in a long-lived daemon.
-        vmm = wrapper(self.d.dir, "stray", f'(sleep 1 &)\nexec {QEMU} "$@"')
-        vm = self.create("life6", "--vmm", vmm)
-        strays = lambda: [p for p, (comm, st) in children(self.d.pid).items() if comm == "sleep"]
-        wait_until(lambda: not strays(), 10, "the stray child to be reaped")
-        st = self.d.call("vm.status", {"name": "life6"})
-        self.assertEqual((st["state"], st["pid"]), ("running", vm["pid"]))
-        self.d.cprctl("destroy", "life6", check=True)
-
     def test_two_vms_are_independent(self):
         a = self.create("life4")
         b = self.create("life5")
@@ -122,6 +111,29 @@ class Lifecycle(SharedDaemonTest):
         self.assertEqual(self.d.call("vm.status", {"name": "life5"})["state"], "running")
         Console(b["console_log"]).wait_beats(2)
         self.d.cprctl("destroy", "life5", check=True)
+
+
+class Strays(GuestTest):
+    """cprd is a subreaper: a VMM's stray child comes to it when its own
+    parent is gone, and must not stay a zombie in a long-lived daemon. A
+    confined VMM is pid 1 of its own namespace and takes its strays itself,
+    so this cprd runs its VMMs unconfined, where they do come to cprd."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        self.d = Daemon(["--no-confine"]).start()
+
+    def test_processes_a_vmm_leaves_behind_are_reaped(self):
+        vmm = wrapper(self.d.dir, "stray", f'(sleep 1 &)\nexec {QEMU} "$@"')
+        vm = self.d.create_guest("life6", vmm=vmm)
+        strays = lambda: [p for p, (comm, st) in children(self.d.pid).items() if comm == "sleep"]
+        # It does come to cprd (running, or a zombie not yet reaped)...
+        wait_until(lambda: strays(), 5, "the stray child to come to cprd", interval=0.02)
+        # ...and is reaped once it exits.
+        wait_until(lambda: not strays(), 10, "the stray child to be reaped")
+        st = self.d.call("vm.status", {"name": "life6"})
+        self.assertEqual((st["state"], st["pid"]), ("running", vm["pid"]))
 
 
 class Tap(unittest.TestCase):

@@ -14,27 +14,13 @@ import subprocess
 import time
 import unittest
 
-from cprdtest import CPRCTL, CPRD, Conn, Daemon, fd_count, require_root, wait_until
+from cprdtest import (CPRCTL, CPRD, Conn, Daemon, fd_count, require_root, rss_kib, sanitized,
+                      wait_until)
 
 NOBODY = 65534
 PY = "/usr/bin/python3"  # the system's: nobody may not read a user's own interpreter
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "limits_peer.py")
 BUSY, TOO_LARGE, TIMEOUT = -32003, -32007, -32010
-
-
-def sanitized():
-    """ASan's allocator keeps freed memory in quarantine and maps shadow
-    memory: RSS says nothing about cprd's own memory there."""
-    with open(CPRD, "rb") as f:
-        return b"__asan_init" in f.read()
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def cpu_sec(pid):

@@ -24,7 +24,8 @@ import time
 import unittest
 import urllib.request
 
-from cprdtest import (CPRCTL, CPRD, Daemon, RpcError, guest_accel, require_guest, require_root,
+from cprdtest import (CPRCTL, CPRD, Daemon, GuestTest, RpcError, guest_accel, require_guest,
+                      require_root, rss_kib, sanitized,
                       wait_until, wrapper)
 
 # The stand-in VMMs run from the source tree, which a confined VMM's root
@@ -77,17 +78,6 @@ def free_port():
     return port
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def sanitized(binary):
-    with open(binary, "rb") as f:
-        return b"__asan_init" in f.read()
 
 
 def standin_vmm(d, name, fault=""):
@@ -460,23 +450,15 @@ class EventsTest(unittest.TestCase):
                              f"drop ({nbytes} bytes of {total})")
         # ASan keeps freed memory in quarantine: its RSS grows with every
         # allocation, bounded or not. There the bytes above are the proof.
-        if not sanitized(CPRD):
+        if not sanitized():
             self.assertLess(rss1 - rss0, 16 << 10,
                             f"cprd's RSS grew from {rss0} to {rss1} KiB over {3 * n} updates")
         slow.close()
 
 
-class GuestCrashEventTest(unittest.TestCase):
+class GuestCrashEventTest(GuestTest):
     """The real QEMU and guest: a VMM killed under a running guest is told
     as a crash with its exit status."""
-
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
 
     def test_qemu_killed(self):
         f = EventFollower(self.d, True)
