@@ -1022,23 +1022,30 @@ static void print_report(json_object *rep)
 	       json_object_object_get(rep, "error") ? str(rep, "error") : "");
 }
 
+/* One operation over many VMs, N at a time: each thread takes the next VM
+ * under the lock, runs one() on it over a connection of its own, and prints
+ * the report as it comes. */
 struct fleet {
 	pthread_mutex_t lock;
-	json_object *base;
+	const char *method; /* for one() */
+	json_object *base;  /* the params every VM gets */
 	const char **names;
 	json_object **reports;
 	size_t n, next, done;
+	json_object *(*one)(const struct fleet *f, const char *name, char *msg, size_t msglen);
+	void (*print)(json_object *rep);
+	bool numbered; /* "[i/n] " before each line */
 };
 
 static void *fleet_worker(void *p)
 {
 	struct fleet *f = p;
-	char msg[256];
-	int status;
+	char msg[512];
 
 	for (;;) {
-		size_t i;
 		json_object *rep;
+		bool failed;
+		size_t i;
 
 		pthread_mutex_lock(&f->lock);
 		i = f->next < f->n ? f->next++ : f->n;
@@ -1046,8 +1053,9 @@ static void *fleet_worker(void *p)
 		if (i >= f->n)
 			return NULL;
 		msg[0] = '\0';
-		rep = update_one(f->names[i], f->base, msg, sizeof(msg), &status, NULL);
-		if (!rep) {
+		rep = f->one(f, f->names[i], msg, sizeof(msg));
+		failed = !rep; /* no report: cprd refused, or could not be reached */
+		if (failed) {
 			rep = json_object_new_object();
 			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
 			json_object_object_add(rep, "result", json_object_new_string("failed"));
@@ -1057,15 +1065,41 @@ static void *fleet_worker(void *p)
 		f->reports[i] = rep;
 		f->done++;
 		if (!arg_json) {
-			printf("[%zu/%zu] ", f->done, f->n);
-			if (json_object_object_get(rep, "total_ms"))
-				print_report(rep);
-			else
+			if (f->numbered)
+				printf("[%zu/%zu] ", f->done, f->n);
+			if (failed)
 				printf("%s: failed: %s\n", f->names[i], str(rep, "error"));
+			else
+				f->print(rep);
 			fflush(stdout);
 		}
 		pthread_mutex_unlock(&f->lock);
 	}
+}
+
+/* f->n workers at most, parallel at a time (and no more than 64 threads);
+ * in this thread when none can be started. */
+static size_t fleet_run(struct fleet *f, long parallel)
+{
+	pthread_t th[64];
+	size_t n = MIN((size_t)parallel, MIN(f->n, ELEMENTSOF(th)));
+
+	for (size_t t = 0; t < n; t++)
+		if (pthread_create(&th[t], NULL, fleet_worker, f) != 0)
+			n = t;
+	if (n == 0 && f->n > 0)
+		fleet_worker(f);
+	for (size_t t = 0; t < n; t++)
+		pthread_join(th[t], NULL);
+	return n;
+}
+
+static json_object *fleet_update_one(const struct fleet *f, const char *name, char *msg,
+				     size_t msglen)
+{
+	int status;
+
+	return update_one(name, f->base, msg, msglen, &status, NULL);
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -1145,9 +1179,12 @@ static int update_fleet(const struct update_opts *o)
 				   *checks = json_object_new_array(), *params = NULL;
 	json_object *base = o->base;
 	long parallel = o->parallel;
-	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER, .base = base };
+	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER,
+			   .base = base,
+			   .one = fleet_update_one,
+			   .print = print_report,
+			   .numbered = true };
 	json_object *vms, *summary;
-	pthread_t th[64];
 	double *bo;
 	size_t nbo = 0, nok = 0, nthreads, nskip;
 	int r;
@@ -1196,7 +1233,7 @@ static int update_fleet(const struct update_opts *o)
 		free(bo);
 		return passed ? EXIT_OK : EXIT_FAILED;
 	}
-	nthreads = MIN((size_t)parallel, MIN(f.n, ELEMENTSOF(th)));
+	nthreads = MIN((size_t)parallel, MIN(f.n, 64)); /* what fleet_run() starts */
 	if (!arg_json) {
 		printf("updating %zu running VM(s), %zu at a time", f.n, nthreads);
 		printf(nskip ? "; skipping %zu:\n" : "\n", nskip);
@@ -1207,13 +1244,7 @@ static int update_fleet(const struct update_opts *o)
 		}
 		fflush(stdout);
 	}
-	for (size_t t = 0; t < nthreads; t++)
-		if (pthread_create(&th[t], NULL, fleet_worker, &f) != 0)
-			nthreads = t;
-	if (nthreads == 0 && f.n > 0)
-		fleet_worker(&f);
-	for (size_t t = 0; t < nthreads; t++)
-		pthread_join(th[t], NULL);
+	fleet_run(&f, parallel);
 
 	out = json_object_new_object();
 	json_object *arr = json_object_new_array();
@@ -1411,47 +1442,10 @@ static void print_ckpt(json_object *rep)
 		       str(rep, "disk_bytes"), e ? "; " : "", e ? str(rep, "error") : "");
 }
 
-struct ckpt_fleet {
-	pthread_mutex_t lock;
-	const char *method;
-	json_object *base, *reports;
-	const char **names;
-	size_t n, next;
-};
-
-static void *ckpt_worker(void *p)
+static json_object *fleet_ckpt_one(const struct fleet *f, const char *name, char *msg,
+				   size_t msglen)
 {
-	struct ckpt_fleet *f = p;
-	char msg[512];
-
-	for (;;) {
-		json_object *rep;
-		size_t i;
-
-		pthread_mutex_lock(&f->lock);
-		i = f->next < f->n ? f->next++ : f->n;
-		pthread_mutex_unlock(&f->lock);
-		if (i >= f->n)
-			return NULL;
-		msg[0] = '\0';
-		rep = ckpt_one(f->method, f->names[i], f->base, msg, sizeof(msg));
-		if (!rep) {
-			rep = json_object_new_object();
-			json_object_object_add(rep, "vm", json_object_new_string(f->names[i]));
-			json_object_object_add(rep, "result", json_object_new_string("failed"));
-			json_object_object_add(rep, "error", json_object_new_string(msg));
-		}
-		pthread_mutex_lock(&f->lock);
-		json_object_array_put_idx(f->reports, i, rep);
-		if (!arg_json) {
-			if (json_object_object_get(rep, "operation"))
-				print_ckpt(rep);
-			else
-				printf("%s: failed: %s\n", f->names[i], str(rep, "error"));
-			fflush(stdout);
-		}
-		pthread_mutex_unlock(&f->lock);
-	}
+	return ckpt_one(f->method, name, f->base, msg, msglen);
 }
 
 /* --all: every running or paused VM (checkpoint), every checkpointed one
@@ -1459,13 +1453,14 @@ static void *ckpt_worker(void *p)
 static int ckpt_fleet(const char *method, struct ckpt_opts *o)
 {
 	_cleanup_json_ json_object *list = NULL;
-	struct ckpt_fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER,
-				.method = method,
-				.base = o->base };
+	struct fleet f = { .lock = PTHREAD_MUTEX_INITIALIZER,
+			   .method = method,
+			   .base = o->base,
+			   .one = fleet_ckpt_one,
+			   .print = print_ckpt };
 	bool restore = streq(method, "vm.restore");
-	json_object *vms;
-	pthread_t th[64];
-	size_t nthreads, nok = 0;
+	json_object *vms, *reports;
+	size_t nok = 0;
 	int r;
 
 	r = call("vm.list", NULL, &list);
@@ -1473,7 +1468,8 @@ static int ckpt_fleet(const char *method, struct ckpt_opts *o)
 		return r;
 	vms = json_object_object_get(list, "vms");
 	f.names = calloc(json_object_array_length(vms) + 1, sizeof(char *));
-	if (!f.names)
+	f.reports = calloc(json_object_array_length(vms) + 1, sizeof(json_object *));
+	if (!f.names || !f.reports)
 		return fail(EXIT_FAILED, "client", "out of memory");
 	for (size_t i = 0; i < json_object_array_length(vms); i++) {
 		const char *st = str(json_object_array_get_idx(vms, i), "state");
@@ -1482,28 +1478,24 @@ static int ckpt_fleet(const char *method, struct ckpt_opts *o)
 			    : streq(st, "running") || streq(st, "paused"))
 			f.names[f.n++] = str(json_object_array_get_idx(vms, i), "name");
 	}
-	f.reports = json_object_new_array();
-	nthreads = MIN((size_t)o->parallel, MIN(f.n, ELEMENTSOF(th)));
-	for (size_t t = 0; t < nthreads; t++)
-		if (pthread_create(&th[t], NULL, ckpt_worker, &f) != 0)
-			nthreads = t;
-	if (nthreads == 0 && f.n > 0)
-		ckpt_worker(&f);
-	for (size_t t = 0; t < nthreads; t++)
-		pthread_join(th[t], NULL);
-	for (size_t i = 0; i < f.n; i++)
-		nok += report_ok(json_object_array_get_idx(f.reports, i));
+	fleet_run(&f, o->parallel);
+	reports = json_object_new_array();
+	for (size_t i = 0; i < f.n; i++) {
+		nok += report_ok(f.reports[i]);
+		json_object_array_add(reports, f.reports[i]);
+	}
 	if (arg_json) {
 		json_object *out = json_object_new_object();
 
-		json_object_object_add(out, restore ? "restores" : "checkpoints", f.reports);
+		json_object_object_add(out, restore ? "restores" : "checkpoints", reports);
 		print_json(out);
 		json_object_put(out);
 	} else {
 		printf("%zu of %zu VM(s) %s\n", nok, f.n, restore ? "restored" : "checkpointed");
-		json_object_put(f.reports);
+		json_object_put(reports);
 	}
 	free(f.names);
+	free(f.reports);
 	return nok == f.n ? EXIT_OK : EXIT_FAILED;
 }
 
