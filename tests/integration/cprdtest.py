@@ -3,6 +3,7 @@ the real guest from `make guest`, raw JSON-RPC over the UNIX socket with fds
 as SCM_RIGHTS, and cprctl as a user runs it. Nothing here fakes the kernel."""
 
 import array
+import atexit
 import errno
 import json
 import os
@@ -182,6 +183,24 @@ def sanitizer_reports(report_dir):
             out.append(f"--- sanitizer report {name} (the number is the pid) ---\n"
                        + _symbolize(text))
     return "\n".join(out)
+
+
+_readable = {}
+
+
+def readable_copy(path):
+    """A copy of the file at path that any uid may read, made once per run
+    and removed at its end: the source tree may sit in a directory only
+    root can enter (a clone under mktemp -d)."""
+    if path not in _readable:
+        d = tempfile.mkdtemp(prefix="cprd-readable-")
+        atexit.register(shutil.rmtree, d, True)
+        os.chmod(d, 0o755)
+        copy = os.path.join(d, os.path.basename(path))
+        shutil.copy(path, copy)
+        os.chmod(copy, 0o644)
+        _readable[path] = copy
+    return _readable[path]
 
 
 def rss_kib(pid):

@@ -14,7 +14,8 @@ import subprocess
 import time
 import unittest
 
-from cprdtest import (CPRCTL, CPRD, Conn, Daemon, fd_count, require_root, rss_kib, sanitized,
+from cprdtest import (CPRCTL, CPRD, Conn, Daemon, fd_count, readable_copy, require_root, rss_kib,
+                      sanitized,
                       wait_until)
 
 NOBODY = 65534
@@ -43,7 +44,8 @@ class Peer:
 
     def __init__(self, d, mode, *args):
         self.p = subprocess.Popen(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PY, PEER,
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PY,
+             readable_copy(PEER),
              d.sock, mode] + [str(a) for a in args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
