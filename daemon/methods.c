@@ -987,6 +987,10 @@ static void m_daemon_status(struct daemon *d, struct call *c, json_object *param
 	json_object_object_add(o, "vms", json_object_new_int((int)vm_count(d)));
 	json_object_object_add(o, "fds_held",
 			       json_object_new_int((int)memstore_count(d->store, NULL)));
+	/* A start abandoned by a failed update is killed when the launcher
+	 * answers for it: until then it is counted here. */
+	json_object_object_add(o, "vmm_starts_in_flight",
+			       json_object_new_int((int)launcher_in_flight(&d->launcher)));
 	json_object_object_add(o, "socket_activated", json_object_new_boolean(d->socket_activated));
 	json_object_object_add(o, "registry", registry_health_to_json(&d->registry));
 	json_object_object_add(o, "strategies", strategies_json());

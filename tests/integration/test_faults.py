@@ -444,7 +444,11 @@ class Case:
         # the guest's memory intact. A VMM the update ended was sent SIGKILL
         # before the update said it ended; its exit takes the kernel a
         # moment more, and cprd reaps it from its loop: give it 2 s.
+        # A new VMM whose start the update abandoned is killed once the
+        # launcher answers for it, a moment after the update ended.
         keep = {st["pid"]} if st["state"] == "running" else set()
+        wait_until(lambda: d.call("daemon.status", timeout=10)["vmm_starts_in_flight"] == 0, 5,
+                   "cprd to hear of every VMM start it asked for")
         end = time.monotonic() + 2
         while set(self.vmms()) - keep and time.monotonic() < end:
             time.sleep(0.05)
