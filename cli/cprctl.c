@@ -480,16 +480,20 @@ static int create_opt(int opt, const char *arg, void *ud)
 	case 'M':
 		json_object_object_add(p, "machine", json_object_new_string(arg));
 		return 0;
+	case 'X':
+		json_object_object_add(p, "cpr_exec", json_object_new_boolean(true));
+		return 0;
 	}
 	return -EINVAL;
 }
 
 static void print_status(json_object *vm)
 {
-	static const char *const keys[] = { "name",        "state",   "pid",      "vmm",
-					    "vmm_version", "machine", "accel",    "vcpus",
-					    "kernel",      "initrd",  "append",   "tap",
-					    "console_log", "vmm_log", "fds_held", "exit" };
+	static const char *const keys[] = { "name",        "state",       "pid",     "vmm",
+					    "vmm_version", "machine",     "accel",   "cpr_exec",
+					    "vcpus",       "kernel",      "initrd",  "append",
+					    "tap",         "console_log", "vmm_log", "fds_held",
+					    "exit" };
 	char buf[64], age[32];
 
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
@@ -521,6 +525,7 @@ static int verb_create(int argc, char **argv)
 		{ "vmm", required_argument, NULL, 'v' },
 		{ "tap", required_argument, NULL, 't' },
 		{ "machine", required_argument, NULL, 'M' },
+		{ "cpr-exec", no_argument, NULL, 'X' },
 	};
 	_cleanup_json_ json_object *p = json_object_new_object(), *res = NULL;
 	int i, r;
@@ -1834,7 +1839,9 @@ static const struct verb verbs[] = {
 	  "  --vcpus N          virtual CPUs (default 1)\n"
 	  "  --vmm PATH         the QEMU binary (default qemu-system-x86_64 from PATH)\n"
 	  "  --tap IFNAME       a tap interface for the guest's network\n"
-	  "  --machine TYPE     QEMU machine type (default q35)\n" },
+	  "  --machine TYPE     QEMU machine type (default q35)\n"
+	  "  --cpr-exec         let its VMMs exec a successor, for update --strategy\n"
+	  "                     cpr-exec (QEMU's sandbox then allows spawning)\n" },
 	{ "list", verb_list, "list [--state STATE] [--outdated] [--name]",
 	  "all VMs: name, state, pid, memory, vcpus, uptime, QEMU version",
 	  "  --state STATE      only VMs in STATE: starting, running, paused, stopping,\n"
@@ -1852,7 +1859,7 @@ static const struct verb verbs[] = {
 	  "[--timeout SECONDS] [--parallel N]",
 	  "replace the VM's VMM under the running guest",
 	  "  --vmm PATH         the new QEMU binary (default: the VM's own again)\n"
-	  "  --strategy NAME    handover (default) or cpr-transfer\n"
+	  "  --strategy NAME    handover (default), cpr-transfer or cpr-exec\n"
 	  "  --timeout SECONDS  bound on the update up to its commit, 1-3600 (default 60)\n"
 	  "  --all              every VM; lists the VMs it skips (not running) and why,\n"
 	  "                     exits 1 if any was skipped or failed\n"

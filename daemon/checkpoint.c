@@ -223,6 +223,8 @@ static json_object *config_json(const struct vm *vm)
 	json_object_object_add(o, "machine", json_object_new_string(c->machine));
 	json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)c->memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)c->vcpus));
+	if (c->cpr_exec)
+		json_object_object_add(o, "cpr_exec", json_object_new_boolean(true));
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	return o;
@@ -247,6 +249,7 @@ static int config_from_meta(json_object *meta, struct vm_config *cfg)
 		.machine = dup_or_null(jstr(c, "machine")),
 		.memory_bytes = (uint64_t)jint(c, "memory_bytes"),
 		.vcpus = (unsigned)jint(c, "vcpus"),
+		.cpr_exec = json_object_get_boolean(json_object_object_get(c, "cpr_exec")),
 	};
 	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
 	    !cfg->machine || !cfg->memory_bytes || !cfg->vcpus) {

@@ -332,7 +332,7 @@ static const struct param vm_create_params[] = {
 	{ "vcpus", PARAM_UINT, false },     { "kernel", PARAM_STRING, true },
 	{ "initrd", PARAM_STRING, false },  { "append", PARAM_STRING, false },
 	{ "vmm", PARAM_STRING, false },     { "tap", PARAM_STRING, false },
-	{ "machine", PARAM_STRING, false },
+	{ "machine", PARAM_STRING, false }, { "cpr_exec", PARAM_BOOL, false },
 };
 
 static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
@@ -340,8 +340,9 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
 		   *tap = NULL, *machine = NULL;
 	uint64_t memory = 0, vcpus = 1;
-	void *const out[] = { &name,   &memory, &vcpus, &kernel, &initrd,
-			      &append, &vmm,    &tap,   &machine };
+	bool cpr_exec = false;
+	void *const out[] = { &name,   &memory, &vcpus, &kernel,  &initrd,
+			      &append, &vmm,    &tap,   &machine, &cpr_exec };
 	struct vm_config cfg = {};
 	const char *why;
 	int r;
@@ -424,6 +425,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	cfg.machine = strdup(machine ? machine : "q35");
 	cfg.memory_bytes = memory;
 	cfg.vcpus = (unsigned)vcpus;
+	cfg.cpr_exec = cpr_exec;
 	if (!cfg.name || !cfg.kernel || !cfg.machine || (initrd && !cfg.initrd) ||
 	    (append && !cfg.append) || (tap && !cfg.tap)) {
 		vm_config_done(&cfg);
@@ -488,7 +490,7 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	void *const out[] = { &name, &vmm, &strategy, &timeout, &check };
 	_cleanup_free_ char *binary = NULL;
 	const struct strategy *s;
-	char replaced[256];
+	char replaced[256], why[512];
 	struct vm *vm;
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
@@ -521,6 +523,15 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
+	if (s->possible && !s->possible(vm, binary, why, sizeof(why))) {
+		log_warning("VM %s: %s update to %s refused: %s", vm->cfg.name, s->name, binary,
+			    why);
+		call_fail(c, JSONRPC_ERR_VMM,
+			  "VM '%s': %s update to '%s' refused before the guest was paused: %s; "
+			  "nothing was changed",
+			  vm->cfg.name, s->name, binary, why);
+		return;
+	}
 	if (check)
 		check_start(vm, s, binary, (double)timeout, c);
 	else if (streq(binary, vm->cfg.vmm) && vm_outdated(vm, replaced, sizeof(replaced)) == 0)

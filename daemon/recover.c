@@ -50,6 +50,7 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 		.memory_bytes =
 		    (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
 		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),
+		.cpr_exec = json_object_get_boolean(json_object_object_get(rec, "cpr_exec")),
 	};
 	int64_t uid = json_object_get_int64(json_object_object_get(rec, "uid"));
 

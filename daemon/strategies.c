@@ -9,6 +9,7 @@
 static const struct strategy *const strategies[] = {
 	&strategy_handover,
 	&strategy_cpr_transfer,
+	&strategy_cpr_exec,
 };
 
 const struct strategy *strategy_find(const char *name)

@@ -51,6 +51,10 @@ enum phase {
 struct strategy {
 	const char *name; /* as the RPC and cprctl take it */
 	enum phase first;
+	/* The VMM process becomes the new VMM itself (cpr-exec): there is no
+	 * second process, u->next stays NULL until a rollback needs one, and
+	 * the engine tells the two images apart (see update.c, "in place"). */
+	bool in_place;
 	/* next[p]: the phases p may move to. PHASE_DONE is always allowed. */
 	unsigned next[_PHASE_MAX];
 	/* Begin: prepare the VMMs, launch the new one (update_launch). Any
@@ -63,6 +67,14 @@ struct strategy {
 	/* Rolling back: drop what the strategy holds for the migration and
 	 * queue what the old VMM needs before it resumes. Optional. */
 	void (*rollback)(struct update *u, struct vmm *old);
+	/* In place, once the old image is gone: the URI of the state it left,
+	 * which a fresh VMM of the old binary can load (the rollback QEMU
+	 * itself lacks), or NULL. Optional. */
+	const char *(*restore_uri)(struct update *u);
+	/* Whether vm can be updated this way to binary at all: false, with
+	 * the reason in why, refuses the update before anything is asked of
+	 * a VMM. Optional. */
+	bool (*possible)(const struct vm *vm, const char *binary, char *why, size_t size);
 	/* The update is over: release the strategy's own state. */
 	void (*done)(struct update *u);
 	/* After a cprd restart, remove what an interrupted update of this
@@ -77,6 +89,7 @@ struct strategy {
 
 extern const struct strategy strategy_handover;
 extern const struct strategy strategy_cpr_transfer;
+extern const struct strategy strategy_cpr_exec;
 
 /* The table of strategies (strategies.c): NULL when there is none of that
  * name; "handover, cpr-transfer" for messages and help. */
@@ -101,12 +114,14 @@ struct update {
 	bool old_gone;             /* the old VMM exited before the switch */
 	bool killing_new;          /* committed, unconfirmed: waiting for its exit */
 	bool awaiting_old_monitor; /* rolling back: its monitor is to come back */
+	bool exec_seen;            /* in place: the old image closed its monitor to exec */
+	bool restoring;            /* in place: a fresh old VMM is to load the state */
 	bool stats_asked, stats_pending;
 	unsigned cont_tries;
 	uint64_t t0_mono, t0_real;
 	int64_t stop_us, resume_us, old_resume_us; /* QEMU event timestamps */
 	int64_t bytes;
-	pid_t old_pid, new_pid;
+	pid_t old_pid, new_pid, restored_pid;
 	char *old_binary, *new_binary;
 	char old_version[32], new_version[32];
 	char error[512];

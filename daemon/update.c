@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/file.h"
@@ -164,6 +165,8 @@ static json_object *report(struct update *u, const char *result, enum phase ende
 	json_object_object_add(o, "phase", json_object_new_string(phase_names[ended_in]));
 	json_object_object_add(o, "old_pid", json_object_new_int(u->old_pid));
 	json_object_object_add(o, "new_pid", u->new_pid ? json_object_new_int(u->new_pid) : NULL);
+	if (u->restored_pid)
+		json_object_object_add(o, "restored_pid", json_object_new_int(u->restored_pid));
 	json_object_object_add(o, "old_vmm", json_object_new_string(u->old_binary));
 	json_object_object_add(o, "new_vmm", json_object_new_string(u->new_binary));
 	json_object_object_add(o, "old_version", json_object_new_string(u->old_version));
@@ -294,6 +297,8 @@ static void end_lost(struct update *u)
 /* ---- rollback: only before the guest ran in the new VMM ---- */
 
 static void resume_old(struct update *u);
+static void restore(struct update *u);
+static void in_place_ready(struct update *u);
 
 static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
 
@@ -367,6 +372,12 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	}
 	/* The new VMM never ran the guest: nothing of it is worth keeping. */
 	u->next = vmm_kill(u->next);
+	if (u->s->in_place && (u->exec_seen || u->old_gone)) {
+		log_warning("VM %s: update failed (%s); restoring the guest in a VMM of %s",
+			    vm->cfg.name, u->error, u->old_binary);
+		restore(u);
+		return;
+	}
 	log_warning("VM %s: update failed (%s); rolling back to VMM pid %d", vm->cfg.name, u->error,
 		    (int)u->old_pid);
 	if (u->old_gone || !vmm_alive(vm->vmm)) {
@@ -408,6 +419,10 @@ static void resume_old(struct update *u)
 
 void update_vm_vmm_ready(struct update *u)
 {
+	if (u->s->in_place && u->exec_seen) {
+		in_place_ready(u);
+		return;
+	}
 	if (u->phase == PHASE_ROLLBACK && u->awaiting_old_monitor)
 		resume_old(u);
 }
@@ -518,10 +533,12 @@ static void cont_new_done(qmp *q, json_object *ret, const char *cls, const char 
  * in postmigrate, which is all it needs to never resume it (recover.c). */
 static void commit(struct update *u)
 {
+	struct vmm *to = u->s->in_place ? u->vm->vmm : u->next;
+
 	if (!update_set_phase(u, PHASE_COMMIT))
 		return;
 	arm(u, COMMIT_TIMEOUT);
-	if (vmm_command(u->next, "cont", NULL, -EBADF, cont_new_done, u) < 0)
+	if (vmm_command(to, "cont", NULL, -EBADF, cont_new_done, u) < 0)
 		update_rollback(u, "lost the new VMM's monitor before it ran the guest");
 }
 
@@ -539,7 +556,7 @@ static void kill_unconfirmed(struct update *u)
 		return;
 	}
 	u->killing_new = true;
-	vmm_signal(u->next, SIGKILL);
+	vmm_signal(u->s->in_place ? u->vm->vmm : u->next, SIGKILL);
 	arm(u, COMMIT_TIMEOUT);
 }
 
@@ -550,9 +567,10 @@ static void kill_unconfirmed(struct update *u)
 static void rollback_with_log(struct update *u, const char *why)
 {
 	char tail[300] = "";
+	struct vmm *said = u->s->in_place && !u->next ? u->vm->vmm : u->next;
 
-	if (u->next)
-		vm_vmm_said(u->vm, u->next, tail, sizeof(tail));
+	if (said)
+		vm_vmm_said(u->vm, said, tail, sizeof(tail));
 	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
 }
 
@@ -704,9 +722,279 @@ void update_migrate(struct update *u, json_object *args)
 		json_object_put(args);
 		return;
 	}
+	if (u->s->in_place)
+		u->vm->vmm->exec_expected = true;
 	if (vmm_command(u->vm->vmm, "migrate", args, -EBADF, migrate_sent, u) < 0)
 		update_rollback(u, "lost the old VMM's monitor");
 }
+
+/* ---- in place (cpr-exec): one process, two images ----
+ *
+ * The old image, told to migrate, writes the device state to a file and
+ * execs the new binary, which starts paused (-S) and loads that file. The
+ * pid, pidfd and monitor socket stay; the monitor connection closes at the
+ * exec, and cprd connects again at once. What answers then says which
+ * image it is: the new one is paused or still loading, the old one (a
+ * close without an exec) is running or in postmigrate. From the new
+ * image's RESUME on, the update has succeeded; before it, the guest has
+ * run nowhere since the old image stopped it, and a rollback restores it
+ * from the state file into a fresh VMM of the old binary (restore()). */
+
+static void switched_in_place(struct update *u)
+{
+	struct vm *vm = u->vm;
+
+	if (!update_set_phase(u, PHASE_END_OLD))
+		return;
+	vm_vmm_replaced(vm, u->new_binary);
+	vm_set_state(vm, VM_RUNNING);
+	log_info("VM %s: now running in QEMU %s, the same VMM pid %d", vm->cfg.name,
+		 vm->vmm->version, (int)vm->vmm->pid);
+	/* The record names the new binary from here on. */
+	(void)vm_registry_commit(vm->d);
+	end(u, "ok");
+}
+
+static void in_place_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+{
+	const char *st;
+
+	if (streq(event, "RESUME") && (u->phase == PHASE_COMMIT || u->phase == PHASE_MIGRATE)) {
+		u->resume_us = ts_us;
+		if (u->phase == PHASE_MIGRATE && !update_set_phase(u, PHASE_COMMIT))
+			return;
+		switched_in_place(u);
+		return;
+	}
+	if (!streq(event, "MIGRATION") || u->phase != PHASE_MIGRATE)
+		return;
+	st = json_object_get_string(json_object_object_get(data, "status"));
+	if (st && streq(st, "completed"))
+		commit(u);
+	else if (st && streq(st, "failed"))
+		rollback_with_log(u, "the new VMM could not load the state");
+}
+
+static void in_place_status(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
+
+	if (u->phase != PHASE_MIGRATE)
+		return;
+	if (!st) {
+		update_rollback(u, "the new VMM did not say its state: %s", desc ? desc : "?");
+		return;
+	}
+	if (streq(st, "running") || streq(st, "postmigrate") || streq(st, "finish-migrate")) {
+		u->exec_seen = false;
+		u->new_pid = 0;
+		u->new_version[0] = '\0';
+		update_rollback(u,
+				"the old VMM closed its monitor without starting the new one (it "
+				"is %s)",
+				st);
+		return;
+	}
+	/* Loading, or loaded before cprd was connected to hear of it. */
+	if (vmm_command(u->vm->vmm, "query-migrate", NULL, -EBADF, incoming_status, u) < 0)
+		update_rollback(u, "lost the new VMM's monitor");
+}
+
+static void in_place_ready(struct update *u)
+{
+	struct vmm *v = u->vm->vmm;
+
+	if (u->ended || u->restoring)
+		return;
+	if (u->phase == PHASE_ROLLBACK) {
+		/* It exec'd while the rollback asked the old image to resume. */
+		restore(u);
+		return;
+	}
+	u->new_pid = v->pid;
+	snprintf(u->new_version, sizeof(u->new_version), "%s", v->version);
+	if (vmm_command(v, "query-status", NULL, -EBADF, in_place_status, u) < 0)
+		update_rollback(u, "lost the new VMM's monitor");
+}
+
+void update_vm_vmm_monitor_lost(struct update *u)
+{
+	struct vm *vm = u->vm;
+	struct stat st;
+
+	if (!u->s->in_place || u->ended || u->exec_seen)
+		return;
+	if (u->phase != PHASE_MIGRATE &&
+	    !(u->phase == PHASE_ROLLBACK && u->failed_in == PHASE_MIGRATE))
+		return;
+	u->exec_seen = true;
+	/* What the new image writes to the VM's VMM log starts here. */
+	if (fstatat(vm->dir_fd, VM_VMM_LOG, &st, 0) == 0)
+		vm->vmm->log_start = st.st_size;
+}
+
+/* ---- restore: in place, the rollback QEMU itself lacks ----
+ *
+ * Past the exec there is no old process to resume; but the old image left
+ * the device state in a file, and cprd holds guest RAM and every device
+ * fd: a fresh VMM of the old binary loads that file and the guest goes on.
+ * It is started only once the failed image is certainly gone (killed and
+ * reaped), so the guest never has two VMMs that could run it. */
+
+static const struct vmm_ops restore_ops;
+
+_printf_(2, 3) static void restore_failed(struct update *u, const char *fmt, ...)
+{
+	char why[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	add_error(u, "%s", why);
+	end_lost(u);
+}
+
+static void launch_restore(struct update *u)
+{
+	struct vm *vm = u->vm;
+	struct vmm_incoming in = { .defer = true };
+	_cleanup_free_ char *qmp_path = NULL;
+	char why[512];
+	int r;
+
+	if (!u->s->restore_uri || !u->s->restore_uri(u)) {
+		restore_failed(u, "the old VMM left no state to restore the guest from");
+		return;
+	}
+	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
+		restore_failed(u, "cannot restore the guest: %s", why);
+		return;
+	}
+	r = asprintf(&qmp_path, "%s/qmp-next.sock", vm->dir) < 0 ? -ENOMEM : 0;
+	if (r >= 0)
+		r = vmm_start(vm->d, &vm->cfg, u->old_binary, qmp_path, vm->dir_fd, &in,
+			      &restore_ops, u, &u->next);
+	if (r < 0)
+		restore_failed(u, "cannot start a VMM of %s to restore the guest: %s",
+			       u->old_binary, launcher_strerror(r));
+}
+
+static void restore(struct update *u)
+{
+	struct vm *vm = u->vm;
+
+	u->restoring = true;
+	arm(u, ROLLBACK_TIMEOUT);
+	if (vm->vmm) {
+		vmm_cancel(vm->vmm, u);
+		if (vmm_alive(vm->vmm)) {
+			/* Its exit comes back through update_vm_vmm_exited(). */
+			vmm_signal(vm->vmm, SIGKILL);
+			return;
+		}
+		vm->vmm = vmm_free(vm->vmm);
+	}
+	launch_restore(u);
+}
+
+static void restored(struct update *u)
+{
+	struct vm *vm = u->vm;
+
+	vm_adopt_vmm(vm, TAKE_PTR(u->next));
+	vm_settle_qmp_path(vm);
+	vm_set_state(vm, VM_RUNNING);
+	log_info("VM %s: the guest runs again in VMM pid %d (QEMU %s), restored from the state "
+		 "the old one left",
+		 vm->cfg.name, (int)vm->vmm->pid, vm->vmm->version);
+	(void)vm_registry_commit(vm->d);
+	end(u, "rolled-back");
+}
+
+static void restore_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (!ret && !u->ended)
+		restore_failed(u, "the VMM restoring the guest refused its state: %s", desc);
+}
+
+static void restore_cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct update *u = ud;
+
+	if (!ret && !u->ended && !streq(cls, "Disconnected"))
+		restore_failed(u, "the VMM restoring the guest refused to run it: %s", desc);
+}
+
+static void restore_spawned(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+
+	u->restored_pid = v->pid;
+	/* A restarted cprd must know of it (the update record names it). */
+	(void)vm_registry_commit(u->vm->d);
+}
+
+static void restore_ready(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+	json_object *args = json_object_new_object();
+
+	json_object_object_add(args, "uri", json_object_new_string(u->s->restore_uri(u)));
+	if (vmm_command(v, "migrate-incoming", args, -EBADF, restore_sent, u) < 0)
+		restore_failed(u, "lost the monitor of the VMM restoring the guest");
+}
+
+static void restore_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
+			  void *ud)
+{
+	struct update *u = ud;
+	const char *st;
+	char tail[300] = "";
+
+	if (streq(event, "RESUME")) {
+		u->old_resume_us = ts_us;
+		restored(u);
+		return;
+	}
+	if (!streq(event, "MIGRATION"))
+		return;
+	st = json_object_get_string(json_object_object_get(data, "status"));
+	if (st && streq(st, "completed")) {
+		if (vmm_command(v, "cont", NULL, -EBADF, restore_cont_done, u) < 0)
+			restore_failed(u, "lost the monitor of the VMM restoring the guest");
+	} else if (st && streq(st, "failed")) {
+		vm_vmm_said(u->vm, v, tail, sizeof(tail));
+		restore_failed(u, "the VMM of %s could not load the state either%s%s",
+			       u->old_binary, tail[0] ? "; VMM log: " : "", tail);
+	}
+}
+
+static void restore_exited(struct vmm *v, void *ud)
+{
+	struct update *u = ud;
+	char tail[300] = "";
+
+	vm_vmm_said(u->vm, v, tail, sizeof(tail));
+	restore_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
+		       tail[0] ? "; VMM log: " : "", tail);
+}
+
+static void restore_monitor_lost(struct vmm *v, void *ud)
+{
+	restore_failed(ud, "the VMM restoring the guest closed its monitor");
+}
+
+static const struct vmm_ops restore_ops = {
+	.spawned = restore_spawned,
+	.ready = restore_ready,
+	.event = restore_event,
+	.exited = restore_exited,
+	.monitor_lost = restore_monitor_lost,
+};
 
 void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
 {
@@ -723,6 +1011,10 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 
 	if (u->ended)
 		return;
+	if (u->s->in_place && u->exec_seen) {
+		in_place_event(u, event, data, ts_us);
+		return;
+	}
 	if (streq(event, "STOP") && !u->stop_us) {
 		u->stop_us = ts_us;
 	} else if (streq(event, "RESUME")) {
@@ -740,12 +1032,41 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 							 : "migration cancelled on the old VMM");
 			return;
 		}
-		/* Ask for the byte count now, while the new VMM resumes. */
-		if (st && streq(st, "completed"))
+		/* Ask for the byte count now, while the new VMM resumes (in
+		 * place, the old image is about to be replaced: not asked). */
+		if (st && streq(st, "completed") && !u->s->in_place)
 			ask_stats(u, u->vm->vmm);
 	}
 	if (u->s->old_event && !u->ended)
 		u->s->old_event(u, event, data);
+}
+
+/* In place, the VM's one process exited once the old image was told to
+ * migrate: whichever image it was, the guest can only come back from the
+ * state file. true when that is taken care of. */
+static bool in_place_exited(struct update *u)
+{
+	struct vm *vm = u->vm;
+	char tail[300] = "";
+
+	if (u->phase == PHASE_PREPARE ||
+	    (u->phase == PHASE_ROLLBACK && u->failed_in == PHASE_PREPARE))
+		return false; /* never told to migrate: the guest was running in it */
+	vm_vmm_said(vm, vm->vmm, tail, sizeof(tail));
+	vm->vmm = vmm_free(vm->vmm);
+	u->old_gone = true;
+	if (u->restoring) {
+		launch_restore(u); /* killed for it */
+		return true;
+	}
+	if (u->phase == PHASE_ROLLBACK) {
+		add_error(u, "the old VMM %s while rolling back", vm->exit_desc);
+		restore(u);
+		return true;
+	}
+	update_rollback(u, "the %s VMM %s while %s%s%s", u->exec_seen ? "new" : "old",
+			vm->exit_desc, phase_doing[u->phase], tail[0] ? "; VMM log: " : "", tail);
+	return true;
 }
 
 void update_vm_vmm_exited(struct update *u)
@@ -758,6 +1079,8 @@ void update_vm_vmm_exited(struct update *u)
 		vm_vmm_lost(vm);
 		return;
 	}
+	if (u->s->in_place && in_place_exited(u))
+		return;
 	add_error(u, "the old VMM %s while %s", vm->exit_desc, phase_doing[u->phase]);
 	if (u->phase == PHASE_MIGRATE) {
 		/* It may have sent everything before it went: if the new VMM
@@ -797,6 +1120,11 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		kill_unconfirmed(u);
 		return;
 	case PHASE_ROLLBACK:
+		if (u->restoring) {
+			add_error(u, "the guest was not restored within %.0f s", ROLLBACK_TIMEOUT);
+			end_lost(u);
+			return;
+		}
 		if (u->awaiting_old_monitor && u->failed_in < PHASE_MIGRATE &&
 		    vmm_alive(u->vm->vmm)) {
 			/* Never told to migrate: the guest never paused. */

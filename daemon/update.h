@@ -34,6 +34,8 @@ void update_vm_vmm_event(struct update *u, const char *event, json_object *data,
 void update_vm_vmm_exited(struct update *u);
 /* Its monitor answers again (after cprd reconnected to it). */
 void update_vm_vmm_ready(struct update *u);
+/* Its monitor closed while the process lives on; cprd reconnects. */
+void update_vm_vmm_monitor_lost(struct update *u);
 /* Daemon shutting down: stop tracking the update and end no process; the
  * next cprd settles it from the registry. */
 void update_abandon(struct update *u);

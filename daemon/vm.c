@@ -197,6 +197,8 @@ static json_object *vm_record(struct vm *vm)
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
 	if (vm->cfg.uid > 0)
 		json_object_object_add(o, "uid", json_object_new_int64((int64_t)vm->cfg.uid));
+	if (vm->cfg.cpr_exec)
+		json_object_object_add(o, "cpr_exec", json_object_new_boolean(true));
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	add_str(o, "state", vm_state_to_string(vm->state));
@@ -547,7 +549,11 @@ static void vmm_spawned(struct vmm *v, void *ud)
 static void vmm_monitor_lost(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
-	int r = vmm_reconnect(v);
+	int r;
+
+	if (vm->update)
+		update_vm_vmm_monitor_lost(vm->update);
+	r = vmm_reconnect(v);
 
 	if (r < 0)
 		log_warning("VM %s: VMM pid %d closed its monitor and cprd cannot reconnect to %s: "
@@ -590,6 +596,22 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 			vm->cfg.vmm = p;
 		}
 	}
+}
+
+void vm_vmm_replaced(struct vm *vm, const char *binary)
+{
+	char *a = strdup(binary), *b = strdup(binary);
+
+	if (!a || !b) { /* kept as it was: only what is shown is out of date */
+		free(a);
+		free(b);
+		return;
+	}
+	free(vm->cfg.vmm);
+	vm->cfg.vmm = a;
+	free(vm->vmm->binary);
+	vm->vmm->binary = b;
+	daemon_changed(vm->d);
 }
 
 void vm_settle_qmp_path(struct vm *vm)
@@ -1030,6 +1052,7 @@ json_object *vm_to_json(struct vm *vm)
 	json_object_object_add(
 	    o, "uid", vm->cfg.uid > 0 ? json_object_new_int64((int64_t)vm->cfg.uid) : NULL);
 	json_object_object_add(o, "confined", json_object_new_boolean(vm->d->confine));
+	json_object_object_add(o, "cpr_exec", json_object_new_boolean(vm->cfg.cpr_exec));
 	add_str(o, "console_log", vm->console_path);
 	add_str(o, "vmm_log", vm->vmm_log_path);
 	add_str(o, "qmp_socket", vm->qmp_path);

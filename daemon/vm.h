@@ -42,7 +42,8 @@ struct vm_config {
 	char *machine_alias; /* what create asked for (q35), or NULL */
 	uint64_t memory_bytes;
 	unsigned vcpus;
-	uid_t uid; /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
+	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
+	bool cpr_exec; /* its VMMs may exec a successor (QEMU's sandbox spawn=allow) */
 };
 
 struct vm {
@@ -103,6 +104,8 @@ void vm_destroy(struct vm *vm, struct call *c);
 /* For the update: make v the VM's VMM (the old one must be gone or being
  * ended by the caller), and the VM's handlers its handlers. */
 void vm_adopt_vmm(struct vm *vm, struct vmm *v);
+/* For an update in place: the VM's VMM process now runs binary. */
+void vm_vmm_replaced(struct vm *vm, const char *binary);
 /* Give the current VMM's monitor socket the VM's well-known path. */
 void vm_settle_qmp_path(struct vm *vm);
 /* The VMM exited on its own: the VM becomes crashed. */

@@ -125,7 +125,10 @@ static void monitor_gone(struct vmm *v)
 {
 	if (v->doomed || v->pidfd < 0 || !v->ops || !v->ops->monitor_lost)
 		return;
-	ev_timer_set(&v->monitor_timer, MONITOR_GRACE, 0.);
+	/* A VMM replacing its own image closes its monitor on purpose, and
+	 * its successor's greeting is what the update waits for: at once. */
+	ev_timer_set(&v->monitor_timer, v->exec_expected ? 0. : MONITOR_GRACE, 0.);
+	v->exec_expected = false;
 	ev_timer_start(v->d->loop, &v->monitor_timer);
 }
 
@@ -486,31 +489,77 @@ int vmm_open_image(const char *path, int *ret_fd)
 	return r == -EBADFD ? -EINVAL : r;
 }
 
-static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
-		 const struct vmm_incoming *in)
+/* Where a VMM finds what it is given: the held fds from 3 on in this order,
+ * the kernel and initrd after them, named through /proc/self/fd. spawn()
+ * passes them so; a cpr-exec successor inherits them at the same numbers. */
+struct fd_layout {
+	int ram, console, qmp, tap, kernel, initrd; /* -1: none */
+	size_t n;
+	char kernel_path[32], initrd_path[32];
+};
+
+static void fd_layout(bool tap, bool initrd, struct fd_layout *l)
 {
-	struct qemu_config qc = {
+	int next = QEMU_CHILD_FD_BASE;
+
+	*l = (struct fd_layout){ .tap = -1, .initrd = -1 };
+	l->ram = next++;
+	l->console = next++;
+	l->qmp = next++;
+	if (tap)
+		l->tap = next++;
+	l->kernel = next++;
+	snprintf(l->kernel_path, sizeof(l->kernel_path), "/proc/self/fd/%d", l->kernel);
+	if (initrd) {
+		l->initrd = next++;
+		snprintf(l->initrd_path, sizeof(l->initrd_path), "/proc/self/fd/%d", l->initrd);
+	}
+	l->n = (size_t)(next - QEMU_CHILD_FD_BASE);
+}
+
+static struct qemu_config qemu_config_for(const struct daemon *d, const struct vm_config *cfg,
+					  const char *binary, const struct fd_layout *l)
+{
+	return (struct qemu_config){
 		.name = cfg->name,
-		.binary = v->binary,
+		.binary = binary,
 		.machine = cfg->machine,
 		.memory_bytes = cfg->memory_bytes,
 		.vcpus = cfg->vcpus,
-		.kernel = cfg->kernel,
-		.initrd = cfg->initrd,
+		.kernel = l->kernel_path,
+		.initrd = l->initrd >= 0 ? l->initrd_path : NULL,
 		.append = cfg->append,
-		.kvm = v->d->kvm,
-		.sandbox = v->d->confine && cfg->uid > 0,
-		.tap_fd = -1,
-		.incoming = in && in->defer,
-		.check = in && in->check,
-		.cpr_main_path = in ? in->cpr_main_path : NULL,
-		.cpr_state_path = in ? in->cpr_state_path : NULL,
+		.kvm = d->kvm,
+		.sandbox = d->confine && cfg->uid > 0,
+		.allow_exec = cfg->cpr_exec,
+		.ram_fd = l->ram,
+		.console_fd = l->console,
+		.qmp_fd = l->qmp,
+		.tap_fd = l->tap,
 	};
+}
+
+int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *binary,
+		  const char *incoming_uri, char ***ret_argv)
+{
+	struct fd_layout l;
+	struct qemu_config qc;
+
+	fd_layout(held_fd(v->d, cfg->name, "net0") >= 0, cfg->initrd != NULL, &l);
+	qc = qemu_config_for(v->d, cfg, binary, &l);
+	qc.incoming_uri = incoming_uri;
+	return qemu_build_argv(&qc, ret_argv);
+}
+
+static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
+		 const struct vmm_incoming *in)
+{
 	int fds[6], tap = held_fd(v->d, cfg->name, "net0");
 	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
-	char kernel_path[32], initrd_path[32];
 	_cleanup_free_ char *run_dir = NULL;
 	struct launcher_confine conf;
+	struct fd_layout l;
+	struct qemu_config qc;
 	struct stat st;
 	char **argv = NULL;
 	size_t n = 0;
@@ -530,26 +579,23 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		}
 	}
 
-	fds[n] = held_fd(v->d, cfg->name, "ram0");
-	qc.ram_fd = v->fd_ram = QEMU_CHILD_FD_BASE + (int)n++;
-	fds[n] = held_fd(v->d, cfg->name, "console");
-	qc.console_fd = v->fd_console = QEMU_CHILD_FD_BASE + (int)n++;
-	fds[n] = qmp_listen;
-	qc.qmp_fd = QEMU_CHILD_FD_BASE + (int)n++;
-	if (tap >= 0) {
-		fds[n] = tap;
-		qc.tap_fd = v->fd_tap = QEMU_CHILD_FD_BASE + (int)n++;
-	}
-	fds[n] = kernel;
-	snprintf(kernel_path, sizeof(kernel_path), "/proc/self/fd/%d",
-		 QEMU_CHILD_FD_BASE + (int)n++);
-	qc.kernel = kernel_path;
-	if (initrd >= 0) {
-		fds[n] = initrd;
-		snprintf(initrd_path, sizeof(initrd_path), "/proc/self/fd/%d",
-			 QEMU_CHILD_FD_BASE + (int)n++);
-		qc.initrd = initrd_path;
-	}
+	fd_layout(tap >= 0, initrd >= 0, &l);
+	fds[n++] = held_fd(v->d, cfg->name, "ram0");
+	fds[n++] = held_fd(v->d, cfg->name, "console");
+	fds[n++] = qmp_listen;
+	if (tap >= 0)
+		fds[n++] = tap;
+	fds[n++] = kernel;
+	if (initrd >= 0)
+		fds[n++] = initrd;
+	v->fd_ram = l.ram;
+	v->fd_console = l.console;
+	v->fd_tap = l.tap;
+	qc = qemu_config_for(v->d, cfg, v->binary, &l);
+	qc.incoming = in && in->defer;
+	qc.check = in && in->check;
+	qc.cpr_main_path = in ? in->cpr_main_path : NULL;
+	qc.cpr_state_path = in ? in->cpr_state_path : NULL;
 	r = qemu_build_argv(&qc, &argv);
 	if (r < 0)
 		return r;

@@ -65,6 +65,7 @@ struct vmm {
 	ev_timer kill_timer;    /* bounds how long an ending VMM is waited for */
 	ev_timer monitor_timer; /* monitor closed: does the process outlive it? */
 	unsigned reconnects;    /* failed attempts to connect to it again */
+	bool exec_expected;     /* its next monitor close is an exec: no grace */
 };
 
 /* How a new VMM receives its guest: not at all (a fresh boot), with
@@ -109,6 +110,11 @@ void vmm_watch(struct vmm *v);
  * "return" (owned) or a negative errno. */
 int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int timeout_ms,
 		     json_object **ret);
+
+/* The command line of a successor that v's process execs (cpr-exec): the
+ * same fds at the same numbers, binary, and -S -incoming incoming_uri. */
+int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *binary,
+		  const char *incoming_uri, char ***ret_argv);
 
 /* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
 json_object *vmm_fd_map(const struct vmm *v);

@@ -75,7 +75,8 @@ static bool config_is_valid(const struct qemu_config *c)
 	       /* both are pasted into option strings */
 	       !strchr(c->name, ',') && !strchr(c->machine, ',') &&
 	       /* pasted into a JSON string */
-	       (!c->cpr_state_path || !strpbrk(c->cpr_state_path, "\"\\"));
+	       (!c->cpr_state_path || !strpbrk(c->cpr_state_path, "\"\\")) &&
+	       (!c->incoming_uri || c->incoming_uri[0]);
 }
 
 int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
@@ -105,10 +106,12 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	/* QEMU's own filter, installed before it touches guest input: no
 	 * obsolete calls, no set*id, no fork or exec, no scheduler or
 	 * memory-policy changes. Nothing cprd asks of a VMM (handover,
-	 * cpr-transfer) needs any of them. */
+	 * cpr-transfer) needs any of them; cpr-exec needs exec, and a VM
+	 * created for it is given spawn=allow. */
 	if (c->sandbox) {
 		add(&a, "-sandbox");
-		add(&a, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+		addf(&a, "on,obsolete=deny,elevateprivileges=deny,spawn=%s,resourcecontrol=deny",
+		     c->allow_exec ? "allow" : "deny");
 	}
 	add(&a, "-smp");
 	addf(&a, "%u", c->vcpus);
@@ -150,12 +153,15 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	/* A VMM that receives a guest starts paused (-S) and reports its
 	 * migration's end (x-events): it runs the guest only when told to,
 	 * so until then the guest can always go back to the old VMM. */
-	if (c->incoming || (c->cpr_main_path && c->cpr_state_path)) {
+	if (c->incoming || c->incoming_uri || (c->cpr_main_path && c->cpr_state_path)) {
 		add(&a, "-S");
 		add(&a, "-global");
 		add(&a, "migration.x-events=on");
 	}
-	if (c->incoming) {
+	if (c->incoming_uri) {
+		add(&a, "-incoming");
+		add(&a, c->incoming_uri);
+	} else if (c->incoming) {
 		add(&a, "-incoming");
 		add(&a, "defer");
 	} else if (c->cpr_main_path && c->cpr_state_path) {

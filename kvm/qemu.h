@@ -23,13 +23,17 @@ struct qemu_config {
 	const char *kernel, *initrd, *append; /* initrd/append may be NULL */
 	bool kvm;                             /* -accel kvm, else tcg */
 	bool sandbox;                         /* QEMU's own seccomp filter, every group of it on */
+	bool allow_exec; /* ...but for spawn: the VMM may exec its successor (cpr-exec) */
 	/* fd numbers as the VMM sees them; -1 when absent */
 	int ram_fd;     /* sealed memfd holding guest RAM */
 	int console_fd; /* serial console log, opened O_APPEND by the daemon */
 	int qmp_fd;     /* listening UNIX socket for the QMP monitor */
 	int tap_fd;     /* tap device, optional */
 	bool incoming;  /* -incoming defer: wait for migrate-incoming */
-	bool check;     /* a pre-flight or probe: named cprd-check (-name process=) */
+	/* -incoming this URI instead of defer (a cpr-exec successor loads its
+	 * state file as it starts); implies incoming */
+	const char *incoming_uri;
+	bool check; /* a pre-flight or probe: named cprd-check (-name process=) */
 	/* cpr-transfer destination: both channels are UNIX socket paths (QEMU
 	 * 10.0 takes the cpr channel only as a path, and an fd main channel
 	 * crashes the source in this mode). The destination reads the cpr

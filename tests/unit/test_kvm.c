@@ -627,6 +627,44 @@ START_TEST(argv_incoming_only_when_requested)
 }
 END_TEST
 
+START_TEST(argv_incoming_uri_replaces_defer_and_starts_paused)
+{
+	struct qemu_config c = base_config();
+	char **argv;
+
+	c.incoming = true;
+	c.incoming_uri = "file:/run/cprd/vms/a/vmm/cpr-exec.state";
+	argv = build(&c);
+	ck_assert_int_eq(count_pair(argv, "-incoming", "file:/run/cprd/vms/a/vmm/cpr-exec.state"),
+			 1);
+	ck_assert_int_eq(count_pair(argv, "-incoming", NULL), 1);
+	ck_assert_int_eq(count_pair(argv, "-S", NULL), 1);
+	strv_free(argv);
+}
+END_TEST
+
+START_TEST(argv_sandbox_allows_exec_only_when_asked)
+{
+	struct qemu_config c = base_config();
+	char **argv;
+
+	c.sandbox = true;
+	argv = build(&c);
+	ck_assert_int_eq(
+	    count_pair(argv, "-sandbox",
+		       "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+	    1);
+	strv_free(argv);
+	c.allow_exec = true;
+	argv = build(&c);
+	ck_assert_int_eq(
+	    count_pair(argv, "-sandbox",
+		       "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny"),
+	    1);
+	strv_free(argv);
+}
+END_TEST
+
 START_TEST(argv_tap_netdev_only_with_tap_fd)
 {
 	struct qemu_config c = base_config();
@@ -766,6 +804,8 @@ int main(void)
 	tcase_add_test(t, argv_console_chardev_appends);
 	tcase_add_test(t, argv_accel_follows_kvm_flag);
 	tcase_add_test(t, argv_incoming_only_when_requested);
+	tcase_add_test(t, argv_incoming_uri_replaces_defer_and_starts_paused);
+	tcase_add_test(t, argv_sandbox_allows_exec_only_when_asked);
 	tcase_add_test(t, argv_tap_netdev_only_with_tap_fd);
 	tcase_add_test(t, argv_starts_with_binary_and_is_null_terminated);
 	tcase_add_test(t, argv_rejects_invalid_configs);
