@@ -40,7 +40,7 @@ _cprctl()
 		return
 		;;
 	--strategy)
-		COMPREPLY=($(compgen -W "handover cpr-transfer" -- "$cur"))
+		COMPREPLY=($(compgen -W "handover cpr-transfer cpr-exec" -- "$cur"))
 		return
 		;;
 	--state)
@@ -58,7 +58,7 @@ _cprctl()
 		COMPREPLY=($(compgen -W "$verbs $common" -- "$cur"))
 		return
 		;;
-	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --machine" ;;
+	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --machine --cpr-exec" ;;
 	list) opts="--state --outdated --name" ;;
 	update) opts="--all --outdated --check --vmm --strategy --parallel" ;;
 	daemon) opts="--reset --binary" ;;

@@ -190,6 +190,102 @@ static void strategy_leftovers(struct vm *vm, json_object *up)
 		s->settle(vm->run_dir);
 }
 
+/* Whether pid runs the very file binary names. */
+static bool runs_binary(pid_t pid, const char *binary)
+{
+	char exe[64];
+	struct stat a, b;
+
+	snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
+	return binary && stat(exe, &a) == 0 && stat(binary, &b) == 0 && a.st_dev == b.st_dev &&
+	       a.st_ino == b.st_ino;
+}
+
+static void take_binary(struct vm *vm, struct vmm *v, const char *binary)
+{
+	char *a = strdup(binary), *b = strdup(binary);
+
+	if (!a || !b) {
+		free(a);
+		free(b);
+		return;
+	}
+	free(vm->cfg.vmm);
+	vm->cfg.vmm = a;
+	free(v->binary);
+	v->binary = b;
+}
+
+/*
+ * An update in place (cpr-exec) that cprd did not see end. There is one
+ * process, v, in the old image or the new; or, once it had died, a VMM of
+ * the old binary restoring the guest from the state file (the record's
+ * new VMM). Neither image ever runs the guest before it holds its whole
+ * state (the new one starts paused), so whichever is there goes on:
+ *  - the old image still running, or in postmigrate (it saved the state but
+ *    did not exec): it resumes, and the update is undone;
+ *  - the new image, paused or still loading: it is told to run, which it
+ *    does once loaded;
+ *  - a restore VMM that runs, or holds the whole state: it keeps the guest.
+ * A restore VMM that does not, with the process gone, leaves the VM
+ * crashed (its memory kept): the state file is not kept for a second try.
+ */
+static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *v, json_object *up,
+				   int phase)
+{
+	char msg[320], st[32] = "";
+	const char *new_bin = jstr(up, "new_vmm");
+	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	struct vmm *restorer = NULL;
+	bool is_new;
+
+	if (pidfd >= 0 && !v && jstr(up, "new_qmp") &&
+	    vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, jstr(up, "new_qmp"), NULL, NULL,
+		       &restorer) >= 0 &&
+	    query_status(restorer, st, sizeof(st)) &&
+	    (streq(st, "running") || (streq(st, "paused") && incoming_completed(restorer)))) {
+		set_fd_map(restorer, json_object_object_get(up, "new_vmm_fds"));
+		if (!streq(st, "running"))
+			resume(restorer, false);
+		strategy_leftovers(vm, up);
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update (phase %s); the guest was restored in "
+			 "VMM pid %d of the old binary and stays there",
+			 update_phase_name(phase), (int)restorer->pid);
+		update_record_interrupted(vm, up, msg);
+		return restorer;
+	}
+	if (restorer)
+		vmm_kill(restorer);
+	else if (pidfd >= 0) {
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+	}
+	strategy_leftovers(vm, up);
+	if (!v) {
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update (phase %s) and the VMM is gone; the "
+			 "guest was not restored",
+			 update_phase_name(phase));
+		update_record_interrupted(vm, up, msg);
+		return NULL;
+	}
+	is_new = !runs_binary(v->pid, vm->cfg.vmm) && runs_binary(v->pid, new_bin);
+	if (query_status(v, st, sizeof(st)) && !streq(st, "running"))
+		resume(v, streq(st, "postmigrate") || streq(st, "finish-migrate"));
+	if (is_new)
+		take_binary(vm, v, new_bin);
+	log_info("VM %s: interrupted cpr-exec update (phase %s): VMM pid %d in the %s image, %s",
+		 vm->cfg.name, update_phase_name(phase), (int)v->pid, is_new ? "new" : "old",
+		 st[0] ? st : "mute");
+	snprintf(msg, sizeof(msg),
+		 "cprd restarted during the update (phase %s); the VMM pid %d keeps the guest, in "
+		 "the %s binary",
+		 update_phase_name(phase), (int)v->pid, is_new ? "new" : "old");
+	update_record_interrupted(vm, up, msg);
+	return v;
+}
+
 static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
 {
 	char msg[320], st_new[32] = "", st_old[32] = "";
@@ -197,10 +293,14 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	const char *next_qmp = jstr(up, "new_qmp");
 	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
 	int phase = update_phase_from_name(jstr(up, "phase"));
-	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	const struct strategy *s = strategy_find(jstr(up, "strategy"));
+	int pidfd;
 	struct settle_facts f = { .committed = phase == update_phase_from_name("commit") };
 	int r = -ESRCH;
 
+	if (s && s->in_place)
+		return settle_in_place(d, vm, old, up, phase);
+	pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
 	if (pidfd >= 0 && next_qmp) {
 		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL, NULL, &next);
 	} else if (pidfd >= 0) {

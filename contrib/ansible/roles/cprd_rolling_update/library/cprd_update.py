@@ -19,7 +19,7 @@ options:
   socket: {description: cprd's socket, default: /run/cprd/cprd.sock, type: path}
   action: {description: preflight or update, choices: [preflight, update], required: true}
   vmm: {description: the binary to update to; default each VM's own, type: str}
-  strategy: {description: handover or cpr-transfer (cprd's default if unset), type: str}
+  strategy: {description: handover, cpr-transfer or cpr-exec (cprd's default if unset), type: str}
   timeout: {description: seconds cprd allows one update, default: 60, type: int}
   outdated: {description: only VMs whose VMM was replaced on disk, default: true, type: bool}
   names: {description: "action=update: the VMs (default: what preflight would pick)",
