@@ -163,9 +163,16 @@ fuzz:
 		-print_final_stats=1 -artifact_prefix=$(B)/fuzz/ $(B)/fuzz/corpus
 
 bench: deps
-	@$(MAKE) --no-print-directory all guest
+	@$(MAKE) --no-print-directory all guest qemu-next
 	@python3 bench/bench.py --build $(B)
 	@python3 bench/bench_checkpoint.py --build $(B)
+	@python3 bench/bench_versions.py --build $(B)
+
+# Between Debian's QEMU and `make qemu-next`'s: handover both ways,
+# cpr-transfer forward, cpr-exec, and QEMU's own cpr-transfer as baseline.
+bench-versions: deps
+	@$(MAKE) --no-print-directory all guest qemu-next
+	@python3 bench/bench_versions.py --build $(B) $(BENCH_VERSIONS_ARGS)
 
 # Checkpoint/restore only: sizes and more with BENCH_CHECKPOINT_ARGS, e.g.
 # BENCH_CHECKPOINT_ARGS="--sizes 1G,4G --data-pct 25".

@@ -55,6 +55,9 @@ BENCH_MD = os.path.join(ROOT, "BENCHMARKS.md")
 # bench_checkpoint.py's section of BENCHMARKS.md: kept when this rewrites it.
 CKPT_BEGIN = "<!-- bench-checkpoint: begin -->"
 CKPT_END = "<!-- bench-checkpoint: end -->"
+# bench_versions.py's section, kept likewise.
+VERS_BEGIN = "<!-- bench-versions: begin -->"
+VERS_END = "<!-- bench-versions: end -->"
 
 GUEST_APPEND = "console=ttyS0 quiet cprd.data_mb=8 cprd.hb_ms=200"
 HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+)", re.M)
@@ -604,11 +607,11 @@ class Direct:
         self.n += 1
         return os.path.join(self.dir, f"qmp{self.n}.sock")
 
-    def base_argv(self, qmp, memory, machine_extra=""):
+    def base_argv(self, qmp, memory, machine_extra="", binary=None, machine="q35"):
         mib = self.size >> 20
-        return [self.bench.qemu, "-name", "guest=bench", "-nodefaults", "-no-user-config",
+        return [binary or self.bench.qemu, "-name", "guest=bench", "-nodefaults", "-no-user-config",
                 "-display", "none", "-accel", guest_accel(), "-smp", "1", "-m", f"{mib}M",
-                "-object", memory, "-machine", "q35,memory-backend=ram0" + machine_extra,
+                "-object", memory, "-machine", f"{machine},memory-backend=ram0" + machine_extra,
                 "-chardev", f"socket,id=qmp,path={qmp},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
                 "-chardev", f"file,id=con0,path={self.console},append=on",
@@ -746,24 +749,26 @@ def unix_listening(path):
     return False
 
 
-def run_cpr_direct(bench, size, reps):
+def run_cpr_direct(bench, size, reps, method="qemu-cpr-transfer", src=None, dst=None,
+                   machine="q35"):
     """Baseline B: QEMU's cpr-transfer mode. Guest RAM is a memfd this script
     creates; both QEMUs inherit it and map it through /proc/self/fd/N
     (share=on, aux-ram-share=on). The new QEMU listens on two UNIX sockets,
     -incoming unix:MAIN and a cpr channel; the old one gets
     mode=cpr-transfer and migrates with both channels. (An inherited fd as
     the main channel fails in QEMU 10.0 with "Not a migration stream", and
-    the cpr channel must be a UNIX socket.)"""
-    cell = bench.res.cell("qemu-cpr-transfer", size)
+    the cpr channel must be a UNIX socket.) Between two QEMU builds: src
+    boots the guest, dst takes it (machine: a type both have)."""
+    cell = bench.res.cell(method, size)
     d = Direct(bench, "cpr", size)
     memfd = make_memfd(size)
     mem = f"memory-backend-file,id=ram0,size={size >> 20}M,mem-path=/proc/self/fd/{memfd},share=on"
     aux = ",aux-ram-share=on"
     try:
         qp = d.qmp_path()
-        old = d.spawn(d.base_argv(qp, mem, aux), pass_fds=[memfd])
+        old = d.spawn(d.base_argv(qp, mem, aux, src, machine), pass_fds=[memfd])
         oq = QMP(qp, "old", old)
-        log(f"qemu-cpr-transfer {size_label(size)}: booting")
+        log(f"{method} {size_label(size)}: booting")
         wait_beats(d.console, 3, procs=[old])
         for i in range(reps):
             time.sleep(SETTLE_S)  # each update starts from a steady state
@@ -774,7 +779,7 @@ def run_cpr_direct(bench, size, reps):
             cpr = {"transport": "socket", "type": "unix",
                    "path": os.path.join(d.dir, f"cpr{d.n}.sock")}
             mig = os.path.join(d.dir, f"mig{d.n}.sock")
-            argv = d.base_argv(qp, mem, aux) + [
+            argv = d.base_argv(qp, mem, aux, dst, machine) + [
                 "-incoming", f"unix:{mig}",
                 "-incoming", json.dumps({"channel-type": "cpr", "addr": cpr})]
             t_spawn = mono()
@@ -828,7 +833,7 @@ def run_cpr_direct(bench, size, reps):
                  "qemu_downtime_ms": info.get("downtime"), "qemu_total_time_ms": info.get("total-time"),
                  "ram_transferred": info.get("ram", {}).get("transferred")}
             cell["samples"].append(s)
-            log(f"qemu-cpr-transfer {size_label(size)} #{i + 1}/{reps}: blackout "
+            log(f"{method} {size_label(size)} #{i + 1}/{reps}: blackout "
                 f"{fmt(s['blackout_ms'])} ms, total {fmt(s['total_ms'])} ms "
                 f"(cpr listen {fmt(listen_ms)} ms after spawn)")
             old, oq = new, nq
@@ -1101,15 +1106,36 @@ def write_report(res, sizes):
 
 
 def kept_checkpoint_section():
-    """The checkpoint benchmark's section of the current BENCHMARKS.md."""
+    """The other benchmarks' sections of the current BENCHMARKS.md
+    (bench_checkpoint.py's, bench_versions.py's)."""
     try:
         with open(BENCH_MD) as f:
             text = f.read()
     except OSError:
         return ""
-    if CKPT_BEGIN not in text or CKPT_END not in text:
-        return ""
-    return "\n" + text[text.index(CKPT_BEGIN):text.index(CKPT_END) + len(CKPT_END)] + "\n"
+    out = ""
+    for begin, end in ((CKPT_BEGIN, CKPT_END), (VERS_BEGIN, VERS_END)):
+        if begin in text and end in text:
+            out += "\n" + text[text.index(begin):text.index(end) + len(end)] + "\n"
+    return out
+
+
+def merge_section(section, begin, end):
+    """Put section (which starts with begin and ends with end) in place of
+    the one BENCHMARKS.md has, or at its end."""
+    try:
+        with open(BENCH_MD) as f:
+            text = f.read()
+    except OSError:
+        text = "# Benchmarks\n"
+    if begin in text and end in text:
+        a = text.index(begin)
+        b = text.index(end) + len(end)
+        text = text[:a] + section.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(BENCH_MD, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
 
 
 def loop_section(out, cells):

@@ -477,19 +477,7 @@ def verdict_lines(data, out):
 
 
 def merge_section(section):
-    try:
-        with open(BENCH_MD) as f:
-            text = f.read()
-    except OSError:
-        text = "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a = text.index(BEGIN)
-        b = text.index(END) + len(END)
-        text = text[:a] + section.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(BENCH_MD, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
+    B.merge_section(section, BEGIN, END)
 
 
 def plot(data):
