@@ -171,10 +171,14 @@ def section(res):
             out.append(f"| {m} | {lab} | {s['n']}{' (+%d failed)' % s['failed'] if s['failed'] else ''}"
                        f" | {B.fmt(s['bo_p50'])} ms | {B.fmt(s['bo_p95'])} ms | "
                        f"{B.fmt(s['bo_max'])} ms | {B.fmt(s['tot_p50'])} ms | {B.cell_note(c)} |")
-    out += ["", "cpr-exec keeps the VMM's pid (the blackout includes the new QEMU's start-up, "
-            "which handover does beside the running guest); handover and cpr-transfer start a "
-            "second process. The baseline is QEMU's cpr-transfer between the same two builds, "
-            "with no cprd.", "", END, ""]
+    out += ["", "cpr-exec keeps the VMM's pid: its blackout is the new image's start-up "
+            "(exec, dynamic linking, machine set-up, loading the state file), which handover "
+            "and cpr-transfer do in a second process beside the running guest. It does not "
+            "grow with guest memory (RAM stays in cprd's memfd), but with what the new binary "
+            "loads at start: the NEXT build here is configured with only what a VM needs; "
+            "a distribution's full build starts slower (bench.py's start-up reference). The "
+            "baseline is QEMU's cpr-transfer between the same two builds, with no cprd.",
+            "", END, ""]
     return "\n".join(out)
 
 
