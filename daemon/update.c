@@ -785,6 +785,17 @@ static void in_place_status(qmp *q, json_object *ret, const char *cls, const cha
 	struct update *u = ud;
 	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
 
+	if (u->phase == PHASE_COMMIT && st) {
+		/* Its monitor closed after it was told to run: its RESUME may
+		 * have gone with that connection. Running, it is the guest's
+		 * VMM now (restoring the state file would resume the guest from
+		 * stale state); otherwise the cont may never have arrived. */
+		if (streq(st, "running"))
+			switched_in_place(u);
+		else if (vmm_command(u->vm->vmm, "cont", NULL, -EBADF, cont_new_done, u) < 0)
+			update_rollback(u, "lost the new VMM's monitor before it ran the guest");
+		return;
+	}
 	if (u->phase != PHASE_MIGRATE)
 		return;
 	if (!st) {
@@ -810,7 +821,7 @@ static void in_place_ready(struct update *u)
 {
 	struct vmm *v = u->vm->vmm;
 
-	if (u->ended || u->restoring)
+	if (u->ended || u->restoring || u->killing_new)
 		return;
 	if (u->phase == PHASE_ROLLBACK) {
 		/* It exec'd while the rollback asked the old image to resume. */
