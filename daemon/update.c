@@ -727,8 +727,19 @@ void update_migrate(struct update *u, json_object *args)
 		json_object_put(args);
 		return;
 	}
-	if (u->s->in_place)
+	if (u->s->in_place) {
+		/* From here on the VM's process may become the new image without
+		 * cprd: a cprd restarted later must know the migration began
+		 * (there is no new VMM whose start would have recorded it). */
+		if (vm_registry_commit(u->vm->d) < 0) {
+			json_object_put(args);
+			update_rollback(u,
+					"cannot record the update of VM '%s' in the registry: %s",
+					u->vm->cfg.name, u->vm->d->registry.why);
+			return;
+		}
 		u->vm->vmm->exec_expected = true;
+	}
 	if (vmm_command(u->vm->vmm, "migrate", args, -EBADF, migrate_sent, u) < 0)
 		update_rollback(u, "lost the old VMM's monitor");
 }
