@@ -372,7 +372,9 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	}
 	/* The new VMM never ran the guest: nothing of it is worth keeping. */
 	u->next = vmm_kill(u->next);
-	if (u->s->in_place && (u->exec_seen || u->old_gone)) {
+	/* In place, an old image that completed execs next, whatever it is
+	 * told: the guest comes back from the file it wrote, not by cont. */
+	if (u->s->in_place && (u->exec_seen || u->old_gone || u->state_saved)) {
 		log_warning("VM %s: update failed (%s); restoring the guest in a VMM of %s",
 			    vm->cfg.name, u->error, u->old_binary);
 		restore(u);
@@ -813,7 +815,18 @@ static void in_place_status(qmp *q, json_object *ret, const char *cls, const cha
 		update_rollback(u, "the new VMM did not say its state: %s", desc ? desc : "?");
 		return;
 	}
-	if (streq(st, "running") || streq(st, "postmigrate") || streq(st, "finish-migrate")) {
+	if (streq(st, "postmigrate")) {
+		/* The old image: it closed its monitor, but has completed and
+		 * execs next (QEMU does so whatever it is told). Wait for that
+		 * exec; the deadline, or a rollback, restores from the file. */
+		u->exec_seen = false;
+		u->state_saved = true;
+		u->new_pid = 0;
+		u->new_version[0] = '\0';
+		u->vm->vmm->exec_expected = true;
+		return;
+	}
+	if (streq(st, "running") || streq(st, "finish-migrate")) {
 		u->exec_seen = false;
 		u->new_pid = 0;
 		u->new_version[0] = '\0';
@@ -1063,6 +1076,8 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 		 * place, the old image is about to be replaced: not asked). */
 		if (st && streq(st, "completed") && !u->s->in_place)
 			ask_stats(u, u->vm->vmm);
+		else if (st && streq(st, "completed"))
+			u->state_saved = true;
 	}
 	if (u->s->old_event && !u->ended)
 		u->s->old_event(u, event, data);
