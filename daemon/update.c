@@ -1106,7 +1106,12 @@ static bool in_place_exited(struct update *u)
 		restore(u);
 		return true;
 	}
-	update_rollback(u, "the %s VMM %s while %s%s%s", u->exec_seen ? "new" : "old",
+	/* A monitor that closed is no proof of the exec (a VMM killed closes
+	 * it too): the new image is named only once it answered there. */
+	update_rollback(u, "the %s %s while %s%s%s",
+			u->new_pid     ? "new VMM"
+			: u->exec_seen ? "VMM (the old image, or the new one before it answered)"
+				       : "old VMM",
 			vm->exit_desc, phase_doing[u->phase], tail[0] ? "; VMM log: " : "", tail);
 	return true;
 }
