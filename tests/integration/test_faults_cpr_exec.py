@@ -21,7 +21,9 @@ Steps (where the update is held):
              the guest runs
   paused     old image, after-stop: guest paused, no state written yet
   written    old image, after-state-written: the state file is complete,
-             the exec not yet done
+             MIGRATION completed not yet said
+  completed  old image, before-exec: MIGRATION completed said (postmigrate),
+             the exec next
   execed     new image, at-start: the exec is done, nothing loaded, its
              monitor not yet served
   loaded     new image, after-load: the state is in, MIGRATION completed not
@@ -36,12 +38,14 @@ image in the original process, `new` the new image in that same process,
 `crashed` no VMM at all with the guest's memory still held by cprd.
 
   step       vmm_killed            vmm_stopped            monitor_closed
-  preparing  failed/crashed        rolled-back/old        rolled-back/old
-  paused     failed/crashed        failed/crashed         rolled-back/old,
+  preparing  failed/crashed        failed/old,            rolled-back/old
+                                   rolled-back/old
+  paused     failed/crashed        failed/old             rolled-back/old,
                                                           rolled-back/restored,
                                                           ok/new
-  written    rolled-back/restored  rolled-back/restored,  as paused
-                                   failed/crashed
+  written    rolled-back/restored  failed/old             as paused
+  completed  rolled-back/restored  rolled-back/restored   ok/new,
+                                                          rolled-back/restored
   execed     rolled-back/restored  rolled-back/restored   ok/new,
                                                           rolled-back/restored
   loaded     rolled-back/restored  rolled-back/restored   ok/new,
@@ -49,14 +53,20 @@ image in the original process, `new` the new image in that same process,
   cont       rolled-back/restored  rolled-back/restored   ok/new
   resumed    ok/crashed            ok/new                 ok/new
 
-Why: before the migrate the guest never paused, so the old image goes on
-(a stopped one once it is continued; killed, the guest went with it). After
-the guest paused and before the state file is complete, nothing else can
-run the guest: killed, the VM is crashed; stopped past the deadline, cprd
-ends it (crashed) rather than leave a paused guest in a process that may
-wake up. Once the file is complete, a VMM of the old binary can load it:
-whatever the image in the process does wrong from then on until the new
-image's RESUME, cprd ends that process and restores the guest. A monitor
+Why: before the migrate the guest never paused, so the old image goes on;
+killed, the guest went with it. After the guest paused and before the state
+file exists, nothing else can run the guest: killed, the VM is crashed.
+Once the file exists, a VMM of the old binary tries to load it (killed at
+`written` the file happens to be whole, so that works; a partial one would
+fail to load and leave the VM crashed). Once the old image said completed,
+whatever the process does wrong until the new image's RESUME, cprd ends the
+process and restores the guest from the file;
+the old image in postmigrate is never resumed, since it execs next whatever
+it is told. A VMM stopped (SIGSTOP) while the old image still saves is left
+be: cprd cannot end the migration in it, gives up after the deadline
+(`failed`) with the guest paused there, and once the operator continues it
+the old image takes the cancel cprd sent and runs the guest again (the test
+sends SIGCONT, and releases the hold, and checks exactly that). A monitor
 that closes is not a failure by itself: the update may still complete, or
 roll back cleanly. After RESUME the update has succeeded: a VMM killed then
 is the VM crashed, and the history still says ok.
@@ -66,7 +76,11 @@ cprd_killed (SIGKILL, the holds released, a restart) at any step: the entry
 is `interrupted`, and the guest runs in exactly one VMM: the old image if
 cprd died before the migrate, else whichever one the restarted cprd found
 able to run it (old, new or restored), or the VM crashed where none could;
-after `resumed` the entry is the update's own, ok/new.
+the entry must name the image that kept the guest, and the VM's binary must
+be that image's; after `resumed` the entry is the update's own, ok/new.
+Recovery (recover.c) does not know of in-place updates yet: a cprd restarted
+after the exec takes the new image for the old VMM, so those cases fail on
+the binary and the entry's wording (the guest itself runs on correctly).
 """
 
 import ctypes
@@ -88,12 +102,14 @@ STEPS = {
     "preparing": ("old", "on:migrate-set-parameters", True),
     "paused": ("old", "after-stop", True),
     "written": ("old", "after-state-written", True),
+    "completed": ("old", "before-exec", True),
     "execed": ("new", "at-start", True),
     "loaded": ("new", "after-load", True),
     "cont": ("new", "after-cont", True),
     "resumed": ("new", "after-resume", False),
 }
-BEFORE_EXEC = ("preparing", "paused", "written")
+BEFORE_EXEC = ("preparing", "paused", "written", "completed")
+ANSWERED = ("loaded", "cont", "resumed")  # the new image has answered on the monitor
 
 FAULTS = {
     "vmm_killed": "SIGKILL to the VM's VMM process, whichever image it runs",
@@ -278,6 +294,12 @@ class CxCase(Case):
             expect(said and said.group(1) == where,
                    f"the history entry says the {said and said.group(1)} VMM kept the guest, "
                    f"which runs in the {where} image")
+        if self.fault == "vmm_killed":
+            # The error blames the image that was killed.
+            wrong = ("new VMM" if self.phase in BEFORE_EXEC else
+                     "old VMM" if self.phase in ANSWERED else None)
+            expect(not wrong or wrong not in (rep.get("error") or ""),
+                   f"the error blames the {wrong} for a death at '{self.phase}'")
         reports = [rep]
         if "reply" in self.out:
             reports.append(report_result(self.out["reply"]))
@@ -392,6 +414,11 @@ def run_case(tc, h, step, fault):
         # cprd gave up on it and left it be: the operator wakes it, and it
         # goes on with what cprd had asked of it before it gave up.
         kill(c.old, signal.SIGCONT)
+        try:  # the cancel cprd queued is what resumes the guest
+            wait_until(lambda: c.status()["state"] != "paused", 3, "")
+        except AssertionError:
+            pass
+        kill(c.old, signal.SIGUSR2)  # and whatever hold it was in ends
         wait_until(lambda: c.status()["state"] != "paused", 10,
                    "the VM to leave 'paused' once its VMM is continued")
     pid = c.check()
