@@ -1107,9 +1107,10 @@ static bool in_place_exited(struct update *u)
 		return true;
 	}
 	/* A monitor that closed is no proof of the exec (a VMM killed closes
-	 * it too): the new image is named only once it answered there. */
+	 * it too): the new image is named once it answered there, or once the
+	 * old one said it completed (it execs at once then). */
 	update_rollback(u, "the %s %s while %s%s%s",
-			u->new_pid     ? "new VMM"
+			u->new_pid || (u->exec_seen && u->state_saved) ? "new VMM"
 			: u->exec_seen ? "VMM (the old image, or the new one before it answered)"
 				       : "old VMM",
 			vm->exit_desc, phase_doing[u->phase], tail[0] ? "; VMM log: " : "", tail);
