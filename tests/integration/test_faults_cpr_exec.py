@@ -78,6 +78,15 @@ cprd died before the migrate, else whichever one the restarted cprd found
 able to run it (old, new or restored), or the VM crashed where none could;
 the entry must name the image that kept the guest, and the VM's binary must
 be that image's; after `resumed` the entry is the update's own, ok/new.
+Restore.test_restore_faults: the new image is killed once loaded, and the
+VMM of the old binary that cprd starts to restore the guest is held at
+at-start, after-load (from the file, on migrate-incoming) or after-cont, and
+killed, stopped, or loses its monitor there: every one is failed/crashed
+(no VMM is left that could load the state; a stopped one is ended at the
+rollback deadline; one whose monitor closed is ended at once, since it may
+run the guest unseen), with the guest's memory held and its last heartbeat
+in it.
+
 Recovery (recover.c) does not know of in-place updates yet: a cprd restarted
 after the exec takes the new image for the old VMM, so those cases fail on
 the binary and the entry's wording (the guest itself runs on correctly).
@@ -188,6 +197,7 @@ class CxCase(Case):
         self.stopped = None
         self.finished_before_kill = False
         self.completed = None
+        self.allowed = None
 
     def vmm(self, role):
         fault = f"{self.hold[1]}:hang" if self.hold[0] == role and self.hang else ""
@@ -284,7 +294,7 @@ class CxCase(Case):
         tc.assertTrue(hist and hist[0].get("time_usec", 0) >= int(self.t0_real * 1e6) - 2e6,
                       f"the update is not in history: {hist[:1]}")
         rep = hist[0]
-        allowed = expected(self.phase, self.fault, self.finished_before_kill)
+        allowed = self.allowed or expected(self.phase, self.fault, self.finished_before_kill)
         expect((rep["result"], where) in allowed,
                f"result {rep['result']!r} with the guest {where} (VM {st['state']}, pid "
                f"{st.get('pid')}), allowed {sorted(allowed)}; error: {rep.get('error')}")
@@ -427,6 +437,104 @@ def run_case(tc, h, step, fault):
         pid = c.follow_up()
     h.check_daemon(tc, [c], [pid], fds1)
     return c
+
+
+RESTORE_STEPS = {"restore_starting": "at-start", "restore_loaded": "after-load",
+                 "restore_cont": "after-cont"}
+RESTORE_FAULTS = ("vmm_killed", "vmm_stopped", "monitor_closed")
+
+
+class RestoreCase(CxCase):
+    """The new image is killed once it has loaded the state; the VMM that
+    cprd starts from the old binary to restore the guest is then held at
+    a step of its own and the fault hits it. The old wrapper is rewritten
+    after the VM's start, so only the restoring VMM has the hold."""
+
+    def __init__(self, tc, d, rstep, rfault, vm):
+        super().__init__(tc, d, "loaded", "vmm_killed", vm)
+        self.rstep, self.rfault = rstep, rfault
+        self.timeout = DEFAULT_TIMEOUT
+        # Nothing of the guest is left but RAM and the state file, and the
+        # one VMM that could load it failed: the VM is crashed, its memory
+        # held. (Its monitor lost, cprd does not wait to learn whether it
+        # ran the guest: it ends it.)
+        self.allowed = {("failed", "crashed")}
+
+    def create(self):
+        super().create()
+        wrapper(self.d.dir, f"old-vmm-{self.vm}",
+                f"STANDIN_MARK={self.marks_old} STANDIN_FAULT={RESTORE_STEPS[self.rstep]}:hang "
+                f'exec python3 {STANDIN} "$@"')
+
+    def restorer(self):
+        pids = self.mark_pids(RESTORE_STEPS[self.rstep], "old") - {self.old}
+        return max(pids) if pids else None
+
+    def inject(self):
+        kill(self.old, signal.SIGKILL)  # the new image, loaded
+        self.release()
+        pid = wait_until(self.restorer, 20, f"{self.vm}: the restoring VMM to reach "
+                         f"{RESTORE_STEPS[self.rstep]}")
+        if self.rfault == "vmm_killed":
+            kill(pid, signal.SIGKILL)
+            self.release()
+        elif self.rfault == "vmm_stopped":
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped = pid
+            self.release(skip=(pid,))
+        else:
+            self.close_monitor(pid)
+            self.release()
+
+
+class Restore(unittest.TestCase):
+    """Faults in the VMM that restores the guest after the new image failed:
+    each of its steps, each fault, at once, each with a cprd of its own."""
+
+    def setUp(self):
+        require_root(self)
+
+    def test_restore_faults(self):
+        cases = [(s, f) for s in RESTORE_STEPS for f in RESTORE_FAULTS]
+        results = {}
+
+        def one(step, fault):
+            h = None
+            try:
+                h = Harness()
+
+                def case():
+                    c = RestoreCase(self, h.d, step, fault, "cx")
+                    c.create()
+                    c.wait_beats(c.old, 2)
+                    fds1 = settled_fds(h.d.pid)
+                    c.start()
+                    c.wait_phase()
+                    c.inject()
+                    c.wait_end()
+                    h.check_daemon(self, [c], [c.check()], fds1)
+                    if os.environ.get("CX_SHOW_OUTCOMES"):
+                        print(f"\n  {fault} at {step}: {'/'.join(c.outcome[:2])} "
+                              f"{c.outcome[2]}", flush=True)
+                explain(h.d, case)
+                results[step, fault] = None
+            except AssertionError as e:
+                results[step, fault] = str(e)
+            except Exception:
+                results[step, fault] = traceback.format_exc()
+            finally:
+                if h:
+                    h.close()
+
+        threads = [threading.Thread(target=one, args=c) for c in cases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for step, fault in cases:
+            with self.subTest(step=step, fault=fault):
+                if results[step, fault]:
+                    self.fail(f"cpr-exec, {fault} at {step}: {results[step, fault]}")
 
 
 class CprExec(unittest.TestCase):
