@@ -7,8 +7,9 @@ injected at named steps, so each phase of an update can be reached at will.
 
 cpr-exec: told `migrate` to `file:PATH` in mode cpr-exec, the stand-in stops
 the guest, writes its device state to PATH, says MIGRATION completed and
-execs the cpr-exec-command in its own process (same pid; the fds cprd gave
-it stay, the monitor connection closes). The new image, started with
+execs the cpr-exec-command (as it was when `migrate` came) in its own
+process (same pid; the fds cprd gave it stay, the monitor connection
+closes). The new image, started with
 `-incoming file:PATH`, loads the file at start; a VMM started with
 `-incoming defer` loads one on `migrate-incoming` with a file: URI.
 
@@ -193,6 +194,7 @@ class StandIn:
         self.caps = {c: False for c in CAPS}
         self.caps["events"] = self.x_events
         self.params = {"mode": "normal"}
+        self.exec_command = []
         self.mig_status = None
         self.transferred = 0
         self.source = None  # the outgoing migration, while it runs
@@ -490,6 +492,8 @@ class StandIn:
             if not self.params.get("cpr-exec-command"):
                 raise QmpError("cpr-exec mode requires setting cpr-exec-command")
             target = ("file", uri[5:], None)
+            # Fixed now: what is set once the migration runs is not used.
+            self.exec_command = [str(c) for c in self.params["cpr-exec-command"]]
         else:
             if self.params.get("mode") != "normal":
                 raise QmpError("cpr-transfer mode requires setting the cpr channel")
@@ -552,7 +556,7 @@ class StandIn:
         fds cprd passed (RAM, console, the monitor's listening socket, ...)
         stay; everything this image opened itself is close-on-exec, the
         monitor connection too."""
-        cmd = [str(c) for c in self.params.get("cpr-exec-command", [])]
+        cmd = self.exec_command
         log(f"cpr-exec: exec {cmd[0] if cmd else '?'}")
         with self.lock:
             self.conn = None  # closed by the exec, not before
