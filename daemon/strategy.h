@@ -115,6 +115,7 @@ struct update {
 	bool killing_new;          /* committed, unconfirmed: waiting for its exit */
 	bool awaiting_old_monitor; /* rolling back: its monitor is to come back */
 	bool exec_seen;            /* in place: the old image closed its monitor to exec */
+	bool state_saved;          /* in place: the old image completed; it execs next */
 	bool restoring;            /* in place: a fresh old VMM is to load the state */
 	bool stats_asked, stats_pending;
 	unsigned cont_tries;

@@ -372,7 +372,9 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	}
 	/* The new VMM never ran the guest: nothing of it is worth keeping. */
 	u->next = vmm_kill(u->next);
-	if (u->s->in_place && (u->exec_seen || u->old_gone)) {
+	/* In place, an old image that completed execs next, whatever it is
+	 * told: the guest comes back from the file it wrote, not by cont. */
+	if (u->s->in_place && (u->exec_seen || u->old_gone || u->state_saved)) {
 		log_warning("VM %s: update failed (%s); restoring the guest in a VMM of %s",
 			    vm->cfg.name, u->error, u->old_binary);
 		restore(u);
@@ -712,6 +714,11 @@ static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *
 {
 	struct update *u = ud;
 
+	/* In place, a monitor that closes before the reply is most likely the
+	 * exec, which may come before QEMU has flushed that reply: what answers
+	 * on the monitor once it is back says which (in_place_status). */
+	if (!ret && u->s->in_place && streq(cls, "Disconnected"))
+		return;
 	if (!ret && u->phase == PHASE_MIGRATE)
 		update_rollback(u, "the old VMM refused to migrate: %s", desc);
 }
@@ -722,8 +729,19 @@ void update_migrate(struct update *u, json_object *args)
 		json_object_put(args);
 		return;
 	}
-	if (u->s->in_place)
+	if (u->s->in_place) {
+		/* From here on the VM's process may become the new image without
+		 * cprd: a cprd restarted later must know the migration began
+		 * (there is no new VMM whose start would have recorded it). */
+		if (vm_registry_commit(u->vm->d) < 0) {
+			json_object_put(args);
+			update_rollback(u,
+					"cannot record the update of VM '%s' in the registry: %s",
+					u->vm->cfg.name, u->vm->d->registry.why);
+			return;
+		}
 		u->vm->vmm->exec_expected = true;
+	}
 	if (vmm_command(u->vm->vmm, "migrate", args, -EBADF, migrate_sent, u) < 0)
 		update_rollback(u, "lost the old VMM's monitor");
 }
@@ -780,13 +798,35 @@ static void in_place_status(qmp *q, json_object *ret, const char *cls, const cha
 	struct update *u = ud;
 	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
 
+	if (u->phase == PHASE_COMMIT && st) {
+		/* Its monitor closed after it was told to run: its RESUME may
+		 * have gone with that connection. Running, it is the guest's
+		 * VMM now (restoring the state file would resume the guest from
+		 * stale state); otherwise the cont may never have arrived. */
+		if (streq(st, "running"))
+			switched_in_place(u);
+		else if (vmm_command(u->vm->vmm, "cont", NULL, -EBADF, cont_new_done, u) < 0)
+			update_rollback(u, "lost the new VMM's monitor before it ran the guest");
+		return;
+	}
 	if (u->phase != PHASE_MIGRATE)
 		return;
 	if (!st) {
 		update_rollback(u, "the new VMM did not say its state: %s", desc ? desc : "?");
 		return;
 	}
-	if (streq(st, "running") || streq(st, "postmigrate") || streq(st, "finish-migrate")) {
+	if (streq(st, "postmigrate")) {
+		/* The old image: it closed its monitor, but has completed and
+		 * execs next (QEMU does so whatever it is told). Wait for that
+		 * exec; the deadline, or a rollback, restores from the file. */
+		u->exec_seen = false;
+		u->state_saved = true;
+		u->new_pid = 0;
+		u->new_version[0] = '\0';
+		u->vm->vmm->exec_expected = true;
+		return;
+	}
+	if (streq(st, "running") || streq(st, "finish-migrate")) {
 		u->exec_seen = false;
 		u->new_pid = 0;
 		u->new_version[0] = '\0';
@@ -805,7 +845,7 @@ static void in_place_ready(struct update *u)
 {
 	struct vmm *v = u->vm->vmm;
 
-	if (u->ended || u->restoring)
+	if (u->ended || u->restoring || u->killing_new)
 		return;
 	if (u->phase == PHASE_ROLLBACK) {
 		/* It exec'd while the rollback asked the old image to resume. */
@@ -1036,6 +1076,8 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 		 * place, the old image is about to be replaced: not asked). */
 		if (st && streq(st, "completed") && !u->s->in_place)
 			ask_stats(u, u->vm->vmm);
+		else if (st && streq(st, "completed"))
+			u->state_saved = true;
 	}
 	if (u->s->old_event && !u->ended)
 		u->s->old_event(u, event, data);
@@ -1064,7 +1106,13 @@ static bool in_place_exited(struct update *u)
 		restore(u);
 		return true;
 	}
-	update_rollback(u, "the %s VMM %s while %s%s%s", u->exec_seen ? "new" : "old",
+	/* A monitor that closed is no proof of the exec (a VMM killed closes
+	 * it too): the new image is named once it answered there, or once the
+	 * old one said it completed (it execs at once then). */
+	update_rollback(u, "the %s %s while %s%s%s",
+			u->new_pid || (u->exec_seen && u->state_saved) ? "new VMM"
+			: u->exec_seen ? "VMM (the old image, or the new one before it answered)"
+				       : "old VMM",
 			vm->exit_desc, phase_doing[u->phase], tail[0] ? "; VMM log: " : "", tail);
 	return true;
 }

@@ -2,8 +2,16 @@
 """A stand-in VMM for cprd's fault tests: run by cprd instead of QEMU (through
 a wrapper given as --vmm), it takes QEMU's command line, really uses the fds
 cprd passes, and speaks enough QMP to take part in a live update with another
-stand-in, handover or cpr-transfer. Faults are injected at named steps, so
-each phase of an update can be reached at will.
+stand-in, handover or cpr-transfer, or as itself, cpr-exec. Faults are
+injected at named steps, so each phase of an update can be reached at will.
+
+cpr-exec: told `migrate` to `file:PATH` in mode cpr-exec, the stand-in stops
+the guest, writes its device state to PATH, says MIGRATION completed and
+execs the cpr-exec-command (as it was when `migrate` came) in its own
+process (same pid; the fds cprd gave it stay, the monitor connection
+closes). The new image, started with
+`-incoming file:PATH`, loads the file at start; a VMM started with
+`-incoming defer` loads one on `migrate-incoming` with a file: URI.
 
 The "guest": while running, every 100 ms it increments a counter in guest
 RAM (the memfd cprd holds, mapped shared) and appends
@@ -20,6 +28,9 @@ Steps: at-start (before anything, even the monitor), on:COMMAND (that QMP
 command arrived, before it is run), before-stop (source: precopy sent, guest
 still running), after-stop (source: guest paused, device state not sent),
 after-state-sent (source: all sent, before MIGRATION completed),
+after-state-written (cpr-exec source: the state file written and synced,
+before MIGRATION completed), before-exec (cpr-exec source: completed, the
+exec next),
 after-complete (source: in postmigrate), after-cpr-load (cpr-transfer
 destination: fds received, before its monitor exists), after-load
 (destination: state loaded, before MIGRATION completed/RESUME), after-cont
@@ -183,6 +194,7 @@ class StandIn:
         self.caps = {c: False for c in CAPS}
         self.caps["events"] = self.x_events
         self.params = {"mode": "normal"}
+        self.exec_command = []
         self.mig_status = None
         self.transferred = 0
         self.source = None  # the outgoing migration, while it runs
@@ -210,9 +222,11 @@ class StandIn:
         if None in (self.qmp_fd, self.ram_path, self.console_path):
             sys.exit("standin: no monitor, RAM or console on the command line")
         self.defer = "defer" in self.incoming
-        self.cpr_main = self.cpr_state = None
+        self.cpr_main = self.cpr_state = self.incoming_file = None
         for v in self.incoming:
-            if v.startswith("unix:"):
+            if v.startswith("file:"):
+                self.incoming_file = v[5:]
+            elif v.startswith("unix:"):
                 self.cpr_main = v[5:]
             elif v.startswith("{"):
                 self.cpr_state = json.loads(v)["addr"]["path"]
@@ -449,7 +463,13 @@ class StandIn:
             raise QmpError("'-incoming' was not specified on the command line")
         if self.incoming_started:
             raise QmpError("The incoming migration has already been started")
-        sock = self.take_fd(a.get("uri", ""))
+        uri = a.get("uri", "")
+        if uri.startswith("file:"):
+            self.incoming_started = True
+            threading.Thread(target=self.file_incoming_thread, args=(uri[5:],),
+                             daemon=True).start()
+            return {}
+        sock = self.take_fd(uri)
         self.incoming_started = True
         threading.Thread(target=self.incoming_thread, args=(sock,), daemon=True).start()
         return {}
@@ -465,6 +485,15 @@ class StandIn:
             if "cpr" not in paths and self.params.get("mode") == "cpr-transfer":
                 raise QmpError("cpr-transfer mode requires setting the cpr channel")
             target = ("cpr", paths.get("main"), paths.get("cpr"))
+        elif self.params.get("mode") == "cpr-exec":
+            uri = a.get("uri", "")
+            if not uri.startswith("file:"):
+                raise QmpError("cpr-exec mode needs a file: URI")
+            if not self.params.get("cpr-exec-command"):
+                raise QmpError("cpr-exec mode requires setting cpr-exec-command")
+            target = ("file", uri[5:], None)
+            # Fixed now: what is set once the migration runs is not used.
+            self.exec_command = [str(c) for c in self.params["cpr-exec-command"]]
         else:
             if self.params.get("mode") != "normal":
                 raise QmpError("cpr-transfer mode requires setting the cpr channel")
@@ -491,6 +520,53 @@ class StandIn:
 
     # ---- incoming migration ----
 
+    def file_incoming_thread(self, path):
+        """Load the device state a cpr-exec source wrote to path (-incoming
+        file:PATH at start, or migrate-incoming with a file: URI)."""
+        try:
+            self.mig_event("active")
+            with open(path, "rb") as f:
+                data = f.read()
+            self.transferred = len(data)
+            dev = json.loads(data[:data.index(b"\0")])
+            with self.lock:
+                self.guest.seq = dev["seq"]
+                self.guest.say(f"STANDIN load pid={PID} seq={dev['seq']} from={dev['pid']} "
+                               f"file")
+            if self.reach("after-load") == "refuse":
+                raise MigrationFailed("load refused by STANDIN_FAULT")
+        except (OSError, MigrationFailed, ValueError, KeyError) as e:
+            log(f"load of migration failed: {e}")
+            os._exit(1)
+        self.loaded()
+
+    def loaded(self):
+        with self.lock:
+            running = self.autostart
+            if running:
+                self.run_guest()
+            else:
+                self.runstate = "paused"
+            self.mig_event("completed")
+        if running:
+            self.reach("after-resume")
+
+    def cpr_exec(self):
+        """The source's last act: the new binary in this very process. The
+        fds cprd passed (RAM, console, the monitor's listening socket, ...)
+        stay; everything this image opened itself is close-on-exec, the
+        monitor connection too."""
+        cmd = self.exec_command
+        log(f"cpr-exec: exec {cmd[0] if cmd else '?'}")
+        with self.lock:
+            self.conn = None  # closed by the exec, not before
+        try:
+            os.execv(cmd[0], cmd)
+        except (OSError, IndexError) as e:
+            # QEMU: the exec failed, and it cannot go on in either image.
+            log(f"cpr-exec failed: {e}")
+            os._exit(1)
+
     def incoming_thread(self, sock):
         try:
             self.mig_event("active")
@@ -514,15 +590,7 @@ class StandIn:
             log(f"load of migration failed: {e}")
             os._exit(1)
         sock.close()
-        with self.lock:
-            running = self.autostart
-            if running:
-                self.run_guest()
-            else:
-                self.runstate = "paused"
-            self.mig_event("completed")
-        if running:
-            self.reach("after-resume")
+        self.loaded()
 
     def cpr_incoming_thread(self):
         """cpr-transfer destination: the cpr state (the RAM fd) comes before
@@ -590,6 +658,10 @@ class StandIn:
         if self.cpr_state:
             monitor_open = False
             threading.Thread(target=self.cpr_incoming_thread, daemon=True).start()
+        elif self.incoming_file:
+            self.incoming_started = True
+            threading.Thread(target=self.file_incoming_thread, args=(self.incoming_file,),
+                             daemon=True).start()
         elif not self.incoming:
             self.guest.boot()
             if self.autostart:
@@ -642,6 +714,7 @@ class Source:
         self.v, self.kind, self.cancelled = vmm, kind, False
         self.sock = main if kind == "fd" else None
         self.main_path, self.cpr_path = main, cpr
+        self.file_path = main if kind == "file" else None
         self.cpr_sock = None
 
     def cancel(self):
@@ -705,10 +778,20 @@ class Source:
             self.step("after-stop")
             v.mig_event("device")
             state = json.dumps({"seq": seq, "pid": PID}).encode() + b"\0"
-            self.send(b"D", state + b"\x5a" * DEVICE_PADDING)
-            self.send(b"E", b"")
-            self.step("after-state-sent")
-            self.sock.close()
+            if self.kind == "file":
+                fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, state + b"\x5a" * DEVICE_PADDING)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                v.transferred += len(state) + DEVICE_PADDING
+                self.step("after-state-written")
+            else:
+                self.send(b"D", state + b"\x5a" * DEVICE_PADDING)
+                self.send(b"E", b"")
+                self.step("after-state-sent")
+                self.sock.close()
         except (OSError, MigrationFailed) as e:
             log(f"outgoing migration {'cancelled' if self.cancelled else 'failed'}: {e}")
             with v.lock:
@@ -726,6 +809,10 @@ class Source:
             v.source = None
             v.mig_event("completed")
         log("outgoing migration completed")
+        if self.kind == "file":
+            # cpr-exec: no postmigrate; the exec comes at once.
+            v.reach("before-exec")
+            v.cpr_exec()
         v.reach("after-complete")
 
 
