@@ -40,6 +40,29 @@ unsigned long long proc_start_time(pid_t pid)
 	return start;
 }
 
+int proc_image_id(pid_t pid, uint64_t *ret)
+{
+	char path[64];
+	uint8_t buf[1024];
+	uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
+	_cleanup_close_ int fd = -EBADF;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/auxv", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	n = read(fd, buf, sizeof(buf));
+	if (n < 0)
+		return -errno;
+	if (n == 0)
+		return -ESRCH; /* a zombie, or a kernel thread */
+	for (ssize_t i = 0; i < n; i++)
+		h = (h ^ buf[i]) * 0x100000001b3ULL;
+	*ret = h;
+	return 0;
+}
+
 pid_t pidfd_pid(int pidfd)
 {
 	char path[64], buf[512], *p;

@@ -6,12 +6,21 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* The kernel's start time of a live process (clock ticks since boot,
  * /proc/PID/stat field 22); 0 when it is gone or a zombie. With the pid it
  * names one process for good: a reused pid has another start time. */
 unsigned long long proc_start_time(pid_t pid);
+
+/* A fingerprint of the program image a live process runs now: a hash of
+ * its auxiliary vector, whose addresses (the entry point, the program
+ * headers, the random bytes and file name on its new stack) change with
+ * each execve. Two readings that differ mean the process exec'd between
+ * them; equal ones, that it did not, or (without address randomisation)
+ * that it re-exec'd the same binary. -errno when it cannot be read. */
+int proc_image_id(pid_t pid, uint64_t *ret);
 
 /* The pid a pidfd refers to, from its fdinfo; -1 once the process is gone
  * (or the fd is no pidfd). */

@@ -201,6 +201,19 @@ static bool runs_binary(pid_t pid, const char *binary)
 	       a.st_ino == b.st_ino;
 }
 
+/* Whether the process left the old image: its image id differs from the
+ * one recorded when the update began; without one, its executable is
+ * the new binary's file and not the old one's. */
+static bool exec_happened(pid_t pid, const char *old_image, const char *old_bin,
+			  const char *new_bin)
+{
+	uint64_t now;
+
+	if (old_image && proc_image_id(pid, &now) == 0)
+		return strtoull(old_image, NULL, 16) != now;
+	return !runs_binary(pid, old_bin) && runs_binary(pid, new_bin);
+}
+
 static void take_binary(struct vm *vm, struct vmm *v, const char *binary)
 {
 	char *a = strdup(binary), *b = strdup(binary);
@@ -270,7 +283,7 @@ static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *
 		update_record_interrupted(vm, up, msg);
 		return NULL;
 	}
-	is_new = !runs_binary(v->pid, vm->cfg.vmm) && runs_binary(v->pid, new_bin);
+	is_new = exec_happened(v->pid, jstr(up, "old_image"), vm->cfg.vmm, new_bin);
 	if (query_status(v, st, sizeof(st)) && !streq(st, "running"))
 		resume(v, streq(st, "postmigrate") || streq(st, "finish-migrate"));
 	if (is_new)
@@ -279,9 +292,10 @@ static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *
 		 vm->cfg.name, update_phase_name(phase), (int)v->pid, is_new ? "new" : "old",
 		 st[0] ? st : "mute");
 	snprintf(msg, sizeof(msg),
-		 "cprd restarted during the update (phase %s); the VMM pid %d keeps the guest, in "
-		 "the %s binary",
-		 update_phase_name(phase), (int)v->pid, is_new ? "new" : "old");
+		 "cprd restarted during the update (phase %s); the %s VMM (pid %d: the process "
+		 "%s) keeps the guest",
+		 update_phase_name(phase), is_new ? "new" : "old", (int)v->pid,
+		 is_new ? "had exec'd the new binary" : "had not exec'd");
 	update_record_interrupted(vm, up, msg);
 	return v;
 }

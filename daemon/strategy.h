@@ -123,6 +123,7 @@ struct update {
 	int64_t stop_us, resume_us, old_resume_us; /* QEMU event timestamps */
 	int64_t bytes;
 	pid_t old_pid, new_pid, restored_pid;
+	uint64_t old_image; /* in place: the old image's proc_image_id(), 0 unknown */
 	char *old_binary, *new_binary;
 	char old_version[32], new_version[32];
 	char error[512];

@@ -4,6 +4,7 @@
  * the report. Strategies (strategy-*.c) move the device state; see
  * strategy.h for what each side owns and what the engine guarantees.
  */
+#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 
 #include "common/file.h"
 #include "common/json.h"
+#include "common/proc.h"
 #include "daemon/events.h"
 #include "daemon/history.h"
 #include "daemon/log.h"
@@ -1232,6 +1234,10 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 	u->old_binary = strdup(vm->cfg.vmm);
 	u->new_binary = strdup(binary);
 	snprintf(u->old_version, sizeof(u->old_version), "%s", vm->vmm->version);
+	/* In place, a restarted cprd tells the images of the one process
+	 * apart by this (recover.c). */
+	if (s->in_place && proc_image_id(u->old_pid, &u->old_image) < 0)
+		u->old_image = 0;
 	ev_init(&u->timer, timer_cb);
 	ev_init(&u->retry, retry_cb);
 	ev_init(&u->reap, reap_cb);
@@ -1277,6 +1283,12 @@ json_object *update_to_record(const struct update *u)
 	json_object_object_add(o, "old_vmm", json_object_new_string(u->old_binary));
 	json_object_object_add(o, "old_version", json_object_new_string(u->old_version));
 	json_object_object_add(o, "new_vmm", json_object_new_string(u->new_binary));
+	if (u->old_image) {
+		char id[24];
+
+		snprintf(id, sizeof(id), "%016" PRIx64, u->old_image);
+		json_object_object_add(o, "old_image", json_object_new_string(id));
+	}
 	if (vmm_alive(u->old)) { /* the guest moved; this one is being ended */
 		json_object_object_add(o, "ending_pid", json_object_new_int(u->old->pid));
 		json_object_object_add(o, "ending_pid_start",
@@ -1298,7 +1310,8 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 
 	json_object_object_foreach(rec, k, v)
 	{
-		if (!strstr(k, "_start") && !streq(k, "new_qmp") && !streq(k, "new_vmm_fds"))
+		if (!strstr(k, "_start") && !streq(k, "new_qmp") && !streq(k, "new_vmm_fds") &&
+		    !streq(k, "old_image"))
 			json_object_object_add(o, k, json_object_get(v));
 	}
 	json_object_object_add(o, "result", json_object_new_string("interrupted"));

@@ -6,11 +6,14 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "common/file.h"
 #include "common/macro.h"
+#include "common/proc.h"
 #include "common/valid.h"
 
 START_TEST(ifnames_the_kernel_keeps_as_given_pass)
@@ -189,6 +192,43 @@ START_TEST(file_tail_reads_the_end_and_not_through_a_symlink)
 }
 END_TEST
 
+/* A child that waits for a byte, then execs sleep: its image id before
+ * and after the exec (the same pid throughout) must differ, and reading it
+ * twice without an exec must not. */
+START_TEST(the_image_id_changes_with_an_exec_and_only_then)
+{
+	int go[2], ready[2];
+	uint64_t before, again, after;
+	pid_t pid;
+	char c;
+
+	ck_assert_int_eq(pipe2(go, O_CLOEXEC), 0);
+	ck_assert_int_eq(pipe2(ready, O_CLOEXEC), 0);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		if (read(go[0], &c, 1) == 1)
+			execl("/bin/sleep", "sleep", "30", (char *)NULL);
+		_exit(127);
+	}
+	ck_assert_int_eq(proc_image_id(pid, &before), 0);
+	ck_assert_int_eq(proc_image_id(pid, &again), 0);
+	ck_assert_uint_eq(before, again);
+	ck_assert_int_eq(write(go[1], "x", 1), 1);
+	/* ready[1] is close-on-exec in the child: EOF once it exec'd. */
+	close(ready[1]);
+	ck_assert_int_eq(read(ready[0], &c, 1), 0);
+	ck_assert_int_eq(proc_image_id(pid, &after), 0);
+	ck_assert_uint_ne(before, after);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	ck_assert_int_eq(proc_image_id(pid, &after), -ENOENT);
+	close(go[0]);
+	close(go[1]);
+	close(ready[0]);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("common");
@@ -199,6 +239,7 @@ int main(void)
 	tcase_add_test(t, ifnames_the_kernel_keeps_as_given_pass);
 	tcase_add_test(t, ifnames_the_kernel_would_rewrite_or_refuse_fail);
 	tcase_add_test(t, control_bytes_are_found);
+	tcase_add_test(t, the_image_id_changes_with_an_exec_and_only_then);
 	suite_add_tcase(s, t);
 	tcase_add_checked_fixture(f, setup, teardown);
 	tcase_add_test(f, a_log_within_its_bound_is_left_alone);
