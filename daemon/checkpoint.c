@@ -1236,6 +1236,18 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 
 /* ======== routed from vm.c, deadlines ======== */
 
+json_object *checkpoint_progress(const struct ckpt *k)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "operation",
+			       json_object_new_string(k->restore ? "restore" : "checkpoint"));
+	json_object_object_add(o, "method", json_object_new_string(k->qemu ? "qemu" : "cprd"));
+	json_object_object_add(o, "ram_bytes", json_object_new_int64((int64_t)k->size));
+	json_object_object_add(o, "copied_bytes", json_object_new_int64((int64_t)k->bytes_done));
+	return o;
+}
+
 void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us)
 {
 	if (k->restore || k->ended)

@@ -41,6 +41,11 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
  * be NULL: --restore-on-start). */
 void restore_start(struct vm *vm, const struct restore_args *a, struct call *c);
 
+/* What a checkpoint or restore in flight is doing, for vm.status:
+ * {"operation", "method", "ram_bytes", "copied_bytes"} (copied: of guest
+ * RAM by cprd's method so far). */
+json_object *checkpoint_progress(const struct ckpt *k);
+
 /* Routed here by vm.c while vm->ckpt is set. */
 void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us);
 void checkpoint_vmm_exited(struct ckpt *k);

@@ -1034,6 +1034,9 @@ json_object *vm_to_json(struct vm *vm)
 
 	add_str(o, "name", vm->cfg.name);
 	add_str(o, "state", vm_state_to_string(vm->state));
+	add_str(o, "busy", vm_busy(vm));
+	if (vm->ckpt)
+		json_object_object_add(o, "checkpoint_progress", checkpoint_progress(vm->ckpt));
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);

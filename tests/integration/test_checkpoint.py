@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import unittest
 
 from cprdtest import (BOOT_RE, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
@@ -211,12 +212,52 @@ class CheckpointTest(unittest.TestCase):
         with open(meta, "w") as f:
             json.dump(m, f)
         refused("of VM 'other'")
+        m["vm"] = "ck"
+        m["config"]["machine"] = "pc-q35-9.9"
+        with open(meta, "w") as f:
+            json.dump(m, f)
+        refused("of machine type 'pc-q35-9.9'")
         os.replace(meta + ".good", meta)
         os.unlink(good)
         rc, rep, _ = self.ctl("restore", "ck")
         self.assertEqual(rep["result"], "ok", rep)
         con.wait_beats(3)
         con.assert_healthy(self)
+
+    def test_other_methods_answer_during_a_large_copy(self):
+        # 256 MiB of random data: cprd's method copies guest RAM in 64 MiB
+        # steps, one per turn of the loop, so requests are answered between
+        # them, and vm.status says how far the copy is.
+        vm = self.d.create_guest("big", memory="1G",
+                                 append="console=ttyS0 quiet cprd.data_mb=256 cprd.hb_ms=200")
+        Console(vm["console_log"]).wait_beats(3)
+        seen, errors, stop = [], [], threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                try:
+                    p = self.d.call("vm.status", {"name": "big"}).get("checkpoint_progress")
+                    self.d.call("daemon.status")
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                    return
+                if p and p["operation"] == "checkpoint":
+                    seen.append(p["copied_bytes"])
+
+        th = threading.Thread(target=poll)
+        th.start()
+        try:
+            rc, rep, _ = self.ctl("checkpoint", "big", "--method", "cprd")
+        finally:
+            stop.set()
+            th.join(30)
+        self.assertEqual(rep["result"], "ok", rep)
+        self.assertEqual(errors, [])
+        during = sorted({b for b in seen if b > 0})
+        self.assertGreaterEqual(len(during), 2,
+                                f"requests were not answered between the copy's steps: {seen}")
+        self.assertEqual(self.status("big")["state"], "checkpointed")
+        self.assertIsNone(self.status("big").get("checkpoint_progress"))
 
     def test_all_and_restore_on_start(self):
         cons = {n: self.guest(n, memory="128M") for n in ("a1", "a2")}
