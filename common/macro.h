@@ -17,6 +17,9 @@
 #define _warn_unused_ __attribute__((warn_unused_result))
 
 #define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+/* A macro's value as a string literal: STRINGIFY(7) is "7". */
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
 
 /* Close fd unless it is negative; keeps errno. Returns -EBADF for chaining. */
 static inline int safe_close(int fd)

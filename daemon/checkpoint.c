@@ -50,8 +50,8 @@
 #define CKPT_RAM "ram0.img"        /* cprd method: guest RAM, sparse */
 #define CKPT_QEMU "memory.img"     /* qemu method: everything, mapped-ram */
 #define CKPT_HISTORY "history.jsonl"
-#define CKPT_FDSET 7 /* qemu method: the fd set file:/dev/fdset/N names */
-#define CKPT_FDSET_STR "7"
+#define CKPT_FDSET CHECKPOINT_FDSET
+#define CKPT_FDSET_STR STRINGIFY(CHECKPOINT_FDSET)
 #define CKPT_CHUNK (64u << 20) /* bytes copied per turn of the loop */
 #define CKPT_PAGE 4096u
 
@@ -59,6 +59,7 @@ struct ckpt {
 	struct vm *vm;
 	struct call *call;
 	bool restore, qemu, ended;
+	bool was_running; /* save: the guest ran when it began */
 	unsigned channels;
 	double timeout;
 	char *root;    /* the checkpoint directory */
@@ -907,6 +908,10 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	}
 	snprintf(k->tmp, sizeof(k->tmp), ".%s.tmp", vm->cfg.name);
 	(void)rm_flat(k->root_fd, k->tmp); /* a predecessor's, interrupted */
+	k->was_running = vm->state == VM_RUNNING;
+	/* A cprd restarted before this ends removes what is left of it, in
+	 * whichever directory it is (recover.c). */
+	(void)vm_registry_commit(d);
 	if (mkdirat(k->root_fd, k->tmp, 0700) < 0) {
 		int e = errno;
 
@@ -1235,6 +1240,30 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 }
 
 /* ======== routed from vm.c, deadlines ======== */
+
+const char *checkpoint_saving_in(const struct ckpt *k)
+{
+	return k->restore || !k->tmp[0] ? NULL : k->root;
+}
+
+bool checkpoint_was_running(const struct ckpt *k)
+{
+	return k->was_running;
+}
+
+void checkpoint_discard_unfinished(const char *root, const char *name)
+{
+	_cleanup_close_ int fd = open_root(root, false);
+	char tmp[96];
+
+	if (fd < 0)
+		return;
+	snprintf(tmp, sizeof(tmp), ".%s.tmp", name);
+	if (faccessat(fd, tmp, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+		log_notice("VM %s: removing the unfinished checkpoint %s/%s", name, root, tmp);
+		(void)rm_flat(fd, tmp);
+	}
+}
 
 json_object *checkpoint_progress(const struct ckpt *k)
 {

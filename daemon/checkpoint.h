@@ -46,6 +46,20 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c);
  * RAM by cprd's method so far). */
 json_object *checkpoint_progress(const struct ckpt *k);
 
+/* The fd set (add-fd) that holds a checkpoint's file in the VMM while it
+ * is saved or loaded: file:/dev/fdset/N. */
+#define CHECKPOINT_FDSET 7
+
+/* The directory a checkpoint being saved is written in (its unfinished
+ * .NAME.tmp there), for the registry; NULL for a restore. */
+const char *checkpoint_saving_in(const struct ckpt *k);
+/* Whether the guest ran when that checkpoint began (a restarted cprd
+ * resumes it then: the checkpoint did not finish). */
+bool checkpoint_was_running(const struct ckpt *k);
+/* After a restart: remove the unfinished checkpoint of VM name in root,
+ * which the registry says a checkpoint was being written in. */
+void checkpoint_discard_unfinished(const char *root, const char *name);
+
 /* Routed here by vm.c while vm->ckpt is set. */
 void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us);
 void checkpoint_vmm_exited(struct ckpt *k);

@@ -382,6 +382,42 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	}
 }
 
+#define CHECKPOINT_CONT_TRIES 100 /* 50 ms apart */
+
+/* cprd died while it saved this VM's checkpoint: that checkpoint is not
+ * finished (its files are gone, see recover_one), so the guest goes on in
+ * its VMM as if the checkpoint had failed: the save is cancelled, the
+ * checkpoint file given back, and the guest resumed if it ran before. */
+static void settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec)
+{
+	_cleanup_json_ json_object *ret = NULL;
+	char st[32] = "";
+
+	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")) ||
+	    !query_status(v, st, sizeof(st)) || streq(st, "running"))
+		return;
+	vmm_command_sync(v, "remove-fd",
+			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),
+			 RECOVER_QMP_TIMEOUT_MS, &ret);
+	/* A save being cancelled refuses cont until QEMU has unwound it. */
+	resume(v, true);
+	for (int i = 0;
+	     i < CHECKPOINT_CONT_TRIES && query_status(v, st, sizeof(st)) && !streq(st, "running");
+	     i++) {
+		usleep(50 * 1000);
+		resume(v, false);
+	}
+	if (!streq(st, "running")) {
+		log_error("VM %s: cprd restarted while it saved the VM's checkpoint; the save was "
+			  "cancelled but VMM pid %d is %s, not running",
+			  vm->cfg.name, (int)v->pid, st[0] ? st : "mute");
+		return;
+	}
+	log_notice("VM %s: cprd restarted while it saved the VM's checkpoint, which was not "
+		   "finished; the guest runs on in VMM pid %d",
+		   vm->cfg.name, (int)v->pid);
+}
+
 /* cprd died while ending a VMM the guest had already left: finish that. */
 static void end_leftover(struct vm *vm, json_object *up)
 {
@@ -465,6 +501,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	}
 	if (json_object_object_get(rec, "check"))
 		end_check(vm, json_object_object_get(rec, "check"));
+	if (jstr(rec, "checkpointing_in")) /* a checkpoint cprd did not finish */
+		checkpoint_discard_unfinished(jstr(rec, "checkpointing_in"), vm->cfg.name);
 	if (jstr(rec, "checkpoint")) /* checkpoint_recover() looks at it */
 		vm->checkpoint_root = strdup(jstr(rec, "checkpoint"));
 	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
@@ -491,6 +529,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		end_leftover(vm, up);
 	else if (up)
 		v = settle_update(d, vm, v, up);
+	if (v && jstr(rec, "checkpointing_in"))
+		settle_checkpoint(vm, v, rec);
 	if (v && starting) {
 		v = settle_start(vm, v, st, sizeof(st));
 		if (!v)

@@ -215,6 +215,11 @@ static json_object *vm_record(struct vm *vm)
 		json_object_object_add(o, "check", check_to_record(vm->check));
 	if (vm->checkpoint_root)
 		add_str(o, "checkpoint", vm->checkpoint_root);
+	if (vm->ckpt && checkpoint_saving_in(vm->ckpt)) {
+		add_str(o, "checkpointing_in", checkpoint_saving_in(vm->ckpt));
+		json_object_object_add(o, "checkpoint_was_running",
+				       json_object_new_boolean(checkpoint_was_running(vm->ckpt)));
+	}
 	return o;
 }
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import unittest
 
-from cprdtest import (BOOT_RE, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
+from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
                       mount_tmpfs, require_guest, require_root, wait_until, wrapper)
 
 
@@ -258,6 +258,36 @@ class CheckpointTest(unittest.TestCase):
                                 f"requests were not answered between the copy's steps: {seen}")
         self.assertEqual(self.status("big")["state"], "checkpointed")
         self.assertIsNone(self.status("big").get("checkpoint_progress"))
+
+    def test_cprd_killed_mid_checkpoint(self):
+        # In a directory of its own (--dir): the restarted cprd must find
+        # the unfinished checkpoint there, not only in --checkpoint-dir.
+        other = tempfile.mkdtemp(prefix="cprd-ckpt-other-")
+        self.addCleanup(shutil.rmtree, other, True)
+        con = Console(self.d.create_guest(
+            "mid", memory="1G",
+            append="console=ttyS0 quiet cprd.data_mb=128 cprd.hb_ms=200")["console_log"])
+        con.wait_beats(3)
+        tmp = os.path.join(other, ".mid.tmp")
+        p = subprocess.Popen([CPRCTL, "--socket", self.d.sock, "checkpoint", "mid", "--dir", other,
+                              "--method", "qemu", "--channels", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: os.path.exists(tmp), 30, "the checkpoint to begin")
+        self.d.proc.kill()
+        self.d.proc.wait()
+        p.wait(30)
+        self.assertTrue(os.path.exists(tmp), "the checkpoint finished before cprd was killed")
+        os.unlink(self.d.sock)
+        self.d.start()
+        self.assertFalse(os.path.exists(tmp), "the unfinished checkpoint was left behind")
+        self.assertFalse(os.path.exists(os.path.join(other, "mid")))
+        st = self.status("mid")
+        self.assertEqual(st["state"], "running", st)
+        con.wait_beats(3)
+        con.assert_healthy(self)
+        # The VMM is usable again: a checkpoint now goes through.
+        rc, rep, _ = self.ctl("checkpoint", "mid", "--dir", other)
+        self.assertEqual(rep["result"], "ok", rep)
 
     def test_all_and_restore_on_start(self):
         cons = {n: self.guest(n, memory="128M") for n in ("a1", "a2")}
