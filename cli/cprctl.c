@@ -1840,8 +1840,8 @@ static const struct verb verbs[] = {
 	  "  --vmm PATH         the QEMU binary (default qemu-system-x86_64 from PATH)\n"
 	  "  --tap IFNAME       a tap interface for the guest's network\n"
 	  "  --machine TYPE     QEMU machine type (default q35)\n"
-	  "  --cpr-exec         let its VMMs exec a successor, for update --strategy\n"
-	  "                     cpr-exec (QEMU's sandbox then allows spawning)\n" },
+	  "  --cpr-exec         let its VMMs exec a successor, as the cpr-exec update\n"
+	  "                     strategy needs (QEMU's sandbox then allows spawning)\n" },
 	{ "list", verb_list, "list [--state STATE] [--outdated] [--name]",
 	  "all VMs: name, state, pid, memory, vcpus, uptime, QEMU version",
 	  "  --state STATE      only VMs in STATE: starting, running, paused, stopping,\n"

@@ -603,9 +603,11 @@ static void next_ready(struct vmm *v, void *ud)
 		u->s->new_ready(u);
 }
 
-static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud)
+static void switched_in_place(struct update *u);
+
+/* What the new VMM (in place: the new image) said. */
+static void new_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
 {
-	struct update *u = ud;
 	const char *st;
 
 	if (streq(event, "RESUME") && (u->phase == PHASE_COMMIT || u->phase == PHASE_MIGRATE)) {
@@ -614,7 +616,10 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		u->resume_us = ts_us;
 		if (u->phase == PHASE_MIGRATE && !update_set_phase(u, PHASE_COMMIT))
 			return;
-		switch_over(u);
+		if (u->s->in_place)
+			switched_in_place(u);
+		else
+			switch_over(u);
 		return;
 	}
 	if (!streq(event, "MIGRATION") || u->phase != PHASE_MIGRATE)
@@ -624,6 +629,11 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		commit(u);
 	else if (st && streq(st, "failed"))
 		rollback_with_log(u, "the new VMM could not load the state");
+}
+
+static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud)
+{
+	new_vmm_event(ud, event, data, ts_us);
 }
 
 static void next_spawned(struct vmm *v, void *ud)
@@ -773,26 +783,6 @@ static void switched_in_place(struct update *u)
 	/* The record names the new binary from here on. */
 	(void)vm_registry_commit(vm->d);
 	end(u, "ok");
-}
-
-static void in_place_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
-{
-	const char *st;
-
-	if (streq(event, "RESUME") && (u->phase == PHASE_COMMIT || u->phase == PHASE_MIGRATE)) {
-		u->resume_us = ts_us;
-		if (u->phase == PHASE_MIGRATE && !update_set_phase(u, PHASE_COMMIT))
-			return;
-		switched_in_place(u);
-		return;
-	}
-	if (!streq(event, "MIGRATION") || u->phase != PHASE_MIGRATE)
-		return;
-	st = json_object_get_string(json_object_object_get(data, "status"));
-	if (st && streq(st, "completed"))
-		commit(u);
-	else if (st && streq(st, "failed"))
-		rollback_with_log(u, "the new VMM could not load the state");
 }
 
 static void in_place_status(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
@@ -1054,7 +1044,7 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 	if (u->ended)
 		return;
 	if (u->s->in_place && u->exec_seen) {
-		in_place_event(u, event, data, ts_us);
+		new_vmm_event(u, event, data, ts_us);
 		return;
 	}
 	if (streq(event, "STOP") && !u->stop_us) {

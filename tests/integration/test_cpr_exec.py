@@ -38,6 +38,12 @@ class Confined(SharedDaemonTest):
         con.wait_beats(3)
         return vm, con
 
+    def held(self, name):
+        """What cprd holds for the VM: the same fds, guest RAM the same size
+        (the console's size grows with what the guest writes)."""
+        return [(f["name"], f["kind"], f["fd"], f["size"] if f["name"] == "ram0" else None)
+                for f in self.d.call("vm.fds", {"name": name})["fds"]]
+
     def refused(self, name, vmm, *words):
         st = self.d.call("vm.status", {"name": name})
         with self.assertRaises(RpcError) as cm:
@@ -51,7 +57,7 @@ class Confined(SharedDaemonTest):
         vm, con = self.guest("cx", vmm=self.next, cpr_exec=True)
         pid = vm["pid"]
         before = identity(pid)
-        fds = self.d.call("vm.fds", {"name": "cx"})["fds"]
+        fds = self.held("cx")
         for _ in range(2):  # twice: a VMM that came by cpr-exec can exec again
             p = self.d.cprctl("update", "cx", "--strategy", "cpr-exec", "--vmm", self.next,
                               "--json")
@@ -64,7 +70,7 @@ class Confined(SharedDaemonTest):
         st = self.d.call("vm.status", {"name": "cx"})
         self.assertEqual((st["state"], st["pid"], st["vmm"]), ("running", pid, self.next))
         self.assertEqual(identity(pid), before)
-        self.assertEqual(self.d.call("vm.fds", {"name": "cx"})["fds"], fds)
+        self.assertEqual(self.held("cx"), fds)
         con.wait_beats(3)
         con.assert_healthy(self)
         self.d.call("vm.destroy", {"name": "cx"})
