@@ -224,6 +224,29 @@ class RollingUpdate(unittest.TestCase):
         self.assertEqual(list(s["hosts"]), ["h1"])
         self.assert_fleet_unbroken()
 
+    def test_6_max_fail_percentage_decides_between_batches(self):
+        """Two hosts a batch: h2's failure is half of the first batch, so
+        max_fail_percentage 49 stops the roll-out before h3, and 50 (not
+        exceeded) lets it go on to h3."""
+        # Another package upgrade, with h2's wrapper losing the device again.
+        new = self.qemu + ".dpkg-new"
+        shutil.copy2(QEMU, new)
+        os.rename(new, self.qemu)
+        self.set_wrapper(WITHOUT_RNG)
+        before = self.pids("h3")
+        rc, out, s = self.play("-e", "cprd_serial=2", "-e", "cprd_max_fail_percentage=49")
+        self.assertNotEqual(rc, 0, out)
+        self.assertEqual({h: s["hosts"][h]["status"] for h in HOSTS},
+                         {"h1": "done", "h2": "failed", "h3": "skipped"}, out)
+        self.assertEqual(self.pids("h3"), before)
+        rc, out, s = self.play("-e", "cprd_serial=2", "-e", "cprd_max_fail_percentage=50")
+        self.assertEqual({h: s["hosts"][h]["status"] for h in HOSTS},
+                         {"h1": "done", "h2": "failed", "h3": "done"}, out)
+        self.assertEqual(s["hosts"]["h3"]["updated"], 2)
+        self.assertEqual(self.outdated("h3"), [])
+        self.set_wrapper(WITH_RNG)
+        self.assert_fleet_unbroken()
+
 
 if __name__ == "__main__":
     unittest.main()
