@@ -737,6 +737,8 @@ static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *
 
 void update_migrate(struct update *u, json_object *args)
 {
+	struct stat st;
+
 	if (!update_set_phase(u, PHASE_MIGRATE)) {
 		json_object_put(args);
 		return;
@@ -753,6 +755,10 @@ void update_migrate(struct update *u, json_object *args)
 			return;
 		}
 		u->vm->vmm->exec_expected = true;
+		/* What the new image will write to the VM's VMM log starts here
+		 * (it may write and exit before cprd hears of the exec). */
+		if (fstatat(u->vm->dir_fd, VM_VMM_LOG, &st, 0) == 0)
+			u->vm->vmm->log_start = st.st_size;
 	}
 	if (vmm_command(u->vm->vmm, "migrate", args, -EBADF, migrate_sent, u) < 0)
 		update_rollback(u, "lost the old VMM's monitor");
@@ -852,18 +858,12 @@ static void in_place_ready(struct update *u)
 
 void update_vm_vmm_monitor_lost(struct update *u)
 {
-	struct vm *vm = u->vm;
-	struct stat st;
-
 	if (!u->s->in_place || u->ended || u->exec_seen)
 		return;
 	if (u->phase != PHASE_MIGRATE &&
 	    !(u->phase == PHASE_ROLLBACK && u->failed_in == PHASE_MIGRATE))
 		return;
 	u->exec_seen = true;
-	/* What the new image writes to the VM's VMM log starts here. */
-	if (fstatat(vm->dir_fd, VM_VMM_LOG, &st, 0) == 0)
-		vm->vmm->log_start = st.st_size;
 }
 
 /* ---- restore: in place, the rollback QEMU itself lacks ----

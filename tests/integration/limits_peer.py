@@ -105,6 +105,18 @@ elif mode == "unread":
             except OSError:
                 e[0] = None
                 dropped += 1
+    # A connection cprd closed since the last send is found by reading it
+    # to its end: what cprd queued, then EOF (an open one has no end yet).
+    for e in held:
+        while e[0] is not None:
+            try:
+                if not e[0].recv(65536):
+                    raise ConnectionResetError
+            except BlockingIOError:
+                break
+            except OSError:
+                e[0] = None
+                dropped += 1
     report({"sent": sum(e[1] for e in held), "dropped": dropped})
     sys.exit(0)
 elif mode == "batch":
