@@ -471,8 +471,9 @@ class RestoreCase(CxCase):
         return max(pids) if pids else None
 
     def inject(self):
-        kill(self.old, signal.SIGKILL)  # the new image, loaded
-        self.release()
+        # The new image, loaded. Nothing is released here: the VMM cprd
+        # starts next would get the SIGUSR2 before its handler exists.
+        kill(self.old, signal.SIGKILL)
         pid = wait_until(self.restorer, 20, f"{self.vm}: the restoring VMM to reach "
                          f"{RESTORE_STEPS[self.rstep]}")
         if self.rfault == "vmm_killed":
