@@ -137,3 +137,11 @@ int rm_dir_entries(const char *path)
 	closedir(dir);
 	return r;
 }
+
+bool file_same(const char *a, const char *b)
+{
+	struct stat sa, sb;
+
+	return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev &&
+	       sa.st_ino == sb.st_ino;
+}

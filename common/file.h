@@ -5,6 +5,8 @@
  */
 #pragma once
 
+#include <stdbool.h>
+
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/types.h>
@@ -68,3 +70,7 @@ int file_rotate(int dirfd, const char *name, off_t max);
 /* Unlink every entry of the directory at path that is not a directory
  * itself (it does not recurse). 0, or the first negative errno. */
 int rm_dir_entries(const char *path);
+
+/* Whether both paths name the very same file (device and inode, links
+ * followed); false when either cannot be looked at. */
+bool file_same(const char *a, const char *b);

@@ -194,11 +194,9 @@ static void strategy_leftovers(struct vm *vm, json_object *up)
 static bool runs_binary(pid_t pid, const char *binary)
 {
 	char exe[64];
-	struct stat a, b;
 
 	snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
-	return binary && stat(exe, &a) == 0 && stat(binary, &b) == 0 && a.st_dev == b.st_dev &&
-	       a.st_ino == b.st_ino;
+	return file_same(exe, binary);
 }
 
 /* Whether the process left the old image: its image id differs from the
@@ -212,21 +210,6 @@ static bool exec_happened(pid_t pid, const char *old_image, const char *old_bin,
 	if (old_image && proc_image_id(pid, &now) == 0)
 		return strtoull(old_image, NULL, 16) != now;
 	return !runs_binary(pid, old_bin) && runs_binary(pid, new_bin);
-}
-
-static void take_binary(struct vm *vm, struct vmm *v, const char *binary)
-{
-	char *a = strdup(binary), *b = strdup(binary);
-
-	if (!a || !b) {
-		free(a);
-		free(b);
-		return;
-	}
-	free(vm->cfg.vmm);
-	vm->cfg.vmm = a;
-	free(v->binary);
-	v->binary = b;
 }
 
 /*
@@ -287,7 +270,7 @@ static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *
 	if (query_status(v, st, sizeof(st)) && !streq(st, "running"))
 		resume(v, streq(st, "postmigrate") || streq(st, "finish-migrate"));
 	if (is_new)
-		take_binary(vm, v, new_bin);
+		vm_vmm_replaced(vm, v, new_bin);
 	log_info("VM %s: interrupted cpr-exec update (phase %s): VMM pid %d in the %s image, %s",
 		 vm->cfg.name, update_phase_name(phase), (int)v->pid, is_new ? "new" : "old",
 		 st[0] ? st : "mute");

@@ -14,9 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/file.h"
 #include "common/macro.h"
 #include "daemon/strategy.h"
 #include "daemon/vm.h"
@@ -157,11 +157,9 @@ static bool version_has_cpr_exec(const char *version)
 static bool visible_to(pid_t pid, const char *binary)
 {
 	char in_root[4200];
-	struct stat a, b;
 
 	snprintf(in_root, sizeof(in_root), "/proc/%d/root%s", (int)pid, binary);
-	return stat(binary, &a) == 0 && stat(in_root, &b) == 0 && a.st_dev == b.st_dev &&
-	       a.st_ino == b.st_ino;
+	return file_same(binary, in_root);
 }
 
 static bool possible(const struct vm *vm, const char *binary, char *why, size_t size)

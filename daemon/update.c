@@ -782,7 +782,7 @@ static void switched_in_place(struct update *u)
 
 	if (!update_set_phase(u, PHASE_END_OLD))
 		return;
-	vm_vmm_replaced(vm, u->new_binary);
+	vm_vmm_replaced(vm, vm->vmm, u->new_binary);
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in QEMU %s, the same VMM pid %d", vm->cfg.name,
 		 vm->vmm->version, (int)vm->vmm->pid);

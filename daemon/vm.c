@@ -603,7 +603,7 @@ void vm_adopt_vmm(struct vm *vm, struct vmm *v)
 	}
 }
 
-void vm_vmm_replaced(struct vm *vm, const char *binary)
+void vm_vmm_replaced(struct vm *vm, struct vmm *v, const char *binary)
 {
 	char *a = strdup(binary), *b = strdup(binary);
 
@@ -614,8 +614,8 @@ void vm_vmm_replaced(struct vm *vm, const char *binary)
 	}
 	free(vm->cfg.vmm);
 	vm->cfg.vmm = a;
-	free(vm->vmm->binary);
-	vm->vmm->binary = b;
+	free(v->binary);
+	v->binary = b;
 	daemon_changed(vm->d);
 }
 

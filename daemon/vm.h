@@ -104,8 +104,9 @@ void vm_destroy(struct vm *vm, struct call *c);
 /* For the update: make v the VM's VMM (the old one must be gone or being
  * ended by the caller), and the VM's handlers its handlers. */
 void vm_adopt_vmm(struct vm *vm, struct vmm *v);
-/* For an update in place: the VM's VMM process now runs binary. */
-void vm_vmm_replaced(struct vm *vm, const char *binary);
+/* For an update in place: the VM's VMM process v (its own, or the one a
+ * restarted cprd is taking back) now runs binary. */
+void vm_vmm_replaced(struct vm *vm, struct vmm *v, const char *binary);
 /* Give the current VMM's monitor socket the VM's well-known path. */
 void vm_settle_qmp_path(struct vm *vm);
 /* The VMM exited on its own: the VM becomes crashed. */

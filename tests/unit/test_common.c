@@ -21,7 +21,8 @@ START_TEST(ifnames_the_kernel_keeps_as_given_pass)
 	const char *ok[] = { "tap0", "tap-web1", "t", "vm_1.net", "abcdefghijklmno" };
 
 	for (size_t i = 0; i < ELEMENTSOF(ok); i++)
-		ck_assert_msg(ifname_invalid(ok[i]) == NULL, "%s: %s", ok[i], ifname_invalid(ok[i]));
+		ck_assert_msg(ifname_invalid(ok[i]) == NULL, "%s: %s", ok[i],
+			      ifname_invalid(ok[i]));
 }
 END_TEST
 
@@ -192,6 +193,18 @@ START_TEST(file_tail_reads_the_end_and_not_through_a_symlink)
 }
 END_TEST
 
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n == (ssize_t)strlen(text) ? 0 : -EIO;
+}
+
 /* A child that waits for a byte, then execs sleep: its image id before
  * and after the exec (the same pid throughout) must differ, and reading it
  * twice without an exec must not. */
@@ -229,6 +242,23 @@ START_TEST(the_image_id_changes_with_an_exec_and_only_then)
 }
 END_TEST
 
+START_TEST(file_same_is_one_inode_not_equal_contents)
+{
+	char a[PATH_MAX + 8], link[PATH_MAX + 8], copy[PATH_MAX + 8];
+
+	snprintf(a, sizeof(a), "%s/a", dir);
+	snprintf(link, sizeof(link), "%s/l", dir);
+	snprintf(copy, sizeof(copy), "%s/c", dir);
+	ck_assert_int_eq(write_file(a, "same"), 0);
+	ck_assert_int_eq(write_file(copy, "same"), 0);
+	ck_assert_int_eq(symlink(a, link), 0);
+	ck_assert(file_same(a, link));
+	ck_assert(!file_same(a, copy));
+	ck_assert(!file_same(a, "/nonexistent/x"));
+	ck_assert(!file_same(a, NULL));
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("common");
@@ -247,6 +277,7 @@ int main(void)
 	tcase_add_test(f, a_symlink_planted_as_the_log_or_its_copy_is_never_followed);
 	tcase_add_test(f, a_fifo_as_the_log_is_refused_without_blocking);
 	tcase_add_test(f, file_tail_reads_the_end_and_not_through_a_symlink);
+	tcase_add_test(f, file_same_is_one_inode_not_equal_contents);
 	suite_add_tcase(s, f);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);
