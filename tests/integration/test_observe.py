@@ -228,8 +228,13 @@ class MetricsTest(unittest.TestCase):
 
         # The counters outlive the VM.
         d.call("vm.destroy", {"name": "m1"})
-        m = self.scraped(lambda m: m.get(("cprd_vms", frozenset({("state", "running")}))) == 0,
-                         "node_exporter to serve the VM gone")
+        # Wait for the VM to be gone in every state: a scrape taken while
+        # it was still stopping shows it neither running nor destroyed.
+        def gone(m):
+            held = sum(v for k, v in m.items() if k[0] == "cprd_vms")
+            return held == 0 and m.get(("cprd_vms_destroyed_total",
+                                        frozenset({("reason", "destroyed")}))) == 1
+        m = self.scraped(gone, "node_exporter to serve the VM gone")
         self.assertEqual(sample(m, "cprd_updates_total", strategy="handover", result="ok"), 1)
         self.assertEqual(sample(m, "cprd_vms_destroyed_total", reason="destroyed"), 1)
         self.assertEqual(sample(m, "cprd_fds_held"), 0)
