@@ -68,7 +68,7 @@ struct ckpt {
 	int dir_fd;    /* save: the temporary directory; restore: NAME */
 	int state_fd;  /* device.state or memory.img */
 	int ram_fd;    /* ram0.img */
-	int mem_fd;    /* restore: the new memfd until it is in custody */
+	int mem_fd;    /* restore: the new memfd (custody holds a dup of it) */
 	uint8_t *map;  /* the memfd, read-only, for the digest */
 	uint64_t size; /* guest RAM */
 	uint64_t pos;  /* copy: next offset to look at */
@@ -79,6 +79,9 @@ struct ckpt {
 	unsigned cont_tries;
 	bool rolling_back;
 	struct vmm *next; /* restore: the new VMM until the VM adopts it */
+	bool ram_ready;   /* restore: the new memfd holds the checkpoint's RAM */
+	bool vmm_ready;   /* restore: the new VMM's monitor answers */
+	bool loading;     /* restore: the device state was sent to it */
 	uint64_t t0_mono, t0_real;
 	int64_t stop_us, resume_us, paused_at_us;
 	uint64_t bytes_done, data_bytes, state_bytes, file_bytes, disk_bytes;
@@ -89,7 +92,7 @@ struct ckpt {
 };
 
 static void finish_save(struct ckpt *k);
-static void finish_restore(struct ckpt *k);
+static void ram_copied(struct ckpt *k);
 
 /* ---- files ---- */
 
@@ -525,14 +528,14 @@ static void copy_cb(struct ev_loop *loop, ev_idle *w, int revents)
 		set_error(k, "cannot copy guest RAM %s %s: %s", k->restore ? "from" : "to",
 			  CKPT_RAM, strerror(-r));
 		if (k->restore)
-			finish_restore(k); /* sees the error */
+			ram_copied(k); /* sees the error */
 		else
 			finish_save(k);
 		return;
 	}
 	k->digest = XXH3_64bits_digest(k->xx);
 	if (k->restore)
-		finish_restore(k);
+		ram_copied(k);
 	else
 		finish_save(k);
 }
@@ -936,6 +939,16 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 
 /* ======== restore ======== */
 
+/* Whatever RAM was made for a restore that did not finish goes: the
+ * checkpoint is the guest. */
+static void drop_ram(struct vm *vm)
+{
+	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &(const memstore_entry *){ NULL }) < 0)
+		return;
+	fdstore_remove(vm->d, vm->cfg.name, "ram0");
+	(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
+}
+
 _printf_(2, 3) static void restore_fail(struct ckpt *k, const char *fmt, ...)
 {
 	struct vm *vm = k->vm;
@@ -948,32 +961,50 @@ _printf_(2, 3) static void restore_fail(struct ckpt *k, const char *fmt, ...)
 	set_error(k, "%s; the checkpoint stays", buf);
 	ev_idle_stop(vm->d->loop, &k->copier);
 	k->next = vmm_kill(k->next);
-	/* Whatever RAM was made for it goes: the checkpoint is the guest. */
-	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &(const memstore_entry *){ NULL }) >=
-	    0) {
-		fdstore_remove(vm->d, vm->cfg.name, "ram0");
-		(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
-	}
+	drop_ram(vm);
 	end(k, "refused");
+}
+
+/* The guest runs on outside its checkpoint, which is stale from now on:
+ * a --restore-on-start must never take it up again. */
+static void retire(struct vm *vm, int root_fd, const char *root)
+{
+	char done[128];
+
+	snprintf(done, sizeof(done), ".%s.done", vm->cfg.name);
+	(void)rm_flat(root_fd, done);
+	if ((renameat(root_fd, vm->cfg.name, root_fd, done) < 0 && errno != ENOENT) ||
+	    fsync(root_fd) < 0)
+		log_error("VM %s: cannot retire its checkpoint %s/%s: %m; remove it before the "
+			  "next reboot",
+			  vm->cfg.name, root, vm->cfg.name);
+	(void)rm_flat(root_fd, done);
+	vm->checkpoint_root = (free(vm->checkpoint_root), NULL);
+}
+
+void checkpoint_retire(struct vm *vm, const char *root)
+{
+	_cleanup_close_ int fd = open_root(root, false);
+
+	if (fd >= 0)
+		retire(vm, fd, root);
+	else if (fd != -ENOENT)
+		log_error("VM %s: cannot retire its checkpoint in %s: %s; remove it before the "
+			  "next reboot",
+			  vm->cfg.name, root, strerror(-fd));
 }
 
 static void adopt(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
-	char done[128];
+	const memstore_entry *e;
 
 	vm_adopt_vmm(vm, TAKE_PTR(k->next));
 	vm_set_state(vm, VM_RUNNING);
-	/* The guest runs on: its checkpoint is stale from now on, and a
-	 * --restore-on-start must never take it up again. */
-	snprintf(done, sizeof(done), ".%s.done", vm->cfg.name);
-	(void)rm_flat(k->root_fd, done);
-	if (renameat(k->root_fd, vm->cfg.name, k->root_fd, done) < 0 || fsync(k->root_fd) < 0)
-		log_error("VM %s: cannot retire its checkpoint %s/%s: %m; remove it before the "
-			  "next reboot",
-			  vm->cfg.name, k->root, vm->cfg.name);
-	(void)rm_flat(k->root_fd, done);
-	vm->checkpoint_root = (free(vm->checkpoint_root), NULL);
+	/* From here the guest is in this memfd, not in the checkpoint. */
+	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
+		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
+	retire(vm, k->root_fd, k->root);
 	(void)vm_registry_commit(vm->d);
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
 		 vm->vmm->version);
@@ -1001,12 +1032,23 @@ static void restore_step_done(qmp *q, json_object *ret, const char *cls, const c
 		restore_fail(k, "the new VMM refused the checkpoint: %s", desc ? desc : "?");
 }
 
+/* The device state goes to the new VMM once its monitor answers and its
+ * RAM is whole: the two happen side by side (restore_start). */
+static void load(struct ckpt *k)
+{
+	if (!k->ram_ready || !k->vmm_ready || k->loading)
+		return;
+	k->loading = true;
+	if (queue_migration(k, k->next, restore_step_done) < 0)
+		restore_fail(k, "lost the new VMM's monitor");
+}
+
 static void next_ready(struct vmm *v, void *ud)
 {
 	struct ckpt *k = ud;
 
-	if (queue_migration(k, v, restore_step_done) < 0)
-		restore_fail(k, "lost the new VMM's monitor");
+	k->vmm_ready = true;
+	load(k);
 }
 
 static void next_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us, void *ud)
@@ -1038,6 +1080,11 @@ static void next_spawned(struct vmm *v, void *ud)
 	struct ckpt *k = ud;
 
 	k->vm->last_pid = v->pid;
+	/* A cprd restarted from here on ends this VMM, or takes the guest
+	 * from it if it already runs it (recover.c): it must know of it. */
+	if (vm_registry_commit(k->vm->d) < 0)
+		restore_fail(k, "cannot record the new VMM in the registry: %s",
+			     k->vm->d->registry.why);
 }
 
 static void next_exited(struct vmm *v, void *ud)
@@ -1068,20 +1115,15 @@ static const struct vmm_ops next_ops = {
 	.monitor_lost = next_monitor_lost,
 };
 
-/* The RAM is in the new memfd and matches its digest (or the qemu method
- * loads it itself): into custody, then the VMM. */
-static void finish_restore(struct ckpt *k)
+/* cprd's method copied the checkpoint's RAM into the new memfd: if it
+ * digests to what the checkpoint says, the VMM may load the device state. */
+static void ram_copied(struct ckpt *k)
 {
-	struct vm *vm = k->vm;
-	const char *what = NULL;
-	char why[512];
-	int r;
-
 	if (k->error[0]) {
 		restore_fail(k, "%s", k->error);
 		return;
 	}
-	if (!k->qemu && k->digest != k->expect_digest) {
+	if (k->digest != k->expect_digest) {
 		restore_fail(k,
 			     "the checkpoint is corrupt: its RAM digests to %016llx, its %s says "
 			     "%016llx",
@@ -1089,28 +1131,61 @@ static void finish_restore(struct ckpt *k)
 			     (unsigned long long)k->expect_digest);
 		return;
 	}
-	if (k->map)
-		k->map = (munmap(k->map, k->size), NULL);
-	r = memstore_put(vm->d->store, vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, k->mem_fd);
+	k->map = (munmap(k->map, k->size), NULL);
+	k->ram_ready = true;
+	load(k);
+}
+
+/* The new memfd goes into custody, where the new VMM is given its fds
+ * from, but not yet into the fd store: until the guest runs from it, the
+ * checkpoint is the guest (adopt() stores it). */
+static int hold_ram(struct ckpt *k)
+{
+	int fd = fcntl(k->mem_fd, F_DUPFD_CLOEXEC, 3);
+	int r;
+
+	if (fd < 0)
+		return -errno;
+	r = memstore_put(k->vm->d->store, k->vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, fd);
+	if (r < 0)
+		close(fd);
+	return r;
+}
+
+/* Start the new VMM with -incoming defer. For cprd's method it starts
+ * while cprd still fills its memfd: waiting for its incoming migration,
+ * QEMU maps guest RAM but neither writes it nor runs the guest, and is
+ * sent the device state only once the RAM is whole and checked (load()).
+ * Starting a QEMU and reading the RAM from disk so overlap. */
+static int start_restore_vmm(struct ckpt *k)
+{
+	struct vm *vm = k->vm;
+	const char *what = NULL;
+	char why[512];
+	int r;
+
+	r = hold_ram(k);
 	if (r < 0) {
 		restore_fail(k, "cannot hold the new RAM: %s", strerror(-r));
-		return;
+		return r;
 	}
-	fdstore_add(vm->d, vm->cfg.name, "ram0", TAKE_FD(k->mem_fd));
 	r = vm_reacquire(vm, &what);
 	if (r < 0) {
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
-		return;
+		return r;
 	}
 	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
 		restore_fail(k, "cannot start the VMM: %s", why);
-		return;
+		return -EINVAL;
 	}
 	unlink(vm->qmp_path);
 	r = vmm_start(vm->d, &vm->cfg, k->new_vmm, vm->qmp_path, vm->dir_fd,
 		      &(struct vmm_incoming){ .defer = true }, &next_ops, k, &k->next);
-	if (r < 0)
+	if (r < 0) {
 		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm, launcher_strerror(r));
+		return r;
+	}
+	return 0;
 }
 
 /* Is this checkpoint this VM's, whole, and of the expected size? */
@@ -1230,13 +1305,15 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 		restore_fail(k, "cannot create the guest's RAM: %s", strerror(-r));
 		return;
 	}
-	if (k->qemu) {
-		finish_restore(k);
-		return;
+	k->ram_ready = k->qemu; /* QEMU's method: the VMM loads the RAM itself */
+	if (!k->qemu) {
+		r = start_copy(k);
+		if (r < 0) {
+			restore_fail(k, "cannot map the guest's new RAM: %s", strerror(-r));
+			return;
+		}
 	}
-	r = start_copy(k);
-	if (r < 0)
-		restore_fail(k, "cannot map the guest's new RAM: %s", strerror(-r));
+	(void)start_restore_vmm(k); /* fails the restore itself */
 }
 
 /* ======== routed from vm.c, deadlines ======== */
@@ -1249,6 +1326,22 @@ const char *checkpoint_saving_in(const struct ckpt *k)
 bool checkpoint_was_running(const struct ckpt *k)
 {
 	return k->was_running;
+}
+
+json_object *checkpoint_restore_record(const struct ckpt *k)
+{
+	json_object *o;
+
+	if (!k->restore || !vmm_alive(k->next))
+		return NULL;
+	o = json_object_new_object();
+	json_object_object_add(o, "pid", json_object_new_int(k->next->pid));
+	json_object_object_add(o, "pid_start", json_object_new_int64((int64_t)k->next->start_time));
+	json_object_object_add(o, "qmp", json_object_new_string(k->next->qmp_path));
+	json_object_object_add(o, "vmm", json_object_new_string(k->new_vmm));
+	json_object_object_add(o, "vmm_fds", vmm_fd_map(k->next));
+	json_object_object_add(o, "checkpoint", json_object_new_string(k->root));
+	return o;
 }
 
 void checkpoint_discard_unfinished(const char *root, const char *name)
@@ -1382,9 +1475,12 @@ void checkpoint_recover(struct daemon *d)
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
 		if (!vm->checkpoint_root || vm->vmm)
 			continue;
-		if (checkpoint_whole(vm->checkpoint_root, vm->cfg.name))
+		if (checkpoint_whole(vm->checkpoint_root, vm->cfg.name)) {
 			vm_set_state(vm, VM_CHECKPOINTED);
-		else
+			/* RAM a previous cprd was filling or had saved: the
+			 * checkpoint is the guest, and a restore makes new. */
+			drop_ram(vm);
+		} else
 			log_error("VM %s: its checkpoint %s/%s is gone; the VM is lost",
 				  vm->cfg.name, vm->checkpoint_root, vm->cfg.name);
 	}

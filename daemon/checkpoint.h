@@ -56,6 +56,13 @@ const char *checkpoint_saving_in(const struct ckpt *k);
 /* Whether the guest ran when that checkpoint began (a restarted cprd
  * resumes it then: the checkpoint did not finish). */
 bool checkpoint_was_running(const struct ckpt *k);
+/* The VMM a restore started, for the registry: {"pid", "pid_start",
+ * "qmp", "vmm", "vmm_fds"}; NULL when none runs. A restarted cprd ends it,
+ * or keeps it if it already runs the guest. */
+json_object *checkpoint_restore_record(const struct ckpt *k);
+/* The guest runs outside VM vm's checkpoint in root (a restarted cprd
+ * found the restore VMM running it): remove that checkpoint. */
+void checkpoint_retire(struct vm *vm, const char *root);
 /* After a restart: remove the unfinished checkpoint of VM name in root,
  * which the registry says a checkpoint was being written in. */
 void checkpoint_discard_unfinished(const char *root, const char *name);

@@ -401,6 +401,46 @@ static void settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec)
 		   vm->cfg.name, (int)v->pid);
 }
 
+/*
+ * cprd died while it restored this VM from its checkpoint. The VMM it had
+ * started keeps the guest if it runs it (it was told to, so the guest went
+ * on past its checkpoint, which is stale and goes). Otherwise, loading or
+ * paused with the state loaded but never run, it is ended: the checkpoint
+ * is still the guest, and the VM is checkpointed again (checkpoint.c).
+ */
+static struct vmm *settle_restore(struct daemon *d, struct vm *vm, json_object *r)
+{
+	int pidfd = open_vmm(r, "pid", "pid_start", -EBADF);
+	const char *bin = jstr(r, "vmm") ? jstr(r, "vmm") : vm->cfg.vmm;
+	struct vmm *v = NULL;
+	char st[32] = "";
+
+	if (pidfd < 0)
+		return NULL;
+	reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(r, "vmm_fds"));
+	if (jstr(r, "qmp") &&
+	    vmm_attach(d, pidfd_pid(pidfd), pidfd, bin, jstr(r, "qmp"), NULL, NULL, &v) >= 0 &&
+	    query_status(v, st, sizeof(st)) && streq(st, "running")) {
+		set_fd_map(v, json_object_object_get(r, "vmm_fds"));
+		if (jstr(r, "checkpoint"))
+			checkpoint_retire(vm, jstr(r, "checkpoint"));
+		log_notice("VM %s: cprd restarted while it restored the VM; its new VMM pid %d "
+			   "already ran the guest and keeps it",
+			   vm->cfg.name, (int)v->pid);
+		return v;
+	}
+	if (v)
+		vmm_kill(v);
+	else {
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+	}
+	log_notice("VM %s: cprd restarted while it restored the VM; the VMM it had started was "
+		   "%s and was ended, the checkpoint stays",
+		   vm->cfg.name, st[0] ? st : "mute");
+	return NULL;
+}
+
 /* cprd died while ending a VMM the guest had already left: finish that. */
 static void end_leftover(struct vm *vm, json_object *up)
 {
@@ -508,6 +548,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
 		}
 	}
+	if (!v && json_object_object_get(rec, "restore"))
+		v = settle_restore(d, vm, json_object_object_get(rec, "restore"));
 	if (up && json_object_object_get(up, "ending_pid"))
 		end_leftover(vm, up);
 	else if (up)
@@ -521,6 +563,8 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	} else if (v && !query_status(v, st, sizeof(st))) {
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
 	}
+	if (!v && vm->checkpoint_root)
+		return; /* checkpointed: checkpoint_recover() says so */
 	if (!v) {
 		log_warning(
 		    "VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",

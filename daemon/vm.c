@@ -178,7 +178,7 @@ static void emit_vm_destroyed(struct vm *vm)
  * unknown. */
 static json_object *vm_record(struct vm *vm)
 {
-	json_object *o = json_object_new_object();
+	json_object *o = json_object_new_object(), *x;
 
 	add_str(o, "name", vm->cfg.name);
 	add_str(o, "vmm", vm->cfg.vmm);
@@ -215,6 +215,8 @@ static json_object *vm_record(struct vm *vm)
 		json_object_object_add(o, "check", check_to_record(vm->check));
 	if (vm->checkpoint_root)
 		add_str(o, "checkpoint", vm->checkpoint_root);
+	if (vm->ckpt && (x = checkpoint_restore_record(vm->ckpt)))
+		json_object_object_add(o, "restore", x);
 	if (vm->ckpt && checkpoint_saving_in(vm->ckpt)) {
 		add_str(o, "checkpointing_in", checkpoint_saving_in(vm->ckpt));
 		json_object_object_add(o, "checkpoint_was_running",

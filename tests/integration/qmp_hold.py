@@ -8,7 +8,8 @@ number cprd gave); the relay keeps cprd's listening socket and joins each
 connection cprd makes to one it makes to QEMU, fds (getfd) included. Once
 QEMU has answered the command named in QMP_HOLD_AFTER, nothing QEMU says
 reaches cprd (replies and events are held) until the relay gets SIGUSR2, so
-cprd cannot see a migration progress that really happens. Meanwhile the
+cprd cannot see a migration progress that really happens; with a "!" after
+the command's name (QMP_HOLD_AFTER=cont!), its answer is held too. Meanwhile the
 relay asks QEMU for its run state itself and creates QMP_HOLD_MARK/PID-STATE
 (PID: QEMU's) for each state it sees (inmigrate, paused, running, ...).
 A connection that ends drops what was held; the next one is relayed as is."""
@@ -97,10 +98,15 @@ def join(client, q, qemu_pid, hold_after, released, markdir):
                 if muted:
                     held.append(line)
                     continue
-                client.sendall(line)
                 if hold_after and "id" in msg and \
-                        names.get(json.dumps(msg["id"])) == hold_after:
-                    muted, hold_after = True, None
+                        names.get(json.dumps(msg["id"])) == hold_after.rstrip("!"):
+                    muted = True
+                    if hold_after.endswith("!"):  # its own answer is held too
+                        held.append(line)
+                        hold_after = None
+                        continue
+                    hold_after = None
+                client.sendall(line)
 
 
 def main():

@@ -6,6 +6,7 @@ number, still on its first boot, its in-RAM data check passing. Each failure
 is injected for real: a full file system, a read-only directory, a truncated
 and a bit-flipped checkpoint, the wrong memory size."""
 
+import ctypes
 import json
 import os
 import shutil
@@ -303,6 +304,92 @@ class CheckpointTest(unittest.TestCase):
         rc, out, _ = self.ctl("checkpoint", "--all")
         rc, out, _ = self.ctl("restore", "--all", "--parallel", "2")
         self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
+
+
+class RestoreInterrupted(unittest.TestCase):
+    """cprd killed while it restores, at the two points that differ: the
+    new QEMU has loaded the checkpoint but not run the guest (it is ended,
+    and the checkpoint is still the guest), and the new QEMU runs the guest
+    (it keeps it, and the checkpoint, now stale, is retired). The new QEMU
+    runs behind qmp_hold.py, which hides from cprd what QEMU says after a
+    given command, so cprd dies with the restore unfinished in its eyes."""
+
+    HOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qmp_hold.py")
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        # The relays and the VMMs of a killed cprd are reaped here.
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+        self.ckdir = tempfile.mkdtemp(prefix="cprd-ckpt-")
+        self.addCleanup(shutil.rmtree, self.ckdir, True)
+        self.d = Daemon(["--no-confine", "--checkpoint-dir", self.ckdir]).start()
+        self.addCleanup(self.d.stop)
+        self.marks = os.path.join(self.d.dir, "marks")
+        os.mkdir(self.marks)
+        self.con = Console(self.d.create_guest("ri", memory="256M")["console_log"])
+        self.con.wait_beats(3)
+        rc, rep, _ = CheckpointTest.ctl(self, "checkpoint", "ri", "--method", "cprd")
+        self.assertEqual(rep["result"], "ok", rep)
+
+    def held_restore(self, after, state):
+        """Restore with a QEMU heard by cprd until it has answered `after`;
+        wait until it is in `state`, then kill cprd. Returns its pid."""
+        vmm = wrapper(self.d.dir, "held", f"QMP_HOLD_AFTER={after} QMP_HOLD_MARK={self.marks} "
+                                          f'exec python3 {self.HOLD} {QEMU} "$@"')
+        p = subprocess.Popen([CPRCTL, "--socket", self.d.sock, "restore", "ri", "--vmm", vmm],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(p.wait, 30)
+
+        def reached():
+            for m in os.listdir(self.marks):
+                pid, st = m.split("-", 1)
+                if st == state:
+                    return int(pid)
+            self.assertIsNone(p.poll(), "the restore ended before it was held")
+            return None
+        new = wait_until(reached, 120, f"the new QEMU to be {state}")
+        with open(os.path.join(self.d.dir, "registry.json")) as f:
+            rec = [v for v in json.load(f)["vms"] if v["name"] == "ri"][0]
+        self.assertEqual(rec.get("restore", {}).get("pid"), new,
+                         "the registry does not name the restore's VMM")
+        self.d.proc.kill()
+        self.d.proc.wait()
+        p.wait(30)
+        os.unlink(self.d.sock)
+        self.d.start()
+        return new
+
+    def test_killed_while_the_new_vmm_holds_the_state_unrun(self):
+        new = self.held_restore("migrate-incoming", "paused")
+        wait_until(lambda: not os.path.exists(f"/proc/{new}/status") or
+                   "zombie" in open(f"/proc/{new}/status").read(), 10,
+                   "the unrun restore VMM to be ended")
+        st = self.d.call("vm.status", {"name": "ri"})
+        self.assertEqual(st["state"], "checkpointed", st)
+        self.assertTrue(os.path.exists(os.path.join(self.ckdir, "ri", "meta.json")),
+                        "the checkpoint must stay")
+        held = [f["name"] for f in self.d.call("vm.fds", {"name": "ri"})["fds"]]
+        self.assertNotIn("ram0", held, "RAM of an unfinished restore must not stay in custody")
+        # The checkpoint is taken up again, and the guest goes on from it.
+        rc, rep, _ = CheckpointTest.ctl(self, "restore", "ri")
+        self.assertEqual(rep["result"], "ok", rep)
+        self.con.wait_beats(3)  # the same console log, from the first boot on
+        assert_one_life(self, self.con.text())
+
+    def test_killed_once_the_new_vmm_runs_the_guest(self):
+        new = self.held_restore("cont!", "running")
+        st = self.d.call("vm.status", {"name": "ri"})
+        self.assertEqual((st["state"], st["pid"]), ("running", new), st)
+        self.assertFalse(os.path.exists(os.path.join(self.ckdir, "ri")),
+                         "a checkpoint the guest ran past must be retired")
+        held = [f["name"] for f in self.d.call("vm.fds", {"name": "ri"})["fds"]]
+        self.assertIn("ram0", held, "the guest's RAM must be back in custody")
+        self.con.wait_beats(3)
+        assert_one_life(self, self.con.text())
+        # The VM is whole again: it can be checkpointed once more.
+        rc, rep, _ = CheckpointTest.ctl(self, "checkpoint", "ri")
+        self.assertEqual(rep["result"], "ok", rep)
 
 
 def _is_qemu_of(pid, state_dir):
