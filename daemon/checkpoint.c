@@ -547,6 +547,10 @@ static int start_copy(struct ckpt *k)
 	if (map == MAP_FAILED)
 		return -errno;
 	k->map = map;
+	/* Restore: ram0.img is read once, front to back; a larger readahead
+	 * keeps the disk busy while a chunk is digested. */
+	if (k->restore)
+		(void)posix_fadvise(k->ram_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	k->xx = XXH3_createState();
 	if (!k->xx || XXH3_64bits_reset(k->xx) != XXH_OK)
 		return -ENOMEM;
@@ -1277,6 +1281,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 	k->old_vmm = strdup(vm->cfg.vmm);
 	k->new_vmm = strdup(a->binary ? a->binary : vm->cfg.vmm);
 	vm->ckpt = k;
+	events_emit(vm->d, "restore-started", vm->cfg.name, NULL);
 	log_info("VM %s: restore from %s/%s with %s", vm->cfg.name, root, vm->cfg.name,
 		 k->new_vmm ? k->new_vmm : "?");
 	if (!k->old_vmm || !k->new_vmm) {

@@ -101,8 +101,20 @@ class CheckpointTest(unittest.TestCase):
         self.reboot()
         listed = {v["name"]: v for v in self.d.call("vm.list")["vms"]}
         self.assertEqual(listed["ck"]["state"], "checkpointed")
+        sub = self.d.conn()
+        self.addCleanup(sub.close)
+        self.assertTrue(sub.call("events.subscribe")["subscribed"])
         args = ["restore", "ck"] + (["--vmm", vmm] if vmm else [])
         rc, rep, _ = self.ctl(*args)
+        # Subscribers saw it begin, the guest run, and the same report.
+        seen = []
+        while not seen or seen[-1]["kind"] != "restore-finished":
+            seen.append(sub.recv_line()["params"])
+        self.assertEqual([(e["kind"], e.get("state")) for e in seen],
+                         [("restore-started", None), ("state", "running"),
+                          ("restore-finished", None)])
+        self.assertEqual(seen[-1]["result"], "ok")
+        self.assertEqual(seen[-1]["restore_ms"], rep["restore_ms"])
         self.assertEqual(rep["result"], "ok", rep)
         self.assertEqual(rep["method"], method)
         self.assertGreater(rep["blackout_ms"], 0)
