@@ -28,7 +28,9 @@ INITRD = os.path.join(GUEST, "initrd.img")
 GUEST_APPEND = "console=ttyS0 quiet cprd.data_mb=8 cprd.hb_ms=200"
 BOOT_TIMEOUT = float(os.environ.get("CPRD_TEST_BOOT_TIMEOUT", "120"))
 
-HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+)", re.M)
+# The trailing space: the console is written a byte at a time, and a line
+# read half-written must not count (data=o is not data=ok).
+HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+) ", re.M)
 BOOT_RE = re.compile(r"^CPRD-GUEST boot id=([0-9a-f]+)", re.M)
 
 

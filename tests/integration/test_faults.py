@@ -85,8 +85,9 @@ FAULTS = {
 }
 
 # Update timeouts (s): long enough for a held update to reach its phase with
-# a dozen VMMs starting on two cores, short enough to wait for.
-TIMEOUT = {"new_stopped": 3, "cprd_stopped_5s": 10, "cprd_stopped_past_timeout": 4}
+# a dozen VMMs starting on two cores (under ASan too), short enough to
+# wait for.
+TIMEOUT = {"new_stopped": 5, "cprd_stopped_5s": 10, "cprd_stopped_past_timeout": 6}
 DEFAULT_TIMEOUT = 6
 
 
@@ -163,6 +164,18 @@ def kill(pid, sig):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def catches(pid, sig):
+    """Whether the process has a handler for sig (SigCgt in its status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
 
 
 def proc_state(pid):
@@ -318,8 +331,11 @@ class Case:
         return standins(self.vmdir + "/")
 
     def release(self, skip=()):
+        # Only stand-ins that catch SIGUSR2: one cprd has just started (to
+        # restore the guest, say) may not have its handler yet, and would
+        # die of it. A hold is always in a stand-in that has one.
         for pid in self.vmms():
-            if pid not in skip and proc_state(pid) != "T":
+            if pid not in skip and proc_state(pid) != "T" and catches(pid, signal.SIGUSR2):
                 kill(pid, signal.SIGUSR2)
 
     def close_monitor(self, pid):
@@ -525,7 +541,10 @@ class Case:
         finally:
             os.close(fd)
         if exact:
-            self.tc.assertEqual(seq, last_seq, "guest RAM and the last heartbeat disagree")
+            # A stand-in killed between storing a beat's counter and
+            # printing its line leaves RAM one ahead of its console.
+            self.tc.assertIn(seq, (last_seq, last_seq + 1),
+                             "guest RAM and the last heartbeat disagree")
         else:
             self.tc.assertGreaterEqual(seq, last_seq)
 

@@ -128,7 +128,7 @@ FAULTS = {
     "client_gone": "the client that asked for the update disconnects",
 }
 
-TIMEOUT = {"vmm_stopped": 3}
+TIMEOUT = {"vmm_stopped": 5}
 DEFAULT_TIMEOUT = 10
 
 

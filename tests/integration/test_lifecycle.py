@@ -125,13 +125,14 @@ class Strays(GuestTest):
         self.d = Daemon(["--no-confine"]).start()
 
     def test_processes_a_vmm_leaves_behind_are_reaped(self):
-        vmm = wrapper(self.d.dir, "stray", f'(sleep 1 &)\nexec {QEMU} "$@"')
+        # The stray outlives QEMU's start, however slow: it is seen.
+        vmm = wrapper(self.d.dir, "stray", f'(sleep 8 &)\nexec {QEMU} "$@"')
         vm = self.d.create_guest("life6", vmm=vmm)
         strays = lambda: [p for p, (comm, st) in children(self.d.pid).items() if comm == "sleep"]
         # It does come to cprd (running, or a zombie not yet reaped)...
         wait_until(lambda: strays(), 5, "the stray child to come to cprd", interval=0.02)
         # ...and is reaped once it exits.
-        wait_until(lambda: not strays(), 10, "the stray child to be reaped")
+        wait_until(lambda: not strays(), 20, "the stray child to be reaped")
         st = self.d.call("vm.status", {"name": "life6"})
         self.assertEqual((st["state"], st["pid"]), ("running", vm["pid"]))
 

@@ -228,9 +228,9 @@ class Limits(unittest.TestCase):
             self.assertIn("idle for 2 s", err["message"])
         # A connection that keeps asking is not cut.
         busy = Conn(self.d.sock)
-        for _ in range(4):
+        for _ in range(8):
             busy.call("vm.list")
-            time.sleep(1)
+            time.sleep(0.5)
         busy.close()
         idle.release()
         self.assert_back_to_baseline()

@@ -345,7 +345,7 @@ class EventsTest(unittest.TestCase):
         self.assertEqual(rep["result"], "ok", rep)
         new_pid = d.call("vm.status", {"name": "e1"})["pid"]
         os.kill(new_pid, signal.SIGKILL)
-        nd.wait(lambda ls: any('"crashed"' in l for l in ls), "a crashed event")
+        nd.wait(lambda ls: any(json.loads(l)["kind"] == "crashed" for l in ls), "a crashed event")
 
         evs = nd.events()
         kinds = [e["kind"] for e in evs]
@@ -472,7 +472,8 @@ class GuestCrashEventTest(GuestTest):
                        10, "cprctl events to subscribe")
             vm = self.d.create_guest("g1")
             os.kill(vm["pid"], signal.SIGKILL)
-            f.wait(lambda ls: any('"crashed"' in l for l in ls), "a crashed event", timeout=30)
+            f.wait(lambda ls: any(json.loads(l)["kind"] == "crashed" for l in ls),
+                   "a crashed event", timeout=30)
             evs = f.events()
             crashed = [e for e in evs if e["kind"] == "crashed"][0]
             self.assertEqual((crashed["vm"], crashed["pid"], crashed["signal"]),
