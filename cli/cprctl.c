@@ -877,6 +877,26 @@ static int verb_destroy(int argc, char **argv)
 	return name_verb(argc, argv, "vm.destroy", "name", print_destroyed, NULL);
 }
 
+static void print_paused_or_resumed(json_object *res)
+{
+	bool paused = streq(str(res, "state"), "paused");
+
+	if (json_object_get_boolean(json_object_object_get(res, "changed")))
+		printf("VM %s %s\n", str(res, "name"), paused ? "paused" : "runs again");
+	else
+		printf("VM %s was already %s\n", str(res, "name"), paused ? "paused" : "running");
+}
+
+static int verb_pause(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.pause", "name", print_paused_or_resumed, NULL);
+}
+
+static int verb_resume(int argc, char **argv)
+{
+	return name_verb(argc, argv, "vm.resume", "name", print_paused_or_resumed, NULL);
+}
+
 /* ---- update ---- */
 
 struct update_opts {
@@ -1854,6 +1874,9 @@ static const struct verb verbs[] = {
 	{ "fds", verb_fds, "fds NAME", "the fds cprd holds for a VM", NULL },
 	{ "destroy", verb_destroy, "destroy NAME",
 	  "stop the VM's VMM and release everything held for it", NULL },
+	{ "pause", verb_pause, "pause NAME",
+	  "pause the guest's vCPUs; its VMM and everything held for it stay", NULL },
+	{ "resume", verb_resume, "resume NAME", "let a paused guest run again", NULL },
 	{ "update", verb_update,
 	  "update NAME|--all [--outdated] [--check] [--vmm PATH] [--strategy NAME] "
 	  "[--timeout SECONDS] [--parallel N]",

@@ -17,7 +17,7 @@ _cprctl_vms()
 _cprctl()
 {
 	local cur=${COMP_WORDS[COMP_CWORD]} prev=
-	local verbs="create list status fds destroy update checkpoint restore history purge daemon metrics events methods help"
+	local verbs="create list status fds destroy pause resume update checkpoint restore history purge daemon metrics events methods help"
 	local common="--socket --json --timeout --help --version"
 	local verb= i
 	((COMP_CWORD > 0)) && prev=${COMP_WORDS[COMP_CWORD - 1]}
@@ -72,7 +72,7 @@ _cprctl()
 		return
 	fi
 	case $verb in
-	status | fds | destroy | update | checkpoint | restore | history | purge)
+	status | fds | destroy | pause | resume | update | checkpoint | restore | history | purge)
 		COMPREPLY=($(compgen -W "$(_cprctl_vms)" -- "$cur"))
 		;;
 	daemon)

@@ -476,6 +476,22 @@ static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
 		vm_destroy(vm, c);
 }
 
+static void m_vm_pause(struct daemon *d, struct call *c, json_object *params)
+{
+	struct vm *vm = vm_param(d, c, params);
+
+	if (vm)
+		vm_pause(vm, true, c);
+}
+
+static void m_vm_resume(struct daemon *d, struct call *c, json_object *params)
+{
+	struct vm *vm = vm_param(d, c, params);
+
+	if (vm)
+		vm_pause(vm, false, c);
+}
+
 static const struct param vm_update_params[] = {
 	{ "name", PARAM_STRING, true },      { "vmm", PARAM_STRING, false },
 	{ "strategy", PARAM_STRING, false }, { "timeout", PARAM_UINT, false },
@@ -1176,6 +1192,10 @@ const struct method rpc_methods[] = {
 	{ "vm.fds", m_vm_fds, 0, METHOD_PARAMS(name_params), "the fds cprd holds for a VM" },
 	{ "vm.destroy", m_vm_destroy, METHOD_MUTATING, METHOD_PARAMS(name_params),
 	  "end the VM's VMM and release everything held for it" },
+	{ "vm.pause", m_vm_pause, METHOD_MUTATING, METHOD_PARAMS(name_params),
+	  "pause the guest's vCPUs (its VMM and everything held stay)" },
+	{ "vm.resume", m_vm_resume, METHOD_MUTATING, METHOD_PARAMS(name_params),
+	  "let a paused guest run again" },
 	{ "vm.update", m_vm_update, METHOD_MUTATING, METHOD_PARAMS(vm_update_params),
 	  "replace the VM's VMM under the running guest; with check, only its pre-flight" },
 	{ "vm.checkpoint", m_vm_checkpoint, METHOD_MUTATING, METHOD_PARAMS(vm_checkpoint_params),

@@ -363,6 +363,9 @@ void vm_vmm_lost(struct vm *vm)
 {
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	vm_set_state(vm, VM_CRASHED);
+	if (vm->waiting) /* a pause or resume */
+		call_fail(TAKE_PTR(vm->waiting), JSONRPC_ERR_VMM, "VM '%s': its VMM %s",
+			  vm->cfg.name, vm->exit_desc);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	emit_vm_crashed(vm);
@@ -944,6 +947,77 @@ void vm_destroy(struct vm *vm, struct call *c)
 	ev_timer_start(vm->d->loop, &vm->timer);
 }
 
+/* ---- pause and resume ---- */
+
+static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc, bool pause)
+{
+	struct call *c = TAKE_PTR(vm->waiting);
+	json_object *res;
+
+	vm->waiting_for = NULL;
+	if (!c)
+		return; /* answered already: the VMM exited meanwhile */
+	if (!ret) {
+		call_fail(c, JSONRPC_ERR_VMM, "VM '%s': the VMM did not %s the guest: %s",
+			  vm->cfg.name, pause ? "pause" : "resume", desc ? desc : "?");
+		return;
+	}
+	/* The STOP or RESUME event came before the answer, and set the state
+	 * already; this only makes sure. */
+	vm_set_state(vm, pause ? VM_PAUSED : VM_RUNNING);
+	log_info("VM %s: %s on request", vm->cfg.name, pause ? "paused" : "resumed");
+	res = json_object_new_object();
+	json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
+	json_object_object_add(res, "state", json_object_new_string(vm_state_to_string(vm->state)));
+	json_object_object_add(res, "changed", json_object_new_boolean(true));
+	call_reply(c, res);
+}
+
+static void stop_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	paused_or_resumed(ud, ret, desc, true);
+}
+
+static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	paused_or_resumed(ud, ret, desc, false);
+}
+
+void vm_pause(struct vm *vm, bool pause, struct call *c)
+{
+	enum vm_state want = pause ? VM_PAUSED : VM_RUNNING;
+	json_object *res;
+
+	if (vm_busy(vm)) {
+		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
+			  vm->cfg.name, vm_busy(vm));
+		return;
+	}
+	if ((vm->state != VM_RUNNING && vm->state != VM_PAUSED) || !vmm_alive(vm->vmm)) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE,
+			  "VM '%s' is %s; only a running or paused VM can be %s", vm->cfg.name,
+			  vm_state_to_string(vm->state), pause ? "paused" : "resumed");
+		return;
+	}
+	if (vm->state == want) {
+		res = json_object_new_object();
+		json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
+		json_object_object_add(res, "state",
+				       json_object_new_string(vm_state_to_string(want)));
+		json_object_object_add(res, "changed", json_object_new_boolean(false));
+		call_reply(c, res);
+		return;
+	}
+	if (vmm_command(vm->vmm, pause ? "stop" : "cont", NULL, -EBADF,
+			pause ? stop_done : cont_done, vm) < 0) {
+		call_fail(c, JSONRPC_ERR_VMM, "VM '%s': its VMM's monitor is not connected",
+			  vm->cfg.name);
+		return;
+	}
+	vm->waiting = c;
+	vm->waiting_for = pause ? "being paused" : "being resumed";
+}
+
 /* ---- recovery ---- */
 
 struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
@@ -1004,7 +1078,9 @@ const char *vm_busy(const struct vm *vm)
 		return "being checked for an update";
 	if (vm->ckpt)
 		return "being checkpointed or restored";
-	return vm->waiting ? vm_state_to_string(vm->state) : NULL;
+	if (!vm->waiting)
+		return NULL;
+	return vm->waiting_for ? vm->waiting_for : vm_state_to_string(vm->state);
 }
 
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size)

@@ -51,15 +51,16 @@ struct vm {
 	struct vm_config cfg;
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
-	int dir_fd;            /* dir: its files are reached through it, never a symlink */
-	char *run_dir;         /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
-	struct vmm *vmm;       /* NULL once the VMM is gone */
-	ev_timer timer;        /* start-up or stop deadline */
-	struct call *waiting;  /* vm.create or vm.destroy to answer */
-	struct update *update; /* in flight, or NULL */
-	struct check *check;   /* a pre-flight in flight, or NULL */
-	struct ckpt *ckpt;     /* a checkpoint or restore in flight, or NULL */
-	char *checkpoint_root; /* where its checkpoint is, while it has one */
+	int dir_fd;              /* dir: its files are reached through it, never a symlink */
+	char *run_dir;           /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
+	struct vmm *vmm;         /* NULL once the VMM is gone */
+	ev_timer timer;          /* start-up or stop deadline */
+	struct call *waiting;    /* vm.create, vm.destroy or vm.pause/resume to answer */
+	const char *waiting_for; /* what vm_busy() says of a pause or resume */
+	struct update *update;   /* in flight, or NULL */
+	struct check *check;     /* a pre-flight in flight, or NULL */
+	struct ckpt *ckpt;       /* a checkpoint or restore in flight, or NULL */
+	char *checkpoint_root;   /* where its checkpoint is, while it has one */
 	pid_t last_pid;
 	int exit_code; /* of the last VMM, -1 unknown */
 	char exit_desc[64];
@@ -100,6 +101,9 @@ size_t vm_count(struct daemon *d);
 void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c);
 /* Stop the VMM (SIGTERM, then SIGKILL) and release all custody; answers c. */
 void vm_destroy(struct vm *vm, struct call *c);
+/* Pause the guest's vCPUs (QMP stop) or let them run again (cont); answers
+ * c with {"name", "state", "changed"} once the VMM did it. */
+void vm_pause(struct vm *vm, bool pause, struct call *c);
 
 /* For the update: make v the VM's VMM (the old one must be gone or being
  * ended by the caller), and the VM's handlers its handlers. */

@@ -6,9 +6,10 @@ import mmap
 import os
 import signal
 import stat
+import time
 import unittest
 
-from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, QEMU, SharedDaemonTest,
+from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, QEMU, RpcError, SharedDaemonTest,
                       children, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
@@ -102,6 +103,40 @@ class Lifecycle(SharedDaemonTest):
         self.assertRegex(p.stdout, r"(?m)^state\s+crashed")
         self.d.cprctl("destroy", "life3", check=True)
         self.assertEqual(self.d.call("vm.list")["vms"], [])
+
+    def test_pause_and_resume(self):
+        vm = self.create("life7")
+        con = Console(vm["console_log"])
+        con.wait_beats(2)
+        p = self.d.cprctl("pause", "life7")
+        self.assertEqual((p.returncode, p.stdout), (0, "VM life7 paused\n"), p.stderr)
+        st = self.d.call("vm.status", {"name": "life7"})
+        self.assertEqual((st["state"], st["pid"]), ("paused", vm["pid"]))
+        # The guest really stands still: no heartbeat (one each 0.2 s) for 2 s.
+        beats = len(con.beats())
+        time.sleep(2)
+        self.assertEqual(len(con.beats()), beats, "the paused guest beat on")
+        # Asked again: nothing to do, and said so.
+        self.assertEqual(self.d.call("vm.pause", {"name": "life7"}),
+                         {"name": "life7", "state": "paused", "changed": False})
+        # A paused guest is not updated.
+        with self.assertRaises(RpcError) as e:
+            self.d.call("vm.update", {"name": "life7"})
+        self.assertEqual(e.exception.code, -32004)
+        p = self.d.cprctl("resume", "life7", "--json")
+        self.assertEqual(json.loads(p.stdout), {"name": "life7", "state": "running",
+                                                "changed": True}, p.stderr)
+        con.wait_beats(3)
+        con.assert_healthy(self)  # the same boot, no beat lost
+        self.assertEqual(self.d.cprctl("resume", "life7").stdout, "VM life7 was already running\n")
+        # Only a VM with a VMM can be paused.
+        os.kill(vm["pid"], signal.SIGKILL)
+        wait_until(lambda: self.d.call("vm.status", {"name": "life7"})["state"] == "crashed", 10,
+                   "state crashed")
+        p = self.d.cprctl("pause", "life7")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("VM 'life7' is crashed; only a running or paused VM can be paused", p.stderr)
+        self.d.cprctl("destroy", "life7", check=True)
 
     def test_two_vms_are_independent(self):
         a = self.create("life4")
