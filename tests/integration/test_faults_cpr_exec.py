@@ -202,9 +202,16 @@ class CxCase(Case):
     def vmm(self, role):
         fault = f"{self.hold[1]}:hang" if self.hold[0] == role and self.hang else ""
         marks = self.marks_old if role == "old" else self.marks_new
+        # The old image's hold is the VM's first VMM's only: one cprd
+        # later starts from the same wrapper to restore the guest must not
+        # stop there too (in the follow-up update nobody releases it).
+        # (The new wrapper's first process is cprd's probe of the binary.)
+        arm = f'F="{fault}"'
+        if role == "old":
+            arm = f'F=; mkdir {os.path.join(self.d.dir, "old-held")} 2>/dev/null && ' + arm
         # Both set explicitly: the old image's environment survives the exec.
         return wrapper(self.d.dir, f"{role}-vmm-{self.vm}",
-                       f"STANDIN_MARK={marks} STANDIN_FAULT={fault} "
+                       f'{arm}\nSTANDIN_MARK={marks} STANDIN_FAULT="$F" '
                        f'exec python3 {STANDIN} "$@"')
 
     def create(self):
