@@ -366,6 +366,7 @@ void vm_vmm_lost(struct vm *vm)
 	if (vm->waiting) /* a pause or resume */
 		call_fail(TAKE_PTR(vm->waiting), JSONRPC_ERR_VMM, "VM '%s': its VMM %s",
 			  vm->cfg.name, vm->exit_desc);
+	vm->waiting_for = NULL;
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	emit_vm_crashed(vm);
@@ -949,10 +950,19 @@ void vm_destroy(struct vm *vm, struct call *c)
 
 /* ---- pause and resume ---- */
 
+static json_object *pause_result(const struct vm *vm, bool changed)
+{
+	json_object *res = json_object_new_object();
+
+	json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
+	json_object_object_add(res, "state", json_object_new_string(vm_state_to_string(vm->state)));
+	json_object_object_add(res, "changed", json_object_new_boolean(changed));
+	return res;
+}
+
 static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc, bool pause)
 {
 	struct call *c = TAKE_PTR(vm->waiting);
-	json_object *res;
 
 	vm->waiting_for = NULL;
 	if (!c)
@@ -966,11 +976,7 @@ static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc,
 	 * already; this only makes sure. */
 	vm_set_state(vm, pause ? VM_PAUSED : VM_RUNNING);
 	log_info("VM %s: %s on request", vm->cfg.name, pause ? "paused" : "resumed");
-	res = json_object_new_object();
-	json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
-	json_object_object_add(res, "state", json_object_new_string(vm_state_to_string(vm->state)));
-	json_object_object_add(res, "changed", json_object_new_boolean(true));
-	call_reply(c, res);
+	call_reply(c, pause_result(vm, true));
 }
 
 static void stop_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
@@ -986,7 +992,6 @@ static void cont_done(qmp *q, json_object *ret, const char *cls, const char *des
 void vm_pause(struct vm *vm, bool pause, struct call *c)
 {
 	enum vm_state want = pause ? VM_PAUSED : VM_RUNNING;
-	json_object *res;
 
 	if (vm_busy(vm)) {
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
@@ -1000,12 +1005,7 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 		return;
 	}
 	if (vm->state == want) {
-		res = json_object_new_object();
-		json_object_object_add(res, "name", json_object_new_string(vm->cfg.name));
-		json_object_object_add(res, "state",
-				       json_object_new_string(vm_state_to_string(want)));
-		json_object_object_add(res, "changed", json_object_new_boolean(false));
-		call_reply(c, res);
+		call_reply(c, pause_result(vm, false));
 		return;
 	}
 	if (vmm_command(vm->vmm, pause ? "stop" : "cont", NULL, -EBADF,
