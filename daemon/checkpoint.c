@@ -81,7 +81,6 @@ struct ckpt {
 	struct vmm *next; /* restore: the new VMM until the VM adopts it */
 	bool ram_ready;   /* restore: the new memfd holds the checkpoint's RAM */
 	bool vmm_ready;   /* restore: the new VMM's monitor answers */
-	bool loading;     /* restore: the device state was sent to it */
 	uint64_t t0_mono, t0_real;
 	int64_t stop_us, resume_us, paused_at_us;
 	uint64_t bytes_done, data_bytes, state_bytes, file_bytes, disk_bytes;
@@ -1037,12 +1036,12 @@ static void restore_step_done(qmp *q, json_object *ret, const char *cls, const c
 }
 
 /* The device state goes to the new VMM once its monitor answers and its
- * RAM is whole: the two happen side by side (restore_start). */
+ * RAM is whole: the two happen side by side (restore_start), and each
+ * calls this once, when it is done; the later one sends it. */
 static void load(struct ckpt *k)
 {
-	if (!k->ram_ready || !k->vmm_ready || k->loading)
+	if (!k->ram_ready || !k->vmm_ready)
 		return;
-	k->loading = true;
 	if (queue_migration(k, k->next, restore_step_done) < 0)
 		restore_fail(k, "lost the new VMM's monitor");
 }
@@ -1160,8 +1159,9 @@ static int hold_ram(struct ckpt *k)
  * while cprd still fills its memfd: waiting for its incoming migration,
  * QEMU maps guest RAM but neither writes it nor runs the guest, and is
  * sent the device state only once the RAM is whole and checked (load()).
- * Starting a QEMU and reading the RAM from disk so overlap. */
-static int start_restore_vmm(struct ckpt *k)
+ * Starting a QEMU and reading the RAM from disk so overlap. Fails the
+ * restore itself. */
+static void start_restore_vmm(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 	const char *what = NULL;
@@ -1171,25 +1171,22 @@ static int start_restore_vmm(struct ckpt *k)
 	r = hold_ram(k);
 	if (r < 0) {
 		restore_fail(k, "cannot hold the new RAM: %s", strerror(-r));
-		return r;
+		return;
 	}
 	r = vm_reacquire(vm, &what);
 	if (r < 0) {
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
-		return r;
+		return;
 	}
 	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
 		restore_fail(k, "cannot start the VMM: %s", why);
-		return -EINVAL;
+		return;
 	}
 	unlink(vm->qmp_path);
 	r = vmm_start(vm->d, &vm->cfg, k->new_vmm, vm->qmp_path, vm->dir_fd,
 		      &(struct vmm_incoming){ .defer = true }, &next_ops, k, &k->next);
-	if (r < 0) {
+	if (r < 0)
 		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm, launcher_strerror(r));
-		return r;
-	}
-	return 0;
 }
 
 /* Is this checkpoint this VM's, whole, and of the expected size? */
@@ -1318,7 +1315,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 			return;
 		}
 	}
-	(void)start_restore_vmm(k); /* fails the restore itself */
+	start_restore_vmm(k);
 }
 
 /* ======== routed from vm.c, deadlines ======== */
@@ -1340,11 +1337,8 @@ json_object *checkpoint_restore_record(const struct ckpt *k)
 	if (!k->restore || !vmm_alive(k->next))
 		return NULL;
 	o = json_object_new_object();
-	json_object_object_add(o, "pid", json_object_new_int(k->next->pid));
-	json_object_object_add(o, "pid_start", json_object_new_int64((int64_t)k->next->start_time));
-	json_object_object_add(o, "qmp", json_object_new_string(k->next->qmp_path));
+	vmm_add_record(k->next, o);
 	json_object_object_add(o, "vmm", json_object_new_string(k->new_vmm));
-	json_object_object_add(o, "vmm_fds", vmm_fd_map(k->next));
 	json_object_object_add(o, "checkpoint", json_object_new_string(k->root));
 	return o;
 }

@@ -202,13 +202,8 @@ static json_object *vm_record(struct vm *vm)
 	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	add_str(o, "state", vm_state_to_string(vm->state));
-	if (vmm_alive(vm->vmm)) {
-		json_object_object_add(o, "pid", json_object_new_int(vm->vmm->pid));
-		json_object_object_add(o, "pid_start",
-				       json_object_new_int64((int64_t)vm->vmm->start_time));
-		json_object_object_add(o, "vmm_fds", vmm_fd_map(vm->vmm));
-		add_str(o, "qmp", vm->vmm->qmp_path);
-	}
+	if (vmm_alive(vm->vmm))
+		vmm_add_record(vm->vmm, o);
 	if (vm->update)
 		json_object_object_add(o, "update", update_to_record(vm->update));
 	if (vm->check)
@@ -366,7 +361,6 @@ void vm_vmm_lost(struct vm *vm)
 	if (vm->waiting) /* a pause or resume */
 		call_fail(TAKE_PTR(vm->waiting), JSONRPC_ERR_VMM, "VM '%s': its VMM %s",
 			  vm->cfg.name, vm->exit_desc);
-	vm->waiting_for = NULL;
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	emit_vm_crashed(vm);
@@ -964,7 +958,6 @@ static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc,
 {
 	struct call *c = TAKE_PTR(vm->waiting);
 
-	vm->waiting_for = NULL;
 	if (!c)
 		return; /* answered already: the VMM exited meanwhile */
 	if (!ret) {
@@ -1015,7 +1008,6 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 		return;
 	}
 	vm->waiting = c;
-	vm->waiting_for = pause ? "being paused" : "being resumed";
 }
 
 /* ---- recovery ---- */
@@ -1080,7 +1072,11 @@ const char *vm_busy(const struct vm *vm)
 		return "being checkpointed or restored";
 	if (!vm->waiting)
 		return NULL;
-	return vm->waiting_for ? vm->waiting_for : vm_state_to_string(vm->state);
+	/* Starting or stopping; a running or paused VM waits only on vm.pause
+	 * or vm.resume (its STOP or RESUME event may come before the answer). */
+	if (vm->state == VM_RUNNING || vm->state == VM_PAUSED)
+		return "being paused or resumed";
+	return vm_state_to_string(vm->state);
 }
 
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size)

@@ -51,16 +51,15 @@ struct vm {
 	struct vm_config cfg;
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
-	int dir_fd;              /* dir: its files are reached through it, never a symlink */
-	char *run_dir;           /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
-	struct vmm *vmm;         /* NULL once the VMM is gone */
-	ev_timer timer;          /* start-up or stop deadline */
-	struct call *waiting;    /* vm.create, vm.destroy or vm.pause/resume to answer */
-	const char *waiting_for; /* what vm_busy() says of a pause or resume */
-	struct update *update;   /* in flight, or NULL */
-	struct check *check;     /* a pre-flight in flight, or NULL */
-	struct ckpt *ckpt;       /* a checkpoint or restore in flight, or NULL */
-	char *checkpoint_root;   /* where its checkpoint is, while it has one */
+	int dir_fd;            /* dir: its files are reached through it, never a symlink */
+	char *run_dir;         /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
+	struct vmm *vmm;       /* NULL once the VMM is gone */
+	ev_timer timer;        /* start-up or stop deadline */
+	struct call *waiting;  /* vm.create, vm.destroy or vm.pause/resume to answer */
+	struct update *update; /* in flight, or NULL */
+	struct check *check;   /* a pre-flight in flight, or NULL */
+	struct ckpt *ckpt;     /* a checkpoint or restore in flight, or NULL */
+	char *checkpoint_root; /* where its checkpoint is, while it has one */
 	pid_t last_pid;
 	int exit_code; /* of the last VMM, -1 unknown */
 	char exit_desc[64];

@@ -821,6 +821,14 @@ int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int time
 	return 0;
 }
 
+void vmm_add_record(const struct vmm *v, json_object *o)
+{
+	json_object_object_add(o, "pid", json_object_new_int(v->pid));
+	json_object_object_add(o, "pid_start", json_object_new_int64((int64_t)v->start_time));
+	json_object_object_add(o, "vmm_fds", vmm_fd_map(v));
+	json_object_object_add(o, "qmp", v->qmp_path ? json_object_new_string(v->qmp_path) : NULL);
+}
+
 json_object *vmm_fd_map(const struct vmm *v)
 {
 	json_object *o = json_object_new_object();

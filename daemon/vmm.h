@@ -118,6 +118,9 @@ int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *
 
 /* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
 json_object *vmm_fd_map(const struct vmm *v);
+/* What a restarted cprd needs to take v back, added to o: "pid",
+ * "pid_start", "vmm_fds" and "qmp" (recover.c reads them). */
+void vmm_add_record(const struct vmm *v, json_object *o);
 
 /* Let go: stop watching and free (later, if v is inside one of its own
  * callbacks). No callback of v's runs again, not even for commands still
