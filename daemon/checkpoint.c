@@ -105,36 +105,64 @@ static int open_root(const char *path, bool create)
 	return fd < 0 ? -errno : fd;
 }
 
-/* Remove a checkpoint directory (flat: files only) below root. */
+/* The files cprd writes in a checkpoint: the only names it ever removes. */
+static const char *const ckpt_files[] = { CKPT_META, CKPT_DEVICE, CKPT_RAM, CKPT_QEMU,
+					  CKPT_HISTORY };
+
+/* Open a file in a checkpoint directory. Whoever can write in it could
+ * have put a FIFO there, whose open() blocks the event loop until a writer
+ * comes, or a link leading anywhere: so the open neither follows nor
+ * blocks, and only a regular file is used (-EBADFD otherwise). */
+static int ckpt_open(int dir_fd, const char *name, int flags, mode_t mode)
+{
+	_cleanup_close_ int fd =
+	    openat(dir_fd, name, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode);
+	struct stat st;
+	int fl;
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode))
+		return -EBADFD;
+	/* Only the open needed it; the VMM is handed ordinary flags. */
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
+		return -errno;
+	return TAKE_FD(fd);
+}
+
+static const char *ckpt_strerror(int r)
+{
+	return r == -EBADFD  ? "not a regular file"
+	       : r == -ELOOP ? "a symbolic link, which cprd does not follow"
+			     : strerror(-r);
+}
+
+/* Remove a checkpoint directory below root: the files cprd writes in one,
+ * then the directory if that emptied it. Nothing else is ever removed, so
+ * a directory that is not cprd's keeps whatever else it holds. */
 static int rm_flat(int root_fd, const char *name)
 {
 	_cleanup_close_ int fd =
 	    openat(root_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	DIR *dir;
-	struct dirent *e;
 
 	if (fd < 0)
 		return errno == ENOENT ? 0 : -errno;
-	dir = fdopendir(fd);
-	if (!dir)
-		return -errno;
-	TAKE_FD(fd);
-	while ((e = readdir(dir)))
-		if (!streq(e->d_name, ".") && !streq(e->d_name, ".."))
-			(void)unlinkat(dirfd(dir), e->d_name, 0);
-	closedir(dir);
+	for (size_t i = 0; i < ELEMENTSOF(ckpt_files); i++)
+		(void)unlinkat(fd, ckpt_files[i], 0);
 	return unlinkat(root_fd, name, AT_REMOVEDIR) < 0 ? -errno : 0;
 }
 
 static int write_json_at(int dir_fd, const char *name, json_object *o)
 {
 	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY);
-	_cleanup_close_ int fd =
-	    openat(dir_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	_cleanup_close_ int fd = ckpt_open(dir_fd, name, O_WRONLY | O_CREAT | O_EXCL, 0600);
 	size_t n = strlen(s), off = 0;
 
 	if (fd < 0)
-		return -errno;
+		return fd;
 	while (off < n) {
 		ssize_t w = write(fd, s + off, n - off);
 
@@ -149,18 +177,18 @@ static int write_json_at(int dir_fd, const char *name, json_object *o)
 
 static int copy_file_at(int from_dir, const char *from, int to_dir, const char *to)
 {
-	_cleanup_close_ int in = openat(from_dir, from, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	_cleanup_close_ int in = ckpt_open(from_dir, from, O_RDONLY, 0);
 	_cleanup_close_ int out = -EBADF;
 	struct stat st;
 	off_t off = 0;
 
 	if (in < 0)
-		return errno == ENOENT ? 0 : -errno;
+		return in == -ENOENT ? 0 : in;
 	if (fstat(in, &st) < 0)
 		return -errno;
-	out = openat(to_dir, to, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0640);
+	out = ckpt_open(to_dir, to, O_WRONLY | O_CREAT | O_TRUNC, 0640);
 	if (out < 0)
-		return -errno;
+		return out;
 	while (off < st.st_size)
 		if (sendfile(out, in, &off, (size_t)(st.st_size - off)) <= 0)
 			return errno ? -errno : -EIO;
@@ -181,14 +209,14 @@ static int64_t jint(json_object *o, const char *k)
 
 static int read_meta(int dir_fd, json_object **ret, char *why, size_t size)
 {
-	_cleanup_close_ int fd = openat(dir_fd, CKPT_META, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	_cleanup_close_ int fd = ckpt_open(dir_fd, CKPT_META, O_RDONLY, 0);
 	char buf[65536];
 	ssize_t n;
 	json_object *o;
 
 	if (fd < 0) {
-		snprintf(why, size, "cannot open its %s: %s", CKPT_META, strerror(errno));
-		return -errno;
+		snprintf(why, size, "cannot open its %s: %s", CKPT_META, ckpt_strerror(fd));
+		return fd;
 	}
 	n = read(fd, buf, sizeof(buf) - 1);
 	if (n < 0 || n == sizeof(buf) - 1) {
@@ -208,6 +236,44 @@ static int read_meta(int dir_fd, json_object **ret, char *why, size_t size)
 	}
 	*ret = o;
 	return 0;
+}
+
+/* What is at root_fd/name: 1 a checkpoint of VM name (a directory, not a
+ * link, whose meta.json describes that VM), 0 nothing, else a negative
+ * errno and why. cprd renames aside or removes only the first kind: a
+ * checkpoint directory root named may hold anything else, /etc/passwd or
+ * another program's files, under a VM's name. */
+static int find_checkpoint(int root_fd, const char *name, char *why, size_t size)
+{
+	_cleanup_close_ int fd = -EBADF;
+	_cleanup_json_ json_object *meta = NULL;
+	struct stat st;
+	char buf[256];
+
+	if (fstatat(root_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+		if (errno == ENOENT)
+			return 0;
+		snprintf(why, size, "%s", strerror(errno));
+		return -errno;
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		snprintf(why, size, "it is not a directory");
+		return -ENOTDIR;
+	}
+	fd = openat(root_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		snprintf(why, size, "%s", strerror(errno));
+		return -errno;
+	}
+	if (read_meta(fd, &meta, buf, sizeof(buf)) < 0) {
+		snprintf(why, size, "%s", buf);
+		return -EEXIST;
+	}
+	if (!streq(jstr(meta, "vm"), name)) {
+		snprintf(why, size, "its %s describes VM '%.64s'", CKPT_META, jstr(meta, "vm"));
+		return -EEXIST;
+	}
+	return 1;
 }
 
 static json_object *config_json(const struct vm *vm)
@@ -672,7 +738,7 @@ static void finish_save(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 	_cleanup_json_ json_object *meta = NULL;
-	char old[128];
+	char old[128], why[256];
 	int r;
 
 	if (k->error[0]) {
@@ -695,15 +761,29 @@ static void finish_save(struct ckpt *k)
 		save_fail(k, "cannot write the checkpoint's %s: %s", CKPT_META, strerror(-r));
 		return;
 	}
-	/* An older checkpoint of this VM (one never restored) makes way. */
+	/* An older checkpoint of this VM (one never restored) makes way;
+	 * anything else that appeared under its name during the save stays. */
+	r = find_checkpoint(k->root_fd, vm->cfg.name, why, sizeof(why));
+	if (r < 0) {
+		save_fail(k, "%s/%s is there and is not a checkpoint of this VM (%s)", k->root,
+			  vm->cfg.name, why);
+		return;
+	}
 	snprintf(old, sizeof(old), ".%s.old", vm->cfg.name);
 	(void)rm_flat(k->root_fd, old);
-	if (renameat(k->root_fd, vm->cfg.name, k->root_fd, old) < 0 && errno != ENOENT) {
+	if (r > 0 && renameat(k->root_fd, vm->cfg.name, k->root_fd, old) < 0) {
 		save_fail(k, "cannot move the older checkpoint aside: %s", strerror(errno));
 		return;
 	}
-	if (renameat(k->root_fd, k->tmp, k->root_fd, vm->cfg.name) < 0 || fsync(k->root_fd) < 0) {
-		save_fail(k, "cannot put the checkpoint in place: %s", strerror(errno));
+	/* NOREPLACE: whatever came under the name since it was looked at stays. */
+	if (renameat2(k->root_fd, k->tmp, k->root_fd, vm->cfg.name, RENAME_NOREPLACE) < 0 ||
+	    fsync(k->root_fd) < 0) {
+		int e = errno;
+
+		if (r > 0) /* the older one is still the guest's last checkpoint */
+			(void)renameat2(k->root_fd, old, k->root_fd, vm->cfg.name,
+					RENAME_NOREPLACE);
+		save_fail(k, "cannot put the checkpoint in place: %s", strerror(e));
 		return;
 	}
 	k->tmp[0] = '\0';
@@ -754,10 +834,14 @@ static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char 
 	}
 	k->size = e->size;
 	k->mem_fd = fcntl(e->fd, F_DUPFD_CLOEXEC, 3);
-	k->ram_fd =
-	    openat(k->dir_fd, CKPT_RAM, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (k->mem_fd < 0 || k->ram_fd < 0 || ftruncate(k->ram_fd, (off_t)k->size) < 0) {
-		save_fail(k, "cannot create %s: %s", CKPT_RAM, strerror(errno));
+	if (k->mem_fd < 0) {
+		save_fail(k, "cannot hold the VM's RAM: %s", strerror(errno));
+		return;
+	}
+	k->ram_fd = ckpt_open(k->dir_fd, CKPT_RAM, O_RDWR | O_CREAT | O_EXCL, 0600);
+	if (k->ram_fd < 0 || ftruncate(k->ram_fd, (off_t)k->size) < 0) {
+		save_fail(k, "cannot create %s: %s", CKPT_RAM,
+			  k->ram_fd < 0 ? ckpt_strerror(k->ram_fd) : strerror(errno));
 		return;
 	}
 	r = start_copy(k);
@@ -886,6 +970,7 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	struct daemon *d = vm->d;
 	const char *root = a->dir ? a->dir : d->checkpoint_dir;
 	struct ckpt *k;
+	char why[256];
 	int r;
 
 	if (!vmm_connected(vm->vmm) && (r = vmm_reconnect(vm->vmm)) < 0) {
@@ -912,6 +997,14 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 		end(k, "rolled-back"); /* nothing happened to the guest */
 		return;
 	}
+	if (find_checkpoint(k->root_fd, vm->cfg.name, why, sizeof(why)) < 0) {
+		set_error(k,
+			  "%s/%s is there and is not a checkpoint of this VM (%s); cprd replaces "
+			  "only its own checkpoints",
+			  root, vm->cfg.name, why);
+		end(k, "rolled-back");
+		return;
+	}
 	snprintf(k->tmp, sizeof(k->tmp), ".%s.tmp", vm->cfg.name);
 	(void)rm_flat(k->root_fd, k->tmp); /* a predecessor's, interrupted */
 	k->was_running = vm->state == VM_RUNNING;
@@ -927,11 +1020,12 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 		return;
 	}
 	k->dir_fd = openat(k->root_fd, k->tmp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (k->dir_fd >= 0)
-		k->state_fd = openat(k->dir_fd, k->qemu ? CKPT_QEMU : CKPT_DEVICE,
-				     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	k->state_fd = k->dir_fd < 0 ? -errno
+				    : ckpt_open(k->dir_fd, k->qemu ? CKPT_QEMU : CKPT_DEVICE,
+						O_WRONLY | O_CREAT | O_EXCL, 0600);
 	if (k->state_fd < 0) {
-		save_fail(k, "cannot create the checkpoint in %s: %s", root, strerror(errno));
+		save_fail(k, "cannot create the checkpoint in %s: %s", root,
+			  ckpt_strerror(k->state_fd));
 		return;
 	}
 	if (vm->state == VM_PAUSED)
@@ -968,16 +1062,39 @@ _printf_(2, 3) static void restore_fail(struct ckpt *k, const char *fmt, ...)
 	end(k, "refused");
 }
 
-/* The guest runs on outside its checkpoint, which is stale from now on:
- * a --restore-on-start must never take it up again. */
-static void retire(struct vm *vm, int root_fd, const char *root)
+/* Is root_fd/name still the directory dir_fd? */
+static bool same_dir(int root_fd, const char *name, int dir_fd)
 {
-	char done[128];
+	struct stat a, b;
 
+	return fstatat(root_fd, name, &a, AT_SYMLINK_NOFOLLOW) == 0 && fstat(dir_fd, &b) == 0 &&
+	       a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+/* The guest runs on outside its checkpoint, which is stale from now on:
+ * a --restore-on-start must never take it up again. The checkpoint is the
+ * directory dir_fd the restore read, or (dir_fd < 0) whatever checkpoint
+ * of the VM is there; anything else under its name is left alone. */
+static void retire(struct vm *vm, int root_fd, const char *root, int dir_fd)
+{
+	char done[128], why[256];
+	int r = find_checkpoint(root_fd, vm->cfg.name, why, sizeof(why));
+
+	if (r > 0 && dir_fd >= 0 && !same_dir(root_fd, vm->cfg.name, dir_fd)) {
+		snprintf(why, sizeof(why), "not the directory the restore read");
+		r = -ESTALE;
+	}
+	if (r < 0)
+		log_error("VM %s: %s/%s is left alone: %s; remove any checkpoint of the VM before "
+			  "the next reboot",
+			  vm->cfg.name, root, vm->cfg.name, why);
+	if (r <= 0) {
+		vm->checkpoint_root = (free(vm->checkpoint_root), NULL);
+		return;
+	}
 	snprintf(done, sizeof(done), ".%s.done", vm->cfg.name);
 	(void)rm_flat(root_fd, done);
-	if ((renameat(root_fd, vm->cfg.name, root_fd, done) < 0 && errno != ENOENT) ||
-	    fsync(root_fd) < 0)
+	if (renameat(root_fd, vm->cfg.name, root_fd, done) < 0 || fsync(root_fd) < 0)
 		log_error("VM %s: cannot retire its checkpoint %s/%s: %m; remove it before the "
 			  "next reboot",
 			  vm->cfg.name, root, vm->cfg.name);
@@ -990,7 +1107,7 @@ void checkpoint_retire(struct vm *vm, const char *root)
 	_cleanup_close_ int fd = open_root(root, false);
 
 	if (fd >= 0)
-		retire(vm, fd, root);
+		retire(vm, fd, root, -EBADF);
 	else if (fd != -ENOENT)
 		log_error("VM %s: cannot retire its checkpoint in %s: %s; remove it before the "
 			  "next reboot",
@@ -1007,7 +1124,7 @@ static void adopt(struct ckpt *k)
 	/* From here the guest is in this memfd, not in the checkpoint. */
 	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
 		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
-	retire(vm, k->root_fd, k->root);
+	retire(vm, k->root_fd, k->root, k->dir_fd);
 	(void)vm_registry_commit(vm->d);
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
 		 vm->vmm->version);
@@ -1229,10 +1346,11 @@ static int check_checkpoint(struct ckpt *k, const struct restore_args *a)
 	k->paused_at_us = jint(k->meta, "paused_at_usec");
 	k->size = mem;
 	state_file = k->qemu ? CKPT_QEMU : CKPT_DEVICE;
-	k->state_fd = openat(k->dir_fd, state_file, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	k->state_fd = ckpt_open(k->dir_fd, state_file, O_RDONLY, 0);
 	if (k->state_fd < 0 || fstat(k->state_fd, &st) < 0) {
-		set_error(k, "cannot open the checkpoint's %s: %s", state_file, strerror(errno));
-		return -errno;
+		r = k->state_fd < 0 ? k->state_fd : -errno;
+		set_error(k, "cannot open the checkpoint's %s: %s", state_file, ckpt_strerror(r));
+		return r;
 	}
 	if ((uint64_t)st.st_size != (uint64_t)jint(k->meta, "state_bytes")) {
 		set_error(k, "the checkpoint's %s is %lld bytes, its %s says %lld: truncated?",
@@ -1249,10 +1367,11 @@ static int check_checkpoint(struct ckpt *k, const struct restore_args *a)
 		set_error(k, "the checkpoint's %s has no digest of its RAM", CKPT_META);
 		return -EBADMSG;
 	}
-	k->ram_fd = openat(k->dir_fd, CKPT_RAM, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	k->ram_fd = ckpt_open(k->dir_fd, CKPT_RAM, O_RDONLY, 0);
 	if (k->ram_fd < 0 || fstat(k->ram_fd, &st) < 0) {
-		set_error(k, "cannot open the checkpoint's %s: %s", CKPT_RAM, strerror(errno));
-		return -errno;
+		r = k->ram_fd < 0 ? k->ram_fd : -errno;
+		set_error(k, "cannot open the checkpoint's %s: %s", CKPT_RAM, ckpt_strerror(r));
+		return r;
 	}
 	if ((uint64_t)st.st_size != mem) {
 		set_error(k, "the checkpoint's %s is %lld bytes, the guest's RAM %llu: truncated?",
@@ -1539,14 +1658,19 @@ void checkpoint_restore_all(struct daemon *d)
 void checkpoint_discard(struct vm *vm)
 {
 	_cleanup_close_ int fd = -EBADF;
+	char why[256] = "";
 	int r;
 
 	if (!vm->checkpoint_root)
 		return;
 	fd = open_root(vm->checkpoint_root, false);
-	r = fd < 0 ? fd : rm_flat(fd, vm->cfg.name);
-	if (r < 0)
-		log_warning("VM %s: cannot remove its checkpoint %s/%s: %s", vm->cfg.name,
-			    vm->checkpoint_root, vm->cfg.name, strerror(-r));
+	if (fd < 0)
+		snprintf(why, sizeof(why), "%s", strerror(-fd));
+	else if (find_checkpoint(fd, vm->cfg.name, why, sizeof(why)) > 0 &&
+		 (r = rm_flat(fd, vm->cfg.name)) < 0)
+		snprintf(why, sizeof(why), "%s", strerror(-r));
+	if (why[0])
+		log_warning("VM %s: %s/%s is left where it is: %s", vm->cfg.name,
+			    vm->checkpoint_root, vm->cfg.name, why);
 	vm->checkpoint_root = (free(vm->checkpoint_root), NULL);
 }

@@ -572,11 +572,21 @@ static bool vm_idle_or_fail(struct call *c, struct vm *vm)
 	return false;
 }
 
-static bool dir_param_ok(struct call *c, const char *dir)
+/* cprd creates the checkpoint directory, renames aside and removes what
+ * is in it, as root: a peer other than root names none but cprd's own
+ * (--checkpoint-dir), as it is given there. */
+static bool dir_param_ok(struct daemon *d, struct call *c, const char *dir)
 {
-	if (!dir || (dir[0] == '/' && strlen(dir) < PATH_MAX - 2 * MEMSTORE_NAME_MAX))
+	if (dir && (dir[0] != '/' || strlen(dir) >= PATH_MAX - 2 * MEMSTORE_NAME_MAX)) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "dir", "dir must be an absolute path");
+		return false;
+	}
+	if (!dir || call_peer(c)->uid == 0 || streq(dir, d->checkpoint_dir))
 		return true;
-	call_fail_param(c, JSONRPC_INVALID_PARAMS, "dir", "dir must be an absolute path");
+	call_fail_param(c, JSONRPC_ERR_PERMISSION, "dir",
+			"'%.200s' is not cprd's checkpoint directory (%s): only root may name "
+			"another",
+			dir, d->checkpoint_dir);
 	return false;
 }
 
@@ -601,7 +611,7 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 				"channels must be at most 64, timeout 1 to 86400 seconds");
 		return;
 	}
-	if (!dir_param_ok(c, dir) || !vm_idle_or_fail(c, vm))
+	if (!dir_param_ok(d, c, dir) || !vm_idle_or_fail(c, vm))
 		return;
 	if (vm->state != VM_RUNNING && vm->state != VM_PAUSED) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
@@ -640,7 +650,7 @@ static void m_vm_restore(struct daemon *d, struct call *c, json_object *params)
 				"timeout must be between 1 and 86400 seconds");
 		return;
 	}
-	if (!dir_param_ok(c, dir) || !vm_idle_or_fail(c, vm))
+	if (!dir_param_ok(d, c, dir) || !vm_idle_or_fail(c, vm))
 		return;
 	if (vm->state != VM_CHECKPOINTED) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,

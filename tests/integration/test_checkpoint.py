@@ -18,6 +18,7 @@ import unittest
 
 from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
                       mount_tmpfs, require_guest, require_root, wait_until, wrapper)
+from test_trust import NOBODY, cprd_group
 
 
 def assert_one_life(tc, text):
@@ -180,6 +181,38 @@ class CheckpointTest(unittest.TestCase):
                                     "No space left")
             self.assertEqual(os.listdir(full + "/ck"), [])
 
+    def test_what_is_not_a_checkpoint_is_never_replaced(self):
+        # Root may name any directory, but cprd replaces there only a
+        # checkpoint of its own: not a file under the VM's name (as
+        # /etc/passwd would be for a VM 'passwd'), not a directory of
+        # another program's files (as /etc/cron.d), not a link.
+        con = self.guest("ck", memory="128M")
+        base = tempfile.mkdtemp(prefix="cprd-etc-")
+        self.addCleanup(shutil.rmtree, base, True)
+        dirs = {k: os.path.join(base, k) for k in ("file", "dir", "link")}
+        for d in dirs.values():
+            os.mkdir(d)
+        with open(os.path.join(dirs["file"], "ck"), "w") as f:
+            f.write("root:x:0:0:root:/root:/bin/sh\n")
+        os.mkdir(os.path.join(dirs["dir"], "ck"))
+        with open(os.path.join(dirs["dir"], "ck", "job"), "w") as f:
+            f.write("* * * * * root true\n")
+        os.symlink(dirs["dir"], os.path.join(dirs["link"], "ck"))
+
+        def tree():
+            return {r: (sorted(ds), {f: os.lstat(os.path.join(r, f)).st_ino for f in fs})
+                    for r, ds, fs in os.walk(base)}
+        before = tree()
+        for d in dirs.values():
+            rc, rep, err = self.ctl("checkpoint", "ck", "--dir", d, ok=False)
+            self.assertEqual(rc, 1, err)
+            self.assertEqual(rep["result"], "rolled-back", rep)
+            self.assertIn(f"{d}/ck is there and is not a checkpoint of this VM", rep["error"])
+            self.assertEqual(tree(), before, f"{d}: something was changed")
+            self.assertEqual(self.status("ck")["state"], "running")
+        con.wait_beats(2)
+        con.assert_healthy(self)
+
     def test_bad_checkpoints_are_refused(self):
         con = self.guest("ck")
         rc, rep, _ = self.ctl("checkpoint", "ck")
@@ -319,6 +352,109 @@ class CheckpointTest(unittest.TestCase):
         rc, out, _ = self.ctl("checkpoint", "--all")
         rc, out, _ = self.ctl("restore", "--all", "--parallel", "2")
         self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
+
+
+def fake_checkpoint(root, name, extra=()):
+    """A checkpoint of the cprd method written by hand, whole as far as
+    meta.json says (no VMM ever ran it): what a cprd that starts adopts."""
+    d = os.path.join(root, name)
+    os.mkdir(d, 0o700)
+    state, ram = b"\0" * 4096, 64 << 20
+    meta = {"version": 1, "vm": name, "method": "cprd", "state_bytes": len(state),
+            "ram_bytes": ram, "channels": 1, "paused_at_usec": 0,
+            "digest": "xxh3-64:0000000000000000",
+            "config": {"vmm": "/nonexistent/vmm", "kernel": "/nonexistent/kernel",
+                       "machine": "q35", "memory_bytes": ram, "vcpus": 1,
+                       "created_usec": 1, "updates": 0}}
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(d, "device.state"), "wb") as f:
+        f.write(state)
+    with open(os.path.join(d, "ram0.img"), "wb") as f:
+        f.truncate(ram)
+    for e in extra:
+        with open(os.path.join(d, e), "w") as f:
+            f.write("not cprd's\n")
+    return d
+
+
+class CheckpointFiles(unittest.TestCase):
+    """What cprd does with the files in a checkpoint directory, on
+    checkpoints written by hand (no VMM runs): it opens none of them in a
+    way that can block, and removes none that are not its own."""
+
+    def setUp(self):
+        require_root(self)
+        self.gid = cprd_group()
+        self.ckdir = tempfile.mkdtemp(prefix="cprd-ckpt-")
+        self.addCleanup(shutil.rmtree, self.ckdir, True)
+        for name in ("fm", "fr", "gone"):
+            fake_checkpoint(self.ckdir, name)
+        fake_checkpoint(self.ckdir, "extra", extra=["notes"])
+        self.d = Daemon(["--checkpoint-dir", self.ckdir]).start()
+        self.addCleanup(self.d.stop)
+        os.chmod(self.d.dir, 0o755)
+        os.chmod(self.d.sock, 0o660)
+
+    def state(self, name):
+        return self.d.call("vm.status", {"name": name})["state"]
+
+    def test_destroy_removes_only_cprds_own_files(self):
+        # The checkpoint was replaced by a directory of someone else's.
+        gone = os.path.join(self.ckdir, "gone")
+        self.assertEqual(self.state("gone"), "checkpointed")
+        shutil.rmtree(gone)
+        os.mkdir(gone)
+        with open(os.path.join(gone, "keep"), "w") as f:
+            f.write("not cprd's\n")
+        self.d.call("vm.destroy", {"name": "gone"})
+        self.assertEqual(os.listdir(gone) if os.path.isdir(gone) else None, ["keep"],
+                         "destroy removed what is not a checkpoint")
+        # In a checkpoint, what cprd did not write stays (and so does the
+        # directory, which it keeps from being empty).
+        self.assertEqual(self.state("extra"), "checkpointed")
+        self.d.call("vm.destroy", {"name": "extra"})
+        extra = os.path.join(self.ckdir, "extra")
+        self.assertEqual(os.listdir(extra) if os.path.isdir(extra) else None, ["notes"])
+
+    def test_fifo_in_a_checkpoint_blocks_nobody(self):
+        fifos = {"fm": "meta.json", "fr": "ram0.img"}
+        for name, file in fifos.items():
+            path = os.path.join(self.ckdir, name, file)
+            os.unlink(path)
+            os.mkfifo(path, 0o600)
+            self.addCleanup(_open_fifo_end, path)  # frees a cprd stuck in open()
+        # fr by a member naming cprd's own checkpoint directory: allowed.
+        for name, who in (("fm", 0), ("fr", NOBODY)):
+            p = subprocess.Popen([CPRCTL, "--socket", self.d.sock, "--json", "restore", name,
+                                  "--dir", self.ckdir], user=who, group=who,
+                                 extra_groups=[self.gid], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            self.addCleanup(p.wait)
+            self.addCleanup(p.kill)
+            # Another connection is answered meanwhile, whichever cprd
+            # reads first: before, cprd sat in open() of the FIFO.
+            c = self.d.conn(5)
+            try:
+                self.assertIn(name, [v["name"] for v in c.call("vm.list")["vms"]])
+            finally:
+                c.close()
+            out, err = p.communicate(timeout=5)
+            self.assertEqual(p.returncode, 1, out + err)
+            rep = json.loads(out)
+            self.assertEqual(rep["result"], "refused", rep)
+            self.assertIn(f"cannot open its {fifos[name]}: not a regular file"
+                          if name == "fm" else
+                          f"cannot open the checkpoint's {fifos[name]}: not a regular file",
+                          rep["error"])
+            self.assertEqual(self.state(name), "checkpointed")
+
+
+def _open_fifo_end(path):
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader: nobody is stuck in it
 
 
 class RestoreInterrupted(unittest.TestCase):

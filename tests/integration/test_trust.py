@@ -191,6 +191,31 @@ class Trust(unittest.TestCase):
         self.d.call("daemon.status")  # and serves everyone still
 
 
+    def test_member_uses_no_checkpoint_directory_but_cprds(self):
+        # A root-owned stand-in for /etc, holding a file named as the VM:
+        # cprd as root would create the directory, rename the file aside
+        # and empty it, and destroy would remove what came in its place.
+        etc = tempfile.mkdtemp(dir=self.root)
+        os.chmod(etc, 0o755)
+        passwd = os.path.join(etc, "passwd")
+        with open(passwd, "w") as f:
+            f.write("root:x:0:0:root:/root:/bin/sh\n")
+        before = os.stat(passwd)
+        code, res = self.member("vm.create", self.create("passwd"))
+        self.assertEqual(code, 0, res)
+        for method in ("vm.checkpoint", "vm.restore"):
+            for where in (etc, os.path.join(etc, "new")):
+                code, msg = self.member(method, {"name": "passwd", "dir": where})
+                self.assertEqual(code, PERM, f"{method} {where}: {msg}")
+                self.assertIn("is not cprd's checkpoint directory", msg)
+        self.assertEqual(sorted(os.listdir(etc)), ["passwd"])
+        after = os.stat(passwd)
+        self.assertEqual((after.st_ino, after.st_size, after.st_mtime_ns),
+                         (before.st_ino, before.st_size, before.st_mtime_ns))
+        st = self.d.call("vm.status", {"name": "passwd"})
+        self.assertEqual((st["state"], st["pid"]), ("running", res["pid"]))
+
+
 class AllowListFile(unittest.TestCase):
     """The allow-list is root's: cprd will not start on one that others can
     change, or on one it cannot read as a list of absolute paths."""
