@@ -42,7 +42,11 @@ struct daemon {
 	struct peer_limits limits; /* what one peer may take (limits.h) */
 	size_t out_queued;         /* unread replies, all clients together */
 	ev_timer accept_pause;     /* accepting stopped while out of fds */
-	struct ratelimit rl_refused, rl_nofile, rl_dropped, rl_idle, rl_stream; /* log lines */
+	/* Log lines a peer can cause, one kind each (log_ratelimited()). */
+	struct ratelimit rl_refused, rl_nofile, rl_dropped, rl_idle, rl_stream, rl_hangup,
+	    rl_events;
+	ev_timer trim;        /* give freed peer memory back to the kernel (server.c) */
+	size_t trim_released; /* bytes of peer memory freed since the last trim */
 	struct vm *vms;
 	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
 	memstore *store;

@@ -9,6 +9,8 @@
 #include <systemd/sd-journal.h>
 #include <time.h>
 
+#include "common/clock.h"
+#include "daemon/limits.h"
 #include "daemon/log.h"
 
 #define LOG_LINE_MAX 2048
@@ -154,4 +156,22 @@ void log_struct(int prio, const char *message_id, const char *const *fields, con
 	va_start(ap, fmt);
 	vlog(prio, message_id, fields, fmt, ap);
 	va_end(ap);
+}
+
+void log_ratelimited(struct ratelimit *rl, int prio, const char *fmt, ...)
+{
+	char line[LOG_LINE_MAX];
+	unsigned held = 0;
+	va_list ap;
+
+	if (!ratelimit_pass(rl, now_usec(CLOCK_MONOTONIC), &held))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (held > 0)
+		log_msg(prio, "%s (%u more like it since the last one were not logged)", line,
+			held);
+	else
+		log_msg(prio, "%s", line);
 }

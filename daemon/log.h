@@ -21,6 +21,13 @@ _printf_(2, 3) void log_msg(int prio, const char *fmt, ...);
 _printf_(4, 5) void log_struct(int prio, const char *message_id, const char *const *fields,
 			       const char *fmt, ...);
 
+struct ratelimit;
+
+/* A line a peer can cause, as often as it likes: at most one per rl's
+ * interval (limits.h); the next one that is logged says how many were
+ * held back meanwhile. */
+_printf_(3, 4) void log_ratelimited(struct ratelimit *rl, int prio, const char *fmt, ...);
+
 #define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
 #define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
 #define log_notice(...) log_msg(LOG_NOTICE, __VA_ARGS__)

@@ -21,8 +21,9 @@
 #define CLIENT_MAX_MSG (256 * 1024) /* requests are small; 256 KiB is generous */
 #define CLIENT_MAX_QUEUED (8 << 20) /* over this a client is dropped at once */
 #define CLIENT_MAX_CALLS 64         /* calls in flight per connection */
-#define CLIENT_TRIM_AT (256 << 10)  /* queued this much once: give memory back when it goes */
-#define CLIENT_TRIM_MSG (64 << 10)  /* sent a message this large: the same */
+#define TRIM_AT (1 << 20)           /* peers' memory freed since the last trim: trim again */
+#define TRIM_DELAY_SEC 0.5          /* ... this long after, so that trims coalesce */
+#define CLIENT_TRIM_MSG (64 << 10)  /* parsing a message this large left as much in pieces */
 #define ACCEPT_PAUSE_SEC 0.25       /* out of fds: accept nothing for this long */
 #define CLIENT_BURST 4 /* messages a privileged client runs per turn before others get theirs */
 #define CLIENT_MAX_COUNT 1024
@@ -39,7 +40,6 @@ struct client {
 	bool closing;    /* flush what is queued, then close */
 	bool eof;        /* peer sends no more: answer calls in flight, then close */
 	bool dead;       /* fd closed; waiting for its calls to finish */
-	bool trim;       /* held much memory once: malloc_trim() when it goes */
 	bool backlog;    /* complete messages wait in the reader for their turn */
 	bool subscriber; /* events.subscribe: every event is sent here too */
 	ev_timer linger; /* a dropped subscriber is closed when it fires */
@@ -50,13 +50,16 @@ struct client {
 	ev_tstamp over_since;  /* over its share of the output budget; 0: not */
 	ev_timer timer;        /* idle timeout, or dropped for staying over its share */
 	ev_idle resume;        /* runs the backlog once the loop has nothing else */
+	struct batch *running; /* a batch whose calls are being dispatched, one a turn */
 	struct client *prev, *next;
 };
 
 /* A batch answers once all its calls finished, as one array. */
 struct batch {
 	struct client *client;
-	char *text; /* "[reply,reply,...": each reply is serialised when it comes */
+	json_object *calls; /* the requests; NULL once all were dispatched */
+	size_t next;        /* the next one to dispatch */
+	char *text;         /* "[reply,reply,...": each reply is serialised when it comes */
 	size_t len;
 	size_t n; /* replies in text */
 	unsigned pending;
@@ -99,17 +102,42 @@ static bool peer_is_privileged(struct daemon *d, int fd, const struct ucred *cre
 	return false;
 }
 
+/* ---- memory ---- */
+
+/* Megabytes of replies or events freed in small pieces stay in malloc's
+ * free lists: RSS would stay at the peak a peer's attack reached, and the
+ * next attack would find cprd larger still. Once a megabyte of what peers
+ * made cprd hold was freed, malloc_trim() gives it back, a moment later,
+ * so that a thousand departing peers cost one trim, not a thousand. */
+static void trim_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct daemon *d = w->data;
+
+	d->trim_released = 0;
+	malloc_trim(0);
+}
+
+static void released(struct daemon *d, size_t bytes)
+{
+	d->trim_released += bytes;
+	if (d->trim_released >= TRIM_AT && !ev_is_active(&d->trim)) {
+		ev_timer_set(&d->trim, TRIM_DELAY_SEC, 0.);
+		ev_timer_start(d->loop, &d->trim);
+	}
+}
+
 /* ---- sending ---- */
 
-/* Keep d->out_queued, the bytes all clients have not read yet, in step. */
+/* Keep d->out_queued, the memory all clients' unread replies and events
+ * take, in step. */
 static void client_account(struct client *c)
 {
-	size_t q = c->dead ? 0 : proto_writer_queued_bytes(c->out);
+	size_t q = c->dead ? 0 : proto_writer_footprint(c->out);
 
+	if (q < c->accounted)
+		released(c->d, c->accounted - q);
 	c->d->out_queued = c->d->out_queued - c->accounted + q;
 	c->accounted = q;
-	if (q >= CLIENT_TRIM_AT)
-		c->trim = true;
 }
 
 static bool client_over_share(const struct client *c)
@@ -120,13 +148,11 @@ static bool client_over_share(const struct client *c)
 
 static void client_drop(struct client *c, const char *why)
 {
-	unsigned n = 0;
-
-	if (ratelimit_pass(&c->d->rl_dropped, now_usec(CLOCK_MONOTONIC), &n))
-		log_warning("client pid %d uid %u: dropping the connection: %s (%zu bytes unread, "
-			    "%zu by all clients)%s",
-			    (int)c->peer.pid, (unsigned)c->peer.uid, why, c->accounted,
-			    c->d->out_queued, n ? "; more drops were not logged" : "");
+	log_ratelimited(&c->d->rl_dropped, LOG_WARNING,
+			"client pid %d uid %u: dropping the connection: %s (%zu bytes unread, %zu "
+			"by all clients)",
+			(int)c->peer.pid, (unsigned)c->peer.uid, why, c->accounted,
+			c->d->out_queued);
 	client_close(c); /* what is queued is freed with the client */
 }
 
@@ -219,6 +245,7 @@ static void batch_finish_one(struct batch *b, json_object *reply)
 		client_queue(b->client, b->text, b->len, NULL, 0);
 	}
 	free(b->text);
+	json_object_put(b->calls);
 	client_unref(b->client);
 	free(b);
 }
@@ -407,28 +434,55 @@ size_t server_subscribers(const struct daemon *d)
 	return n;
 }
 
-/* The subscriber's queue is past its cap: its last message says why, and
- * it has SUBSCRIBER_LINGER seconds to read what is queued before it is
- * closed. What it holds is bounded by the cap plus two messages. */
-static void subscriber_drop(struct client *c, server_drop_fn dropped)
+/* The subscriber's queue is past its cap, or past its share of the
+ * budget while the budget is spent: its last message says why, and it has
+ * SUBSCRIBER_LINGER seconds to read what is queued before it is closed.
+ * What it holds is bounded by the cap plus two messages. */
+static void subscriber_drop(struct client *c, const char *why, server_drop_fn dropped)
 {
 	size_t queued = proto_writer_queued_bytes(c->out);
 	_cleanup_json_ json_object *last = dropped(c->d, queued);
 	const char *s;
 	size_t len;
 
-	log_warning("client pid %d: dropping its event subscription: it does not read "
-		    "(%zu bytes queued)",
-		    (int)c->peer.pid, queued);
+	log_ratelimited(&c->d->rl_events, LOG_WARNING,
+			"client pid %d uid %u: dropping its event subscription: %s (%zu bytes "
+			"queued, %zu by all clients)",
+			(int)c->peer.pid, (unsigned)c->peer.uid, why, queued, c->d->out_queued);
 	s = last ? jsonrpc_to_string(last, &len) : NULL;
 	if (!s || proto_writer_queue(c->out, s, len, NULL, 0) < 0) {
 		client_close(c);
 		return;
 	}
+	client_account(c);
 	c->closing = true;
 	ev_timer_set(&c->linger, SUBSCRIBER_LINGER, 0.);
 	ev_timer_start(c->d->loop, &c->linger);
 	client_update_watcher(c);
+}
+
+/* Events queued for a subscriber are unread replies like any other: they
+ * count against the same budget (client_account()), and cost the
+ * subscriber its subscription where a reply would cost a client its
+ * connection. */
+static void subscriber_queue(struct client *c, const char *s, size_t len, size_t max_queued,
+			     server_drop_fn dropped)
+{
+	int r = proto_writer_queue(c->out, s, len, NULL, 0);
+
+	client_account(c);
+	if (r < 0)
+		subscriber_drop(c, strerror(-r), dropped);
+	else if (proto_writer_queued_bytes(c->out) > max_queued)
+		subscriber_drop(c, "it does not read its events", dropped);
+	else if (limits_out_check(&c->d->limits, c->d->n_clients, c->accounted, c->d->out_queued) ==
+		 OUT_DROP)
+		subscriber_drop(c,
+				"it does not read its events and the budget for unread replies "
+				"is spent",
+				dropped);
+	else
+		client_update_watcher(c);
 }
 
 void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_queued,
@@ -444,12 +498,7 @@ void server_notify_subscribers(struct daemon *d, json_object *msg, size_t max_qu
 			continue;
 		if (!s && !(s = jsonrpc_to_string(msg, &len)))
 			return;
-		if (proto_writer_queue(c->out, s, len, NULL, 0) < 0 ||
-		    proto_writer_queued_bytes(c->out) > max_queued) {
-			subscriber_drop(c, dropped);
-			continue;
-		}
-		client_update_watcher(c);
+		subscriber_queue(c, s, len, max_queued, dropped);
 	}
 }
 
@@ -489,6 +538,20 @@ static void reply_error(struct client *cl, struct batch *b, json_object *id, int
 	json_object_put(e);
 }
 
+/* The length of s cut to at most max bytes, never inside a character: a
+ * reply must stay valid UTF-8. */
+static size_t utf8_prefix(const char *s, size_t max)
+{
+	size_t n = strnlen(s, max + 1);
+
+	if (n <= max)
+		return n;
+	n = max;
+	while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
+		n--;
+	return n;
+}
+
 static const struct method *method_find(const struct daemon *d, const char *name)
 {
 	for (size_t i = 0; i < d->n_methods; i++)
@@ -515,7 +578,8 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 	m = method_find(cl->d, req.method);
 	if (!m) {
 		close_many(fds, nfds);
-		snprintf(msg, sizeof(msg), "unknown method '%.100s'", req.method);
+		snprintf(msg, sizeof(msg), "unknown method '%.*s'",
+			 (int)utf8_prefix(req.method, 100), req.method);
 		if (!req.is_notification)
 			reply_error(cl, b, req.id, JSONRPC_METHOD_NOT_FOUND, msg);
 		return;
@@ -552,6 +616,24 @@ static void dispatch_one(struct client *cl, struct batch *b, json_object *o, int
 	stats_request(cl->d, m, &t0);
 }
 
+/* Dispatch at most max more calls of the client's running batch; once
+ * every call was, the batch is sealed and answers when they have. */
+static void batch_run(struct batch *b, size_t max)
+{
+	struct client *cl = b->client;
+	size_t n = json_object_array_length(b->calls);
+
+	for (; max > 0 && b->next < n && !cl->dead; max--)
+		dispatch_one(cl, b, json_object_array_get_idx(b->calls, b->next++), NULL, 0);
+	if (b->next < n && !cl->dead && !cl->closing)
+		return;
+	/* All dispatched, or the client is gone: what was not run never will. */
+	cl->running = NULL;
+	b->calls = (json_object_put(b->calls), NULL);
+	b->sealed = true;
+	batch_finish_one(b, NULL);
+}
+
 static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t nfds)
 {
 	size_t n = json_object_array_length(arr);
@@ -586,20 +668,27 @@ static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t
 	}
 	b->client = cl;
 	cl->refs++;
+	b->calls = json_object_get(arr);
 	b->pending = 1; /* held until every element is dispatched */
-	for (size_t i = 0; i < n; i++)
-		dispatch_one(cl, b, json_object_array_get_idx(arr, i), NULL, 0);
-	b->sealed = true;
-	batch_finish_one(b, NULL);
+	cl->running = b;
+	/* Root and group cprd have the whole batch run now; anyone else one
+	 * call of it per turn, from the client's idle watcher. */
+	batch_run(b, cl->privileged ? n : 1);
 }
 
 static void handle_message(struct client *cl, const char *line, size_t len, int *fds, size_t nfds)
 {
 	_cleanup_json_ json_object *o = NULL;
 	const char *why = NULL;
+	int r;
 
-	if (jsonrpc_parse(line, len, &o, &why) < 0) {
-		reply_error(cl, NULL, NULL, JSONRPC_PARSE_ERROR, why ? why : "parse error");
+	r = jsonrpc_parse(line, len, &o, &why);
+	if (r < 0) {
+		/* Valid JSON, but no request can be read from it as sent. */
+		reply_error(cl, NULL, NULL,
+			    r == -ERANGE || r == -ENOTUNIQ ? JSONRPC_INVALID_REQUEST
+							   : JSONRPC_PARSE_ERROR,
+			    why ? why : "parse error");
 		close_many(fds, nfds);
 		return;
 	}
@@ -621,7 +710,9 @@ static void client_close(struct client *c)
 	ev_timer_stop(c->d->loop, &c->linger);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
-	client_account(c); /* no longer counted: its replies go nowhere */
+	if (c->running)
+		batch_run(c->running, 0); /* the calls not run yet never will be */
+	client_account(c);                /* no longer counted: its replies go nowhere */
 	c->d->n_clients--;
 	if (c->prev)
 		c->prev->next = c->next;
@@ -635,18 +726,11 @@ static void client_close(struct client *c)
 
 static void client_unref(struct client *c)
 {
-	bool trim;
-
 	if (--c->refs > 0)
 		return;
-	trim = c->trim;
 	proto_reader_free(c->in);
 	proto_writer_free(c->out);
 	free(c);
-	/* Megabytes of replies freed in small pieces stay in malloc's free
-	 * lists, and the next peer's attack would find cprd larger still. */
-	if (trim)
-		malloc_trim(0);
 }
 
 /* The VMM of one of our VMs: its connection is never idle-closed. */
@@ -692,7 +776,8 @@ static void client_update_watcher(struct client *c)
 {
 	/* Back-pressure: a client over its share of the output budget is not
 	 * read from (no new calls) until it has read its replies. */
-	int events = c->closing || c->eof || c->backlog || client_over_share(c) ? 0 : EV_READ;
+	bool waiting = c->backlog || c->running; /* work it sent waits for its turn */
+	int events = c->closing || c->eof || waiting || client_over_share(c) ? 0 : EV_READ;
 
 	if (c->dead)
 		return;
@@ -701,7 +786,7 @@ static void client_update_watcher(struct client *c)
 	if (events == 0) {
 		/* Nothing to read or write: done unless calls still owe answers
 		 * or messages wait for their turn. */
-		if (!c->backlog && (c->closing || c->calls == 0)) {
+		if (!waiting && (c->closing || c->calls == 0)) {
 			client_close(c);
 			return;
 		}
@@ -734,7 +819,6 @@ static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct daemon *d = c->d;
 	ev_tstamp now = ev_now(loop);
 	char msg[96];
-	unsigned n = 0;
 
 	if (c->over_since > 0 && client_over_share(c) &&
 	    now >= c->over_since + LIMITS_OUT_OVER_SEC) {
@@ -746,12 +830,10 @@ static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		if (client_is_vmm(c)) {
 			c->last_active = now;
 		} else {
-			if (ratelimit_pass(&d->rl_idle, now_usec(CLOCK_MONOTONIC), &n))
-				log_info("client pid %d uid %u: idle for %u s; closing the "
-					 "connection%s",
-					 (int)c->peer.pid, (unsigned)c->peer.uid,
-					 d->limits.idle_timeout_sec,
-					 n ? " (more idle connections closed, not logged)" : "");
+			log_ratelimited(
+			    &d->rl_idle, LOG_INFO,
+			    "client pid %d uid %u: idle for %u s; closing the connection",
+			    (int)c->peer.pid, (unsigned)c->peer.uid, d->limits.idle_timeout_sec);
 			snprintf(msg, sizeof(msg),
 				 "connection idle for %u s with no call in flight; closed",
 				 d->limits.idle_timeout_sec);
@@ -767,13 +849,10 @@ static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void client_fail_stream(struct client *c, int code, const char *msg)
 {
-	unsigned n = 0;
-
 	/* A peer can make this happen on every connection it has. */
-	if (ratelimit_pass(&c->d->rl_stream, now_usec(CLOCK_MONOTONIC), &n))
-		log_warning("client pid %d uid %u: %s; closing the connection%s", (int)c->peer.pid,
-			    (unsigned)c->peer.uid, msg,
-			    n ? " (more such closes were not logged)" : "");
+	log_ratelimited(&c->d->rl_stream, LOG_WARNING,
+			"client pid %d uid %u: %s; closing the connection", (int)c->peer.pid,
+			(unsigned)c->peer.uid, msg);
 	reply_error(c, NULL, NULL, code, msg);
 	c->closing = true;
 	client_update_watcher(c);
@@ -782,11 +861,13 @@ static void client_fail_stream(struct client *c, int code, const char *msg)
 /* Run at most max of the complete messages buffered, and none once the
  * client is over its share of the output budget (the rest wait in the
  * reader, with their fds). What is left runs from an idle watcher, one
- * message per turn, which libev runs only when no I/O is pending; the
- * client is not read from meanwhile. So a peer that pipelines hundreds of
- * batches, or forty peers that do, cannot keep root's request waiting
- * behind all of theirs: unprivileged peers' messages run only from there
- * (max 0 from their I/O callbacks), privileged peers' at once. */
+ * step per turn, which libev runs only when no I/O is pending; the client
+ * is not read from meanwhile. A step is one message, or one call of a
+ * batch an unprivileged peer sent. So a peer that pipelines hundreds of
+ * batches, or 64 connections that each send one, cannot keep root's
+ * request waiting behind more than one call of each: unprivileged peers'
+ * messages run only from there (max 0 from their I/O callbacks),
+ * privileged peers' at once. */
 static void client_process(struct client *c, unsigned max)
 {
 	unsigned n = 0;
@@ -799,8 +880,17 @@ static void client_process(struct client *c, unsigned max)
 		_cleanup_free_ char *line = NULL;
 		_cleanup_free_ int *fds = NULL;
 		size_t len, nfds = 0;
-		int r = proto_reader_next(c->in, &line, &len, &fds, &nfds);
+		int r;
 
+		if (c->running) {
+			batch_run(c->running, 1);
+			if (++n >= max) {
+				c->backlog = true;
+				break;
+			}
+			continue;
+		}
+		r = proto_reader_next(c->in, &line, &len, &fds, &nfds);
 		if (r == 0)
 			break;
 		if (r < 0) {
@@ -809,15 +899,17 @@ static void client_process(struct client *c, unsigned max)
 			break;
 		}
 		c->last_active = ev_now(c->d->loop);
-		if (len >= CLIENT_TRIM_MSG)
-			c->trim = true; /* json-c's thousands of small pieces */
 		handle_message(c, line, len, fds, nfds);
+		if (len >= CLIENT_TRIM_MSG)
+			released(c->d, len * 4); /* json-c's thousands of small pieces */
 		if (++n >= max) {
 			c->backlog = true;
 			break;
 		}
 	}
-	if (c->backlog && !c->dead && !c->closing)
+	if (c->running && c->closing)
+		batch_run(c->running, 0); /* its subscription was dropped meanwhile */
+	if ((c->backlog || c->running) && !c->dead && !c->closing)
 		ev_idle_start(c->d->loop, &c->resume);
 	else
 		ev_idle_stop(c->d->loop, &c->resume);
@@ -842,8 +934,9 @@ static void client_read(struct client *c)
 		return;
 	if (n == 0) {
 		if (proto_reader_has_partial(c->in))
-			log_warning("client pid %d hung up in the middle of a message",
-				    (int)c->peer.pid);
+			log_ratelimited(&c->d->rl_hangup, LOG_WARNING,
+					"client pid %d uid %u hung up in the middle of a message",
+					(int)c->peer.pid, (unsigned)c->peer.uid);
 		c->eof = true; /* replies to calls in flight still go out */
 		return;
 	}
@@ -898,16 +991,13 @@ out:
  * fds meanwhile. */
 static void accept_pause(struct daemon *d, int err)
 {
-	unsigned n = 0;
-
 	ev_io_stop(d->loop, &d->listen_watcher);
 	ev_timer_set(&d->accept_pause, ACCEPT_PAUSE_SEC, 0);
 	ev_timer_start(d->loop, &d->accept_pause);
-	if (ratelimit_pass(&d->rl_nofile, now_usec(CLOCK_MONOTONIC), &n))
-		log_warning("cannot accept a connection: %s; not accepting for %.0f ms (%u "
-			    "connections open)%s",
-			    strerror(err), ACCEPT_PAUSE_SEC * 1000, d->n_clients,
-			    n ? "; this happened more often than logged" : "");
+	log_ratelimited(&d->rl_nofile, LOG_WARNING,
+			"cannot accept a connection: %s; not accepting for %.0f ms (%u connections "
+			"open)",
+			strerror(err), ACCEPT_PAUSE_SEC * 1000, d->n_clients);
 }
 
 static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -933,7 +1023,6 @@ static struct peer_counts count_peers(const struct daemon *d, uid_t uid)
 static void refuse(struct daemon *d, int fd, const struct ucred *peer, enum admit_verdict v)
 {
 	char msg[160];
-	unsigned n = 0;
 
 	if (v == ADMIT_UID)
 		snprintf(msg, sizeof(msg), "too many connections from uid %u (at most %u); closed",
@@ -941,9 +1030,8 @@ static void refuse(struct daemon *d, int fd, const struct ucred *peer, enum admi
 	else
 		snprintf(msg, sizeof(msg), "%s (%u open); closed", admit_verdict_to_string(v),
 			 d->n_clients);
-	if (ratelimit_pass(&d->rl_refused, now_usec(CLOCK_MONOTONIC), &n))
-		log_warning("refused a connection from pid %d uid %u: %s%s", (int)peer->pid,
-			    (unsigned)peer->uid, msg, n ? "; more were refused, not logged" : "");
+	log_ratelimited(&d->rl_refused, LOG_WARNING, "refused a connection from pid %d uid %u: %s",
+			(int)peer->pid, (unsigned)peer->uid, msg);
 	notice_and_close(fd, JSONRPC_ERR_BUSY, msg);
 }
 
@@ -951,9 +1039,10 @@ static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct client *c = w->data;
 
-	log_warning("client pid %d: closing the dropped event subscription: it read nothing "
-		    "for %.0f s",
-		    (int)c->peer.pid, SUBSCRIBER_LINGER);
+	log_ratelimited(&c->d->rl_events, LOG_WARNING,
+			"client pid %d uid %u: closing the dropped event subscription: it read "
+			"nothing for %.0f s",
+			(int)c->peer.pid, (unsigned)c->peer.uid, SUBSCRIBER_LINGER);
 	client_close(c);
 }
 
@@ -975,7 +1064,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		return;
 	}
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &len) < 0) {
-		log_warning("refused a connection: cannot read its credentials: %m");
+		log_ratelimited(&d->rl_refused, LOG_WARNING,
+				"refused a connection: cannot read its credentials: %m");
 		return;
 	}
 	privileged = peer_is_privileged(d, fd, &peer);
@@ -990,7 +1080,8 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 		if (c)
 			proto_reader_free(c->in);
 		free(c);
-		log_warning("refused a connection from pid %d: out of memory", (int)peer.pid);
+		log_ratelimited(&d->rl_refused, LOG_WARNING,
+				"refused a connection from pid %d: out of memory", (int)peer.pid);
 		return;
 	}
 	c->d = d;
@@ -1072,8 +1163,11 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 
 	d->methods = methods;
 	d->n_methods = n;
-	d->rl_refused = d->rl_nofile = d->rl_dropped = d->rl_idle = d->rl_stream =
-	    (struct ratelimit){ .interval_usec = LIMITS_LOG_INTERVAL_SEC * 1000000ULL };
+	d->rl_refused = d->rl_nofile = d->rl_dropped = d->rl_idle = d->rl_stream = d->rl_hangup =
+	    d->rl_events =
+		(struct ratelimit){ .interval_usec = LIMITS_LOG_INTERVAL_SEC * 1000000ULL };
+	ev_init(&d->trim, trim_cb);
+	d->trim.data = d;
 	if (listen_fd >= 0) {
 		d->listen_fd = listen_fd;
 		/* After a re-exec the socket is still our own bound path. */
@@ -1098,6 +1192,7 @@ int server_listen(struct daemon *d, int listen_fd, const struct method *methods,
 
 void server_stop(struct daemon *d)
 {
+	ev_timer_stop(d->loop, &d->trim);
 	ev_timer_stop(d->loop, &d->accept_pause);
 	ev_io_stop(d->loop, &d->listen_watcher);
 	d->listen_fd = safe_close(d->listen_fd);

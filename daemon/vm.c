@@ -1095,15 +1095,27 @@ int vm_outdated(struct vm *vm, char *buf, size_t size)
 
 /* "outdated": whether the running VMM's binary or a library it maps was
  * replaced on disk since it started (null when that cannot be read, or
- * nothing runs), with the files' names. */
-static void add_outdated(json_object *o, pid_t pid)
+ * nothing runs), with the files' names. Reading the VMM's maps is the
+ * dear part of a vm.list, and any peer may send hundreds at once: it is
+ * read once per loop turn, however many ask in that turn. */
+static void add_outdated(json_object *o, struct vm *vm, pid_t pid)
 {
-	char files[256];
-	int n = pid > 0 ? proc_replaced_files(pid, files, sizeof(files)) : -ESRCH;
+	ev_tstamp now = ev_now(vm->d->loop);
+	int n;
 
+	if (pid <= 0) {
+		n = -ESRCH;
+	} else if (vm->outdated.pid == pid && vm->outdated.at == now) {
+		n = vm->outdated.n;
+	} else {
+		n = proc_replaced_files(pid, vm->outdated.files, sizeof(vm->outdated.files));
+		vm->outdated.pid = pid;
+		vm->outdated.at = now;
+		vm->outdated.n = n;
+	}
 	json_object_object_add(o, "outdated", n >= 0 ? json_object_new_boolean(n > 0) : NULL);
 	if (n > 0)
-		add_str(o, "outdated_files", files);
+		add_str(o, "outdated_files", vm->outdated.files);
 }
 
 json_object *vm_to_json(struct vm *vm)
@@ -1120,7 +1132,7 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
 	add_str(o, "vmm_package", vm->vmm && vm->vmm->version[0] ? vm->vmm->package : NULL);
-	add_outdated(o, alive ? vm->vmm->pid : 0);
+	add_outdated(o, vm, alive ? vm->vmm->pid : 0);
 	json_object_object_add(o, "memory_bytes",
 			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));

@@ -59,6 +59,12 @@ struct vm {
 	struct update *update; /* in flight, or NULL */
 	struct check *check;   /* a pre-flight in flight, or NULL */
 	struct ckpt *ckpt;     /* a checkpoint or restore in flight, or NULL */
+	struct {               /* "outdated" as read in one loop turn (vm_to_json()) */
+		ev_tstamp at;
+		pid_t pid;
+		int n;
+		char files[256];
+	} outdated;
 	char *checkpoint_root; /* where its checkpoint is, while it has one */
 	pid_t last_pid;
 	int exit_code; /* of the last VMM, -1 unknown */

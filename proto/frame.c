@@ -428,6 +428,7 @@ struct proto_writer {
 	wmsg *head;
 	wmsg **tail;
 	size_t queued;
+	size_t count; /* messages in the queue */
 };
 
 static wmsg *wmsg_free(wmsg *m)
@@ -512,6 +513,7 @@ int proto_writer_queue(proto_writer *w, const char *msg, size_t len, const int *
 	*w->tail = m;
 	w->tail = &m->next;
 	w->queued += m->len;
+	w->count++;
 	return 0;
 }
 
@@ -530,6 +532,7 @@ static void writer_advance(proto_writer *w, size_t n)
 		w->head = m->next;
 		if (!w->head)
 			w->tail = &w->head;
+		w->count--;
 		wmsg_free(m);
 	}
 }
@@ -577,4 +580,13 @@ bool proto_writer_is_empty(const proto_writer *w)
 size_t proto_writer_queued_bytes(const proto_writer *w)
 {
 	return w ? w->queued : 0;
+}
+
+/* Two allocations per message, each with malloc's own header (16 bytes
+ * on 64-bit glibc, rounded up to 16). */
+#define WMSG_COST (sizeof(wmsg) + 2 * 32)
+
+size_t proto_writer_footprint(const proto_writer *w)
+{
+	return w ? w->queued + w->count * WMSG_COST : 0;
 }

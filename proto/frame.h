@@ -93,3 +93,6 @@ int proto_writer_flush(proto_writer *w, int sockfd);
 
 bool proto_writer_is_empty(const proto_writer *w);
 size_t proto_writer_queued_bytes(const proto_writer *w);
+/* What the queue holds in memory: its bytes plus what each message costs
+ * besides (many small messages cost more than their text). */
+size_t proto_writer_footprint(const proto_writer *w);

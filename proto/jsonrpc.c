@@ -67,6 +67,105 @@ static int fail(const char **ret_why, const char *why, int r)
 	return r;
 }
 
+/* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past
+ * U+10FFFF. json-c copies string bytes as they come, so what it is given
+ * is what a reply would echo: a reply must be valid JSON, hence UTF-8. */
+static bool utf8_valid(const unsigned char *p, size_t n)
+{
+	size_t i = 0;
+
+	while (i < n) {
+		unsigned char c = p[i];
+		size_t more;
+		uint32_t cp, min;
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		}
+		if (c >= 0xc2 && c <= 0xdf)
+			more = 1, cp = c & 0x1f, min = 0x80;
+		else if (c >= 0xe0 && c <= 0xef)
+			more = 2, cp = c & 0x0f, min = 0x800;
+		else if (c >= 0xf0 && c <= 0xf4)
+			more = 3, cp = c & 0x07, min = 0x10000;
+		else
+			return false;
+		if (n - i <= more)
+			return false;
+		for (size_t k = 1; k <= more; k++) {
+			if ((p[i + k] & 0xc0) != 0x80)
+				return false;
+			cp = (cp << 6) | (p[i + k] & 0x3f);
+		}
+		if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+			return false;
+		i += more + 1;
+	}
+	return true;
+}
+
+/* An integer literal json-c would clamp to INT64_MIN or UINT64_MAX (it
+ * does not say so): p[0..n) is '-'? digits, without leading zeros. */
+static bool integer_fits(const char *p, size_t n)
+{
+	static const char max_neg[] = "9223372036854775808", max_pos[] = "18446744073709551615";
+	const char *max = max_pos;
+
+	if (n > 0 && p[0] == '-')
+		p++, n--, max = max_neg;
+	if (n != strlen(max))
+		return n < strlen(max);
+	return memcmp(p, max, n) <= 0;
+}
+
+/* What json-c's tree cannot tell: how many members the text had (each
+ * is one ':' outside strings), and whether every integer was kept
+ * exactly. The text is valid JSON already. */
+static int scan_text(const char *p, size_t n, size_t *ret_members)
+{
+	size_t members = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] == '"') {
+			for (i++; i < n && p[i] != '"'; i++)
+				if (p[i] == '\\')
+					i++;
+		} else if (p[i] == ':') {
+			members++;
+		} else if (p[i] == '-' || (p[i] >= '0' && p[i] <= '9')) {
+			size_t start = i;
+			bool integer = true;
+
+			for (; i + 1 < n && p[i + 1] && strchr("-+.eE0123456789", p[i + 1]); i++)
+				integer &= p[i + 1] != '.' && p[i + 1] != 'e' && p[i + 1] != 'E';
+			if (integer && !integer_fits(p + start, i + 1 - start))
+				return -ERANGE;
+		}
+	}
+	*ret_members = members;
+	return 0;
+}
+
+/* Members in o and everything below it: fewer than the text had means a
+ * name came twice in one object, and json-c kept only the last. */
+static size_t tree_members(json_object *o)
+{
+	size_t n = 0;
+
+	if (json_object_is_type(o, json_type_object)) {
+		json_object_object_foreach(o, key, val)
+		{
+			(void)key;
+			n += 1 + tree_members(val);
+		}
+	} else if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++)
+			n += tree_members(json_object_array_get_idx(o, i));
+	}
+	return n;
+}
+
 static bool all_space(const char *p, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
@@ -80,7 +179,7 @@ int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **r
 	_cleanup_(json_tokener_freep) json_tokener *tok = NULL;
 	json_object *o;
 	enum json_tokener_error e;
-	size_t end;
+	size_t end, members = 0;
 
 	if (!msg || !ret)
 		return -EINVAL;
@@ -89,6 +188,8 @@ int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **r
 	/* json-c would stop at a NUL and ignore what follows. */
 	if (memchr(msg, '\0', len))
 		return fail(ret_why, "NUL byte in message", -EBADMSG);
+	if (!utf8_valid((const unsigned char *)msg, len))
+		return fail(ret_why, "not valid UTF-8", -EBADMSG);
 
 	tok = json_tokener_new_ex(JSONRPC_MAX_DEPTH);
 	if (!tok)
@@ -121,6 +222,17 @@ int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **r
 	if (end > len || !all_space(msg + end, len - end)) {
 		json_object_put(o);
 		return fail(ret_why, "trailing data after JSON value", -EBADMSG);
+	}
+	if (scan_text(msg, end, &members) < 0) {
+		json_object_put(o);
+		return fail(ret_why,
+			    "an integer is out of range (-2^63 to 2^64-1) and would not be kept "
+			    "exactly",
+			    -ERANGE);
+	}
+	if (members != tree_members(o)) {
+		json_object_put(o);
+		return fail(ret_why, "a member name appears twice in one object", -ENOTUNIQ);
 	}
 
 	*ret = o;

@@ -54,8 +54,12 @@ json_object *jsonrpc_error_data_new(int code, const char *param);
 
 /*
  * Parse one message with json-c, depth limited to JSONRPC_MAX_DEPTH.
- * Returns 0 and *ret (owned) or -EBADMSG (not JSON, trailing garbage, too
- * deep); on error *ret_why (static string) says what.
+ * Returns 0 and *ret (owned); -EBADMSG when it is not JSON (or not UTF-8),
+ * has trailing garbage or is too deep; -ERANGE when an integer in it is
+ * outside -2^63..2^64-1 (json-c would clamp it, and an "id" would come
+ * back altered); -ENOTUNIQ when an object names a member twice (json-c
+ * would keep the last: a second "method" would run instead of the first).
+ * On error *ret_why (static string) says what.
  */
 int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **ret_why);
 

@@ -145,6 +145,55 @@ elif mode == "idle":
     lines = [first_line(s, 30).decode() for s in held]
     report({"after": time.monotonic() - t0, "said": lines})
     hold()
+elif mode == "hangup":
+    # n connections, one after another, each hanging up inside a message.
+    for _ in range(n):
+        try:
+            s = connect()
+            s.sendall(b'{"jsonrpc":"2.0","method":')
+            s.close()
+        except OSError:
+            pass
+    report({"hung_up": n})
+    hold()
+elif mode == "subscribe":
+    # n connections that subscribe to events and then never read again.
+    for _ in range(n):
+        s = connect()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b'{"jsonrpc":"2.0","method":"events.subscribe","id":1}\n')
+        line = first_line(s, 10)
+        if b'"subscribed":true' not in line:
+            sys.exit(f"events.subscribe failed: {line!r}")
+        held.append(s)
+    report({"subscribed": n})
+    hold()
+elif mode == "lister":
+    # n connections, each with one batch of 256 vm.list {"outdated": true}
+    # in flight at all times: the next is sent when its answer is read.
+    one = '{"jsonrpc":"2.0","method":"vm.list","params":{"outdated":true},"id":1}'
+    msg = ("[" + ",".join([one] * 256) + "]\n").encode()
+    for _ in range(n):
+        s = connect()
+        s.sendall(msg)
+        held.append([s, b""])
+    report({"opened": n})
+    answers = 0
+    while not stdin_closed(0):
+        r, _, _ = select.select([e[0] for e in held], [], [], 0.1)
+        for e in held:
+            if e[0] not in r:
+                continue
+            chunk = e[0].recv(1 << 20)
+            if not chunk:
+                sys.exit("cprd closed a lister's connection")
+            e[1] += chunk
+            while b"\n" in e[1]:
+                _, e[1] = e[1].split(b"\n", 1)
+                answers += 1
+                e[0].sendall(msg)
+    report({"answers": answers})
+    sys.exit(0)
 else:
     sys.exit(f"unknown mode {mode}")
 report({"done": True})

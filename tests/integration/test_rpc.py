@@ -62,6 +62,20 @@ class Rpc(SharedDaemonTest):
         self.assertError(self.raw('{"jsonrpc": "2.0", "method": "vm.list", "id": 1\n'), PARSE)
         self.assertError(self.raw('{"jsonrpc":"2.0","method":"vm.list","id":1} x\n'), PARSE)
 
+    def test_what_json_c_would_alter_is_refused(self):
+        # Issue 18: invalid UTF-8 was echoed into a reply that was not JSON
+        # (recv_line's json.loads would fail), a second "method" ran instead
+        # of the first, and a 5000-digit id came back as 2^64-1.
+        self.assertError(self.raw(b'{"jsonrpc":"2.0","method":"vm.\xff\xfe","id":1}\n'), PARSE,
+                         "not valid UTF-8")
+        self.assertError(self.raw('{"jsonrpc":"2.0","method":"vm.list","method":"vm.nope",'
+                                  '"id":1}\n'), INVALID, "a member name appears twice")
+        self.assertError(self.raw('{"jsonrpc":"2.0","method":"vm.list","id":%s}\n' % ("9" * 5000)),
+                         INVALID, "out of range")
+        # What json-c keeps exactly is echoed exactly.
+        reply = self.raw('{"jsonrpc":"2.0","method":"vm.list","id":18446744073709551615}\n')
+        self.assertEqual(reply["id"], 18446744073709551615)
+
     def test_too_deep_nesting_is_a_parse_error(self):
         deep = "[" * 200 + "]" * 200
         self.assertError(self.raw('{"jsonrpc":"2.0","method":"vm.list","id":1,"params":{"a":%s}}\n'

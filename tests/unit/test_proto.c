@@ -874,6 +874,115 @@ START_TEST(test_jsonrpc_parse_depth_limit)
 }
 END_TEST
 
+/* A reply echoes what json-c kept of a request: what is not valid UTF-8
+ * would make the reply invalid JSON. */
+static const char *const bad_utf8[] = {
+    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.\xff\",\"id\":1}",     /* never in UTF-8 */
+    "{\"jsonrpc\":\"2.0\",\"method\":\"\xc3\",\"id\":1}",        /* cut short */
+    "{\"jsonrpc\":\"2.0\",\"method\":\"\xc0\xaf\",\"id\":1}",    /* overlong '/' */
+    "{\"jsonrpc\":\"2.0\",\"method\":\"\xed\xa0\x80\",\"id\":1}", /* a surrogate */
+    "{\"jsonrpc\":\"2.0\",\"method\":\"\xf4\x90\x80\x80\",\"id\":1}", /* past U+10FFFF */
+    "{\"jsonrpc\":\"2.0\",\"method\":\"a\x80\",\"id\":1}",       /* a lone continuation */
+};
+
+START_TEST(test_jsonrpc_parse_rejects_bad_utf8)
+{
+	const char *s = bad_utf8[_i];
+	json_object *o = NULL;
+	const char *why = NULL;
+
+	ck_assert_int_eq(jsonrpc_parse(s, strlen(s), &o, &why), -EBADMSG);
+	ck_assert_str_eq(why, "not valid UTF-8");
+	ck_assert_ptr_null(o);
+}
+END_TEST
+
+START_TEST(test_jsonrpc_parse_takes_utf8)
+{
+	_cleanup_json_ json_object *o =
+	    parse_ok("{\"a\":\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf\"}");
+
+	ck_assert_str_eq(json_object_get_string(json_object_object_get(o, "a")),
+			 "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf");
+}
+END_TEST
+
+/* json-c keeps the last of two members of one name: a request with two
+ * "method"s would run the second, whatever a filter in front read. */
+static const char *const duplicate_names[] = {
+    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"method\":\"vm.destroy\",\"id\":1}",
+    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"id\":1,\"id\":2}",
+    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"m\\u0065thod\":\"x\",\"id\":1}",
+    "[{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"id\":1},"
+    "{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{},\"params\":{\"x\":{\"y\":1}}}]",
+    "{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{\"name\":\"x\",\"name\":\"y\"}}",
+};
+
+START_TEST(test_jsonrpc_parse_rejects_duplicate_names)
+{
+	const char *s = duplicate_names[_i];
+	json_object *o = NULL;
+	const char *why = NULL;
+
+	ck_assert_int_eq(jsonrpc_parse(s, strlen(s), &o, &why), -ENOTUNIQ);
+	ck_assert_str_eq(why, "a member name appears twice in one object");
+	ck_assert_ptr_null(o);
+}
+END_TEST
+
+START_TEST(test_jsonrpc_parse_same_name_in_other_objects)
+{
+	/* A colon inside a string is no member; the same name in two objects
+	 * is no duplicate. */
+	_cleanup_json_ json_object *o =
+	    parse_ok("[{\"a\":\"x:y\",\"b\":{\"a\":1}},{\"a\":\"\\\":\"}]");
+
+	ck_assert_int_eq(json_object_array_length(o), 2);
+}
+END_TEST
+
+/* json-c clamps an integer it cannot hold to INT64_MIN or UINT64_MAX
+ * without a word: an "id" of 5000 digits came back as 2^64-1. */
+START_TEST(test_jsonrpc_parse_rejects_integers_it_cannot_keep)
+{
+	const char *const bad[] = {
+	    "{\"id\":18446744073709551616}",
+	    "{\"id\":-9223372036854775809}",
+	    "{\"id\":99999999999999999999999}",
+	    "[1,{\"a\":[100000000000000000000]}]",
+	};
+	char big[5100];
+	json_object *o = NULL;
+	const char *why = NULL;
+	size_t n;
+
+	for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+		ck_assert_msg(jsonrpc_parse(bad[i], strlen(bad[i]), &o, &why) == -ERANGE, "%s",
+			      bad[i]);
+		ck_assert_ptr_null(o);
+	}
+	ck_assert_ptr_nonnull(strstr(why, "out of range"));
+	strcpy(big, "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"id\":");
+	n = strlen(big);
+	memset(big + n, '7', 5000);
+	strcpy(big + n + 5000, "}");
+	ck_assert_int_eq(jsonrpc_parse(big, strlen(big), &o, &why), -ERANGE);
+}
+END_TEST
+
+START_TEST(test_jsonrpc_parse_keeps_integers_at_the_edges)
+{
+	_cleanup_json_ json_object *o = parse_ok(
+	    "[18446744073709551615,-9223372036854775808,0,-0,1e400,123456789012345678901.5]");
+	_cleanup_json_ json_object *r = jsonrpc_result_new(json_object_array_get_idx(o, 0), NULL);
+	const char *s = jsonrpc_to_string(r, NULL);
+
+	/* What is kept is echoed as sent. */
+	ck_assert_ptr_nonnull(strstr(s, "\"id\":18446744073709551615"));
+	ck_assert_int_eq(json_object_get_int64(json_object_array_get_idx(o, 1)), INT64_MIN);
+}
+END_TEST
+
 START_TEST(test_jsonrpc_request_valid)
 {
 	_cleanup_json_ json_object *o = parse_ok(
@@ -1491,6 +1600,13 @@ static Suite *proto_suite(void)
 	tcase_add_loop_test(t, test_jsonrpc_parse_errors, 0, (int)ELEMENTSOF(bad_json));
 	tcase_add_test(t, test_jsonrpc_parse_nul_byte);
 	tcase_add_test(t, test_jsonrpc_parse_depth_limit);
+	tcase_add_loop_test(t, test_jsonrpc_parse_rejects_bad_utf8, 0, ELEMENTSOF(bad_utf8));
+	tcase_add_test(t, test_jsonrpc_parse_takes_utf8);
+	tcase_add_loop_test(t, test_jsonrpc_parse_rejects_duplicate_names, 0,
+			    ELEMENTSOF(duplicate_names));
+	tcase_add_test(t, test_jsonrpc_parse_same_name_in_other_objects);
+	tcase_add_test(t, test_jsonrpc_parse_rejects_integers_it_cannot_keep);
+	tcase_add_test(t, test_jsonrpc_parse_keeps_integers_at_the_edges);
 	tcase_add_test(t, test_jsonrpc_request_valid);
 	tcase_add_test(t, test_jsonrpc_request_notification);
 	tcase_add_test(t, test_jsonrpc_request_id_null);
