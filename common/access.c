@@ -62,9 +62,9 @@ static int check_step(int fd, const struct creds *c, int want, struct stat *st)
 	return creds_may(c, st, W_OK) || st->st_uid == c->uid ? -ETXTBSY : 0;
 }
 
-int open_as(const char *path, const struct creds *c, int *ret_fd)
+int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_canon)
 {
-	_cleanup_free_ char *canon = NULL;
+	_cleanup_free_ char *canon = NULL, *whole = NULL;
 	_cleanup_close_ int dir = -EBADF;
 	char *name, *next;
 	struct stat st, before;
@@ -75,6 +75,9 @@ int open_as(const char *path, const struct creds *c, int *ret_fd)
 	canon = realpath(path, NULL);
 	if (!canon)
 		return -errno;
+	/* The walk below cuts canon into its components. */
+	if (ret_canon && !(whole = strdup(canon)))
+		return -ENOMEM;
 	dir = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
 	if (dir < 0)
 		return -errno;
@@ -112,6 +115,8 @@ int open_as(const char *path, const struct creds *c, int *ret_fd)
 		return r;
 	}
 	*ret_fd = fd;
+	if (ret_canon)
+		*ret_canon = TAKE_PTR(whole);
 	return 0;
 }
 

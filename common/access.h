@@ -35,7 +35,8 @@ bool creds_may(const struct creds *c, const struct stat *st, int want);
  * way is followed. The file is opened O_NONBLOCK: a FIFO never blocks, it is
  * refused. With c NULL, the caller's own rights apply (root's: no check of
  * modes or ACLs), and the rest (canonical walk, regular file, never
- * blocking) holds the same. Returns 0 with *ret_fd (O_CLOEXEC, blocking again), or:
+ * blocking) holds the same. Returns 0 with *ret_fd (O_CLOEXEC, blocking again)
+ * and, if ret_canon is not NULL, *ret_canon (the canonical path walked), or:
  *   -EINVAL  the path is not absolute
  *   -EACCES  c may not search a directory or read the file
  *   -EPERM   a step carries an ACL
@@ -44,7 +45,7 @@ bool creds_may(const struct creds *c, const struct stat *st, int want);
  *   -EBADFD  the file is not a regular file
  *   -ENOENT, -ELOOP, ... as the walk met them
  */
-int open_as(const char *path, const struct creds *c, int *ret_fd);
+int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_canon);
 
 /* Whether the file at fd can only be changed by root: owned by uid 0 and
  * not writable by its group or others. */

@@ -285,6 +285,7 @@ static json_object *config_json(const struct vm *vm)
 	json_object_object_add(o, "kernel", json_object_new_string(c->kernel));
 	if (c->initrd)
 		json_object_object_add(o, "initrd", json_object_new_string(c->initrd));
+	vm_config_ids_to_json(c, o);
 	if (c->append)
 		json_object_object_add(o, "append", json_object_new_string(c->append));
 	if (c->tap)
@@ -320,6 +321,7 @@ static int config_from_meta(json_object *meta, struct vm_config *cfg)
 		.vcpus = (unsigned)jint(c, "vcpus"),
 		.cpr_exec = json_object_get_boolean(json_object_object_get(c, "cpr_exec")),
 	};
+	vm_config_ids_from_json(c, cfg);
 	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
 	    !cfg->machine || !cfg->memory_bytes || !cfg->vcpus) {
 		vm_config_done(cfg);

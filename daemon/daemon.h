@@ -63,6 +63,7 @@ struct daemon {
 	char *self_path;             /* our binary, for re-exec */
 	char **argv;                 /* our command line, for re-exec */
 	char *reexec_binary;         /* set by daemon.reexec: exec this once replies are out */
+	int reexec_fd;               /* ... opened (O_PATH) and judged then: what is exec'd */
 	int exec_slot;               /* the only fd the seccomp filter lets be executed */
 	struct sd_bus *bus;          /* to systemd, opened on first use */
 	struct scope_bus *scope_bus; /* its watchers on the loop (scope.c) */

@@ -626,18 +626,20 @@ static bool already_confined(void)
 }
 
 /* Exec the re-exec binary from the one fd the seccomp filter lets be
- * executed (sandbox.h). On failure the slot holds its placeholder again. */
+ * executed (sandbox.h): the fd daemon.reexec opened and judged, never its
+ * path again (a symlink there may name another file by now). On failure
+ * the slot holds its placeholder again. */
 static int exec_in_slot(struct daemon *d, char **argv)
 {
-	_cleanup_close_ int bin = open(d->reexec_binary, O_PATH | O_CLOEXEC);
+	_cleanup_close_ int bin = -EBADF;
 	char buf[16];
 	int r;
 
-	if (bin < 0)
-		return -errno;
+	if (d->reexec_fd < 0)
+		return -EBADF;
 	if (d->exec_slot < 0)
 		return -EBADF;
-	if (dup3(bin, d->exec_slot, O_CLOEXEC) < 0)
+	if (dup3(d->reexec_fd, d->exec_slot, O_CLOEXEC) < 0)
 		return -errno;
 	snprintf(buf, sizeof(buf), "%d", d->exec_slot);
 	setenv(SANDBOX_EXEC_SLOT_ENV, buf, 1);
@@ -798,6 +800,7 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		r = reexec(d);
 		log_error("re-exec of %s failed: %s; carrying on", d->reexec_binary, strerror(-r));
 		d->reexec_binary = (free(d->reexec_binary), NULL);
+		d->reexec_fd = safe_close(d->reexec_fd);
 	}
 
 	sd_notify(0, "STOPPING=1");
@@ -830,6 +833,7 @@ int main(int argc, char **argv)
 				   .state_fd = -EBADF,
 				   .vms_fd = -EBADF,
 				   .archive_fd = -EBADF,
+				   .reexec_fd = -EBADF,
 				   .launcher = { .sock = -EBADF },
 				   .start_mode = "fresh" };
 	struct options o;

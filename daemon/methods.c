@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "common/json.h"
@@ -187,19 +188,40 @@ static const struct param vm_params[] = { { "vm", PARAM_STRING, true } };
 
 /* A regular file, named by an absolute path, that the peer itself may
  * read: cprd reads it as root and hands it to a VMM, so a peer that is
- * not root must not name what it could not read. */
-static int check_file(struct call *c, const char *path)
+ * not root must not name what it could not read. What is stored for a
+ * later VMM (*ret_path) is, for such a peer, the canonical path that was
+ * judged and the identity of the file found there (*ret_id), which every
+ * later open must find again (vmm_open_image()); root's path is kept as
+ * given, without an identity. */
+static int check_file(struct call *c, const char *path, char **ret_path, struct file_id *ret_id)
 {
 	_cleanup_close_ int fd = -EBADF;
 	struct creds cr;
+	struct stat st;
 	int r;
 
-	if (call_peer(c)->uid == 0)
-		return open_as(path, NULL, &fd);
+	*ret_id = (struct file_id){};
+	if (call_peer(c)->uid == 0) {
+		r = open_as(path, NULL, &fd, NULL);
+		if (r < 0)
+			return r;
+		*ret_path = strdup(path);
+		return *ret_path ? 0 : -ENOMEM;
+	}
 	r = call_peer_creds(c, &cr);
 	if (r < 0)
 		return r;
-	return open_as(path, &cr, &fd);
+	r = open_as(path, &cr, &fd, ret_path);
+	if (r < 0)
+		return r;
+	if (fstat(fd, &st) < 0) {
+		r = -errno;
+		free(*ret_path);
+		*ret_path = NULL;
+		return r;
+	}
+	*ret_id = (struct file_id){ .dev = st.st_dev, .ino = st.st_ino, .set = true };
+	return 0;
 }
 
 static const char *check_file_error(int r)
@@ -254,22 +276,34 @@ static int find_vmm(const char *name, char **ret)
 	return -ENOENT;
 }
 
-/* A peer that is not root runs, as root, only what root allowed (policy.h). */
-static bool vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *binary)
+/* A peer that is not root runs, as root, only what root allowed
+ * (policy.h), and what runs is the canonical path that was judged, never
+ * the path as named: a symlink of the peer's could point elsewhere by the
+ * time the VMM starts (now, or at a later update or restore, which judge
+ * the stored path again). Root keeps its path as given (root could run
+ * anything, and may mean a link it owns that follows new versions).
+ * Returns what to store and run; NULL: c is answered. */
+static char *vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *binary)
 {
+	char *canon = NULL;
 	int r;
 
 	if (call_peer(c)->uid == 0)
-		return true;
-	r = policy_may_run(&d->policy, binary);
+		r = (canon = strdup(binary)) ? 0 : -ENOMEM;
+	else
+		r = policy_may_run(&d->policy, binary, &canon);
 	if (r == 0)
-		return true;
-	call_fail_param(c, JSONRPC_ERR_PERMISSION, "vmm", "VMM binary '%.200s' %s", binary,
-			r == -EACCES
-			    ? "is not in the allow-list of VMM binaries (see cprd(8), --vmm-allow)"
-			: r == -EPERM ? "or a directory above it can be changed by others than root"
-				      : strerror(-r));
-	return false;
+		return canon;
+	if (r == -ENOMEM)
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+	else
+		call_fail_param(
+		    c, JSONRPC_ERR_PERMISSION, "vmm", "VMM binary '%.200s' %s", binary,
+		    r == -EACCES
+			? "is not in the allow-list of VMM binaries (see cprd(8), --vmm-allow)"
+		    : r == -EPERM ? "or a directory above it can be changed by others than root"
+				  : strerror(-r));
+	return NULL;
 }
 
 /* The binary a later VMM of a VM runs: resolved as execvp would, else
@@ -278,7 +312,7 @@ static bool vmm_allowed_or_fail(struct daemon *d, struct call *c, const char *bi
  * peer. NULL: c is answered. */
 static char *new_vmm_or_fail(struct daemon *d, struct call *c, const char *name)
 {
-	char *binary = NULL;
+	_cleanup_free_ char *binary = NULL;
 
 	if (find_vmm(name, &binary) < 0)
 		binary = strdup(name);
@@ -286,11 +320,33 @@ static char *new_vmm_or_fail(struct daemon *d, struct call *c, const char *name)
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return NULL;
 	}
-	if (!vmm_allowed_or_fail(d, c, binary)) {
-		free(binary);
-		return NULL;
-	}
-	return binary;
+	return vmm_allowed_or_fail(d, c, binary);
+}
+
+/* Every socket a VMM of the VM listens on lies below STATE_DIR/vms/NAME
+ * (the longest: VM_LONGEST_SOCKET) and must fit a sockaddr_un: said at
+ * create, rather than by the VMM failing to bind with "File name too long"
+ * at its start or, worse, at a later update. */
+static bool vm_name_fits_or_fail(struct daemon *d, struct call *c, const char *name)
+{
+	size_t fixed = strlen(d->state_dir) + strlen("/vms//" VM_LONGEST_SOCKET),
+	       max = sizeof(((struct sockaddr_un *)NULL)->sun_path) - 1;
+
+	if (fixed + strlen(name) <= max)
+		return true;
+	if (fixed >= max)
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "name",
+				"the state directory %.200s is too long for any VM's sockets "
+				"(at most %zu bytes with %s)",
+				d->state_dir, max, "/vms/NAME/" VM_LONGEST_SOCKET);
+	else
+		call_fail_param(
+		    c, JSONRPC_INVALID_PARAMS, "name",
+		    "VM name '%.64s' is too long for the state directory %.200s: its "
+		    "sockets (%.200s/vms/NAME/" VM_LONGEST_SOCKET
+		    ") may have at most %zu bytes; use a name of at most %zu characters",
+		    name, d->state_dir, d->state_dir, max, max - fixed);
+	return false;
 }
 
 static void format_size(uint64_t b, char *buf, size_t n)
@@ -343,6 +399,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	bool cpr_exec = false;
 	void *const out[] = { &name,   &memory, &vcpus, &kernel,  &initrd,
 			      &append, &vmm,    &tap,   &machine, &cpr_exec };
+	_cleanup_free_ char *found = NULL;
 	struct vm_config cfg = {};
 	const char *why;
 	int r;
@@ -371,11 +428,15 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 				"vcpus must be between 1 and 256");
 		return;
 	}
+	if (!vm_name_fits_or_fail(d, c, name))
+		return;
 	const char *files[][2] = { { "kernel", kernel }, { "initrd", initrd } };
+	char **stored[] = { &cfg.kernel, &cfg.initrd };
+	struct file_id *ids[] = { &cfg.kernel_id, &cfg.initrd_id };
 	for (size_t i = 0; i < ELEMENTSOF(files); i++) {
 		if (!files[i][1])
 			continue;
-		r = check_file(c, files[i][1]);
+		r = check_file(c, files[i][1], stored[i], ids[i]);
 		if (r < 0) {
 			call_fail_param(c,
 					r == -EACCES || r == -EPERM || r == -ETXTBSY
@@ -383,17 +444,20 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 					    : JSONRPC_INVALID_PARAMS,
 					files[i][0], "%s '%.200s': %s", files[i][0], files[i][1],
 					check_file_error(r));
+			vm_config_done(&cfg);
 			return;
 		}
 	}
 	if (tap && (why = ifname_invalid(tap))) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, "tap", "tap interface name '%.64s' %s",
 				tap, why);
+		vm_config_done(&cfg);
 		return;
 	}
 	if (append && str_has_ctrl(append)) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, "append",
 				"append must be a single line without control characters");
+		vm_config_done(&cfg);
 		return;
 	}
 	if (machine && (!machine[0] || strlen(machine) > 64 ||
@@ -402,32 +466,31 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		call_fail_param(
 		    c, JSONRPC_INVALID_PARAMS, "machine",
 		    "machine type '%.64s' must be 1-64 letters, digits, '-', '_' or '.'", machine);
+		vm_config_done(&cfg);
 		return;
 	}
 	vmm = vmm ? vmm : QEMU_DEFAULT_BINARY;
-	r = find_vmm(vmm, &cfg.vmm);
+	r = find_vmm(vmm, &found);
 	if (r < 0) {
 		call_fail_param(c, JSONRPC_ERR_VMM, "vmm", "VMM binary '%.200s' %s", vmm,
 				r == -ENOENT   ? "not found"
 				: r == -EINVAL ? "must be an absolute path or a name in PATH"
 					       : strerror(-r));
+		vm_config_done(&cfg);
 		return;
 	}
-	if (!vmm_allowed_or_fail(d, c, cfg.vmm)) {
+	if (!(cfg.vmm = vmm_allowed_or_fail(d, c, found))) {
 		vm_config_done(&cfg);
 		return;
 	}
 	cfg.name = strdup(name);
-	cfg.kernel = strdup(kernel);
-	cfg.initrd = initrd ? strdup(initrd) : NULL;
 	cfg.append = append ? strdup(append) : NULL;
 	cfg.tap = tap ? strdup(tap) : NULL;
 	cfg.machine = strdup(machine ? machine : "q35");
 	cfg.memory_bytes = memory;
 	cfg.vcpus = (unsigned)vcpus;
 	cfg.cpr_exec = cpr_exec;
-	if (!cfg.name || !cfg.kernel || !cfg.machine || (initrd && !cfg.initrd) ||
-	    (append && !cfg.append) || (tap && !cfg.tap)) {
+	if (!cfg.name || !cfg.machine || (append && !cfg.append) || (tap && !cfg.tap)) {
 		vm_config_done(&cfg);
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;
@@ -658,7 +721,8 @@ static void m_vm_restore(struct daemon *d, struct call *c, json_object *params)
 			  vm_state_to_string(vm->state));
 		return;
 	}
-	if (vmm && !(binary = new_vmm_or_fail(d, c, vmm)))
+	/* The stored binary too: a restore starts a VMM on this peer's behalf. */
+	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
 	restore_start(
 	    vm,
@@ -1068,12 +1132,15 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 {
 	const char *binary = NULL;
 	void *const out[] = { &binary };
+	_cleanup_close_ int fd = -EBADF;
 	json_object *o;
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
 	binary = binary ? binary : d->self_path;
-	if (!binary || binary[0] != '/' || access(binary, X_OK) < 0) {
+	/* Opened once, here: the file judged below is the one exec'd. */
+	if (!binary || binary[0] != '/' || access(binary, X_OK) < 0 ||
+	    (fd = open(binary, O_PATH | O_CLOEXEC)) < 0) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, "binary", "binary '%.200s' %s",
 				binary ? binary : "?",
 				binary && binary[0] == '/' ? strerror(errno)
@@ -1081,7 +1148,7 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 		return;
 	}
 	if (call_peer(c)->uid != 0) {
-		int r = policy_may_reexec(d->self_path, binary);
+		int r = policy_may_reexec(d->self_path, fd);
 
 		if (r < 0) {
 			call_fail_param(
@@ -1116,6 +1183,8 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;
 	}
+	safe_close(d->reexec_fd);
+	d->reexec_fd = TAKE_FD(fd);
 	o = json_object_new_object();
 	json_object_object_add(o, "reexec", json_object_new_string(binary));
 	json_object_object_add(o, "pid", json_object_new_int(getpid()));

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/access.h"
 #include "common/macro.h"
@@ -123,10 +124,11 @@ static int root_only_path(const char *canon)
 	}
 }
 
-int policy_may_run(const struct policy *p, const char *path)
+int policy_may_run(const struct policy *p, const char *path, char **ret_canon)
 {
 	_cleanup_free_ char *canon = realpath(path, NULL);
 	bool listed = false;
+	int r;
 
 	if (!canon)
 		return -errno;
@@ -134,16 +136,25 @@ int policy_may_run(const struct policy *p, const char *path)
 		listed = fnmatch(p->vmm[i], canon, FNM_PATHNAME) == 0;
 	if (!listed)
 		return -EACCES;
-	return root_only_path(canon);
+	r = root_only_path(canon);
+	if (r < 0)
+		return r;
+	if (ret_canon)
+		*ret_canon = TAKE_PTR(canon);
+	return 0;
 }
 
-int policy_may_reexec(const char *self, const char *path)
+int policy_may_reexec(const char *self, int fd)
 {
-	_cleanup_free_ char *canon = realpath(path, NULL);
+	struct stat st, own;
 
-	if (!canon)
-		return -errno;
-	if (!self || !streq(canon, self))
+	if (!self || fstat(fd, &st) < 0 || stat(self, &own) < 0)
 		return -EACCES;
-	return root_only_path(canon);
+	if (!S_ISREG(st.st_mode) || st.st_dev != own.st_dev || st.st_ino != own.st_ino)
+		return -EACCES;
+	/* The file at fd is the one at self, whose path root alone can
+	 * change; that it is root's alone is asked of the fd itself. */
+	if (!fd_is_root_only(fd))
+		return -EPERM;
+	return root_only_path(self);
 }

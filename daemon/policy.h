@@ -29,14 +29,19 @@ void policy_done(struct policy *p);
 
 /*
  * Whether a peer that is not root may have cprd run the binary at path:
- *   0        yes
+ *   0        yes, and *ret_canon (if not NULL) is its canonical path: the
+ *            one to store and execute, since the file there and every
+ *            directory above it are root's alone, while path itself (a
+ *            symlink of the peer's, say) may name another file tomorrow
  *   -EACCES  its canonical path matches no pattern
  *   -EPERM   it, or a directory above it, could be changed by someone but
  *            root (owner not root, or writable by group or others)
  *   -ENOENT, ... it cannot be resolved
  */
-int policy_may_run(const struct policy *p, const char *path);
+int policy_may_run(const struct policy *p, const char *path, char **ret_canon);
 
-/* The same ownership rule for the re-exec binary, which must also be
- * cprd's own (self, canonical). */
-int policy_may_reexec(const char *self, const char *path);
+/* The same ownership rule for the re-exec binary already opened at fd
+ * (O_PATH will do), which must also be cprd's own: the very file now at
+ * self (canonical). The caller executes that fd, never the path again:
+ * what was judged is what runs. 0, -EACCES (another file), -EPERM. */
+int policy_may_reexec(const char *self, int fd);

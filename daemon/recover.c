@@ -54,6 +54,8 @@ static int config_from_record(json_object *rec, struct vm_config *cfg)
 	};
 	int64_t uid = json_object_get_int64(json_object_object_get(rec, "uid"));
 
+	vm_config_ids_from_json(rec, cfg);
+
 	/* Kept as recorded even when --vmm-ids changed since: the VMM that
 	 * runs now, and its successor, are that uid. None recorded (a VM of
 	 * a cprd from before confinement): one is picked once all are known. */

@@ -123,6 +123,42 @@ static void add_str(json_object *o, const char *k, const char *v)
 	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
 }
 
+/* "DEV:INO" as text: dev_t and ino_t are 64-bit unsigned, beyond what a
+ * JSON number keeps exactly everywhere. */
+static void add_file_id(json_object *o, const char *k, const struct file_id *id)
+{
+	char buf[48];
+
+	if (!id->set)
+		return;
+	snprintf(buf, sizeof(buf), "%ju:%ju", (uintmax_t)id->dev, (uintmax_t)id->ino);
+	add_str(o, k, buf);
+}
+
+static struct file_id file_id_from(json_object *o, const char *k)
+{
+	json_object *v = json_object_object_get(o, k);
+	uintmax_t dev, ino;
+	char end;
+
+	if (!v || !json_object_is_type(v, json_type_string) ||
+	    sscanf(json_object_get_string(v), "%ju:%ju%c", &dev, &ino, &end) != 2)
+		return (struct file_id){};
+	return (struct file_id){ .dev = (dev_t)dev, .ino = (ino_t)ino, .set = true };
+}
+
+void vm_config_ids_to_json(const struct vm_config *cfg, json_object *o)
+{
+	add_file_id(o, "kernel_id", &cfg->kernel_id);
+	add_file_id(o, "initrd_id", &cfg->initrd_id);
+}
+
+void vm_config_ids_from_json(json_object *o, struct vm_config *cfg)
+{
+	cfg->kernel_id = file_id_from(o, "kernel_id");
+	cfg->initrd_id = file_id_from(o, "initrd_id");
+}
+
 /* ---- events (events.c sends them; what they say of a VM is said here) ---- */
 
 static void emit_vm_created(struct vm *vm)
@@ -185,6 +221,7 @@ static json_object *vm_record(struct vm *vm)
 	add_str(o, "kernel", vm->cfg.kernel);
 	if (vm->cfg.initrd)
 		add_str(o, "initrd", vm->cfg.initrd);
+	vm_config_ids_to_json(&vm->cfg, o);
 	if (vm->cfg.append)
 		add_str(o, "append", vm->cfg.append);
 	if (vm->cfg.tap)
@@ -684,10 +721,10 @@ int vm_check_images(const struct vm_config *cfg, char *why, size_t size)
 
 		if (!img)
 			continue;
-		r = vmm_open_image(img, &fd);
+		r = vmm_open_image(img, i == 0 ? &cfg->kernel_id : &cfg->initrd_id, &fd);
 		if (r < 0) {
 			snprintf(why, size, "cannot use %s %s: %s", i == 0 ? "kernel" : "initrd",
-				 img, r == -EINVAL ? "not a regular file" : strerror(-r));
+				 img, vmm_image_strerror(r));
 			return r;
 		}
 		close(fd);

@@ -34,10 +34,19 @@ enum vm_state {
 	_VM_STATE_MAX,
 };
 
+/* Which file a path named when a peer that is not root was judged to
+ * read it: a later open must find the very same file there. */
+struct file_id {
+	dev_t dev;
+	ino_t ino;
+	bool set; /* false: named by root (or recorded before identities were) */
+};
+
 struct vm_config {
 	char *name;
-	char *vmm; /* absolute path of the VMM binary */
-	char *kernel, *initrd, *append, *tap;
+	char *vmm; /* absolute path of the VMM binary (canonical unless root named it) */
+	char *kernel, *initrd, *append, *tap; /* kernel, initrd: likewise */
+	struct file_id kernel_id, initrd_id;
 	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
 	char *machine_alias; /* what create asked for (q35), or NULL */
 	uint64_t memory_bytes;
@@ -80,6 +89,8 @@ struct vm {
 #define VM_QMP_SOCK "qmp.sock"
 #define VM_HISTORY "history.jsonl"
 #define VM_RUN_DIR "vmm" /* the VMMs' own: owned by the VM's uid */
+/* The longest socket path below the VM's directory (cpr-transfer's). */
+#define VM_LONGEST_SOCKET VM_RUN_DIR "/cpr-state.sock"
 
 const char *vm_state_to_string(enum vm_state s);
 
@@ -145,6 +156,10 @@ void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t siz
 json_object *vm_fds_to_json(struct vm *vm);
 
 void vm_config_done(struct vm_config *cfg);
+/* The kernel's and initrd's file_id in a record (registry, checkpoint
+ * meta), and back; a record without them reads as root-given. */
+void vm_config_ids_to_json(const struct vm_config *cfg, json_object *o);
+void vm_config_ids_from_json(json_object *o, struct vm_config *cfg);
 /* Give vm a uid of its own from the daemon's VMM range (lowest free), unless
  * it has one. -EUSERS when every id of the range is taken. */
 int vm_pick_uid(struct vm *vm);

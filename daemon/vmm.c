@@ -481,12 +481,41 @@ static void spawn_done(int error, pid_t pid, int pidfd, void *ud)
  * the VMM cannot be pointed at anything but a regular file (open_as()
  * looks before it opens: a FIFO or a device planted at the path is
  * refused unopened). QEMU reads them through /proc/self/fd. */
-int vmm_open_image(const char *path, int *ret_fd)
+int vmm_open_image(const char *path, const struct file_id *id, int *ret_fd)
 {
-	/* With cprd's rights; whoever named it was judged at create. */
-	int r = open_as(path, NULL, ret_fd);
+	_cleanup_close_ int fd = -EBADF;
+	struct stat st;
+	int r;
 
-	return r == -EBADFD ? -EINVAL : r;
+	/* With cprd's rights: whoever named it was judged at create. What
+	 * was judged for a peer that is not root was the file then at this
+	 * canonical path; another file there now (the peer could not
+	 * change that file, but someone may have renamed another over it,
+	 * or a directory on the way) was judged by nobody. */
+	r = open_as(path, NULL, &fd, NULL);
+	if (r < 0)
+		return r == -EBADFD ? -EINVAL : r;
+	if (id && id->set) {
+		if (fstat(fd, &st) < 0)
+			return -errno;
+		if (st.st_dev != id->dev || st.st_ino != id->ino)
+			return -ESTALE;
+	}
+	*ret_fd = TAKE_FD(fd);
+	return 0;
+}
+
+const char *vmm_image_strerror(int r)
+{
+	switch (r) {
+	case -EINVAL:
+		return "not a regular file";
+	case -ESTALE:
+		return "not the file that was judged when the VM was created (another file "
+		       "is at that path now); cprd will not hand it to a VMM";
+	default:
+		return strerror(-r);
+	}
 }
 
 /* Where a VMM finds what it is given: the held fds from 3 on in this order,
@@ -565,16 +594,17 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 	size_t n = 0;
 	int r;
 
-	r = vmm_open_image(cfg->kernel, &kernel);
+	r = vmm_open_image(cfg->kernel, &cfg->kernel_id, &kernel);
 	if (r < 0) {
-		log_error("VM %s: cannot open kernel %s: %s", cfg->name, cfg->kernel, strerror(-r));
+		log_error("VM %s: cannot open kernel %s: %s", cfg->name, cfg->kernel,
+			  vmm_image_strerror(r));
 		return r;
 	}
 	if (cfg->initrd) {
-		r = vmm_open_image(cfg->initrd, &initrd);
+		r = vmm_open_image(cfg->initrd, &cfg->initrd_id, &initrd);
 		if (r < 0) {
 			log_error("VM %s: cannot open initrd %s: %s", cfg->name, cfg->initrd,
-				  strerror(-r));
+				  vmm_image_strerror(r));
 			return r;
 		}
 	}

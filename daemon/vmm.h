@@ -76,9 +76,14 @@ struct vmm_incoming {
 	const char *cpr_main_path, *cpr_state_path;
 };
 
+struct file_id;
+
 /* Open a kernel or initrd for a VMM: a regular file only, else -EINVAL
- * (-EISDIR for a directory). */
-int vmm_open_image(const char *path, int *ret_fd);
+ * (-EISDIR for a directory); with id set (a peer that is not root named
+ * it), the very file that was judged then, else -ESTALE. */
+int vmm_open_image(const char *path, const struct file_id *id, int *ret_fd);
+/* What a failure of vmm_open_image() means, for a peer. */
+const char *vmm_image_strerror(int r);
 
 /* Whether pid is a VMM that cprd watches (and so reaps through its pidfd). */
 bool vmm_pid_watched(const struct daemon *d, pid_t pid);

@@ -4,17 +4,21 @@ its own binary, and names as kernel or initrd only files it could read
 itself and cannot change. Root peers are not limited. The peers here are
 real: a child that dropped to uid 65534 with group 'cprd'."""
 
+import fcntl
 import grp
+import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
+import termios
 import tempfile
 import threading
 import time
 import unittest
 
-from cprdtest import CPRD, Daemon, guest_accel, require_root, wrapper
+from cprdtest import CPRD, Daemon, guest_accel, require_root, wait_until, wrapper
 from test_custody import as_user
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,9 +83,19 @@ class Trust(unittest.TestCase):
         cls.kernel = os.path.join(cls.root, "kernel")
         shutil.copy(STANDIN, cls.kernel)
         os.chmod(cls.kernel, 0o644)
+        # An allowed VMM that writes down what its kernel fd holds.
+        cls.reports = os.path.join(cls.root, "reports")
+        os.mkdir(cls.reports, 0o700)
+        cls.vmm_report = wrapper(
+            cls.root, "vmm-report",
+            'prev=\nfor a in "$@"; do\n'
+            f'  [ "$prev" = -kernel ] && head -c 64 "$a" > {cls.reports}/$$\n'
+            '  prev=$a\ndone\n'
+            f'exec python3 {STANDIN} "$@"')
         cls.allow = os.path.join(cls.root, "vmm.allow")
         with open(cls.allow, "w") as f:
-            f.write("# VMMs a member of group cprd may run\n\n" + cls.vmm_ok + "\n")
+            f.write("# VMMs a member of group cprd may run\n\n" + cls.vmm_ok + "\n" +
+                    cls.vmm_report + "\n")
         # The stand-ins run from the source tree, which a confined VMM's
         # root does not hold; what is tested here is who may name what.
         cls.d = Daemon(["--vmm-allow", cls.allow, "--no-confine"]).start()
@@ -190,7 +204,6 @@ class Trust(unittest.TestCase):
             self.assertIn(": not a regular file", msg)
         self.d.call("daemon.status")  # and serves everyone still
 
-
     def test_member_uses_no_checkpoint_directory_but_cprds(self):
         # A root-owned stand-in for /etc, holding a file named as the VM:
         # cprd as root would create the directory, rename the file aside
@@ -214,6 +227,173 @@ class Trust(unittest.TestCase):
                          (before.st_ino, before.st_size, before.st_mtime_ns))
         st = self.d.call("vm.status", {"name": "passwd"})
         self.assertEqual((st["state"], st["pid"]), ("running", res["pid"]))
+
+    def members_dir(self):
+        """A directory of the member's own inside root's: where it plants links."""
+        own = tempfile.mkdtemp(dir=self.root)
+        os.chmod(own, 0o755)
+        os.chown(own, NOBODY, NOBODY)
+        return own
+
+    def repoint(self, link, target):
+        """What the member does between two steps: its link names another file."""
+        tmp = link + ".new"
+        os.symlink(target, tmp)
+        os.chown(tmp, NOBODY, NOBODY, follow_symlinks=False)
+        os.replace(tmp, link)
+
+    def test_vmm_link_swapped_after_create_is_not_run(self):
+        own = self.members_dir()
+        marker = os.path.join(self.reports, "member-script-ran")
+        evil = wrapper(own, "evil", f'touch {marker}\nexec python3 {STANDIN} "$@"')
+        os.chown(evil, NOBODY, NOBODY)
+        link = os.path.join(own, "vmm")
+        os.symlink(self.vmm_ok, link)
+        code, res = self.member("vm.create", self.create("vmm-link", vmm=link))
+        self.assertEqual(code, 0, res)
+
+        self.repoint(link, evil)
+        # Root's routine update (update --all) and the member's own: each
+        # runs the binary judged at create, never the member's script.
+        res = self.d.call("vm.update", {"name": "vmm-link"})
+        self.assertFalse(os.path.exists(marker), "the member's script ran as a VMM")
+        self.assertEqual(res["result"], "ok", res)
+        code, res = self.member("vm.update", {"name": "vmm-link"})
+        self.assertEqual(code, 0, res)
+        self.assertEqual(res["result"], "ok", res)
+        st = self.d.call("vm.status", {"name": "vmm-link"})
+        self.assertEqual((st["state"], st["vmm"]), ("running", self.vmm_ok))
+        self.assertFalse(os.path.exists(marker), "the member's script ran as a VMM")
+        # Named by the member at update time, the link is judged by what it
+        # names now, and refused.
+        code, msg = self.member("vm.update", {"name": "vmm-link", "vmm": link})
+        self.assertEqual(code, PERM, msg)
+        self.assertFalse(os.path.exists(marker), "the member's script ran as a VMM")
+
+    def kernel_report(self, name):
+        pid = self.d.call("vm.status", {"name": name})["pid"]
+        with open(os.path.join(self.reports, str(pid)), "rb") as f:
+            return f.read()
+
+    def test_kernel_link_swapped_after_create_is_not_reopened(self):
+        own = self.members_dir()
+        readable = os.path.join(self.root, "readable-kernel")
+        with open(readable, "w") as f:
+            f.write("READABLE kernel\n")
+        os.chmod(readable, 0o644)
+        secret = os.path.join(self.root, "secret")
+        with open(secret, "w") as f:
+            f.write("root:SECRET:19000:0:99999:7:::\n")
+        os.chmod(secret, 0o600)
+        link = os.path.join(own, "kernel")
+        os.symlink(readable, link)
+        code, res = self.member("vm.create", self.create("kernel-link", vmm=self.vmm_report,
+                                                         kernel=link))
+        self.assertEqual(code, 0, res)
+        self.assertEqual(self.kernel_report("kernel-link"), b"READABLE kernel\n")
+
+        # The link now names root's secret: the next VMM still gets the
+        # file judged at create.
+        self.repoint(link, secret)
+        code, res = self.member("vm.update", {"name": "kernel-link"})
+        self.assertEqual(code, 0, res)
+        self.assertEqual(self.kernel_report("kernel-link"), b"READABLE kernel\n")
+        # What was judged is what is kept: the file, not the link.
+        self.assertEqual(self.d.call("vm.status", {"name": "kernel-link"})["kernel"], readable)
+
+        # Another file renamed over the judged path is refused, not handed
+        # on: the update fails before the guest is paused and the VMM stays.
+        pid = self.d.call("vm.status", {"name": "kernel-link"})["pid"]
+        other = os.path.join(self.root, "other")
+        shutil.copy(secret, other)
+        os.replace(other, readable)
+        code, msg = self.member("vm.update", {"name": "kernel-link"})
+        self.assertNotEqual(code, 0, msg)
+        self.assertIn("not the file that was judged when the VM was created", str(msg))
+        st = self.d.call("vm.status", {"name": "kernel-link"})
+        self.assertEqual((st["state"], st["pid"]), ("running", pid))
+        self.assertEqual(self.kernel_report("kernel-link"), b"READABLE kernel\n")
+
+    def test_name_too_long_for_the_sockets_is_refused_up_front(self):
+        # sun_path holds 107 bytes; the longest socket is vmm/cpr-state.sock.
+        room = 107 - len(self.d.dir) - len("/vms//vmm/cpr-state.sock")
+        if room >= 63:
+            self.skipTest(f"state directory {self.d.dir} is short enough for any name")
+        name = "n" * (room + 1)
+        code, msg = self.member("vm.create", self.create(name))
+        self.assertEqual(code, BAD_PARAMS, msg)
+        self.assertIn(f"use a name of at most {room} characters", msg)
+        self.assertNotIn(name, [v["name"] for v in self.d.call("vm.list")["vms"]])
+        if room > 0:
+            code, res = self.member("vm.create", self.create("m" * room))
+            self.assertEqual(code, 0, res)
+
+
+class ReexecSwap(unittest.TestCase):
+    """daemon.reexec execs the very file it judged. The member's link names
+    cprd's own binary when the request is judged and the member's ELF from
+    the moment the reply is out: cprd writes every reply before it execs
+    and waits (up to a second) for a client that does not read; that
+    client is held until the link is swapped, then let go."""
+
+    def setUp(self):
+        require_root(self)
+        self.gid = cprd_group()
+        self.root = root_only_dir()
+        self.d = Daemon().start()
+        os.chmod(self.d.dir, 0o755)
+        os.chmod(self.d.sock, 0o660)
+
+    def tearDown(self):
+        self.d.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def test_link_swapped_after_the_check_does_not_win(self):
+        own = tempfile.mkdtemp(dir=self.root)
+        os.chmod(own, 0o755)
+        os.chown(own, NOBODY, NOBODY)
+        elf = os.path.join(own, "not-cprd")
+        shutil.copy("/bin/true", elf)
+        os.chown(elf, NOBODY, NOBODY)
+        link = os.path.join(own, "cprd")
+        os.symlink(os.path.realpath(CPRD), link)
+        pid = self.d.pid
+
+        # A slow reader: replies cprd cannot write out yet.
+        slow = self.d.conn()
+        slow.send_raw("".join(json.dumps({"jsonrpc": "2.0", "method": "daemon.status",
+                                          "id": i}) + "\n" for i in range(2000)))
+        last = -1
+        for _ in range(100):
+            self.d.call("daemon.status")
+            n = struct.unpack("i", fcntl.ioctl(slow.sock, termios.FIONREAD, b"\0" * 4))[0]
+            if n == last and n > 0:
+                break
+            last = n
+        try:
+            code, res = call_as_member(self.d, self.gid, "daemon.reexec", {"binary": link})
+            self.assertEqual(code, 0, res)
+            tmp = link + ".new"
+            os.symlink(elf, tmp)
+            os.replace(tmp, link)
+        finally:
+            slow.close()
+        wait_until(lambda: self.d.proc.poll() is not None or self.started_again(),
+                   30, "cprd to re-execute")
+        self.assertIsNone(self.d.proc.poll(), "cprd became the member's binary and ended")
+        self.assertEqual(self.d.pid, pid)
+        self.assertTrue(file_same(f"/proc/{pid}/exe", CPRD))
+
+    def started_again(self):
+        try:
+            return self.d.call("daemon.status")["start_mode"] == "re-exec"
+        except Exception:  # noqa: BLE001 - between the two images
+            return False
+
+
+def file_same(a, b):
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class AllowListFile(unittest.TestCase):

@@ -56,7 +56,7 @@ static int try_open(const char *rel, const struct creds *c)
 	int fd = -1, r;
 
 	snprintf(p, sizeof(p), "%s/%s", base, rel);
-	r = open_as(p, c, &fd);
+	r = open_as(p, c, &fd, NULL);
 	if (r == 0) {
 		ck_assert_int_ge(fd, 0);
 		ck_assert(fcntl(fd, F_GETFD) & FD_CLOEXEC);
@@ -115,7 +115,7 @@ START_TEST(open_as_follows_the_peers_rights)
 	/* With the caller's own rights (root): no mode check, same rest. */
 	ck_assert_int_eq(try_open("secret", NULL), 0);
 	ck_assert_int_eq(try_open("closed/pub", NULL), 0);
-	ck_assert_int_eq(open_as("relative", NULL, &(int){ 0 }), -EINVAL);
+	ck_assert_int_eq(open_as("relative", NULL, &(int){ 0 }, NULL), -EINVAL);
 }
 END_TEST
 
