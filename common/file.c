@@ -3,9 +3,11 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/escape.h"
 #include "common/file.h"
 #include "common/macro.h"
 
@@ -18,6 +20,7 @@ void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t s
 {
 	_cleanup_close_ int fd =
 	    openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
+	_cleanup_free_ char *raw = NULL;
 	struct stat st;
 	ssize_t n;
 	off_t off;
@@ -32,31 +35,37 @@ void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t s
 	off = st.st_size > (off_t)size - 1 ? st.st_size - (off_t)size + 1 : 0;
 	if (off < from)
 		off = from;
-	n = pread(fd, buf, size - 1, off);
+	raw = malloc(size);
+	if (!raw)
+		return;
+	n = pread(fd, raw, size - 1, off);
 	if (n <= 0)
 		return;
-	buf[n] = '\0';
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = '\0';
-	for (char *p = buf; *p; p++)
-		if (*p == '\n')
-			*p = ' ';
+	while (n > 0 && (raw[n - 1] == '\n' || raw[n - 1] == ' ' || raw[n - 1] == '\0'))
+		n--;
+	for (ssize_t i = 0; i < n; i++)
+		if (raw[i] == '\n')
+			raw[i] = ' ';
+	/* The writer is a VMM: what it wrote is quoted in cprd's log and
+	 * replies, escaped, and cut to size keeping the start of the tail. */
+	str_escape(raw, (size_t)n, buf, size);
 }
 
-int file_copy(int in, int out, off_t limit)
+/* [off, end) of in appended to out, looping over short reads and writes. */
+static int copy_range(int in, off_t off, off_t end, int out)
 {
 	char buf[65536];
-	off_t off = 0;
 
-	while (off < limit) {
-		ssize_t n = pread(in, buf, sizeof(buf), off), w = 0;
+	while (off < end) {
+		size_t want = (size_t)MIN((off_t)sizeof(buf), end - off);
+		ssize_t n = pread(in, buf, want, off), w = 0;
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
 			return -errno;
 		if (n == 0)
-			return 0;
+			return 0; /* truncated under us */
 		while (w < n) {
 			ssize_t k = write(out, buf + w, (size_t)(n - w));
 
@@ -67,6 +76,31 @@ int file_copy(int in, int out, off_t limit)
 			w += k;
 		}
 		off += n;
+	}
+	return 0;
+}
+
+int file_copy_tail(int in, off_t end, off_t limit, int out)
+{
+	off_t off = end > limit ? end - limit : 0;
+
+	/* A hole is what a writer gets for free (ftruncate() far past its
+	 * data): it is skipped, never read back as zeros and written out. */
+	while (off < end) {
+		off_t data = lseek(in, off, SEEK_DATA), hole;
+		int r;
+
+		if (data < 0)
+			return errno == ENXIO ? 0 : -errno; /* no data after off */
+		if (data >= end)
+			return 0;
+		hole = lseek(in, data, SEEK_HOLE);
+		if (hole < 0)
+			return -errno;
+		r = copy_range(in, data, MIN(hole, end), out);
+		if (r < 0)
+			return r;
+		off = hole;
 	}
 	return 0;
 }
@@ -105,7 +139,7 @@ int file_rotate(int dirfd, const char *name, off_t max)
 			       0640)) < 0)
 		r = -errno;
 	else
-		r = file_copy(fd, out, st.st_size + max);
+		r = file_copy_tail(fd, st.st_size, max, out);
 	if (r >= 0 && close(TAKE_FD(out)) < 0)
 		r = -errno;
 	if (r >= 0 && renameat(dirfd, tmp, dirfd, old) < 0)

@@ -42,9 +42,11 @@ static inline ssize_t read_at_most(int fd, off_t offset, size_t max, char **ret)
 	return (ssize_t)len;
 }
 
-/* in (from offset 0 to its end, at most limit bytes: a writer may outrun
- * the copy) written to out at out's own offset. 0 or a negative errno. */
-int file_copy(int in, int out, off_t limit);
+/* The data of in's last limit bytes before offset end (the whole file when
+ * it is shorter), holes skipped, appended to out at out's own offset: at
+ * most limit bytes are written, whatever size a writer gave the file.
+ * Stops early where in was truncated under it. 0 or a negative errno. */
+int file_copy_tail(int in, off_t end, off_t limit, int out);
 
 /* The last size - 1 bytes of the file name in the directory dirfd (never
  * through a symlink), trailing newlines and blanks dropped and the others
@@ -57,14 +59,18 @@ void file_tail_from(int dirfd, const char *name, off_t from, char *buf, size_t s
 
 /* Copy-truncate rotation of a log that another process appends to through
  * its own O_APPEND fd (which cprd cannot replace): once the regular file
- * name in dirfd is larger than max bytes, its content is copied to
- * name.1 (replacing the previous one) and the file truncated to 0 in
- * place, so the writer's next write lands at the start and `tail -f`
- * follows on. What the writer adds between the end of the copy and the
- * truncation is lost. A copy that fails still truncates: the size bound
- * comes first. Never follows a symlink at either name. Returns 1 when it
- * rotated, 0 when the file is within max or absent, else a negative errno
- * (-ELOOP: a symlink stands there, left alone). */
+ * name in dirfd is larger than max bytes, the data of its last max bytes
+ * (holes skipped: file_copy_tail()) is copied to name.1 (replacing the
+ * previous one) and the file truncated to 0 in place, so the writer's next
+ * write lands at the start and `tail -f` follows on. name.1 never holds
+ * more than max bytes, so a writer that inflates the file (ftruncate() to
+ * 1 GiB costs it nothing) cannot make the copy cost more: what it wrote
+ * before the last max bytes is dropped, and so is what it adds between
+ * the end of the copy and the truncation. A copy that fails still
+ * truncates: the size bound comes first. Never follows a symlink at either
+ * name. Returns 1 when it rotated, 0 when the file is within max or
+ * absent, else a negative errno (-ELOOP: a symlink stands there, left
+ * alone). */
 int file_rotate(int dirfd, const char *name, off_t max);
 
 /* Unlink every entry of the directory at path that is not a directory

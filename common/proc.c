@@ -78,11 +78,15 @@ pid_t pidfd_pid(int pidfd)
 	return p ? (pid_t)strtol(p + 5, NULL, 10) : -1;
 }
 
-bool unix_listening(const char *path)
+bool unix_listening(pid_t pid, const char *path)
 {
-	_cleanup_(fclosep) FILE *f = fopen("/proc/net/unix", "re");
+	char table[64];
+	_cleanup_(fclosep) FILE *f = NULL;
 	char line[512];
 	size_t plen = strlen(path);
+
+	snprintf(table, sizeof(table), "/proc/%d/net/unix", (int)pid);
+	f = fopen(table, "re");
 
 	while (f && fgets(line, sizeof(line), f)) {
 		unsigned long flags;

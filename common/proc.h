@@ -26,10 +26,12 @@ int proc_image_id(pid_t pid, uint64_t *ret);
  * (or the fd is no pidfd). */
 pid_t pidfd_pid(int pidfd);
 
-/* Whether a UNIX stream socket is listening on path, from /proc/net/unix:
- * it answers without connecting, where a probe connection would be taken
- * by the listener as a real client. */
-bool unix_listening(const char *path);
+/* Whether a UNIX stream socket is listening on path in the network
+ * namespace of process pid, from /proc/PID/net/unix: it answers without
+ * connecting, where a probe connection would be taken by the listener as
+ * a real client. The table lists the sockets of one network namespace
+ * only: a confined VMM's are not in cprd's /proc/net/unix. */
+bool unix_listening(pid_t pid, const char *path);
 
 /* Files a running process maps that were deleted or replaced on disk since
  * it mapped them: its executable and libraries after a package upgrade

@@ -66,7 +66,7 @@ static int append_file(int from_dir, const char *from, int to, off_t limit)
 		return errno == ENOENT ? 0 : -errno;
 	if (fstat(in, &st) < 0 || !S_ISREG(st.st_mode))
 		return -EBADFD;
-	return file_copy(in, to, limit);
+	return file_copy_tail(in, st.st_size, limit, to);
 }
 
 /* name.1 then name (older first) at the end of the kept name, after a line
@@ -75,7 +75,8 @@ static int keep_log(struct vm *vm, int dir, const char *name, const char *banner
 {
 	_cleanup_close_ int out = -EBADF;
 	char old[64];
-	off_t limit = vm->d->log_max > 0 ? 2 * vm->d->log_max + 65536 : INT64_MAX;
+	/* The VMM sized these files: its data alone, at most the bound each. */
+	off_t limit = vm->d->log_max > 0 ? vm->d->log_max : INT64_MAX;
 	int r;
 
 	out = openat(dir, name, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0640);

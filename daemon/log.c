@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/escape.h"
 #include "daemon/limits.h"
 #include "daemon/log.h"
 
@@ -86,7 +87,8 @@ static int field(struct iovec *iov, size_t *n, char *buf, size_t size, const cha
 static void send_journal(int prio, const char *message_id, const char *const *fields,
 			 const char *msg)
 {
-	char m[LOG_LINE_MAX + 8], p[16], id[48], vm[160], vmf[168];
+	char m[LOG_LINE_MAX + 8], p[16], id[48], vm[160], vmf[168],
+	    esc[LOG_FIELDS_MAX][LOG_LINE_MAX];
 	struct iovec iov[LOG_FIELDS_MAX];
 	size_t n = 0;
 	bool have_vm = false;
@@ -97,8 +99,10 @@ static void send_journal(int prio, const char *message_id, const char *const *fi
 		(void)field(iov, &n, id, sizeof(id), "MESSAGE_ID=%s", message_id);
 	for (size_t i = 0; fields && fields[i] && n < LOG_FIELDS_MAX; i++) {
 		have_vm |= strncmp(fields[i], "CPRD_VM=", 8) == 0;
-		iov[n++] =
-		    (struct iovec){ .iov_base = (char *)fields[i], .iov_len = strlen(fields[i]) };
+		(void)field(iov, &n, esc[i], sizeof(esc[i]), "%s", fields[i]);
+		if (str_needs_escape(fields[i], strlen(fields[i])))
+			iov[n - 1].iov_len =
+			    str_escape(fields[i], strlen(fields[i]), esc[i], sizeof(esc[i]));
 	}
 	if (!have_vm && vm_of(msg, vm, sizeof(vm)))
 		(void)field(iov, &n, vmf, sizeof(vmf), "CPRD_VM=%s", vm);
@@ -113,25 +117,32 @@ static void vlog(int prio, const char *message_id, const char *const *fields, co
 {
 	static const char *const names[] = { "emerg",   "alert",  "crit", "error",
 					     "warning", "notice", "info", "debug" };
-	char line[LOG_LINE_MAX], ts[32];
+	char line[LOG_LINE_MAX], msg[LOG_LINE_MAX], esc[LOG_LINE_MAX], ts[32];
+	const char *text = msg;
 	struct timespec now;
 	struct tm tm;
-	int saved = errno, n = 0;
+	int saved = errno, n = 0, len;
 
 	if (prio > max_prio)
 		return;
+	len = vsnprintf(msg, sizeof(msg), fmt, ap);
+	len = len < 0 ? 0 : MIN(len, (int)sizeof(msg) - 1);
+	/* One line, whatever a message quotes: what a VMM or a peer wrote
+	 * cannot end it and forge the next one, nor drive a terminal. */
+	if (str_needs_escape(msg, (size_t)len)) {
+		str_escape(msg, (size_t)len, esc, sizeof(esc));
+		text = esc;
+	}
 	if (to_journal) {
-		vsnprintf(line, sizeof(line), fmt, ap);
-		send_journal(prio, message_id, fields, line);
+		send_journal(prio, message_id, fields, text);
 		errno = saved;
 		return;
 	}
 	clock_gettime(CLOCK_REALTIME, &now);
 	localtime_r(&now.tv_sec, &tm);
 	strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-	n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: ", ts, now.tv_nsec / 1000000,
-		     (int)getpid(), names[prio & 7]);
-	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+	n = snprintf(line, sizeof(line), "%s.%03ld cprd[%d] %s: %s", ts, now.tv_nsec / 1000000,
+		     (int)getpid(), names[prio & 7], text);
 	if (n > (int)sizeof(line) - 2)
 		n = (int)sizeof(line) - 2;
 	line[n++] = '\n';

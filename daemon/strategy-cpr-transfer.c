@@ -70,7 +70,9 @@ static void poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		ev_timer_stop(loop, w);
 		return;
 	}
-	if (!unix_listening(c->state_path))
+	/* Looked up in the new VMM's own network namespace (a confined one
+	 * has its own): cprd's /proc/net/unix would never list the socket. */
+	if (!u->next || u->next->pid <= 0 || !unix_listening(u->next->pid, c->state_path))
 		return;
 	ev_timer_stop(loop, w);
 	update_migrate(u, channels(c));

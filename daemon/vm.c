@@ -469,8 +469,10 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
 		vm_set_state(vm, VM_RUNNING);
 	else if (streq(event, "SHUTDOWN"))
+		/* The reason is the VMM's text, escaped as it arrived (kvm/qmp.c). */
 		log_info("VM %s: guest shut down (%s)", vm->cfg.name,
-			 json_object_get_string(json_object_object_get(data, "reason")));
+			 json_object_get_string(json_object_object_get(data, "reason"))
+			     ?: "no reason given");
 }
 
 static void started(qmp *q, json_object *ret, const char *cls, const char *desc, void *userdata)

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/escape.h"
 #include "common/json.h"
 #include "kvm/qmp.h"
 #include "proto/frame.h"
@@ -124,13 +125,8 @@ static void set_package(qmp *q, const char *s)
 	n = strlen(s);
 	while (n > 0 && (s[n - 1] == ')' || s[n - 1] == ' '))
 		n--;
-	if (n >= sizeof(q->package))
-		n = sizeof(q->package) - 1;
-	memcpy(q->package, s, n);
-	q->package[n] = '\0';
-	for (char *c = q->package; *c; c++)
-		if ((unsigned char)*c < 0x20)
-			*c = '?'; /* it is shown on terminals */
+	/* Escaped already (sanitize()): this copies, cut at a character. */
+	str_escape(s, n, q->package, sizeof(q->package));
 }
 
 size_t qmp_pending(const qmp *q)
@@ -311,6 +307,47 @@ static void handle_event(qmp *q, json_object *msg, json_object *ev)
 		q->on_event(q, json_object_get_string(ev), data, us, q->userdata);
 }
 
+/* Every string a VMM sends (an error's desc, an event's reason, its
+ * version's package) ends up in a log line, a journal field, an event or a
+ * reply that a person reads on a terminal: a VMM taken over by its guest
+ * must not put a newline (a forged log line) or an escape sequence there.
+ * So each is escaped as it arrives, once, for every user of this library;
+ * a key that would need it is dropped (nothing looks such a key up). */
+static int sanitize(json_object *o)
+{
+	if (json_object_is_type(o, json_type_string)) {
+		const char *s = json_object_get_string(o);
+		size_t len = (size_t)json_object_get_string_len(o);
+		_cleanup_free_ char *e = NULL;
+
+		if (!str_needs_escape(s, len))
+			return 0;
+		e = malloc(4 * len + 1);
+		if (!e)
+			return -ENOMEM;
+		len = str_escape(s, len, e, 4 * len + 1);
+		return json_object_set_string_len(o, e, (int)len) ? 0 : -ENOMEM;
+	}
+	if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++)
+			if (sanitize(json_object_array_get_idx(o, i)) < 0)
+				return -ENOMEM;
+		return 0;
+	}
+	if (!json_object_is_type(o, json_type_object))
+		return 0;
+	/* The foreach has the next entry before the body runs: deleting the
+	 * current one is safe. */
+	json_object_object_foreach(o, k, v)
+	{
+		if (str_needs_escape(k, strlen(k)))
+			json_object_object_del(o, k);
+		else if (sanitize(v) < 0)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
 static int handle_message(qmp *q, const char *line, size_t len)
 {
 	_cleanup_json_ json_object *msg = NULL;
@@ -319,6 +356,8 @@ static int handle_message(qmp *q, const char *line, size_t len)
 	msg = json_tokener_parse(line);
 	if (!msg || !json_object_is_type(msg, json_type_object))
 		return -EPROTO;
+	if (sanitize(msg) < 0)
+		return -ENOMEM;
 	if (json_object_object_get_ex(msg, "QMP", &x))
 		return q->greeted ? -EPROTO : handle_greeting(q, x);
 	if (json_object_object_get_ex(msg, "event", &x))

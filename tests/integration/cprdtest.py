@@ -396,7 +396,7 @@ class Conn:
 class Daemon:
     """cprd in the foreground in a private state directory."""
 
-    def __init__(self, extra_args=(), env=None, perturb=True):
+    def __init__(self, extra_args=(), env=None, perturb=True, prefix=()):
         self.dir = tempfile.mkdtemp(prefix="cprd-test-")
         # What destroyed VMs leave (--log-dir), kept beside the state
         # directory rather than in the host's /var/log/cprd.
@@ -408,6 +408,7 @@ class Daemon:
         self.extra_args = list(extra_args)
         self.env = env
         self.perturb = perturb
+        self.prefix = list(prefix)  # a command that execs cprd (unshare --net)
         self.proc = None
         self.san_dir = None  # where this cprd's sanitizer reports go
 
@@ -424,7 +425,7 @@ class Daemon:
             self.san_dir = tempfile.mkdtemp(prefix="cprd-san-", dir=SAN_DIR)
         env = sanitizer_env(env, self.san_dir)
         self.proc = subprocess.Popen(
-            [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()]
+            self.prefix + [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()]
             + self.extra_args,
             stdout=logf, stderr=logf, env=env)
         logf.close()

@@ -39,7 +39,11 @@ Actions: die (SIGKILL self), exit (exit 1), stall (SIGSTOP self),
 close-monitor (close the QMP connection, stay alive), refuse (error reply;
 at a migration step the migration fails), hang (stop at the step until
 SIGUSR2; on:COMMAND holds that command and every later one, as a busy QEMU
-monitor would).
+monitor would). What a VMM taken over by its guest could do: inflate-logs
+(ftruncate() the console and the VMM log, both through the VMM's own fds,
+to 1 GiB, then write FORGED_MARK to each), forge-shutdown (a SHUTDOWN
+event whose reason is FORGED_TEXT), refuse-forged (on:COMMAND: an error
+reply whose desc is FORGED_TEXT).
 Marks only: monitor-closed (the connection was closed on SIGUSR1 or a fault),
 monitor-close-pending (SIGUSR1 came before any connection: the next one is
 closed at once).
@@ -70,6 +74,13 @@ CAPS = ("xbzrle", "x-ignore-shared", "events", "return-path", "postcopy-ram",
 
 PID = os.getpid()
 
+# A reason that ends cprd's log line and forges the next one (the line
+# README tells operators to grep), with a terminal escape, a C1 CSI and
+# bytes that are not UTF-8.
+FORGED_TEXT = (b"guest-reset\nupdate vm=web1 strategy=handover result=ok phase=done "
+               b"blackout_ms=1 total_ms=1 old_pid=1 new_pid=2\x1b[2J\xc2\x9b31m\xff\xfe")
+FORGED_MARK = "STANDIN inflated"
+
 
 def log(msg):
     sys.stderr.write(f"standin pid={PID}: {msg}\n")
@@ -82,6 +93,11 @@ class QmpError(Exception):
 
 class MigrationFailed(Exception):
     pass
+
+
+def json_bytes(b):
+    """b inside a JSON string: control bytes as \\u escapes, the others raw."""
+    return b"".join(b"\\u%04x" % c if c < 0x20 else bytes([c]) for c in b)
 
 
 def opts(s):
@@ -267,7 +283,15 @@ class StandIn:
         elif action == "hang" and block:
             self.wait_release(cancelled)
             log(f"released at {step}")
-        elif action in ("refuse", "hang", "close-monitor"):
+        elif action == "inflate-logs":
+            for fd in (self.guest.con, 2):
+                os.ftruncate(fd, 1 << 30)
+                os.write(fd, f"{FORGED_MARK} pid={PID}\n".encode())
+        elif action == "forge-shutdown":
+            self.send_raw(b'{"event": "SHUTDOWN", "data": {"guest": true, "reason": "' +
+                          json_bytes(FORGED_TEXT) + b'"}, "timestamp": {"seconds": 1, '
+                          b'"microseconds": 0}}')
+        elif action in ("refuse", "refuse-forged", "hang", "close-monitor"):
             return action
         else:
             log(f"unknown fault action '{action}' ignored")
@@ -282,6 +306,12 @@ class StandIn:
                     self.conn.sendall(json.dumps(obj).encode() + b"\r\n")
                 except OSError:
                     pass
+
+    def send_raw(self, line):
+        """A line of bytes as it is: JSON cannot carry bytes that are not UTF-8."""
+        with self.lock:
+            if self.conn:
+                self.conn.sendall(line + b"\r\n")
 
     def event(self, name, data=None):
         if not self.negotiated:
@@ -350,6 +380,11 @@ class StandIn:
             if action == "refuse":
                 self.send({"error": {"class": "GenericError", "desc": f"{name} refused by "
                                      "STANDIN_FAULT"}, "id": id})
+                return
+            if action == "refuse-forged":
+                self.send_raw(b'{"error": {"class": "GenericError", "desc": "' +
+                              json_bytes(FORGED_TEXT) + b'"}, "id": ' +
+                              json.dumps(id).encode() + b'}')
                 return
             if action == "close-monitor":
                 self.close_monitor()  # lost before it could answer

@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import unittest
 
-from cprdtest import KERNEL, Console, SharedDaemonTest, children, pid_alive, wait_until
+from cprdtest import (KERNEL, Console, Daemon, SharedDaemonTest, children, pid_alive,
+                      require_guest, require_root, wait_until)
 
 # Run inside the VMM's namespaces and identity: what can it reach?
 PROBE = r"""
@@ -30,6 +32,18 @@ try:
     out["cprd_socket"] = "connected"
 except OSError as e:
     out["cprd_socket"] = e.strerror
+# The host's network: an abstract unix socket and a TCP service on the
+# loopback, both listening in the test's (the host's) network namespace.
+for key, family, addr in (("abstract", socket.AF_UNIX, "\0" + sys.argv[4]),
+                          ("loopback_tcp", socket.AF_INET, ("127.0.0.1", int(sys.argv[5])))):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(addr)
+        out[key] = "connected"
+    except OSError as e:
+        out[key] = e.strerror or str(e)
+    s.close()
 try:
     out["own_dir"] = os.listdir(sys.argv[3])
 except OSError as e:
@@ -81,7 +95,7 @@ class Confined(SharedDaemonTest):
         self.assertEqual(f["Seccomp"], ["2"])
         # pid 1 of its own pid namespace, as cprd still sees it by its pid
         self.assertEqual(f["NSpid"], [str(pid), "1"])
-        for kind in ("mnt", "pid", "ipc", "uts"):
+        for kind in ("mnt", "pid", "ipc", "uts", "net"):
             self.assertNotEqual(ns(pid, kind), ns(os.getpid(), kind), kind)
         with open(f"/proc/{pid}/cmdline", "rb") as c:
             argv = c.read().split(b"\0")
@@ -111,11 +125,21 @@ class Confined(SharedDaemonTest):
         pid, uid = st["pid"], st["uid"]
         run_dir = os.path.join(os.path.dirname(st["console_log"]), "vmm")
         other_console = self.status(other)["console_log"]
+        abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(abstract.close)
+        self.addCleanup(tcp.close)
+        abstract_name = f"cprd-test-host-{os.getpid()}"
+        abstract.bind("\0" + abstract_name)
+        abstract.listen(4)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(4)
         cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-               "python3", "-c", PROBE, other_console, self.d.sock, run_dir]
-        inside = subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "-i", "-u", "--"] + cmd,
-                                capture_output=True, text=True, timeout=30)
+               "python3", "-c", PROBE, other_console, self.d.sock, run_dir, abstract_name,
+               str(tcp.getsockname()[1])]
+        inside = subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "-i", "-u", "-n", "--"]
+                                + cmd, capture_output=True, text=True, timeout=30)
         self.assertEqual(inside.returncode, 0, inside.stderr)
         host = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         self.assertEqual(host.returncode, 0, host.stderr)
@@ -129,6 +153,10 @@ class Confined(SharedDaemonTest):
         self.assertEqual(inside["shadow"], "No such file or directory")
         self.assertEqual(inside["other_console"], "No such file or directory")
         self.assertEqual(inside["cprd_socket"], "No such file or directory")
+        # In its own network namespace the host's abstract sockets and
+        # loopback services do not exist (its loopback is down).
+        self.assertEqual(inside["abstract"], "Connection refused")
+        self.assertEqual(inside["loopback_tcp"], "Network is unreachable")
         # ...while its own directory does (so the probe really ran there).
         self.assertIsInstance(inside["own_dir"], list)
         self.assertIn("usr", inside["root"])
@@ -138,6 +166,9 @@ class Confined(SharedDaemonTest):
         self.assertEqual(host["other_console"], "Permission denied")
         self.assertEqual(host["cprd_socket"], "Permission denied")
         self.assertEqual(host["own_dir"], "Permission denied")
+        # The same uid in the host's namespace reaches both: the namespace,
+        # not the uid, is what keeps the VMM out.
+        self.assertEqual((host["abstract"], host["loopback_tcp"]), ("connected", "connected"))
 
     def test_fd_claim_is_the_vms_own_vmms_alone(self):
         # Let the VM's uid reach the socket at all (the state directory is
@@ -249,3 +280,52 @@ class Confined(SharedDaemonTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ConfinedTap(unittest.TestCase):
+    """A confined VMM in its own network namespace still drives the tap it
+    is handed, across both update strategies. cprd runs in a network
+    namespace the test makes, so the tap never appears on the host."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        if not os.path.exists("/dev/net/tun"):
+            self.skipTest("no /dev/net/tun on this host")
+        if not shutil.which("unshare") or not shutil.which("nsenter"):
+            self.skipTest("unshare/nsenter (util-linux) not installed")
+        self.d = Daemon(prefix=["unshare", "--net", "--"]).start()
+        self.addCleanup(self.d.stop)
+
+    def link(self, ifname):
+        """The tap as cprd's network namespace shows it, or None."""
+        # By an ioctl on a socket there: /sys would show the host's.
+        p = subprocess.run(["nsenter", "-t", str(self.d.pid), "-n", "--", "python3", "-c",
+                            "import socket, sys; print(socket.if_nametoindex(sys.argv[1]))",
+                            ifname], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    def test_tap_works_across_namespaces_through_both_strategies(self):
+        ifname = "cprdtap0"
+        self.assertNotEqual(ns(self.d.pid, "net"), ns(os.getpid(), "net"))
+        vm = self.d.create_guest("nt", tap=ifname)
+        self.assertIsNotNone(self.link(ifname), "the tap is not in cprd's namespace")
+        self.assertFalse(os.path.exists(f"/sys/class/net/{ifname}"), "the tap leaked to the host")
+        con = Console(vm["console_log"])
+        con.wait_beats(2)
+        for strategy in ("handover", "cpr-transfer"):
+            old = self.d.call("vm.status", {"name": "nt"})["pid"]
+            rep = self.d.call("vm.update", {"name": "nt", "strategy": strategy})
+            self.assertEqual(rep["result"], "ok", rep)
+            wait_until(lambda: not pid_alive(old), 10, "the old VMM to be gone")
+            pid = rep["new_pid"]
+            # Its own network namespace, neither the host's nor cprd's...
+            self.assertNotIn(ns(pid, "net"), (ns(self.d.pid, "net"), ns(os.getpid(), "net")))
+            # ...holding the tap cprd created in cprd's.
+            self.assertEqual(os.readlink(f"/proc/{pid}/fd/6"), "/dev/net/tun")
+            with open(f"/proc/{pid}/fdinfo/6") as f:
+                self.assertIn(f"iff:\t{ifname}", f.read())
+            con.wait_beats(2)
+            con.assert_healthy(self)
+        self.d.call("vm.destroy", {"name": "nt"})
+        wait_until(lambda: self.link(ifname) is None, 5, "the tap interface to disappear")

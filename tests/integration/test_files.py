@@ -14,8 +14,11 @@ import time
 import unittest
 
 from cprdtest import (CPRD, GUEST_APPEND, HB_RE, INITRD, KERNEL, Console, Daemon, RpcError,
-                      STATE_BASE, SharedDaemonTest, fs_type, guest_accel, require_guest, require_root,
-                      wait_until)
+                      STATE_BASE, SharedDaemonTest, fs_type, guest_accel, mount_tmpfs,
+                      require_guest, require_root, wait_until, wrapper)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STANDIN = os.path.join(HERE, "standin_vmm.py")
 
 
 def start_refused(state, *extra):
@@ -239,8 +242,10 @@ class Logs(unittest.TestCase):
         # serial port: cut back within a few seconds, never left to grow.
         with open(console, "ab") as f:
             f.write(b"flood " * 100000 + b"\n")
-        wait_until(lambda: os.path.getsize(kept) > 600000, 10,
+        # Its newest part alone is kept: console.log.1 is bounded too.
+        wait_until(lambda: b"flood" in open(kept, "rb").read(), 10,
                    "the flood to be rotated into console.log.1")
+        self.assertLessEqual(os.path.getsize(kept), LOG_MAX)
         sizes = []
         for _ in range(20):
             sizes.append(os.path.getsize(console))
@@ -264,7 +269,7 @@ class Logs(unittest.TestCase):
         with open(vmm_log, "ab") as f:
             f.write(b"x" * (LOG_MAX * 3))
         wait_until(lambda: os.path.getsize(vmm_log) <= LOG_MAX, 10, "vmm.log to be rotated")
-        self.assertGreaterEqual(os.path.getsize(vmm_log + ".1"), LOG_MAX * 3)
+        self.assertEqual(open(vmm_log + ".1", "rb").read(), b"x" * LOG_MAX)
         self.d.call("vm.destroy", {"name": "chatty"})
 
     def test_a_symlink_planted_as_the_kept_copy_is_replaced_not_written_through(self):
@@ -292,6 +297,110 @@ class Logs(unittest.TestCase):
         self.assertEqual(os.path.getsize(victim), len("precious\n") + LOG_MAX * 2)
         self.assertIn("cannot rotate", self.d.read_log())
         self.d.call("vm.destroy", {"name": "chatty2"})
+
+
+def written_by(pid):
+    """Bytes a process handed to write() and the like, from /proc/PID/io."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(l for l in f if l.startswith("wchar:")).split()[1])
+
+
+class WhatAVmmControls(unittest.TestCase):
+    """A VMM taken over by its guest holds its console and VMM log fds and
+    speaks QMP as it likes: neither makes cprd write without bound nor put
+    its words in cprd's log as cprd's own. Stand-in VMMs (unconfined: they
+    live in the source tree; the fds and the monitor are the same)."""
+
+    BOUND = 1 << 20
+
+    def setUp(self):
+        require_root(self)
+        self.d = Daemon(["--no-confine", "--log-max-size", str(self.BOUND)])
+        # A small state directory of its own, as /run is; cprd's log beside it.
+        self.logdir = tempfile.mkdtemp(prefix="cprd-test-log-")
+        self.d.log = os.path.join(self.logdir, "cprd.log")
+        mount_tmpfs(self.d.dir, "64m")
+        self.d.start()
+
+    def tearDown(self):
+        self.d.stop()
+        subprocess.run(["umount", "-l", self.d.dir])
+        shutil.rmtree(self.d.dir, ignore_errors=True)
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def standin(self, name, fault):
+        vmm = wrapper(self.d.dir, f"vmm-{name}",
+                      f'STANDIN_FAULT={fault} exec python3 {STANDIN} "$@"')
+        st = self.d.call("vm.create", {"name": name, "memory": str(32 << 20),
+                                       "kernel": STANDIN, "vmm": vmm})
+        return dict(st, vmm=vmm)
+
+    def test_logs_inflated_by_ftruncate_cost_cprd_their_data_alone(self):
+        before = written_by(self.d.pid)
+        st = self.standin("big", "on:query-status:inflate-logs")
+        vmdir = os.path.dirname(st["console_log"])
+        logs = [os.path.join(vmdir, n) for n in ("console.log", "vmm.log")]
+        # Both were 1 GiB (sparse: free for the VMM) when it answered; the
+        # next check (every 2 s) rotates them.
+        wait_until(lambda: all(os.path.exists(l + ".1") or os.path.getsize(l) < self.BOUND
+                               and os.path.getsize(l) < (1 << 30) for l in logs), 20,
+                   "the inflated logs to be rotated")
+        wait_until(lambda: all(os.path.exists(l + ".1") for l in logs), 5,
+                   "both logs to be rotated", interval=0.1)
+        for log in logs:
+            kept = open(log + ".1", "rb").read()
+            self.assertLessEqual(len(kept), self.BOUND, log)
+            self.assertIn(b"STANDIN inflated", kept, log)
+            self.assertNotIn(b"\0" * 4096, kept, f"{log}.1 holds the hole as zeros")
+        vfs = os.statvfs(self.d.dir)
+        used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        self.assertLess(used, 4 * self.BOUND, "the state directory's tmpfs filled up")
+        # cprd wrote two copies of at most the bound each, and its replies:
+        # not 2 GiB of zeros, nor the 64 MiB the tmpfs would take.
+        self.assertLess(written_by(self.d.pid) - before, 3 * self.BOUND)
+        self.assertNotIn("cannot rotate", self.d.read_log())
+
+    def assert_not_forged(self):
+        log = open(self.d.log, "rb").read()
+        self.assertNotIn(b"\x1b", log)
+        self.assertNotIn(b"\xc2\x9b", log)
+        for line in log.split(b"\n"):
+            self.assertFalse(line.startswith(b"update vm=web1"), line)
+            line.decode("utf-8")  # raises on bytes that are not UTF-8
+        return log.decode()
+
+    def test_a_forged_shutdown_reason_stays_on_its_own_line_escaped(self):
+        self.standin("liar", "on:query-status:forge-shutdown")
+        log = self.assert_not_forged()
+        # It was logged: escaped, on cprd's own line about the VM.
+        self.assertIn("VM liar: guest shut down (guest-reset\\x0aupdate vm=web1 ", log)
+        self.assertIn("\\x1b[2J\\xc2\\x9b31m\\xff\\xfe)", log)
+
+    def test_a_forged_error_reaches_log_events_and_history_escaped(self):
+        st = self.standin("liar2", "on:migrate-set-capabilities:refuse-forged")
+        ev = self.d.conn(timeout=30)
+        self.addCleanup(ev.close)
+        ev.call("events.subscribe")
+        with self.assertRaises(RpcError) as cm:
+            self.d.call("vm.update", {"name": "liar2", "vmm": st["vmm"]})
+        self.assertIn("rolled-back", cm.exception.message)
+        self.assertIn("guest-reset\\x0aupdate vm=web1", cm.exception.message)
+        self.assertNotIn("\x1b", cm.exception.message)
+        log = self.assert_not_forged()
+        self.assertIn("update vm=liar2 ", log)
+        # Events and history are JSON, which would carry an ESC as \u001b
+        # to a terminal that prints it: they hold the escaped text too.
+        while True:
+            msg = ev.recv_line()
+            if msg.get("params", {}).get("kind") == "update-finished":
+                break
+        text = json.dumps(msg["params"], ensure_ascii=False)
+        self.assertIn("guest-reset\\\\x0aupdate vm=web1", text)
+        for bad in ("\x1b", "\x9b", "\\n"):
+            self.assertNotIn(bad, text)
+        h = self.d.cprctl("history", "liar2")
+        self.assertNotIn("\x1b", h.stdout)
+        self.assertIn("\\x0aupdate vm=web1", h.stdout)
 
 
 class StatePlacement(unittest.TestCase):

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/escape.h"
 #include "common/file.h"
 #include "common/macro.h"
 #include "common/proc.h"
@@ -63,6 +64,39 @@ START_TEST(control_bytes_are_found)
 	ck_assert(str_has_ctrl("a\rb"));
 	ck_assert(str_has_ctrl("\x1b[2J"));
 	ck_assert(str_has_ctrl("x\x7f"));
+}
+END_TEST
+
+/* ---- str_escape: what a VMM wrote, on one line ---- */
+
+static const char *esc(const char *s, size_t size)
+{
+	static char out[256];
+
+	str_escape(s, strlen(s), out, size);
+	return out;
+}
+
+START_TEST(vmm_text_is_escaped_onto_one_line)
+{
+	ck_assert(!str_needs_escape("guest-shutdown caf\xc3\xa9 \\x41", 23));
+	ck_assert_str_eq(esc("host-signal", 64), "host-signal");
+	ck_assert_str_eq(esc("caf\xc3\xa9", 64), "caf\xc3\xa9"); /* UTF-8 stays */
+	/* A forged log line and a terminal escape. */
+	ck_assert_str_eq(esc("x\nupdate vm=web1 result=ok\x1b[2J", 64),
+			 "x\\x0aupdate vm=web1 result=ok\\x1b[2J");
+	ck_assert_str_eq(esc("a\rb\x7f", 64), "a\\x0db\\x7f");
+	/* C1 CSI (U+009B), invalid, overlong and surrogate UTF-8, a cut one. */
+	ck_assert_str_eq(esc("\xc2\x9b" "2J", 64), "\\xc2\\x9b2J");
+	ck_assert_str_eq(esc("\xff\xc0\xaf\xed\xa0\x80", 64),
+			 "\\xff\\xc0\\xaf\\xed\\xa0\\x80");
+	ck_assert_str_eq(esc("ok\xc3", 64), "ok\\xc3");
+	ck_assert(str_needs_escape("\xc2\x85", 2));
+	/* Cut to size at a whole character or escape, never inside one. */
+	ck_assert_str_eq(esc("ab\n", 6), "ab");
+	ck_assert_str_eq(esc("a\xc3\xa9", 3), "a");
+	/* Escaping again changes nothing. */
+	ck_assert_str_eq(esc("x\\x0a\\x1b", 64), "x\\x0a\\x1b");
 }
 END_TEST
 
@@ -127,10 +161,16 @@ START_TEST(a_log_past_its_bound_is_copied_and_the_writer_goes_on_at_the_start)
 	_cleanup_close_ int r = -EBADF;
 	char buf[8];
 
-	put(w, 'a', 5000);
+	put(w, 'a', 904);
+	put(w, 'A', 4096);
 	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
 	ck_assert_int_eq(size_of("log"), 0);
-	ck_assert_int_eq(size_of("log.1"), 5000);
+	/* The newest 4096 bytes: never more than the bound. */
+	ck_assert_int_eq(size_of("log.1"), 4096);
+	r = openat(dfd, "log.1", O_RDONLY | O_CLOEXEC);
+	ck_assert_int_eq(pread(r, buf, 1, 0), 1);
+	ck_assert_int_eq(buf[0], 'A');
+	r = safe_close(r);
 	ck_assert_int_eq(size_of(".log.1.tmp"), -1);
 	/* The writer's own fd, as QEMU's: its next line is the file's first. */
 	put(w, 'b', 3);
@@ -141,7 +181,33 @@ START_TEST(a_log_past_its_bound_is_copied_and_the_writer_goes_on_at_the_start)
 	/* A second rotation replaces the kept copy: one is kept. */
 	put(w, 'c', 4200);
 	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
-	ck_assert_int_eq(size_of("log.1"), 4203);
+	ck_assert_int_eq(size_of("log.1"), 4096);
+}
+END_TEST
+
+/* What a VMM can do with the log fd it holds: ftruncate() it to 1 GiB,
+ * which costs it nothing, and write on after the hole. */
+START_TEST(a_log_inflated_by_ftruncate_costs_the_rotation_its_data_alone)
+{
+	_cleanup_close_ int w = openat(dfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+	_cleanup_close_ int r = -EBADF;
+	struct stat st;
+	char buf[16];
+
+	put(w, 'a', 100);
+	ck_assert_int_eq(ftruncate(w, (off_t)1 << 30), 0);
+	put(w, 'z', 10);
+	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
+	ck_assert_int_eq(size_of("log"), 0);
+	/* The last 4096 bytes hold a hole of 4086 and the 10 bytes written
+	 * after it: those alone are copied. */
+	ck_assert_int_eq(size_of("log.1"), 10);
+	r = openat(dfd, "log.1", O_RDONLY | O_CLOEXEC);
+	ck_assert_int_eq(read(r, buf, sizeof(buf)), 10);
+	ck_assert_int_eq(memcmp(buf, "zzzzzzzzzz", 10), 0);
+	ck_assert_int_eq(fstat(r, &st), 0);
+	ck_assert_int_le(st.st_blocks * 512, 8192);
+
 }
 END_TEST
 
@@ -164,7 +230,7 @@ START_TEST(a_symlink_planted_as_the_log_or_its_copy_is_never_followed)
 	put(w, 'a', 5000);
 	ck_assert_int_eq(file_rotate(dfd, "log", 4096), 1);
 	ck_assert_int_eq(size_of("victim"), 10000);
-	ck_assert_int_eq(size_of("log.1"), 5000);
+	ck_assert_int_eq(size_of("log.1"), 4096);
 }
 END_TEST
 
@@ -269,11 +335,13 @@ int main(void)
 	tcase_add_test(t, ifnames_the_kernel_keeps_as_given_pass);
 	tcase_add_test(t, ifnames_the_kernel_would_rewrite_or_refuse_fail);
 	tcase_add_test(t, control_bytes_are_found);
+	tcase_add_test(t, vmm_text_is_escaped_onto_one_line);
 	tcase_add_test(t, the_image_id_changes_with_an_exec_and_only_then);
 	suite_add_tcase(s, t);
 	tcase_add_checked_fixture(f, setup, teardown);
 	tcase_add_test(f, a_log_within_its_bound_is_left_alone);
 	tcase_add_test(f, a_log_past_its_bound_is_copied_and_the_writer_goes_on_at_the_start);
+	tcase_add_test(f, a_log_inflated_by_ftruncate_costs_the_rotation_its_data_alone);
 	tcase_add_test(f, a_symlink_planted_as_the_log_or_its_copy_is_never_followed);
 	tcase_add_test(f, a_fifo_as_the_log_is_refused_without_blocking);
 	tcase_add_test(f, file_tail_reads_the_end_and_not_through_a_symlink);

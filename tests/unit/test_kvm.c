@@ -395,6 +395,37 @@ START_TEST(qmp_event_reaches_handler_with_timestamp_and_data)
 }
 END_TEST
 
+/* A VMM taken over by its guest writes whatever it likes: every string it
+ * sends reaches cprd escaped, a key that would need escaping not at all. */
+START_TEST(qmp_vmm_text_arrives_escaped)
+{
+	struct t t;
+	struct reply r = {};
+	int64_t id;
+
+	start(&t);
+	greet(&t);
+	peer_send(&t.peer, "{\"event\": \"SHUTDOWN\", \"data\": {\"reason\": \"x\\nupdate vm=web1 "
+			   "result=ok\\u001b[2J\xff\", \"bad\\u0007key\": 1, \"list\": "
+			   "[\"\\r\"]}}\r\n");
+	drive(&t);
+	ck_assert_int_eq(t.event_calls, 1);
+	ck_assert_str_eq(t.ev_data, "{\"reason\":\"x\\\\x0aupdate vm=web1 result=ok\\\\x1b[2J"
+				    "\\\\xff\",\"list\":[\"\\\\x0d\"]}");
+	ck_assert_int_eq(qmp_command(t.q, "cont", NULL, -1, on_reply, &r), 0);
+	ck_assert_int_eq(qmp_flush(t.q), 1);
+	id = peer_expect(&t.peer, "cont");
+	peer_sendf(&t.peer,
+		   "{\"error\": {\"class\": \"Generic\\nError\", \"desc\": \"no\\n2024 cprd: "
+		   "forged\"}, \"id\": %" PRId64 "}\r\n",
+		   id);
+	drive(&t);
+	ck_assert_str_eq(r.cls, "Generic\\x0aError");
+	ck_assert_str_eq(r.desc, "no\\x0a2024 cprd: forged");
+	stop(&t);
+}
+END_TEST
+
 START_TEST(qmp_command_fd_arrives_once_as_scm_rights)
 {
 	struct t t;
@@ -794,6 +825,7 @@ int main(void)
 	tcase_add_test(t, qmp_replies_matched_by_id_out_of_order);
 	tcase_add_test(t, qmp_error_reply_reaches_callback);
 	tcase_add_test(t, qmp_event_reaches_handler_with_timestamp_and_data);
+	tcase_add_test(t, qmp_vmm_text_arrives_escaped);
 	tcase_add_test(t, qmp_command_fd_arrives_once_as_scm_rights);
 	tcase_add_test(t, qmp_hangup_gives_econnreset_and_fails_pending_once);
 	tcase_add_test(t, qmp_non_json_line_gives_eproto);
