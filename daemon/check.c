@@ -102,8 +102,12 @@ _printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
 		/* What the probe could not learn (it did not start, say) the
 		 * update finds out for itself, and reports. */
 		json_object_put(o);
-		if (k->vm->state == VM_RUNNING && !k->vm->update)
+		if (k->vm->state == VM_RUNNING && !vm_busy(k->vm))
 			update_start(k->vm, k->s, k->binary, k->timeout, k->call);
+		else if (vm_busy(k->vm))
+			call_fail(k->call, JSONRPC_ERR_BUSY,
+				  "VM '%s' is %s; try again when that has finished",
+				  k->vm->cfg.name, vm_busy(k->vm));
 		else
 			call_fail(k->call, JSONRPC_ERR_BAD_STATE,
 				  "VM '%s' is %s; only a running VM can be updated",

@@ -594,7 +594,12 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 				      : "checkpointed or restored");
 		return;
 	}
-	if (vm->state != VM_RUNNING || vm->waiting) {
+	if (vm_busy(vm)) { /* a pause or resume not yet answered */
+		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
+			  vm->cfg.name, vm_busy(vm));
+		return;
+	}
+	if (vm->state != VM_RUNNING) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
 			  "VM '%s' is %s; only a running VM can be updated", vm->cfg.name,
 			  vm_state_to_string(vm->state));

@@ -273,10 +273,36 @@ def vm_file_holders(state_dir, name, exclude=()):
     return sorted(found)
 
 
-def mount_tmpfs(path, size):
+def hold_relays(state_dir):
+    """The qmp_hold.py relays of the VMs of the cprd in state_dir: their
+    marks are below it."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"qmp_hold.py" not in f.read():
+                    continue
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(b"QMP_HOLD_MARK=" + state_dir.encode() + b"/") for e in env):
+            out.append(int(p))
+    return out
+
+
+# run.py gives every process of a run CPRD_TEST_RUN=<a value of this run's
+# own>, and fails the run when one of them, or a mount of MOUNT_SOURCE, is
+# still there at its end (another run's have another value). A test mounts
+# through mount_tmpfs() so that its mounts carry the mark.
+RUN_MARK = os.environ.get("CPRD_TEST_RUN")
+MOUNT_SOURCE = f"cprd-test-{RUN_MARK}" if RUN_MARK else "tmpfs"
+
+
+def mount_tmpfs(path, size, options=""):
     """A tmpfs of its own on path (root only), or the test is skipped, saying why."""
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
-                       capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size={size},mode=0755",
+                        MOUNT_SOURCE, path], capture_output=True, text=True)
     if p.returncode != 0:
         raise unittest.SkipTest(f"cannot mount a tmpfs for the state directory: "
                                 f"{p.stderr.strip() or p.returncode}")

@@ -12,7 +12,10 @@ cprd cannot see a migration progress that really happens; with a "!" after
 the command's name (QMP_HOLD_AFTER=cont!), its answer is held too. Meanwhile the
 relay asks QEMU for its run state itself and creates QMP_HOLD_MARK/PID-STATE
 (PID: QEMU's) for each state it sees (inmigrate, paused, running, ...).
-A connection that ends drops what was held; the next one is relayed as is."""
+A connection that ends drops what was held; the next one is relayed as is.
+The relay ends with QEMU (it watches a pidfd of QEMU's pid, opened before
+the exec): a cprd that is killed or restarted may never connect again, and
+a relay waiting for it would outlive the test."""
 
 import json
 import os
@@ -23,11 +26,14 @@ import sys
 import time
 
 
-def relay(listener, qemu_addr, qemu_pid, hold_after, markdir):
+def relay(listener, qemu, qemu_addr, qemu_pid, hold_after, markdir):
     released = []
     signal.signal(signal.SIGUSR2, lambda *_: released.append(True))
     while True:
         try:
+            r, _, _ = select.select([listener, qemu], [], [])
+            if qemu in r:
+                return  # QEMU is gone
             client, _ = listener.accept()
         except InterruptedError:
             continue
@@ -36,13 +42,13 @@ def relay(listener, qemu_addr, qemu_pid, hold_after, markdir):
             q.connect(qemu_addr)
         except OSError:
             return  # QEMU is gone
-        if not join(client, q, qemu_pid, hold_after if not released else None, released,
-                    markdir):
+        if not join(client, q, qemu, qemu_pid, hold_after if not released else None,
+                    released, markdir):
             return
         hold_after = None  # held once only
 
 
-def join(client, q, qemu_pid, hold_after, released, markdir):
+def join(client, q, qemu, qemu_pid, hold_after, released, markdir):
     """Relay one connection; False once QEMU has gone."""
     names, cbuf, qbuf, held = {}, b"", b"", []
     muted, polled, n = False, 0.0, 0
@@ -57,9 +63,13 @@ def join(client, q, qemu_pid, hold_after, released, markdir):
                       b"\n")
             polled = time.monotonic()
         try:
-            r, _, _ = select.select([client, q], [], [], 0.05)
+            r, _, _ = select.select([client, q, qemu], [], [], 0.05)
         except InterruptedError:
             continue
+        if qemu in r:
+            client.close()
+            q.close()
+            return False
         if client in r:
             data, fds, _, _ = socket.recv_fds(client, 65536, 16)
             if not data:
@@ -121,17 +131,18 @@ def main():
     os.dup2(inner.fileno(), fd)  # QEMU's monitor, at the number on its command line
     inner.close()
     qemu_pid = os.getpid()
+    qemu = os.pidfd_open(qemu_pid)  # close-on-exec: QEMU does not get it
     if os.fork() == 0:
         if os.fork() == 0:  # detached: cprd, a subreaper, reaps it
             os.setsid()
-            keep = listener.fileno()
+            keep = (listener.fileno(), qemu)
             for i in range(3, 1024):  # not the guest's RAM, console, ...
-                if i != keep:
+                if i not in keep:
                     try:
                         os.close(i)
                     except OSError:
                         pass
-            relay(listener, addr, qemu_pid, os.environ.get("QMP_HOLD_AFTER"),
+            relay(listener, qemu, addr, qemu_pid, os.environ.get("QMP_HOLD_AFTER"),
                   os.environ.get("QMP_HOLD_MARK"))
         os._exit(0)
     os.wait()

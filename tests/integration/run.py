@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Run the integration tests and close with one summary line that CI reads:
 'integration: N passed, N failed, N skipped' ('LABEL integration: ...' with
---label). Skips print their reason.
+--label). Skips print their reason. A process the tests started (each has
+this run's CPRD_TEST_RUN) or a mount they made, left after the last test,
+fails the run too, and is then ended.
 
 Every process the tests start gets sanitizer options that write a report to
 a file (see cprdtest.sanitizer_env): with the ASan build a report fails the
@@ -9,7 +11,9 @@ test during which it was written. The normal build ignores them."""
 
 import argparse
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,6 +110,88 @@ def state_base(args):
     return mounted
 
 
+def _ours(pid, mark):
+    """Whether pid is a live process of this run: it has the run's mark."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return mark in f.read().split(b"\0")
+    except OSError:  # gone, or a zombie's environment is no longer there
+        return False
+
+
+def _describe(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = f.read().rsplit(") ", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return f"pid {pid} (gone)"
+    return f"pid {pid} (parent {ppid}): {cmd[:300]}"
+
+
+def left_processes(mark, grace=10.0):
+    """The processes of this run still alive once every test has ended, by
+    the mark each one inherited (other runs have other marks). A process
+    being killed by the last clean-up gets a moment to go."""
+    mark = f"CPRD_TEST_RUN={mark}".encode()
+    deadline = time.monotonic() + grace
+    while True:
+        pids = [int(p) for p in os.listdir("/proc")
+                if p.isdigit() and int(p) != os.getpid() and _ours(p, mark)]
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
+
+
+def left_mounts(source, under):
+    """Mounts the tests made and left: their source is this run's, or they are
+    below the run's own state tmpfs (under). Deepest first."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            point = fields[4].encode().decode("unicode_escape")
+            if rest[1] == source or (under and point.startswith(under.rstrip("/") + "/")):
+                out.append(point)
+    return sorted(set(out), key=len, reverse=True)
+
+
+def clean_up_after_tests(mark, source, under):
+    """Fail the run, listing them, when processes or mounts of it are left;
+    then end them, so that the machine stays clean either way. Returns the
+    number of problems (0 or 1 per kind)."""
+    failed = 0
+    pids = left_processes(mark)
+    if pids:
+        failed += 1
+        print("FAIL processes the tests started are still alive after the last test:\n  " +
+              "\n  ".join(_describe(p) for p in pids))
+        for p in pids:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(p, sig)
+                except OSError:
+                    pass
+    # Whatever was left to this process (a subreaper for some tests) is reaped.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                time.sleep(0.1)
+        except ChildProcessError:
+            break
+    mounts = left_mounts(source, under)
+    if mounts:
+        failed += 1
+        print("FAIL mounts the tests made are still mounted after the last test:\n  " +
+              "\n  ".join(mounts))
+        for m in mounts:
+            subprocess.run(["umount", "-l", m], capture_output=True)
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(here, "..", "..", "build"),
@@ -126,6 +212,9 @@ def main():
     if args.guest:
         os.environ["CPRD_GUEST"] = os.path.abspath(args.guest)
 
+    # Every process the run starts inherits this; what still has it at the
+    # end was left behind (see clean_up_after_tests).
+    mark = os.environ["CPRD_TEST_RUN"] = f"{os.getpid()}-{secrets.token_hex(8)}"
     Result.san_dir = os.environ["CPRD_SAN_DIR"] = tempfile.mkdtemp(prefix="cprd-san-run-")
     mounted = state_base(args)
     import cprdtest
@@ -155,6 +244,7 @@ def main():
     if late:
         print("FAIL a sanitizer report was written after the last test:\n" + late)
         failed += 1
+    failed += clean_up_after_tests(mark, cprdtest.MOUNT_SOURCE, mounted)
     shutil.rmtree(Result.san_dir, ignore_errors=True)
     if mounted:
         subprocess.run(["umount", "-l", mounted])

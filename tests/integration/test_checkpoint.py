@@ -17,7 +17,7 @@ import threading
 import unittest
 
 from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
-                      mount_tmpfs, require_guest, require_root, wait_until, wrapper)
+                      hold_relays, mount_tmpfs, require_guest, require_root, wait_until, wrapper)
 from test_trust import NOBODY, cprd_group
 
 
@@ -171,10 +171,7 @@ class CheckpointTest(unittest.TestCase):
         ro = tempfile.mkdtemp(prefix="cprd-ro-")
         self.addCleanup(shutil.rmtree, ro, True)
         self.addCleanup(subprocess.run, ["umount", "-l", ro], capture_output=True)
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", ro],
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            self.skipTest(f"cannot mount a read-only tmpfs: {p.stderr}")
+        mount_tmpfs(ro, "1M", "ro,")
         self.assert_rolled_back(con, ["--dir", ro], "Read-only file system")
         for method in ("cprd", "qemu"):
             self.assert_rolled_back(con, ["--dir", full + "/ck", "--method", method],
@@ -474,7 +471,9 @@ class RestoreInterrupted(unittest.TestCase):
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
         self.ckdir = tempfile.mkdtemp(prefix="cprd-ckpt-")
         self.addCleanup(shutil.rmtree, self.ckdir, True)
-        self.d = Daemon(["--no-confine", "--checkpoint-dir", self.ckdir]).start()
+        self.d = Daemon(["--no-confine", "--checkpoint-dir", self.ckdir])
+        self.addCleanup(self.no_relay_left)
+        self.d.start()
         self.addCleanup(self.d.stop)
         self.marks = os.path.join(self.d.dir, "marks")
         os.mkdir(self.marks)
@@ -482,6 +481,16 @@ class RestoreInterrupted(unittest.TestCase):
         self.con.wait_beats(3)
         rc, rep, _ = CheckpointTest.ctl(self, "checkpoint", "ri", "--method", "cprd")
         self.assertEqual(rep["result"], "ok", rep)
+
+    def no_relay_left(self):
+        """Once cprd and its VMMs are gone, the relays went with their QEMUs
+        (they used to wait for a cprd that never came back, for ever)."""
+        try:
+            wait_until(lambda: not hold_relays(self.d.dir), 10,
+                       "the qmp_hold.py relays to end with their QEMUs")
+        finally:
+            for pid in hold_relays(self.d.dir):
+                os.kill(pid, signal.SIGKILL)
 
     def held_restore(self, after, state):
         """Restore with a QEMU heard by cprd until it has answered `after`;

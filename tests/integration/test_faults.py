@@ -35,8 +35,8 @@ import traceback
 import unittest
 import zlib
 
-from cprdtest import (Console, Daemon, QEMU, RpcError, children, fd_targets, kill_vmms_under,
-                      require_guest, require_root, wait_until, wrapper)
+from cprdtest import (Console, Daemon, QEMU, RpcError, children, fd_targets, hold_relays,
+                      kill_vmms_under, require_guest, require_root, wait_until, wrapper)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDIN = os.path.join(HERE, "standin_vmm.py")
@@ -876,22 +876,7 @@ class RealQemu(unittest.TestCase):
             kill(pid, signal.SIGKILL)
         reap_our_zombies()
 
-    @staticmethod
-    def relays(state_dir):
-        """The qmp_hold.py relays of this cprd's VMs (their marks are there)."""
-        out = []
-        for p in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if b"qmp_hold.py" not in f.read():
-                        continue
-                with open(f"/proc/{p}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if any(e.startswith(b"QMP_HOLD_MARK=" + state_dir.encode() + b"/") for e in env):
-                out.append(int(p))
-        return out
+    relays = staticmethod(hold_relays)
 
     def qemus(self):
         """Live QEMU processes of this VM, by their command line."""

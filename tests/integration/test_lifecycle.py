@@ -138,6 +138,37 @@ class Lifecycle(SharedDaemonTest):
         self.assertIn("VM 'life7' is crashed; only a running or paused VM can be paused", p.stderr)
         self.d.cprctl("destroy", "life7", check=True)
 
+    def test_update_refused_while_a_pause_is_in_flight(self):
+        # The pause is held in flight: its VMM, stopped, cannot answer
+        # `stop`. An update then is refused as busy, saying why, not as
+        # "running; only a running VM can be updated".
+        vm = self.create("life8")
+        Console(vm["console_log"]).wait_beats(2)
+        os.kill(vm["pid"], signal.SIGSTOP)
+
+        def cont():
+            try:
+                os.kill(vm["pid"], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.addCleanup(cont)
+        conn = self.d.conn(60)
+        self.addCleanup(conn.close)
+        req = conn.request("vm.pause", {"name": "life8"})
+        wait_until(lambda: self.d.call("vm.status", {"name": "life8"})["busy"] ==
+                   "being paused or resumed", 10, "the pause to be in flight")
+        with self.assertRaises(RpcError) as e:
+            self.d.call("vm.update", {"name": "life8"})
+        self.assertEqual(e.exception.code, -32003, e.exception)  # busy
+        self.assertIn("VM 'life8' is being paused or resumed; try again when that has "
+                      "finished", str(e.exception))
+        cont()
+        while (rep := conn.recv_line()).get("id") != req:
+            pass
+        self.assertEqual(rep.get("result"), {"name": "life8", "state": "paused",
+                                             "changed": True}, rep)
+        self.d.cprctl("destroy", "life8", check=True)
+
     def test_two_vms_are_independent(self):
         a = self.create("life4")
         b = self.create("life5")
