@@ -48,7 +48,8 @@ struct daemon {
 	ev_timer trim;        /* give freed peer memory back to the kernel (server.c) */
 	size_t trim_released; /* bytes of peer memory freed since the last trim */
 	struct vm *vms;
-	struct vmm *vmms; /* every VMM the daemon knows, VM's or update's */
+	struct resume_later *resume_later; /* guests recovery resumes once their VMM answers */
+	struct vmm *vmms;                  /* every VMM the daemon knows, VM's or update's */
 	memstore *store;
 	launcher launcher;
 	bool kvm;                    /* /dev/kvm usable: -accel kvm */

@@ -938,6 +938,7 @@ int main(int argc, char **argv)
 	else if (n_vms > 0)
 		d.start_mode = "recovered";
 	r = run(&d, &o, ready_fd, listen_fd);
+	recover_done(&d);
 	launcher_stop(&d.launcher);
 	memstore_free(d.store);
 	stats_free(&d);

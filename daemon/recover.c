@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/pidfd.h>
 #include <sys/stat.h>
@@ -21,6 +22,7 @@
 #include "daemon/strategy.h"
 #include "daemon/update.h"
 #include "daemon/vm.h"
+#include "memstore/memstore.h"
 
 #define RECOVER_QMP_TIMEOUT_MS 5000
 
@@ -368,6 +370,112 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 }
 
 #define CHECKPOINT_CONT_TRIES 100 /* 50 ms apart */
+#define LATER_TICK 0.05           /* s: how often a resume left for later looks */
+
+/*
+ * A VMM whose monitor did not answer while cprd recovered (stopped, or
+ * starved of CPU on a busy host) cannot be told then to cancel the save and
+ * resume the guest, and recovery must not wait for it: the other VMs, and
+ * every client, would. The commands are queued instead, on the loop: QEMU
+ * reads them whenever it runs again, and `cont` is repeated until QEMU has
+ * unwound the cancelled save and accepts it. It is given up when the VMM
+ * goes (the VM then crashed as for any VMM that exits) and at exit.
+ */
+struct resume_later {
+	struct daemon *d;
+	char name[MEMSTORE_NAME_MAX];
+	pid_t pid;
+	qmp *sent_on; /* the monitor connection `cont` waits on; NULL: none sent */
+	unsigned tries;
+	bool queued_cancel; /* remove-fd and migrate_cancel are on their way */
+	bool done;
+	ev_timer tick;
+	struct resume_later *next;
+};
+
+static void later_free(struct resume_later *l)
+{
+	for (struct resume_later **p = &l->d->resume_later; *p; p = &(*p)->next)
+		if (*p == l) {
+			*p = l->next;
+			break;
+		}
+	ev_timer_stop(l->d->loop, &l->tick);
+	free(l);
+}
+
+void recover_done(struct daemon *d)
+{
+	while (d->resume_later)
+		later_free(d->resume_later);
+}
+
+static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct resume_later *l = ud;
+
+	l->sent_on = NULL;
+	if (ret) {
+		log_notice("VM %s: its VMM pid %d answers again; the save cprd did not finish was "
+			   "cancelled and the guest runs on",
+			   l->name, (int)l->pid);
+		l->done = true;
+	} else if (++l->tries >= CHECKPOINT_CONT_TRIES) {
+		log_error("VM %s: VMM pid %d refuses to resume the guest after the cancelled "
+			  "save (%s); resume it with 'cprctl resume %s'",
+			  l->name, (int)l->pid, desc ? desc : "no answer", l->name);
+		l->done = true;
+	}
+}
+
+static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct resume_later *l = w->data;
+	struct vm *vm = vm_find(l->d, l->name);
+	struct vmm *v = vm ? vm->vmm : NULL;
+
+	if (l->done || !v || v->pid != l->pid || !vmm_alive(v)) {
+		later_free(l);
+		return;
+	}
+	if (l->sent_on && l->sent_on == v->qmp)
+		return;    /* QEMU has not answered yet: it may be stopped still */
+	l->sent_on = NULL; /* that connection was let go of, and the command with it */
+	if (!vmm_connected(v) && vmm_reconnect(v) < 0)
+		return;
+	if (!l->queued_cancel) {
+		(void)vmm_command(
+		    v, "remove-fd",
+		    json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"), -EBADF,
+		    NULL, NULL);
+		(void)vmm_command(v, "migrate_cancel", NULL, -EBADF, NULL, NULL);
+		l->queued_cancel = true;
+	}
+	if (vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0)
+		l->sent_on = v->qmp;
+}
+
+static void resume_later(struct vm *vm, struct vmm *v)
+{
+	struct resume_later *l = calloc(1, sizeof(*l));
+
+	if (!l) {
+		log_error("VM %s: out of memory; resume the guest with 'cprctl resume %s'",
+			  vm->cfg.name, vm->cfg.name);
+		return;
+	}
+	l->d = vm->d;
+	l->pid = v->pid;
+	snprintf(l->name, sizeof(l->name), "%s", vm->cfg.name);
+	ev_timer_init(&l->tick, later_tick_cb, 0., LATER_TICK);
+	l->tick.data = l;
+	ev_timer_start(l->d->loop, &l->tick);
+	l->next = l->d->resume_later;
+	l->d->resume_later = l;
+	log_warning("VM %s: cprd restarted while it saved the VM's checkpoint, and VMM pid %d "
+		    "does not answer its monitor; the guest is resumed once it does",
+		    vm->cfg.name, (int)v->pid);
+}
 
 /* cprd died while it saved this VM's checkpoint: that checkpoint is not
  * finished (its files are gone, see recover_one), so the guest goes on in
@@ -378,8 +486,13 @@ static void settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec)
 	_cleanup_json_ json_object *ret = NULL;
 	char st[32] = "";
 
-	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")) ||
-	    !query_status(v, st, sizeof(st)) || streq(st, "running"))
+	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")))
+		return;
+	if (!query_status(v, st, sizeof(st))) {
+		resume_later(vm, v);
+		return;
+	}
+	if (streq(st, "running"))
 		return;
 	vmm_command_sync(v, "remove-fd",
 			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),

@@ -16,3 +16,7 @@
  * VMs were found.
  */
 int recover(struct daemon *d, json_object *pidfds);
+
+/* Let go of what recovery left for the loop to finish (a guest to resume
+ * once its VMM answers). At exit. */
+void recover_done(struct daemon *d);

@@ -335,6 +335,39 @@ class CheckpointTest(unittest.TestCase):
         rc, rep, _ = self.ctl("checkpoint", "mid", "--dir", other)
         self.assertEqual(rep["result"], "ok", rep)
 
+    def test_cprd_killed_mid_checkpoint_while_its_qemu_is_stopped(self):
+        # A busy host, made deterministic: QEMU gets no CPU (SIGSTOP) from
+        # the moment the save began until after the restarted cprd has
+        # recovered, so it answers no monitor command during recovery.
+        # The guest must still run on once QEMU does, not stay paused by a
+        # save nobody finishes.
+        con = Console(self.d.create_guest(
+            "stp", memory="1G",
+            append="console=ttyS0 quiet cprd.data_mb=128 cprd.hb_ms=200")["console_log"])
+        con.wait_beats(3)
+        pid = self.status("stp")["pid"]
+        tmp = os.path.join(self.ckdir, ".stp.tmp")
+        p = subprocess.Popen([CPRCTL, "--socket", self.d.sock, "checkpoint", "stp",
+                              "--method", "qemu", "--channels", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: os.path.exists(tmp), 30, "the checkpoint to begin")
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)  # whatever happens below
+        self.d.proc.kill()
+        self.d.proc.wait()
+        p.wait(30)
+        os.unlink(self.d.sock)
+        self.d.start()
+        self.assertEqual(self.status("stp")["pid"], pid)
+        os.kill(pid, signal.SIGCONT)
+        con.wait_beats(3, timeout=60)
+        con.assert_healthy(self)
+        wait_until(lambda: self.status("stp")["state"] == "running", 30, "stp to be running")
+        self.assertFalse(os.path.exists(tmp), "the unfinished checkpoint was left behind")
+        # The VMM is usable again: a checkpoint now goes through.
+        rc, rep, _ = self.ctl("checkpoint", "stp")
+        self.assertEqual(rep["result"], "ok", rep)
+
     def test_all_and_restore_on_start(self):
         cons = {n: self.guest(n, memory="128M") for n in ("a1", "a2")}
         rc, out, _ = self.ctl("checkpoint", "--all", "--parallel", "2")
