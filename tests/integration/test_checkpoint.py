@@ -384,7 +384,7 @@ class CheckpointTest(unittest.TestCase):
         self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
 
 
-def fake_checkpoint(root, name, extra=()):
+def fake_checkpoint(root, name, extra=(), vmm="/nonexistent/vmm"):
     """A checkpoint of the cprd method written by hand, whole as far as
     meta.json says (no VMM ever ran it): what a cprd that starts adopts."""
     d = os.path.join(root, name)
@@ -393,7 +393,7 @@ def fake_checkpoint(root, name, extra=()):
     meta = {"version": 1, "vm": name, "method": "cprd", "state_bytes": len(state),
             "ram_bytes": ram, "channels": 1, "paused_at_usec": 0,
             "digest": "xxh3-64:0000000000000000",
-            "config": {"vmm": "/nonexistent/vmm", "kernel": "/nonexistent/kernel",
+            "config": {"vmm": vmm, "kernel": "/nonexistent/kernel",
                        "machine": "q35", "memory_bytes": ram, "vcpus": 1,
                        "created_usec": 1, "updates": 0}}
     with open(os.path.join(d, "meta.json"), "w") as f:
@@ -418,8 +418,11 @@ class CheckpointFiles(unittest.TestCase):
         self.gid = cprd_group()
         self.ckdir = tempfile.mkdtemp(prefix="cprd-ckpt-")
         self.addCleanup(shutil.rmtree, self.ckdir, True)
-        for name in ("fm", "fr", "gone"):
+        for name in ("fm", "gone"):
             fake_checkpoint(self.ckdir, name)
+        # A member's restore has its VMM binary judged first (the default
+        # allow-list): one it may run, so that the files are reached.
+        fake_checkpoint(self.ckdir, "fr", vmm=QEMU)
         fake_checkpoint(self.ckdir, "extra", extra=["notes"])
         self.d = Daemon(["--checkpoint-dir", self.ckdir]).start()
         self.addCleanup(self.d.stop)
