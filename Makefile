@@ -87,6 +87,8 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 GOLDEN_CFLAGS := -DGOLDEN_DIR='"$(CURDIR)/tests/unit/golden"'
 $(B)/tests/test_vmrecord: $(B)/obj/daemon/vmrecord.o tests/unit/golden.h
 $(B)/tests/test_vmrecord: TEST_CFLAGS = $(GOLDEN_CFLAGS)
+$(B)/tests/test_argv: tests/unit/golden.h
+$(B)/tests/test_argv: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o

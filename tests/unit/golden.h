@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/file.h"
@@ -50,9 +51,12 @@ static inline void golden_check(const char *name, const char *text)
 
 	ck_assert_int_ge(asprintf(&path, "%s/%s", GOLDEN_DIR, name), 0);
 	if (golden_regen()) {
-		_cleanup_close_ int fd =
-		    open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+		_cleanup_close_ int fd = -EBADF;
 
+		*strrchr(path, '/') = '\0';
+		(void)mkdir(path, 0755);
+		path[strlen(path)] = '/';
+		fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
 		ck_assert_msg(fd >= 0, "cannot write %s", path);
 		ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
 		return;
