@@ -77,10 +77,18 @@ $(B)/cprctl: $(CLI_OBJ) $(B)/libproto.a
 # needs the event loop: it names those objects as extra prerequisites.
 $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(B)/libcommon.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) $(JSON_LIBS) \
-		$(TEST_LIBS)
+	$(CC) $(CFLAGS) $(TEST_CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) \
+		$(JSON_LIBS) $(TEST_LIBS)
 
 $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
+
+# Suites with golden files (tests/unit/golden.h) are told where they are, so
+# they find them from any directory; CPRD_REGEN_GOLDEN=1 make unit rewrites them.
+GOLDEN_CFLAGS := -DGOLDEN_DIR='"$(CURDIR)/tests/unit/golden"'
+$(B)/tests/test_vmrecord: $(B)/obj/daemon/vmrecord.o tests/unit/golden.h
+$(B)/tests/test_vmrecord: TEST_CFLAGS = $(GOLDEN_CFLAGS)
+$(B)/tests/test_argv: tests/unit/golden.h
+$(B)/tests/test_argv: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o

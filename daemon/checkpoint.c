@@ -279,55 +279,17 @@ static int find_checkpoint(int root_fd, const char *name, char *why, size_t size
 static json_object *config_json(const struct vm *vm)
 {
 	json_object *o = json_object_new_object();
-	const struct vm_config *c = &vm->cfg;
+	struct vm_record rec = vm_record_of(vm);
 
-	json_object_object_add(o, "vmm", json_object_new_string(c->vmm));
-	json_object_object_add(o, "kernel", json_object_new_string(c->kernel));
-	if (c->initrd)
-		json_object_object_add(o, "initrd", json_object_new_string(c->initrd));
-	vm_config_ids_to_json(c, o);
-	if (c->append)
-		json_object_object_add(o, "append", json_object_new_string(c->append));
-	if (c->tap)
-		json_object_object_add(o, "tap", json_object_new_string(c->tap));
-	json_object_object_add(o, "machine", json_object_new_string(c->machine));
-	json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)c->memory_bytes));
-	json_object_object_add(o, "vcpus", json_object_new_int((int)c->vcpus));
-	if (c->cpr_exec)
-		json_object_object_add(o, "cpr_exec", json_object_new_boolean(true));
-	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
-	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
+	vm_record_to_json(&rec, VM_VIEW_CHECKPOINT, o);
 	return o;
 }
 
-static char *dup_or_null(const char *s)
+/* The VM meta describes (read_meta() checked its shape). */
+static int record_from_meta(json_object *meta, struct vm_record *ret, char *why, size_t size)
 {
-	return s ? strdup(s) : NULL;
-}
-
-static int config_from_meta(json_object *meta, struct vm_config *cfg)
-{
-	json_object *c = json_object_object_get(meta, "config");
-
-	*cfg = (struct vm_config){
-		.name = dup_or_null(jstr(meta, "vm")),
-		.vmm = dup_or_null(jstr(c, "vmm")),
-		.kernel = dup_or_null(jstr(c, "kernel")),
-		.initrd = dup_or_null(jstr(c, "initrd")),
-		.append = dup_or_null(jstr(c, "append")),
-		.tap = dup_or_null(jstr(c, "tap")),
-		.machine = dup_or_null(jstr(c, "machine")),
-		.memory_bytes = (uint64_t)jint(c, "memory_bytes"),
-		.vcpus = (unsigned)jint(c, "vcpus"),
-		.cpr_exec = json_object_get_boolean(json_object_object_get(c, "cpr_exec")),
-	};
-	vm_config_ids_from_json(c, cfg);
-	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
-	    !cfg->machine || !cfg->memory_bytes || !cfg->vcpus) {
-		vm_config_done(cfg);
-		return -EINVAL;
-	}
-	return 0;
+	return vm_record_from_json(json_object_object_get(meta, "config"), VM_VIEW_CHECKPOINT,
+				   jstr(meta, "vm"), ret, why, size);
 }
 
 /* ---- the digest: every page that is not all zeros, with its offset ---- */
@@ -1312,7 +1274,7 @@ static void start_restore_vmm(struct ckpt *k)
 static int check_checkpoint(struct ckpt *k, const struct restore_args *a)
 {
 	struct vm *vm = k->vm;
-	json_object *cfg;
+	_cleanup_(vm_record_done) struct vm_record rec = {};
 	const char *state_file, *digest;
 	struct stat st;
 	char why[256];
@@ -1324,13 +1286,17 @@ static int check_checkpoint(struct ckpt *k, const struct restore_args *a)
 		set_error(k, "%s", why);
 		return r;
 	}
-	cfg = json_object_object_get(k->meta, "config");
-	mem = (uint64_t)jint(cfg, "memory_bytes");
 	if (!streq(jstr(k->meta, "vm"), vm->cfg.name)) {
 		set_error(k, "the checkpoint is of VM '%.64s', not of '%s'", jstr(k->meta, "vm"),
 			  vm->cfg.name);
 		return -EINVAL;
 	}
+	r = record_from_meta(k->meta, &rec, why, sizeof(why));
+	if (r < 0) {
+		set_error(k, "the checkpoint's %s describes no usable VM: %s", CKPT_META, why);
+		return r;
+	}
+	mem = rec.cfg.memory_bytes;
 	if (mem != vm->cfg.memory_bytes || (a->memory_bytes && a->memory_bytes != mem)) {
 		set_error(
 		    k, "the checkpoint holds %llu bytes of RAM, the VM has %llu",
@@ -1338,9 +1304,9 @@ static int check_checkpoint(struct ckpt *k, const struct restore_args *a)
 		    (unsigned long long)(a->memory_bytes ? a->memory_bytes : vm->cfg.memory_bytes));
 		return -EINVAL;
 	}
-	if (!jstr(cfg, "machine") || !streq(jstr(cfg, "machine"), vm->cfg.machine)) {
+	if (!streq(rec.cfg.machine, vm->cfg.machine)) {
 		set_error(k, "the checkpoint is of machine type '%.64s', the VM is '%s'",
-			  jstr(cfg, "machine") ? jstr(cfg, "machine") : "?", vm->cfg.machine);
+			  rec.cfg.machine, vm->cfg.machine);
 		return -EINVAL;
 	}
 	k->qemu = streq(jstr(k->meta, "method"), "qemu");
@@ -1558,8 +1524,7 @@ static void adopt_checkpoint(struct daemon *d, int root_fd, const char *name)
 {
 	_cleanup_close_ int dir = -EBADF;
 	_cleanup_json_ json_object *meta = NULL;
-	json_object *c;
-	struct vm_config cfg;
+	struct vm_record rec;
 	struct vm *vm;
 	char why[256];
 
@@ -1569,13 +1534,17 @@ static void adopt_checkpoint(struct daemon *d, int root_fd, const char *name)
 			    name, dir < 0 ? strerror(errno) : why);
 		return;
 	}
-	if (!streq(jstr(meta, "vm"), name) || config_from_meta(meta, &cfg) < 0) {
-		log_warning("checkpoint %s/%s: describes another VM or no usable one; left alone",
-			    d->checkpoint_dir, name);
+	if (!streq(jstr(meta, "vm"), name)) {
+		log_warning("checkpoint %s/%s: describes another VM; left alone", d->checkpoint_dir,
+			    name);
 		return;
 	}
-	c = json_object_object_get(meta, "config");
-	vm = vm_restore(d, &cfg, (uint64_t)jint(c, "created_usec"), (unsigned)jint(c, "updates"));
+	if (record_from_meta(meta, &rec, why, sizeof(why)) < 0) {
+		log_warning("checkpoint %s/%s: its %s describes no usable VM (%s); left alone",
+			    d->checkpoint_dir, name, CKPT_META, why);
+		return;
+	}
+	vm = vm_restore(d, &rec.cfg, rec.created_usec, rec.updates);
 	if (!vm)
 		return;
 	vm->checkpoint_root = strdup(d->checkpoint_dir);

@@ -423,7 +423,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		return;
 	/* cannot wrap: memory is at most the host's RAM here */
 	memory = (memory + (1 << 20) - 1) & ~((uint64_t)(1 << 20) - 1);
-	if (vcpus < 1 || vcpus > 256) {
+	if (vcpus < 1 || vcpus > VM_MAX_VCPUS) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, "vcpus",
 				"vcpus must be between 1 and 256");
 		return;

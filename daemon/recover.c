@@ -33,44 +33,6 @@ static const char *jstr(json_object *o, const char *k)
 	return v && json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
 }
 
-static char *dup_or_null(const char *s)
-{
-	return s ? strdup(s) : NULL;
-}
-
-static int config_from_record(json_object *rec, struct vm_config *cfg)
-{
-	*cfg = (struct vm_config){
-		.name = dup_or_null(jstr(rec, "name")),
-		.vmm = dup_or_null(jstr(rec, "vmm")),
-		.kernel = dup_or_null(jstr(rec, "kernel")),
-		.initrd = dup_or_null(jstr(rec, "initrd")),
-		.append = dup_or_null(jstr(rec, "append")),
-		.tap = dup_or_null(jstr(rec, "tap")),
-		.machine = dup_or_null(jstr(rec, "machine")),
-		.machine_alias = dup_or_null(jstr(rec, "machine_alias")),
-		.memory_bytes =
-		    (uint64_t)json_object_get_int64(json_object_object_get(rec, "memory_bytes")),
-		.vcpus = (unsigned)json_object_get_int(json_object_object_get(rec, "vcpus")),
-		.cpr_exec = json_object_get_boolean(json_object_object_get(rec, "cpr_exec")),
-	};
-	int64_t uid = json_object_get_int64(json_object_object_get(rec, "uid"));
-
-	vm_config_ids_from_json(rec, cfg);
-
-	/* Kept as recorded even when --vmm-ids changed since: the VMM that
-	 * runs now, and its successor, are that uid. None recorded (a VM of
-	 * a cprd from before confinement): one is picked once all are known. */
-	if (uid > 0 && uid < (int64_t)UINT32_MAX)
-		cfg->uid = (uid_t)uid;
-	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
-	    !cfg->machine) {
-		vm_config_done(cfg);
-		return -EINVAL;
-	}
-	return 0;
-}
-
 /* A pidfd for the process the record names, but only if it is the same
  * process: a pid alone could have been reused while cprd was down. */
 static int open_vmm(json_object *rec, const char *pid_key, const char *start_key, int stored)
@@ -616,7 +578,8 @@ static void end_check(struct vm *vm, json_object *chk)
 
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
-	struct vm_config cfg;
+	struct vm_record record;
+	char why[256];
 	struct vmm *v = NULL;
 	struct vm *vm;
 	json_object *up = json_object_object_get(rec, "update");
@@ -625,14 +588,12 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	char st[32] = "";
 	int pidfd, r;
 
-	if (config_from_record(rec, &cfg) < 0) {
-		log_error("registry entry without a usable name or configuration; skipped");
+	if (vm_record_from_json(rec, VM_VIEW_REGISTRY, NULL, &record, why, sizeof(why)) < 0) {
+		log_error("registry entry '%.64s' skipped: %s", jstr(rec, "name") ?: "?", why);
 		safe_close(stored_pidfd);
 		return;
 	}
-	vm = vm_restore(
-	    d, &cfg, (uint64_t)json_object_get_int64(json_object_object_get(rec, "created_usec")),
-	    (unsigned)json_object_get_int(json_object_object_get(rec, "updates")));
+	vm = vm_restore(d, &record.cfg, record.created_usec, record.updates);
 	if (!vm) {
 		safe_close(stored_pidfd);
 		return;

@@ -103,19 +103,6 @@ size_t vm_count(struct daemon *d)
 	return n;
 }
 
-void vm_config_done(struct vm_config *cfg)
-{
-	free(cfg->name);
-	free(cfg->vmm);
-	free(cfg->kernel);
-	free(cfg->initrd);
-	free(cfg->append);
-	free(cfg->tap);
-	free(cfg->machine);
-	free(cfg->machine_alias);
-	*cfg = (struct vm_config){};
-}
-
 /* ---- the registry ---- */
 
 static void add_str(json_object *o, const char *k, const char *v)
@@ -123,40 +110,11 @@ static void add_str(json_object *o, const char *k, const char *v)
 	json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
 }
 
-/* "DEV:INO" as text: dev_t and ino_t are 64-bit unsigned, beyond what a
- * JSON number keeps exactly everywhere. */
-static void add_file_id(json_object *o, const char *k, const struct file_id *id)
+struct vm_record vm_record_of(const struct vm *vm)
 {
-	char buf[48];
-
-	if (!id->set)
-		return;
-	snprintf(buf, sizeof(buf), "%ju:%ju", (uintmax_t)id->dev, (uintmax_t)id->ino);
-	add_str(o, k, buf);
-}
-
-static struct file_id file_id_from(json_object *o, const char *k)
-{
-	json_object *v = json_object_object_get(o, k);
-	uintmax_t dev, ino;
-	char end;
-
-	if (!v || !json_object_is_type(v, json_type_string) ||
-	    sscanf(json_object_get_string(v), "%ju:%ju%c", &dev, &ino, &end) != 2)
-		return (struct file_id){};
-	return (struct file_id){ .dev = (dev_t)dev, .ino = (ino_t)ino, .set = true };
-}
-
-void vm_config_ids_to_json(const struct vm_config *cfg, json_object *o)
-{
-	add_file_id(o, "kernel_id", &cfg->kernel_id);
-	add_file_id(o, "initrd_id", &cfg->initrd_id);
-}
-
-void vm_config_ids_from_json(json_object *o, struct vm_config *cfg)
-{
-	cfg->kernel_id = file_id_from(o, "kernel_id");
-	cfg->initrd_id = file_id_from(o, "initrd_id");
+	return (struct vm_record){ .cfg = vm->cfg,
+				   .created_usec = vm->created_usec,
+				   .updates = vm->updates };
 }
 
 /* ---- events (events.c sends them; what they say of a VM is said here) ---- */
@@ -212,32 +170,12 @@ static void emit_vm_destroyed(struct vm *vm)
  * A starting VM is recorded too, with its VMM, from the moment that VMM
  * exists: a cprd that dies while a guest boots must not leave it behind
  * unknown. */
-static json_object *vm_record(struct vm *vm)
+static json_object *registry_record(struct vm *vm)
 {
 	json_object *o = json_object_new_object(), *x;
+	struct vm_record rec = vm_record_of(vm);
 
-	add_str(o, "name", vm->cfg.name);
-	add_str(o, "vmm", vm->cfg.vmm);
-	add_str(o, "kernel", vm->cfg.kernel);
-	if (vm->cfg.initrd)
-		add_str(o, "initrd", vm->cfg.initrd);
-	vm_config_ids_to_json(&vm->cfg, o);
-	if (vm->cfg.append)
-		add_str(o, "append", vm->cfg.append);
-	if (vm->cfg.tap)
-		add_str(o, "tap", vm->cfg.tap);
-	add_str(o, "machine", vm->cfg.machine);
-	if (vm->cfg.machine_alias)
-		add_str(o, "machine_alias", vm->cfg.machine_alias);
-	json_object_object_add(o, "memory_bytes",
-			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
-	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
-	if (vm->cfg.uid > 0)
-		json_object_object_add(o, "uid", json_object_new_int64((int64_t)vm->cfg.uid));
-	if (vm->cfg.cpr_exec)
-		json_object_object_add(o, "cpr_exec", json_object_new_boolean(true));
-	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
-	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
+	vm_record_to_json(&rec, VM_VIEW_REGISTRY, o);
 	add_str(o, "state", vm_state_to_string(vm->state));
 	if (vmm_alive(vm->vmm))
 		vmm_add_record(vm->vmm, o);
@@ -266,7 +204,7 @@ int vm_registry_commit(struct daemon *d)
 
 	json_object_object_add(root, "version", json_object_new_int(REGISTRY_VERSION));
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		json_object_array_add(arr, vm_record(vm));
+		json_object_array_add(arr, registry_record(vm));
 	json_object_object_add(root, "vms", arr);
 	r = registry_write(&d->registry, root);
 	if (r < 0 && was_ok)
@@ -1161,38 +1099,24 @@ json_object *vm_to_json(struct vm *vm)
 {
 	json_object *o = json_object_new_object();
 	bool alive = vmm_alive(vm->vmm);
+	struct vm_record rec = vm_record_of(vm);
 
-	add_str(o, "name", vm->cfg.name);
+	vm_record_to_json(&rec, VM_VIEW_STATUS, o);
 	add_str(o, "state", vm_state_to_string(vm->state));
 	add_str(o, "busy", vm_busy(vm));
 	if (vm->ckpt)
 		json_object_object_add(o, "checkpoint_progress", checkpoint_progress(vm->ckpt));
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
-	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
 	add_str(o, "vmm_package", vm->vmm && vm->vmm->version[0] ? vm->vmm->package : NULL);
 	add_outdated(o, vm, alive ? vm->vmm->pid : 0);
-	json_object_object_add(o, "memory_bytes",
-			       json_object_new_int64((int64_t)vm->cfg.memory_bytes));
-	json_object_object_add(o, "vcpus", json_object_new_int((int)vm->cfg.vcpus));
-	add_str(o, "machine", vm->cfg.machine);
-	add_str(o, "machine_alias", vm->cfg.machine_alias);
 	add_str(o, "accel", vm->d->kvm ? "kvm" : "tcg");
-	add_str(o, "kernel", vm->cfg.kernel);
-	add_str(o, "initrd", vm->cfg.initrd);
-	add_str(o, "append", vm->cfg.append);
-	add_str(o, "tap", vm->cfg.tap);
-	json_object_object_add(
-	    o, "uid", vm->cfg.uid > 0 ? json_object_new_int64((int64_t)vm->cfg.uid) : NULL);
 	json_object_object_add(o, "confined", json_object_new_boolean(vm->d->confine));
-	json_object_object_add(o, "cpr_exec", json_object_new_boolean(vm->cfg.cpr_exec));
 	add_str(o, "console_log", vm->console_path);
 	add_str(o, "vmm_log", vm->vmm_log_path);
 	add_str(o, "qmp_socket", vm->qmp_path);
-	json_object_object_add(o, "created_usec", json_object_new_int64((int64_t)vm->created_usec));
 	json_object_object_add(
 	    o, "fds_held", json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
-	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
 	json_object_object_add(o, "updating", json_object_new_boolean(vm->update != NULL));
 	if (vm->update)
 		add_str(o, "update_phase", update_current_phase(vm->update));

@@ -19,6 +19,7 @@
 
 #include "daemon/daemon.h"
 #include "daemon/vmm.h"
+#include "daemon/vmrecord.h"
 
 struct call;
 struct update;
@@ -32,27 +33,6 @@ enum vm_state {
 	VM_CRASHED,
 	VM_CHECKPOINTED, /* no VMM, no RAM: the guest is in its checkpoint */
 	_VM_STATE_MAX,
-};
-
-/* Which file a path named when a peer that is not root was judged to
- * read it: a later open must find the very same file there. */
-struct file_id {
-	dev_t dev;
-	ino_t ino;
-	bool set; /* false: named by root (or recorded before identities were) */
-};
-
-struct vm_config {
-	char *name;
-	char *vmm; /* absolute path of the VMM binary (canonical unless root named it) */
-	char *kernel, *initrd, *append, *tap; /* kernel, initrd: likewise */
-	struct file_id kernel_id, initrd_id;
-	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
-	char *machine_alias; /* what create asked for (q35), or NULL */
-	uint64_t memory_bytes;
-	unsigned vcpus;
-	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
-	bool cpr_exec; /* its VMMs may exec a successor (QEMU's sandbox spawn=allow) */
 };
 
 struct vm {
@@ -155,11 +135,8 @@ const char *vm_busy(const struct vm *vm);
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size);
 json_object *vm_fds_to_json(struct vm *vm);
 
-void vm_config_done(struct vm_config *cfg);
-/* The kernel's and initrd's file_id in a record (registry, checkpoint
- * meta), and back; a record without them reads as root-given. */
-void vm_config_ids_to_json(const struct vm_config *cfg, json_object *o);
-void vm_config_ids_from_json(json_object *o, struct vm_config *cfg);
+/* What the VM's record says (vmrecord.h), borrowed from vm. */
+struct vm_record vm_record_of(const struct vm *vm);
 /* Give vm a uid of its own from the daemon's VMM range (lowest free), unless
  * it has one. -EUSERS when every id of the range is taken. */
 int vm_pick_uid(struct vm *vm);

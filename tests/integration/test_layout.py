@@ -103,9 +103,11 @@ class Layout(unittest.TestCase):
                     "sandbox", "vmm", "vm", "update"):
             calls_up = deps[low] & upper
             self.assertEqual(calls_up, set(), f"{low} calls up")
-        # The registry file and the launcher need nothing of the daemon
+        # The registry file, the VM record's codec and the launcher need
+        # nothing of the daemon
         # (the launcher's confinement of a VMM is its own leaf).
         self.assertEqual(deps["registry"], set())
+        self.assertEqual(deps["vmrecord"], set())
         self.assertEqual(deps["launcher"], {"confine"})
         self.assertEqual(deps["confine"], set())
 

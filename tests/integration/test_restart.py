@@ -185,6 +185,47 @@ class Crash(GuestTest):
         con.wait_beats(2)
         con.assert_healthy(self)
 
+    # The keys of a VM's record as the previous release (2371a41) wrote
+    # them; this one adds kernel_id and initrd_id only for files a peer
+    # other than root named.
+    OLD_RECORD_KEYS = {
+        "name", "vmm", "kernel", "initrd", "append", "tap", "machine", "machine_alias",
+        "memory_bytes", "vcpus", "uid", "cpr_exec", "created_usec", "updates", "state", "pid",
+        "pid_start", "vmm_fds", "qmp", "update", "check", "checkpoint", "restore",
+        "checkpointing_in", "checkpoint_was_running"}
+
+    def test_a_registry_of_the_previous_release_is_recovered(self):
+        vm = self.d.create_guest("old")
+        con = Console(vm["console_log"])
+        con.wait_beats(3)
+        self.d.proc.send_signal(signal.SIGKILL)
+        self.d.proc.wait()
+        reg = os.path.join(self.d.dir, "registry.json")
+        with open(reg) as f:
+            data = json.load(f)
+        rec = data["vms"][0]
+        self.assertLessEqual(set(rec), self.OLD_RECORD_KEYS, "the record's shape changed")
+        # A record that no cprd writes is refused whole, with the reason,
+        # not recovered as a VM of 0 bytes.
+        bad = {k: rec[k] for k in ("vmm", "kernel", "machine", "vcpus", "created_usec")}
+        bad.update(name="bad", memory_bytes=0, updates=0, state="crashed")
+        data["vms"].append(bad)
+        with open(reg, "w") as f:
+            json.dump(data, f)
+        self.d.start()
+        s = self.d.call("vm.status", {"name": "old"})
+        self.assertEqual((s["state"], s["pid"]), ("running", vm["pid"]))
+        for k in ("vmm", "kernel", "initrd", "append", "machine", "memory_bytes", "vcpus",
+                  "created_usec", "updates"):
+            self.assertEqual(s[k], vm[k], k)
+        self.assertIn("registry entry 'bad' skipped: memory_bytes 0 is out of range",
+                      self.d.read_log())
+        with self.assertRaises(RpcError):
+            self.d.call("vm.status", {"name": "bad"})
+        con.wait_beats(2)
+        con.assert_healthy(self)
+        self.d.call("vm.destroy", {"name": "old"})
+
     def test_vmm_that_died_meanwhile_is_crashed_not_dropped(self):
         vm = self.d.create_guest("gone")
         self.d.proc.send_signal(signal.SIGKILL)
