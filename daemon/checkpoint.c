@@ -56,6 +56,7 @@
 #define CKPT_PAGE 4096u
 
 struct ckpt {
+	struct op op; /* the VM's operation (op.h) */
 	struct vm *vm;
 	struct call *call;
 	bool restore, qemu, ended;
@@ -457,7 +458,7 @@ static void end(struct ckpt *k, const char *result)
 	vmm_cancel(vm->vmm, k);
 	vmm_cancel(k->next, k);
 	k->next = vmm_kill(k->next);
-	vm->ckpt = NULL;
+	vm_op_end(vm, &k->op);
 	rep = report(k, result);
 	if (vm->dir_fd >= 0)
 		history_append(vm->dir_fd, VM_HISTORY, rep);
@@ -988,7 +989,7 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	}
 	k->channels = a->channels ? a->channels : host_cores();
 	k->size = vm->cfg.memory_bytes;
-	vm->ckpt = k;
+	vm_op_begin(vm, &k->op, &checkpoint_op_type);
 	events_emit(d, "checkpoint-started", vm->cfg.name, NULL);
 	log_info("VM %s: checkpoint (%s method) to %s/%s", vm->cfg.name, a->method, root,
 		 vm->cfg.name);
@@ -1398,7 +1399,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 	k->restore = true;
 	k->old_vmm = strdup(vm->cfg.vmm);
 	k->new_vmm = strdup(a->binary ? a->binary : vm->cfg.vmm);
-	vm->ckpt = k;
+	vm_op_begin(vm, &k->op, &restore_op_type);
 	events_emit(vm->d, "restore-started", vm->cfg.name, NULL);
 	log_info("VM %s: restore from %s/%s with %s", vm->cfg.name, root, vm->cfg.name,
 		 k->new_vmm ? k->new_vmm : "?");
@@ -1441,17 +1442,17 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 
 /* ======== routed from vm.c, deadlines ======== */
 
-const char *checkpoint_saving_in(const struct ckpt *k)
+static const char *checkpoint_saving_in(const struct ckpt *k)
 {
 	return k->restore || !k->tmp[0] ? NULL : k->root;
 }
 
-bool checkpoint_was_running(const struct ckpt *k)
+static bool checkpoint_was_running(const struct ckpt *k)
 {
 	return k->was_running;
 }
 
-json_object *checkpoint_restore_record(const struct ckpt *k)
+static json_object *checkpoint_restore_record(const struct ckpt *k)
 {
 	json_object *o;
 
@@ -1478,7 +1479,7 @@ void checkpoint_discard_unfinished(const char *root, const char *name)
 	}
 }
 
-json_object *checkpoint_progress(const struct ckpt *k)
+static json_object *checkpoint_progress(const struct ckpt *k)
 {
 	json_object *o = json_object_new_object();
 
@@ -1490,7 +1491,8 @@ json_object *checkpoint_progress(const struct ckpt *k)
 	return o;
 }
 
-void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us)
+static void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data,
+				 int64_t ts_us)
 {
 	if (k->restore || k->ended)
 		return;
@@ -1500,7 +1502,7 @@ void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, 
 		save_migration_event(k, data);
 }
 
-void checkpoint_vmm_exited(struct ckpt *k)
+static void checkpoint_vmm_exited(struct ckpt *k)
 {
 	if (k->restore || k->ended)
 		return;
@@ -1523,7 +1525,7 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		save_fail(k, "timed out after %g s", k->timeout);
 }
 
-void checkpoint_abandon(struct ckpt *k)
+static void checkpoint_abandon(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 
@@ -1537,9 +1539,85 @@ void checkpoint_abandon(struct ckpt *k)
 	if (k->call)
 		call_fail(TAKE_PTR(k->call), JSONRPC_INTERNAL_ERROR,
 			  "cprd is shutting down; the checkpoint was not finished");
-	vm->ckpt = NULL;
+	vm_op_end(vm, &k->op);
 	ckpt_free(k);
 }
+
+/* ======== the operations (op.h) ======== */
+
+static struct ckpt *of(const struct op *op)
+{
+	return container_of(op, struct ckpt, op);
+}
+
+static void op_vmm_event(struct op *op, const char *event, json_object *data, int64_t ts_us)
+{
+	checkpoint_vmm_event(of(op), event, data, ts_us);
+}
+
+/* The guest was not saved; the VM crashed all the same. */
+static bool op_vmm_exited(struct op *op)
+{
+	checkpoint_vmm_exited(of(op));
+	return false;
+}
+
+static void op_detach(struct op *op)
+{
+	checkpoint_abandon(of(op));
+}
+
+/* Where the unfinished checkpoint is (a restarted cprd removes it) and
+ * whether the guest ran when it began (it resumes it then). */
+static void save_record(const struct op *op, json_object *rec)
+{
+	const struct ckpt *k = of(op);
+
+	if (!checkpoint_saving_in(k))
+		return;
+	json_object_object_add(rec, "checkpointing_in",
+			       json_object_new_string(checkpoint_saving_in(k)));
+	json_object_object_add(rec, "checkpoint_was_running",
+			       json_object_new_boolean(checkpoint_was_running(k)));
+}
+
+static void restore_record(const struct op *op, json_object *rec)
+{
+	json_object *x = checkpoint_restore_record(of(op));
+
+	if (x)
+		json_object_object_add(rec, "restore", x);
+}
+
+static void op_status(const struct op *op, json_object *o)
+{
+	json_object_object_add(o, "checkpoint_progress", checkpoint_progress(of(op)));
+}
+
+const struct op_type checkpoint_op_type = {
+	.name = "checkpoint",
+	.busy = "being checkpointed or restored",
+	.verb = "checkpointed",
+	.from = OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.detach = op_detach,
+	.record = save_record,
+	.status = op_status,
+};
+
+/* The VM has no VMM of its own meanwhile: the restore's VMM reports to it. */
+const struct op_type restore_op_type = {
+	.name = "restore",
+	.busy = "being checkpointed or restored",
+	.verb = "restored",
+	.from = OP_FROM(VM_CHECKPOINTED),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.detach = op_detach,
+	.record = restore_record,
+	.status = op_status,
+};
 
 /* ======== start-up ======== */
 
@@ -1642,7 +1720,7 @@ static void restore_all_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	free(w);
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->state == VM_CHECKPOINTED && !vm->ckpt)
+		if (vm->state == VM_CHECKPOINTED && !vm->op)
 			restore_start(vm, &(struct restore_args){ .timeout = 600 }, NULL);
 }
 

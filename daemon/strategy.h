@@ -28,6 +28,7 @@
 #include <sys/types.h>
 
 #include "common/macro.h"
+#include "daemon/op.h"
 
 struct vm;
 struct vmm;
@@ -98,6 +99,7 @@ const struct strategy *strategy_nth(size_t i); /* NULL past the last */
 const char *strategy_names(void);
 
 struct update {
+	struct op op; /* the VM's operation (op.h) */
 	struct vm *vm;
 	const struct strategy *s;
 	void *priv; /* the strategy's own */

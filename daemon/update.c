@@ -264,7 +264,7 @@ static void end(struct update *u, const char *result)
 	u->s->done(u);
 	if (streq(result, "ok"))
 		vm_settle_qmp_path(vm); /* the old VMM is gone now */
-	vm->update = NULL;
+	vm_op_end(vm, &u->op);
 	vm->updates++;
 	rep = report(u, result, ended_in);
 	history_append(vm->dir_fd, VM_HISTORY, rep);
@@ -421,7 +421,7 @@ static void resume_old(struct update *u)
 	}
 }
 
-void update_vm_vmm_ready(struct update *u)
+static void update_vm_vmm_ready(struct update *u)
 {
 	if (u->s->in_place && u->exec_seen) {
 		in_place_ready(u);
@@ -856,7 +856,7 @@ static void in_place_ready(struct update *u)
 		update_rollback(u, "lost the new VMM's monitor");
 }
 
-void update_vm_vmm_monitor_lost(struct update *u)
+static void update_vm_vmm_monitor_lost(struct update *u)
 {
 	if (!u->s->in_place || u->ended || u->exec_seen)
 		return;
@@ -1028,7 +1028,8 @@ static const struct vmm_ops restore_ops = {
 	.monitor_lost = restore_monitor_lost,
 };
 
-void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+static void update_vm_vmm_event(struct update *u, const char *event, json_object *data,
+				int64_t ts_us)
 {
 	/* After the switch the VM's own VMM is the new one, whose events are
 	 * no longer the update's business. */
@@ -1109,7 +1110,7 @@ static bool in_place_exited(struct update *u)
 	return true;
 }
 
-void update_vm_vmm_exited(struct update *u)
+static void update_vm_vmm_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -1232,10 +1233,10 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 	ev_init(&u->retry, retry_cb);
 	ev_init(&u->reap, reap_cb);
 	u->timer.data = u->retry.data = u->reap.data = u;
-	vm->update = u;
+	vm_op_begin(vm, &u->op, &update_op_type);
 	/* Written before anything happens: a restarted cprd must know. */
 	if (vm_registry_commit(vm->d) < 0) {
-		vm->update = NULL;
+		vm_op_end(vm, &u->op);
 		call_fail(c, JSONRPC_ERR_RESOURCE,
 			  "cannot record the update of VM '%s' in the registry: %s; nothing was "
 			  "changed",
@@ -1314,7 +1315,7 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	json_object_put(o);
 }
 
-void update_abandon(struct update *u)
+static void update_abandon(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -1331,11 +1332,75 @@ void update_abandon(struct update *u)
 	u->next = vmm_free(u->next);
 	u->old = vmm_free(u->old);
 	u->s->done(u);
-	vm->update = NULL;
+	vm_op_end(vm, &u->op);
 	update_free(u); /* from a signal watcher: nothing of it is on the stack */
 }
 
 json_object *update_history(struct vm *vm)
 {
 	return history_read(vm->dir_fd, VM_HISTORY);
+}
+
+/* ---- the operation (op.h) ---- */
+
+static struct update *of(const struct op *op)
+{
+	return container_of(op, struct update, op);
+}
+
+static void op_vmm_event(struct op *op, const char *event, json_object *data, int64_t ts_us)
+{
+	update_vm_vmm_event(of(op), event, data, ts_us);
+}
+
+static bool op_vmm_exited(struct op *op)
+{
+	update_vm_vmm_exited(of(op)); /* decides what the VM is now */
+	return true;
+}
+
+static bool op_vmm_ready(struct op *op)
+{
+	update_vm_vmm_ready(of(op));
+	return true;
+}
+
+static void op_monitor_lost(struct op *op)
+{
+	update_vm_vmm_monitor_lost(of(op));
+}
+
+static void op_detach(struct op *op)
+{
+	update_abandon(of(op));
+}
+
+static void op_record(const struct op *op, json_object *rec)
+{
+	json_object_object_add(rec, "update", update_to_record(of(op)));
+}
+
+static void op_status(const struct op *op, json_object *o)
+{
+	json_object_object_add(o, "update_phase",
+			       json_object_new_string(update_current_phase(of(op))));
+}
+
+const struct op_type update_op_type = {
+	.name = "update",
+	.busy = "being updated",
+	.verb = "updated",
+	.from = OP_FROM(VM_RUNNING),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.vmm_ready = op_vmm_ready,
+	.monitor_lost = op_monitor_lost,
+	.detach = op_detach,
+	.record = op_record,
+	.status = op_status,
+};
+
+struct update *update_of(const struct vm *vm)
+{
+	return vm_op_is(vm, "update") ? of(vm->op) : NULL;
 }

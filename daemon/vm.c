@@ -16,10 +16,7 @@
 #include "daemon/log.h"
 #include "daemon/registry.h"
 #include "daemon/server.h"
-#include "daemon/update.h"
 #include "daemon/archive.h"
-#include "daemon/check.h"
-#include "daemon/checkpoint.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
@@ -159,6 +156,62 @@ void vm_config_ids_from_json(json_object *o, struct vm_config *cfg)
 	cfg->initrd_id = file_id_from(o, "initrd_id");
 }
 
+/* ---- the VM's own requests: operations that only wait for an answer ---- */
+
+static void request_detach(struct op *op)
+{
+	struct vm *vm = op->vm;
+
+	vm_op_end(vm, op);
+	if (op->call)
+		call_fail(TAKE_PTR(op->call), JSONRPC_INTERNAL_ERROR, "cprd is shutting down");
+}
+
+static const struct op_type vm_create_op = {
+	.name = "create",
+	.busy = "starting",
+	.verb = "created",
+	.request = true,
+	.detach = request_detach,
+};
+
+static const struct op_type vm_destroy_op = {
+	.name = "destroy",
+	.busy = "stopping",
+	.verb = "destroyed",
+	.from = OP_FROM(VM_STARTING) | OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED) |
+		OP_FROM(VM_CRASHED) | OP_FROM(VM_CHECKPOINTED),
+	.request = true,
+	.detach = request_detach,
+};
+
+/* Its STOP or RESUME event may come before the answer: the VM is paused
+ * or running before the request ends. */
+static const struct op_type vm_pause_op = {
+	.name = "pause",
+	.busy = "being paused or resumed",
+	.verb = "paused or resumed",
+	.from = OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED),
+	.request = true,
+	.detach = request_detach,
+};
+
+static void begin_request(struct vm *vm, const struct op_type *t, struct call *c)
+{
+	vm_op_begin(vm, &vm->request, t);
+	vm->request.call = c;
+}
+
+/* The request's caller (NULL when there is none, or the VM's operation is
+ * not a request); the request ends. */
+static struct call *take_request(struct vm *vm)
+{
+	if (vm->op != &vm->request)
+		return NULL;
+	vm_op_end(vm, &vm->request);
+	return TAKE_PTR(vm->request.call);
+}
+
 /* ---- events (events.c sends them; what they say of a VM is said here) ---- */
 
 static void emit_vm_created(struct vm *vm)
@@ -178,7 +231,7 @@ static void emit_vm_state(struct vm *vm, int old_state, int new_state)
 
 	add_str(f, "from", vm_state_to_string(old_state));
 	add_str(f, "state", vm_state_to_string(new_state));
-	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	json_object_object_add(f, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	events_emit(vm->d, "state", vm->cfg.name, f);
 }
 
@@ -194,7 +247,7 @@ static void emit_vm_crashed(struct vm *vm)
 				   ? json_object_new_int(vm->exit_code - 128)
 				   : NULL);
 	add_str(f, "exit", vm->exit_desc);
-	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	json_object_object_add(f, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	events_emit(vm->d, "crashed", vm->cfg.name, f);
 }
 
@@ -214,7 +267,7 @@ static void emit_vm_destroyed(struct vm *vm)
  * unknown. */
 static json_object *vm_record(struct vm *vm)
 {
-	json_object *o = json_object_new_object(), *x;
+	json_object *o = json_object_new_object();
 
 	add_str(o, "name", vm->cfg.name);
 	add_str(o, "vmm", vm->cfg.vmm);
@@ -241,19 +294,10 @@ static json_object *vm_record(struct vm *vm)
 	add_str(o, "state", vm_state_to_string(vm->state));
 	if (vmm_alive(vm->vmm))
 		vmm_add_record(vm->vmm, o);
-	if (vm->update)
-		json_object_object_add(o, "update", update_to_record(vm->update));
-	if (vm->check)
-		json_object_object_add(o, "check", check_to_record(vm->check));
 	if (vm->checkpoint_root)
 		add_str(o, "checkpoint", vm->checkpoint_root);
-	if (vm->ckpt && (x = checkpoint_restore_record(vm->ckpt)))
-		json_object_object_add(o, "restore", x);
-	if (vm->ckpt && checkpoint_saving_in(vm->ckpt)) {
-		add_str(o, "checkpointing_in", checkpoint_saving_in(vm->ckpt));
-		json_object_object_add(o, "checkpoint_was_running",
-				       json_object_new_boolean(checkpoint_was_running(vm->ckpt)));
-	}
+	if (vm->op && vm->op->type->record)
+		vm->op->type->record(vm->op, o);
 	return o;
 }
 
@@ -335,16 +379,9 @@ static void vm_free(struct vm *vm)
 void vm_detach_all(struct daemon *d)
 {
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
-		if (vm->update)
-			update_abandon(vm->update);
-		if (vm->check)
-			check_abandon(vm->check);
-		if (vm->ckpt)
-			checkpoint_abandon(vm->ckpt);
+		if (vm->op && vm->op->type->detach)
+			vm->op->type->detach(vm->op);
 		ev_timer_stop(d->loop, &vm->timer);
-		if (vm->waiting)
-			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR,
-				  "cprd is shutting down");
 	}
 }
 
@@ -359,12 +396,13 @@ static void abandon_start(struct vm *vm)
 static void fail_start(struct vm *vm, int code, const char *why)
 {
 	char tail[400] = "";
+	struct call *c;
 
 	vm_vmm_said(vm, vm->vmm, tail, sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
-	if (vm->waiting)
-		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
-			  vm->cfg.name, why, tail[0] ? "; VMM said: " : "", tail);
+	if ((c = take_request(vm)))
+		call_fail(c, code, "VM '%s' failed to start: %s%s%s", vm->cfg.name, why,
+			  tail[0] ? "; VMM said: " : "", tail);
 	abandon_start(vm);
 }
 
@@ -393,11 +431,12 @@ static void finish_destroy(struct vm *vm, struct call *c)
 
 void vm_vmm_lost(struct vm *vm)
 {
+	struct call *c;
+
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	vm_set_state(vm, VM_CRASHED);
-	if (vm->waiting) /* a pause or resume */
-		call_fail(TAKE_PTR(vm->waiting), JSONRPC_ERR_VMM, "VM '%s': its VMM %s",
-			  vm->cfg.name, vm->exit_desc);
+	if ((c = take_request(vm))) /* a pause or resume */
+		call_fail(c, JSONRPC_ERR_VMM, "VM '%s': its VMM %s", vm->cfg.name, vm->exit_desc);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	emit_vm_crashed(vm);
@@ -428,16 +467,14 @@ static void vmm_exited(struct vmm *v, void *ud)
 	case VM_STOPPING:
 		log_info("VM %s: VMM pid %d %s; custody released", vm->cfg.name, (int)v->pid,
 			 vm->exit_desc);
-		c = TAKE_PTR(vm->waiting);
+		c = take_request(vm);
 		finish_destroy(vm, c);
 		return;
 	default:
-		if (vm->update) {
-			update_vm_vmm_exited(vm->update); /* decides what the VM is now */
+		/* An update decides what the VM is now; a checkpoint ends
+		 * unsaved, and the VM crashed as usual. */
+		if (vm->op && vm->op->type->vmm_exited && vm->op->type->vmm_exited(vm->op))
 			return;
-		}
-		if (vm->ckpt)
-			checkpoint_vmm_exited(vm->ckpt); /* the guest was not saved */
 		vm_vmm_lost(vm);
 	}
 }
@@ -460,10 +497,8 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 {
 	struct vm *vm = ud;
 
-	if (vm->update)
-		update_vm_vmm_event(vm->update, event, data, ts_us);
-	if (vm->ckpt)
-		checkpoint_vmm_event(vm->ckpt, event, data, ts_us);
+	if (vm->op && vm->op->type->vmm_event)
+		vm->op->type->vmm_event(vm->op, event, data, ts_us);
 	if (streq(event, "STOP") && vm->state == VM_RUNNING)
 		vm_set_state(vm, VM_PAUSED);
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
@@ -478,6 +513,7 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 static void started(qmp *q, json_object *ret, const char *cls, const char *desc, void *userdata)
 {
 	struct vm *vm = userdata;
+	struct call *c;
 	json_object *st;
 
 	if (vm->state != VM_STARTING)
@@ -495,8 +531,8 @@ static void started(qmp *q, json_object *ret, const char *cls, const char *desc,
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	log_info("VM %s: running, VMM pid %d (QEMU %s), %" PRIu64 " MiB", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, vm->cfg.memory_bytes >> 20);
-	if (vm->waiting)
-		call_reply(TAKE_PTR(vm->waiting), vm_to_json(vm));
+	if ((c = take_request(vm)))
+		call_reply(c, vm_to_json(vm));
 }
 
 const char *vm_machine_resolve(json_object *machines, const char *type)
@@ -552,10 +588,8 @@ static void vmm_ready(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
 
-	if (vm->update) {
-		update_vm_vmm_ready(vm->update);
+	if (vm->op && vm->op->type->vmm_ready && vm->op->type->vmm_ready(vm->op))
 		return;
-	}
 	if (vm->state != VM_STARTING)
 		return;
 	if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, vm) < 0)
@@ -577,9 +611,11 @@ static void vmm_spawned(struct vmm *v, void *ud)
 	 * cannot be written, the VM is not created. */
 	if (vm_registry_commit(d) < 0) {
 		log_error("VM %s: start abandoned: cannot record it in the registry", vm->cfg.name);
-		if (vm->waiting)
+		struct call *c = take_request(vm);
+
+		if (c)
 			call_fail(
-			    TAKE_PTR(vm->waiting), JSONRPC_ERR_RESOURCE,
+			    c, JSONRPC_ERR_RESOURCE,
 			    "cannot record VM '%s' in the registry: %s; the VM was not created",
 			    vm->cfg.name, d->registry.why);
 		abandon_start(vm);
@@ -595,8 +631,8 @@ static void vmm_monitor_lost(struct vmm *v, void *ud)
 	struct vm *vm = ud;
 	int r;
 
-	if (vm->update)
-		update_vm_vmm_monitor_lost(vm->update);
+	if (vm->op && vm->op->type->monitor_lost)
+		vm->op->type->monitor_lost(vm->op);
 	r = vmm_reconnect(v);
 
 	if (r < 0)
@@ -904,7 +940,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	*cfg = (struct vm_config){};
 	vm->state = VM_STARTING; /* born so; vm_set_state() from here on */
 	vm->exit_code = -1;
-	vm->waiting = c;
+	begin_request(vm, &vm_create_op, c);
 	vm->created_usec = now_usec(CLOCK_REALTIME);
 	ev_init(&vm->timer, timer_cb);
 	vm->timer.data = vm;
@@ -965,15 +1001,13 @@ void vm_destroy(struct vm *vm, struct call *c)
 			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
-	if (vm->state == VM_CHECKPOINTED)
-		checkpoint_discard(vm); /* the guest is in it: it goes with the VM */
-	if (!vmm_alive(vm->vmm)) {      /* crashed: nothing runs */
+	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
 		log_info("VM %s: destroyed; custody released", vm->cfg.name);
 		finish_destroy(vm, c);
 		return;
 	}
 	vm_set_state(vm, VM_STOPPING);
-	vm->waiting = c;
+	begin_request(vm, &vm_destroy_op, c);
 	/* QEMU treats SIGTERM as a host-requested shutdown and exits cleanly. */
 	vmm_signal(vm->vmm, SIGTERM);
 	ev_timer_stop(vm->d->loop, &vm->timer);
@@ -995,7 +1029,7 @@ static json_object *pause_result(const struct vm *vm, bool changed)
 
 static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc, bool pause)
 {
-	struct call *c = TAKE_PTR(vm->waiting);
+	struct call *c = take_request(vm);
 
 	if (!c)
 		return; /* answered already: the VMM exited meanwhile */
@@ -1030,7 +1064,7 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
-	if ((vm->state != VM_RUNNING && vm->state != VM_PAUSED) || !vmm_alive(vm->vmm)) {
+	if (!op_may_start_in(&vm_pause_op, vm->state) || !vmm_alive(vm->vmm)) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
 			  "VM '%s' is %s; only a running or paused VM can be %s", vm->cfg.name,
 			  vm_state_to_string(vm->state), pause ? "paused" : "resumed");
@@ -1046,7 +1080,7 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 			  vm->cfg.name);
 		return;
 	}
-	vm->waiting = c;
+	begin_request(vm, &vm_pause_op, c);
 }
 
 /* ---- recovery ---- */
@@ -1103,19 +1137,7 @@ void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
 
 const char *vm_busy(const struct vm *vm)
 {
-	if (vm->update)
-		return "being updated";
-	if (vm->check)
-		return "being checked for an update";
-	if (vm->ckpt)
-		return "being checkpointed or restored";
-	if (!vm->waiting)
-		return NULL;
-	/* Starting or stopping; a running or paused VM waits only on vm.pause
-	 * or vm.resume (its STOP or RESUME event may come before the answer). */
-	if (vm->state == VM_RUNNING || vm->state == VM_PAUSED)
-		return "being paused or resumed";
-	return vm_state_to_string(vm->state);
+	return vm->op ? vm->op->type->busy : NULL;
 }
 
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size)
@@ -1165,8 +1187,8 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "name", vm->cfg.name);
 	add_str(o, "state", vm_state_to_string(vm->state));
 	add_str(o, "busy", vm_busy(vm));
-	if (vm->ckpt)
-		json_object_object_add(o, "checkpoint_progress", checkpoint_progress(vm->ckpt));
+	if (vm->op && vm->op->type->status)
+		vm->op->type->status(vm->op, o);
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm", vm->cfg.vmm);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
@@ -1193,9 +1215,7 @@ json_object *vm_to_json(struct vm *vm)
 	json_object_object_add(
 	    o, "fds_held", json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
 	json_object_object_add(o, "updates", json_object_new_int((int)vm->updates));
-	json_object_object_add(o, "updating", json_object_new_boolean(vm->update != NULL));
-	if (vm->update)
-		add_str(o, "update_phase", update_current_phase(vm->update));
+	json_object_object_add(o, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	if (vm->state == VM_CRASHED) {
 		json_object_object_add(o, "exit_code", json_object_new_int(vm->exit_code));
 		add_str(o, "exit", vm->exit_desc);
