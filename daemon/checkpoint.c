@@ -55,8 +55,25 @@
 #define CKPT_CHUNK (64u << 20) /* bytes copied per turn of the loop */
 #define CKPT_PAGE 4096u
 
+/* A checkpoint's phases (checkpoint_op_type), and a restore's. */
+enum {
+	SAVE_OPEN,     /* finding the directory; nothing written yet */
+	SAVE_WRITE,    /* .NAME.tmp exists: the guest is being saved into it */
+	SAVE_PLACED,   /* the checkpoint is in place and is the guest */
+	SAVE_ROLLBACK, /* the temporary directory went; the guest resumes */
+	_SAVE_MAX,
+};
+
+enum {
+	RESTORE_START, /* checking the checkpoint, starting the new VMM */
+	RESTORE_LOAD,  /* the new VMM exists; it loads the checkpoint */
+	RESTORE_RUNS,  /* the guest runs in it: the VM's VMM now */
+	_RESTORE_MAX,
+};
+
 struct ckpt {
-	struct op op; /* the VM's operation (op.h) */
+	struct op op;
+	/* the VM's operation; its phase is one of the above */ /* the VM's operation (op.h) */
 	struct vm *vm;
 	struct call *call;
 	bool restore, qemu, ended;
@@ -78,7 +95,6 @@ struct ckpt {
 	ev_timer timer;
 	ev_timer retry; /* rollback: asking the VMM to resume again */
 	unsigned cont_tries;
-	bool rolling_back;
 	struct vmm *next; /* restore: the new VMM until the VM adopts it */
 	bool ram_ready;   /* restore: the new memfd holds the checkpoint's RAM */
 	bool vmm_ready;   /* restore: the new VMM's monitor answers */
@@ -666,9 +682,8 @@ static void save_rollback(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 
-	if (k->rolling_back)
+	if (k->op.phase == SAVE_ROLLBACK || !op_set_phase(&k->op, SAVE_ROLLBACK, NULL))
 		return;
-	k->rolling_back = true;
 	ev_idle_stop(vm->d->loop, &k->copier);
 	if (k->tmp[0])
 		(void)rm_flat(k->root_fd, k->tmp);
@@ -801,7 +816,7 @@ static void finish_save(struct ckpt *k)
 	free(vm->checkpoint_root);
 	vm->checkpoint_root = strdup(k->root);
 	vm_set_state(vm, VM_CHECKPOINTED);
-	(void)vm_registry_commit(vm->d);
+	(void)op_set_phase(&k->op, SAVE_PLACED, NULL); /* durable */
 	end(k, "ok");
 }
 
@@ -1011,9 +1026,9 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	snprintf(k->tmp, sizeof(k->tmp), ".%s.tmp", vm->cfg.name);
 	(void)rm_flat(k->root_fd, k->tmp); /* a predecessor's, interrupted */
 	k->was_running = vm->state == VM_RUNNING;
-	/* A cprd restarted before this ends removes what is left of it, in
-	 * whichever directory it is (recover.c). */
-	(void)vm_registry_commit(d);
+	/* Durable: a cprd restarted before this ends removes what is left of
+	 * it, in whichever directory it is (recover.c). */
+	(void)op_set_phase(&k->op, SAVE_WRITE, NULL);
 	if (mkdirat(k->root_fd, k->tmp, 0700) < 0) {
 		int e = errno;
 
@@ -1128,7 +1143,7 @@ static void adopt(struct ckpt *k)
 	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
 		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
 	retire(vm, k->root_fd, k->root, k->dir_fd);
-	(void)vm_registry_commit(vm->d);
+	(void)op_set_phase(&k->op, RESTORE_RUNS, NULL); /* durable */
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
 		 vm->vmm->version);
 	end(k, "ok");
@@ -1201,11 +1216,14 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 static void next_spawned(struct vmm *v, void *ud)
 {
 	struct ckpt *k = ud;
+	int r = 0;
 
 	k->vm->last_pid = v->pid;
-	/* A cprd restarted from here on ends this VMM, or takes the guest
-	 * from it if it already runs it (recover.c): it must know of it. */
-	if (vm_registry_commit(k->vm->d) < 0)
+	/* Durable: a cprd restarted from here on ends this VMM, or takes the
+	 * guest from it if it already runs it (recover.c). */
+	if (!op_set_phase(&k->op, RESTORE_LOAD, &r))
+		restore_fail(k, "the new VMM started twice");
+	else if (r < 0)
 		restore_fail(k, "cannot record the new VMM in the registry: %s",
 			     k->vm->d->registry.why);
 }
@@ -1519,7 +1537,7 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (k->restore)
 		restore_fail(k, "timed out after %g s", k->timeout);
-	else if (k->rolling_back)
+	else if (k->op.phase == SAVE_ROLLBACK)
 		end(k, "failed");
 	else
 		save_fail(k, "timed out after %g s", k->timeout);
@@ -1594,8 +1612,36 @@ static void op_status(const struct op *op, json_object *o)
 	json_object_object_add(o, "checkpoint_progress", checkpoint_progress(of(op)));
 }
 
+static const char *const save_phases[_SAVE_MAX] = {
+	[SAVE_OPEN] = "open",
+	[SAVE_WRITE] = "write",
+	[SAVE_PLACED] = "placed",
+	[SAVE_ROLLBACK] = "rollback",
+};
+
+/* Ending is no move: any phase may end. */
+static const unsigned save_next[_SAVE_MAX] = {
+	[SAVE_OPEN] = OP_PHASE(SAVE_WRITE) | OP_PHASE(SAVE_ROLLBACK),
+	[SAVE_WRITE] = OP_PHASE(SAVE_PLACED) | OP_PHASE(SAVE_ROLLBACK),
+};
+
+static const char *const restore_phases[_RESTORE_MAX] = {
+	[RESTORE_START] = "start",
+	[RESTORE_LOAD] = "load",
+	[RESTORE_RUNS] = "runs",
+};
+
+static const unsigned restore_next[_RESTORE_MAX] = {
+	[RESTORE_START] = OP_PHASE(RESTORE_LOAD),
+	[RESTORE_LOAD] = OP_PHASE(RESTORE_RUNS),
+};
+
 const struct op_type checkpoint_op_type = {
 	.name = "checkpoint",
+	.phases = save_phases,
+	.n_phases = _SAVE_MAX,
+	.next = save_next,
+	.durable = OP_PHASE(SAVE_WRITE) | OP_PHASE(SAVE_PLACED),
 	.busy = "being checkpointed or restored",
 	.verb = "checkpointed",
 	.from = OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED),
@@ -1609,6 +1655,10 @@ const struct op_type checkpoint_op_type = {
 /* The VM has no VMM of its own meanwhile: the restore's VMM reports to it. */
 const struct op_type restore_op_type = {
 	.name = "restore",
+	.phases = restore_phases,
+	.n_phases = _RESTORE_MAX,
+	.next = restore_next,
+	.durable = OP_PHASE(RESTORE_LOAD) | OP_PHASE(RESTORE_RUNS),
 	.busy = "being checkpointed or restored",
 	.verb = "restored",
 	.from = OP_FROM(VM_CHECKPOINTED),

@@ -22,21 +22,31 @@ int op_phase_from_name(const struct op_type *t, const char *name)
 	return -EINVAL;
 }
 
+bool op_may_move(const struct op_type *t, int from, int to)
+{
+	return from >= 0 && (unsigned)from < t->n_phases && to >= 0 && (unsigned)to < t->n_phases &&
+	       (t->next[from] & OP_PHASE(to));
+}
+
+int op_enter(struct op *op, int p)
+{
+	op->phase = p;
+	/* Before anything of the phase happens: a restarted cprd must find
+	 * the operation where it is now. */
+	return op->durable & OP_PHASE(p) ? vm_registry_commit(op->vm->d) : 0;
+}
+
 bool op_set_phase(struct op *op, int p, int *r)
 {
 	const struct op_type *t = op->type;
-	int w = 0;
+	int w;
 
-	if (p < 0 || (unsigned)p >= t->n_phases || !(t->next[op->phase] & OP_PHASE(p))) {
+	if (!op_may_move(t, op->phase, p)) {
 		log_error("BUG: VM %s: %s cannot go from phase %s to %s; refused", op->vm->cfg.name,
 			  t->name, op_phase_name(t, op->phase), op_phase_name(t, p));
 		return false;
 	}
-	op->phase = p;
-	/* Before anything of the phase happens: a restarted cprd must find
-	 * the operation where it is now. */
-	if (t->durable & OP_PHASE(p))
-		w = vm_registry_commit(op->vm->d);
+	w = op_enter(op, p);
 	if (r)
 		*r = w;
 	return true;

@@ -68,6 +68,7 @@ struct op {
 	const struct op_type *type;
 	struct vm *vm;
 	int phase;
+	unsigned durable;  /* the type's durable phases, and those this one adds */
 	struct call *call; /* a request's (create, destroy, pause): to answer */
 };
 
@@ -81,6 +82,11 @@ struct op {
  * durable phase writes the registry before this returns: r, when not
  * NULL, gets that write's result (0 or negative errno), 0 otherwise. */
 bool op_set_phase(struct op *op, int p, int *r);
+/* Whether t's table allows from -> to. */
+bool op_may_move(const struct op_type *t, int from, int to);
+/* op_set_phase() without the check, for a caller that checked a stricter
+ * table of its own (an update's strategy): returns the write's result. */
+int op_enter(struct op *op, int p);
 /* A phase's name ("unknown" out of range), and back (-EINVAL). */
 const char *op_phase_name(const struct op_type *t, int p);
 int op_phase_from_name(const struct op_type *t, const char *name);

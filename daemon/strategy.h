@@ -52,6 +52,9 @@ enum phase {
 struct strategy {
 	const char *name; /* as the RPC and cprctl take it */
 	enum phase first;
+	/* Phases that are durable for this strategy besides the engine's
+	 * (op.h): entering one writes the registry. */
+	unsigned durable;
 	/* The VMM process becomes the new VMM itself (cpr-exec): there is no
 	 * second process, u->next stays NULL until a rollback needs one, and
 	 * the engine tells the two images apart (see update.c, "in place"). */

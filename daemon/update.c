@@ -71,16 +71,35 @@ static double elapsed_ms(const struct update *u)
 	return (double)(now_usec(CLOCK_MONOTONIC) - u->t0_mono) / 1000.0;
 }
 
-bool update_set_phase(struct update *u, enum phase p)
+static bool may_enter(struct update *u, enum phase p)
 {
-	if (p != PHASE_DONE && !(u->s->next[u->phase] & PHASE_BIT(p))) {
-		log_error("BUG: VM %s: %s update cannot go from phase %s to %s; refused",
-			  u->vm->cfg.name, u->s->name, phase_names[u->phase], phase_names[p]);
+	if (p == PHASE_DONE || (u->s->next[u->phase] & PHASE_BIT(p)))
+		return true;
+	log_error("BUG: VM %s: %s update cannot go from phase %s to %s; refused", u->vm->cfg.name,
+		  u->s->name, phase_names[u->phase], phase_names[p]);
+	return false;
+}
+
+/* The strategy's table (a part of the engine's, engine_next), then
+ * op_enter() writes the registry on entering a durable phase; r gets that
+ * write's result. */
+static bool set_phase(struct update *u, enum phase p, int *r)
+{
+	int w;
+
+	if (!may_enter(u, p))
 		return false;
-	}
 	u->phase = p;
+	w = op_enter(&u->op, (int)p);
+	if (r)
+		*r = w;
 	log_debug("VM %s: update +%.1f ms: %s", u->vm->cfg.name, elapsed_ms(u), phase_doing[p]);
 	return true;
+}
+
+bool update_set_phase(struct update *u, enum phase p)
+{
+	return set_phase(u, p, NULL);
 }
 
 static void arm(struct update *u, double seconds)
@@ -493,7 +512,7 @@ static void switch_over(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	if (!update_set_phase(u, PHASE_END_OLD))
+	if (!may_enter(u, PHASE_END_OLD))
 		return;
 	u->old = TAKE_PTR(vm->vmm);
 	if (u->old) {
@@ -506,10 +525,10 @@ static void switch_over(struct update *u)
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in VMM pid %d (QEMU %s); ending pid %d", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, (int)u->old_pid);
-	/* A restart from here on keeps the new VMM. Nothing can be undone if
-	 * this fails: the registry's health says so, and recovery still finds
-	 * the new VMM running. */
-	(void)vm_registry_commit(vm->d);
+	/* Durable: a restart from here on keeps the new VMM. Nothing can be
+	 * undone if the write fails: the registry's health says so, and
+	 * recovery still finds the new VMM running. */
+	update_set_phase(u, PHASE_END_OLD);
 	arm(u, END_OLD_TIMEOUT);
 	if (!vmm_alive(u->old)) {
 		end(u, "ok");
@@ -738,16 +757,15 @@ static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *
 void update_migrate(struct update *u, json_object *args)
 {
 	struct stat st;
+	int r = 0;
 
-	if (!update_set_phase(u, PHASE_MIGRATE)) {
+	/* Durable in place (strategy-cpr-exec.c says why). */
+	if (!set_phase(u, PHASE_MIGRATE, &r)) {
 		json_object_put(args);
 		return;
 	}
 	if (u->s->in_place) {
-		/* From here on the VM's process may become the new image without
-		 * cprd: a cprd restarted later must know the migration began
-		 * (there is no new VMM whose start would have recorded it). */
-		if (vm_registry_commit(u->vm->d) < 0) {
+		if (r < 0) {
 			json_object_put(args);
 			update_rollback(u,
 					"cannot record the update of VM '%s' in the registry: %s",
@@ -780,14 +798,14 @@ static void switched_in_place(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	if (!update_set_phase(u, PHASE_END_OLD))
+	if (!may_enter(u, PHASE_END_OLD))
 		return;
 	vm_vmm_replaced(vm, vm->vmm, u->new_binary);
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in QEMU %s, the same VMM pid %d", vm->cfg.name,
 		 vm->vmm->version, (int)vm->vmm->pid);
-	/* The record names the new binary from here on. */
-	(void)vm_registry_commit(vm->d);
+	/* Durable: the record names the new binary from here on. */
+	update_set_phase(u, PHASE_END_OLD);
 	end(u, "ok");
 }
 
@@ -1234,6 +1252,8 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 	ev_init(&u->reap, reap_cb);
 	u->timer.data = u->retry.data = u->reap.data = u;
 	vm_op_begin(vm, &u->op, &update_op_type);
+	u->op.phase = s->first;
+	u->op.durable |= s->durable;
 	/* Written before anything happens: a restarted cprd must know. */
 	if (vm_registry_commit(vm->d) < 0) {
 		vm_op_end(vm, &u->op);
@@ -1386,8 +1406,29 @@ static void op_status(const struct op *op, json_object *o)
 			       json_object_new_string(update_current_phase(of(op))));
 }
 
+/* Every move some strategy makes; each strategy's own table (its next[])
+ * allows fewer. Any phase may end (done). */
+#define TO_DONE PHASE_BIT(PHASE_DONE)
+static const unsigned engine_next[_PHASE_MAX] = {
+	[PHASE_LAUNCH] = PHASE_BIT(PHASE_PREPARE) | PHASE_BIT(PHASE_MIGRATE) |
+			 PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_PREPARE] = PHASE_BIT(PHASE_LAUNCH) | PHASE_BIT(PHASE_MIGRATE) |
+			  PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_MIGRATE] = PHASE_BIT(PHASE_COMMIT) | PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_COMMIT] = PHASE_BIT(PHASE_END_OLD) | PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_END_OLD] = TO_DONE,
+	[PHASE_ROLLBACK] = TO_DONE,
+	[PHASE_DONE] = TO_DONE, /* end() of an update that ended already */
+};
+
 const struct op_type update_op_type = {
 	.name = "update",
+	.phases = phase_names,
+	.n_phases = _PHASE_MAX,
+	.next = engine_next,
+	/* The guest runs in the new VMM: a restarted cprd keeps it. The
+	 * commit itself is not written (inside the blackout; recover.c). */
+	.durable = PHASE_BIT(PHASE_END_OLD),
 	.busy = "being updated",
 	.verb = "updated",
 	.from = OP_FROM(VM_RUNNING),

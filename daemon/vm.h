@@ -90,6 +90,7 @@ static inline void vm_op_begin(struct vm *vm, struct op *op, const struct op_typ
 	op->type = t;
 	op->vm = vm;
 	op->phase = 0;
+	op->durable = t->durable;
 	vm->op = op;
 }
 
