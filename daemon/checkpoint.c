@@ -1703,7 +1703,7 @@ static void adopt_checkpoint(struct daemon *d, int root_fd, const char *name)
 		return;
 	}
 	c = json_object_object_get(meta, "config");
-	vm = vm_restore(d, &cfg, (uint64_t)jint(c, "created_usec"), (unsigned)jint(c, "updates"));
+	vm = vm_recover(d, &cfg, (uint64_t)jint(c, "created_usec"), (unsigned)jint(c, "updates"));
 	if (!vm)
 		return;
 	vm->checkpoint_root = strdup(d->checkpoint_dir);

@@ -517,7 +517,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		safe_close(stored_pidfd);
 		return;
 	}
-	vm = vm_restore(
+	vm = vm_recover(
 	    d, &cfg, (uint64_t)json_object_get_int64(json_object_object_get(rec, "created_usec")),
 	    (unsigned)json_object_get_int(json_object_object_get(rec, "updates")));
 	if (!vm) {
@@ -573,7 +573,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		    vm->cfg.name, (int)vm->last_pid);
 		return;
 	}
-	vm_restore_vmm(vm, v, streq(st, "running"));
+	vm_recover_vmm(vm, v, streq(st, "running"));
 	vm_settle_qmp_path(vm);
 	log_info("VM %s: recovered, VMM pid %d (QEMU %s) %s, %zu fds in custody", vm->cfg.name,
 		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));

@@ -318,7 +318,7 @@ static void end_lost(struct update *u)
 /* ---- rollback: only before the guest ran in the new VMM ---- */
 
 static void resume_old(struct update *u);
-static void restore(struct update *u);
+static void rollback_relaunch(struct update *u);
 static void in_place_ready(struct update *u);
 
 static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
@@ -398,7 +398,7 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	if (u->s->in_place && (u->exec_seen || u->old_gone || u->state_saved)) {
 		log_warning("VM %s: update failed (%s); restoring the guest in a VMM of %s",
 			    vm->cfg.name, u->error, u->old_binary);
-		restore(u);
+		rollback_relaunch(u);
 		return;
 	}
 	log_warning("VM %s: update failed (%s); rolling back to VMM pid %d", vm->cfg.name, u->error,
@@ -792,7 +792,7 @@ void update_migrate(struct update *u, json_object *args)
  * close without an exec) is running or in postmigrate. From the new
  * image's RESUME on, the update has succeeded; before it, the guest has
  * run nowhere since the old image stopped it, and a rollback restores it
- * from the state file into a fresh VMM of the old binary (restore()). */
+ * from the state file into a fresh VMM of the old binary (rollback_relaunch()). */
 
 static void switched_in_place(struct update *u)
 {
@@ -865,7 +865,7 @@ static void in_place_ready(struct update *u)
 		return;
 	if (u->phase == PHASE_ROLLBACK) {
 		/* It exec'd while the rollback asked the old image to resume. */
-		restore(u);
+		rollback_relaunch(u);
 		return;
 	}
 	u->new_pid = v->pid;
@@ -884,7 +884,7 @@ static void update_vm_vmm_monitor_lost(struct update *u)
 	u->exec_seen = true;
 }
 
-/* ---- restore: in place, the rollback QEMU itself lacks ----
+/* ---- rollback in place: the relaunch QEMU itself lacks ----
  *
  * Past the exec there is no old process to resume; but the old image left
  * the device state in a file, and cprd holds guest RAM and every device
@@ -892,9 +892,9 @@ static void update_vm_vmm_monitor_lost(struct update *u)
  * It is started only once the failed image is certainly gone (killed and
  * reaped), so the guest never has two VMMs that could run it. */
 
-static const struct vmm_ops restore_ops;
+static const struct vmm_ops rollback_vmm_ops;
 
-_printf_(2, 3) static void restore_failed(struct update *u, const char *fmt, ...)
+_printf_(2, 3) static void rollback_failed(struct update *u, const char *fmt, ...)
 {
 	char why[256];
 	va_list ap;
@@ -906,7 +906,7 @@ _printf_(2, 3) static void restore_failed(struct update *u, const char *fmt, ...
 	end_lost(u);
 }
 
-static void launch_restore(struct update *u)
+static void rollback_launch(struct update *u)
 {
 	struct vm *vm = u->vm;
 	struct vmm_incoming in = { .defer = true };
@@ -915,23 +915,23 @@ static void launch_restore(struct update *u)
 	int r;
 
 	if (!u->s->restore_uri || !u->s->restore_uri(u)) {
-		restore_failed(u, "the old VMM left no state to restore the guest from");
+		rollback_failed(u, "the old VMM left no state to restore the guest from");
 		return;
 	}
 	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
-		restore_failed(u, "cannot restore the guest: %s", why);
+		rollback_failed(u, "cannot restore the guest: %s", why);
 		return;
 	}
 	r = asprintf(&qmp_path, "%s/qmp-next.sock", vm->dir) < 0 ? -ENOMEM : 0;
 	if (r >= 0)
 		r = vmm_start(vm->d, &vm->cfg, u->old_binary, qmp_path, vm->dir_fd, &in,
-			      &restore_ops, u, &u->next);
+			      &rollback_vmm_ops, u, &u->next);
 	if (r < 0)
-		restore_failed(u, "cannot start a VMM of %s to restore the guest: %s",
-			       u->old_binary, launcher_strerror(r));
+		rollback_failed(u, "cannot start a VMM of %s to restore the guest: %s",
+				u->old_binary, launcher_strerror(r));
 }
 
-static void restore(struct update *u)
+static void rollback_relaunch(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -946,10 +946,10 @@ static void restore(struct update *u)
 		}
 		vm->vmm = vmm_free(vm->vmm);
 	}
-	launch_restore(u);
+	rollback_launch(u);
 }
 
-static void restored(struct update *u)
+static void rollback_relaunched(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -963,23 +963,24 @@ static void restored(struct update *u)
 	end(u, "rolled-back");
 }
 
-static void restore_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+static void rollback_vmm_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
 	struct update *u = ud;
 
 	if (!ret && !u->ended)
-		restore_failed(u, "the VMM restoring the guest refused its state: %s", desc);
+		rollback_failed(u, "the VMM restoring the guest refused its state: %s", desc);
 }
 
-static void restore_cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+static void rollback_vmm_cont_done(qmp *q, json_object *ret, const char *cls, const char *desc,
+				   void *ud)
 {
 	struct update *u = ud;
 
 	if (!ret && !u->ended && !streq(cls, "Disconnected"))
-		restore_failed(u, "the VMM restoring the guest refused to run it: %s", desc);
+		rollback_failed(u, "the VMM restoring the guest refused to run it: %s", desc);
 }
 
-static void restore_spawned(struct vmm *v, void *ud)
+static void rollback_vmm_spawned(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 
@@ -988,18 +989,18 @@ static void restore_spawned(struct vmm *v, void *ud)
 	(void)vm_registry_commit(u->vm->d);
 }
 
-static void restore_ready(struct vmm *v, void *ud)
+static void rollback_vmm_ready(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	json_object *args = json_object_new_object();
 
 	json_object_object_add(args, "uri", json_object_new_string(u->s->restore_uri(u)));
-	if (vmm_command(v, "migrate-incoming", args, -EBADF, restore_sent, u) < 0)
-		restore_failed(u, "lost the monitor of the VMM restoring the guest");
+	if (vmm_command(v, "migrate-incoming", args, -EBADF, rollback_vmm_sent, u) < 0)
+		rollback_failed(u, "lost the monitor of the VMM restoring the guest");
 }
 
-static void restore_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
-			  void *ud)
+static void rollback_vmm_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
+			       void *ud)
 {
 	struct update *u = ud;
 	const char *st;
@@ -1007,43 +1008,43 @@ static void restore_event(struct vmm *v, const char *event, json_object *data, i
 
 	if (streq(event, "RESUME")) {
 		u->old_resume_us = ts_us;
-		restored(u);
+		rollback_relaunched(u);
 		return;
 	}
 	if (!streq(event, "MIGRATION"))
 		return;
 	st = json_object_get_string(json_object_object_get(data, "status"));
 	if (st && streq(st, "completed")) {
-		if (vmm_command(v, "cont", NULL, -EBADF, restore_cont_done, u) < 0)
-			restore_failed(u, "lost the monitor of the VMM restoring the guest");
+		if (vmm_command(v, "cont", NULL, -EBADF, rollback_vmm_cont_done, u) < 0)
+			rollback_failed(u, "lost the monitor of the VMM restoring the guest");
 	} else if (st && streq(st, "failed")) {
 		vm_vmm_said(u->vm, v, tail, sizeof(tail));
-		restore_failed(u, "the VMM of %s could not load the state either%s%s",
-			       u->old_binary, tail[0] ? "; VMM log: " : "", tail);
+		rollback_failed(u, "the VMM of %s could not load the state either%s%s",
+				u->old_binary, tail[0] ? "; VMM log: " : "", tail);
 	}
 }
 
-static void restore_exited(struct vmm *v, void *ud)
+static void rollback_vmm_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	char tail[300] = "";
 
 	vm_vmm_said(u->vm, v, tail, sizeof(tail));
-	restore_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
-		       tail[0] ? "; VMM log: " : "", tail);
+	rollback_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
+			tail[0] ? "; VMM log: " : "", tail);
 }
 
-static void restore_monitor_lost(struct vmm *v, void *ud)
+static void rollback_vmm_monitor_lost(struct vmm *v, void *ud)
 {
-	restore_failed(ud, "the VMM restoring the guest closed its monitor");
+	rollback_failed(ud, "the VMM restoring the guest closed its monitor");
 }
 
-static const struct vmm_ops restore_ops = {
-	.spawned = restore_spawned,
-	.ready = restore_ready,
-	.event = restore_event,
-	.exited = restore_exited,
-	.monitor_lost = restore_monitor_lost,
+static const struct vmm_ops rollback_vmm_ops = {
+	.spawned = rollback_vmm_spawned,
+	.ready = rollback_vmm_ready,
+	.event = rollback_vmm_event,
+	.exited = rollback_vmm_exited,
+	.monitor_lost = rollback_vmm_monitor_lost,
 };
 
 static void update_vm_vmm_event(struct update *u, const char *event, json_object *data,
@@ -1109,12 +1110,12 @@ static bool in_place_exited(struct update *u)
 	vm->vmm = vmm_free(vm->vmm);
 	u->old_gone = true;
 	if (u->restoring) {
-		launch_restore(u); /* killed for it */
+		rollback_launch(u); /* killed for it */
 		return true;
 	}
 	if (u->phase == PHASE_ROLLBACK) {
 		add_error(u, "the old VMM %s while rolling back", vm->exit_desc);
-		restore(u);
+		rollback_relaunch(u);
 		return true;
 	}
 	/* A monitor that closed is no proof of the exec (a VMM killed closes

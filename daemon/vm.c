@@ -1085,7 +1085,7 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 
 /* ---- recovery ---- */
 
-struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+struct vm *vm_recover(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
 		      unsigned updates)
 {
 	struct vm *vm = calloc(1, sizeof(*vm));
@@ -1125,7 +1125,7 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 	return vm;
 }
 
-void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
+void vm_recover_vmm(struct vm *vm, struct vmm *v, bool running)
 {
 	vm_adopt_vmm(vm, v);
 	vm_set_state(vm, running ? VM_RUNNING : VM_PAUSED);

@@ -156,10 +156,10 @@ void vm_settle_qmp_path(struct vm *vm);
 void vm_vmm_lost(struct vm *vm);
 
 /* Recovery: a VM known from the registry, with no VMM yet (crashed until
- * vm_restore_vmm says otherwise). cfg is taken. */
-struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+ * vm_recover_vmm says otherwise). cfg is taken. */
+struct vm *vm_recover(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
 		      unsigned updates);
-void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running);
+void vm_recover_vmm(struct vm *vm, struct vmm *v, bool running);
 
 /* The versioned name of machine type (or alias) type in a VMM's answer to
  * query-machines, or NULL when it has no such type. */
