@@ -656,8 +656,8 @@ static void cont_old_done(qmp *q, json_object *ret, const char *cls, const char 
 		end(k, "rolled-back");
 		return;
 	}
-	if (++k->cont_tries < 40 && vmm_alive(k->vm->vmm)) {
-		ev_timer_set(&k->retry, 0.05, 0.);
+	if (++k->cont_tries < OP_CONT_RETRIES && vmm_alive(k->vm->vmm)) {
+		ev_timer_set(&k->retry, OP_CONT_RETRY, 0.);
 		ev_timer_start(k->vm->d->loop, &k->retry);
 		return;
 	}

@@ -26,6 +26,12 @@ struct op;
 #define OP_PHASE(p) (1u << (p))
 #define OP_PHASES_MAX 16
 
+/* Resuming the guest in a VMM that may still be finishing a migration
+ * ("finish-migrate" refuses cont for a moment): every operation retries
+ * so often, so many times. */
+#define OP_CONT_RETRY 0.05
+#define OP_CONT_RETRIES 40
+
 struct op_type {
 	const char *name; /* as the registry spells it: "update", "checkpoint"... */
 	const char *busy; /* what the VM is meanwhile: "being updated" */

@@ -26,9 +26,9 @@
 
 #define COMMIT_TIMEOUT 5.0 /* the new VMM has the state: it only has to run */
 #define ROLLBACK_TIMEOUT 10.0
-#define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
-#define CONT_RETRY 0.05     /* the old VMM may still be finishing migration */
-#define CONT_RETRIES 40
+#define END_OLD_TIMEOUT 5.0      /* the old VMM has nothing left to do */
+#define CONT_RETRY OP_CONT_RETRY /* the old VMM may still be finishing migration */
+#define CONT_RETRIES OP_CONT_RETRIES
 
 static const char *const phase_names[_PHASE_MAX] = {
 	[PHASE_LAUNCH] = "launch", [PHASE_PREPARE] = "prepare", [PHASE_MIGRATE] = "migrate",
