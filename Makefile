@@ -103,6 +103,10 @@ $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 $(B)/tests/test_update: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
 $(B)/tests/test_update: TEST_LIBS = $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS) $(XXHASH_LIBS)
 
+# The operations' tables: their types are defined beside the operations.
+$(B)/tests/test_op: $(filter-out $(B)/obj/daemon/main.o,$(DAEMON_OBJ))
+$(B)/tests/test_op: TEST_LIBS = $(EV_LIBS) $(SD_LIBS) $(SECCOMP_LIBS) $(XXHASH_LIBS)
+
 # cprd and cprctl again, with ASan + UBSan (+ LSan), in $(B)/asan; installs
 # clang and its sanitizer runtimes when they are missing.
 ASAN_CC ?= clang

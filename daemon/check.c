@@ -19,6 +19,7 @@
 #define PROBE_TIMEOUT 10.0
 
 struct check {
+	struct op op; /* the VM's operation (op.h) */
 	struct vm *vm;
 	const struct strategy *s;
 	struct call *call;
@@ -90,7 +91,7 @@ _printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
 	o = facts(k, !fmt);
 	ev_timer_stop(loop, &k->timer);
 	k->vmm = vmm_kill(k->vmm);
-	k->vm->check = NULL;
+	vm_op_end(k->vm, &k->op);
 	daemon_changed(k->vm->d);
 	if (k->probe && k->refused) {
 		log_warning("VM %s: update to %s refused: %s", k->vm->cfg.name, k->binary, why);
@@ -102,7 +103,7 @@ _printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
 		/* What the probe could not learn (it did not start, say) the
 		 * update finds out for itself, and reports. */
 		json_object_put(o);
-		if (k->vm->state == VM_RUNNING && !vm_busy(k->vm))
+		if (k->vm->state == VM_RUNNING && !k->vm->op)
 			update_start(k->vm, k->s, k->binary, k->timeout, k->call);
 		else if (vm_busy(k->vm))
 			call_fail(k->call, JSONRPC_ERR_BUSY,
@@ -300,6 +301,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	end(k, "it did not get through in %g s", k->limit);
 }
 
+static const struct op_type check_op_type;
+
 static void start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  bool probe, struct call *c)
 {
@@ -340,7 +343,7 @@ static void start(struct vm *vm, const struct strategy *s, const char *binary, d
 		check_free(k);
 		return;
 	}
-	vm->check = k;
+	vm_op_begin(vm, &k->op, &check_op_type);
 	if (probe && timeout > PROBE_TIMEOUT)
 		timeout = PROBE_TIMEOUT;
 	k->limit = timeout;
@@ -363,13 +366,13 @@ void check_then_update(struct vm *vm, const struct strategy *s, const char *bina
 	start(vm, s, binary, timeout, true, c);
 }
 
-void check_abandon(struct check *k)
+static void check_abandon(struct check *k)
 {
 	k->refused = true; /* a probe's update does not follow */
 	end(k, "cprd is shutting down");
 }
 
-json_object *check_to_record(const struct check *k)
+static json_object *check_to_record(const struct check *k)
 {
 	json_object *o = json_object_new_object();
 
@@ -380,3 +383,31 @@ json_object *check_to_record(const struct check *k)
 	}
 	return o;
 }
+
+/* ---- the operation (op.h) ---- */
+
+static struct check *of(const struct op *op)
+{
+	return container_of(op, struct check, op);
+}
+
+static void op_detach(struct op *op)
+{
+	check_abandon(of(op));
+}
+
+/* Its VMM, so that a restarted cprd ends it. */
+static void op_record(const struct op *op, json_object *rec)
+{
+	json_object_object_add(rec, "check", check_to_record(of(op)));
+}
+
+/* A probe before an update, and a pre-flight, alike. */
+static const struct op_type check_op_type = {
+	.name = "check",
+	.busy = "being checked for an update",
+	.verb = "checked for an update",
+	.from = OP_FROM(VM_RUNNING),
+	.detach = op_detach,
+	.record = op_record,
+};

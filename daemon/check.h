@@ -13,7 +13,6 @@
 struct vm;
 struct call;
 struct strategy;
-struct check;
 
 /* Answers c when done. The VM must be running and neither updated nor
  * checked already (the caller checks). */
@@ -28,9 +27,3 @@ void check_start(struct vm *vm, const struct strategy *s, const char *binary, do
  * binary does not start), update_start() follows and reports. */
 void check_then_update(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		       struct call *c);
-
-/* cprd stops: end the check's VMM, answer its caller. */
-void check_abandon(struct check *k);
-
-/* For the registry: the check's VMM, so that a restarted cprd ends it. */
-json_object *check_to_record(const struct check *k);

@@ -55,7 +55,25 @@
 #define CKPT_CHUNK (64u << 20) /* bytes copied per turn of the loop */
 #define CKPT_PAGE 4096u
 
+/* A checkpoint's phases (checkpoint_op_type), and a restore's. */
+enum {
+	SAVE_OPEN,     /* finding the directory; nothing written yet */
+	SAVE_WRITE,    /* .NAME.tmp exists: the guest is being saved into it */
+	SAVE_PLACED,   /* the checkpoint is in place and is the guest */
+	SAVE_ROLLBACK, /* the temporary directory went; the guest resumes */
+	_SAVE_MAX,
+};
+
+enum {
+	RESTORE_START, /* checking the checkpoint, starting the new VMM */
+	RESTORE_LOAD,  /* the new VMM exists; it loads the checkpoint */
+	RESTORE_RUNS,  /* the guest runs in it: the VM's VMM now */
+	_RESTORE_MAX,
+};
+
 struct ckpt {
+	struct op op;
+	/* the VM's operation; its phase is one of the above */ /* the VM's operation (op.h) */
 	struct vm *vm;
 	struct call *call;
 	bool restore, qemu, ended;
@@ -77,7 +95,6 @@ struct ckpt {
 	ev_timer timer;
 	ev_timer retry; /* rollback: asking the VMM to resume again */
 	unsigned cont_tries;
-	bool rolling_back;
 	struct vmm *next; /* restore: the new VMM until the VM adopts it */
 	bool ram_ready;   /* restore: the new memfd holds the checkpoint's RAM */
 	bool vmm_ready;   /* restore: the new VMM's monitor answers */
@@ -419,7 +436,7 @@ static void end(struct ckpt *k, const char *result)
 	vmm_cancel(vm->vmm, k);
 	vmm_cancel(k->next, k);
 	k->next = vmm_kill(k->next);
-	vm->ckpt = NULL;
+	vm_op_end(vm, &k->op);
 	rep = report(k, result);
 	if (vm->dir_fd >= 0)
 		history_append(vm->dir_fd, VM_HISTORY, rep);
@@ -601,8 +618,8 @@ static void cont_old_done(qmp *q, json_object *ret, const char *cls, const char 
 		end(k, "rolled-back");
 		return;
 	}
-	if (++k->cont_tries < 40 && vmm_alive(k->vm->vmm)) {
-		ev_timer_set(&k->retry, 0.05, 0.);
+	if (++k->cont_tries < OP_CONT_RETRIES && vmm_alive(k->vm->vmm)) {
+		ev_timer_set(&k->retry, OP_CONT_RETRY, 0.);
 		ev_timer_start(k->vm->d->loop, &k->retry);
 		return;
 	}
@@ -627,9 +644,8 @@ static void save_rollback(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 
-	if (k->rolling_back)
+	if (k->op.phase == SAVE_ROLLBACK || !op_set_phase(&k->op, SAVE_ROLLBACK, NULL))
 		return;
-	k->rolling_back = true;
 	ev_idle_stop(vm->d->loop, &k->copier);
 	if (k->tmp[0])
 		(void)rm_flat(k->root_fd, k->tmp);
@@ -762,7 +778,7 @@ static void finish_save(struct ckpt *k)
 	free(vm->checkpoint_root);
 	vm->checkpoint_root = strdup(k->root);
 	vm_set_state(vm, VM_CHECKPOINTED);
-	(void)vm_registry_commit(vm->d);
+	(void)op_set_phase(&k->op, SAVE_PLACED, NULL); /* durable */
 	end(k, "ok");
 }
 
@@ -950,7 +966,7 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	}
 	k->channels = a->channels ? a->channels : host_cores();
 	k->size = vm->cfg.memory_bytes;
-	vm->ckpt = k;
+	vm_op_begin(vm, &k->op, &checkpoint_op_type);
 	events_emit(d, "checkpoint-started", vm->cfg.name, NULL);
 	log_info("VM %s: checkpoint (%s method) to %s/%s", vm->cfg.name, a->method, root,
 		 vm->cfg.name);
@@ -972,9 +988,9 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
 	snprintf(k->tmp, sizeof(k->tmp), ".%s.tmp", vm->cfg.name);
 	(void)rm_flat(k->root_fd, k->tmp); /* a predecessor's, interrupted */
 	k->was_running = vm->state == VM_RUNNING;
-	/* A cprd restarted before this ends removes what is left of it, in
-	 * whichever directory it is (recover.c). */
-	(void)vm_registry_commit(d);
+	/* Durable: a cprd restarted before this ends removes what is left of
+	 * it, in whichever directory it is (recover.c). */
+	(void)op_set_phase(&k->op, SAVE_WRITE, NULL);
 	if (mkdirat(k->root_fd, k->tmp, 0700) < 0) {
 		int e = errno;
 
@@ -1089,7 +1105,7 @@ static void adopt(struct ckpt *k)
 	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
 		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
 	retire(vm, k->root_fd, k->root, k->dir_fd);
-	(void)vm_registry_commit(vm->d);
+	(void)op_set_phase(&k->op, RESTORE_RUNS, NULL); /* durable */
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
 		 vm->vmm->version);
 	end(k, "ok");
@@ -1162,11 +1178,14 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 static void next_spawned(struct vmm *v, void *ud)
 {
 	struct ckpt *k = ud;
+	int r = 0;
 
 	k->vm->last_pid = v->pid;
-	/* A cprd restarted from here on ends this VMM, or takes the guest
-	 * from it if it already runs it (recover.c): it must know of it. */
-	if (vm_registry_commit(k->vm->d) < 0)
+	/* Durable: a cprd restarted from here on ends this VMM, or takes the
+	 * guest from it if it already runs it (recover.c). */
+	if (!op_set_phase(&k->op, RESTORE_LOAD, &r))
+		restore_fail(k, "the new VMM started twice");
+	else if (r < 0)
 		restore_fail(k, "cannot record the new VMM in the registry: %s",
 			     k->vm->d->registry.why);
 }
@@ -1364,7 +1383,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 	k->restore = true;
 	k->old_vmm = strdup(vm->cfg.vmm);
 	k->new_vmm = strdup(a->binary ? a->binary : vm->cfg.vmm);
-	vm->ckpt = k;
+	vm_op_begin(vm, &k->op, &restore_op_type);
 	events_emit(vm->d, "restore-started", vm->cfg.name, NULL);
 	log_info("VM %s: restore from %s/%s with %s", vm->cfg.name, root, vm->cfg.name,
 		 k->new_vmm ? k->new_vmm : "?");
@@ -1407,17 +1426,17 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 
 /* ======== routed from vm.c, deadlines ======== */
 
-const char *checkpoint_saving_in(const struct ckpt *k)
+static const char *checkpoint_saving_in(const struct ckpt *k)
 {
 	return k->restore || !k->tmp[0] ? NULL : k->root;
 }
 
-bool checkpoint_was_running(const struct ckpt *k)
+static bool checkpoint_was_running(const struct ckpt *k)
 {
 	return k->was_running;
 }
 
-json_object *checkpoint_restore_record(const struct ckpt *k)
+static json_object *checkpoint_restore_record(const struct ckpt *k)
 {
 	json_object *o;
 
@@ -1444,7 +1463,7 @@ void checkpoint_discard_unfinished(const char *root, const char *name)
 	}
 }
 
-json_object *checkpoint_progress(const struct ckpt *k)
+static json_object *checkpoint_progress(const struct ckpt *k)
 {
 	json_object *o = json_object_new_object();
 
@@ -1456,7 +1475,8 @@ json_object *checkpoint_progress(const struct ckpt *k)
 	return o;
 }
 
-void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us)
+static void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data,
+				 int64_t ts_us)
 {
 	if (k->restore || k->ended)
 		return;
@@ -1466,7 +1486,7 @@ void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, 
 		save_migration_event(k, data);
 }
 
-void checkpoint_vmm_exited(struct ckpt *k)
+static void checkpoint_vmm_exited(struct ckpt *k)
 {
 	if (k->restore || k->ended)
 		return;
@@ -1483,13 +1503,13 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (k->restore)
 		restore_fail(k, "timed out after %g s", k->timeout);
-	else if (k->rolling_back)
+	else if (k->op.phase == SAVE_ROLLBACK)
 		end(k, "failed");
 	else
 		save_fail(k, "timed out after %g s", k->timeout);
 }
 
-void checkpoint_abandon(struct ckpt *k)
+static void checkpoint_abandon(struct ckpt *k)
 {
 	struct vm *vm = k->vm;
 
@@ -1503,9 +1523,117 @@ void checkpoint_abandon(struct ckpt *k)
 	if (k->call)
 		call_fail(TAKE_PTR(k->call), JSONRPC_INTERNAL_ERROR,
 			  "cprd is shutting down; the checkpoint was not finished");
-	vm->ckpt = NULL;
+	vm_op_end(vm, &k->op);
 	ckpt_free(k);
 }
+
+/* ======== the operations (op.h) ======== */
+
+static struct ckpt *of(const struct op *op)
+{
+	return container_of(op, struct ckpt, op);
+}
+
+static void op_vmm_event(struct op *op, const char *event, json_object *data, int64_t ts_us)
+{
+	checkpoint_vmm_event(of(op), event, data, ts_us);
+}
+
+/* The guest was not saved; the VM crashed all the same. */
+static bool op_vmm_exited(struct op *op)
+{
+	checkpoint_vmm_exited(of(op));
+	return false;
+}
+
+static void op_detach(struct op *op)
+{
+	checkpoint_abandon(of(op));
+}
+
+/* Where the unfinished checkpoint is (a restarted cprd removes it) and
+ * whether the guest ran when it began (it resumes it then). */
+static void save_record(const struct op *op, json_object *rec)
+{
+	const struct ckpt *k = of(op);
+
+	if (!checkpoint_saving_in(k))
+		return;
+	json_object_object_add(rec, "checkpointing_in",
+			       json_object_new_string(checkpoint_saving_in(k)));
+	json_object_object_add(rec, "checkpoint_was_running",
+			       json_object_new_boolean(checkpoint_was_running(k)));
+}
+
+static void restore_record(const struct op *op, json_object *rec)
+{
+	json_object *x = checkpoint_restore_record(of(op));
+
+	if (x)
+		json_object_object_add(rec, "restore", x);
+}
+
+static void op_status(const struct op *op, json_object *o)
+{
+	json_object_object_add(o, "checkpoint_progress", checkpoint_progress(of(op)));
+}
+
+static const char *const save_phases[_SAVE_MAX] = {
+	[SAVE_OPEN] = "open",
+	[SAVE_WRITE] = "write",
+	[SAVE_PLACED] = "placed",
+	[SAVE_ROLLBACK] = "rollback",
+};
+
+/* Ending is no move: any phase may end. */
+static const unsigned save_next[_SAVE_MAX] = {
+	[SAVE_OPEN] = OP_PHASE(SAVE_WRITE) | OP_PHASE(SAVE_ROLLBACK),
+	[SAVE_WRITE] = OP_PHASE(SAVE_PLACED) | OP_PHASE(SAVE_ROLLBACK),
+};
+
+static const char *const restore_phases[_RESTORE_MAX] = {
+	[RESTORE_START] = "start",
+	[RESTORE_LOAD] = "load",
+	[RESTORE_RUNS] = "runs",
+};
+
+static const unsigned restore_next[_RESTORE_MAX] = {
+	[RESTORE_START] = OP_PHASE(RESTORE_LOAD),
+	[RESTORE_LOAD] = OP_PHASE(RESTORE_RUNS),
+};
+
+const struct op_type checkpoint_op_type = {
+	.name = "checkpoint",
+	.phases = save_phases,
+	.n_phases = _SAVE_MAX,
+	.next = save_next,
+	.durable = OP_PHASE(SAVE_WRITE) | OP_PHASE(SAVE_PLACED),
+	.busy = "being checkpointed or restored",
+	.verb = "checkpointed",
+	.from = OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.detach = op_detach,
+	.record = save_record,
+	.status = op_status,
+};
+
+/* The VM has no VMM of its own meanwhile: the restore's VMM reports to it. */
+const struct op_type restore_op_type = {
+	.name = "restore",
+	.phases = restore_phases,
+	.n_phases = _RESTORE_MAX,
+	.next = restore_next,
+	.durable = OP_PHASE(RESTORE_LOAD) | OP_PHASE(RESTORE_RUNS),
+	.busy = "being checkpointed or restored",
+	.verb = "restored",
+	.from = OP_FROM(VM_CHECKPOINTED),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.detach = op_detach,
+	.record = restore_record,
+	.status = op_status,
+};
 
 /* ======== start-up ======== */
 
@@ -1544,7 +1672,7 @@ static void adopt_checkpoint(struct daemon *d, int root_fd, const char *name)
 			    d->checkpoint_dir, name, CKPT_META, why);
 		return;
 	}
-	vm = vm_restore(d, &rec.cfg, rec.created_usec, rec.updates);
+	vm = vm_recover(d, &rec.cfg, rec.created_usec, rec.updates);
 	if (!vm)
 		return;
 	vm->checkpoint_root = strdup(d->checkpoint_dir);
@@ -1611,7 +1739,7 @@ static void restore_all_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	free(w);
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->state == VM_CHECKPOINTED && !vm->ckpt)
+		if (vm->state == VM_CHECKPOINTED && !vm->op)
 			restore_start(vm, &(struct restore_args){ .timeout = 600 }, NULL);
 }
 

@@ -17,7 +17,7 @@
 struct daemon;
 struct vm;
 struct call;
-struct ckpt;
+struct op_type;
 
 #define CHECKPOINT_DEFAULT_DIR "/var/lib/cprd/checkpoints"
 
@@ -41,25 +41,10 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
  * be NULL: --restore-on-start). */
 void restore_start(struct vm *vm, const struct restore_args *a, struct call *c);
 
-/* What a checkpoint or restore in flight is doing, for vm.status:
- * {"operation", "method", "ram_bytes", "copied_bytes"} (copied: of guest
- * RAM by cprd's method so far). */
-json_object *checkpoint_progress(const struct ckpt *k);
-
 /* The fd set (add-fd) that holds a checkpoint's file in the VMM while it
  * is saved or loaded: file:/dev/fdset/N. */
 #define CHECKPOINT_FDSET 7
 
-/* The directory a checkpoint being saved is written in (its unfinished
- * .NAME.tmp there), for the registry; NULL for a restore. */
-const char *checkpoint_saving_in(const struct ckpt *k);
-/* Whether the guest ran when that checkpoint began (a restarted cprd
- * resumes it then: the checkpoint did not finish). */
-bool checkpoint_was_running(const struct ckpt *k);
-/* The VMM a restore started, for the registry: {"pid", "pid_start",
- * "qmp", "vmm", "vmm_fds"}; NULL when none runs. A restarted cprd ends it,
- * or keeps it if it already runs the guest. */
-json_object *checkpoint_restore_record(const struct ckpt *k);
 /* The guest runs outside VM vm's checkpoint in root (a restarted cprd
  * found the restore VMM running it): remove that checkpoint. */
 void checkpoint_retire(struct vm *vm, const char *root);
@@ -67,11 +52,11 @@ void checkpoint_retire(struct vm *vm, const char *root);
  * which the registry says a checkpoint was being written in. */
 void checkpoint_discard_unfinished(const char *root, const char *name);
 
-/* Routed here by vm.c while vm->ckpt is set. */
-void checkpoint_vmm_event(struct ckpt *k, const char *event, json_object *data, int64_t ts_us);
-void checkpoint_vmm_exited(struct ckpt *k);
-/* cprd shutting down: fail the call, end a restore's VMM, keep the files. */
-void checkpoint_abandon(struct ckpt *k);
+/* The operations' types (op.h); on cprd's shutdown either fails its
+ * caller, ends a restore's VMM and keeps the files. vm.status shows its
+ * progress: {"operation", "method", "ram_bytes", "copied_bytes"} (copied:
+ * of guest RAM by cprd's method so far). */
+extern const struct op_type checkpoint_op_type, restore_op_type;
 
 /* At start: the VMs the registry knew as checkpointed are so again if
  * their checkpoint is whole; every checkpoint in d->checkpoint_dir of a VM

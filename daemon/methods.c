@@ -535,8 +535,12 @@ static void m_vm_destroy(struct daemon *d, struct call *c, json_object *params)
 {
 	struct vm *vm = vm_param(d, c, params);
 
-	if (vm)
-		vm_destroy(vm, c);
+	if (!vm)
+		return;
+	/* The guest is in its checkpoint: that goes with the VM. */
+	if (!vm_busy(vm) && vm->state == VM_CHECKPOINTED)
+		checkpoint_discard(vm);
+	vm_destroy(vm, c);
 }
 
 static void m_vm_pause(struct daemon *d, struct call *c, json_object *params)
@@ -587,22 +591,20 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 				"timeout must be between 1 and 3600 seconds");
 		return;
 	}
-	if (vm->update || vm->check || vm->ckpt) {
-		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already being %s", vm->cfg.name,
-			  vm->update  ? "updated"
-			  : vm->check ? "checked for an update"
-				      : "checkpointed or restored");
+	if (vm->op && !vm->op->type->request) {
+		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is already %s", vm->cfg.name,
+			  vm->op->type->busy);
 		return;
 	}
-	if (vm_busy(vm)) { /* a pause or resume not yet answered */
+	if (vm->op && vm->state == VM_RUNNING) { /* a pause or resume not yet answered */
 		call_fail(c, JSONRPC_ERR_BUSY, "VM '%s' is %s; try again when that has finished",
 			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
-	if (vm->state != VM_RUNNING) {
-		call_fail(c, JSONRPC_ERR_BAD_STATE,
-			  "VM '%s' is %s; only a running VM can be updated", vm->cfg.name,
-			  vm_state_to_string(vm->state));
+	/* A VM that waits on a request (started, stopped, paused) is refused
+	 * for its state. */
+	if (!op_may_start_in(&update_op_type, vm->state) || vm->op) {
+		op_fail_state(c, vm, &update_op_type);
 		return;
 	}
 	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
@@ -681,10 +683,8 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 	}
 	if (!dir_param_ok(d, c, dir) || !vm_idle_or_fail(c, vm))
 		return;
-	if (vm->state != VM_RUNNING && vm->state != VM_PAUSED) {
-		call_fail(c, JSONRPC_ERR_BAD_STATE,
-			  "VM '%s' is %s; only a running or paused VM can be checkpointed",
-			  vm->cfg.name, vm_state_to_string(vm->state));
+	if (!op_may_start_in(&checkpoint_op_type, vm->state)) {
+		op_fail_state(c, vm, &checkpoint_op_type);
 		return;
 	}
 	checkpoint_start(vm,
@@ -720,10 +720,8 @@ static void m_vm_restore(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!dir_param_ok(d, c, dir) || !vm_idle_or_fail(c, vm))
 		return;
-	if (vm->state != VM_CHECKPOINTED) {
-		call_fail(c, JSONRPC_ERR_BAD_STATE,
-			  "VM '%s' is %s; only a checkpointed VM can be restored", vm->cfg.name,
-			  vm_state_to_string(vm->state));
+	if (!op_may_start_in(&restore_op_type, vm->state)) {
+		op_fail_state(c, vm, &restore_op_type);
 		return;
 	}
 	/* The stored binary too: a restore starts a VMM on this peer's behalf. */

@@ -180,7 +180,7 @@ static void gauges(struct daemon *d, FILE *f)
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
 		if (vm->state >= 0 && vm->state < _VM_STATE_MAX)
 			states[vm->state]++;
-		updating += vm->update != NULL;
+		updating += vm_op_is(vm, "update");
 		outdated += vmm_alive(vm->vmm) && vm_vmm_outdated(vm);
 	}
 	head(f, "cprd_build_info", "gauge", "cprd's version; always 1.");
@@ -505,7 +505,7 @@ static void load_state(struct metrics *m)
 static bool in_blackout(struct daemon *d)
 {
 	for (struct vm *vm = d->vms; vm; vm = vm->next)
-		if (vm->update && vm->state == VM_PAUSED)
+		if (vm_op_is(vm, "update") && vm->state == VM_PAUSED)
 			return true;
 	return false;
 }

@@ -593,7 +593,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		safe_close(stored_pidfd);
 		return;
 	}
-	vm = vm_restore(d, &record.cfg, record.created_usec, record.updates);
+	vm = vm_recover(d, &record.cfg, record.created_usec, record.updates);
 	if (!vm) {
 		safe_close(stored_pidfd);
 		return;
@@ -647,7 +647,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		    vm->cfg.name, (int)vm->last_pid);
 		return;
 	}
-	vm_restore_vmm(vm, v, streq(st, "running"));
+	vm_recover_vmm(vm, v, streq(st, "running"));
 	vm_settle_qmp_path(vm);
 	log_info("VM %s: recovered, VMM pid %d (QEMU %s) %s, %zu fds in custody", vm->cfg.name,
 		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));

@@ -201,6 +201,10 @@ const struct strategy strategy_cpr_exec = {
 	.name = "cpr-exec",
 	.first = PHASE_PREPARE,
 	.in_place = true,
+	/* From the migrate command on, the VM's process may become the new
+	 * image without cprd: a cprd restarted later must know the migration
+	 * began (no new VMM's start recorded it). */
+	.durable = PHASE_BIT(PHASE_MIGRATE),
 	.next = {
 		[PHASE_PREPARE] = PHASE_BIT(PHASE_MIGRATE) | PHASE_BIT(PHASE_ROLLBACK),
 		[PHASE_MIGRATE] = PHASE_BIT(PHASE_COMMIT) | PHASE_BIT(PHASE_ROLLBACK),

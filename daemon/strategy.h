@@ -28,6 +28,7 @@
 #include <sys/types.h>
 
 #include "common/macro.h"
+#include "daemon/op.h"
 
 struct vm;
 struct vmm;
@@ -51,6 +52,9 @@ enum phase {
 struct strategy {
 	const char *name; /* as the RPC and cprctl take it */
 	enum phase first;
+	/* Phases that are durable for this strategy besides the engine's
+	 * (op.h): entering one writes the registry. */
+	unsigned durable;
 	/* The VMM process becomes the new VMM itself (cpr-exec): there is no
 	 * second process, u->next stays NULL until a rollback needs one, and
 	 * the engine tells the two images apart (see update.c, "in place"). */
@@ -98,6 +102,7 @@ const struct strategy *strategy_nth(size_t i); /* NULL past the last */
 const char *strategy_names(void);
 
 struct update {
+	struct op op; /* the VM's operation (op.h) */
 	struct vm *vm;
 	const struct strategy *s;
 	void *priv; /* the strategy's own */

@@ -26,9 +26,9 @@
 
 #define COMMIT_TIMEOUT 5.0 /* the new VMM has the state: it only has to run */
 #define ROLLBACK_TIMEOUT 10.0
-#define END_OLD_TIMEOUT 5.0 /* the old VMM has nothing left to do */
-#define CONT_RETRY 0.05     /* the old VMM may still be finishing migration */
-#define CONT_RETRIES 40
+#define END_OLD_TIMEOUT 5.0      /* the old VMM has nothing left to do */
+#define CONT_RETRY OP_CONT_RETRY /* the old VMM may still be finishing migration */
+#define CONT_RETRIES OP_CONT_RETRIES
 
 static const char *const phase_names[_PHASE_MAX] = {
 	[PHASE_LAUNCH] = "launch", [PHASE_PREPARE] = "prepare", [PHASE_MIGRATE] = "migrate",
@@ -71,16 +71,35 @@ static double elapsed_ms(const struct update *u)
 	return (double)(now_usec(CLOCK_MONOTONIC) - u->t0_mono) / 1000.0;
 }
 
-bool update_set_phase(struct update *u, enum phase p)
+static bool may_enter(struct update *u, enum phase p)
 {
-	if (p != PHASE_DONE && !(u->s->next[u->phase] & PHASE_BIT(p))) {
-		log_error("BUG: VM %s: %s update cannot go from phase %s to %s; refused",
-			  u->vm->cfg.name, u->s->name, phase_names[u->phase], phase_names[p]);
+	if (p == PHASE_DONE || (u->s->next[u->phase] & PHASE_BIT(p)))
+		return true;
+	log_error("BUG: VM %s: %s update cannot go from phase %s to %s; refused", u->vm->cfg.name,
+		  u->s->name, phase_names[u->phase], phase_names[p]);
+	return false;
+}
+
+/* The strategy's table (a part of the engine's, engine_next), then
+ * op_enter() writes the registry on entering a durable phase; r gets that
+ * write's result. */
+static bool set_phase(struct update *u, enum phase p, int *r)
+{
+	int w;
+
+	if (!may_enter(u, p))
 		return false;
-	}
 	u->phase = p;
+	w = op_enter(&u->op, (int)p);
+	if (r)
+		*r = w;
 	log_debug("VM %s: update +%.1f ms: %s", u->vm->cfg.name, elapsed_ms(u), phase_doing[p]);
 	return true;
+}
+
+bool update_set_phase(struct update *u, enum phase p)
+{
+	return set_phase(u, p, NULL);
 }
 
 static void arm(struct update *u, double seconds)
@@ -264,7 +283,7 @@ static void end(struct update *u, const char *result)
 	u->s->done(u);
 	if (streq(result, "ok"))
 		vm_settle_qmp_path(vm); /* the old VMM is gone now */
-	vm->update = NULL;
+	vm_op_end(vm, &u->op);
 	vm->updates++;
 	rep = report(u, result, ended_in);
 	history_append(vm->dir_fd, VM_HISTORY, rep);
@@ -299,7 +318,7 @@ static void end_lost(struct update *u)
 /* ---- rollback: only before the guest ran in the new VMM ---- */
 
 static void resume_old(struct update *u);
-static void restore(struct update *u);
+static void rollback_relaunch(struct update *u);
 static void in_place_ready(struct update *u);
 
 static void cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud);
@@ -379,7 +398,7 @@ void update_rollback(struct update *u, const char *fmt, ...)
 	if (u->s->in_place && (u->exec_seen || u->old_gone || u->state_saved)) {
 		log_warning("VM %s: update failed (%s); restoring the guest in a VMM of %s",
 			    vm->cfg.name, u->error, u->old_binary);
-		restore(u);
+		rollback_relaunch(u);
 		return;
 	}
 	log_warning("VM %s: update failed (%s); rolling back to VMM pid %d", vm->cfg.name, u->error,
@@ -421,7 +440,7 @@ static void resume_old(struct update *u)
 	}
 }
 
-void update_vm_vmm_ready(struct update *u)
+static void update_vm_vmm_ready(struct update *u)
 {
 	if (u->s->in_place && u->exec_seen) {
 		in_place_ready(u);
@@ -493,7 +512,7 @@ static void switch_over(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	if (!update_set_phase(u, PHASE_END_OLD))
+	if (!may_enter(u, PHASE_END_OLD))
 		return;
 	u->old = TAKE_PTR(vm->vmm);
 	if (u->old) {
@@ -506,10 +525,10 @@ static void switch_over(struct update *u)
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in VMM pid %d (QEMU %s); ending pid %d", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, (int)u->old_pid);
-	/* A restart from here on keeps the new VMM. Nothing can be undone if
-	 * this fails: the registry's health says so, and recovery still finds
-	 * the new VMM running. */
-	(void)vm_registry_commit(vm->d);
+	/* Durable: a restart from here on keeps the new VMM. Nothing can be
+	 * undone if the write fails: the registry's health says so, and
+	 * recovery still finds the new VMM running. */
+	update_set_phase(u, PHASE_END_OLD);
 	arm(u, END_OLD_TIMEOUT);
 	if (!vmm_alive(u->old)) {
 		end(u, "ok");
@@ -738,16 +757,15 @@ static void migrate_sent(qmp *q, json_object *ret, const char *cls, const char *
 void update_migrate(struct update *u, json_object *args)
 {
 	struct stat st;
+	int r = 0;
 
-	if (!update_set_phase(u, PHASE_MIGRATE)) {
+	/* Durable in place (strategy-cpr-exec.c says why). */
+	if (!set_phase(u, PHASE_MIGRATE, &r)) {
 		json_object_put(args);
 		return;
 	}
 	if (u->s->in_place) {
-		/* From here on the VM's process may become the new image without
-		 * cprd: a cprd restarted later must know the migration began
-		 * (there is no new VMM whose start would have recorded it). */
-		if (vm_registry_commit(u->vm->d) < 0) {
+		if (r < 0) {
 			json_object_put(args);
 			update_rollback(u,
 					"cannot record the update of VM '%s' in the registry: %s",
@@ -774,20 +792,20 @@ void update_migrate(struct update *u, json_object *args)
  * close without an exec) is running or in postmigrate. From the new
  * image's RESUME on, the update has succeeded; before it, the guest has
  * run nowhere since the old image stopped it, and a rollback restores it
- * from the state file into a fresh VMM of the old binary (restore()). */
+ * from the state file into a fresh VMM of the old binary (rollback_relaunch()). */
 
 static void switched_in_place(struct update *u)
 {
 	struct vm *vm = u->vm;
 
-	if (!update_set_phase(u, PHASE_END_OLD))
+	if (!may_enter(u, PHASE_END_OLD))
 		return;
 	vm_vmm_replaced(vm, vm->vmm, u->new_binary);
 	vm_set_state(vm, VM_RUNNING);
 	log_info("VM %s: now running in QEMU %s, the same VMM pid %d", vm->cfg.name,
 		 vm->vmm->version, (int)vm->vmm->pid);
-	/* The record names the new binary from here on. */
-	(void)vm_registry_commit(vm->d);
+	/* Durable: the record names the new binary from here on. */
+	update_set_phase(u, PHASE_END_OLD);
 	end(u, "ok");
 }
 
@@ -847,7 +865,7 @@ static void in_place_ready(struct update *u)
 		return;
 	if (u->phase == PHASE_ROLLBACK) {
 		/* It exec'd while the rollback asked the old image to resume. */
-		restore(u);
+		rollback_relaunch(u);
 		return;
 	}
 	u->new_pid = v->pid;
@@ -856,7 +874,7 @@ static void in_place_ready(struct update *u)
 		update_rollback(u, "lost the new VMM's monitor");
 }
 
-void update_vm_vmm_monitor_lost(struct update *u)
+static void update_vm_vmm_monitor_lost(struct update *u)
 {
 	if (!u->s->in_place || u->ended || u->exec_seen)
 		return;
@@ -866,7 +884,7 @@ void update_vm_vmm_monitor_lost(struct update *u)
 	u->exec_seen = true;
 }
 
-/* ---- restore: in place, the rollback QEMU itself lacks ----
+/* ---- rollback in place: the relaunch QEMU itself lacks ----
  *
  * Past the exec there is no old process to resume; but the old image left
  * the device state in a file, and cprd holds guest RAM and every device
@@ -874,9 +892,9 @@ void update_vm_vmm_monitor_lost(struct update *u)
  * It is started only once the failed image is certainly gone (killed and
  * reaped), so the guest never has two VMMs that could run it. */
 
-static const struct vmm_ops restore_ops;
+static const struct vmm_ops rollback_vmm_ops;
 
-_printf_(2, 3) static void restore_failed(struct update *u, const char *fmt, ...)
+_printf_(2, 3) static void rollback_failed(struct update *u, const char *fmt, ...)
 {
 	char why[256];
 	va_list ap;
@@ -888,7 +906,7 @@ _printf_(2, 3) static void restore_failed(struct update *u, const char *fmt, ...
 	end_lost(u);
 }
 
-static void launch_restore(struct update *u)
+static void rollback_launch(struct update *u)
 {
 	struct vm *vm = u->vm;
 	struct vmm_incoming in = { .defer = true };
@@ -897,23 +915,23 @@ static void launch_restore(struct update *u)
 	int r;
 
 	if (!u->s->restore_uri || !u->s->restore_uri(u)) {
-		restore_failed(u, "the old VMM left no state to restore the guest from");
+		rollback_failed(u, "the old VMM left no state to restore the guest from");
 		return;
 	}
 	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
-		restore_failed(u, "cannot restore the guest: %s", why);
+		rollback_failed(u, "cannot restore the guest: %s", why);
 		return;
 	}
 	r = asprintf(&qmp_path, "%s/qmp-next.sock", vm->dir) < 0 ? -ENOMEM : 0;
 	if (r >= 0)
 		r = vmm_start(vm->d, &vm->cfg, u->old_binary, qmp_path, vm->dir_fd, &in,
-			      &restore_ops, u, &u->next);
+			      &rollback_vmm_ops, u, &u->next);
 	if (r < 0)
-		restore_failed(u, "cannot start a VMM of %s to restore the guest: %s",
-			       u->old_binary, launcher_strerror(r));
+		rollback_failed(u, "cannot start a VMM of %s to restore the guest: %s",
+				u->old_binary, launcher_strerror(r));
 }
 
-static void restore(struct update *u)
+static void rollback_relaunch(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -928,10 +946,10 @@ static void restore(struct update *u)
 		}
 		vm->vmm = vmm_free(vm->vmm);
 	}
-	launch_restore(u);
+	rollback_launch(u);
 }
 
-static void restored(struct update *u)
+static void rollback_relaunched(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -945,23 +963,24 @@ static void restored(struct update *u)
 	end(u, "rolled-back");
 }
 
-static void restore_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+static void rollback_vmm_sent(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
 	struct update *u = ud;
 
 	if (!ret && !u->ended)
-		restore_failed(u, "the VMM restoring the guest refused its state: %s", desc);
+		rollback_failed(u, "the VMM restoring the guest refused its state: %s", desc);
 }
 
-static void restore_cont_done(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+static void rollback_vmm_cont_done(qmp *q, json_object *ret, const char *cls, const char *desc,
+				   void *ud)
 {
 	struct update *u = ud;
 
 	if (!ret && !u->ended && !streq(cls, "Disconnected"))
-		restore_failed(u, "the VMM restoring the guest refused to run it: %s", desc);
+		rollback_failed(u, "the VMM restoring the guest refused to run it: %s", desc);
 }
 
-static void restore_spawned(struct vmm *v, void *ud)
+static void rollback_vmm_spawned(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 
@@ -970,18 +989,18 @@ static void restore_spawned(struct vmm *v, void *ud)
 	(void)vm_registry_commit(u->vm->d);
 }
 
-static void restore_ready(struct vmm *v, void *ud)
+static void rollback_vmm_ready(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	json_object *args = json_object_new_object();
 
 	json_object_object_add(args, "uri", json_object_new_string(u->s->restore_uri(u)));
-	if (vmm_command(v, "migrate-incoming", args, -EBADF, restore_sent, u) < 0)
-		restore_failed(u, "lost the monitor of the VMM restoring the guest");
+	if (vmm_command(v, "migrate-incoming", args, -EBADF, rollback_vmm_sent, u) < 0)
+		rollback_failed(u, "lost the monitor of the VMM restoring the guest");
 }
 
-static void restore_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
-			  void *ud)
+static void rollback_vmm_event(struct vmm *v, const char *event, json_object *data, int64_t ts_us,
+			       void *ud)
 {
 	struct update *u = ud;
 	const char *st;
@@ -989,46 +1008,47 @@ static void restore_event(struct vmm *v, const char *event, json_object *data, i
 
 	if (streq(event, "RESUME")) {
 		u->old_resume_us = ts_us;
-		restored(u);
+		rollback_relaunched(u);
 		return;
 	}
 	if (!streq(event, "MIGRATION"))
 		return;
 	st = json_object_get_string(json_object_object_get(data, "status"));
 	if (st && streq(st, "completed")) {
-		if (vmm_command(v, "cont", NULL, -EBADF, restore_cont_done, u) < 0)
-			restore_failed(u, "lost the monitor of the VMM restoring the guest");
+		if (vmm_command(v, "cont", NULL, -EBADF, rollback_vmm_cont_done, u) < 0)
+			rollback_failed(u, "lost the monitor of the VMM restoring the guest");
 	} else if (st && streq(st, "failed")) {
 		vm_vmm_said(u->vm, v, tail, sizeof(tail));
-		restore_failed(u, "the VMM of %s could not load the state either%s%s",
-			       u->old_binary, tail[0] ? "; VMM log: " : "", tail);
+		rollback_failed(u, "the VMM of %s could not load the state either%s%s",
+				u->old_binary, tail[0] ? "; VMM log: " : "", tail);
 	}
 }
 
-static void restore_exited(struct vmm *v, void *ud)
+static void rollback_vmm_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
 	char tail[300] = "";
 
 	vm_vmm_said(u->vm, v, tail, sizeof(tail));
-	restore_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
-		       tail[0] ? "; VMM log: " : "", tail);
+	rollback_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
+			tail[0] ? "; VMM log: " : "", tail);
 }
 
-static void restore_monitor_lost(struct vmm *v, void *ud)
+static void rollback_vmm_monitor_lost(struct vmm *v, void *ud)
 {
-	restore_failed(ud, "the VMM restoring the guest closed its monitor");
+	rollback_failed(ud, "the VMM restoring the guest closed its monitor");
 }
 
-static const struct vmm_ops restore_ops = {
-	.spawned = restore_spawned,
-	.ready = restore_ready,
-	.event = restore_event,
-	.exited = restore_exited,
-	.monitor_lost = restore_monitor_lost,
+static const struct vmm_ops rollback_vmm_ops = {
+	.spawned = rollback_vmm_spawned,
+	.ready = rollback_vmm_ready,
+	.event = rollback_vmm_event,
+	.exited = rollback_vmm_exited,
+	.monitor_lost = rollback_vmm_monitor_lost,
 };
 
-void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us)
+static void update_vm_vmm_event(struct update *u, const char *event, json_object *data,
+				int64_t ts_us)
 {
 	/* After the switch the VM's own VMM is the new one, whose events are
 	 * no longer the update's business. */
@@ -1090,12 +1110,12 @@ static bool in_place_exited(struct update *u)
 	vm->vmm = vmm_free(vm->vmm);
 	u->old_gone = true;
 	if (u->restoring) {
-		launch_restore(u); /* killed for it */
+		rollback_launch(u); /* killed for it */
 		return true;
 	}
 	if (u->phase == PHASE_ROLLBACK) {
 		add_error(u, "the old VMM %s while rolling back", vm->exit_desc);
-		restore(u);
+		rollback_relaunch(u);
 		return true;
 	}
 	/* A monitor that closed is no proof of the exec (a VMM killed closes
@@ -1109,7 +1129,7 @@ static bool in_place_exited(struct update *u)
 	return true;
 }
 
-void update_vm_vmm_exited(struct update *u)
+static void update_vm_vmm_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -1232,10 +1252,12 @@ void update_start(struct vm *vm, const struct strategy *s, const char *binary, d
 	ev_init(&u->retry, retry_cb);
 	ev_init(&u->reap, reap_cb);
 	u->timer.data = u->retry.data = u->reap.data = u;
-	vm->update = u;
+	vm_op_begin(vm, &u->op, &update_op_type);
+	u->op.phase = s->first;
+	u->op.durable |= s->durable;
 	/* Written before anything happens: a restarted cprd must know. */
 	if (vm_registry_commit(vm->d) < 0) {
-		vm->update = NULL;
+		vm_op_end(vm, &u->op);
 		call_fail(c, JSONRPC_ERR_RESOURCE,
 			  "cannot record the update of VM '%s' in the registry: %s; nothing was "
 			  "changed",
@@ -1314,7 +1336,7 @@ void update_record_interrupted(struct vm *vm, json_object *rec, const char *reso
 	json_object_put(o);
 }
 
-void update_abandon(struct update *u)
+static void update_abandon(struct update *u)
 {
 	struct vm *vm = u->vm;
 
@@ -1331,11 +1353,96 @@ void update_abandon(struct update *u)
 	u->next = vmm_free(u->next);
 	u->old = vmm_free(u->old);
 	u->s->done(u);
-	vm->update = NULL;
+	vm_op_end(vm, &u->op);
 	update_free(u); /* from a signal watcher: nothing of it is on the stack */
 }
 
 json_object *update_history(struct vm *vm)
 {
 	return history_read(vm->dir_fd, VM_HISTORY);
+}
+
+/* ---- the operation (op.h) ---- */
+
+static struct update *of(const struct op *op)
+{
+	return container_of(op, struct update, op);
+}
+
+static void op_vmm_event(struct op *op, const char *event, json_object *data, int64_t ts_us)
+{
+	update_vm_vmm_event(of(op), event, data, ts_us);
+}
+
+static bool op_vmm_exited(struct op *op)
+{
+	update_vm_vmm_exited(of(op)); /* decides what the VM is now */
+	return true;
+}
+
+static bool op_vmm_ready(struct op *op)
+{
+	update_vm_vmm_ready(of(op));
+	return true;
+}
+
+static void op_monitor_lost(struct op *op)
+{
+	update_vm_vmm_monitor_lost(of(op));
+}
+
+static void op_detach(struct op *op)
+{
+	update_abandon(of(op));
+}
+
+static void op_record(const struct op *op, json_object *rec)
+{
+	json_object_object_add(rec, "update", update_to_record(of(op)));
+}
+
+static void op_status(const struct op *op, json_object *o)
+{
+	json_object_object_add(o, "update_phase",
+			       json_object_new_string(update_current_phase(of(op))));
+}
+
+/* Every move some strategy makes; each strategy's own table (its next[])
+ * allows fewer. Any phase may end (done). */
+#define TO_DONE PHASE_BIT(PHASE_DONE)
+static const unsigned engine_next[_PHASE_MAX] = {
+	[PHASE_LAUNCH] = PHASE_BIT(PHASE_PREPARE) | PHASE_BIT(PHASE_MIGRATE) |
+			 PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_PREPARE] = PHASE_BIT(PHASE_LAUNCH) | PHASE_BIT(PHASE_MIGRATE) |
+			  PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_MIGRATE] = PHASE_BIT(PHASE_COMMIT) | PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_COMMIT] = PHASE_BIT(PHASE_END_OLD) | PHASE_BIT(PHASE_ROLLBACK) | TO_DONE,
+	[PHASE_END_OLD] = TO_DONE,
+	[PHASE_ROLLBACK] = TO_DONE,
+	[PHASE_DONE] = TO_DONE, /* end() of an update that ended already */
+};
+
+const struct op_type update_op_type = {
+	.name = "update",
+	.phases = phase_names,
+	.n_phases = _PHASE_MAX,
+	.next = engine_next,
+	/* The guest runs in the new VMM: a restarted cprd keeps it. The
+	 * commit itself is not written (inside the blackout; recover.c). */
+	.durable = PHASE_BIT(PHASE_END_OLD),
+	.busy = "being updated",
+	.verb = "updated",
+	.from = OP_FROM(VM_RUNNING),
+	.vmm_event = op_vmm_event,
+	.vmm_exited = op_vmm_exited,
+	.vmm_ready = op_vmm_ready,
+	.monitor_lost = op_monitor_lost,
+	.detach = op_detach,
+	.record = op_record,
+	.status = op_status,
+};
+
+struct update *update_of(const struct vm *vm)
+{
+	return vm_op_is(vm, "update") ? of(vm->op) : NULL;
 }

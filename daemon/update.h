@@ -16,6 +16,7 @@ struct vm;
 struct call;
 struct update;
 struct strategy;
+struct op_type;
 
 /* A phase's name as the registry and reports spell it, and back (-EINVAL). */
 const char *update_phase_name(int phase);
@@ -28,17 +29,12 @@ const char *update_current_phase(const struct update *u);
 void update_start(struct vm *vm, const struct strategy *s, const char *binary, double timeout,
 		  struct call *c);
 
-/* Routed here by vm.c while vm->update is set: the VM's own VMM (the old
- * one until the switch) said something, or exited. */
-void update_vm_vmm_event(struct update *u, const char *event, json_object *data, int64_t ts_us);
-void update_vm_vmm_exited(struct update *u);
-/* Its monitor answers again (after cprd reconnected to it). */
-void update_vm_vmm_ready(struct update *u);
-/* Its monitor closed while the process lives on; cprd reconnects. */
-void update_vm_vmm_monitor_lost(struct update *u);
-/* Daemon shutting down: stop tracking the update and end no process; the
- * next cprd settles it from the registry. */
-void update_abandon(struct update *u);
+/* The operation's type (op.h): vm.c routes the VM's VMM's events, exit,
+ * monitor and cprd's shutdown to it. On shutdown an update ends no
+ * process: the next cprd settles it from the registry. */
+extern const struct op_type update_op_type;
+/* The VM's update in flight, or NULL. */
+struct update *update_of(const struct vm *vm);
 
 /* What a restarted cprd needs to resolve an update it did not see end. */
 json_object *update_to_record(const struct update *u);

@@ -16,10 +16,7 @@
 #include "daemon/log.h"
 #include "daemon/registry.h"
 #include "daemon/server.h"
-#include "daemon/update.h"
 #include "daemon/archive.h"
-#include "daemon/check.h"
-#include "daemon/checkpoint.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
@@ -117,6 +114,62 @@ struct vm_record vm_record_of(const struct vm *vm)
 				   .updates = vm->updates };
 }
 
+/* ---- the VM's own requests: operations that only wait for an answer ---- */
+
+static void request_detach(struct op *op)
+{
+	struct vm *vm = op->vm;
+
+	vm_op_end(vm, op);
+	if (op->call)
+		call_fail(TAKE_PTR(op->call), JSONRPC_INTERNAL_ERROR, "cprd is shutting down");
+}
+
+static const struct op_type vm_create_op = {
+	.name = "create",
+	.busy = "starting",
+	.verb = "created",
+	.request = true,
+	.detach = request_detach,
+};
+
+static const struct op_type vm_destroy_op = {
+	.name = "destroy",
+	.busy = "stopping",
+	.verb = "destroyed",
+	.from = OP_FROM(VM_STARTING) | OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED) |
+		OP_FROM(VM_CRASHED) | OP_FROM(VM_CHECKPOINTED),
+	.request = true,
+	.detach = request_detach,
+};
+
+/* Its STOP or RESUME event may come before the answer: the VM is paused
+ * or running before the request ends. */
+static const struct op_type vm_pause_op = {
+	.name = "pause",
+	.busy = "being paused or resumed",
+	.verb = "paused or resumed",
+	.from = OP_FROM(VM_RUNNING) | OP_FROM(VM_PAUSED),
+	.request = true,
+	.detach = request_detach,
+};
+
+static void begin_request(struct vm *vm, const struct op_type *t, struct call *c)
+{
+	vm_op_begin(vm, &vm->request, t);
+	vm->request.call = c;
+}
+
+/* The request's caller (NULL when there is none, or the VM's operation is
+ * not a request); the request ends. */
+static struct call *take_request(struct vm *vm)
+{
+	if (vm->op != &vm->request)
+		return NULL;
+	vm_op_end(vm, &vm->request);
+	return TAKE_PTR(vm->request.call);
+}
+
 /* ---- events (events.c sends them; what they say of a VM is said here) ---- */
 
 static void emit_vm_created(struct vm *vm)
@@ -136,7 +189,7 @@ static void emit_vm_state(struct vm *vm, int old_state, int new_state)
 
 	add_str(f, "from", vm_state_to_string(old_state));
 	add_str(f, "state", vm_state_to_string(new_state));
-	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	json_object_object_add(f, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	events_emit(vm->d, "state", vm->cfg.name, f);
 }
 
@@ -152,7 +205,7 @@ static void emit_vm_crashed(struct vm *vm)
 				   ? json_object_new_int(vm->exit_code - 128)
 				   : NULL);
 	add_str(f, "exit", vm->exit_desc);
-	json_object_object_add(f, "updating", json_object_new_boolean(vm->update != NULL));
+	json_object_object_add(f, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	events_emit(vm->d, "crashed", vm->cfg.name, f);
 }
 
@@ -172,26 +225,17 @@ static void emit_vm_destroyed(struct vm *vm)
  * unknown. */
 static json_object *registry_record(struct vm *vm)
 {
-	json_object *o = json_object_new_object(), *x;
+	json_object *o = json_object_new_object();
 	struct vm_record rec = vm_record_of(vm);
 
 	vm_record_to_json(&rec, VM_VIEW_REGISTRY, o);
 	add_str(o, "state", vm_state_to_string(vm->state));
 	if (vmm_alive(vm->vmm))
 		vmm_add_record(vm->vmm, o);
-	if (vm->update)
-		json_object_object_add(o, "update", update_to_record(vm->update));
-	if (vm->check)
-		json_object_object_add(o, "check", check_to_record(vm->check));
 	if (vm->checkpoint_root)
 		add_str(o, "checkpoint", vm->checkpoint_root);
-	if (vm->ckpt && (x = checkpoint_restore_record(vm->ckpt)))
-		json_object_object_add(o, "restore", x);
-	if (vm->ckpt && checkpoint_saving_in(vm->ckpt)) {
-		add_str(o, "checkpointing_in", checkpoint_saving_in(vm->ckpt));
-		json_object_object_add(o, "checkpoint_was_running",
-				       json_object_new_boolean(checkpoint_was_running(vm->ckpt)));
-	}
+	if (vm->op && vm->op->type->record)
+		vm->op->type->record(vm->op, o);
 	return o;
 }
 
@@ -273,16 +317,9 @@ static void vm_free(struct vm *vm)
 void vm_detach_all(struct daemon *d)
 {
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
-		if (vm->update)
-			update_abandon(vm->update);
-		if (vm->check)
-			check_abandon(vm->check);
-		if (vm->ckpt)
-			checkpoint_abandon(vm->ckpt);
+		if (vm->op && vm->op->type->detach)
+			vm->op->type->detach(vm->op);
 		ev_timer_stop(d->loop, &vm->timer);
-		if (vm->waiting)
-			call_fail(TAKE_PTR(vm->waiting), JSONRPC_INTERNAL_ERROR,
-				  "cprd is shutting down");
 	}
 }
 
@@ -297,12 +334,13 @@ static void abandon_start(struct vm *vm)
 static void fail_start(struct vm *vm, int code, const char *why)
 {
 	char tail[400] = "";
+	struct call *c;
 
 	vm_vmm_said(vm, vm->vmm, tail, sizeof(tail));
 	log_error("VM %s: start failed: %s%s%s", vm->cfg.name, why, tail[0] ? ": " : "", tail);
-	if (vm->waiting)
-		call_fail(TAKE_PTR(vm->waiting), code, "VM '%s' failed to start: %s%s%s",
-			  vm->cfg.name, why, tail[0] ? "; VMM said: " : "", tail);
+	if ((c = take_request(vm)))
+		call_fail(c, code, "VM '%s' failed to start: %s%s%s", vm->cfg.name, why,
+			  tail[0] ? "; VMM said: " : "", tail);
 	abandon_start(vm);
 }
 
@@ -331,11 +369,12 @@ static void finish_destroy(struct vm *vm, struct call *c)
 
 void vm_vmm_lost(struct vm *vm)
 {
+	struct call *c;
+
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	vm_set_state(vm, VM_CRASHED);
-	if (vm->waiting) /* a pause or resume */
-		call_fail(TAKE_PTR(vm->waiting), JSONRPC_ERR_VMM, "VM '%s': its VMM %s",
-			  vm->cfg.name, vm->exit_desc);
+	if ((c = take_request(vm))) /* a pause or resume */
+		call_fail(c, JSONRPC_ERR_VMM, "VM '%s': its VMM %s", vm->cfg.name, vm->exit_desc);
 	log_warning("VM %s: VMM pid %d %s; guest memory stays in custody until destroy",
 		    vm->cfg.name, (int)vm->last_pid, vm->exit_desc);
 	emit_vm_crashed(vm);
@@ -366,16 +405,14 @@ static void vmm_exited(struct vmm *v, void *ud)
 	case VM_STOPPING:
 		log_info("VM %s: VMM pid %d %s; custody released", vm->cfg.name, (int)v->pid,
 			 vm->exit_desc);
-		c = TAKE_PTR(vm->waiting);
+		c = take_request(vm);
 		finish_destroy(vm, c);
 		return;
 	default:
-		if (vm->update) {
-			update_vm_vmm_exited(vm->update); /* decides what the VM is now */
+		/* An update decides what the VM is now; a checkpoint ends
+		 * unsaved, and the VM crashed as usual. */
+		if (vm->op && vm->op->type->vmm_exited && vm->op->type->vmm_exited(vm->op))
 			return;
-		}
-		if (vm->ckpt)
-			checkpoint_vmm_exited(vm->ckpt); /* the guest was not saved */
 		vm_vmm_lost(vm);
 	}
 }
@@ -398,10 +435,8 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 {
 	struct vm *vm = ud;
 
-	if (vm->update)
-		update_vm_vmm_event(vm->update, event, data, ts_us);
-	if (vm->ckpt)
-		checkpoint_vmm_event(vm->ckpt, event, data, ts_us);
+	if (vm->op && vm->op->type->vmm_event)
+		vm->op->type->vmm_event(vm->op, event, data, ts_us);
 	if (streq(event, "STOP") && vm->state == VM_RUNNING)
 		vm_set_state(vm, VM_PAUSED);
 	else if (streq(event, "RESUME") && vm->state == VM_PAUSED)
@@ -416,6 +451,7 @@ static void vmm_event(struct vmm *v, const char *event, json_object *data, int64
 static void started(qmp *q, json_object *ret, const char *cls, const char *desc, void *userdata)
 {
 	struct vm *vm = userdata;
+	struct call *c;
 	json_object *st;
 
 	if (vm->state != VM_STARTING)
@@ -433,8 +469,8 @@ static void started(qmp *q, json_object *ret, const char *cls, const char *desc,
 	ev_timer_stop(vm->d->loop, &vm->timer);
 	log_info("VM %s: running, VMM pid %d (QEMU %s), %" PRIu64 " MiB", vm->cfg.name,
 		 (int)vm->vmm->pid, vm->vmm->version, vm->cfg.memory_bytes >> 20);
-	if (vm->waiting)
-		call_reply(TAKE_PTR(vm->waiting), vm_to_json(vm));
+	if ((c = take_request(vm)))
+		call_reply(c, vm_to_json(vm));
 }
 
 const char *vm_machine_resolve(json_object *machines, const char *type)
@@ -490,10 +526,8 @@ static void vmm_ready(struct vmm *v, void *ud)
 {
 	struct vm *vm = ud;
 
-	if (vm->update) {
-		update_vm_vmm_ready(vm->update);
+	if (vm->op && vm->op->type->vmm_ready && vm->op->type->vmm_ready(vm->op))
 		return;
-	}
 	if (vm->state != VM_STARTING)
 		return;
 	if (vmm_command(v, "query-machines", NULL, -EBADF, machines_known, vm) < 0)
@@ -515,9 +549,11 @@ static void vmm_spawned(struct vmm *v, void *ud)
 	 * cannot be written, the VM is not created. */
 	if (vm_registry_commit(d) < 0) {
 		log_error("VM %s: start abandoned: cannot record it in the registry", vm->cfg.name);
-		if (vm->waiting)
+		struct call *c = take_request(vm);
+
+		if (c)
 			call_fail(
-			    TAKE_PTR(vm->waiting), JSONRPC_ERR_RESOURCE,
+			    c, JSONRPC_ERR_RESOURCE,
 			    "cannot record VM '%s' in the registry: %s; the VM was not created",
 			    vm->cfg.name, d->registry.why);
 		abandon_start(vm);
@@ -533,8 +569,8 @@ static void vmm_monitor_lost(struct vmm *v, void *ud)
 	struct vm *vm = ud;
 	int r;
 
-	if (vm->update)
-		update_vm_vmm_monitor_lost(vm->update);
+	if (vm->op && vm->op->type->monitor_lost)
+		vm->op->type->monitor_lost(vm->op);
 	r = vmm_reconnect(v);
 
 	if (r < 0)
@@ -842,7 +878,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 	*cfg = (struct vm_config){};
 	vm->state = VM_STARTING; /* born so; vm_set_state() from here on */
 	vm->exit_code = -1;
-	vm->waiting = c;
+	begin_request(vm, &vm_create_op, c);
 	vm->created_usec = now_usec(CLOCK_REALTIME);
 	ev_init(&vm->timer, timer_cb);
 	vm->timer.data = vm;
@@ -903,15 +939,13 @@ void vm_destroy(struct vm *vm, struct call *c)
 			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
-	if (vm->state == VM_CHECKPOINTED)
-		checkpoint_discard(vm); /* the guest is in it: it goes with the VM */
-	if (!vmm_alive(vm->vmm)) {      /* crashed: nothing runs */
+	if (!vmm_alive(vm->vmm)) { /* crashed: nothing runs */
 		log_info("VM %s: destroyed; custody released", vm->cfg.name);
 		finish_destroy(vm, c);
 		return;
 	}
 	vm_set_state(vm, VM_STOPPING);
-	vm->waiting = c;
+	begin_request(vm, &vm_destroy_op, c);
 	/* QEMU treats SIGTERM as a host-requested shutdown and exits cleanly. */
 	vmm_signal(vm->vmm, SIGTERM);
 	ev_timer_stop(vm->d->loop, &vm->timer);
@@ -933,7 +967,7 @@ static json_object *pause_result(const struct vm *vm, bool changed)
 
 static void paused_or_resumed(struct vm *vm, json_object *ret, const char *desc, bool pause)
 {
-	struct call *c = TAKE_PTR(vm->waiting);
+	struct call *c = take_request(vm);
 
 	if (!c)
 		return; /* answered already: the VMM exited meanwhile */
@@ -968,7 +1002,7 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 			  vm->cfg.name, vm_busy(vm));
 		return;
 	}
-	if ((vm->state != VM_RUNNING && vm->state != VM_PAUSED) || !vmm_alive(vm->vmm)) {
+	if (!op_may_start_in(&vm_pause_op, vm->state) || !vmm_alive(vm->vmm)) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
 			  "VM '%s' is %s; only a running or paused VM can be %s", vm->cfg.name,
 			  vm_state_to_string(vm->state), pause ? "paused" : "resumed");
@@ -984,12 +1018,12 @@ void vm_pause(struct vm *vm, bool pause, struct call *c)
 			  vm->cfg.name);
 		return;
 	}
-	vm->waiting = c;
+	begin_request(vm, &vm_pause_op, c);
 }
 
 /* ---- recovery ---- */
 
-struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+struct vm *vm_recover(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
 		      unsigned updates)
 {
 	struct vm *vm = calloc(1, sizeof(*vm));
@@ -1029,7 +1063,7 @@ struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_
 	return vm;
 }
 
-void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
+void vm_recover_vmm(struct vm *vm, struct vmm *v, bool running)
 {
 	vm_adopt_vmm(vm, v);
 	vm_set_state(vm, running ? VM_RUNNING : VM_PAUSED);
@@ -1041,19 +1075,7 @@ void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running)
 
 const char *vm_busy(const struct vm *vm)
 {
-	if (vm->update)
-		return "being updated";
-	if (vm->check)
-		return "being checked for an update";
-	if (vm->ckpt)
-		return "being checkpointed or restored";
-	if (!vm->waiting)
-		return NULL;
-	/* Starting or stopping; a running or paused VM waits only on vm.pause
-	 * or vm.resume (its STOP or RESUME event may come before the answer). */
-	if (vm->state == VM_RUNNING || vm->state == VM_PAUSED)
-		return "being paused or resumed";
-	return vm_state_to_string(vm->state);
+	return vm->op ? vm->op->type->busy : NULL;
 }
 
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size)
@@ -1104,8 +1126,8 @@ json_object *vm_to_json(struct vm *vm)
 	vm_record_to_json(&rec, VM_VIEW_STATUS, o);
 	add_str(o, "state", vm_state_to_string(vm->state));
 	add_str(o, "busy", vm_busy(vm));
-	if (vm->ckpt)
-		json_object_object_add(o, "checkpoint_progress", checkpoint_progress(vm->ckpt));
+	if (vm->op && vm->op->type->status)
+		vm->op->type->status(vm->op, o);
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
 	add_str(o, "vmm_package", vm->vmm && vm->vmm->version[0] ? vm->vmm->package : NULL);
@@ -1117,9 +1139,7 @@ json_object *vm_to_json(struct vm *vm)
 	add_str(o, "qmp_socket", vm->qmp_path);
 	json_object_object_add(
 	    o, "fds_held", json_object_new_int((int)memstore_count(vm->d->store, vm->cfg.name)));
-	json_object_object_add(o, "updating", json_object_new_boolean(vm->update != NULL));
-	if (vm->update)
-		add_str(o, "update_phase", update_current_phase(vm->update));
+	json_object_object_add(o, "updating", json_object_new_boolean(vm_op_is(vm, "update")));
 	if (vm->state == VM_CRASHED) {
 		json_object_object_add(o, "exit_code", json_object_new_int(vm->exit_code));
 		add_str(o, "exit", vm->exit_desc);

@@ -3,7 +3,7 @@
  * The VMs cprd holds and each VM's life: starting -> running <-> paused ->
  * stopping -> gone, or crashed when the VMM exits on its own. A crashed VM
  * keeps its memory in custody until it is destroyed. While an update runs,
- * vm->update is set and the VM keeps its state (the guest runs until the
+ * vm->op is the update and the VM keeps its state (the guest runs until the
  * blackout). Every state change goes through vm_set_state().
  *
  * What of them must outlive cprd is written to the registry file
@@ -15,15 +15,15 @@
 #include <ev.h>
 #include <json-c/json.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 
 #include "daemon/daemon.h"
+#include "daemon/op.h"
 #include "daemon/vmm.h"
 #include "daemon/vmrecord.h"
 
 struct call;
-struct update;
-struct ckpt;
 
 enum vm_state {
 	VM_STARTING,
@@ -40,15 +40,13 @@ struct vm {
 	struct vm_config cfg;
 	enum vm_state state;
 	char *dir, *console_path, *vmm_log_path, *qmp_path, *history_path;
-	int dir_fd;            /* dir: its files are reached through it, never a symlink */
-	char *run_dir;         /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
-	struct vmm *vmm;       /* NULL once the VMM is gone */
-	ev_timer timer;        /* start-up or stop deadline */
-	struct call *waiting;  /* vm.create, vm.destroy or vm.pause/resume to answer */
-	struct update *update; /* in flight, or NULL */
-	struct check *check;   /* a pre-flight in flight, or NULL */
-	struct ckpt *ckpt;     /* a checkpoint or restore in flight, or NULL */
-	struct {               /* "outdated" as read in one loop turn (vm_to_json()) */
+	int dir_fd;        /* dir: its files are reached through it, never a symlink */
+	char *run_dir;     /* dir/vmm: owned by cfg.uid, the one path its VMMs may write */
+	struct vmm *vmm;   /* NULL once the VMM is gone */
+	ev_timer timer;    /* start-up or stop deadline */
+	struct op *op;     /* what runs on it (op.h), or NULL */
+	struct op request; /* the op of vm.create, vm.destroy, vm.pause/resume */
+	struct {           /* "outdated" as read in one loop turn (vm_to_json()) */
 		ev_tstamp at;
 		pid_t pid;
 		int n;
@@ -62,6 +60,31 @@ struct vm {
 	unsigned updates; /* finished updates, any result */
 	struct vm *next;
 };
+
+/* Make op, of type t, the VM's one operation (it has none: the caller
+ * checked vm_busy()), in phase 0; and end it (a no-op unless op is the
+ * VM's). Inline: vm.c depends on nothing of op.c, which writes the
+ * registry through vm.c. */
+static inline void vm_op_begin(struct vm *vm, struct op *op, const struct op_type *t)
+{
+	op->type = t;
+	op->vm = vm;
+	op->phase = 0;
+	op->durable = t->durable;
+	vm->op = op;
+}
+
+static inline void vm_op_end(struct vm *vm, struct op *op)
+{
+	if (vm->op == op)
+		vm->op = NULL;
+}
+
+/* Whether the VM's operation is of the type named name. */
+static inline bool vm_op_is(const struct vm *vm, const char *name)
+{
+	return vm->op && strcmp(vm->op->type->name, name) == 0;
+}
 
 /* The files in a VM's directory, STATE_DIR/vms/NAME. */
 #define VM_CONSOLE_LOG "console.log"
@@ -113,10 +136,10 @@ void vm_settle_qmp_path(struct vm *vm);
 void vm_vmm_lost(struct vm *vm);
 
 /* Recovery: a VM known from the registry, with no VMM yet (crashed until
- * vm_restore_vmm says otherwise). cfg is taken. */
-struct vm *vm_restore(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
+ * vm_recover_vmm says otherwise). cfg is taken. */
+struct vm *vm_recover(struct daemon *d, struct vm_config *cfg, uint64_t created_usec,
 		      unsigned updates);
-void vm_restore_vmm(struct vm *vm, struct vmm *v, bool running);
+void vm_recover_vmm(struct vm *vm, struct vmm *v, bool running);
 
 /* The versioned name of machine type (or alias) type in a VMM's answer to
  * query-machines, or NULL when it has no such type. */

@@ -1,7 +1,7 @@
 """How the daemon's files depend on each other, read from what the build
 made: a file depends on another when it calls a function (or uses data)
 the other defines. The picture (docs/ARCHITECTURE.md): main -> methods ->
-{vm, update} -> vmm -> {launcher, scope, kvm/, memstore/}, with the registry,
+{update, check, checkpoint} -> {op, vm} -> vmm -> {launcher, scope, kvm/, memstore/}, with the registry,
 the fd store, the server and the log below whoever uses them."""
 
 import glob
@@ -16,15 +16,28 @@ from cprdtest import BUILD
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
 
-# Edges that close a circle and are known. vm and update are one part (the
-# update engine adopts a VMM into a VM; a VM routes its VMM's events to its
-# update).
-# The VM and what runs on it now (an update, its pre-flight, a checkpoint
-# or restore) are one part: the operation adopts VMMs into the VM or reads
-# its configuration, the VM routes its VMM's events to the operation in
-# flight (docs/ARCHITECTURE.md).
-KNOWN_CIRCLES = {("vm", "update"), ("update", "vm"), ("vm", "checkpoint"), ("checkpoint", "vm"),
-                 ("vm", "check"), ("check", "vm")}
+# Edges that close a circle and are known: none. The VM routes its VMM's
+# events to whatever operation runs on it through that operation's type
+# (daemon/op.h), and knows no operation by name.
+KNOWN_CIRCLES = set()
+
+# The operations, by the files that implement them: vm.c depends on none
+# of them and includes none of their headers (nor any header that declares
+# an operation's type).
+OPERATIONS = {"update", "check", "checkpoint", "strategies", "strategy-handover",
+              "strategy-cpr-transfer", "strategy-cpr-exec", "settle", "op"}
+OPERATION_HEADERS = {"update.h", "check.h", "checkpoint.h", "strategy.h", "settle.h"}
+INCLUDE = re.compile(r'^\s*#\s*include\s+"daemon/([^"]+)"', re.M)
+
+
+def operation_headers():
+    """The headers named above, and any other that declares an op_type."""
+    found = set(OPERATION_HEADERS)
+    for h in glob.glob(os.path.join(SRC, "daemon", "*.h")):
+        with open(h) as f:
+            if re.search(r"\bextern\s+const\s+struct\s+op_type\b", f.read()):
+                found.add(os.path.basename(h))
+    return found
 
 
 def symbols(obj):
@@ -110,6 +123,14 @@ class Layout(unittest.TestCase):
         self.assertEqual(deps["vmrecord"], set())
         self.assertEqual(deps["launcher"], {"confine"})
         self.assertEqual(deps["confine"], set())
+
+    def test_vm_knows_no_operation(self):
+        with open(os.path.join(SRC, "daemon", "vm.c")) as f:
+            included = set(INCLUDE.findall(f.read()))
+        self.assertEqual(included & operation_headers(), set(),
+                         "vm.c includes an operation's header: route through vm->op->type")
+        self.assertEqual(dependencies()["vm"] & OPERATIONS, set(),
+                         "vm.c calls into an operation")
 
     def test_vm_state_changes_in_one_place(self):
         assign = re.compile(r"\bvm->state\s*=[^=]")

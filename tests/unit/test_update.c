@@ -666,22 +666,22 @@ static struct vm *vm_up(struct fake *old)
 static void start(struct vm *vm, const char *strategy, double timeout)
 {
 	update_start(vm, strategy_find(strategy), self, timeout, NULL);
-	ck_assert_ptr_nonnull(vm->update);
+	ck_assert_ptr_nonnull(update_of(vm));
 }
 
 static enum phase phase(struct vm *vm)
 {
-	ck_assert_ptr_nonnull(vm->update);
-	return vm->update->phase;
+	ck_assert_ptr_nonnull(update_of(vm));
+	return update_of(vm)->phase;
 }
 
 /* Sleep past the update's deadline without running the loop: whatever a
  * VMM writes meanwhile stays unread until the timer has fired. */
 static void sleep_past_deadline(struct vm *vm)
 {
-	double left = ev_timer_remaining(D.loop, &vm->update->timer);
+	double left = ev_timer_remaining(D.loop, &update_of(vm)->timer);
 
-	ck_assert(ev_is_active(&vm->update->timer));
+	ck_assert(ev_is_active(&update_of(vm)->timer));
 	usleep((useconds_t)((left + 0.1) * 1e6));
 }
 
@@ -739,7 +739,7 @@ static void check_error(json_object *r, const char *part)
  * loop's next turn. */
 static void run_to_end(struct vm *vm)
 {
-	RUN_UNTIL(!vm->update);
+	RUN_UNTIL(!update_of(vm));
 	turns(2);
 }
 
@@ -859,8 +859,8 @@ static void handover_attach_new(struct vm *vm, struct fake *nw)
 {
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
-	RUN_UNTIL(vm->update->next->pid > 0);
-	ck_assert_int_eq(nw->pid, vm->update->next->pid);
+	RUN_UNTIL(update_of(vm)->next->pid > 0);
+	ck_assert_int_eq(nw->pid, update_of(vm)->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
 	ck_assert(has_arg(nw, "-incoming", "defer"));
@@ -1053,7 +1053,7 @@ static void check_ended_for_good(struct vm *vm, struct fake *old, struct fake *n
 	fake_stray(old);
 	fake_stray(nw);
 	turns(5);
-	ck_assert_ptr_null(vm->update);
+	ck_assert_ptr_null(update_of(vm));
 	ck_assert_int_eq(vm->state, state);
 	ck_assert_uint_eq(vm->updates, 1);
 	json_object_put(the_report(vm));
@@ -1583,7 +1583,7 @@ START_TEST(handover_committed_new_vmm_silent_is_killed_after_5s_and_rolled_back)
 
 	handover_to_commit(vm, &old, &nw, &stats);
 	RUN_UNTIL_WITHIN(!fake_alive(&nw), 5500000 + WAIT_USEC); /* SIGKILLed by the engine */
-	ck_assert(vm->update && vm->update->killing_new);
+	ck_assert(update_of(vm) && update_of(vm)->killing_new);
 	old_rolls_back(vm, &old, true, true);
 
 	r = the_report(vm);
@@ -1758,8 +1758,8 @@ START_TEST(handover_rollback_asked_after_switch_is_refused_and_never_resumes_old
 	fake_event(&nw, "RESUME", NULL, T_RESUME);
 	fake_return(&nw, id, "{}");
 	RUN_UNTIL(phase(vm) == PHASE_END_OLD);
-	update_rollback(vm->update, "asked for in the wrong phase");
-	ck_assert_ptr_null(vm->update);
+	update_rollback(update_of(vm), "asked for in the wrong phase");
+	ck_assert_ptr_null(update_of(vm));
 	RUN_UNTIL(fake_reaped(&old));
 	run_to_end(vm);
 
@@ -1805,8 +1805,8 @@ static void cpr_attach_new(struct vm *vm, struct fake *nw)
 
 	fake_attach(nw);
 	ck_assert_int_eq(phase(vm), PHASE_LAUNCH);
-	RUN_UNTIL(vm->update->next->pid > 0);
-	ck_assert_int_eq(nw->pid, vm->update->next->pid);
+	RUN_UNTIL(update_of(vm)->next->pid > 0);
+	ck_assert_int_eq(nw->pid, update_of(vm)->next->pid);
 	ck_assert(has_arg(nw, "-S", NULL));
 	ck_assert(has_arg(nw, "-global", "migration.x-events=on"));
 	ck_assert_uint_eq(count_arg(nw, "-incoming"), 2);
