@@ -33,7 +33,7 @@ COMMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard common/*.c))
 PROTO_OBJ    := $(patsubst %.c,$(B)/obj/%.o,$(wildcard proto/*.c))
 KVM_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard kvm/*.c))
 MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
-DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
+DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c daemon/devices/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 # Man pages are written in scdoc (man/NAME.SECTION.scd) and built into roff.
@@ -85,6 +85,9 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 $(B)/tests/test_limits: $(B)/obj/daemon/limits.o
+# The device types, but not their custody (custody.c needs the daemon).
+$(B)/tests/test_devices: $(B)/obj/daemon/devices/devices.o $(B)/obj/daemon/devices/ram.o \
+	$(B)/obj/daemon/devices/console.o $(B)/obj/daemon/devices/tap.o
 
 # The launcher answers on an event loop.
 $(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o $(B)/obj/daemon/confine.o
@@ -218,10 +221,10 @@ install: all units
 FORCE:
 
 format:
-	clang-format -i $(wildcard */*.c */*.h)
+	clang-format -i $(wildcard */*.c */*.h daemon/*/*.c daemon/*/*.h)
 
 format-check:
-	clang-format --dry-run --Werror $(wildcard */*.c */*.h)
+	clang-format --dry-run --Werror $(wildcard */*.c */*.h daemon/*/*.c daemon/*/*.h)
 
 clean:
 	rm -rf $(B)

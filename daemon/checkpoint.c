@@ -34,6 +34,7 @@
 #include "common/json.h"
 #include "common/macro.h"
 #include "daemon/checkpoint.h"
+#include "daemon/devices/devices.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/history.h"
@@ -288,8 +289,7 @@ static json_object *config_json(const struct vm *vm)
 	vm_config_ids_to_json(c, o);
 	if (c->append)
 		json_object_object_add(o, "append", json_object_new_string(c->append));
-	if (c->tap)
-		json_object_object_add(o, "tap", json_object_new_string(c->tap));
+	devices_to_json(&c->devices, false, o);
 	json_object_object_add(o, "machine", json_object_new_string(c->machine));
 	json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)c->memory_bytes));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)c->vcpus));
@@ -315,15 +315,15 @@ static int config_from_meta(json_object *meta, struct vm_config *cfg)
 		.kernel = dup_or_null(jstr(c, "kernel")),
 		.initrd = dup_or_null(jstr(c, "initrd")),
 		.append = dup_or_null(jstr(c, "append")),
-		.tap = dup_or_null(jstr(c, "tap")),
 		.machine = dup_or_null(jstr(c, "machine")),
 		.memory_bytes = (uint64_t)jint(c, "memory_bytes"),
 		.vcpus = (unsigned)jint(c, "vcpus"),
 		.cpr_exec = json_object_get_boolean(json_object_object_get(c, "cpr_exec")),
 	};
 	vm_config_ids_from_json(c, cfg);
-	if (!cfg->name || !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel ||
-	    !cfg->machine || !cfg->memory_bytes || !cfg->vcpus) {
+	if (devices_from_json(c, &cfg->devices) < 0 || !cfg->name ||
+	    !memstore_name_is_valid(cfg->name) || !cfg->vmm || !cfg->kernel || !cfg->machine ||
+	    !cfg->memory_bytes || !cfg->vcpus) {
 		vm_config_done(cfg);
 		return -EINVAL;
 	}
@@ -795,8 +795,8 @@ static void finish_save(struct ckpt *k)
 	vmm_cancel(vm->vmm, k);
 	vm->vmm = vmm_kill(vm->vmm);
 	fdstore_remove(vm->d, vm->cfg.name, "pidfd");
-	fdstore_remove(vm->d, vm->cfg.name, "ram0");
-	(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
+	fdstore_remove(vm->d, vm->cfg.name, DEVICE_RAM_ID);
+	(void)memstore_remove(vm->d->store, vm->cfg.name, DEVICE_RAM_ID);
 	free(vm->checkpoint_root);
 	vm->checkpoint_root = strdup(k->root);
 	vm_set_state(vm, VM_CHECKPOINTED);
@@ -829,7 +829,7 @@ static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char 
 		k->bytes_done = k->state_bytes;
 	}
 	/* The device state is out; the guest's RAM is cprd's to copy. */
-	r = memstore_get(k->vm->d->store, k->vm->cfg.name, "ram0", &e);
+	r = memstore_get(k->vm->d->store, k->vm->cfg.name, DEVICE_RAM_ID, &e);
 	if (r < 0) {
 		save_fail(k, "the VM's RAM is not in custody");
 		return;
@@ -1042,10 +1042,11 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
  * checkpoint is the guest. */
 static void drop_ram(struct vm *vm)
 {
-	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &(const memstore_entry *){ NULL }) < 0)
+	if (memstore_get(vm->d->store, vm->cfg.name, DEVICE_RAM_ID,
+			 &(const memstore_entry *){ NULL }) < 0)
 		return;
-	fdstore_remove(vm->d, vm->cfg.name, "ram0");
-	(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
+	fdstore_remove(vm->d, vm->cfg.name, DEVICE_RAM_ID);
+	(void)memstore_remove(vm->d->store, vm->cfg.name, DEVICE_RAM_ID);
 }
 
 _printf_(2, 3) static void restore_fail(struct ckpt *k, const char *fmt, ...)
@@ -1124,8 +1125,8 @@ static void adopt(struct ckpt *k)
 	vm_adopt_vmm(vm, TAKE_PTR(k->next));
 	vm_set_state(vm, VM_RUNNING);
 	/* From here the guest is in this memfd, not in the checkpoint. */
-	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
-		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
+	if (memstore_get(vm->d->store, vm->cfg.name, DEVICE_RAM_ID, &e) == 0)
+		fdstore_add(vm->d, vm->cfg.name, DEVICE_RAM_ID, e->fd);
 	retire(vm, k->root_fd, k->root, k->dir_fd);
 	(void)vm_registry_commit(vm->d);
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
@@ -1268,7 +1269,7 @@ static int hold_ram(struct ckpt *k)
 
 	if (fd < 0)
 		return -errno;
-	r = memstore_put(k->vm->d->store, k->vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, fd);
+	r = memstore_put(k->vm->d->store, k->vm->cfg.name, DEVICE_RAM_ID, MEMSTORE_KIND_MEMFD, fd);
 	if (r < 0)
 		close(fd);
 	return r;
@@ -1292,7 +1293,7 @@ static void start_restore_vmm(struct ckpt *k)
 		restore_fail(k, "cannot hold the new RAM: %s", strerror(-r));
 		return;
 	}
-	r = vm_reacquire(vm, &what);
+	r = devices_reacquire(vm, &what);
 	if (r < 0) {
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
 		return;
@@ -1423,7 +1424,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 		restore_fail(k, "VMM binary '%s': %s", k->new_vmm, strerror(errno));
 		return;
 	}
-	r = memstore_region_create("ram0", k->size, 0, &k->mem_fd);
+	r = memstore_region_create(DEVICE_RAM_ID, k->size, 0, &k->mem_fd);
 	if (r < 0) {
 		restore_fail(k, "cannot create the guest's RAM: %s", strerror(-r));
 		return;

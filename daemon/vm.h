@@ -18,6 +18,7 @@
 #include <sys/types.h>
 
 #include "daemon/daemon.h"
+#include "daemon/devices/device.h"
 #include "daemon/vmm.h"
 
 struct call;
@@ -45,7 +46,7 @@ struct file_id {
 struct vm_config {
 	char *name;
 	char *vmm; /* absolute path of the VMM binary (canonical unless root named it) */
-	char *kernel, *initrd, *append, *tap; /* kernel, initrd: likewise */
+	char *kernel, *initrd, *append; /* kernel, initrd: likewise */
 	struct file_id kernel_id, initrd_id;
 	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
 	char *machine_alias; /* what create asked for (q35), or NULL */
@@ -53,6 +54,7 @@ struct vm_config {
 	unsigned vcpus;
 	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
 	bool cpr_exec; /* its VMMs may exec a successor (QEMU's sandbox spawn=allow) */
+	struct device_args devices; /* the tap's name... (daemon/devices/) */
 };
 
 struct vm {
@@ -166,9 +168,6 @@ int vm_pick_uid(struct vm *vm);
 /* Whether every VMM started for cfg can be given its kernel and initrd
  * (vmm_open_image); on failure why says which and why. */
 int vm_check_images(const struct vm_config *cfg, char *why, size_t size);
-/* Restore: hold the console log (appended to) and tap again unless they
- * are held; *ret_what names the one that failed. */
-int vm_reacquire(struct vm *vm, const char **ret_what);
 /* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
 int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */
