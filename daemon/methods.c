@@ -652,7 +652,8 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
-	if (s->possible && !s->possible(vm, binary, why, sizeof(why))) {
+	if (!devices_carried(&vm->cfg.devices, device_carry_of(s->name), why, sizeof(why)) ||
+	    (s->possible && !s->possible(vm, binary, why, sizeof(why)))) {
 		log_warning("VM %s: %s update to %s refused: %s", vm->cfg.name, s->name, binary,
 			    why);
 		call_fail(c, JSONRPC_ERR_VMM,
@@ -709,6 +710,7 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 	uint64_t channels = 0, timeout = 600;
 	void *const out[] = { &name, &method, &dir, &channels, &timeout };
 	struct vm *vm;
+	char why[256];
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
@@ -730,6 +732,11 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
 			  "VM '%s' is %s; only a running or paused VM can be checkpointed",
 			  vm->cfg.name, vm_state_to_string(vm->state));
+		return;
+	}
+	if (!devices_carried(&vm->cfg.devices, DEVICE_BY_CHECKPOINT, why, sizeof(why))) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE, "VM '%s' cannot be checkpointed: %s",
+			  vm->cfg.name, why);
 		return;
 	}
 	checkpoint_start(vm,

@@ -54,7 +54,7 @@ struct vm_config {
 	unsigned vcpus;
 	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
 	bool cpr_exec; /* its VMMs may exec a successor (QEMU's sandbox spawn=allow) */
-	struct device_args devices; /* the tap's name... (daemon/devices/) */
+	struct device_args devices; /* each device type's vm.create argument */
 };
 
 struct vm {

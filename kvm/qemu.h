@@ -8,7 +8,7 @@
  * This builds what is the machine's own (name, machine, accelerator,
  * sandbox, CPUs, memory size, monitor, boot images, incoming mode); the
  * arguments of each device (guest RAM's backend, the serial console, a
- * tap...) are handed to it as strings, built by the caller's device types
+ * network card...) are handed to it as strings, built by the caller's device types
  * (daemon/devices/), and placed where their kind belongs.
  */
 #pragma once

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * What a kind of device is to cprd: one `struct device_type` per kind, in
- * a file of its own here, listed once in devices.c's table. The rest of
+ * a file of its own here (ram.c, console.c, tap.c), listed once in
+ * devices.c's table. The rest of
  * cprd walks the table (devices.h) and knows no kind by name: creating a
  * VM, taking its fds into custody, handing them to a VMM at fd numbers and
  * on its command line, taking them back after a restart, recording them.
@@ -71,5 +72,3 @@ struct device_type {
 	/* enum device_carry: how it may reach the next VMM. */
 	unsigned carry;
 };
-
-extern const struct device_type device_ram, device_console, device_tap;

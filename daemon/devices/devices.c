@@ -11,6 +11,8 @@
 /* The device types. Their order is the order of a VMM's fds and of its
  * command line within each place (devices_layout()): a new type goes at
  * the end, so that no VM's existing fd numbers or PCI slots move. */
+extern const struct device_type device_ram, device_console, device_tap;
+
 static const struct device_type *const types[] = {
 	&device_ram,
 	&device_console,
@@ -112,6 +114,23 @@ int devices_qemu_args(const struct device_args *args, const struct device_layout
 		if (r < 0)
 			return r;
 	}
+	return 0;
+}
+
+unsigned device_carry_of(const char *strategy)
+{
+	static const struct {
+		const char *name;
+		enum device_carry how;
+	} ways[] = {
+		{ "handover", DEVICE_BY_HANDOVER },
+		{ "cpr-transfer", DEVICE_BY_CPR_TRANSFER },
+		{ "cpr-exec", DEVICE_BY_CPR_EXEC },
+	};
+
+	for (size_t i = 0; strategy && i < ELEMENTSOF(ways); i++)
+		if (streq(ways[i].name, strategy))
+			return ways[i].how;
 	return 0;
 }
 

@@ -56,6 +56,9 @@ void devices_layout(const bool present[DEVICE_TYPES_MAX], struct device_layout *
 int devices_qemu_args(const struct device_args *args, const struct device_layout *layout,
 		      struct qemu_config *qc);
 
+/* The way (enum device_carry) an update strategy carries devices, by its
+ * name; 0 for a name it does not know (which then carries nothing). */
+unsigned device_carry_of(const char *strategy);
 /* Whether every device of args can reach a next VMM by how (one of enum
  * device_carry); when not, why names it. */
 bool devices_carried(const struct device_args *args, unsigned how, char *why, size_t size);

@@ -14,7 +14,11 @@
 #include "daemon/vm.h"
 #include "kvm/qemu.h"
 
-/* The i-th type's index in the table by id. */
+#define device_ram (*device_type_find("ram0"))
+#define device_console (*device_type_find("console"))
+#define device_tap (*device_type_find("net0"))
+
+/* The index in the table of the type of id. */
 static size_t index_of(const char *id)
 {
 	const struct device_type *t;
@@ -273,6 +277,13 @@ START_TEST(carried_by_every_way_today)
 	ck_assert(devices_carried(&args, DEVICE_BY_CPR_TRANSFER, why, sizeof(why)));
 	ck_assert(devices_carried(&args, DEVICE_BY_CPR_EXEC, why, sizeof(why)));
 	ck_assert(devices_carried(&args, DEVICE_BY_CHECKPOINT, why, sizeof(why)));
+	ck_assert_uint_eq(device_carry_of("handover"), DEVICE_BY_HANDOVER);
+	ck_assert_uint_eq(device_carry_of("cpr-transfer"), DEVICE_BY_CPR_TRANSFER);
+	ck_assert_uint_eq(device_carry_of("cpr-exec"), DEVICE_BY_CPR_EXEC);
+	/* A way nobody declared carries nothing. */
+	ck_assert_uint_eq(device_carry_of("teleport"), 0);
+	ck_assert(!devices_carried(&args, 0, why, sizeof(why)));
+	ck_assert_str_eq(why, "its memory device ram0 cannot be carried that way");
 	device_args_done(&args);
 }
 END_TEST
