@@ -33,7 +33,7 @@ COMMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard common/*.c))
 PROTO_OBJ    := $(patsubst %.c,$(B)/obj/%.o,$(wildcard proto/*.c))
 KVM_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard kvm/*.c))
 MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
-DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c))
+DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c daemon/devices/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 # Man pages are written in scdoc (man/NAME.SECTION.scd) and built into roff.
@@ -85,14 +85,18 @@ $(B)/tests/test_registry: $(B)/obj/daemon/registry.o
 # Suites with golden files (tests/unit/golden.h) are told where they are, so
 # they find them from any directory; CPRD_REGEN_GOLDEN=1 make unit rewrites them.
 GOLDEN_CFLAGS := -DGOLDEN_DIR='"$(CURDIR)/tests/unit/golden"'
-$(B)/tests/test_vmrecord: $(B)/obj/daemon/vmrecord.o tests/unit/golden.h
+DEVICE_OBJ := $(B)/obj/daemon/devices/devices.o $(B)/obj/daemon/devices/ram.o \
+	$(B)/obj/daemon/devices/console.o $(B)/obj/daemon/devices/tap.o
+$(B)/tests/test_vmrecord: $(B)/obj/daemon/vmrecord.o $(DEVICE_OBJ) tests/unit/golden.h
 $(B)/tests/test_vmrecord: TEST_CFLAGS = $(GOLDEN_CFLAGS)
-$(B)/tests/test_argv: tests/unit/golden.h
+$(B)/tests/test_argv: $(DEVICE_OBJ) tests/unit/golden.h
 $(B)/tests/test_argv: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
 $(B)/tests/test_settle: $(B)/obj/daemon/settle.o
 $(B)/tests/test_limits: $(B)/obj/daemon/limits.o
+# The device types, but not their custody (custody.c needs the daemon).
+$(B)/tests/test_devices: $(DEVICE_OBJ)
 
 # The launcher answers on an event loop.
 $(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o $(B)/obj/daemon/confine.o
@@ -230,10 +234,10 @@ install: all units
 FORCE:
 
 format:
-	clang-format -i $(wildcard */*.c */*.h)
+	clang-format -i $(wildcard */*.c */*.h daemon/*/*.c daemon/*/*.h)
 
 format-check:
-	clang-format --dry-run --Werror $(wildcard */*.c */*.h)
+	clang-format --dry-run --Werror $(wildcard */*.c */*.h daemon/*/*.c daemon/*/*.h)
 
 clean:
 	rm -rf $(B)

@@ -34,6 +34,7 @@
 #include "common/json.h"
 #include "common/macro.h"
 #include "daemon/checkpoint.h"
+#include "daemon/devices/devices.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/history.h"
@@ -773,8 +774,8 @@ static void finish_save(struct ckpt *k)
 	vmm_cancel(vm->vmm, k);
 	vm->vmm = vmm_kill(vm->vmm);
 	fdstore_remove(vm->d, vm->cfg.name, "pidfd");
-	fdstore_remove(vm->d, vm->cfg.name, "ram0");
-	(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
+	fdstore_remove(vm->d, vm->cfg.name, DEVICE_RAM_ID);
+	(void)memstore_remove(vm->d->store, vm->cfg.name, DEVICE_RAM_ID);
 	free(vm->checkpoint_root);
 	vm->checkpoint_root = strdup(k->root);
 	vm_set_state(vm, VM_CHECKPOINTED);
@@ -807,7 +808,7 @@ static void migrate_stats(qmp *q, json_object *ret, const char *cls, const char 
 		k->bytes_done = k->state_bytes;
 	}
 	/* The device state is out; the guest's RAM is cprd's to copy. */
-	r = memstore_get(k->vm->d->store, k->vm->cfg.name, "ram0", &e);
+	r = memstore_get(k->vm->d->store, k->vm->cfg.name, DEVICE_RAM_ID, &e);
 	if (r < 0) {
 		save_fail(k, "the VM's RAM is not in custody");
 		return;
@@ -1020,10 +1021,11 @@ void checkpoint_start(struct vm *vm, const struct checkpoint_args *a, struct cal
  * checkpoint is the guest. */
 static void drop_ram(struct vm *vm)
 {
-	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &(const memstore_entry *){ NULL }) < 0)
+	if (memstore_get(vm->d->store, vm->cfg.name, DEVICE_RAM_ID,
+			 &(const memstore_entry *){ NULL }) < 0)
 		return;
-	fdstore_remove(vm->d, vm->cfg.name, "ram0");
-	(void)memstore_remove(vm->d->store, vm->cfg.name, "ram0");
+	fdstore_remove(vm->d, vm->cfg.name, DEVICE_RAM_ID);
+	(void)memstore_remove(vm->d->store, vm->cfg.name, DEVICE_RAM_ID);
 }
 
 _printf_(2, 3) static void restore_fail(struct ckpt *k, const char *fmt, ...)
@@ -1102,8 +1104,8 @@ static void adopt(struct ckpt *k)
 	vm_adopt_vmm(vm, TAKE_PTR(k->next));
 	vm_set_state(vm, VM_RUNNING);
 	/* From here the guest is in this memfd, not in the checkpoint. */
-	if (memstore_get(vm->d->store, vm->cfg.name, "ram0", &e) == 0)
-		fdstore_add(vm->d, vm->cfg.name, "ram0", e->fd);
+	if (memstore_get(vm->d->store, vm->cfg.name, DEVICE_RAM_ID, &e) == 0)
+		fdstore_add(vm->d, vm->cfg.name, DEVICE_RAM_ID, e->fd);
 	retire(vm, k->root_fd, k->root, k->dir_fd);
 	(void)op_set_phase(&k->op, RESTORE_RUNS, NULL); /* durable */
 	log_info("VM %s: restored, VMM pid %d (QEMU %s)", vm->cfg.name, (int)vm->vmm->pid,
@@ -1249,7 +1251,7 @@ static int hold_ram(struct ckpt *k)
 
 	if (fd < 0)
 		return -errno;
-	r = memstore_put(k->vm->d->store, k->vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, fd);
+	r = memstore_put(k->vm->d->store, k->vm->cfg.name, DEVICE_RAM_ID, MEMSTORE_KIND_MEMFD, fd);
 	if (r < 0)
 		close(fd);
 	return r;
@@ -1273,7 +1275,7 @@ static void start_restore_vmm(struct ckpt *k)
 		restore_fail(k, "cannot hold the new RAM: %s", strerror(-r));
 		return;
 	}
-	r = vm_reacquire(vm, &what);
+	r = devices_reacquire(vm, &what);
 	if (r < 0) {
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
 		return;
@@ -1408,7 +1410,7 @@ void restore_start(struct vm *vm, const struct restore_args *a, struct call *c)
 		restore_fail(k, "VMM binary '%s': %s", k->new_vmm, strerror(errno));
 		return;
 	}
-	r = memstore_region_create("ram0", k->size, 0, &k->mem_fd);
+	r = memstore_region_create(DEVICE_RAM_ID, k->size, 0, &k->mem_fd);
 	if (r < 0) {
 		restore_fail(k, "cannot create the guest's RAM: %s", strerror(-r));
 		return;

@@ -13,6 +13,7 @@
 #include "daemon/archive.h"
 #include "daemon/check.h"
 #include "daemon/checkpoint.h"
+#include "daemon/devices/devices.h"
 #include "daemon/events.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
@@ -105,39 +106,65 @@ static bool has_nul(json_object *v)
 
 /* Check params against the called method's spec and fill out[] (n of them,
  * one per declared param); on any problem answer c and return false. */
+/* The i-th device parameter of a method with METHOD_DEVICE_PARAMS, in
+ * *ret; false past the last. */
+static bool device_param(const struct method *m, size_t i, struct param *ret)
+{
+	const struct device_type *t;
+
+	if (!(m->flags & METHOD_DEVICE_PARAMS))
+		return false;
+	for (size_t k = 0; (t = device_type_nth(k)); k++)
+		if (t->param && i-- == 0) {
+			*ret = (struct param){ t->param, PARAM_STRING, false };
+			return true;
+		}
+	return false;
+}
+
+static bool param_bind(struct call *c, json_object *params, const struct param *spec, void *out)
+{
+	json_object *v = NULL;
+
+	if (!params || !json_object_object_get_ex(params, spec->name, &v) || !v) {
+		if (spec->required) {
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, spec->name,
+					"missing parameter '%s'", spec->name);
+			return false;
+		}
+		return true;
+	}
+	if ((spec->type == PARAM_STRING || spec->type == PARAM_STRINGS) && has_nul(v)) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, spec->name,
+				"parameter '%s' must not contain a NUL byte", spec->name);
+		return false;
+	}
+	if (!parse_one(v, spec->type, out)) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, spec->name, "parameter '%s' must be %s",
+				spec->name, param_type_text(spec->type));
+		return false;
+	}
+	return true;
+}
+
 static bool params_bind(struct call *c, json_object *params, void *const *out, size_t n)
 {
 	const struct method *m = call_method(c);
 	const struct param *spec = m->params;
+	struct param dp;
 
 	if (n != m->n_params) { /* a handler out of step with its table */
 		call_fail(c, JSONRPC_INTERNAL_ERROR, "method '%s' binds %zu of %zu params", m->name,
 			  n, m->n_params);
 		return false;
 	}
-	for (size_t i = 0; i < n; i++) {
-		json_object *v = NULL;
-
-		if (!params || !json_object_object_get_ex(params, spec[i].name, &v) || !v) {
-			if (spec[i].required) {
-				call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
-						"missing parameter '%s'", spec[i].name);
-				return false;
-			}
-			continue;
-		}
-		if ((spec[i].type == PARAM_STRING || spec[i].type == PARAM_STRINGS) && has_nul(v)) {
-			call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
-					"parameter '%s' must not contain a NUL byte", spec[i].name);
+	for (size_t i = 0; i < n; i++)
+		if (!param_bind(c, params, &spec[i], out[i]))
 			return false;
-		}
-		if (!parse_one(v, spec[i].type, out[i])) {
-			call_fail_param(c, JSONRPC_INVALID_PARAMS, spec[i].name,
-					"parameter '%s' must be %s", spec[i].name,
-					param_type_text(spec[i].type));
+	/* Read by the handler (devices_bind()); checked here like its own. */
+	for (size_t i = 0; device_param(m, i, &dp); i++)
+		if (!param_bind(c, params, &dp, &(const char *){ NULL }))
 			return false;
-		}
-	}
 	if (!params)
 		return true;
 	json_object_object_foreach(params, key, val)
@@ -147,6 +174,8 @@ static bool params_bind(struct call *c, json_object *params, void *const *out, s
 		(void)val;
 		for (size_t i = 0; i < n && !known; i++)
 			known = streq(spec[i].name, key);
+		for (size_t i = 0; !known && device_param(m, i, &dp); i++)
+			known = streq(dp.name, key);
 		if (!known) {
 			_cleanup_free_ char *k = strndup(key, 64);
 
@@ -384,24 +413,48 @@ static bool memory_ok(struct call *c, uint64_t bytes)
 }
 
 static const struct param vm_create_params[] = {
-	{ "name", PARAM_STRING, true },     { "memory", PARAM_SIZE, true },
-	{ "vcpus", PARAM_UINT, false },     { "kernel", PARAM_STRING, true },
-	{ "initrd", PARAM_STRING, false },  { "append", PARAM_STRING, false },
-	{ "vmm", PARAM_STRING, false },     { "tap", PARAM_STRING, false },
-	{ "machine", PARAM_STRING, false }, { "cpr_exec", PARAM_BOOL, false },
+	{ "name", PARAM_STRING, true },    { "memory", PARAM_SIZE, true },
+	{ "vcpus", PARAM_UINT, false },    { "kernel", PARAM_STRING, true },
+	{ "initrd", PARAM_STRING, false }, { "append", PARAM_STRING, false },
+	{ "vmm", PARAM_STRING, false },    { "machine", PARAM_STRING, false },
+	{ "cpr_exec", PARAM_BOOL, false },
 };
+
+/* Each device's vm.create parameter (params_bind() checked its type) into
+ * cfg, once its type accepts it. */
+static bool devices_bind(struct call *c, json_object *params, struct device_args *args)
+{
+	const struct device_type *t;
+	char why[256];
+
+	for (size_t i = 0; (t = device_type_nth(i)); i++) {
+		json_object *v;
+
+		if (!t->param || !json_object_object_get_ex(params, t->param, &v) || !v)
+			continue;
+		if (t->check && t->check(json_object_get_string(v), why, sizeof(why)) < 0) {
+			call_fail_param(c, JSONRPC_INVALID_PARAMS, t->param, "%s", why);
+			return false;
+		}
+		args->arg[i] = strdup(json_object_get_string(v));
+		if (!args->arg[i]) {
+			call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+			return false;
+		}
+	}
+	return true;
+}
 
 static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
-		   *tap = NULL, *machine = NULL;
+		   *machine = NULL;
 	uint64_t memory = 0, vcpus = 1;
 	bool cpr_exec = false;
-	void *const out[] = { &name,   &memory, &vcpus, &kernel,  &initrd,
-			      &append, &vmm,    &tap,   &machine, &cpr_exec };
+	void *const out[] = { &name,   &memory, &vcpus,   &kernel,  &initrd,
+			      &append, &vmm,    &machine, &cpr_exec };
 	_cleanup_free_ char *found = NULL;
 	struct vm_config cfg = {};
-	const char *why;
 	int r;
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
@@ -448,9 +501,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 	}
-	if (tap && (why = ifname_invalid(tap))) {
-		call_fail_param(c, JSONRPC_INVALID_PARAMS, "tap", "tap interface name '%.64s' %s",
-				tap, why);
+	if (!devices_bind(c, params, &cfg.devices)) {
 		vm_config_done(&cfg);
 		return;
 	}
@@ -485,12 +536,11 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	}
 	cfg.name = strdup(name);
 	cfg.append = append ? strdup(append) : NULL;
-	cfg.tap = tap ? strdup(tap) : NULL;
 	cfg.machine = strdup(machine ? machine : "q35");
 	cfg.memory_bytes = memory;
 	cfg.vcpus = (unsigned)vcpus;
 	cfg.cpr_exec = cpr_exec;
-	if (!cfg.name || !cfg.machine || (append && !cfg.append) || (tap && !cfg.tap)) {
+	if (!cfg.name || !cfg.machine || (append && !cfg.append)) {
 		vm_config_done(&cfg);
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;
@@ -609,7 +659,8 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
-	if (s->possible && !s->possible(vm, binary, why, sizeof(why))) {
+	if (!devices_carried(&vm->cfg.devices, device_carry_of(s->name), why, sizeof(why)) ||
+	    (s->possible && !s->possible(vm, binary, why, sizeof(why)))) {
 		log_warning("VM %s: %s update to %s refused: %s", vm->cfg.name, s->name, binary,
 			    why);
 		call_fail(c, JSONRPC_ERR_VMM,
@@ -666,6 +717,7 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 	uint64_t channels = 0, timeout = 600;
 	void *const out[] = { &name, &method, &dir, &channels, &timeout };
 	struct vm *vm;
+	char why[256];
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
 		return;
@@ -685,6 +737,11 @@ static void m_vm_checkpoint(struct daemon *d, struct call *c, json_object *param
 		return;
 	if (!op_may_start_in(&checkpoint_op_type, vm->state)) {
 		op_fail_state(c, vm, &checkpoint_op_type);
+		return;
+	}
+	if (!devices_carried(&vm->cfg.devices, DEVICE_BY_CHECKPOINT, why, sizeof(why))) {
+		call_fail(c, JSONRPC_ERR_BAD_STATE, "VM '%s' cannot be checkpointed: %s",
+			  vm->cfg.name, why);
 		return;
 	}
 	checkpoint_start(vm,
@@ -877,11 +934,6 @@ static void m_vm_fds(struct daemon *d, struct call *c, json_object *params)
 		call_reply(c, fds_result(vm));
 }
 
-static bool is_reserved(const char *name)
-{
-	return streq(name, "ram0") || streq(name, "console") || streq(name, "net0");
-}
-
 static const struct param fd_store_params[] = {
 	{ "vm", PARAM_STRING, true },
 	{ "names", PARAM_STRINGS, true },
@@ -912,7 +964,7 @@ static void m_fd_store(struct daemon *d, struct call *c, json_object *params)
 		const char *nm = json_object_get_string(json_object_array_get_idx(names, i));
 		const memstore_entry *e;
 
-		if (!memstore_name_is_valid(nm) || is_reserved(nm)) {
+		if (!memstore_name_is_valid(nm) || device_id_reserved(nm)) {
 			call_fail_param(c, JSONRPC_INVALID_PARAMS, "names",
 					"fd name '%.64s' is invalid or reserved", nm);
 			return;
@@ -1043,7 +1095,7 @@ static void m_fd_release(struct daemon *d, struct call *c, json_object *params)
 		return;
 	if (!(vm = find_vm_or_fail(d, c, "vm", vmname)))
 		return;
-	if (is_reserved(name)) {
+	if (device_id_reserved(name)) {
 		call_fail(c, JSONRPC_ERR_BAD_STATE,
 			  "'%s' is held for the VM itself; it is released by vm.destroy", name);
 		return;
@@ -1199,25 +1251,30 @@ static void m_daemon_reexec(struct daemon *d, struct call *c, json_object *param
 
 /* ---- rpc.* ---- */
 
+static json_object *param_to_json(const struct param *p)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "name", json_object_new_string(p->name));
+	json_object_object_add(o, "type", json_object_new_string(param_type_to_string(p->type)));
+	json_object_object_add(o, "required", json_object_new_boolean(p->required));
+	return o;
+}
+
 static json_object *method_to_json(const struct method *m)
 {
 	json_object *o = json_object_new_object(), *ps = json_object_new_array();
+	struct param dp;
 
 	json_object_object_add(o, "name", json_object_new_string(m->name));
 	json_object_object_add(o, "summary", json_object_new_string(m->summary));
 	json_object_object_add(o, "permission", json_object_new_string(method_permission(m)));
 	json_object_object_add(o, "takes_fds",
 			       json_object_new_boolean(!!(m->flags & METHOD_TAKES_FDS)));
-	for (size_t i = 0; i < m->n_params; i++) {
-		json_object *p = json_object_new_object();
-
-		json_object_object_add(p, "name", json_object_new_string(m->params[i].name));
-		json_object_object_add(
-		    p, "type", json_object_new_string(param_type_to_string(m->params[i].type)));
-		json_object_object_add(p, "required",
-				       json_object_new_boolean(m->params[i].required));
-		json_object_array_add(ps, p);
-	}
+	for (size_t i = 0; i < m->n_params; i++)
+		json_object_array_add(ps, param_to_json(&m->params[i]));
+	for (size_t i = 0; device_param(m, i, &dp); i++)
+		json_object_array_add(ps, param_to_json(&dp));
 	json_object_object_add(o, "params", ps);
 	return o;
 }
@@ -1266,8 +1323,8 @@ static void m_events_subscribe(struct daemon *d, struct call *c, json_object *pa
 }
 
 const struct method rpc_methods[] = {
-	{ "vm.create", m_vm_create, METHOD_MUTATING, METHOD_PARAMS(vm_create_params),
-	  "define and start a VM; answers once the guest runs" },
+	{ "vm.create", m_vm_create, METHOD_MUTATING | METHOD_DEVICE_PARAMS,
+	  METHOD_PARAMS(vm_create_params), "define and start a VM; answers once the guest runs" },
 	{ "vm.list", m_vm_list, 0, METHOD_PARAMS(vm_list_params),
 	  "every VM's status; with outdated, only VMs whose VMM was replaced on disk" },
 	{ "vm.status", m_vm_status, 0, METHOD_PARAMS(name_params), "one VM's status" },

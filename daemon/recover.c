@@ -14,6 +14,7 @@
 #include "common/json.h"
 #include "common/proc.h"
 #include "daemon/checkpoint.h"
+#include "daemon/devices/devices.h"
 #include "daemon/fdstore.h"
 #include "daemon/log.h"
 #include "daemon/recover.h"
@@ -65,45 +66,28 @@ static int open_vmm(json_object *rec, const char *pid_key, const char *start_key
  * VMM itself, from the fd numbers it was given at launch. */
 static void reclaim_from_vmm(struct daemon *d, const char *vm, int pidfd, json_object *fdmap)
 {
-	static const struct {
-		const char *name;
-		enum memstore_kind kind;
-	} held[] = { { "ram0", MEMSTORE_KIND_MEMFD },
-		     { "console", MEMSTORE_KIND_FILE },
-		     { "net0", MEMSTORE_KIND_TAP } };
 	const memstore_entry *e;
 
-	for (size_t i = 0; i < ELEMENTSOF(held); i++) {
-		json_object *n = json_object_object_get(fdmap, held[i].name);
+	for (size_t i = 0; i < device_types_count(); i++) {
+		const struct device_type *t = device_type_nth(i);
+		json_object *n = json_object_object_get(fdmap, t->id);
 		int fd;
 
-		if (!n || memstore_get(d->store, vm, held[i].name, &e) == 0)
+		if (!n || memstore_get(d->store, vm, t->id, &e) == 0)
 			continue;
 		fd = (int)syscall(SYS_pidfd_getfd, pidfd, json_object_get_int(n), 0);
 		if (fd < 0) {
-			log_error("VM %s: cannot take %s back from its VMM: %m", vm, held[i].name);
+			log_error("VM %s: cannot take %s back from its VMM: %m", vm, t->id);
 			continue;
 		}
-		if (memstore_put(d->store, vm, held[i].name, held[i].kind, fd) < 0) {
+		if (memstore_put(d->store, vm, t->id, t->custody, fd) < 0) {
 			log_error("VM %s: fd %d of the VMM is not the %s it was", vm,
-				  json_object_get_int(n), held[i].name);
+				  json_object_get_int(n), t->id);
 			close(fd);
 			continue;
 		}
-		fdstore_add(d, vm, held[i].name, fd);
+		fdstore_add(d, vm, t->id, fd);
 	}
-}
-
-static void set_fd_map(struct vmm *v, json_object *fdmap)
-{
-	json_object *x;
-
-	if (json_object_object_get_ex(fdmap, "ram0", &x))
-		v->fd_ram = json_object_get_int(x);
-	if (json_object_object_get_ex(fdmap, "console", &x))
-		v->fd_console = json_object_get_int(x);
-	if (json_object_object_get_ex(fdmap, "net0", &x))
-		v->fd_tap = json_object_get_int(x);
 }
 
 /* "running", "paused", "inmigrate", "postmigrate", ... or NULL. */
@@ -206,7 +190,7 @@ static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *
 		       &restorer) >= 0 &&
 	    query_status(restorer, st, sizeof(st)) &&
 	    (streq(st, "running") || (streq(st, "paused") && incoming_completed(restorer)))) {
-		set_fd_map(restorer, json_object_object_get(up, "new_vmm_fds"));
+		vmm_set_fd_map(restorer, json_object_object_get(up, "new_vmm_fds"));
 		if (!streq(st, "running"))
 			resume(restorer, false);
 		strategy_leftovers(vm, up);
@@ -271,7 +255,7 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 		close(pidfd);
 	}
 	if (next) {
-		set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
+		vmm_set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
 		f.new_alive = true;
 		if (r >= 0 && query_status(next, st_new, sizeof(st_new)))
 			f.new_status = st_new;
@@ -498,7 +482,7 @@ static struct vmm *settle_restore(struct daemon *d, struct vm *vm, json_object *
 	if (jstr(r, "qmp") &&
 	    vmm_attach(d, pidfd_pid(pidfd), pidfd, bin, jstr(r, "qmp"), NULL, NULL, &v) >= 0 &&
 	    query_status(v, st, sizeof(st)) && streq(st, "running")) {
-		set_fd_map(v, json_object_object_get(r, "vmm_fds"));
+		vmm_set_fd_map(v, json_object_object_get(r, "vmm_fds"));
 		if (jstr(r, "checkpoint"))
 			checkpoint_retire(vm, jstr(r, "checkpoint"));
 		log_notice("VM %s: cprd restarted while it restored the VM; its new VMM pid %d "
@@ -621,7 +605,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 				    "VM %s: VMM pid %d runs but its monitor %s is unreachable; "
 				    "keeping it, updates will fail until it answers",
 				    vm->cfg.name, (int)v->pid, qmp_path);
-			set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+			vmm_set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
 		}
 	}
 	if (!v && json_object_object_get(rec, "restore"))
@@ -785,8 +769,8 @@ static void end_strays(struct daemon *d, json_object *registry)
 
 		if (pid <= 1 || pid == getpid() || known_vmm(d, registry, pid) ||
 		    cmdline_guest(pid, name, sizeof(name)) < 0 || !vm_find(d, name) ||
-		    memstore_get(d->store, name, "ram0", &ram) < 0 || fstat(ram->fd, &st) < 0 ||
-		    !holds(pid, st.st_dev, st.st_ino))
+		    memstore_get(d->store, name, DEVICE_RAM_ID, &ram) < 0 ||
+		    fstat(ram->fd, &st) < 0 || !holds(pid, st.st_dev, st.st_ino))
 			continue;
 		fd = pidfd_open(pid, 0);
 		if (fd >= 0 && pidfd_send_signal(fd, SIGKILL, NULL, 0) == 0)
@@ -823,17 +807,14 @@ int recover(struct daemon *d, json_object *pidfds)
 		close(json_object_get_int(v));
 	}
 	for (struct vm *vm = d->vms; vm; vm = vm->next) {
-		const memstore_entry *con;
 		int r = vm_pick_uid(vm);
 
 		if (r >= 0)
 			r = vm_prepare_run_dir(vm);
 		/* A console log from before the VM had a uid: its next VMM
 		 * reopens it as that uid. */
-		if (r >= 0 && vm->cfg.uid > 0 &&
-		    memstore_get(d->store, vm->cfg.name, "console", &con) >= 0 &&
-		    fchown(con->fd, vm->cfg.uid, vm->cfg.uid) < 0)
-			r = -errno;
+		if (r >= 0)
+			r = devices_own(vm);
 		if (r < 0)
 			log_error(
 			    "VM %s: cannot give it a VMM uid and directory %s: %s; its updates "

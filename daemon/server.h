@@ -23,6 +23,9 @@ enum method_flags {
 	METHOD_MUTATING = 1 << 0, /* only root or group cprd */
 	METHOD_TAKES_FDS = 1 << 1,
 	METHOD_OWN_VMM = 1 << 2, /* with MUTATING: also the VM's own VMM (the handler judges) */
+	/* Its params also include each device type's parameter (an optional
+	 * string, daemon/devices/), after its own; the handler reads them. */
+	METHOD_DEVICE_PARAMS = 1 << 3,
 };
 
 enum param_type { PARAM_STRING, PARAM_UINT, PARAM_SIZE, PARAM_BOOL, PARAM_STRINGS };

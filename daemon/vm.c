@@ -1,11 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 #include <fcntl.h>
-#include <linux/if.h>
-#include <linux/if_tun.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 
 #include "common/file.h"
@@ -17,6 +14,7 @@
 #include "daemon/registry.h"
 #include "daemon/server.h"
 #include "daemon/archive.h"
+#include "daemon/devices/devices.h"
 #include "daemon/vm.h"
 #include "proto/jsonrpc.h"
 
@@ -655,20 +653,6 @@ void vm_settle_qmp_path(struct vm *vm)
 
 /* ---- start ---- */
 
-static int open_tap(const char *ifname, int *ret_fd)
-{
-	_cleanup_close_ int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
-	struct ifreq ifr = { .ifr_flags = IFF_TAP | IFF_NO_PI };
-
-	if (fd < 0)
-		return -errno;
-	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
-	if (ioctl(fd, TUNSETIFF, &ifr) < 0)
-		return -errno;
-	*ret_fd = TAKE_FD(fd);
-	return 0;
-}
-
 /* dir/vmm, 0700 and the VM's uid's: where its VMMs may create what they
  * must (cpr-transfer's sockets), and the only host directory a confined VMM
  * sees. Made anew for a new VM of an old name: nothing of a predecessor's,
@@ -777,89 +761,6 @@ void vm_rotate_logs(struct daemon *d)
 	}
 }
 
-int vm_reacquire(struct vm *vm, const char **ret_what)
-{
-	_cleanup_close_ int con = -EBADF, tap = -EBADF;
-	memstore *m = vm->d->store;
-	const memstore_entry *e;
-	int r;
-
-	if (memstore_get(m, vm->cfg.name, "console", &e) < 0) {
-		*ret_what = "its console log";
-		con = openat(vm->dir_fd, VM_CONSOLE_LOG,
-			     O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK,
-			     0640);
-		if (con < 0)
-			return -errno;
-		if (vm->cfg.uid > 0 && fchown(con, vm->cfg.uid, vm->cfg.uid) < 0)
-			return -errno;
-		r = memstore_put(m, vm->cfg.name, "console", MEMSTORE_KIND_FILE, con);
-		if (r < 0)
-			return r;
-		fdstore_add(vm->d, vm->cfg.name, "console", TAKE_FD(con));
-	}
-	if (vm->cfg.tap && memstore_get(m, vm->cfg.name, "net0", &e) < 0) {
-		*ret_what = "its tap device";
-		r = open_tap(vm->cfg.tap, &tap);
-		if (r >= 0)
-			r = memstore_put(m, vm->cfg.name, "net0", MEMSTORE_KIND_TAP, tap);
-		if (r < 0)
-			return r;
-		fdstore_add(vm->d, vm->cfg.name, "net0", TAKE_FD(tap));
-	}
-	return 0;
-}
-
-/* Take the VM's resources into custody: memory, console log, tap. On
- * failure *ret_what names the one that failed. */
-static int vm_acquire(struct vm *vm, const char **ret_what)
-{
-	_cleanup_close_ int ram = -EBADF, con = -EBADF, tap = -EBADF;
-	memstore *m = vm->d->store;
-	int r;
-
-	*ret_what = "its memory";
-	r = memstore_region_create("ram0", vm->cfg.memory_bytes, 0, &ram);
-	if (r < 0)
-		return r;
-	*ret_what = "its console log";
-	con = openat(vm->dir_fd, VM_CONSOLE_LOG,
-		     O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK,
-		     0640);
-	if (con < 0)
-		return -errno;
-	/* QEMU opens it anew through /proc/self/fd, which checks the
-	 * inode's permissions against the VMM's own uid. */
-	if (vm->cfg.uid > 0 && fchown(con, vm->cfg.uid, vm->cfg.uid) < 0)
-		return -errno;
-	if (vm->cfg.tap) {
-		/* EINVAL/EBUSY: the name is taken by another kind of interface
-		 * or a tap already attached elsewhere. */
-		*ret_what = "its tap device";
-		r = open_tap(vm->cfg.tap, &tap);
-		if (r < 0)
-			return r;
-	}
-	*ret_what = "its resources";
-	/* Into the fd store as soon as they are held, not at shutdown: a
-	 * crash must not lose them. */
-	r = memstore_put(m, vm->cfg.name, "ram0", MEMSTORE_KIND_MEMFD, ram);
-	if (r < 0)
-		return r;
-	fdstore_add(vm->d, vm->cfg.name, "ram0", TAKE_FD(ram));
-	r = memstore_put(m, vm->cfg.name, "console", MEMSTORE_KIND_FILE, con);
-	if (r < 0)
-		return r;
-	fdstore_add(vm->d, vm->cfg.name, "console", TAKE_FD(con));
-	if (tap >= 0) {
-		r = memstore_put(m, vm->cfg.name, "net0", MEMSTORE_KIND_TAP, tap);
-		if (r < 0)
-			return r;
-		fdstore_add(vm->d, vm->cfg.name, "net0", TAKE_FD(tap));
-	}
-	return 0;
-}
-
 void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 {
 	const char *what = NULL;
@@ -912,7 +813,7 @@ void vm_create(struct daemon *d, struct vm_config *cfg, struct call *c)
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);
 		return;
 	}
-	r = vm_acquire(vm, &what);
+	r = devices_acquire(vm, &what);
 	if (r < 0) {
 		snprintf(why, sizeof(why), "cannot acquire %s: %s", what, strerror(-r));
 		fail_start(vm, JSONRPC_ERR_RESOURCE, why);

@@ -166,9 +166,6 @@ int vm_pick_uid(struct vm *vm);
 /* Whether every VMM started for cfg can be given its kernel and initrd
  * (vmm_open_image); on failure why says which and why. */
 int vm_check_images(const struct vm_config *cfg, char *why, size_t size);
-/* Restore: hold the console log (appended to) and tap again unless they
- * are held; *ret_what names the one that failed. */
-int vm_reacquire(struct vm *vm, const char **ret_what);
 /* Create vm->run_dir if need be, owned by the VM's uid, mode 0700. */
 int vm_prepare_run_dir(struct vm *vm);
 /* On daemon exit: stop watching, leave the VMMs running. */

@@ -13,6 +13,7 @@
 #include "common/access.h"
 #include "common/macro.h"
 #include "common/proc.h"
+#include "daemon/devices/devices.h"
 #include "daemon/log.h"
 #include "daemon/scope.h"
 #include "daemon/vm.h"
@@ -518,38 +519,61 @@ const char *vmm_image_strerror(int r)
 	}
 }
 
-/* Where a VMM finds what it is given: the held fds from 3 on in this order,
- * the kernel and initrd after them, named through /proc/self/fd. spawn()
- * passes them so; a cpr-exec successor inherits them at the same numbers. */
+/* Where a VMM finds what it is given: the held fds from 3 on as
+ * devices_layout() places them (the monitor among them), the kernel and
+ * initrd after them, named through /proc/self/fd. spawn() passes them so; a
+ * cpr-exec successor inherits them at the same numbers. */
 struct fd_layout {
-	int ram, console, qmp, tap, kernel, initrd; /* -1: none */
+	struct device_layout dev;
+	int held[DEVICE_TYPES_MAX]; /* cprd's fd of each device in custody, or -EBADF */
+	int kernel, initrd;         /* -1: none */
 	size_t n;
 	char kernel_path[32], initrd_path[32];
 };
 
-static void fd_layout(bool tap, bool initrd, struct fd_layout *l)
+static void fd_layout(struct daemon *d, const struct vm_config *cfg, bool initrd,
+		      struct fd_layout *l)
 {
-	int next = QEMU_CHILD_FD_BASE;
+	bool present[DEVICE_TYPES_MAX] = {};
 
-	*l = (struct fd_layout){ .tap = -1, .initrd = -1 };
-	l->ram = next++;
-	l->console = next++;
-	l->qmp = next++;
-	if (tap)
-		l->tap = next++;
-	l->kernel = next++;
+	*l = (struct fd_layout){ .initrd = -1 };
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++) {
+		const struct device_type *t = device_type_nth(i);
+
+		l->held[i] = t ? held_fd(d, cfg->name, t->id) : -EBADF;
+		present[i] = l->held[i] >= 0;
+	}
+	devices_layout(present, &l->dev);
+	l->kernel = l->dev.next++;
 	snprintf(l->kernel_path, sizeof(l->kernel_path), "/proc/self/fd/%d", l->kernel);
 	if (initrd) {
-		l->initrd = next++;
+		l->initrd = l->dev.next++;
 		snprintf(l->initrd_path, sizeof(l->initrd_path), "/proc/self/fd/%d", l->initrd);
 	}
-	l->n = (size_t)(next - QEMU_CHILD_FD_BASE);
+	l->n = (size_t)(l->dev.next - QEMU_CHILD_FD_BASE);
 }
 
-static struct qemu_config qemu_config_for(const struct daemon *d, const struct vm_config *cfg,
-					  const char *binary, const struct fd_layout *l)
+/* The fds to hand the launcher, in the order of their numbers in l. */
+static size_t fd_list(const struct fd_layout *l, int qmp_listen, int kernel, int initrd, int *fds,
+		      size_t max)
 {
-	return (struct qemu_config){
+	size_t n = 0;
+
+	for (int child = QEMU_CHILD_FD_BASE; child < l->dev.next && n < max; child++) {
+		int fd = child == l->dev.qmp ? qmp_listen : child == l->kernel ? kernel : initrd;
+
+		for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+			if (l->dev.child[i] == child)
+				fd = l->held[i];
+		fds[n++] = fd;
+	}
+	return n;
+}
+
+static int qemu_config_for(const struct daemon *d, const struct vm_config *cfg, const char *binary,
+			   const struct fd_layout *l, struct qemu_config *ret)
+{
+	*ret = (struct qemu_config){
 		.name = cfg->name,
 		.binary = binary,
 		.machine = cfg->machine,
@@ -561,11 +585,9 @@ static struct qemu_config qemu_config_for(const struct daemon *d, const struct v
 		.kvm = d->kvm,
 		.sandbox = d->confine && cfg->uid > 0,
 		.allow_exec = cfg->cpr_exec,
-		.ram_fd = l->ram,
-		.console_fd = l->console,
-		.qmp_fd = l->qmp,
-		.tap_fd = l->tap,
+		.qmp_fd = l->dev.qmp,
 	};
+	return devices_qemu_args(&cfg->devices, &l->dev, ret);
 }
 
 int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *binary,
@@ -573,17 +595,21 @@ int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *
 {
 	struct fd_layout l;
 	struct qemu_config qc;
+	int r;
 
-	fd_layout(held_fd(v->d, cfg->name, "net0") >= 0, cfg->initrd != NULL, &l);
-	qc = qemu_config_for(v->d, cfg, binary, &l);
+	fd_layout(v->d, cfg, cfg->initrd != NULL, &l);
+	r = qemu_config_for(v->d, cfg, binary, &l, &qc);
 	qc.incoming_uri = incoming_uri;
-	return qemu_build_argv(&qc, ret_argv);
+	if (r >= 0)
+		r = qemu_build_argv(&qc, ret_argv);
+	qemu_config_done(&qc);
+	return r;
 }
 
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
 		 const struct vmm_incoming *in)
 {
-	int fds[6], tap = held_fd(v->d, cfg->name, "net0");
+	int fds[DEVICE_TYPES_MAX + 3];
 	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
 	_cleanup_free_ char *run_dir = NULL;
 	struct launcher_confine conf;
@@ -609,24 +635,17 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 		}
 	}
 
-	fd_layout(tap >= 0, initrd >= 0, &l);
-	fds[n++] = held_fd(v->d, cfg->name, "ram0");
-	fds[n++] = held_fd(v->d, cfg->name, "console");
-	fds[n++] = qmp_listen;
-	if (tap >= 0)
-		fds[n++] = tap;
-	fds[n++] = kernel;
-	if (initrd >= 0)
-		fds[n++] = initrd;
-	v->fd_ram = l.ram;
-	v->fd_console = l.console;
-	v->fd_tap = l.tap;
-	qc = qemu_config_for(v->d, cfg, v->binary, &l);
+	fd_layout(v->d, cfg, initrd >= 0, &l);
+	n = fd_list(&l, qmp_listen, kernel, initrd, fds, ELEMENTSOF(fds));
+	memcpy(v->dev_fd, l.dev.child, sizeof(v->dev_fd));
+	r = qemu_config_for(v->d, cfg, v->binary, &l, &qc);
 	qc.incoming = in && in->defer;
 	qc.check = in && in->check;
 	qc.cpr_main_path = in ? in->cpr_main_path : NULL;
 	qc.cpr_state_path = in ? in->cpr_state_path : NULL;
-	r = qemu_build_argv(&qc, &argv);
+	if (r >= 0)
+		r = qemu_build_argv(&qc, &argv);
+	qemu_config_done(&qc);
 	if (r < 0)
 		return r;
 	log = openat(log_dirfd, VM_VMM_LOG,
@@ -706,7 +725,8 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 	d->vmms = v;
 	v->pidfd = -EBADF;
 	v->exit_code = -1;
-	v->fd_ram = v->fd_console = v->fd_tap = -1;
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+		v->dev_fd[i] = -1;
 	v->ops = ops;
 	v->ud = ud;
 	ev_init(&v->pid_watcher, pid_cb);
@@ -863,11 +883,18 @@ json_object *vmm_fd_map(const struct vmm *v)
 {
 	json_object *o = json_object_new_object();
 
-	if (v->fd_ram >= 0)
-		json_object_object_add(o, "ram0", json_object_new_int(v->fd_ram));
-	if (v->fd_console >= 0)
-		json_object_object_add(o, "console", json_object_new_int(v->fd_console));
-	if (v->fd_tap >= 0)
-		json_object_object_add(o, "net0", json_object_new_int(v->fd_tap));
+	for (size_t i = 0; i < device_types_count(); i++)
+		if (v->dev_fd[i] >= 0)
+			json_object_object_add(o, device_type_nth(i)->id,
+					       json_object_new_int(v->dev_fd[i]));
 	return o;
+}
+
+void vmm_set_fd_map(struct vmm *v, json_object *map)
+{
+	json_object *x;
+
+	for (size_t i = 0; i < device_types_count(); i++)
+		if (json_object_object_get_ex(map, device_type_nth(i)->id, &x))
+			v->dev_fd[i] = json_object_get_int(x);
 }

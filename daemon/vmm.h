@@ -13,6 +13,7 @@
 #include <sys/types.h>
 
 #include "daemon/daemon.h"
+#include "daemon/devices/device.h"
 #include "kvm/qmp.h"
 
 struct vm_config;
@@ -44,11 +45,13 @@ struct vmm {
 	char *qmp_path;
 	char *binary;
 	char version[32];
-	char package[96];               /* the build's package string */
-	unsigned long long start_time;  /* /proc/PID/stat starttime: identity */
-	uint64_t spawned_usec;          /* CLOCK_MONOTONIC at spawn, 0 if attached */
-	int fd_ram, fd_console, fd_tap; /* where the held fds sit in the VMM */
-	int exit_code;                  /* -1 unknown */
+	char package[96];              /* the build's package string */
+	unsigned long long start_time; /* /proc/PID/stat starttime: identity */
+	uint64_t spawned_usec;         /* CLOCK_MONOTONIC at spawn, 0 if attached */
+	/* Where each device's fd sits in the VMM, by the device's type (its
+	 * place in devices.c's table): {device id: child fd}; -1 none. */
+	int dev_fd[DEVICE_TYPES_MAX];
+	int exit_code; /* -1 unknown */
 	char exit_desc[64];
 	/* VM_VMM_LOG's size when it was started: its own lines follow. */
 	off_t log_start;
@@ -123,6 +126,9 @@ int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *
 
 /* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
 json_object *vmm_fd_map(const struct vmm *v);
+/* Set v's fd map from a record's (vmm_fd_map()); ids of no device type
+ * are ignored. */
+void vmm_set_fd_map(struct vmm *v, json_object *map);
 /* What a restarted cprd needs to take v back, added to o: "pid",
  * "pid_start", "vmm_fds" and "qmp" (recover.c reads them). */
 void vmm_add_record(const struct vmm *v, json_object *o);

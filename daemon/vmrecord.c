@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "common/macro.h"
+#include "daemon/devices/devices.h"
 #include "daemon/vmrecord.h"
 #include "memstore/memstore.h"
 
@@ -15,6 +16,7 @@ enum field_type {
 	FIELD_UINT,    /* unsigned (and uid_t) */
 	FIELD_BOOL,    /* bool, false when empty */
 	FIELD_FILE_ID, /* struct file_id, "DEV:INO" */
+	FIELD_DEVICES, /* struct device_args: each device type's own key */
 };
 
 /* A number below min is empty: an optional one is then not recorded. */
@@ -44,7 +46,8 @@ static const struct field fields[] = {
 	{ "kernel_id", FIELD_FILE_ID, CFG(kernel_id), REG | CKPT, false, 0, 0 },
 	{ "initrd_id", FIELD_FILE_ID, CFG(initrd_id), REG | CKPT, false, 0, 0 },
 	{ "append", FIELD_STRING, CFG(append), ALL, false, 0, 0 },
-	{ "tap", FIELD_STRING, CFG(tap), ALL, false, 0, 0 },
+	/* The device types' parameters (devices.c), "tap" today. */
+	{ "(devices)", FIELD_DEVICES, CFG(devices), ALL, false, 0, 0 },
 	{ "machine", FIELD_STRING, CFG(machine), ALL, true, 0, 0 },
 	{ "machine_alias", FIELD_STRING, CFG(machine_alias), REG | STATUS, false, 0, 0 },
 	{ "memory_bytes", FIELD_U64, CFG(memory_bytes), ALL, true, 1, INT64_MAX },
@@ -67,7 +70,7 @@ void vm_config_done(struct vm_config *cfg)
 	free(cfg->kernel);
 	free(cfg->initrd);
 	free(cfg->append);
-	free(cfg->tap);
+	device_args_done(&cfg->devices);
 	free(cfg->machine);
 	free(cfg->machine_alias);
 	*cfg = (struct vm_config){};
@@ -92,6 +95,8 @@ static bool is_empty(const struct field *f, const void *p)
 		return !*(const bool *)p;
 	case FIELD_FILE_ID:
 		return !((const struct file_id *)p)->set;
+	case FIELD_DEVICES:
+		break;
 	}
 	return true;
 }
@@ -114,6 +119,8 @@ static json_object *value_of(const struct field *f, const void *p)
 		 * JSON number keeps exactly everywhere. */
 		snprintf(buf, sizeof(buf), "%ju:%ju", (uintmax_t)id->dev, (uintmax_t)id->ino);
 		return json_object_new_string(buf);
+	case FIELD_DEVICES:
+		break;
 	}
 	return NULL;
 }
@@ -127,6 +134,10 @@ void vm_record_to_json(const struct vm_record *rec, enum vm_view view, json_obje
 
 		if (!(f->views & view))
 			continue;
+		if (f->type == FIELD_DEVICES) {
+			devices_to_json(p, view == VM_VIEW_STATUS, o);
+			continue;
+		}
 		if (empty && !f->required && view != VM_VIEW_STATUS)
 			continue;
 		/* Empty in vm.status, or required but missing: null. */
@@ -167,6 +178,8 @@ static const char *type_name(enum field_type t)
 		return "true or false";
 	case FIELD_FILE_ID:
 		return "a string DEV:INO";
+	case FIELD_DEVICES:
+		break;
 	}
 	return "?";
 }
@@ -207,6 +220,8 @@ static int read_field(const struct field *f, json_object *v, void *p, char *why,
 		    parse_file_id(json_object_get_string(v), p) < 0)
 			break;
 		return 0;
+	case FIELD_DEVICES:
+		return 0; /* read_fields() reads them */
 	}
 	snprintf(why, size, "%s must be %s", f->key, type_name(f->type));
 	return -EINVAL;
@@ -227,6 +242,12 @@ static int read_fields(json_object *o, enum vm_view view, struct vm_record *rec,
 
 		if (!(f->views & view))
 			continue;
+		if (f->type == FIELD_DEVICES) {
+			r = devices_from_json(o, (struct device_args *)((char *)rec + f->offset));
+			if (r < 0)
+				return r;
+			continue;
+		}
 		/* Absent or null (what vm.status writes for an empty field). */
 		if (!v) {
 			if (f->required) {

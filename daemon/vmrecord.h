@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "daemon/devices/device.h"
+
 #define VM_MAX_VCPUS 256
 
 /* Which file a path named when a peer that is not root was judged to
@@ -31,7 +33,7 @@ struct file_id {
 struct vm_config {
 	char *name;
 	char *vmm; /* absolute path of the VMM binary (canonical unless root named it) */
-	char *kernel, *initrd, *append, *tap; /* kernel, initrd: likewise */
+	char *kernel, *initrd, *append; /* kernel, initrd: likewise */
 	struct file_id kernel_id, initrd_id;
 	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
 	char *machine_alias; /* what create asked for (q35), or NULL */
@@ -39,6 +41,7 @@ struct vm_config {
 	unsigned vcpus;
 	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */
 	bool cpr_exec; /* its VMMs may exec a successor (QEMU's sandbox spawn=allow) */
+	struct device_args devices; /* each device type's vm.create argument */
 };
 
 /* What every view records of a VM: its configuration and two counters. */

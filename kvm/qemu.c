@@ -18,13 +18,7 @@ char **strv_free(char **v)
 	return NULL;
 }
 
-struct argv {
-	char **v;
-	size_t n, cap;
-	int error;
-};
-
-static void add(struct argv *a, const char *s)
+void qemu_args_add(struct qemu_args *a, const char *s)
 {
 	char *d;
 
@@ -49,7 +43,7 @@ static void add(struct argv *a, const char *s)
 	a->v[a->n] = NULL;
 }
 
-_printf_(2, 3) static void addf(struct argv *a, const char *fmt, ...)
+void qemu_args_addf(struct qemu_args *a, const char *fmt, ...)
 {
 	_cleanup_free_ char *s = NULL;
 	va_list ap;
@@ -62,18 +56,36 @@ _printf_(2, 3) static void addf(struct argv *a, const char *fmt, ...)
 		a->error = -ENOMEM;
 		return;
 	}
-	add(a, s);
+	qemu_args_add(a, s);
+}
+
+void qemu_args_done(struct qemu_args *a)
+{
+	strv_free(a->v);
+	*a = (struct qemu_args){};
+}
+
+void qemu_config_done(struct qemu_config *c)
+{
+	for (size_t i = 0; i < _QEMU_PLACE_MAX; i++)
+		qemu_args_done(&c->devices[i]);
+}
+
+static void add_device_args(struct qemu_args *a, const struct qemu_config *c, enum qemu_place p)
+{
+	for (size_t i = 0; i < c->devices[p].n; i++)
+		qemu_args_add(a, c->devices[p].v[i]);
 }
 
 static bool config_is_valid(const struct qemu_config *c)
 {
 	return c->name && c->binary && c->machine && c->kernel &&
 	       c->memory_bytes >= QEMU_MIN_MEMORY && c->memory_bytes % (1 << 20) == 0 &&
-	       c->vcpus >= 1 && c->vcpus <= 512 && c->ram_fd >= QEMU_CHILD_FD_BASE &&
-	       c->console_fd >= QEMU_CHILD_FD_BASE && c->qmp_fd >= QEMU_CHILD_FD_BASE &&
-	       (c->tap_fd < 0 || c->tap_fd >= QEMU_CHILD_FD_BASE) &&
-	       /* both are pasted into option strings */
+	       c->vcpus >= 1 && c->vcpus <= 512 && c->qmp_fd >= QEMU_CHILD_FD_BASE &&
+	       c->memory_backend &&
+	       /* all three are pasted into option strings */
 	       !strchr(c->name, ',') && !strchr(c->machine, ',') &&
+	       !strchr(c->memory_backend, ',') &&
 	       /* pasted into a JSON string */
 	       (!c->cpr_state_path || !strpbrk(c->cpr_state_path, "\"\\")) &&
 	       (!c->incoming_uri || c->incoming_uri[0]);
@@ -81,97 +93,87 @@ static bool config_is_valid(const struct qemu_config *c)
 
 int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 {
-	struct argv a = {};
+	struct qemu_args a = {};
 	uint64_t mib = c->memory_bytes >> 20;
 
 	if (!config_is_valid(c))
 		return -EINVAL;
+	for (size_t i = 0; i < _QEMU_PLACE_MAX; i++)
+		if (c->devices[i].error)
+			return c->devices[i].error;
 
-	add(&a, c->binary);
-	add(&a, "-name");
-	addf(&a, c->check ? "guest=%s,process=cprd-check" : "guest=%s", c->name);
-	add(&a, "-nodefaults");
-	add(&a, "-no-user-config");
-	add(&a, "-display");
-	add(&a, "none");
-	add(&a, "-msg");
-	add(&a, "timestamp=on");
+	qemu_args_add(&a, c->binary);
+	qemu_args_add(&a, "-name");
+	qemu_args_addf(&a, c->check ? "guest=%s,process=cprd-check" : "guest=%s", c->name);
+	qemu_args_add(&a, "-nodefaults");
+	qemu_args_add(&a, "-no-user-config");
+	qemu_args_add(&a, "-display");
+	qemu_args_add(&a, "none");
+	qemu_args_add(&a, "-msg");
+	qemu_args_add(&a, "timestamp=on");
 	/* aux-ram-share=on: ROMs and other small RAM blocks in shared memory
 	 * too, without which QEMU refuses cpr-transfer. It must be set from the
 	 * VM's very first VMM on. */
-	add(&a, "-machine");
-	addf(&a, "%s,memory-backend=ram0,aux-ram-share=on", c->machine);
-	add(&a, "-accel");
-	add(&a, c->kvm ? "kvm" : "tcg");
+	qemu_args_add(&a, "-machine");
+	qemu_args_addf(&a, "%s,memory-backend=%s,aux-ram-share=on", c->machine, c->memory_backend);
+	qemu_args_add(&a, "-accel");
+	qemu_args_add(&a, c->kvm ? "kvm" : "tcg");
 	/* QEMU's own filter, installed before it touches guest input: no
 	 * obsolete calls, no set*id, no fork or exec, no scheduler or
 	 * memory-policy changes. Nothing cprd asks of a VMM (handover,
 	 * cpr-transfer) needs any of them; cpr-exec needs exec, and a VM
 	 * created for it is given spawn=allow. */
 	if (c->sandbox) {
-		add(&a, "-sandbox");
-		addf(&a, "on,obsolete=deny,elevateprivileges=deny,spawn=%s,resourcecontrol=deny",
-		     c->allow_exec ? "allow" : "deny");
+		qemu_args_add(&a, "-sandbox");
+		qemu_args_addf(
+		    &a, "on,obsolete=deny,elevateprivileges=deny,spawn=%s,resourcecontrol=deny",
+		    c->allow_exec ? "allow" : "deny");
 	}
-	add(&a, "-smp");
-	addf(&a, "%u", c->vcpus);
-	add(&a, "-m");
-	addf(&a, "%" PRIu64 "M", mib);
-	/* Guest RAM is the daemon's memfd, reopened through /proc so that QEMU
-	 * maps the very same pages; share=on lets a successor map them too and
-	 * lets migration skip them (x-ignore-shared). */
-	add(&a, "-object");
-	addf(&a, "memory-backend-file,id=ram0,size=%" PRIu64 "M,mem-path=/proc/self/fd/%d,share=on",
-	     mib, c->ram_fd);
+	qemu_args_add(&a, "-smp");
+	qemu_args_addf(&a, "%u", c->vcpus);
+	qemu_args_add(&a, "-m");
+	qemu_args_addf(&a, "%" PRIu64 "M", mib);
+	add_device_args(&a, c, QEMU_PLACE_MEMORY);
 	/* The monitor listens on a socket the daemon bound and already
 	 * connected to, so the daemon never waits for a path to appear. */
-	add(&a, "-chardev");
-	addf(&a, "socket,id=qmp,fd=%d,server=on,wait=off", c->qmp_fd);
-	add(&a, "-mon");
-	add(&a, "chardev=qmp,mode=control");
-	/* append=on: a successor VMM must not truncate its predecessor's log. */
-	add(&a, "-chardev");
-	addf(&a, "file,id=con0,path=/proc/self/fd/%d,append=on", c->console_fd);
-	add(&a, "-serial");
-	add(&a, "chardev:con0");
-	add(&a, "-kernel");
-	add(&a, c->kernel);
+	qemu_args_add(&a, "-chardev");
+	qemu_args_addf(&a, "socket,id=qmp,fd=%d,server=on,wait=off", c->qmp_fd);
+	qemu_args_add(&a, "-mon");
+	qemu_args_add(&a, "chardev=qmp,mode=control");
+	add_device_args(&a, c, QEMU_PLACE_SERIAL);
+	qemu_args_add(&a, "-kernel");
+	qemu_args_add(&a, c->kernel);
 	if (c->initrd) {
-		add(&a, "-initrd");
-		add(&a, c->initrd);
+		qemu_args_add(&a, "-initrd");
+		qemu_args_add(&a, c->initrd);
 	}
 	if (c->append) {
-		add(&a, "-append");
-		add(&a, c->append);
+		qemu_args_add(&a, "-append");
+		qemu_args_add(&a, c->append);
 	}
-	if (c->tap_fd >= 0) {
-		add(&a, "-netdev");
-		addf(&a, "tap,id=net0,fd=%d", c->tap_fd);
-		add(&a, "-device");
-		add(&a, "virtio-net-pci,netdev=net0,romfile=");
-	}
+	add_device_args(&a, c, QEMU_PLACE_DEVICE);
 	/* A VMM that receives a guest starts paused (-S) and reports its
 	 * migration's end (x-events): it runs the guest only when told to,
 	 * so until then the guest can always go back to the old VMM. */
 	if (c->incoming || c->incoming_uri || (c->cpr_main_path && c->cpr_state_path)) {
-		add(&a, "-S");
-		add(&a, "-global");
-		add(&a, "migration.x-events=on");
+		qemu_args_add(&a, "-S");
+		qemu_args_add(&a, "-global");
+		qemu_args_add(&a, "migration.x-events=on");
 	}
 	if (c->incoming_uri) {
-		add(&a, "-incoming");
-		add(&a, c->incoming_uri);
+		qemu_args_add(&a, "-incoming");
+		qemu_args_add(&a, c->incoming_uri);
 	} else if (c->incoming) {
-		add(&a, "-incoming");
-		add(&a, "defer");
+		qemu_args_add(&a, "-incoming");
+		qemu_args_add(&a, "defer");
 	} else if (c->cpr_main_path && c->cpr_state_path) {
-		add(&a, "-incoming");
-		addf(&a, "unix:%s", c->cpr_main_path);
-		add(&a, "-incoming");
-		addf(&a,
-		     "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", "
-		     "\"type\": \"unix\", \"path\": \"%s\"}}",
-		     c->cpr_state_path);
+		qemu_args_add(&a, "-incoming");
+		qemu_args_addf(&a, "unix:%s", c->cpr_main_path);
+		qemu_args_add(&a, "-incoming");
+		qemu_args_addf(&a,
+			       "{\"channel-type\": \"cpr\", \"addr\": {\"transport\": \"socket\", "
+			       "\"type\": \"unix\", \"path\": \"%s\"}}",
+			       c->cpr_state_path);
 	}
 	if (a.error) {
 		strv_free(a.v);

@@ -9,6 +9,7 @@
 #include <check.h>
 #include <dirent.h>
 
+#include "daemon/devices/devices.h"
 #include "kvm/qemu.h"
 #include "tests/unit/golden.h"
 
@@ -77,11 +78,14 @@ static void case_name(const struct argv_case *c, char *buf, size_t size)
 		 variant_names[c->variant]);
 }
 
-/* The configuration vmm.c gives QEMU for case c. */
+/* The configuration vmm.c gives QEMU for case c: its devices' layout and
+ * arguments through the device table. */
 static struct qemu_config config_of(const struct argv_case *c, char *kernel, char *initrd,
 				    size_t size)
 {
-	int next = QEMU_CHILD_FD_BASE + 3; /* ram0, console, qmp */
+	struct device_args args = {};
+	bool present[DEVICE_TYPES_MAX] = {};
+	struct device_layout l;
 	struct qemu_config q = {
 		.name = "web1",
 		.binary = "/usr/bin/qemu-system-x86_64",
@@ -91,14 +95,18 @@ static struct qemu_config config_of(const struct argv_case *c, char *kernel, cha
 		.kvm = c->variant != TCG,
 		.sandbox = c->variant != NO_SANDBOX,
 		.allow_exec = c->variant == ALLOW_EXEC || c->mode == CPR_EXEC,
-		.ram_fd = QEMU_CHILD_FD_BASE,
-		.console_fd = QEMU_CHILD_FD_BASE + 1,
-		.qmp_fd = QEMU_CHILD_FD_BASE + 2,
-		.tap_fd = -1,
 	};
+	int next;
 
 	if (c->devices & DEV_TAP)
-		q.tap_fd = next++;
+		args.arg[2] = strdup("tap0");
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+		present[i] = device_present(&args, i);
+	devices_layout(present, &l);
+	ck_assert_int_eq(devices_qemu_args(&args, &l, &q), 0);
+	device_args_done(&args);
+	q.qmp_fd = l.qmp;
+	next = l.next;
 	snprintf(kernel, size, "/proc/self/fd/%d", next++);
 	q.kernel = kernel;
 	if (c->devices & DEV_INITRD) {
@@ -150,6 +158,7 @@ START_TEST(command_line_is_the_golden_one)
 		fprintf(f, "%s\n", *a);
 	ck_assert_int_eq(fclose(f), 0);
 	strv_free(argv);
+	qemu_config_done(&q);
 	golden_check(name, text);
 }
 END_TEST

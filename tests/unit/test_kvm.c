@@ -563,12 +563,31 @@ static struct qemu_config base_config(void)
 		.initrd = "/var/lib/cprd/initrd.img",
 		.append = "console=ttyS0",
 		.kvm = false,
-		.ram_fd = 3,
-		.console_fd = 4,
 		.qmp_fd = 5,
-		.tap_fd = -1,
+		.memory_backend = "ram0",
 		.incoming = false,
 	};
+}
+
+/* What the devices hand qemu_build_argv (their own arguments are tested
+ * with their types, tests/unit/test_devices.c). */
+static void add_devices(struct qemu_config *c)
+{
+	qemu_args_add(&c->devices[QEMU_PLACE_MEMORY], "-object");
+	qemu_args_add(&c->devices[QEMU_PLACE_MEMORY], "memory-backend-file,id=ram0");
+	qemu_args_add(&c->devices[QEMU_PLACE_SERIAL], "-serial");
+	qemu_args_add(&c->devices[QEMU_PLACE_SERIAL], "chardev:con0");
+	qemu_args_add(&c->devices[QEMU_PLACE_DEVICE], "-netdev");
+	qemu_args_add(&c->devices[QEMU_PLACE_DEVICE], "tap,id=net0,fd=6");
+}
+
+static size_t index_of(char **argv, const char *arg)
+{
+	for (size_t i = 0; argv[i]; i++)
+		if (streq(argv[i], arg))
+			return i;
+	ck_abort_msg("%s is not in the command line", arg);
+	return 0;
 }
 
 /* How often argv holds opt immediately followed by val (val NULL: any). */
@@ -591,16 +610,50 @@ static char **build(const struct qemu_config *c)
 	return argv;
 }
 
-START_TEST(argv_memory_backend_is_ram_fd)
+START_TEST(argv_machine_names_the_memory_backend)
 {
 	struct qemu_config c = base_config();
 	char **argv = build(&c);
 
-	ck_assert_int_eq(count_pair(argv, "-object",
-				    "memory-backend-file,id=ram0,size=256M,"
-				    "mem-path=/proc/self/fd/3,share=on"),
+	ck_assert_int_eq(count_pair(argv, "-machine", "pc-q35-8.2,memory-backend=ram0,aux-ram-share=on"),
 			 1);
 	strv_free(argv);
+}
+END_TEST
+
+/* Memory backends before the monitor, serial ports after it, other
+ * devices after the boot images: each at its place, in the order given. */
+START_TEST(argv_device_args_at_their_places)
+{
+	struct qemu_config c = base_config();
+	char **argv;
+
+	add_devices(&c);
+	argv = build(&c);
+	ck_assert_uint_eq(index_of(argv, "memory-backend-file,id=ram0"),
+			  index_of(argv, "-object") + 1);
+	ck_assert_uint_lt(index_of(argv, "-m"), index_of(argv, "-object"));
+	ck_assert_uint_lt(index_of(argv, "-object"),
+			  index_of(argv, "socket,id=qmp,fd=5,server=on,wait=off"));
+	ck_assert_uint_lt(index_of(argv, "chardev=qmp,mode=control"), index_of(argv, "-serial"));
+	ck_assert_uint_lt(index_of(argv, "chardev:con0"), index_of(argv, "-kernel"));
+	ck_assert_uint_lt(index_of(argv, "console=ttyS0"), index_of(argv, "-netdev"));
+	ck_assert_int_eq(count_pair(argv, "-netdev", "tap,id=net0,fd=6"), 1);
+	strv_free(argv);
+	qemu_config_done(&c);
+	ck_assert_ptr_null(c.devices[QEMU_PLACE_MEMORY].v);
+}
+END_TEST
+
+/* A device whose arguments could not be built fails the command line. */
+START_TEST(argv_device_error_fails_it)
+{
+	char **sentinel = (char **)&sentinel, **argv = sentinel;
+	struct qemu_config c = base_config();
+
+	c.devices[QEMU_PLACE_DEVICE].error = -ENOMEM;
+	ck_assert_int_eq(qemu_build_argv(&c, &argv), -ENOMEM);
+	ck_assert_ptr_eq(argv, sentinel);
 }
 END_TEST
 
@@ -610,17 +663,6 @@ START_TEST(argv_qmp_chardev_is_qmp_fd)
 	char **argv = build(&c);
 
 	ck_assert_int_eq(count_pair(argv, "-chardev", "socket,id=qmp,fd=5,server=on,wait=off"), 1);
-	strv_free(argv);
-}
-END_TEST
-
-START_TEST(argv_console_chardev_appends)
-{
-	struct qemu_config c = base_config();
-	char **argv = build(&c);
-
-	ck_assert_int_eq(count_pair(argv, "-chardev", "file,id=con0,path=/proc/self/fd/4,append=on"),
-			 1);
 	strv_free(argv);
 }
 END_TEST
@@ -696,22 +738,6 @@ START_TEST(argv_sandbox_allows_exec_only_when_asked)
 }
 END_TEST
 
-START_TEST(argv_tap_netdev_only_with_tap_fd)
-{
-	struct qemu_config c = base_config();
-	char **argv = build(&c);
-
-	ck_assert_int_eq(count_pair(argv, "-netdev", NULL), 0);
-	strv_free(argv);
-
-	c.tap_fd = 6;
-	argv = build(&c);
-	ck_assert_int_eq(count_pair(argv, "-netdev", "tap,id=net0,fd=6"), 1);
-	ck_assert_int_eq(count_pair(argv, "-netdev", NULL), 1);
-	strv_free(argv);
-}
-END_TEST
-
 START_TEST(argv_starts_with_binary_and_is_null_terminated)
 {
 	struct qemu_config c = base_config();
@@ -749,10 +775,13 @@ START_TEST(argv_rejects_invalid_configs)
 	c.kernel = NULL;
 	ck_assert_int_eq(qemu_build_argv(&c, &argv), -EINVAL);
 	c = base_config();
-	c.ram_fd = 2;
+	c.qmp_fd = 2;
 	ck_assert_int_eq(qemu_build_argv(&c, &argv), -EINVAL);
 	c = base_config();
-	c.ram_fd = -1;
+	c.memory_backend = NULL;
+	ck_assert_int_eq(qemu_build_argv(&c, &argv), -EINVAL);
+	c = base_config();
+	c.memory_backend = "ram0,mem-path=/etc";
 	ck_assert_int_eq(qemu_build_argv(&c, &argv), -EINVAL);
 	c = base_config();
 	c.name = "vm1,mem-path=/etc";
@@ -831,14 +860,14 @@ int main(void)
 	tcase_add_test(t, qmp_non_json_line_gives_eproto);
 	tcase_add_test(t, qmp_split_reply_is_assembled);
 	tcase_add_test(t, qmp_free_closes_fd);
-	tcase_add_test(t, argv_memory_backend_is_ram_fd);
+	tcase_add_test(t, argv_machine_names_the_memory_backend);
+	tcase_add_test(t, argv_device_args_at_their_places);
+	tcase_add_test(t, argv_device_error_fails_it);
 	tcase_add_test(t, argv_qmp_chardev_is_qmp_fd);
-	tcase_add_test(t, argv_console_chardev_appends);
 	tcase_add_test(t, argv_accel_follows_kvm_flag);
 	tcase_add_test(t, argv_incoming_only_when_requested);
 	tcase_add_test(t, argv_incoming_uri_replaces_defer_and_starts_paused);
 	tcase_add_test(t, argv_sandbox_allows_exec_only_when_asked);
-	tcase_add_test(t, argv_tap_netdev_only_with_tap_fd);
 	tcase_add_test(t, argv_starts_with_binary_and_is_null_terminated);
 	tcase_add_test(t, argv_rejects_invalid_configs);
 	tcase_add_test(t, parse_size_accepts_units);

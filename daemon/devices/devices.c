@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/macro.h"
+#include "daemon/devices/devices.h"
+#include "kvm/qemu.h"
+
+/* The device types. Their order is the order of a VMM's fds and of its
+ * command line within each place (devices_layout()): a new type goes at
+ * the end, so that no VM's existing fd numbers or PCI slots move. */
+extern const struct device_type device_ram, device_console, device_tap;
+
+static const struct device_type *const types[] = {
+	&device_ram,
+	&device_console,
+	&device_tap,
+};
+
+_Static_assert(ELEMENTSOF(types) <= DEVICE_TYPES_MAX, "raise DEVICE_TYPES_MAX");
+
+const struct device_type *device_type_nth(size_t i)
+{
+	return i < ELEMENTSOF(types) ? types[i] : NULL;
+}
+
+size_t device_types_count(void)
+{
+	return ELEMENTSOF(types);
+}
+
+const struct device_type *device_type_find(const char *id)
+{
+	for (size_t i = 0; id && i < ELEMENTSOF(types); i++)
+		if (streq(types[i]->id, id))
+			return types[i];
+	return NULL;
+}
+
+bool device_id_reserved(const char *name)
+{
+	return device_type_find(name) != NULL;
+}
+
+bool device_present(const struct device_args *args, size_t i)
+{
+	return i < ELEMENTSOF(types) && (!types[i]->param || args->arg[i]);
+}
+
+void device_args_done(struct device_args *args)
+{
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+		free(args->arg[i]);
+	*args = (struct device_args){};
+}
+
+void devices_to_json(const struct device_args *args, bool nulls, json_object *o)
+{
+	for (size_t i = 0; i < ELEMENTSOF(types); i++) {
+		if (!types[i]->param || (!args->arg[i] && !nulls))
+			continue;
+		json_object_object_add(o, types[i]->param,
+				       args->arg[i] ? json_object_new_string(args->arg[i]) : NULL);
+	}
+}
+
+int devices_from_json(json_object *o, struct device_args *ret)
+{
+	struct device_args args = {};
+
+	for (size_t i = 0; i < ELEMENTSOF(types); i++) {
+		json_object *v;
+
+		if (!types[i]->param || !json_object_object_get_ex(o, types[i]->param, &v) ||
+		    !json_object_is_type(v, json_type_string))
+			continue;
+		args.arg[i] = strdup(json_object_get_string(v));
+		if (!args.arg[i]) {
+			device_args_done(&args);
+			return -ENOMEM;
+		}
+	}
+	*ret = args;
+	return 0;
+}
+
+void devices_layout(const bool present[DEVICE_TYPES_MAX], struct device_layout *ret)
+{
+	struct device_layout l = { .next = QEMU_CHILD_FD_BASE };
+
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+		l.child[i] = -1;
+	for (size_t i = 0; i < ELEMENTSOF(types); i++)
+		if (!types[i]->param)
+			l.child[i] = l.next++;
+	l.qmp = l.next++;
+	for (size_t i = 0; i < ELEMENTSOF(types); i++)
+		if (types[i]->param && present[i])
+			l.child[i] = l.next++;
+	*ret = l;
+}
+
+int devices_qemu_args(const struct device_args *args, const struct device_layout *layout,
+		      struct qemu_config *qc)
+{
+	for (size_t i = 0; i < ELEMENTSOF(types); i++) {
+		int r;
+
+		if (layout->child[i] < 0)
+			continue;
+		r = types[i]->qemu_args(args->arg[i], layout->child[i], qc);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+unsigned device_carry_of(const char *strategy)
+{
+	static const struct {
+		const char *name;
+		enum device_carry how;
+	} ways[] = {
+		{ "handover", DEVICE_BY_HANDOVER },
+		{ "cpr-transfer", DEVICE_BY_CPR_TRANSFER },
+		{ "cpr-exec", DEVICE_BY_CPR_EXEC },
+	};
+
+	for (size_t i = 0; strategy && i < ELEMENTSOF(ways); i++)
+		if (streq(ways[i].name, strategy))
+			return ways[i].how;
+	return 0;
+}
+
+bool devices_carried(const struct device_args *args, unsigned how, char *why, size_t size)
+{
+	for (size_t i = 0; i < ELEMENTSOF(types); i++)
+		if (device_present(args, i) && !(types[i]->carry & how)) {
+			snprintf(why, size, "its %s device %s cannot be carried that way",
+				 types[i]->kind, types[i]->id);
+			return false;
+		}
+	return true;
+}

@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The device types (devices.c's table) and what the rest of cprd does with
+ * a VM's devices through them. devices.c itself neither logs nor needs the
+ * event loop (tests/unit/test_devices.c tests it alone); custody.c puts the
+ * fds in custody and the fd store.
+ */
+#pragma once
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "daemon/devices/device.h"
+
+struct daemon;
+struct vm;
+struct vm_config;
+
+/* Guest RAM's id: the checkpoint copies it and recovery identifies a VMM
+ * by it, beside what every device has. */
+#define DEVICE_RAM_ID "ram0"
+
+/* The i-th type of the table, or NULL past its end. */
+const struct device_type *device_type_nth(size_t i);
+size_t device_types_count(void);
+/* The type of id, or NULL. */
+const struct device_type *device_type_find(const char *id);
+/* Whether name is a device's id, which fd.store may not take. */
+bool device_id_reserved(const char *name);
+
+/* Whether a VM of args has the i-th type's device. */
+bool device_present(const struct device_args *args, size_t i);
+
+void device_args_done(struct device_args *args);
+/* The devices' keys added to o, in the table's order: only those given, or
+ * (with nulls) every one, null when not given (vm.status). */
+void devices_to_json(const struct device_args *args, bool nulls, json_object *o);
+/* Read the devices' keys from o (a record); a value that is not a string
+ * reads as not given. -ENOMEM. */
+int devices_from_json(json_object *o, struct device_args *ret);
+
+/* Where a VMM finds its fds (QEMU_CHILD_FD_BASE on): the devices every VM
+ * has, in the table's order (ram0 at 3, console at 4), its monitor, then
+ * the devices it may have that it has (present[i]), in the table's order;
+ * the boot images follow from next on. The order of the first ones never
+ * depends on a VM's devices, and a cpr-exec successor inherits the same
+ * numbers. */
+struct device_layout {
+	int child[DEVICE_TYPES_MAX]; /* -1: none */
+	int qmp;
+	int next;
+};
+void devices_layout(const bool present[DEVICE_TYPES_MAX], struct device_layout *ret);
+/* Each device's QEMU arguments, at its place of layout, added to qc. */
+int devices_qemu_args(const struct device_args *args, const struct device_layout *layout,
+		      struct qemu_config *qc);
+
+/* The way (enum device_carry) an update strategy carries devices, by its
+ * name; 0 for a name it does not know (which then carries nothing). */
+unsigned device_carry_of(const char *strategy);
+/* Whether every device of args can reach a next VMM by how (one of enum
+ * device_carry); when not, why names it. */
+bool devices_carried(const struct device_args *args, unsigned how, char *why, size_t size);
+
+/* custody.c */
+
+/* Take a new VM's devices into custody and the fd store: all are opened
+ * first, so a failure leaves none held; *ret_what names the one that
+ * failed. */
+int devices_acquire(struct vm *vm, const char **ret_what);
+/* Hold again those that custody lost and that can be reopened. */
+int devices_reacquire(struct vm *vm, const char **ret_what);
+/* Give the held fds that the VM's VMMs open anew to its uid. */
+int devices_own(struct vm *vm);
