@@ -422,8 +422,9 @@ class Conn:
 class Daemon:
     """cprd in the foreground in a private state directory."""
 
-    def __init__(self, extra_args=(), env=None, perturb=True, prefix=()):
+    def __init__(self, extra_args=(), env=None, perturb=True, prefix=(), binary=CPRD):
         self.dir = tempfile.mkdtemp(prefix="cprd-test-")
+        self.binary = binary  # cprd, or a copy of it elsewhere
         # What destroyed VMs leave (--log-dir), kept beside the state
         # directory rather than in the host's /var/log/cprd.
         self.kept = self.dir + ".kept"
@@ -451,7 +452,7 @@ class Daemon:
             self.san_dir = tempfile.mkdtemp(prefix="cprd-san-", dir=SAN_DIR)
         env = sanitizer_env(env, self.san_dir)
         self.proc = subprocess.Popen(
-            self.prefix + [CPRD, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()]
+            self.prefix + [self.binary, "--foreground", "--state-dir", self.dir, "--accel", guest_accel()]
             + self.extra_args,
             stdout=logf, stderr=logf, env=env)
         logf.close()

@@ -340,13 +340,17 @@ class ReexecSwap(unittest.TestCase):
         require_root(self)
         self.gid = cprd_group()
         self.root = root_only_dir()
-        self.d = Daemon().start()
+        self.addCleanup(shutil.rmtree, self.root, True)
+        # A member may re-execute cprd only into a binary that root alone
+        # can change, all the way up: a copy in root's directory, wherever
+        # the build is (a clone below /tmp is not).
+        self.cprd = os.path.join(self.root, "cprd")
+        shutil.copy(CPRD, self.cprd)
+        os.chmod(self.cprd, 0o755)
+        self.d = Daemon(binary=self.cprd).start()
+        self.addCleanup(self.d.stop)
         os.chmod(self.d.dir, 0o755)
         os.chmod(self.d.sock, 0o660)
-
-    def tearDown(self):
-        self.d.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def test_link_swapped_after_the_check_does_not_win(self):
         own = tempfile.mkdtemp(dir=self.root)
@@ -356,7 +360,7 @@ class ReexecSwap(unittest.TestCase):
         shutil.copy("/bin/true", elf)
         os.chown(elf, NOBODY, NOBODY)
         link = os.path.join(own, "cprd")
-        os.symlink(os.path.realpath(CPRD), link)
+        os.symlink(self.cprd, link)
         pid = self.d.pid
 
         # A slow reader: replies cprd cannot write out yet.
@@ -382,7 +386,7 @@ class ReexecSwap(unittest.TestCase):
                    30, "cprd to re-execute")
         self.assertIsNone(self.d.proc.poll(), "cprd became the member's binary and ended")
         self.assertEqual(self.d.pid, pid)
-        self.assertTrue(file_same(f"/proc/{pid}/exe", CPRD))
+        self.assertTrue(file_same(f"/proc/{pid}/exe", self.cprd))
 
     def started_again(self):
         try:
