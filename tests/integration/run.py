@@ -91,6 +91,46 @@ class Result(unittest.TextTestResult):
         self.printErrorList("FAIL", self.failures)
 
 
+class Timed(unittest.TestSuite):
+    """One module's tests, timed as a whole: its classes' set-up and
+    tear-down (a guest booted once for a class) included."""
+    times = []
+
+    def __init__(self, name, tests):
+        super().__init__(tests)
+        self.name = name
+
+    def run(self, result, debug=False):
+        t0 = time.monotonic()
+        try:
+            return super().run(result, debug)
+        finally:
+            Timed.times.append((self.name, time.monotonic() - t0))
+
+
+def first_id(suite):
+    for t in suite:
+        if isinstance(t, unittest.TestSuite):
+            i = first_id(t)
+            if i:
+                return i
+        else:
+            return t.id()
+    return None
+
+
+def by_module(suite, exclude):
+    """The suite with each module's tests timed apart, less the excluded
+    modules (named as test_x)."""
+    out = unittest.TestSuite()
+    for s in suite:
+        i = first_id(s)
+        if i and i.split(".")[0] not in exclude:
+            name = i.split(".")[0]
+            out.addTest(Timed(name, s))
+    return out
+
+
 def state_base(args):
     """Set CPRD_STATE_BASE from the options; returns the tmpfs it mounted."""
     base, mounted = args.state_base, None
@@ -206,6 +246,8 @@ def main():
                     help="make them on a tmpfs of this run's own (mounted, as root; else "
                          "/dev/shm)")
     ap.add_argument("-k", dest="pattern", action="append", help="only tests matching")
+    ap.add_argument("--exclude", action="append", default=[], metavar="MODULE",
+                    help="leave out this module (test_x); may be repeated")
     ap.add_argument("modules", nargs="*")
     args = ap.parse_args()
     os.environ["CPRD_BUILD"] = os.path.abspath(args.build)
@@ -230,6 +272,7 @@ def main():
         suite = loader.loadTestsFromNames([m.removesuffix(".py") for m in args.modules])
     else:
         suite = loader.discover(here, pattern="test_*.py", top_level_dir=here)
+    suite = by_module(suite, {m.removesuffix(".py") for m in args.exclude})
     runner = unittest.TextTestRunner(stream=sys.stdout, verbosity=0, resultclass=Result)
     res = runner.run(suite)
     # A test whose subtests fail is one failed test, however many failed; a
@@ -252,6 +295,12 @@ def main():
     elif args.state_tmpfs:
         shutil.rmtree(os.environ["CPRD_STATE_BASE"], ignore_errors=True)
     label = f"{args.label} " if args.label else ""
+    if Timed.times:
+        print(f"{label}integration: time per module, longest first")
+        for name, secs in sorted(Timed.times, key=lambda x: -x[1]):
+            print(f"  {name:28s} {secs:7.1f} s")
+    if args.exclude:
+        print(f"{label}integration: left out {', '.join(sorted(args.exclude))}")
     print(f"{label}integration: {passed} passed, {failed} failed, {skipped} skipped")
     if args.counts:
         with open(args.counts, "w") as f:
