@@ -570,6 +570,39 @@ class Daemon:
             raise AssertionError("\n".join(problems) + "\n--- end of cprd's log ---\n" + log)
 
 
+class NetNs:
+    """A network namespace the test makes (ip netns) for whatever makes a
+    network interface: cprd runs in it (Daemon(prefix=ns.prefix)), so its
+    taps never appear on the host and nothing is sent anywhere else.
+    delete() removes it; a namespace left is named with the run's mark."""
+
+    count = 0
+
+    def __init__(self):
+        if not shutil.which("ip"):
+            raise unittest.SkipTest("ip (iproute2) not installed")
+        NetNs.count += 1
+        self.name = f"cprd-test-{RUN_MARK or os.getpid()}-{NetNs.count}"
+        p = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise unittest.SkipTest(f"cannot add a network namespace: "
+                                    f"{p.stderr.strip() or p.returncode}")
+
+    @property
+    def prefix(self):
+        """Runs a command in the namespace (execs it: the pid stays the command's)."""
+        return ["ip", "netns", "exec", self.name]
+
+    def link(self, ifname):
+        """Whether the namespace has an interface of that name."""
+        p = subprocess.run(["ip", "-n", self.name, "-o", "link", "show", "dev", ifname],
+                           capture_output=True, text=True)
+        return p.returncode == 0
+
+    def delete(self):
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
 def kill_vmms_under(state_dir):
     """Kill any VMM that still holds a file of this test's state directory
     (its console or log): a failed test must not leave guests behind."""

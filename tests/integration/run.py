@@ -199,9 +199,9 @@ def left_mounts(source, under):
 
 
 def clean_up_after_tests(mark, source, under):
-    """Fail the run, listing them, when processes or mounts of it are left;
-    then end them, so that the machine stays clean either way. Returns the
-    number of problems (0 or 1 per kind)."""
+    """Fail the run, listing them, when processes, network namespaces or
+    mounts of it are left; then end them, so that the machine stays clean
+    either way. Returns the number of problems (0 or 1 per kind)."""
     failed = 0
     pids = left_processes(mark)
     if pids:
@@ -222,6 +222,16 @@ def clean_up_after_tests(mark, source, under):
                 time.sleep(0.1)
         except ChildProcessError:
             break
+    try:
+        spaces = sorted(n for n in os.listdir("/run/netns") if n.startswith(f"cprd-test-{mark}-"))
+    except OSError:
+        spaces = []
+    if spaces:
+        failed += 1
+        print("FAIL network namespaces the tests added are still there after the last test:\n  " +
+              "\n  ".join(spaces))
+        for n in spaces:
+            subprocess.run(["ip", "netns", "delete", n], capture_output=True)
     mounts = left_mounts(source, under)
     if mounts:
         failed += 1

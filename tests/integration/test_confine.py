@@ -13,7 +13,7 @@ import stat
 import subprocess
 import unittest
 
-from cprdtest import (KERNEL, Console, Daemon, SharedDaemonTest, children, pid_alive,
+from cprdtest import (KERNEL, Console, Daemon, NetNs, SharedDaemonTest, children, pid_alive,
                       require_guest, require_root, wait_until)
 
 # Run inside the VMM's namespaces and identity: what can it reach?
@@ -292,24 +292,16 @@ class ConfinedTap(unittest.TestCase):
         require_guest()
         if not os.path.exists("/dev/net/tun"):
             self.skipTest("no /dev/net/tun on this host")
-        if not shutil.which("unshare") or not shutil.which("nsenter"):
-            self.skipTest("unshare/nsenter (util-linux) not installed")
-        self.d = Daemon(prefix=["unshare", "--net", "--"]).start()
+        self.ns = NetNs()
+        self.addCleanup(self.ns.delete)
+        self.d = Daemon(prefix=self.ns.prefix).start()
         self.addCleanup(self.d.stop)
-
-    def link(self, ifname):
-        """The tap as cprd's network namespace shows it, or None."""
-        # By an ioctl on a socket there: /sys would show the host's.
-        p = subprocess.run(["nsenter", "-t", str(self.d.pid), "-n", "--", "python3", "-c",
-                            "import socket, sys; print(socket.if_nametoindex(sys.argv[1]))",
-                            ifname], capture_output=True, text=True)
-        return p.stdout.strip() if p.returncode == 0 else None
 
     def test_tap_works_across_namespaces_through_both_strategies(self):
         ifname = "cprdtap0"
         self.assertNotEqual(ns(self.d.pid, "net"), ns(os.getpid(), "net"))
         vm = self.d.create_guest("nt", tap=ifname)
-        self.assertIsNotNone(self.link(ifname), "the tap is not in cprd's namespace")
+        self.assertTrue(self.ns.link(ifname), "the tap is not in cprd's namespace")
         self.assertFalse(os.path.exists(f"/sys/class/net/{ifname}"), "the tap leaked to the host")
         con = Console(vm["console_log"])
         con.wait_beats(2)
@@ -328,4 +320,4 @@ class ConfinedTap(unittest.TestCase):
             con.wait_beats(2)
             con.assert_healthy(self)
         self.d.call("vm.destroy", {"name": "nt"})
-        wait_until(lambda: self.link(ifname) is None, 5, "the tap interface to disappear")
+        wait_until(lambda: not self.ns.link(ifname), 5, "the tap interface to disappear")

@@ -9,8 +9,8 @@ import stat
 import time
 import unittest
 
-from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, QEMU, RpcError, SharedDaemonTest,
-                      children, pid_alive, require_guest, require_root, wait_until, wrapper)
+from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, NetNs, QEMU, RpcError,
+                      SharedDaemonTest,                      children, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
 class Lifecycle(SharedDaemonTest):
@@ -204,18 +204,21 @@ class Strays(GuestTest):
 
 
 class Tap(unittest.TestCase):
+    """cprd runs in a network namespace the test makes: the taps it creates
+    never appear on the host."""
+
     def setUp(self):
         require_root(self)
         require_guest()
         if not os.path.exists("/dev/net/tun"):
             self.skipTest("no /dev/net/tun on this host")
-        self.d = Daemon().start()
-
-    def tearDown(self):
-        self.d.stop()
+        self.ns = NetNs()
+        self.addCleanup(self.ns.delete)
+        self.d = Daemon(prefix=self.ns.prefix).start()
+        self.addCleanup(self.d.stop)
 
     def test_tap_fd_is_held_passed_to_qemu_and_kept_across_an_update(self):
-        ifname = "cprdtap%d" % (os.getpid() % 1000)
+        ifname = "cprdtap0"
         p = self.d.cprctl("create", "net", "--memory", "256M", "--kernel", KERNEL, "--initrd",
                           INITRD, "--append", GUEST_APPEND, "--tap", ifname)
         self.assertEqual(p.returncode, 0, p.stderr)
@@ -223,7 +226,8 @@ class Tap(unittest.TestCase):
         self.assertEqual(vm["tap"], ifname)
         fds = {f["name"]: f for f in self.d.call("vm.fds", {"name": "net"})["fds"]}
         self.assertEqual(fds["net0"]["kind"], "tap")
-        self.assertTrue(os.path.exists(f"/sys/class/net/{ifname}"), "tap interface missing")
+        self.assertTrue(self.ns.link(ifname), "tap interface missing")
+        self.assertFalse(os.path.exists(f"/sys/class/net/{ifname}"), "the tap leaked to the host")
         self.assertEqual(os.readlink(f"/proc/{vm['pid']}/fd/6"), "/dev/net/tun")
         with open(f"/proc/{vm['pid']}/cmdline", "rb") as f:
             self.assertIn(b"tap,id=net0,fd=6", f.read())
@@ -236,8 +240,7 @@ class Tap(unittest.TestCase):
         con.assert_healthy(self)
         self.d.call("vm.destroy", {"name": "net"})
         # cprd held the last reference: the interface goes with it.
-        wait_until(lambda: not os.path.exists(f"/sys/class/net/{ifname}"), 5,
-                   "the tap interface to disappear")
+        wait_until(lambda: not self.ns.link(ifname), 5, "the tap interface to disappear")
 
     def test_tap_name_in_use_by_a_non_tap_is_a_clear_error(self):
         p = self.d.cprctl("create", "lo-vm", "--memory", "64M", "--kernel", KERNEL, "--tap", "lo")
