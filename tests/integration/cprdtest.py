@@ -570,6 +570,32 @@ class Daemon:
             raise AssertionError("\n".join(problems) + "\n--- end of cprd's log ---\n" + log)
 
 
+def fake_checkpoint(root, name, extra=(), vmm="/nonexistent/vmm", kernel="/nonexistent/kernel"):
+    """A checkpoint of the cprd method written by hand, whole as far as
+    meta.json says (no VMM ever ran it): what a cprd that starts adopts."""
+    d = os.path.join(root, name)
+    os.mkdir(d, 0o700)
+    state, ram = b"\0" * 4096, 64 << 20
+    meta = {"version": 1, "vm": name, "method": "cprd", "state_bytes": len(state),
+            "ram_bytes": ram, "channels": 1, "paused_at_usec": 0,
+            # RAM of zeros only: the digest skips zero pages, so it is
+            # XXH3-64 of no input.
+            "digest": "xxh3-64:2d06800538d394c2",
+            "config": {"vmm": vmm, "kernel": kernel,
+                       "machine": "q35", "memory_bytes": ram, "vcpus": 1,
+                       "created_usec": 1, "updates": 0}}
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(d, "device.state"), "wb") as f:
+        f.write(state)
+    with open(os.path.join(d, "ram0.img"), "wb") as f:
+        f.truncate(ram)
+    for e in extra:
+        with open(os.path.join(d, e), "w") as f:
+            f.write("not cprd's\n")
+    return d
+
+
 class NetNs:
     """A network namespace the test makes (ip netns) for whatever makes a
     network interface: cprd runs in it (Daemon(prefix=ns.prefix)), so its

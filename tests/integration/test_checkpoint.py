@@ -16,8 +16,9 @@ import tempfile
 import threading
 import unittest
 
-from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fill, kill_vmms_under,
-                      hold_relays, mount_tmpfs, require_guest, require_root, wait_until, wrapper)
+from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fake_checkpoint,
+                      fill, kill_vmms_under, hold_relays, mount_tmpfs, require_guest, require_root,
+                      wait_until, wrapper)
 from test_trust import NOBODY, cprd_group
 
 
@@ -382,30 +383,6 @@ class CheckpointTest(unittest.TestCase):
         rc, out, _ = self.ctl("checkpoint", "--all")
         rc, out, _ = self.ctl("restore", "--all", "--parallel", "2")
         self.assertEqual([r["result"] for r in out["restores"]], ["ok", "ok"], out)
-
-
-def fake_checkpoint(root, name, extra=(), vmm="/nonexistent/vmm"):
-    """A checkpoint of the cprd method written by hand, whole as far as
-    meta.json says (no VMM ever ran it): what a cprd that starts adopts."""
-    d = os.path.join(root, name)
-    os.mkdir(d, 0o700)
-    state, ram = b"\0" * 4096, 64 << 20
-    meta = {"version": 1, "vm": name, "method": "cprd", "state_bytes": len(state),
-            "ram_bytes": ram, "channels": 1, "paused_at_usec": 0,
-            "digest": "xxh3-64:0000000000000000",
-            "config": {"vmm": vmm, "kernel": "/nonexistent/kernel",
-                       "machine": "q35", "memory_bytes": ram, "vcpus": 1,
-                       "created_usec": 1, "updates": 0}}
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    with open(os.path.join(d, "device.state"), "wb") as f:
-        f.write(state)
-    with open(os.path.join(d, "ram0.img"), "wb") as f:
-        f.truncate(ram)
-    for e in extra:
-        with open(os.path.join(d, e), "w") as f:
-            f.write("not cprd's\n")
-    return d
 
 
 class CheckpointFiles(unittest.TestCase):

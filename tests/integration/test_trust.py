@@ -18,7 +18,8 @@ import threading
 import time
 import unittest
 
-from cprdtest import CPRD, Daemon, guest_accel, require_root, wait_until, wrapper
+from cprdtest import (CPRD, Daemon, fake_checkpoint, guest_accel, require_root, wait_until,
+                      wrapper)
 from test_custody import as_user
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -269,6 +270,32 @@ class Trust(unittest.TestCase):
         code, msg = self.member("vm.update", {"name": "vmm-link", "vmm": link})
         self.assertEqual(code, PERM, msg)
         self.assertFalse(os.path.exists(marker), "the member's script ran as a VMM")
+
+    def test_vmm_link_swapped_before_restore_is_not_run(self):
+        # A checkpoint whose VM runs the member's link, which named an
+        # allowed VMM when the VM was created: a cprd that starts adopts it.
+        own = self.members_dir()
+        marker = os.path.join(self.reports, "member-script-ran-at-restore")
+        evil = wrapper(own, "evil", f'touch {marker}\nexec python3 {STANDIN} "$@"')
+        os.chown(evil, NOBODY, NOBODY)
+        link = os.path.join(own, "vmm")
+        os.symlink(self.vmm_ok, link)
+        ckdir = tempfile.mkdtemp(dir=self.root)
+        # A kernel that opens: an old cprd would get as far as the exec.
+        fake_checkpoint(ckdir, "vmm-restore", vmm=link, kernel=self.kernel)
+        d = Daemon(["--vmm-allow", self.allow, "--no-confine", "--checkpoint-dir", ckdir]).start()
+        self.addCleanup(d.stop)
+        os.chmod(d.dir, 0o755)
+        self.assertEqual(d.call("vm.status", {"name": "vmm-restore"})["state"], "checkpointed")
+
+        # The link now names the member's script: the restore judges the
+        # stored binary again, by what it names now, and refuses it.
+        self.repoint(link, evil)
+        code, msg = call_as_member(d, self.gid, "vm.restore", {"name": "vmm-restore"})
+        self.assertFalse(os.path.exists(marker), "the member's script ran as a VMM")
+        self.assertEqual(code, PERM, msg)
+        self.assertIn("is not in the allow-list of VMM binaries", msg)
+        self.assertEqual(d.call("vm.status", {"name": "vmm-restore"})["state"], "checkpointed")
 
     def kernel_report(self, name):
         pid = self.d.call("vm.status", {"name": name})["pid"]
