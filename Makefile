@@ -13,7 +13,7 @@ LDFLAGS ?=
 # UBSan runtime is a library apart from its ASan one and writes its reports to
 # stderr whatever log_path says, where the tests would not see them.
 # CPRD_SANITIZE lets the seccomp filter admit what the sanitizer runtime needs
-# (daemon/sandbox.c). Warnings are the gcc build's to gate, not clang's.
+# (daemon/host/sandbox.c). Warnings are the gcc build's to gate, not clang's.
 SAN_FLAGS := -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 ifneq ($(SANITIZE),)
 CFLAGS  += $(SAN_FLAGS) -DCPRD_SANITIZE -Wno-error
@@ -33,7 +33,7 @@ COMMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard common/*.c))
 PROTO_OBJ    := $(patsubst %.c,$(B)/obj/%.o,$(wildcard proto/*.c))
 KVM_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard kvm/*.c))
 MEMSTORE_OBJ := $(patsubst %.c,$(B)/obj/%.o,$(wildcard memstore/*.c))
-DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c daemon/devices/*.c))
+DAEMON_OBJ   := $(patsubst %.c,$(B)/obj/%.o,$(wildcard daemon/*.c daemon/*/*.c))
 CLI_OBJ      := $(patsubst %.c,$(B)/obj/%.o,$(wildcard cli/*.c))
 UNIT_TESTS   := $(patsubst tests/unit/%.c,$(B)/tests/%,$(wildcard tests/unit/test_*.c))
 # Man pages are written in scdoc (man/NAME.SECTION.scd) and built into roff.
@@ -80,26 +80,26 @@ $(B)/tests/%: tests/unit/%.c $(B)/libkvm.a $(B)/libmemstore.a $(B)/libproto.a $(
 	$(CC) $(CFLAGS) $(TEST_CFLAGS) -o $@ $(filter %.c %.o,$^) $(filter %.a,$^) $(CHECK_LIBS) \
 		$(JSON_LIBS) $(TEST_LIBS)
 
-$(B)/tests/test_registry: $(B)/obj/daemon/registry.o
+$(B)/tests/test_registry: $(B)/obj/daemon/core/registry.o
 
 # Suites with golden files (tests/unit/golden.h) are told where they are, so
 # they find them from any directory; CPRD_REGEN_GOLDEN=1 make unit rewrites them.
 GOLDEN_CFLAGS := -DGOLDEN_DIR='"$(CURDIR)/tests/unit/golden"'
 DEVICE_OBJ := $(B)/obj/daemon/devices/devices.o $(B)/obj/daemon/devices/ram.o \
 	$(B)/obj/daemon/devices/console.o $(B)/obj/daemon/devices/tap.o
-$(B)/tests/test_vmrecord: $(B)/obj/daemon/vmrecord.o $(DEVICE_OBJ) tests/unit/golden.h
+$(B)/tests/test_vmrecord: $(B)/obj/daemon/core/vmrecord.o $(DEVICE_OBJ) tests/unit/golden.h
 $(B)/tests/test_vmrecord: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 $(B)/tests/test_argv: $(DEVICE_OBJ) tests/unit/golden.h
 $(B)/tests/test_argv: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 
 # Unit tests of daemon code that stands alone (no loop, no logging).
-$(B)/tests/test_settle: $(B)/obj/daemon/settle.o
-$(B)/tests/test_limits: $(B)/obj/daemon/limits.o
+$(B)/tests/test_settle: $(B)/obj/daemon/ops/settle.o
+$(B)/tests/test_limits: $(B)/obj/daemon/core/limits.o
 # The device types, but not their custody (custody.c needs the daemon).
 $(B)/tests/test_devices: $(DEVICE_OBJ)
 
 # The launcher answers on an event loop.
-$(B)/tests/test_launcher: $(B)/obj/daemon/launcher.o $(B)/obj/daemon/confine.o
+$(B)/tests/test_launcher: $(B)/obj/daemon/host/launcher.o $(B)/obj/daemon/host/confine.o
 $(B)/tests/test_launcher: TEST_LIBS = $(EV_LIBS)
 
 # The update engine's suite runs the daemon itself, every object but

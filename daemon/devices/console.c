@@ -11,7 +11,7 @@
 
 #include "common/macro.h"
 #include "daemon/devices/devices.h"
-#include "daemon/vm.h"
+#include "daemon/core/vm.h"
 #include "kvm/qemu.h"
 
 static int console_open_flags(const struct vm *vm, int flags, int *ret_fd)

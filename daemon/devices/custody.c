@@ -5,8 +5,8 @@
 
 #include "common/macro.h"
 #include "daemon/devices/devices.h"
-#include "daemon/fdstore.h"
-#include "daemon/vm.h"
+#include "daemon/core/fdstore.h"
+#include "daemon/core/vm.h"
 
 /* Into the fd store as soon as it is held, not at shutdown: a crash must
  * not lose it. Takes fd, also on failure. */

@@ -9,7 +9,7 @@
 #include <inttypes.h>
 
 #include "daemon/devices/devices.h"
-#include "daemon/vm.h"
+#include "daemon/core/vm.h"
 #include "kvm/qemu.h"
 
 static int ram_open(const struct vm *vm, const char *arg, int *ret_fd)

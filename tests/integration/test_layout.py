@@ -2,7 +2,12 @@
 made: a file depends on another when it calls a function (or uses data)
 the other defines. The picture (docs/ARCHITECTURE.md): main -> methods ->
 {update, check, checkpoint} -> {op, vm} -> vmm -> {launcher, scope, kvm/, memstore/}, with the registry,
-the fd store, the server and the log below whoever uses them."""
+the fd store, the server and the log below whoever uses them.
+
+And which folders of daemon/ may include which: main.c, then rpc/, ops/,
+strategies/, then the base (core/, devices/, host/, observe/); a file
+includes headers of its own folder and of the folders below it, never
+above."""
 
 import glob
 import os
@@ -18,7 +23,7 @@ SRC = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 # Edges that close a circle and are known: none. The VM routes its VMM's
 # events to whatever operation runs on it through that operation's type
-# (daemon/op.h), and knows no operation by name.
+# (daemon/core/op.h), and knows no operation by name.
 KNOWN_CIRCLES = set()
 
 # The operations, by the files that implement them: vm.c depends on none
@@ -26,17 +31,71 @@ KNOWN_CIRCLES = set()
 # an operation's type).
 OPERATIONS = {"update", "check", "checkpoint", "strategies", "strategy-handover",
               "strategy-cpr-transfer", "strategy-cpr-exec", "settle", "op"}
-OPERATION_HEADERS = {"update.h", "check.h", "checkpoint.h", "strategy.h", "settle.h"}
+OPERATION_HEADERS = {"ops/update.h", "ops/check.h", "ops/checkpoint.h", "strategies/strategy.h",
+                     "ops/settle.h"}
 INCLUDE = re.compile(r'^\s*#\s*include\s+"daemon/([^"]+)"', re.M)
+
+# The folders of daemon/ by rank: a file includes headers of its own
+# folder and of lower ranks only. The four of the base include each other
+# (a VM's devices, its VMM's launcher and its events are parts of the VM),
+# but nothing above them.
+RANK = {"main.c": 4, "rpc": 3, "ops": 2, "strategies": 1,
+        "core": 0, "devices": 0, "host": 0, "observe": 0}
+# Includes that go up, each for a reason (docs/ARCHITECTURE.md).
+INCLUDES_UP = {
+    # The update counters start at zero for every strategy in the table.
+    ("observe/metrics.c", "strategies/strategy.h"),
+}
+# What host/ may include of the rest of the daemon: its shared state and
+# the log. Running things on the host needs nothing of VMs or operations.
+HOST_NEEDS = {"core/daemon.h", "observe/log.h"}
+
+
+def sources():
+    """Every file of daemon/, as its path below daemon/."""
+    out = []
+    for top, dirs, files in os.walk(os.path.join(SRC, "daemon")):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith((".c", ".h")):
+                out.append(os.path.relpath(os.path.join(top, f), os.path.join(SRC, "daemon")))
+    return out
+
+
+def folder(path):
+    """The folder of a path below daemon/ ("main.c" for the files at its top)."""
+    return path.split("/")[0] if "/" in path else path
+
+
+def includes():
+    """{file below daemon/: {daemon headers it includes, below daemon/}}."""
+    out = {}
+    for rel in sources():
+        with open(os.path.join(SRC, "daemon", rel)) as f:
+            out[rel] = set(INCLUDE.findall(f.read()))
+    return out
+
+
+def includes_up(incs):
+    """The includes that go to a higher rank than their file's, and the
+    headers that are in no known folder."""
+    bad = []
+    for src, hs in sorted(incs.items()):
+        for h in sorted(hs):
+            if folder(h) not in RANK or folder(src) not in RANK:
+                bad.append((src, h))
+            elif RANK[folder(h)] > RANK[folder(src)] and (src, h) not in INCLUDES_UP:
+                bad.append((src, h))
+    return bad
 
 
 def operation_headers():
     """The headers named above, and any other that declares an op_type."""
     found = set(OPERATION_HEADERS)
-    for h in glob.glob(os.path.join(SRC, "daemon", "*.h")):
+    for h in glob.glob(os.path.join(SRC, "daemon", "**", "*.h"), recursive=True):
         with open(h) as f:
             if re.search(r"\bextern\s+const\s+struct\s+op_type\b", f.read()):
-                found.add(os.path.basename(h))
+                found.add(os.path.relpath(h, os.path.join(SRC, "daemon")))
     return found
 
 
@@ -53,11 +112,14 @@ def symbols(obj):
 
 
 def dependencies():
-    """{file: {files it depends on}} over daemon/*.c (and common/*.c as "common")."""
+    """{file: {files it depends on}} over daemon/'s .c files, by name."""
     mods = {}
-    for src in sorted(glob.glob(os.path.join(SRC, "daemon", "*.c"))):
-        name = os.path.basename(src)[:-2]
-        obj = os.path.join(BUILD, "obj", "daemon", name + ".o")
+    for rel in sources():
+        if not rel.endswith(".c"):
+            continue
+        name = os.path.basename(rel)[:-2]
+        assert name not in mods, f"two files named {name}.c in daemon/"
+        obj = os.path.join(BUILD, "obj", "daemon", rel[:-2] + ".o")
         if not os.path.exists(obj):
             raise unittest.SkipTest(f"{obj} missing: run `make`")
         mods[name] = symbols(obj)
@@ -117,15 +179,15 @@ class Layout(unittest.TestCase):
             calls_up = deps[low] & upper
             self.assertEqual(calls_up, set(), f"{low} calls up")
         # The registry file, the VM record's codec and the launcher need
-        # nothing of the daemon
-        # (the launcher's confinement of a VMM is its own leaf).
+        # nothing of the daemon (the codec reads the device table; the
+        # launcher's confinement of a VMM is its own leaf).
         self.assertEqual(deps["registry"], set())
-        self.assertEqual(deps["vmrecord"], set())
+        self.assertLessEqual(deps["vmrecord"], {"devices"})
         self.assertEqual(deps["launcher"], {"confine"})
         self.assertEqual(deps["confine"], set())
 
     def test_vm_knows_no_operation(self):
-        with open(os.path.join(SRC, "daemon", "vm.c")) as f:
+        with open(os.path.join(SRC, "daemon", "core", "vm.c")) as f:
             included = set(INCLUDE.findall(f.read()))
         self.assertEqual(included & operation_headers(), set(),
                          "vm.c includes an operation's header: route through vm->op->type")
@@ -134,7 +196,7 @@ class Layout(unittest.TestCase):
 
     def test_vm_state_changes_in_one_place(self):
         assign = re.compile(r"\bvm->state\s*=[^=]")
-        for src in glob.glob(os.path.join(SRC, "daemon", "*.c")):
+        for src in glob.glob(os.path.join(SRC, "daemon", "**", "*.c"), recursive=True):
             name = os.path.basename(src)
             with open(src) as f:
                 lines = [l.strip() for l in f if assign.search(l)]
@@ -144,6 +206,31 @@ class Layout(unittest.TestCase):
             # vm_set_state() itself, and the two constructors.
             self.assertEqual(len(lines), 3, lines)
             self.assertIn("vm->state = state;", lines)
+
+    def test_folders_include_down(self):
+        self.assertEqual(includes_up(includes()), [],
+                         "a file includes a header of a folder above its own (or of none)")
+        for edge in INCLUDES_UP:
+            self.assertIn(edge[1], includes()[edge[0]],
+                          f"{edge} is gone: drop it from INCLUDES_UP")
+
+    def test_folder_rules(self):
+        incs = includes()
+        for src, hs in sorted(incs.items()):
+            above = {h for h in hs
+                     if folder(h) in ("ops", "strategies", "rpc") and (src, h) not in INCLUDES_UP}
+            if folder(src) in ("devices", "observe", "core", "host"):
+                # A device type is carried by strategies and operations,
+                # it knows none of them; what watches knows no operation.
+                self.assertEqual(above, set(), f"{src} includes an operation or the RPC")
+            if folder(src) not in ("rpc", "main.c"):
+                self.assertEqual({h for h in hs if folder(h) == "rpc"}, set(),
+                                 f"{src} includes rpc/: only main.c does")
+            if folder(src) == "host":
+                self.assertEqual({h for h in hs if folder(h) != "host"} - HOST_NEEDS, set(),
+                                 f"{src} needs more of the daemon than its state and log")
+        # The folders are the ones the rule names.
+        self.assertEqual({folder(s) for s in incs}, set(RANK))
 
 
 if __name__ == "__main__":

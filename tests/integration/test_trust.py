@@ -483,7 +483,7 @@ class Narrow(unittest.TestCase):
     them so across a re-exec (the bounding set does not give them back)."""
 
     # CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, KILL, NET_ADMIN,
-    # SYS_PTRACE, SYS_RESOURCE: why each, in daemon/sandbox.c.
+    # SYS_PTRACE, SYS_RESOURCE: why each, in daemon/host/sandbox.c.
     KEPT = sum(1 << c for c in (0, 1, 2, 3, 5, 12, 19, 24))
 
     def setUp(self):

@@ -11,7 +11,7 @@
 
 #include "common/macro.h"
 #include "daemon/devices/devices.h"
-#include "daemon/vm.h"
+#include "daemon/core/vm.h"
 #include "kvm/qemu.h"
 
 #define device_ram (*device_type_find("ram0"))

@@ -15,7 +15,7 @@
 #include <sys/wait.h>
 
 #include "common/macro.h"
-#include "daemon/launcher.h"
+#include "daemon/host/launcher.h"
 
 #define MAX_ANSWERS 8
 

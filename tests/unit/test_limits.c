@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
-/* What one peer may take of cprd: the rules in daemon/limits.c. */
+/* What one peer may take of cprd: the rules in daemon/core/limits.c. */
 #include <check.h>
 
-#include "daemon/limits.h"
+#include "daemon/core/limits.h"
 
 static enum admit_verdict admit(bool privileged, uid_t uid, unsigned total, unsigned unpriv,
 				unsigned same_uid)

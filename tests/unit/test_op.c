@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The operations' tables (daemon/op.h) without a process: each type's
+ * The operations' tables (daemon/core/op.h) without a process: each type's
  * phases, the moves it allows, the phases it writes the registry on
  * entering, and the VM states it starts from.
  */
@@ -15,13 +15,13 @@
 #include <unistd.h>
 
 #include "common/macro.h"
-#include "daemon/checkpoint.h"
-#include "daemon/daemon.h"
-#include "daemon/op.h"
-#include "daemon/registry.h"
-#include "daemon/strategy.h"
-#include "daemon/update.h"
-#include "daemon/vm.h"
+#include "daemon/ops/checkpoint.h"
+#include "daemon/core/daemon.h"
+#include "daemon/core/op.h"
+#include "daemon/core/registry.h"
+#include "daemon/strategies/strategy.h"
+#include "daemon/ops/update.h"
+#include "daemon/core/vm.h"
 
 static const struct op_type *const phased[] = { &update_op_type, &checkpoint_op_type,
 						&restore_op_type };

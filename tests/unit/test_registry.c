@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* The registry file (daemon/registry.c) on a real file system: round trip,
+/* The registry file (daemon/core/registry.c) on a real file system: round trip,
  * rejection of damaged files, planted symlinks, and writes that fail. */
 #include <check.h>
 #include <fcntl.h>
@@ -12,7 +12,7 @@
 #include "common/file.h"
 #include "common/json.h"
 #include "common/macro.h"
-#include "daemon/registry.h"
+#include "daemon/core/registry.h"
 
 static char dir[64];
 

@@ -2,7 +2,7 @@
 /* The decision a restarted cprd makes about an update it did not see end. */
 #include <check.h>
 
-#include "daemon/settle.h"
+#include "daemon/ops/settle.h"
 
 static enum settle_action decide(bool committed, bool new_alive, const char *new_status,
 				 bool new_completed, bool old_alive, const char *old_status)

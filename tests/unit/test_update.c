@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The update engine without QEMU: daemon/update.c, both strategies, vm.c,
+ * The update engine without QEMU: daemon/ops/update.c, both strategies, vm.c,
  * vmm.c and the real launcher, linked from the daemon's own objects and run
  * on a real libev loop in this process.
  *
@@ -40,14 +40,14 @@
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/macro.h"
-#include "daemon/daemon.h"
-#include "daemon/launcher.h"
-#include "daemon/log.h"
-#include "daemon/registry.h"
-#include "daemon/strategy.h"
-#include "daemon/update.h"
-#include "daemon/vm.h"
-#include "daemon/vmm.h"
+#include "daemon/core/daemon.h"
+#include "daemon/host/launcher.h"
+#include "daemon/observe/log.h"
+#include "daemon/core/registry.h"
+#include "daemon/strategies/strategy.h"
+#include "daemon/ops/update.h"
+#include "daemon/core/vm.h"
+#include "daemon/core/vmm.h"
 #include "proto/frame.h"
 
 #define RELAY_ENV "CPRD_TEST_UPDATE_RELAY"

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: MIT */
-/* The VM record's codec (daemon/vmrecord.c): records of the registry and of
+/* The VM record's codec (daemon/core/vmrecord.c): records of the registry and of
  * a checkpoint's meta.json, as this release and the previous one (2371a41)
  * wrote them, read and written back against golden files; damaged records
  * refused with a reason. */
@@ -8,7 +8,7 @@
 
 #include "common/json.h"
 #include "daemon/devices/devices.h"
-#include "daemon/vmrecord.h"
+#include "daemon/core/vmrecord.h"
 #include "tests/unit/golden.h"
 
 #define PRINT (JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE)

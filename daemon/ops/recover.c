@@ -1,0 +1,846 @@
+/* SPDX-License-Identifier: MIT */
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/pidfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include "common/file.h"
+#include "common/json.h"
+#include "common/proc.h"
+#include "daemon/ops/checkpoint.h"
+#include "daemon/devices/devices.h"
+#include "daemon/core/fdstore.h"
+#include "daemon/observe/log.h"
+#include "daemon/ops/recover.h"
+#include "daemon/core/registry.h"
+#include "daemon/ops/settle.h"
+#include "daemon/strategies/strategy.h"
+#include "daemon/ops/update.h"
+#include "daemon/core/vm.h"
+#include "memstore/memstore.h"
+
+#define RECOVER_QMP_TIMEOUT_MS 5000
+
+static const char *jstr(json_object *o, const char *k)
+{
+	json_object *v = json_object_object_get(o, k);
+
+	return v && json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+}
+
+/* A pidfd for the process the record names, but only if it is the same
+ * process: a pid alone could have been reused while cprd was down. */
+static int open_vmm(json_object *rec, const char *pid_key, const char *start_key, int stored)
+{
+	pid_t pid = (pid_t)json_object_get_int(json_object_object_get(rec, pid_key));
+	unsigned long long start =
+	    (unsigned long long)json_object_get_int64(json_object_object_get(rec, start_key));
+	int fd;
+
+	if (stored >= 0) {
+		if (pidfd_pid(stored) > 0 && pidfd_send_signal(stored, 0, NULL, 0) == 0)
+			return stored;
+		close(stored);
+		return -ESRCH;
+	}
+	if (pid <= 0 || start == 0 || proc_start_time(pid) != start)
+		return -ESRCH;
+	fd = pidfd_open(pid, 0);
+	if (fd < 0)
+		return -errno;
+	/* Re-check after opening: the pid cannot be recycled under a pidfd. */
+	if (proc_start_time(pid) != start) {
+		close(fd);
+		return -ESRCH;
+	}
+	return fd;
+}
+
+/* Custody that did not come back through the fd store is copied out of the
+ * VMM itself, from the fd numbers it was given at launch. */
+static void reclaim_from_vmm(struct daemon *d, const char *vm, int pidfd, json_object *fdmap)
+{
+	const memstore_entry *e;
+
+	for (size_t i = 0; i < device_types_count(); i++) {
+		const struct device_type *t = device_type_nth(i);
+		json_object *n = json_object_object_get(fdmap, t->id);
+		int fd;
+
+		if (!n || memstore_get(d->store, vm, t->id, &e) == 0)
+			continue;
+		fd = (int)syscall(SYS_pidfd_getfd, pidfd, json_object_get_int(n), 0);
+		if (fd < 0) {
+			log_error("VM %s: cannot take %s back from its VMM: %m", vm, t->id);
+			continue;
+		}
+		if (memstore_put(d->store, vm, t->id, t->custody, fd) < 0) {
+			log_error("VM %s: fd %d of the VMM is not the %s it was", vm,
+				  json_object_get_int(n), t->id);
+			close(fd);
+			continue;
+		}
+		fdstore_add(d, vm, t->id, fd);
+	}
+}
+
+/* "running", "paused", "inmigrate", "postmigrate", ... or NULL. */
+static const char *query_status(struct vmm *v, char *buf, size_t size)
+{
+	_cleanup_json_ json_object *ret = NULL;
+
+	if (vmm_command_sync(v, "query-status", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
+		return NULL;
+	snprintf(buf, size, "%s", json_object_get_string(json_object_object_get(ret, "status")));
+	return buf;
+}
+
+/* Whether the new VMM holds the whole state: its incoming migration
+ * completed (it is paused, -S, waiting to be told to run). */
+static bool incoming_completed(struct vmm *v)
+{
+	_cleanup_json_ json_object *ret = NULL;
+	const char *st;
+
+	if (vmm_command_sync(v, "query-migrate", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
+		return false;
+	st = json_object_get_string(json_object_object_get(ret, "status"));
+	return st && streq(st, "completed");
+}
+
+static void resume(struct vmm *v, bool cancel)
+{
+	_cleanup_json_ json_object *ret = NULL;
+
+	if (cancel) {
+		vmm_command_sync(v, "migrate_cancel", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+		json_object_put(TAKE_PTR(ret));
+	}
+	vmm_command_sync(v, "cont", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+}
+
+/*
+ * The previous cprd died during an update. Both VMMs may still exist; the
+ * migration between them went on without cprd. What is found out here is
+ * decided by settle_decide() (settle.c, which says why). Returns the VMM
+ * that keeps the VM, or NULL when none may.
+ */
+/* What an interrupted update of this strategy left in the VM's directory. */
+static void strategy_leftovers(struct vm *vm, json_object *up)
+{
+	const struct strategy *s = strategy_find(jstr(up, "strategy"));
+
+	if (s && s->settle)
+		s->settle(vm->run_dir);
+}
+
+/* Whether pid runs the very file binary names. */
+static bool runs_binary(pid_t pid, const char *binary)
+{
+	char exe[64];
+
+	snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)pid);
+	return file_same(exe, binary);
+}
+
+/* Whether the process left the old image: its image id differs from the
+ * one recorded when the update began; without one, its executable is
+ * the new binary's file and not the old one's. */
+static bool exec_happened(pid_t pid, const char *old_image, const char *old_bin,
+			  const char *new_bin)
+{
+	uint64_t now;
+
+	if (old_image && proc_image_id(pid, &now) == 0)
+		return strtoull(old_image, NULL, 16) != now;
+	return !runs_binary(pid, old_bin) && runs_binary(pid, new_bin);
+}
+
+/*
+ * An update in place (cpr-exec) that cprd did not see end. There is one
+ * process, v, in the old image or the new; or, once it had died, a VMM of
+ * the old binary restoring the guest from the state file (the record's
+ * new VMM). Neither image ever runs the guest before it holds its whole
+ * state (the new one starts paused), so whichever is there goes on:
+ *  - the old image still running, or in postmigrate (it saved the state but
+ *    did not exec): it resumes, and the update is undone;
+ *  - the new image, paused or still loading: it is told to run, which it
+ *    does once loaded;
+ *  - a restore VMM that runs, or holds the whole state: it keeps the guest.
+ * A restore VMM that does not, with the process gone, leaves the VM
+ * crashed (its memory kept): the state file is not kept for a second try.
+ */
+static struct vmm *settle_in_place(struct daemon *d, struct vm *vm, struct vmm *v, json_object *up,
+				   int phase)
+{
+	char msg[320], st[32] = "";
+	const char *new_bin = jstr(up, "new_vmm");
+	int pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	struct vmm *restorer = NULL;
+	bool is_new;
+
+	if (pidfd >= 0 && !v && jstr(up, "new_qmp") &&
+	    vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, jstr(up, "new_qmp"), NULL, NULL,
+		       &restorer) >= 0 &&
+	    query_status(restorer, st, sizeof(st)) &&
+	    (streq(st, "running") || (streq(st, "paused") && incoming_completed(restorer)))) {
+		vmm_set_fd_map(restorer, json_object_object_get(up, "new_vmm_fds"));
+		if (!streq(st, "running"))
+			resume(restorer, false);
+		strategy_leftovers(vm, up);
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update (phase %s); the guest was restored in "
+			 "VMM pid %d of the old binary and stays there",
+			 update_phase_name(phase), (int)restorer->pid);
+		update_record_interrupted(vm, up, msg);
+		return restorer;
+	}
+	if (restorer)
+		vmm_kill(restorer);
+	else if (pidfd >= 0) {
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+	}
+	strategy_leftovers(vm, up);
+	if (!v) {
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update (phase %s) and the VMM is gone; the "
+			 "guest was not restored",
+			 update_phase_name(phase));
+		update_record_interrupted(vm, up, msg);
+		return NULL;
+	}
+	is_new = exec_happened(v->pid, jstr(up, "old_image"), vm->cfg.vmm, new_bin);
+	if (query_status(v, st, sizeof(st)) && !streq(st, "running"))
+		resume(v, streq(st, "postmigrate") || streq(st, "finish-migrate"));
+	if (is_new)
+		vm_vmm_replaced(vm, v, new_bin);
+	log_info("VM %s: interrupted cpr-exec update (phase %s): VMM pid %d in the %s image, %s",
+		 vm->cfg.name, update_phase_name(phase), (int)v->pid, is_new ? "new" : "old",
+		 st[0] ? st : "mute");
+	snprintf(msg, sizeof(msg),
+		 "cprd restarted during the update (phase %s); the %s VMM (pid %d: the process "
+		 "%s) keeps the guest",
+		 update_phase_name(phase), is_new ? "new" : "old", (int)v->pid,
+		 is_new ? "had exec'd the new binary" : "had not exec'd");
+	update_record_interrupted(vm, up, msg);
+	return v;
+}
+
+static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *old, json_object *up)
+{
+	char msg[320], st_new[32] = "", st_old[32] = "";
+	struct vmm *next = NULL;
+	const char *next_qmp = jstr(up, "new_qmp");
+	const char *next_bin = jstr(up, "new_vmm") ? jstr(up, "new_vmm") : vm->cfg.vmm;
+	int phase = update_phase_from_name(jstr(up, "phase"));
+	const struct strategy *s = strategy_find(jstr(up, "strategy"));
+	int pidfd;
+	struct settle_facts f = { .committed = phase == update_phase_from_name("commit") };
+	int r = -ESRCH;
+
+	if (s && s->in_place)
+		return settle_in_place(d, vm, old, up, phase);
+	pidfd = open_vmm(up, "new_pid", "new_pid_start", -EBADF);
+	if (pidfd >= 0 && next_qmp) {
+		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, next_bin, next_qmp, NULL, NULL, &next);
+	} else if (pidfd >= 0) {
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0); /* never had a monitor */
+		close(pidfd);
+	}
+	if (next) {
+		vmm_set_fd_map(next, json_object_object_get(up, "new_vmm_fds"));
+		f.new_alive = true;
+		if (r >= 0 && query_status(next, st_new, sizeof(st_new)))
+			f.new_status = st_new;
+		if (streq(st_new, "paused") || streq(st_new, "postmigrate"))
+			f.new_completed = incoming_completed(next);
+	}
+	f.old_alive = old != NULL;
+	if (old && query_status(old, st_old, sizeof(st_old)))
+		f.old_status = st_old;
+	strategy_leftovers(vm, up);
+
+	enum settle_action action = settle_decide(&f);
+
+	log_info("VM %s: interrupted update (phase %s): new VMM %s, old VMM %s: %s", vm->cfg.name,
+		 update_phase_name(phase), f.new_alive ? (f.new_status ?: "mute") : "gone",
+		 f.old_alive ? (f.old_status ?: "mute") : "gone", settle_action_to_string(action));
+	switch (action) {
+	case SETTLE_KEEP_NEW:
+		if (!streq(st_new, "running"))
+			resume(next, false);
+		if (old)
+			vmm_kill(old);
+		snprintf(msg, sizeof(msg),
+			 "cprd restarted during the update (phase %s); the new VMM pid %d held the "
+			 "guest and keeps it%s",
+			 update_phase_name(phase), (int)next->pid,
+			 old ? "; the old VMM was ended" : "");
+		update_record_interrupted(vm, up, msg);
+		return next;
+	case SETTLE_RESUME_OLD:
+		next = vmm_kill(next);
+		if (!streq(st_old, "running"))
+			resume(old, true);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s); rolled back: the guest stays "
+		    "in the old VMM pid %d%s",
+		    update_phase_name(phase), (int)old->pid,
+		    pidfd >= 0 ? " and the new VMM was ended" : "");
+		update_record_interrupted(vm, up, msg);
+		return old;
+	case SETTLE_LOST:
+	default:
+		next = vmm_kill(next);
+		if (old)
+			vmm_kill(old);
+		snprintf(
+		    msg, sizeof(msg),
+		    "cprd restarted during the update (phase %s) and no VMM can go on with the "
+		    "guest: %s",
+		    update_phase_name(phase),
+		    old ? "the new VMM, which may have run it, is gone, so the old VMM was not "
+			  "resumed from the state the guest left, and was ended"
+			: "neither VMM is left");
+		update_record_interrupted(vm, up, msg);
+		return NULL;
+	}
+}
+
+#define CHECKPOINT_CONT_TRIES 100 /* 50 ms apart */
+#define LATER_TICK 0.05           /* s: how often a resume left for later looks */
+
+/*
+ * A VMM whose monitor did not answer while cprd recovered (stopped, or
+ * starved of CPU on a busy host) cannot be told then to cancel the save and
+ * resume the guest, and recovery must not wait for it: the other VMs, and
+ * every client, would. The commands are queued instead, on the loop: QEMU
+ * reads them whenever it runs again, and `cont` is repeated until QEMU has
+ * unwound the cancelled save and accepts it. It is given up when the VMM
+ * goes (the VM then crashed as for any VMM that exits) and at exit.
+ */
+struct resume_later {
+	struct daemon *d;
+	char name[MEMSTORE_NAME_MAX];
+	pid_t pid;
+	qmp *sent_on; /* the monitor connection `cont` waits on; NULL: none sent */
+	unsigned tries;
+	bool queued_cancel; /* remove-fd and migrate_cancel are on their way */
+	bool done;
+	ev_timer tick;
+	struct resume_later *next;
+};
+
+static void later_free(struct resume_later *l)
+{
+	for (struct resume_later **p = &l->d->resume_later; *p; p = &(*p)->next)
+		if (*p == l) {
+			*p = l->next;
+			break;
+		}
+	ev_timer_stop(l->d->loop, &l->tick);
+	free(l);
+}
+
+void recover_done(struct daemon *d)
+{
+	while (d->resume_later)
+		later_free(d->resume_later);
+}
+
+static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct resume_later *l = ud;
+
+	l->sent_on = NULL;
+	if (ret) {
+		log_notice("VM %s: its VMM pid %d answers again; the save cprd did not finish was "
+			   "cancelled and the guest runs on",
+			   l->name, (int)l->pid);
+		l->done = true;
+	} else if (++l->tries >= CHECKPOINT_CONT_TRIES) {
+		log_error("VM %s: VMM pid %d refuses to resume the guest after the cancelled "
+			  "save (%s); resume it with 'cprctl resume %s'",
+			  l->name, (int)l->pid, desc ? desc : "no answer", l->name);
+		l->done = true;
+	}
+}
+
+static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct resume_later *l = w->data;
+	struct vm *vm = vm_find(l->d, l->name);
+	struct vmm *v = vm ? vm->vmm : NULL;
+
+	if (l->done || !v || v->pid != l->pid || !vmm_alive(v)) {
+		later_free(l);
+		return;
+	}
+	if (l->sent_on && l->sent_on == v->qmp)
+		return;    /* QEMU has not answered yet: it may be stopped still */
+	l->sent_on = NULL; /* that connection was let go of, and the command with it */
+	if (!vmm_connected(v) && vmm_reconnect(v) < 0)
+		return;
+	if (!l->queued_cancel) {
+		(void)vmm_command(
+		    v, "remove-fd",
+		    json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"), -EBADF,
+		    NULL, NULL);
+		(void)vmm_command(v, "migrate_cancel", NULL, -EBADF, NULL, NULL);
+		l->queued_cancel = true;
+	}
+	if (vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0)
+		l->sent_on = v->qmp;
+}
+
+static void resume_later(struct vm *vm, struct vmm *v)
+{
+	struct resume_later *l = calloc(1, sizeof(*l));
+
+	if (!l) {
+		log_error("VM %s: out of memory; resume the guest with 'cprctl resume %s'",
+			  vm->cfg.name, vm->cfg.name);
+		return;
+	}
+	l->d = vm->d;
+	l->pid = v->pid;
+	snprintf(l->name, sizeof(l->name), "%s", vm->cfg.name);
+	ev_timer_init(&l->tick, later_tick_cb, 0., LATER_TICK);
+	l->tick.data = l;
+	ev_timer_start(l->d->loop, &l->tick);
+	l->next = l->d->resume_later;
+	l->d->resume_later = l;
+	log_warning("VM %s: cprd restarted while it saved the VM's checkpoint, and VMM pid %d "
+		    "does not answer its monitor; the guest is resumed once it does",
+		    vm->cfg.name, (int)v->pid);
+}
+
+/* cprd died while it saved this VM's checkpoint: that checkpoint is not
+ * finished (its files are gone, see recover_one), so the guest goes on in
+ * its VMM as if the checkpoint had failed: the save is cancelled, the
+ * checkpoint file given back, and the guest resumed if it ran before. */
+static void settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec)
+{
+	_cleanup_json_ json_object *ret = NULL;
+	char st[32] = "";
+
+	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")))
+		return;
+	if (!query_status(v, st, sizeof(st))) {
+		resume_later(vm, v);
+		return;
+	}
+	if (streq(st, "running"))
+		return;
+	vmm_command_sync(v, "remove-fd",
+			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),
+			 RECOVER_QMP_TIMEOUT_MS, &ret);
+	/* A save being cancelled refuses cont until QEMU has unwound it. */
+	resume(v, true);
+	for (int i = 0;
+	     i < CHECKPOINT_CONT_TRIES && query_status(v, st, sizeof(st)) && !streq(st, "running");
+	     i++) {
+		usleep(50 * 1000);
+		resume(v, false);
+	}
+	if (!streq(st, "running")) {
+		log_error("VM %s: cprd restarted while it saved the VM's checkpoint; the save was "
+			  "cancelled but VMM pid %d is %s, not running",
+			  vm->cfg.name, (int)v->pid, st[0] ? st : "mute");
+		return;
+	}
+	log_notice("VM %s: cprd restarted while it saved the VM's checkpoint, which was not "
+		   "finished; the guest runs on in VMM pid %d",
+		   vm->cfg.name, (int)v->pid);
+}
+
+/*
+ * cprd died while it restored this VM from its checkpoint. The VMM it had
+ * started keeps the guest if it runs it (it was told to, so the guest went
+ * on past its checkpoint, which is stale and goes). Otherwise, loading or
+ * paused with the state loaded but never run, it is ended: the checkpoint
+ * is still the guest, and the VM is checkpointed again (checkpoint.c).
+ */
+static struct vmm *settle_restore(struct daemon *d, struct vm *vm, json_object *r)
+{
+	int pidfd = open_vmm(r, "pid", "pid_start", -EBADF);
+	const char *bin = jstr(r, "vmm") ? jstr(r, "vmm") : vm->cfg.vmm;
+	struct vmm *v = NULL;
+	char st[32] = "";
+
+	if (pidfd < 0)
+		return NULL;
+	reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(r, "vmm_fds"));
+	if (jstr(r, "qmp") &&
+	    vmm_attach(d, pidfd_pid(pidfd), pidfd, bin, jstr(r, "qmp"), NULL, NULL, &v) >= 0 &&
+	    query_status(v, st, sizeof(st)) && streq(st, "running")) {
+		vmm_set_fd_map(v, json_object_object_get(r, "vmm_fds"));
+		if (jstr(r, "checkpoint"))
+			checkpoint_retire(vm, jstr(r, "checkpoint"));
+		log_notice("VM %s: cprd restarted while it restored the VM; its new VMM pid %d "
+			   "already ran the guest and keeps it",
+			   vm->cfg.name, (int)v->pid);
+		return v;
+	}
+	if (v)
+		vmm_kill(v);
+	else {
+		pidfd_send_signal(pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+	}
+	log_notice("VM %s: cprd restarted while it restored the VM; the VMM it had started was "
+		   "%s and was ended, the checkpoint stays",
+		   vm->cfg.name, st[0] ? st : "mute");
+	return NULL;
+}
+
+/* cprd died while ending a VMM the guest had already left: finish that. */
+static void end_leftover(struct vm *vm, json_object *up)
+{
+	int fd = open_vmm(up, "ending_pid", "ending_pid_start", -EBADF);
+
+	if (fd < 0)
+		return;
+	pidfd_send_signal(fd, SIGKILL, NULL, 0);
+	close(fd);
+	update_record_interrupted(vm, up,
+				  "cprd restarted while ending the old VMM; the guest had "
+				  "moved to the new one, and the old one was ended");
+}
+
+/* The previous cprd stopped while this VM's guest was starting (vm.create
+ * not yet answered). Its VMM is kept only if its monitor says the guest
+ * runs (or is paused); one that does not answer within the bound, or
+ * answers anything else, never became ready, and it is ended here: nobody
+ * was told the VM exists, and a VMM nobody manages must not run on. The
+ * VM stays, crashed, so that its name and memory remain accounted for
+ * until it is destroyed. Returns the VMM that keeps the VM, or NULL. */
+static struct vmm *settle_start(struct vm *vm, struct vmm *v, char *st, size_t st_size)
+{
+	pid_t pid = v->pid;
+
+	if (query_status(v, st, st_size) && (streq(st, "running") || streq(st, "paused"))) {
+		log_notice("VM %s: cprd stopped while it was starting; its VMM pid %d is %s, so "
+			   "the VM is kept",
+			   vm->cfg.name, (int)pid, st);
+		return v;
+	}
+	log_warning("VM %s: cprd stopped while it was starting, and its VMM pid %d %s; ended it, "
+		    "the VM is reported crashed with its memory kept until destroy",
+		    vm->cfg.name, (int)pid,
+		    st[0] ? "is not running the guest" : "does not answer on its monitor");
+	vmm_kill(v);
+	snprintf(vm->exit_desc, sizeof(vm->exit_desc),
+		 "never became ready; ended after cprd restarted");
+	return NULL;
+}
+
+/* cprd died during a pre-flight: its VMM is nobody's, end it. */
+static void end_check(struct vm *vm, json_object *chk)
+{
+	int fd = open_vmm(chk, "pid", "pid_start", -EBADF);
+	char *sock = NULL;
+
+	if (fd >= 0) {
+		pidfd_send_signal(fd, SIGKILL, NULL, 0);
+		close(fd);
+		log_notice("VM %s: ended the VMM of a pre-flight that cprd's restart interrupted",
+			   vm->cfg.name);
+	}
+	if (asprintf(&sock, "%s/qmp-check.sock", vm->dir) >= 0)
+		unlink(sock);
+	free(sock);
+}
+
+static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
+{
+	struct vm_record record;
+	char why[256];
+	struct vmm *v = NULL;
+	struct vm *vm;
+	json_object *up = json_object_object_get(rec, "update");
+	const char *state = jstr(rec, "state");
+	bool starting = state && streq(state, "starting");
+	char st[32] = "";
+	int pidfd, r;
+
+	if (vm_record_from_json(rec, VM_VIEW_REGISTRY, NULL, &record, why, sizeof(why)) < 0) {
+		log_error("registry entry '%.64s' skipped: %s", jstr(rec, "name") ?: "?", why);
+		safe_close(stored_pidfd);
+		return;
+	}
+	vm = vm_recover(d, &record.cfg, record.created_usec, record.updates);
+	if (!vm) {
+		safe_close(stored_pidfd);
+		return;
+	}
+	if (json_object_object_get(rec, "check"))
+		end_check(vm, json_object_object_get(rec, "check"));
+	if (jstr(rec, "checkpointing_in")) /* a checkpoint cprd did not finish */
+		checkpoint_discard_unfinished(jstr(rec, "checkpointing_in"), vm->cfg.name);
+	if (jstr(rec, "checkpoint")) /* checkpoint_recover() looks at it */
+		vm->checkpoint_root = strdup(jstr(rec, "checkpoint"));
+	vm->last_pid = (pid_t)json_object_get_int(json_object_object_get(rec, "pid"));
+	pidfd = open_vmm(rec, "pid", "pid_start", stored_pidfd);
+	if (pidfd >= 0) {
+		const char *qmp_path = jstr(rec, "qmp") ? jstr(rec, "qmp") : vm->qmp_path;
+
+		reclaim_from_vmm(d, vm->cfg.name, pidfd, json_object_object_get(rec, "vmm_fds"));
+		r = vmm_attach(d, pidfd_pid(pidfd), pidfd, vm->cfg.vmm, qmp_path, NULL, NULL, &v);
+		if (!v) {
+			log_error("VM %s: cannot take its VMM back: %s", vm->cfg.name,
+				  strerror(-r));
+			safe_close(pidfd);
+		} else {
+			if (r < 0 && !starting)
+				log_error(
+				    "VM %s: VMM pid %d runs but its monitor %s is unreachable; "
+				    "keeping it, updates will fail until it answers",
+				    vm->cfg.name, (int)v->pid, qmp_path);
+			vmm_set_fd_map(v, json_object_object_get(rec, "vmm_fds"));
+		}
+	}
+	if (!v && json_object_object_get(rec, "restore"))
+		v = settle_restore(d, vm, json_object_object_get(rec, "restore"));
+	if (up && json_object_object_get(up, "ending_pid"))
+		end_leftover(vm, up);
+	else if (up)
+		v = settle_update(d, vm, v, up);
+	if (v && jstr(rec, "checkpointing_in"))
+		settle_checkpoint(vm, v, rec);
+	if (v && starting) {
+		v = settle_start(vm, v, st, sizeof(st));
+		if (!v)
+			return; /* ended, and said so */
+	} else if (v && !query_status(v, st, sizeof(st))) {
+		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
+	}
+	if (!v && vm->checkpoint_root)
+		return; /* checkpointed: checkpoint_recover() says so */
+	if (!v) {
+		log_warning(
+		    "VM %s: its VMM (pid %d) is gone; reported crashed, custody kept until destroy",
+		    vm->cfg.name, (int)vm->last_pid);
+		return;
+	}
+	vm_recover_vmm(vm, v, streq(st, "running"));
+	vm_settle_qmp_path(vm);
+	log_info("VM %s: recovered, VMM pid %d (QEMU %s) %s, %zu fds in custody", vm->cfg.name,
+		 (int)v->pid, v->version, st, memstore_count(d->store, vm->cfg.name));
+}
+
+/* The registry, or NULL when there is none or it is unusable. An unusable
+ * one is kept aside for a person to look at, as the next write would
+ * replace it. */
+static json_object *load_registry(struct daemon *d)
+{
+	_cleanup_free_ char *aside = NULL;
+	json_object *root = NULL;
+	char why[256];
+	int r;
+
+	r = registry_read(&d->registry, &root, why, sizeof(why));
+	if (r >= 0 || r == -ENOENT)
+		return root;
+	if (asprintf(&aside, "%s.bad", d->registry.path) < 0 ||
+	    rename(d->registry.path, aside) < 0) {
+		log_error("cannot use the registry %s: %s; starting without it", d->registry.path,
+			  why);
+		return NULL;
+	}
+	log_error("cannot use the registry %s: %s; moved it to %s and starting without it: VMMs "
+		  "it named are not taken back",
+		  d->registry.path, why, aside);
+	return NULL;
+}
+
+/* The VM a process's command line names: cprd starts every VMM, and a
+ * wrapper around one, with "-name guest=NAME[,...]". 0 with the name in
+ * buf, or -ENOENT. */
+static int cmdline_guest(pid_t pid, char *buf, size_t size)
+{
+	_cleanup_free_ char *args = NULL;
+	_cleanup_close_ int fd = -EBADF;
+	char path[64];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -ENOENT;
+	n = read_at_most(fd, 0, 64 << 10, &args);
+	if (n <= 0)
+		return -ENOENT;
+	for (char *a = args; a < args + n; a += strlen(a) + 1) {
+		char *next = a + strlen(a) + 1;
+		size_t len;
+
+		if (!streq(a, "-name") || next >= args + n || strncmp(next, "guest=", 6) != 0)
+			continue;
+		len = strcspn(next + 6, ",");
+		if (len == 0 || len >= size)
+			return -ENOENT;
+		memcpy(buf, next + 6, len);
+		buf[len] = '\0';
+		return 0;
+	}
+	return -ENOENT;
+}
+
+/* Whether pid holds an fd to the file (dev, ino). */
+static bool holds(pid_t pid, dev_t dev, ino_t ino)
+{
+	char path[64];
+	DIR *dir;
+	struct dirent *de;
+	bool yes = false;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	dir = opendir(path);
+	while (dir && !yes && (de = readdir(dir))) {
+		struct stat st;
+
+		yes = de->d_name[0] != '.' && fstatat(dirfd(dir), de->d_name, &st, 0) == 0 &&
+		      st.st_dev == dev && st.st_ino == ino;
+	}
+	if (dir)
+		closedir(dir);
+	return yes;
+}
+
+/* Whether the registry names pid anywhere (a VMM, an update's old or new
+ * one, a pre-flight's: every "..pid" member), or cprd already knows it. */
+static bool recorded(json_object *o, pid_t pid)
+{
+	if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++)
+			if (recorded(json_object_array_get_idx(o, i), pid))
+				return true;
+		return false;
+	}
+	if (!json_object_is_type(o, json_type_object))
+		return false;
+	json_object_object_foreach(o, k, v)
+	{
+		size_t n = strlen(k);
+
+		if (n >= 3 && streq(k + n - 3, "pid") && json_object_is_type(v, json_type_int) &&
+		    json_object_get_int(v) == pid)
+			return true;
+		if (recorded(v, pid))
+			return true;
+	}
+	return false;
+}
+
+static bool known_vmm(const struct daemon *d, json_object *registry, pid_t pid)
+{
+	for (const struct vmm *v = d->vmms; v; v = v->daemon_next)
+		if (v->pid == pid)
+			return true;
+	return recorded(registry, pid);
+}
+
+/* A VMM that a killed cprd had asked the launcher for, and not yet
+ * recorded, runs on unknown: paused, holding the VM's memory and console,
+ * and nobody would ever end it. It is found by its command line (cprd names
+ * every VMM "-name guest=NAME") and by what it holds (that VM's own RAM
+ * memfd, the same inode), and ended: the guest runs in the VMM the registry
+ * names, or in none. */
+static void end_strays(struct daemon *d, json_object *registry)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *de;
+
+	while (proc && (de = readdir(proc))) {
+		pid_t pid = (pid_t)atoi(de->d_name);
+		const memstore_entry *ram;
+		char name[MEMSTORE_NAME_MAX];
+		struct stat st;
+		int fd;
+
+		if (pid <= 1 || pid == getpid() || known_vmm(d, registry, pid) ||
+		    cmdline_guest(pid, name, sizeof(name)) < 0 || !vm_find(d, name) ||
+		    memstore_get(d->store, name, DEVICE_RAM_ID, &ram) < 0 ||
+		    fstat(ram->fd, &st) < 0 || !holds(pid, st.st_dev, st.st_ino))
+			continue;
+		fd = pidfd_open(pid, 0);
+		if (fd >= 0 && pidfd_send_signal(fd, SIGKILL, NULL, 0) == 0)
+			log_warning("VM %s: ended pid %d, a VMM that holds its memory but that no "
+				    "record names (a cprd that died while starting it)",
+				    name, (int)pid);
+		safe_close(fd);
+	}
+	if (proc)
+		closedir(proc);
+}
+
+int recover(struct daemon *d, json_object *pidfds)
+{
+	_cleanup_json_ json_object *root = load_registry(d);
+	json_object *vms = json_object_object_get(root, "vms");
+	size_t n = vms ? json_object_array_length(vms) : 0;
+
+	for (size_t i = 0; i < n; i++) {
+		json_object *rec = json_object_array_get_idx(vms, i), *pfd;
+		const char *name = jstr(rec, "name");
+		int stored = -EBADF;
+
+		if (name && json_object_object_get_ex(pidfds, name, &pfd)) {
+			stored = json_object_get_int(pfd);
+			json_object_object_del(pidfds, name);
+		}
+		recover_one(d, rec, stored);
+	}
+	checkpoint_recover(d);
+	json_object_object_foreach(pidfds, k, v)
+	{
+		(void)k;
+		close(json_object_get_int(v));
+	}
+	for (struct vm *vm = d->vms; vm; vm = vm->next) {
+		int r = vm_pick_uid(vm);
+
+		if (r >= 0)
+			r = vm_prepare_run_dir(vm);
+		/* A console log from before the VM had a uid: its next VMM
+		 * reopens it as that uid. */
+		if (r >= 0)
+			r = devices_own(vm);
+		if (r < 0)
+			log_error(
+			    "VM %s: cannot give it a VMM uid and directory %s: %s; its updates "
+			    "will fail",
+			    vm->cfg.name, vm->run_dir, strerror(-r));
+	}
+	/* Fds inherited for VMs the registry does not know are not ours to keep. */
+	for (size_t i = 0; i < memstore_count(d->store, NULL);) {
+		const memstore_entry *e = memstore_nth(d->store, NULL, i);
+
+		if (!vm_find(d, e->vm)) {
+			char vm[MEMSTORE_NAME_MAX], fd[MEMSTORE_NAME_MAX];
+
+			snprintf(vm, sizeof(vm), "%s", e->vm);
+			snprintf(fd, sizeof(fd), "%s", e->name);
+			log_warning("releasing inherited fd %s/%s: no such VM in the registry", vm,
+				    fd);
+			fdstore_remove(d, vm, fd);
+			memstore_remove(d->store, vm, fd);
+			continue;
+		}
+		i++;
+	}
+	end_strays(d, root);
+	/* Also when there was none: a state directory that cannot take the
+	 * registry shows up now, in daemon.status, not at the first create. */
+	(void)vm_registry_commit(d);
+	return (int)n;
+}
