@@ -70,8 +70,9 @@ static int fail(const char **ret_why, const char *why, int r)
 /* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing past
  * U+10FFFF. json-c copies string bytes as they come, so what it is given
  * is what a reply would echo: a reply must be valid JSON, hence UTF-8. */
-static bool utf8_valid(const unsigned char *p, size_t n)
+bool jsonrpc_utf8_valid(const char *s, size_t n)
 {
+	const unsigned char *p = (const unsigned char *)s;
 	size_t i = 0;
 
 	while (i < n) {
@@ -188,7 +189,7 @@ int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **r
 	/* json-c would stop at a NUL and ignore what follows. */
 	if (memchr(msg, '\0', len))
 		return fail(ret_why, "NUL byte in message", -EBADMSG);
-	if (!utf8_valid((const unsigned char *)msg, len))
+	if (!jsonrpc_utf8_valid(msg, len))
 		return fail(ret_why, "not valid UTF-8", -EBADMSG);
 
 	tok = json_tokener_new_ex(JSONRPC_MAX_DEPTH);

@@ -63,6 +63,10 @@ json_object *jsonrpc_error_data_new(int code, const char *param);
  */
 int jsonrpc_parse(const char *msg, size_t len, json_object **ret, const char **ret_why);
 
+/* Whether s[0..n) is strict UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing past U+10FFFF): what a reply may carry. */
+bool jsonrpc_utf8_valid(const char *s, size_t n);
+
 typedef struct jsonrpc_request {
 	const char *method;   /* borrowed from the object */
 	json_object *params;  /* borrowed; NULL when absent */

@@ -46,21 +46,21 @@
 #include "proto/frame.h"
 #include "proto/jsonrpc.h"
 
-#define FUZZ_MAX_MSG 4096     /* small, so the size limit is reached */
+#define FUZZ_MAX_MSG 4096 /* small, so the size limit is reached */
 #define REPLY_MAX_MSG (1 << 20)
-#define FD_PROBE 128          /* fds above the lowest free one that are checked */
-#define MAX_SEND_FDS 20       /* a few more than PROTO_MAX_FDS */
-#define REPLY_RING 64         /* more than the replies ever in flight at once */
+#define FD_PROBE 128    /* fds above the lowest free one that are checked */
+#define MAX_SEND_FDS 20 /* a few more than PROTO_MAX_FDS */
+#define REPLY_RING 64   /* more than the replies ever in flight at once */
 
-#define fuzz_assert(cond, ...)                                                  \
-	do {                                                                    \
-		if (!(cond)) {                                                  \
-			fprintf(stderr, "fuzz_proto: %s:%d: assertion '%s' failed: ", \
-				__FILE__, __LINE__, #cond);                     \
-			fprintf(stderr, __VA_ARGS__);                           \
-			fputc('\n', stderr);                                    \
-			abort();                                                \
-		}                                                               \
+#define fuzz_assert(cond, ...)                                                                  \
+	do {                                                                                    \
+		if (!(cond)) {                                                                  \
+			fprintf(stderr, "fuzz_proto: %s:%d: assertion '%s' failed: ", __FILE__, \
+				__LINE__, #cond);                                               \
+			fprintf(stderr, __VA_ARGS__);                                           \
+			fputc('\n', stderr);                                                    \
+			abort();                                                                \
+		}                                                                               \
 	} while (0)
 
 static bool verbose; /* FUZZ_PROTO_VERBOSE=1: one line per input */
@@ -74,7 +74,7 @@ typedef struct fuzz_ctx {
 	bool in_dead;          /* the daemon would close the connection */
 	int dead_why;          /* the errno it gave up on */
 	bool in_eof;
-	bool flush_each;       /* flush after every reply, not after each read */
+	bool flush_each; /* flush after every reply, not after each read */
 	uint64_t messages, replies_sent, replies_seen;
 	size_t reply_nfds[REPLY_RING]; /* fds each reply in flight was queued with */
 } fuzz_ctx;
@@ -96,7 +96,7 @@ static void fd_snapshot(int base, bool open_fds[FD_PROBE])
 	struct pollfd p[FD_PROBE];
 
 	for (int i = 0; i < FD_PROBE; i++)
-		p[i] = (struct pollfd){.fd = base + i, .events = 0};
+		p[i] = (struct pollfd){ .fd = base + i, .events = 0 };
 	(void)poll(p, FD_PROBE, 0);
 	for (int i = 0; i < FD_PROBE; i++)
 		open_fds[i] = !(p[i].revents & POLLNVAL);
@@ -118,7 +118,7 @@ static uint32_t prng_next(uint32_t *s)
 static size_t chunk_len(unsigned pattern, uint8_t param, uint32_t *rng, size_t idx,
 			const uint8_t *p, size_t left)
 {
-	static const size_t fib[] = {1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987};
+	static const size_t fib[] = { 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987 };
 	size_t n;
 
 	switch (pattern) {
@@ -157,7 +157,7 @@ static size_t chunk_len(unsigned pattern, uint8_t param, uint32_t *rng, size_t i
 /* How many fds travel with chunk idx. */
 static size_t chunk_nfds(unsigned fd_mode, unsigned fd_sel, uint32_t *rng, size_t idx)
 {
-	static const size_t counts[] = {1, 1, 2, 3, 15, 16, 17, MAX_SEND_FDS};
+	static const size_t counts[] = { 1, 1, 2, 3, 15, 16, 17, MAX_SEND_FDS };
 	size_t n = counts[fd_sel];
 
 	switch (fd_mode) {
@@ -246,23 +246,26 @@ static bool drain_replies(fuzz_ctx *c)
 		for (;;) {
 			_cleanup_free_ char *msg = NULL;
 			_cleanup_free_ int *fds = NULL;
-			size_t len = 0, nfds = 0, want = c->reply_nfds[c->replies_seen % REPLY_RING];
+			size_t len = 0, nfds = 0,
+			       want = c->reply_nfds[c->replies_seen % REPLY_RING];
 			bool take_fds = c->replies_seen % 2 == 0;
-			int r = proto_reader_next(c->replies, &msg, &len, take_fds ? &fds : NULL, &nfds);
+			int r = proto_reader_next(c->replies, &msg, &len, take_fds ? &fds : NULL,
+						  &nfds);
 
 			if (r == 0)
 				break;
 			fuzz_assert(r == 1, "reply reader next: %s", strerror(-r));
-			fuzz_assert(c->replies_seen < c->replies_sent, "more replies than were sent");
+			fuzz_assert(c->replies_seen < c->replies_sent,
+				    "more replies than were sent");
 			fuzz_assert(len == strlen(msg), "reply with embedded NUL");
 			if (!take_fds)
 				want = 0; /* the reader closed them */
-			fuzz_assert(nfds == want,
-				    "reply %llu came with %zu fds, was sent with %zu",
+			fuzz_assert(nfds == want, "reply %llu came with %zu fds, was sent with %zu",
 				    (unsigned long long)c->replies_seen, nfds, want);
 			for (size_t i = 0; i < nfds; i++) {
 				int fl = fcntl(fds[i], F_GETFD);
-				fuzz_assert(fl >= 0 && (fl & FD_CLOEXEC), "bad reply fd %d", fds[i]);
+				fuzz_assert(fl >= 0 && (fl & FD_CLOEXEC), "bad reply fd %d",
+					    fds[i]);
 			}
 			close_many(fds, nfds);
 			c->replies_seen++;
@@ -306,18 +309,25 @@ static json_object *answer(const char *msg, size_t len)
 
 	r = jsonrpc_parse(msg, len, &o, &why);
 	if (r < 0) {
-		fuzz_assert(r == -EBADMSG && why, "jsonrpc_parse: %d without reason", r);
-		/* Carry the raw bytes as data: they hold '\r', control bytes and
-		 * invalid UTF-8 that the serialisation must still keep on one line. */
-		return jsonrpc_error_new(NULL, JSONRPC_PARSE_ERROR, why,
-					 json_object_new_string_len(msg, (int)len));
+		fuzz_assert((r == -EBADMSG || r == -ERANGE || r == -ENOTUNIQ) && why,
+			    "jsonrpc_parse: %d without reason", r);
+		/* Carry the raw bytes as data: they hold '\r' and control bytes
+		 * that the serialisation must still keep on one line. Bytes that
+		 * are not UTF-8 no reply may carry (it would not be JSON), so a
+		 * message refused for them is answered without them, as cprd
+		 * answers it. */
+		return jsonrpc_error_new(
+		    NULL, r == -EBADMSG ? JSONRPC_PARSE_ERROR : JSONRPC_INVALID_REQUEST, why,
+		    jsonrpc_utf8_valid(msg, len) ? json_object_new_string_len(msg, (int)len)
+						 : NULL);
 	}
 
 	if (json_object_is_type(o, json_type_array)) {
 		size_t n = json_object_array_length(o);
 
 		if (n == 0) {
-			reply = jsonrpc_error_new(NULL, JSONRPC_INVALID_REQUEST, "empty batch", NULL);
+			reply =
+			    jsonrpc_error_new(NULL, JSONRPC_INVALID_REQUEST, "empty batch", NULL);
 		} else {
 			reply = json_object_new_array();
 			fuzz_assert(reply, "out of memory");
@@ -349,10 +359,12 @@ static void take_messages(fuzz_ctx *c)
 		if (r < 0) {
 			/* -EBADMSG (fds on a blank line) or -EMSGSIZE: the daemon
 			 * answers with an error and closes the connection. */
-			fuzz_assert(r == -EBADMSG || r == -EMSGSIZE, "reader next: %s", strerror(-r));
+			fuzz_assert(r == -EBADMSG || r == -EMSGSIZE, "reader next: %s",
+				    strerror(-r));
 			c->in_dead = true;
 			c->dead_why = -r;
-			send_reply(c, jsonrpc_error_new(NULL, JSONRPC_ERR_BAD_FDS, strerror(-r), NULL),
+			send_reply(c,
+				   jsonrpc_error_new(NULL, JSONRPC_ERR_BAD_FDS, strerror(-r), NULL),
 				   NULL, 0);
 			break;
 		}
@@ -393,8 +405,9 @@ static void daemon_read(fuzz_ctx *c)
 			c->in_dead = true;
 			c->dead_why = (int)-n;
 			send_reply(c,
-				   jsonrpc_error_new(NULL, n == -EMSGSIZE ? JSONRPC_ERR_TOO_LARGE
-									  : JSONRPC_ERR_BAD_FDS,
+				   jsonrpc_error_new(NULL,
+						     n == -EMSGSIZE ? JSONRPC_ERR_TOO_LARGE
+								    : JSONRPC_ERR_BAD_FDS,
 						     strerror((int)-n), NULL),
 				   NULL, 0);
 			flush_replies(c);
@@ -433,7 +446,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	size_t left = size >= 2 ? size - 2 : size, idx = 0;
 	uint32_t rng = 0x01000193u * (param + 1u);
 	int fdv[MAX_SEND_FDS];
-	fuzz_ctx c = {.a = -1, .b = -1, .devnull = -1, .flush_each = param & 0x80};
+	fuzz_ctx c = { .a = -1, .b = -1, .devnull = -1, .flush_each = param & 0x80 };
 
 	fd_snapshot(lo, before);
 
@@ -494,11 +507,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		    (unsigned long long)c.replies_seen);
 
 	if (verbose)
-		fprintf(stderr,
-			"fuzz_proto: mode %#x param %u: %zu chunks, %llu messages, %llu replies, %s\n",
-			mode, param, idx, (unsigned long long)c.messages,
-			(unsigned long long)c.replies_seen,
-			c.in_dead ? strerror(c.dead_why) : "EOF");
+		fprintf(
+		    stderr,
+		    "fuzz_proto: mode %#x param %u: %zu chunks, %llu messages, %llu replies, %s\n",
+		    mode, param, idx, (unsigned long long)c.messages,
+		    (unsigned long long)c.replies_seen, c.in_dead ? strerror(c.dead_why) : "EOF");
 	c.replies = proto_reader_free(c.replies);
 	c.a = safe_close(c.a);
 	c.devnull = safe_close(c.devnull);
