@@ -149,12 +149,15 @@ json_object *vm_to_json(struct vm *vm);
 /* How many files the running VMM maps that were replaced on disk since
  * (see proc_replaced_files()), their names in buf; -ESRCH when no VMM runs. */
 int vm_outdated(struct vm *vm, char *buf, size_t size);
-/* What v, one of the VM's VMMs, wrote to the VM's VMM log since it started
- * (the log is shared by its VMMs), on one line; with v NULL, the log's
- * tail. */
 /* What keeps the VM busy ("being updated", "starting", ...), or NULL when
  * nothing runs on it that another operation would have to wait for. */
 const char *vm_busy(const struct vm *vm);
+/* What v, one of the VM's VMMs, wrote to the VM's VMM log since it started
+ * (the log is shared by its VMMs), on one line; with v NULL, the log's
+ * tail. Errors quote up to VM_VMM_SAID_MAX bytes of it: a QEMU that fails
+ * to load a migration says why, then what followed (a broken pipe, the
+ * load failing), and the why must still be in it. */
+#define VM_VMM_SAID_MAX 640
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size);
 json_object *vm_fds_to_json(struct vm *vm);
 

@@ -105,7 +105,7 @@ struct ckpt {
 	uint64_t digest, expect_digest;
 	char *old_vmm, *new_vmm;
 	json_object *meta; /* restore: the checkpoint's */
-	char error[512];
+	char error[1024];  /* room for a reason and VM_VMM_SAID_MAX of the VMM's words */
 };
 
 static void finish_save(struct ckpt *k);
@@ -835,7 +835,7 @@ static void failed_why(qmp *q, json_object *ret, const char *cls, const char *de
 {
 	struct ckpt *k = ud;
 	const char *why = ret ? jstr(ret, "error-desc") : NULL;
-	char tail[300] = "";
+	char tail[VM_VMM_SAID_MAX] = "";
 
 	struct statvfs sv;
 
@@ -1169,7 +1169,7 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		if (vmm_command(v, "cont", NULL, -EBADF, cont_done, k) < 0)
 			restore_fail(k, "lost the new VMM's monitor");
 	} else if (st && streq(st, "failed")) {
-		char tail[300];
+		char tail[VM_VMM_SAID_MAX];
 
 		vm_vmm_said(k->vm, v, tail, sizeof(tail));
 		restore_fail(k, "the new VMM could not load the checkpoint%s%s",
@@ -1195,7 +1195,7 @@ static void next_spawned(struct vmm *v, void *ud)
 static void next_exited(struct vmm *v, void *ud)
 {
 	struct ckpt *k = ud;
-	char tail[300];
+	char tail[VM_VMM_SAID_MAX];
 
 	if (v->spawn_error) {
 		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm,

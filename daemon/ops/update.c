@@ -589,7 +589,7 @@ static void kill_unconfirmed(struct update *u)
  * words, from that VMM's run only (the log is shared by the VM's VMMs). */
 static void rollback_with_log(struct update *u, const char *why)
 {
-	char tail[300] = "";
+	char tail[VM_VMM_SAID_MAX] = "";
 	struct vmm *said = u->s->in_place && !u->next ? u->vm->vmm : u->next;
 
 	if (said)
@@ -1004,7 +1004,7 @@ static void rollback_vmm_event(struct vmm *v, const char *event, json_object *da
 {
 	struct update *u = ud;
 	const char *st;
-	char tail[300] = "";
+	char tail[VM_VMM_SAID_MAX] = "";
 
 	if (streq(event, "RESUME")) {
 		u->old_resume_us = ts_us;
@@ -1027,7 +1027,7 @@ static void rollback_vmm_event(struct vmm *v, const char *event, json_object *da
 static void rollback_vmm_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
-	char tail[300] = "";
+	char tail[VM_VMM_SAID_MAX] = "";
 
 	vm_vmm_said(u->vm, v, tail, sizeof(tail));
 	rollback_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
@@ -1101,7 +1101,7 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 static bool in_place_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
-	char tail[300] = "";
+	char tail[VM_VMM_SAID_MAX] = "";
 
 	if (u->phase == PHASE_PREPARE ||
 	    (u->phase == PHASE_ROLLBACK && u->failed_in == PHASE_PREPARE))

@@ -131,7 +131,7 @@ struct update {
 	uint64_t old_image; /* in place: the old image's proc_image_id(), 0 unknown */
 	char *old_binary, *new_binary;
 	char old_version[32], new_version[32];
-	char error[512];
+	char error[1024]; /* room for a reason and VM_VMM_SAID_MAX of the VMM's words */
 };
 
 /* ---- what the engine offers strategies ---- */
