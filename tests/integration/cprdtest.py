@@ -629,6 +629,21 @@ class NetNs:
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
 
 
+class NetNsDaemonTest(unittest.TestCase):
+    """A cprd of the test's own in a network namespace the test makes
+    (self.ns), for tests that give VMs a tap: it never appears on the host."""
+
+    def setUp(self):
+        require_root(self)
+        require_guest()
+        if not os.path.exists("/dev/net/tun"):
+            self.skipTest("no /dev/net/tun on this host")
+        self.ns = NetNs()
+        self.addCleanup(self.ns.delete)
+        self.d = Daemon(prefix=self.ns.prefix).start()
+        self.addCleanup(self.d.stop)
+
+
 def kill_vmms_under(state_dir):
     """Kill any VMM that still holds a file of this test's state directory
     (its console or log): a failed test must not leave guests behind."""

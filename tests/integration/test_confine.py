@@ -13,7 +13,7 @@ import stat
 import subprocess
 import unittest
 
-from cprdtest import (KERNEL, Console, Daemon, NetNs, SharedDaemonTest, children, pid_alive,
+from cprdtest import (KERNEL, Console, Daemon, NetNsDaemonTest, SharedDaemonTest, children, pid_alive,
                       require_guest, require_root, wait_until)
 
 # Run inside the VMM's namespaces and identity: what can it reach?
@@ -278,24 +278,11 @@ class Confined(SharedDaemonTest):
         self.d.cprctl("destroy", "cf", check=True)
 
 
-if __name__ == "__main__":
-    unittest.main()
 
-
-class ConfinedTap(unittest.TestCase):
+class ConfinedTap(NetNsDaemonTest):
     """A confined VMM in its own network namespace still drives the tap it
     is handed, across both update strategies. cprd runs in a network
     namespace the test makes, so the tap never appears on the host."""
-
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        if not os.path.exists("/dev/net/tun"):
-            self.skipTest("no /dev/net/tun on this host")
-        self.ns = NetNs()
-        self.addCleanup(self.ns.delete)
-        self.d = Daemon(prefix=self.ns.prefix).start()
-        self.addCleanup(self.d.stop)
 
     def test_tap_works_across_namespaces_through_both_strategies(self):
         ifname = "cprdtap0"
@@ -321,3 +308,7 @@ class ConfinedTap(unittest.TestCase):
             con.assert_healthy(self)
         self.d.call("vm.destroy", {"name": "nt"})
         wait_until(lambda: not self.ns.link(ifname), 5, "the tap interface to disappear")
+
+
+if __name__ == "__main__":
+    unittest.main()

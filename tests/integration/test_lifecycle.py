@@ -9,7 +9,7 @@ import stat
 import time
 import unittest
 
-from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, NetNs, QEMU, RpcError,
+from cprdtest import (CPRD, guest_accel, Console, Daemon, GuestTest, GUEST_APPEND, INITRD, KERNEL, NetNsDaemonTest, QEMU, RpcError,
                       SharedDaemonTest,                      children, pid_alive, require_guest, require_root, wait_until, wrapper)
 
 
@@ -203,19 +203,9 @@ class Strays(GuestTest):
         self.assertEqual((st["state"], st["pid"]), ("running", vm["pid"]))
 
 
-class Tap(unittest.TestCase):
+class Tap(NetNsDaemonTest):
     """cprd runs in a network namespace the test makes: the taps it creates
     never appear on the host."""
-
-    def setUp(self):
-        require_root(self)
-        require_guest()
-        if not os.path.exists("/dev/net/tun"):
-            self.skipTest("no /dev/net/tun on this host")
-        self.ns = NetNs()
-        self.addCleanup(self.ns.delete)
-        self.d = Daemon(prefix=self.ns.prefix).start()
-        self.addCleanup(self.d.stop)
 
     def test_tap_fd_is_held_passed_to_qemu_and_kept_across_an_update(self):
         ifname = "cprdtap0"
