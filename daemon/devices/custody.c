@@ -8,12 +8,22 @@
 #include "daemon/core/fdstore.h"
 #include "daemon/core/vm.h"
 
+/* A device its VMM opens anew (owned_by_vm) belongs to the VM's uid. */
+static int own(const struct vm *vm, const struct device_type *t, int fd)
+{
+	if (t->owned_by_vm && vm->cfg.uid > 0 && fchown(fd, vm->cfg.uid, vm->cfg.uid) < 0)
+		return -errno;
+	return 0;
+}
+
 /* Into the fd store as soon as it is held, not at shutdown: a crash must
  * not lose it. Takes fd, also on failure. */
 static int hold(struct vm *vm, const struct device_type *t, int fd)
 {
-	int r = memstore_put(vm->d->store, vm->cfg.name, t->id, t->custody, fd);
+	int r = own(vm, t, fd);
 
+	if (r >= 0)
+		r = memstore_put(vm->d->store, vm->cfg.name, t->id, t->custody, fd);
 	if (r < 0) {
 		close(fd);
 		return r;
@@ -77,9 +87,11 @@ int devices_own(struct vm *vm)
 		const struct device_type *t = device_type_nth(i);
 		const memstore_entry *e;
 
-		if (t->owned_by_vm && memstore_get(vm->d->store, vm->cfg.name, t->id, &e) >= 0 &&
-		    fchown(e->fd, vm->cfg.uid, vm->cfg.uid) < 0)
-			return -errno;
+		int r;
+
+		if (memstore_get(vm->d->store, vm->cfg.name, t->id, &e) >= 0 &&
+		    (r = own(vm, t, e->fd)) < 0)
+			return r;
 	}
 	return 0;
 }

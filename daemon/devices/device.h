@@ -66,8 +66,8 @@ struct device_type {
 	 * reopened (guest RAM: the checkpoint brings it back). */
 	int (*reopen)(const struct vm *vm, const char *arg, int *ret_fd);
 	/* Add its QEMU arguments for the fd the VMM has at child_fd to qc
-	 * (qc's machine-wide fields are set). -EINVAL when child_fd cannot
-	 * be the VMM's. */
+	 * (qc's machine-wide fields are set; child_fd is at least
+	 * QEMU_CHILD_FD_BASE, devices_qemu_args() sees to it). */
 	int (*qemu_args)(const char *arg, int child_fd, struct qemu_config *qc);
 	/* enum device_carry: how it may reach the next VMM. */
 	unsigned carry;

@@ -56,6 +56,18 @@ void device_args_done(struct device_args *args)
 	*args = (struct device_args){};
 }
 
+const char *devices_refused(const struct device_args *args, const char **ret_param, char *why,
+			    size_t size)
+{
+	for (size_t i = 0; i < ELEMENTSOF(types); i++)
+		if (args->arg[i] && types[i]->check &&
+		    types[i]->check(args->arg[i], why, size) < 0) {
+			*ret_param = types[i]->param;
+			return why;
+		}
+	return NULL;
+}
+
 void devices_to_json(const struct device_args *args, bool nulls, json_object *o)
 {
 	for (size_t i = 0; i < ELEMENTSOF(types); i++) {
@@ -110,27 +122,12 @@ int devices_qemu_args(const struct device_args *args, const struct device_layout
 
 		if (layout->child[i] < 0)
 			continue;
+		if (layout->child[i] < QEMU_CHILD_FD_BASE)
+			return -EINVAL; /* the VMM's stdio, or its log */
 		r = types[i]->qemu_args(args->arg[i], layout->child[i], qc);
 		if (r < 0)
 			return r;
 	}
-	return 0;
-}
-
-unsigned device_carry_of(const char *strategy)
-{
-	static const struct {
-		const char *name;
-		enum device_carry how;
-	} ways[] = {
-		{ "handover", DEVICE_BY_HANDOVER },
-		{ "cpr-transfer", DEVICE_BY_CPR_TRANSFER },
-		{ "cpr-exec", DEVICE_BY_CPR_EXEC },
-	};
-
-	for (size_t i = 0; strategy && i < ELEMENTSOF(ways); i++)
-		if (streq(ways[i].name, strategy))
-			return ways[i].how;
 	return 0;
 }
 

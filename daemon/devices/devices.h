@@ -33,6 +33,10 @@ bool device_id_reserved(const char *name);
 bool device_present(const struct device_args *args, size_t i);
 
 void device_args_done(struct device_args *args);
+/* Why a type refuses its argument in args (why, with the parameter in
+ * *ret_param), or NULL when every type accepts its own. */
+const char *devices_refused(const struct device_args *args, const char **ret_param, char *why,
+			    size_t size);
 /* The devices' keys added to o, in the table's order: only those given, or
  * (with nulls) every one, null when not given (vm.status). */
 void devices_to_json(const struct device_args *args, bool nulls, json_object *o);
@@ -56,9 +60,6 @@ void devices_layout(const bool present[DEVICE_TYPES_MAX], struct device_layout *
 int devices_qemu_args(const struct device_args *args, const struct device_layout *layout,
 		      struct qemu_config *qc);
 
-/* The way (enum device_carry) an update strategy carries devices, by its
- * name; 0 for a name it does not know (which then carries nothing). */
-unsigned device_carry_of(const char *strategy);
 /* Whether every device of args can reach a next VMM by how (one of enum
  * device_carry); when not, why names it. */
 bool devices_carried(const struct device_args *args, unsigned how, char *why, size_t size);

@@ -24,8 +24,6 @@ static int ram_qemu_args(const char *arg, int child_fd, struct qemu_config *qc)
 {
 	struct qemu_args *a = &qc->devices[QEMU_PLACE_MEMORY];
 
-	if (child_fd < QEMU_CHILD_FD_BASE)
-		return -EINVAL;
 	qemu_args_add(a, "-object");
 	qemu_args_addf(a,
 		       "memory-backend-file,id=" DEVICE_RAM_ID ",size=%" PRIu64

@@ -48,8 +48,6 @@ static int tap_qemu_args(const char *ifname, int child_fd, struct qemu_config *q
 {
 	struct qemu_args *a = &qc->devices[QEMU_PLACE_DEVICE];
 
-	if (child_fd < QEMU_CHILD_FD_BASE)
-		return -EINVAL;
 	qemu_args_add(a, "-netdev");
 	qemu_args_addf(a, "tap,id=net0,fd=%d", child_fd);
 	qemu_args_add(a, "-device");

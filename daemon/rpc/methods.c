@@ -161,7 +161,7 @@ static bool params_bind(struct call *c, json_object *params, void *const *out, s
 	for (size_t i = 0; i < n; i++)
 		if (!param_bind(c, params, &spec[i], out[i]))
 			return false;
-	/* Read by the handler (devices_bind()); checked here like its own. */
+	/* Read by the handler (devices_from_json()); checked here like its own. */
 	for (size_t i = 0; device_param(m, i, &dp); i++)
 		if (!param_bind(c, params, &dp, &(const char *){ NULL }))
 			return false;
@@ -420,31 +420,6 @@ static const struct param vm_create_params[] = {
 	{ "cpr_exec", PARAM_BOOL, false },
 };
 
-/* Each device's vm.create parameter (params_bind() checked its type) into
- * cfg, once its type accepts it. */
-static bool devices_bind(struct call *c, json_object *params, struct device_args *args)
-{
-	const struct device_type *t;
-	char why[256];
-
-	for (size_t i = 0; (t = device_type_nth(i)); i++) {
-		json_object *v;
-
-		if (!t->param || !json_object_object_get_ex(params, t->param, &v) || !v)
-			continue;
-		if (t->check && t->check(json_object_get_string(v), why, sizeof(why)) < 0) {
-			call_fail_param(c, JSONRPC_INVALID_PARAMS, t->param, "%s", why);
-			return false;
-		}
-		args->arg[i] = strdup(json_object_get_string(v));
-		if (!args->arg[i]) {
-			call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
-			return false;
-		}
-	}
-	return true;
-}
-
 static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
@@ -455,6 +430,8 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			      &append, &vmm,    &machine, &cpr_exec };
 	_cleanup_free_ char *found = NULL;
 	struct vm_config cfg = {};
+	const char *dev_param;
+	char why[256];
 	int r;
 
 	if (!params_bind(c, params, out, ELEMENTSOF(out)))
@@ -501,7 +478,14 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 			return;
 		}
 	}
-	if (!devices_bind(c, params, &cfg.devices)) {
+	/* params_bind() checked their types. */
+	if (devices_from_json(params, &cfg.devices) < 0) {
+		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
+		vm_config_done(&cfg);
+		return;
+	}
+	if (devices_refused(&cfg.devices, &dev_param, why, sizeof(why))) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, dev_param, "%s", why);
 		vm_config_done(&cfg);
 		return;
 	}
@@ -659,7 +643,7 @@ static void m_vm_update(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (!(binary = new_vmm_or_fail(d, c, vmm ? vmm : vm->cfg.vmm)))
 		return;
-	if (!devices_carried(&vm->cfg.devices, device_carry_of(s->name), why, sizeof(why)) ||
+	if (!devices_carried(&vm->cfg.devices, s->carry, why, sizeof(why)) ||
 	    (s->possible && !s->possible(vm, binary, why, sizeof(why)))) {
 		log_warning("VM %s: %s update to %s refused: %s", vm->cfg.name, s->name, binary,
 			    why);

@@ -18,6 +18,7 @@
 
 #include "common/file.h"
 #include "common/macro.h"
+#include "daemon/devices/device.h"
 #include "daemon/strategies/strategy.h"
 #include "daemon/core/vm.h"
 #include "daemon/core/vmm.h"
@@ -199,6 +200,7 @@ static bool possible(const struct vm *vm, const char *binary, char *why, size_t 
 
 const struct strategy strategy_cpr_exec = {
 	.name = "cpr-exec",
+	.carry = DEVICE_BY_CPR_EXEC,
 	.first = PHASE_PREPARE,
 	.in_place = true,
 	/* From the migrate command on, the VM's process may become the new

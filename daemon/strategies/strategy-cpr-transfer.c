@@ -17,6 +17,7 @@
 
 #include "common/macro.h"
 #include "common/proc.h"
+#include "daemon/devices/device.h"
 #include "daemon/strategies/strategy.h"
 #include "daemon/core/vm.h"
 #include "daemon/core/vmm.h"
@@ -178,6 +179,7 @@ static void done(struct update *u)
 
 const struct strategy strategy_cpr_transfer = {
 	.name = "cpr-transfer",
+	.carry = DEVICE_BY_CPR_TRANSFER,
 	.first = PHASE_PREPARE,
 	.next = {
 		[PHASE_PREPARE] = PHASE_BIT(PHASE_LAUNCH) | PHASE_BIT(PHASE_ROLLBACK),

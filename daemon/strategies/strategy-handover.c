@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 
 #include "common/macro.h"
+#include "daemon/devices/device.h"
 #include "daemon/strategies/strategy.h"
 #include "daemon/core/vm.h"
 #include "daemon/core/vmm.h"
@@ -281,6 +282,7 @@ static void done(struct update *u)
 
 const struct strategy strategy_handover = {
 	.name = "handover",
+	.carry = DEVICE_BY_HANDOVER,
 	.first = PHASE_LAUNCH,
 	.next = {
 		[PHASE_LAUNCH] = PHASE_BIT(PHASE_PREPARE) | PHASE_BIT(PHASE_ROLLBACK),

@@ -55,6 +55,8 @@ struct strategy {
 	/* Phases that are durable for this strategy besides the engine's
 	 * (op.h): entering one writes the registry. */
 	unsigned durable;
+	/* enum device_carry: the way this strategy hands devices on. */
+	unsigned carry;
 	/* The VMM process becomes the new VMM itself (cpr-exec): there is no
 	 * second process, u->next stays NULL until a rollback needs one, and
 	 * the engine tells the two images apart (see update.c, "in place"). */
