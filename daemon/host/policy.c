@@ -148,13 +148,13 @@ int policy_may_reexec(const char *self, int fd)
 {
 	struct stat st, own;
 
-	if (!self || fstat(fd, &st) < 0 || stat(self, &own) < 0)
+	if (!self)
 		return -EACCES;
+	if (fstat(fd, &st) < 0 || stat(self, &own) < 0)
+		return -errno;
 	if (!S_ISREG(st.st_mode) || st.st_dev != own.st_dev || st.st_ino != own.st_ino)
 		return -EACCES;
-	/* The file at fd is the one at self, whose path root alone can
-	 * change; that it is root's alone is asked of the fd itself. */
-	if (!fd_is_root_only(fd))
-		return -EPERM;
+	/* The file at fd is the one at self: judging self's path, the file
+	 * and every directory above it, judges it. */
 	return root_only_path(self);
 }
