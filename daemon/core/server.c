@@ -37,12 +37,13 @@ struct client {
 	proto_writer *out;
 	struct ucred peer;
 	bool privileged;
-	bool closing;    /* flush what is queued, then close */
-	bool eof;        /* peer sends no more: answer calls in flight, then close */
-	bool dead;       /* fd closed; waiting for its calls to finish */
-	bool backlog;    /* complete messages wait in the reader for their turn */
-	bool subscriber; /* events.subscribe: every event is sent here too */
-	ev_timer linger; /* a dropped subscriber is closed when it fires */
+	bool closing;           /* flush what is queued, then close */
+	bool eof;               /* peer sends no more: answer calls in flight, then close */
+	bool dead;              /* fd closed; waiting for its calls to finish */
+	bool backlog;           /* complete messages wait in the reader for their turn */
+	bool subscriber;        /* events.subscribe: every event is sent here too */
+	ev_timer linger;        /* a dropped subscriber is closed when it fires */
+	server_drop_fn dropped; /* a subscriber's last event, when it is dropped */
 	unsigned refs;
 	unsigned calls;
 	size_t accounted;      /* its part of d->out_queued */
@@ -64,6 +65,7 @@ struct batch {
 	size_t n; /* replies in text */
 	unsigned pending;
 	bool sealed; /* all calls dispatched */
+	bool in_run; /* batch_run() is dispatching: it seals, not client_close() */
 };
 
 struct call {
@@ -470,6 +472,7 @@ static void subscriber_queue(struct client *c, const char *s, size_t len, size_t
 {
 	int r = proto_writer_queue(c->out, s, len, NULL, 0);
 
+	c->dropped = dropped;
 	client_account(c);
 	if (r < 0)
 		subscriber_drop(c, strerror(-r), dropped);
@@ -623,8 +626,12 @@ static void batch_run(struct batch *b, size_t max)
 	struct client *cl = b->client;
 	size_t n = json_object_array_length(b->calls);
 
+	/* A call may close the client; client_close() then leaves the batch
+	 * to this loop, which is still reading it. */
+	b->in_run = true;
 	for (; max > 0 && b->next < n && !cl->dead; max--)
 		dispatch_one(cl, b, json_object_array_get_idx(b->calls, b->next++), NULL, 0);
+	b->in_run = false;
 	if (b->next < n && !cl->dead && !cl->closing)
 		return;
 	/* All dispatched, or the client is gone: what was not run never will. */
@@ -710,7 +717,7 @@ static void client_close(struct client *c)
 	ev_timer_stop(c->d->loop, &c->linger);
 	c->fd = safe_close(c->fd);
 	c->dead = true;
-	if (c->running)
+	if (c->running && !c->running->in_run)
 		batch_run(c->running, 0); /* the calls not run yet never will be */
 	client_account(c);                /* no longer counted: its replies go nowhere */
 	c->d->n_clients--;
@@ -822,7 +829,13 @@ static void client_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	if (c->over_since > 0 && client_over_share(c) &&
 	    now >= c->over_since + LIMITS_OUT_OVER_SEC) {
-		client_drop(c, "it stayed over its share of the budget for unread replies");
+		/* A subscriber is told, as when it passes its cap. */
+		if (c->subscriber && c->dropped && !c->closing)
+			subscriber_drop(c,
+					"it stayed over its share of the budget for unread replies",
+					c->dropped);
+		else
+			client_drop(c, "it stayed over its share of the budget for unread replies");
 		return;
 	}
 	if (d->limits.idle_timeout_sec > 0 && c->calls == 0 &&
