@@ -89,13 +89,3 @@ size_t str_escape(const char *s, size_t len, char *out, size_t size)
 	out[o] = '\0';
 	return o;
 }
-
-char *str_escaped(const char *s)
-{
-	size_t len = strlen(s);
-	char *out = len < SIZE_MAX / 4 ? malloc(4 * len + 1) : NULL;
-
-	if (out)
-		str_escape(s, len, out, 4 * len + 1);
-	return out;
-}

@@ -20,6 +20,3 @@ bool str_needs_escape(const char *s, size_t len);
  * to be decoded, and escaping it again changes nothing. A result longer
  * than size - 1 is cut at a character boundary. Returns the length written. */
 size_t str_escape(const char *s, size_t len, char *out, size_t size);
-
-/* The same into a new string the caller frees; NULL when out of memory. */
-char *str_escaped(const char *s);

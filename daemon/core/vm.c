@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/escape.h"
 #include "common/file.h"
 #include "common/json.h"
 #include "common/proc.h"
@@ -984,38 +985,50 @@ void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t siz
 	file_tail_from(vm->dir_fd, VM_VMM_LOG, v ? v->log_start : 0, buf, size);
 }
 
+/* Reading the VMM's maps is the dear part of a vm.list, and any peer may
+ * send hundreds at once: it is read once per loop turn, however many ask
+ * in that turn (vm.list, an update's decision, a scrape). The names are
+ * the VMM's to choose (what it maps), so they are escaped. */
+void vm_vmm_said_note(const struct vm *vm, const struct vmm *v, char *buf, size_t size)
+{
+	char tail[VM_VMM_SAID_MAX];
+
+	vm_vmm_said(vm, v, tail, sizeof(tail));
+	snprintf(buf, size, "%s%s", tail[0] ? "; VMM log: " : "", tail);
+}
+
 int vm_outdated(struct vm *vm, char *buf, size_t size)
 {
-	if (!vmm_alive(vm->vmm)) {
+	ev_tstamp now = ev_now(vm->d->loop);
+	pid_t pid = vmm_alive(vm->vmm) ? vm->vmm->pid : 0;
+	char raw[sizeof(vm->outdated.files)];
+
+	if (pid <= 0) {
 		buf[0] = '\0';
 		return -ESRCH;
 	}
-	return proc_replaced_files(vm->vmm->pid, buf, size);
+	if (vm->outdated.pid != pid || vm->outdated.at != now) {
+		vm->outdated.n = proc_replaced_files(pid, raw, sizeof(raw));
+		str_escape(raw, vm->outdated.n > 0 ? strlen(raw) : 0, vm->outdated.files,
+			   sizeof(vm->outdated.files));
+		vm->outdated.pid = pid;
+		vm->outdated.at = now;
+	}
+	snprintf(buf, size, "%s", vm->outdated.files);
+	return vm->outdated.n;
 }
 
 /* "outdated": whether the running VMM's binary or a library it maps was
  * replaced on disk since it started (null when that cannot be read, or
- * nothing runs), with the files' names. Reading the VMM's maps is the
- * dear part of a vm.list, and any peer may send hundreds at once: it is
- * read once per loop turn, however many ask in that turn. */
-static void add_outdated(json_object *o, struct vm *vm, pid_t pid)
+ * nothing runs), with the files' names. */
+static void add_outdated(json_object *o, struct vm *vm)
 {
-	ev_tstamp now = ev_now(vm->d->loop);
-	int n;
+	char files[sizeof(vm->outdated.files)];
+	int n = vm_outdated(vm, files, sizeof(files));
 
-	if (pid <= 0) {
-		n = -ESRCH;
-	} else if (vm->outdated.pid == pid && vm->outdated.at == now) {
-		n = vm->outdated.n;
-	} else {
-		n = proc_replaced_files(pid, vm->outdated.files, sizeof(vm->outdated.files));
-		vm->outdated.pid = pid;
-		vm->outdated.at = now;
-		vm->outdated.n = n;
-	}
 	json_object_object_add(o, "outdated", n >= 0 ? json_object_new_boolean(n > 0) : NULL);
 	if (n > 0)
-		add_str(o, "outdated_files", vm->outdated.files);
+		add_str(o, "outdated_files", files);
 }
 
 json_object *vm_to_json(struct vm *vm)
@@ -1032,7 +1045,7 @@ json_object *vm_to_json(struct vm *vm)
 	json_object_object_add(o, "pid", alive ? json_object_new_int(vm->vmm->pid) : NULL);
 	add_str(o, "vmm_version", vm->vmm && vm->vmm->version[0] ? vm->vmm->version : NULL);
 	add_str(o, "vmm_package", vm->vmm && vm->vmm->version[0] ? vm->vmm->package : NULL);
-	add_outdated(o, vm, alive ? vm->vmm->pid : 0);
+	add_outdated(o, vm);
 	add_str(o, "accel", vm->d->kvm ? "kvm" : "tcg");
 	json_object_object_add(o, "confined", json_object_new_boolean(vm->d->confine));
 	add_str(o, "console_log", vm->console_path);

@@ -46,7 +46,7 @@ struct vm {
 	ev_timer timer;    /* start-up or stop deadline */
 	struct op *op;     /* what runs on it (op.h), or NULL */
 	struct op request; /* the op of vm.create, vm.destroy, vm.pause/resume */
-	struct {           /* "outdated" as read in one loop turn (vm_to_json()) */
+	struct {           /* "outdated" as read in one loop turn (vm_outdated()) */
 		ev_tstamp at;
 		pid_t pid;
 		int n;
@@ -159,6 +159,10 @@ const char *vm_busy(const struct vm *vm);
  * load failing), and the why must still be in it. */
 #define VM_VMM_SAID_MAX 640
 void vm_vmm_said(const struct vm *vm, const struct vmm *v, char *buf, size_t size);
+/* The same as the end of an error about v: "; VMM log: <what it said>",
+ * or "" when it said nothing. size: VM_VMM_SAID_NOTE. */
+#define VM_VMM_SAID_NOTE (VM_VMM_SAID_MAX + 16)
+void vm_vmm_said_note(const struct vm *vm, const struct vmm *v, char *buf, size_t size);
 json_object *vm_fds_to_json(struct vm *vm);
 
 /* What the VM's record says (vmrecord.h), borrowed from vm. */

@@ -105,10 +105,6 @@ _printf_(2, 3) static void end(struct check *k, const char *fmt, ...)
 		json_object_put(o);
 		if (k->vm->state == VM_RUNNING && !k->vm->op)
 			update_start(k->vm, k->s, k->binary, k->timeout, k->call);
-		else if (vm_busy(k->vm))
-			call_fail(k->call, JSONRPC_ERR_BUSY,
-				  "VM '%s' is %s; try again when that has finished",
-				  k->vm->cfg.name, vm_busy(k->vm));
 		else
 			call_fail(k->call, JSONRPC_ERR_BAD_STATE,
 				  "VM '%s' is %s; only a running VM can be updated",

@@ -1169,11 +1169,10 @@ static void next_event(struct vmm *v, const char *event, json_object *data, int6
 		if (vmm_command(v, "cont", NULL, -EBADF, cont_done, k) < 0)
 			restore_fail(k, "lost the new VMM's monitor");
 	} else if (st && streq(st, "failed")) {
-		char tail[VM_VMM_SAID_MAX];
+		char note[VM_VMM_SAID_NOTE];
 
-		vm_vmm_said(k->vm, v, tail, sizeof(tail));
-		restore_fail(k, "the new VMM could not load the checkpoint%s%s",
-			     tail[0] ? "; VMM log: " : "", tail);
+		vm_vmm_said_note(k->vm, v, note, sizeof(note));
+		restore_fail(k, "the new VMM could not load the checkpoint%s", note);
 	}
 }
 
@@ -1195,16 +1194,15 @@ static void next_spawned(struct vmm *v, void *ud)
 static void next_exited(struct vmm *v, void *ud)
 {
 	struct ckpt *k = ud;
-	char tail[VM_VMM_SAID_MAX];
+	char note[VM_VMM_SAID_NOTE];
 
 	if (v->spawn_error) {
 		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm,
 			     launcher_strerror(v->spawn_error));
 		return;
 	}
-	vm_vmm_said(k->vm, v, tail, sizeof(tail));
-	restore_fail(k, "the new VMM %s while loading the checkpoint%s%s", v->exit_desc,
-		     tail[0] ? "; VMM log: " : "", tail);
+	vm_vmm_said_note(k->vm, v, note, sizeof(note));
+	restore_fail(k, "the new VMM %s while loading the checkpoint%s", v->exit_desc, note);
 }
 
 static void next_monitor_lost(struct vmm *v, void *ud)

@@ -229,17 +229,23 @@ static void log_result(struct update *u, json_object *rep)
 		   (int)u->old_pid, (int)u->new_pid, u->error[0] ? " error=" : "", u->error);
 }
 
-_printf_(2, 3) static void add_error(struct update *u, const char *fmt, ...)
+_printf_(2, 0) static void add_verror(struct update *u, const char *fmt, va_list ap)
 {
 	size_t n = strlen(u->error);
-	va_list ap;
 
 	if (n && n + 2 < sizeof(u->error)) {
 		memcpy(u->error + n, "; ", 3);
 		n += 2;
 	}
-	va_start(ap, fmt);
 	vsnprintf(u->error + n, sizeof(u->error) - n, fmt, ap);
+}
+
+_printf_(2, 3) static void add_error(struct update *u, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	add_verror(u, fmt, ap);
 	va_end(ap);
 }
 
@@ -589,12 +595,12 @@ static void kill_unconfirmed(struct update *u)
  * words, from that VMM's run only (the log is shared by the VM's VMMs). */
 static void rollback_with_log(struct update *u, const char *why)
 {
-	char tail[VM_VMM_SAID_MAX] = "";
+	char note[VM_VMM_SAID_NOTE] = "";
 	struct vmm *said = u->s->in_place && !u->next ? u->vm->vmm : u->next;
 
 	if (said)
-		vm_vmm_said(u->vm, said, tail, sizeof(tail));
-	update_rollback(u, "%s%s%s", why, tail[0] ? "; VMM log: " : "", tail);
+		vm_vmm_said_note(u->vm, said, note, sizeof(note));
+	update_rollback(u, "%s%s", why, note);
 }
 
 static void incoming_status(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
@@ -896,13 +902,11 @@ static const struct vmm_ops rollback_vmm_ops;
 
 _printf_(2, 3) static void rollback_failed(struct update *u, const char *fmt, ...)
 {
-	char why[256];
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(why, sizeof(why), fmt, ap);
+	add_verror(u, fmt, ap);
 	va_end(ap);
-	add_error(u, "%s", why);
 	end_lost(u);
 }
 
@@ -1004,7 +1008,7 @@ static void rollback_vmm_event(struct vmm *v, const char *event, json_object *da
 {
 	struct update *u = ud;
 	const char *st;
-	char tail[VM_VMM_SAID_MAX] = "";
+	char note[VM_VMM_SAID_NOTE];
 
 	if (streq(event, "RESUME")) {
 		u->old_resume_us = ts_us;
@@ -1018,20 +1022,19 @@ static void rollback_vmm_event(struct vmm *v, const char *event, json_object *da
 		if (vmm_command(v, "cont", NULL, -EBADF, rollback_vmm_cont_done, u) < 0)
 			rollback_failed(u, "lost the monitor of the VMM restoring the guest");
 	} else if (st && streq(st, "failed")) {
-		vm_vmm_said(u->vm, v, tail, sizeof(tail));
-		rollback_failed(u, "the VMM of %s could not load the state either%s%s",
-				u->old_binary, tail[0] ? "; VMM log: " : "", tail);
+		vm_vmm_said_note(u->vm, v, note, sizeof(note));
+		rollback_failed(u, "the VMM of %s could not load the state either%s", u->old_binary,
+				note);
 	}
 }
 
 static void rollback_vmm_exited(struct vmm *v, void *ud)
 {
 	struct update *u = ud;
-	char tail[VM_VMM_SAID_MAX] = "";
+	char note[VM_VMM_SAID_NOTE];
 
-	vm_vmm_said(u->vm, v, tail, sizeof(tail));
-	rollback_failed(u, "the VMM restoring the guest %s%s%s", v->exit_desc,
-			tail[0] ? "; VMM log: " : "", tail);
+	vm_vmm_said_note(u->vm, v, note, sizeof(note));
+	rollback_failed(u, "the VMM restoring the guest %s%s", v->exit_desc, note);
 }
 
 static void rollback_vmm_monitor_lost(struct vmm *v, void *ud)
@@ -1101,12 +1104,12 @@ static void update_old_vmm_event(struct update *u, const char *event, json_objec
 static bool in_place_exited(struct update *u)
 {
 	struct vm *vm = u->vm;
-	char tail[VM_VMM_SAID_MAX] = "";
+	char note[VM_VMM_SAID_NOTE];
 
 	if (u->phase == PHASE_PREPARE ||
 	    (u->phase == PHASE_ROLLBACK && u->failed_in == PHASE_PREPARE))
 		return false; /* never told to migrate: the guest was running in it */
-	vm_vmm_said(vm, vm->vmm, tail, sizeof(tail));
+	vm_vmm_said_note(vm, vm->vmm, note, sizeof(note));
 	vm->vmm = vmm_free(vm->vmm);
 	u->old_gone = true;
 	if (u->restoring) {
@@ -1121,11 +1124,11 @@ static bool in_place_exited(struct update *u)
 	/* A monitor that closed is no proof of the exec (a VMM killed closes
 	 * it too): the new image is named once it answered there, or once the
 	 * old one said it completed (it execs at once then). */
-	update_rollback(u, "the %s %s while %s%s%s",
+	update_rollback(u, "the %s %s while %s%s",
 			u->new_pid || (u->exec_seen && u->state_saved) ? "new VMM"
 			: u->exec_seen ? "VMM (the old image, or the new one before it answered)"
 				       : "old VMM",
-			vm->exit_desc, phase_doing[u->phase], tail[0] ? "; VMM log: " : "", tail);
+			vm->exit_desc, phase_doing[u->phase], note);
 	return true;
 }
 
