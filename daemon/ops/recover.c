@@ -315,8 +315,10 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 	}
 }
 
-#define CHECKPOINT_CONT_TRIES 100 /* 50 ms apart */
-#define LATER_TICK 0.05           /* s: how often a resume left for later looks */
+/* QEMU unwinding a cancelled save of a large guest refuses `cont` for a
+ * while: recovery, done once, gives it longer than an operation does. */
+#define RECOVER_CONT_TRIES 100
+#define LATER_TICK OP_CONT_RETRY /* s: how often a resume left for later looks */
 
 /*
  * A VMM whose monitor did not answer while cprd recovered (stopped, or
@@ -331,7 +333,7 @@ struct resume_later {
 	struct daemon *d;
 	char name[MEMSTORE_NAME_MAX];
 	pid_t pid;
-	qmp *sent_on; /* the monitor connection `cont` waits on; NULL: none sent */
+	bool waiting; /* a `cont` was sent and is not answered yet */
 	unsigned tries;
 	bool queued_cancel; /* remove-fd and migrate_cancel are on their way */
 	bool done;
@@ -339,8 +341,14 @@ struct resume_later {
 	struct resume_later *next;
 };
 
+/* Let go. A `cont` still waiting is forgotten, so that its answer finds
+ * nothing freed: it can only come from the monitor of a VMM cprd still
+ * knows (d->vmms). */
 static void later_free(struct resume_later *l)
 {
+	for (struct vmm *v = l->d->vmms; v; v = v->daemon_next)
+		if (v->pid == l->pid)
+			vmm_cancel(v, l);
 	for (struct resume_later **p = &l->d->resume_later; *p; p = &(*p)->next)
 		if (*p == l) {
 			*p = l->next;
@@ -360,13 +368,13 @@ static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char 
 {
 	struct resume_later *l = ud;
 
-	l->sent_on = NULL;
+	l->waiting = false;
 	if (ret) {
 		log_notice("VM %s: its VMM pid %d answers again; the save cprd did not finish was "
 			   "cancelled and the guest runs on",
 			   l->name, (int)l->pid);
 		l->done = true;
-	} else if (++l->tries >= CHECKPOINT_CONT_TRIES) {
+	} else if (++l->tries >= RECOVER_CONT_TRIES) {
 		log_error("VM %s: VMM pid %d refuses to resume the guest after the cancelled "
 			  "save (%s); resume it with 'cprctl resume %s'",
 			  l->name, (int)l->pid, desc ? desc : "no answer", l->name);
@@ -380,13 +388,17 @@ static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct vm *vm = vm_find(l->d, l->name);
 	struct vmm *v = vm ? vm->vmm : NULL;
 
-	if (l->done || !v || v->pid != l->pid || !vmm_alive(v)) {
+	/* Given up, too, once an operation starts on the VM (a pause, an
+	 * update): its decision about the guest is not for a `cont` from here
+	 * to undo. Its state is no sign: the stale save's own `stop` may
+	 * reach QEMU after it runs again, and the `cont` queued behind it is
+	 * what resumes the guest then. */
+	if (l->done || !v || v->pid != l->pid || !vmm_alive(v) || vm->op) {
 		later_free(l);
 		return;
 	}
-	if (l->sent_on && l->sent_on == v->qmp)
-		return;    /* QEMU has not answered yet: it may be stopped still */
-	l->sent_on = NULL; /* that connection was let go of, and the command with it */
+	if (l->waiting)
+		return; /* QEMU has not answered yet: it may be stopped still */
 	if (!vmm_connected(v) && vmm_reconnect(v) < 0)
 		return;
 	if (!l->queued_cancel) {
@@ -397,8 +409,7 @@ static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		(void)vmm_command(v, "migrate_cancel", NULL, -EBADF, NULL, NULL);
 		l->queued_cancel = true;
 	}
-	if (vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0)
-		l->sent_on = v->qmp;
+	l->waiting = vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0;
 }
 
 static void resume_later(struct vm *vm, struct vmm *v)
@@ -426,40 +437,43 @@ static void resume_later(struct vm *vm, struct vmm *v)
 /* cprd died while it saved this VM's checkpoint: that checkpoint is not
  * finished (its files are gone, see recover_one), so the guest goes on in
  * its VMM as if the checkpoint had failed: the save is cancelled, the
- * checkpoint file given back, and the guest resumed if it ran before. */
-static void settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec)
+ * checkpoint file given back, and the guest resumed if it ran before. A
+ * VMM that does not answer (stopped, starved of CPU) gets that done on the
+ * loop (resume_later) rather than hold up every other VM. Returns whether
+ * the VMM answered; st is its status then. */
+static bool settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec, char *st,
+			      size_t st_size)
 {
 	_cleanup_json_ json_object *ret = NULL;
-	char st[32] = "";
 
-	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")))
-		return;
-	if (!query_status(v, st, sizeof(st))) {
-		resume_later(vm, v);
-		return;
+	if (!query_status(v, st, st_size)) {
+		if (json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")))
+			resume_later(vm, v);
+		return false;
 	}
-	if (streq(st, "running"))
-		return;
+	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")) ||
+	    streq(st, "running"))
+		return true;
 	vmm_command_sync(v, "remove-fd",
 			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),
 			 RECOVER_QMP_TIMEOUT_MS, &ret);
 	/* A save being cancelled refuses cont until QEMU has unwound it. */
 	resume(v, true);
 	for (int i = 0;
-	     i < CHECKPOINT_CONT_TRIES && query_status(v, st, sizeof(st)) && !streq(st, "running");
-	     i++) {
-		usleep(50 * 1000);
+	     i < RECOVER_CONT_TRIES && query_status(v, st, st_size) && !streq(st, "running"); i++) {
+		usleep(OP_CONT_RETRY * 1e6);
 		resume(v, false);
 	}
-	if (!streq(st, "running")) {
+	if (!streq(st, "running"))
 		log_error("VM %s: cprd restarted while it saved the VM's checkpoint; the save was "
 			  "cancelled but VMM pid %d is %s, not running",
 			  vm->cfg.name, (int)v->pid, st[0] ? st : "mute");
-		return;
-	}
-	log_notice("VM %s: cprd restarted while it saved the VM's checkpoint, which was not "
-		   "finished; the guest runs on in VMM pid %d",
-		   vm->cfg.name, (int)v->pid);
+	else
+		log_notice(
+		    "VM %s: cprd restarted while it saved the VM's checkpoint, which was not "
+		    "finished; the guest runs on in VMM pid %d",
+		    vm->cfg.name, (int)v->pid);
+	return true;
 }
 
 /*
@@ -569,6 +583,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	json_object *up = json_object_object_get(rec, "update");
 	const char *state = jstr(rec, "state");
 	bool starting = state && streq(state, "starting");
+	bool mute = false; /* its VMM did not answer when asked */
 	char st[32] = "";
 	int pidfd, r;
 
@@ -614,13 +629,13 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 		end_leftover(vm, up);
 	else if (up)
 		v = settle_update(d, vm, v, up);
-	if (v && jstr(rec, "checkpointing_in"))
-		settle_checkpoint(vm, v, rec);
+	if (v && jstr(rec, "checkpointing_in") && !settle_checkpoint(vm, v, rec, st, sizeof(st)))
+		mute = true; /* asked once: not again */
 	if (v && starting) {
 		v = settle_start(vm, v, st, sizeof(st));
 		if (!v)
 			return; /* ended, and said so */
-	} else if (v && !query_status(v, st, sizeof(st))) {
+	} else if (v && (mute || !query_status(v, st, sizeof(st)))) {
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
 	}
 	if (!v && vm->checkpoint_root)
