@@ -349,15 +349,20 @@ class CheckpointTest(unittest.TestCase):
         con.wait_beats(3)
         pid = self.status("stp")["pid"]
         tmp = os.path.join(self.ckdir, ".stp.tmp")
+        img = os.path.join(tmp, "memory.img")
         p = subprocess.Popen([CPRCTL, "--socket", self.d.sock, "checkpoint", "stp",
                               "--method", "qemu", "--channels", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: os.path.exists(tmp), 30, "the checkpoint to begin")
+        # QEMU writes the save (so it took the pause and the migration)
+        # before it is stopped; cprd made the directory before either.
+        wait_until(lambda: os.path.exists(img) and os.stat(img).st_blocks > 0, 30,
+                   "QEMU to write the checkpoint")
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(os.kill, pid, signal.SIGCONT)  # whatever happens below
         self.d.proc.kill()
         self.d.proc.wait()
         p.wait(30)
+        self.assertTrue(os.path.exists(tmp), "the checkpoint finished before cprd was killed")
         os.unlink(self.d.sock)
         self.d.start()
         self.assertEqual(self.status("stp")["pid"], pid)
