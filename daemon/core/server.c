@@ -24,7 +24,8 @@
 #define TRIM_AT (1 << 20)           /* peers' memory freed since the last trim: trim again */
 #define TRIM_DELAY_SEC 0.5          /* ... this long after, so that trims coalesce */
 #define CLIENT_TRIM_MSG (64 << 10)  /* parsing a message this large left as much in pieces */
-#define ACCEPT_PAUSE_SEC 0.25       /* out of fds: accept nothing for this long */
+#define JSON_C_COST 4         /* json-c's tree of a message takes about this many times its text */
+#define ACCEPT_PAUSE_SEC 0.25 /* out of fds: accept nothing for this long */
 #define CLIENT_BURST 4 /* messages a privileged client runs per turn before others get theirs */
 #define CLIENT_MAX_COUNT 1024
 #define SUBSCRIBER_LINGER 10.0 /* a dropped subscriber's last chance to read */
@@ -52,6 +53,7 @@ struct client {
 	ev_timer timer;        /* idle timeout, or dropped for staying over its share */
 	ev_idle resume;        /* runs the backlog once the loop has nothing else */
 	struct batch *running; /* a batch whose calls are being dispatched, one a turn */
+	size_t held;           /* what running's parsed calls take (counted as unread replies) */
 	struct client *prev, *next;
 };
 
@@ -134,7 +136,7 @@ static void released(struct daemon *d, size_t bytes)
  * take, in step. */
 static void client_account(struct client *c)
 {
-	size_t q = c->dead ? 0 : proto_writer_footprint(c->out);
+	size_t q = c->dead ? 0 : proto_writer_footprint(c->out) + c->held;
 
 	if (q < c->accounted)
 		released(c->d, c->accounted - q);
@@ -636,12 +638,14 @@ static void batch_run(struct batch *b, size_t max)
 		return;
 	/* All dispatched, or the client is gone: what was not run never will. */
 	cl->running = NULL;
+	cl->held = 0;
 	b->calls = (json_object_put(b->calls), NULL);
+	client_account(cl);
 	b->sealed = true;
 	batch_finish_one(b, NULL);
 }
 
-static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t nfds)
+static void dispatch_batch(struct client *cl, json_object *arr, size_t len, int *fds, size_t nfds)
 {
 	size_t n = json_object_array_length(arr);
 	struct batch *b;
@@ -679,7 +683,12 @@ static void dispatch_batch(struct client *cl, json_object *arr, int *fds, size_t
 	b->pending = 1; /* held until every element is dispatched */
 	cl->running = b;
 	/* Root and group cprd have the whole batch run now; anyone else one
-	 * call of it per turn, from the client's idle watcher. */
+	 * call of it per turn, from the client's idle watcher: what its
+	 * calls take meanwhile counts against the budget, as its replies do. */
+	if (!cl->privileged) {
+		cl->held = len * JSON_C_COST;
+		client_account(cl);
+	}
 	batch_run(b, cl->privileged ? n : 1);
 }
 
@@ -700,7 +709,7 @@ static void handle_message(struct client *cl, const char *line, size_t len, int 
 		return;
 	}
 	if (json_object_is_type(o, json_type_array))
-		dispatch_batch(cl, o, fds, nfds);
+		dispatch_batch(cl, o, len, fds, nfds);
 	else
 		dispatch_one(cl, NULL, o, fds, nfds);
 }
@@ -913,8 +922,10 @@ static void client_process(struct client *c, unsigned max)
 		}
 		c->last_active = ev_now(c->d->loop);
 		handle_message(c, line, len, fds, nfds);
-		if (len >= CLIENT_TRIM_MSG)
-			released(c->d, len * 4); /* json-c's thousands of small pieces */
+		/* json-c's thousands of small pieces; a batch still held gives
+		 * them back when it is done (client_account()). */
+		if (len >= CLIENT_TRIM_MSG && !c->held)
+			released(c->d, len * JSON_C_COST);
 		if (++n >= max) {
 			c->backlog = true;
 			break;
