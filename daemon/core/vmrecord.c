@@ -243,7 +243,12 @@ static int read_fields(json_object *o, enum vm_view view, struct vm_record *rec,
 		if (!(f->views & view))
 			continue;
 		if (f->type == FIELD_DEVICES) {
-			r = devices_from_json(o, (struct device_args *)((char *)rec + f->offset));
+			const char *param = NULL;
+
+			r = devices_from_json(o, (struct device_args *)((char *)rec + f->offset),
+					      &param);
+			if (r == -EINVAL)
+				snprintf(why, size, "%s must be a string", param);
 			if (r < 0)
 				return r;
 			continue;

@@ -78,16 +78,21 @@ void devices_to_json(const struct device_args *args, bool nulls, json_object *o)
 	}
 }
 
-int devices_from_json(json_object *o, struct device_args *ret)
+int devices_from_json(json_object *o, struct device_args *ret, const char **ret_param)
 {
 	struct device_args args = {};
 
 	for (size_t i = 0; i < ELEMENTSOF(types); i++) {
 		json_object *v;
 
-		if (!types[i]->param || !json_object_object_get_ex(o, types[i]->param, &v) ||
-		    !json_object_is_type(v, json_type_string))
+		/* Absent or null (vm.status writes null): not given. */
+		if (!types[i]->param || !json_object_object_get_ex(o, types[i]->param, &v) || !v)
 			continue;
+		if (!json_object_is_type(v, json_type_string)) {
+			device_args_done(&args);
+			*ret_param = types[i]->param;
+			return -EINVAL;
+		}
 		args.arg[i] = strdup(json_object_get_string(v));
 		if (!args.arg[i]) {
 			device_args_done(&args);

@@ -40,9 +40,10 @@ const char *devices_refused(const struct device_args *args, const char **ret_par
 /* The devices' keys added to o, in the table's order: only those given, or
  * (with nulls) every one, null when not given (vm.status). */
 void devices_to_json(const struct device_args *args, bool nulls, json_object *o);
-/* Read the devices' keys from o (a record); a value that is not a string
- * reads as not given. -ENOMEM. */
-int devices_from_json(json_object *o, struct device_args *ret);
+/* Read the devices' keys from o (a record, or vm.create's params); absent
+ * or null is not given. -EINVAL for a value that is not a string (its key
+ * in *ret_param), -ENOMEM. */
+int devices_from_json(json_object *o, struct device_args *ret, const char **ret_param);
 
 /* Where a VMM finds its fds (QEMU_CHILD_FD_BASE on): the devices every VM
  * has, in the table's order (ram0 at 3, console at 4), its monitor, then

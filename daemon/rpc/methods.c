@@ -479,7 +479,7 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		}
 	}
 	/* params_bind() checked their types. */
-	if (devices_from_json(params, &cfg.devices) < 0) {
+	if (devices_from_json(params, &cfg.devices, &dev_param) < 0) {
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		vm_config_done(&cfg);
 		return;

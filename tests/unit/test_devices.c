@@ -213,6 +213,7 @@ static char *record_text(const struct device_args *args, bool nulls)
 START_TEST(a_record_round_trips)
 {
 	struct device_args args = {}, back = {};
+	const char *param = NULL;
 	_cleanup_free_ char *with = NULL, *without = NULL, *status = NULL, *again = NULL;
 	json_object *o;
 
@@ -225,7 +226,7 @@ START_TEST(a_record_round_trips)
 	with = record_text(&args, false);
 	ck_assert_str_eq(with, "{\"tap\":\"tap0\"}");
 	o = json_tokener_parse(with);
-	ck_assert_int_eq(devices_from_json(o, &back), 0);
+	ck_assert_int_eq(devices_from_json(o, &back, &param), 0);
 	json_object_put(o);
 	ck_assert_str_eq(back.arg[index_of("net0")], "tap0");
 	again = record_text(&back, false);
@@ -246,20 +247,27 @@ START_TEST(an_older_record_reads_back)
 	    "\"vmm_fds\": { \"ram0\": 3, \"console\": 4, \"net0\": 6 } }";
 	json_object *o = json_tokener_parse(rec);
 	struct device_args args = {};
+	const char *param = NULL;
 
 	ck_assert_ptr_nonnull(o);
-	ck_assert_int_eq(devices_from_json(o, &args), 0);
+	ck_assert_int_eq(devices_from_json(o, &args, &param), 0);
 	ck_assert_str_eq(args.arg[index_of("net0")], "cprd-tap1");
 	for (size_t i = 0; i < device_types_count(); i++)
 		ck_assert(device_present(&args, i));
 	device_args_done(&args);
 	json_object_put(o);
 
-	o = json_tokener_parse("{\"tap\": 7}");
-	ck_assert_int_eq(devices_from_json(o, &args), 0);
-	ck_assert_ptr_null(args.arg[index_of("net0")]);
+	/* Null is not given (vm.status writes it); anything else but a
+	 * string is a damaged record, refused rather than read as no tap. */
+	o = json_tokener_parse("{\"tap\": null}");
+	ck_assert_int_eq(devices_from_json(o, &args, &param), 0);
 	ck_assert(!device_present(&args, index_of("net0")));
 	ck_assert(device_present(&args, index_of("ram0")));
+	json_object_put(o);
+	o = json_tokener_parse("{\"tap\": 7}");
+	ck_assert_int_eq(devices_from_json(o, &args, &param), -EINVAL);
+	ck_assert_str_eq(param, "tap");
+	ck_assert_ptr_null(args.arg[index_of("net0")]);
 	json_object_put(o);
 }
 END_TEST

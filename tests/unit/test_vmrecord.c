@@ -155,6 +155,7 @@ static const struct {
 	{ "name", "\"../etc\"", "invalid VM name '../etc'" },
 	{ "name", "\".hidden\"", "invalid VM name '.hidden'" },
 	{ "name", "42", "name must be a string" },
+	{ "tap", "7", "tap must be a string" },
 	{ "vmm", NULL, "vmm is missing" },
 	{ "kernel", NULL, "kernel is missing" },
 	{ "kernel", "[]", "kernel must be a string" },
