@@ -119,6 +119,28 @@ START_TEST(durable_phases_are_the_documented_ones)
 }
 END_TEST
 
+/* The moves each operation relies on, and those it must never make, said
+ * here rather than read from the table under test. */
+static bool moves(const struct op_type *t, const char *from, const char *to)
+{
+	return op_may_move(t, op_phase_from_name(t, from), op_phase_from_name(t, to));
+}
+
+START_TEST(the_documented_moves_and_no_others)
+{
+	const struct op_type *k = &checkpoint_op_type, *r = &restore_op_type;
+
+	ck_assert(moves(k, "open", "write") && moves(k, "write", "placed"));
+	ck_assert(moves(k, "open", "rollback") && moves(k, "write", "rollback"));
+	/* Placed is the end; rolling back never leads anywhere. */
+	ck_assert(!moves(k, "open", "placed") && !moves(k, "placed", "rollback"));
+	ck_assert(!moves(k, "rollback", "write") && !moves(k, "placed", "write"));
+	ck_assert(moves(r, "start", "load") && moves(r, "load", "runs"));
+	ck_assert(!moves(r, "start", "runs") && !moves(r, "runs", "load"));
+	ck_assert(!moves(r, "load", "start"));
+}
+END_TEST
+
 /* Every move of every type is made exactly when its table has it, and
  * writes the registry exactly when it enters a durable phase; a refused
  * move changes nothing and writes nothing. */
@@ -172,6 +194,7 @@ static Suite *op_suite(void)
 	tcase_add_test(tc, tables_are_well_formed);
 	tcase_add_test(tc, strategies_move_only_as_the_engine_allows);
 	tcase_add_test(tc, durable_phases_are_the_documented_ones);
+	tcase_add_test(tc, the_documented_moves_and_no_others);
 	tcase_add_test(tc, moves_follow_the_table_and_durable_phases_write);
 	tcase_add_test(tc, operations_start_from_their_states);
 	suite_add_tcase(s, tc);
