@@ -317,25 +317,31 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 
 /* QEMU unwinding a cancelled save of a large guest refuses `cont` for a
  * while: recovery, done once, gives it longer than an operation does. */
-#define RECOVER_CONT_TRIES 100
-#define LATER_TICK OP_CONT_RETRY /* s: how often a resume left for later looks */
+/* A save being cancelled refuses `cont` until QEMU has unwound it (its
+ * channels finish the writes they are in): how long recovery asks on the
+ * spot before the loop takes over, and how long the loop goes on asking
+ * once QEMU answers. A disk busy with other writers can take seconds. */
+#define RECOVER_CONT_NOW_TRIES 20   /* x OP_CONT_RETRY: 1 s */
+#define RECOVER_CONT_PATIENCE 120.0 /* s of refusals before giving up */
+#define LATER_TICK OP_CONT_RETRY    /* s: how often a resume left for later looks */
 
 /*
  * A VMM whose monitor did not answer while cprd recovered (stopped, or
- * starved of CPU on a busy host) cannot be told then to cancel the save and
- * resume the guest, and recovery must not wait for it: the other VMs, and
+ * starved of CPU on a busy host), or that still refused to resume the
+ * guest after the cancelled save, cannot be waited for: the other VMs, and
  * every client, would. The commands are queued instead, on the loop: QEMU
  * reads them whenever it runs again, and `cont` is repeated until QEMU has
  * unwound the cancelled save and accepts it. It is given up when the VMM
- * goes (the VM then crashed as for any VMM that exits) and at exit.
+ * goes (the VM then crashed as for any VMM that exits), after
+ * RECOVER_CONT_PATIENCE of refusals, and at exit.
  */
 struct resume_later {
 	struct daemon *d;
 	char name[MEMSTORE_NAME_MAX];
 	pid_t pid;
-	bool waiting; /* a `cont` was sent and is not answered yet */
-	unsigned tries;
-	bool queued_cancel; /* remove-fd and migrate_cancel are on their way */
+	bool waiting;            /* a `cont` was sent and is not answered yet */
+	ev_tstamp first_refusal; /* 0 until QEMU refused a `cont` */
+	bool queued_cancel;      /* remove-fd and migrate_cancel are on their way */
 	bool done;
 	ev_timer tick;
 	struct resume_later *next;
@@ -367,14 +373,21 @@ void recover_done(struct daemon *d)
 static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
 {
 	struct resume_later *l = ud;
+	ev_tstamp now = ev_now(l->d->loop);
 
 	l->waiting = false;
 	if (ret) {
-		log_notice("VM %s: its VMM pid %d answers again; the save cprd did not finish was "
-			   "cancelled and the guest runs on",
+		log_notice("VM %s: its VMM pid %d resumed the guest; the save cprd did not finish "
+			   "was cancelled and the guest runs on",
 			   l->name, (int)l->pid);
 		l->done = true;
-	} else if (++l->tries >= RECOVER_CONT_TRIES) {
+		return;
+	}
+	if (!l->first_refusal) {
+		l->first_refusal = now;
+		log_info("VM %s: VMM pid %d does not resume the guest yet (%s); asking again",
+			 l->name, (int)l->pid, desc ? desc : "no answer");
+	} else if (now - l->first_refusal > RECOVER_CONT_PATIENCE) {
 		log_error("VM %s: VMM pid %d refuses to resume the guest after the cancelled "
 			  "save (%s); resume it with 'cprctl resume %s'",
 			  l->name, (int)l->pid, desc ? desc : "no answer", l->name);
@@ -412,7 +425,8 @@ static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	l->waiting = vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0;
 }
 
-static void resume_later(struct vm *vm, struct vmm *v)
+/* Leave resuming the guest in v to the loop; why is said in the log. */
+static void resume_later(struct vm *vm, struct vmm *v, const char *why)
 {
 	struct resume_later *l = calloc(1, sizeof(*l));
 
@@ -429,45 +443,45 @@ static void resume_later(struct vm *vm, struct vmm *v)
 	ev_timer_start(l->d->loop, &l->tick);
 	l->next = l->d->resume_later;
 	l->d->resume_later = l;
-	log_warning("VM %s: cprd restarted while it saved the VM's checkpoint, and VMM pid %d "
-		    "does not answer its monitor; the guest is resumed once it does",
-		    vm->cfg.name, (int)v->pid);
+	log_warning("VM %s: cprd restarted while it saved the VM's checkpoint, and VMM pid %d %s; "
+		    "the guest is resumed once it does",
+		    vm->cfg.name, (int)v->pid, why);
 }
 
 /* cprd died while it saved this VM's checkpoint: that checkpoint is not
  * finished (its files are gone, see recover_one), so the guest goes on in
  * its VMM as if the checkpoint had failed: the save is cancelled, the
  * checkpoint file given back, and the guest resumed if it ran before. A
- * VMM that does not answer (stopped, starved of CPU) gets that done on the
- * loop (resume_later) rather than hold up every other VM. Returns whether
- * the VMM answered; st is its status then. */
+ * VMM that does not answer (stopped, starved of CPU), or does not resume
+ * the guest within a second, gets that done on the loop (resume_later)
+ * rather than hold up every other VM. Returns whether the VMM answered;
+ * st is its status then. */
 static bool settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec, char *st,
 			      size_t st_size)
 {
 	_cleanup_json_ json_object *ret = NULL;
+	bool was_running =
+	    json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running"));
 
 	if (!query_status(v, st, st_size)) {
-		if (json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")))
-			resume_later(vm, v);
+		if (was_running)
+			resume_later(vm, v, "does not answer its monitor");
 		return false;
 	}
-	if (!json_object_get_boolean(json_object_object_get(rec, "checkpoint_was_running")) ||
-	    streq(st, "running"))
+	if (!was_running || streq(st, "running"))
 		return true;
 	vmm_command_sync(v, "remove-fd",
 			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),
 			 RECOVER_QMP_TIMEOUT_MS, &ret);
-	/* A save being cancelled refuses cont until QEMU has unwound it. */
 	resume(v, true);
 	for (int i = 0;
-	     i < RECOVER_CONT_TRIES && query_status(v, st, st_size) && !streq(st, "running"); i++) {
+	     i < RECOVER_CONT_NOW_TRIES && query_status(v, st, st_size) && !streq(st, "running");
+	     i++) {
 		usleep(OP_CONT_RETRY * 1e6);
 		resume(v, false);
 	}
 	if (!streq(st, "running"))
-		log_error("VM %s: cprd restarted while it saved the VM's checkpoint; the save was "
-			  "cancelled but VMM pid %d is %s, not running",
-			  vm->cfg.name, (int)v->pid, st[0] ? st : "mute");
+		resume_later(vm, v, "has not unwound the cancelled save yet");
 	else
 		log_notice(
 		    "VM %s: cprd restarted while it saved the VM's checkpoint, which was not "
