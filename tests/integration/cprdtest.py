@@ -2,6 +2,7 @@
 the real guest from `make guest`, raw JSON-RPC over the UNIX socket with fds
 as SCM_RIGHTS, and cprctl as a user runs it. Nothing here fakes the kernel."""
 
+import grp
 import array
 import atexit
 import errno
@@ -299,6 +300,21 @@ RUN_MARK = os.environ.get("CPRD_TEST_RUN")
 MOUNT_SOURCE = f"cprd-test-{RUN_MARK}" if RUN_MARK else "tmpfs"
 
 
+def cprd_group():
+    """The gid of group cprd (added when there is none), or the test is skipped."""
+    try:
+        return grp.getgrnam("cprd").gr_gid
+    except KeyError:
+        pass
+    # Another run of the tests (the ASan one runs beside the normal one)
+    # may add it at the same moment: then it is there all the same.
+    subprocess.run(["groupadd", "--system", "cprd"], stderr=subprocess.DEVNULL)
+    try:
+        return grp.getgrnam("cprd").gr_gid
+    except KeyError:
+        raise unittest.SkipTest("no group 'cprd' and groupadd failed") from None
+
+
 def mount_tmpfs(path, size, options=""):
     """A tmpfs of its own on path (root only), or the test is skipped, saying why."""
     p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size={size},mode=0755",
@@ -417,6 +433,13 @@ class Conn:
     def take_fds(self):
         fds, self.fds = self.fds, []
         return fds
+
+
+# The tail of the log of every cprd a test stopped: the test runner (run.py)
+# adds it to the report of a test that fails, as the state directory with
+# the log is gone by then.
+STOPPED_LOGS = []
+LOG_TAIL = 6000  # bytes of each log kept
 
 
 class Daemon:
@@ -554,11 +577,11 @@ class Daemon:
                             "fails the test that was running then)")
         kill_vmms_under(self.dir)
         reports = sanitizer_reports(self.san_dir)
-        if problems or reports:
-            try:
-                log = self.read_log()[-3000:]
-            except OSError:
-                log = "(no log)"
+        try:
+            log = self.read_log()[-LOG_TAIL:]
+        except OSError:
+            log = "(no log)"
+        STOPPED_LOGS.append((self.dir, log))
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.kept, ignore_errors=True)
         if self.san_dir:

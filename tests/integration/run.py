@@ -39,8 +39,19 @@ class Result(unittest.TextTestResult):
         return cprdtest.sanitizer_reports(self.san_dir)
 
     def startTest(self, test):
+        import cprdtest
+        cprdtest.STOPPED_LOGS.clear()
         self._t0 = time.monotonic()
         super().startTest(test)
+
+    def _exc_info_to_string(self, err, test):
+        """The failure, and the end of the log of each cprd stopped during
+        the test: what a failure on a CI machine is read with."""
+        import cprdtest
+        text = super()._exc_info_to_string(err, test)
+        for d, log in cprdtest.STOPPED_LOGS:
+            text += f"\n--- the end of cprd's log ({os.path.basename(d)}) ---\n{log}"
+        return text
 
     def _took(self):
         # A class's setUpClass failing is reported before any test started.

@@ -19,8 +19,8 @@ import unittest
 from cprdtest import (BOOT_RE, CPRCTL, HB_RE, QEMU, Console, Daemon, children, fake_checkpoint,
                       fill, kill_vmms_under, hold_relays, mount_tmpfs, require_guest, require_root,
                       wait_until, wrapper)
-from cprdtest import RpcError
-from test_trust import call_as_member, cprd_group
+from cprdtest import RpcError, cprd_group
+from test_trust import call_as_member
 
 
 def assert_one_life(tc, text):

@@ -5,10 +5,10 @@ import grp
 import json
 import os
 import socket
-import subprocess
 import unittest
 
-from cprdtest import Conn, Daemon, RpcError, SharedDaemonTest
+from cprdtest import Conn, Daemon, RpcError, SharedDaemonTest, cprd_group
+
 
 NOT_FOUND, EXISTS, PERM, BAD_FDS, BAD_PARAMS, BAD_STATE = -32000, -32001, -32002, -32006, -32602, -32004
 
@@ -179,12 +179,7 @@ class Permissions(SharedDaemonTest):
         self.assertIn(out["fd.claim"][0], (PERM, NOT_FOUND))
 
     def test_member_of_group_cprd_may_change(self):
-        try:
-            gid = grp.getgrnam("cprd").gr_gid
-        except KeyError:
-            if subprocess.run(["groupadd", "--system", "cprd"]).returncode != 0:
-                self.skipTest("no group 'cprd' and groupadd failed")
-            gid = grp.getgrnam("cprd").gr_gid
+        gid = cprd_group()
         # The daemon reads the group at start: use a fresh one.
         d = Daemon().start()
         try:

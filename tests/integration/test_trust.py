@@ -5,7 +5,6 @@ itself and cannot change. Root peers are not limited. The peers here are
 real: a child that dropped to uid 65534 with group 'cprd'."""
 
 import fcntl
-import grp
 import json
 import os
 import select
@@ -19,8 +18,8 @@ import threading
 import time
 import unittest
 
-from cprdtest import (CPRD, Daemon, fake_checkpoint, guest_accel, require_root, wait_until,
-                      wrapper)
+from cprdtest import (CPRD, Daemon, cprd_group, fake_checkpoint, guest_accel, require_root,
+                      wait_until, wrapper)
 from test_custody import as_user
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,15 +27,6 @@ STANDIN = os.path.join(HERE, "standin_vmm.py")
 PERM, BAD_PARAMS = -32002, -32602
 NOBODY = 65534
 MEMORY = str(32 << 20)
-
-
-def cprd_group():
-    try:
-        return grp.getgrnam("cprd").gr_gid
-    except KeyError:
-        if subprocess.run(["groupadd", "--system", "cprd"]).returncode != 0:
-            raise unittest.SkipTest("no group 'cprd' and groupadd failed") from None
-        return grp.getgrnam("cprd").gr_gid
 
 
 def root_only_dir():
