@@ -86,7 +86,8 @@ $(B)/tests/test_registry: $(B)/obj/daemon/core/registry.o
 # they find them from any directory; CPRD_REGEN_GOLDEN=1 make unit rewrites them.
 GOLDEN_CFLAGS := -DGOLDEN_DIR='"$(CURDIR)/tests/unit/golden"'
 DEVICE_OBJ := $(B)/obj/daemon/devices/devices.o $(B)/obj/daemon/devices/ram.o \
-	$(B)/obj/daemon/devices/console.o $(B)/obj/daemon/devices/tap.o
+	$(B)/obj/daemon/devices/console.o $(B)/obj/daemon/devices/tap.o \
+	$(B)/obj/daemon/devices/disk.o
 $(B)/tests/test_vmrecord: $(B)/obj/daemon/core/vmrecord.o $(DEVICE_OBJ) tests/unit/golden.h
 $(B)/tests/test_vmrecord: TEST_CFLAGS = $(GOLDEN_CFLAGS)
 $(B)/tests/test_argv: $(DEVICE_OBJ) tests/unit/golden.h

@@ -444,6 +444,58 @@ static int add_path(json_object *p, const char *key, const char *path)
 	return 0;
 }
 
+/* --disk PATH[,format=raw|qcow2][,readonly=on|off][,cache=none|writeback]
+ * [,serial=S]: one more object in "disks". What each value may be is
+ * cprd's to say; only the shape is checked here. */
+static int add_disk(json_object *p, const char *spec)
+{
+	_cleanup_free_ char *copy = strdup(spec);
+	_cleanup_json_ json_object *d = json_object_new_object();
+	json_object *disks;
+	char *save = NULL, *tok;
+	int r;
+
+	if (!copy || !d)
+		return -ENOMEM;
+	tok = strtok_r(copy, ",", &save);
+	if (!tok || strchr(tok, '=')) {
+		usage_error("--disk needs the image's PATH first, not '%s'", spec);
+		return -EINVAL;
+	}
+	r = add_path(d, "path", tok);
+	if (r < 0)
+		return r;
+	while ((tok = strtok_r(NULL, ",", &save))) {
+		char *eq = strchr(tok, '=');
+
+		if (!eq || eq == tok || !eq[1]) {
+			usage_error("--disk: '%s' is not KEY=VALUE", tok);
+			return -EINVAL;
+		}
+		*eq = '\0';
+		if (streq(tok, "readonly")) {
+			if (!streq(eq + 1, "on") && !streq(eq + 1, "off")) {
+				usage_error("--disk: readonly is on or off, not '%s'", eq + 1);
+				return -EINVAL;
+			}
+			json_object_object_add(d, tok,
+					       json_object_new_boolean(streq(eq + 1, "on")));
+		} else if (streq(tok, "format") || streq(tok, "cache") || streq(tok, "serial")) {
+			json_object_object_add(d, tok, json_object_new_string(eq + 1));
+		} else {
+			usage_error("--disk: unknown key '%s' (format, readonly, cache, serial)",
+				    tok);
+			return -EINVAL;
+		}
+	}
+	if (!json_object_object_get_ex(p, "disks", &disks)) {
+		disks = json_object_new_array();
+		json_object_object_add(p, "disks", disks);
+	}
+	json_object_array_add(disks, TAKE_PTR(d));
+	return 0;
+}
+
 static int create_opt(int opt, const char *arg, void *ud)
 {
 	json_object *p = ud;
@@ -477,6 +529,8 @@ static int create_opt(int opt, const char *arg, void *ud)
 	case 't':
 		json_object_object_add(p, "tap", json_object_new_string(arg));
 		return 0;
+	case 'D':
+		return add_disk(p, arg);
 	case 'M':
 		json_object_object_add(p, "machine", json_object_new_string(arg));
 		return 0;
@@ -489,11 +543,11 @@ static int create_opt(int opt, const char *arg, void *ud)
 
 static void print_status(json_object *vm)
 {
-	static const char *const keys[] = { "name",        "state",       "pid",     "vmm",
-					    "vmm_version", "machine",     "accel",   "cpr_exec",
-					    "vcpus",       "kernel",      "initrd",  "append",
-					    "tap",         "console_log", "vmm_log", "fds_held",
-					    "exit" };
+	static const char *const keys[] = { "name",        "state",   "pid",         "vmm",
+					    "vmm_version", "machine", "accel",       "cpr_exec",
+					    "vcpus",       "kernel",  "initrd",      "append",
+					    "tap",         "disks",   "console_log", "vmm_log",
+					    "fds_held",    "exit" };
 	char buf[64], age[32];
 
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
@@ -524,6 +578,7 @@ static int verb_create(int argc, char **argv)
 		{ "append", required_argument, NULL, 'a' },
 		{ "vmm", required_argument, NULL, 'v' },
 		{ "tap", required_argument, NULL, 't' },
+		{ "disk", required_argument, NULL, 'D' },
 		{ "machine", required_argument, NULL, 'M' },
 		{ "cpr-exec", no_argument, NULL, 'X' },
 	};
@@ -1859,6 +1914,10 @@ static const struct verb verbs[] = {
 	  "  --vcpus N          virtual CPUs (default 1)\n"
 	  "  --vmm PATH         the QEMU binary (default qemu-system-x86_64 from PATH)\n"
 	  "  --tap IFNAME       a tap interface for the guest's network\n"
+	  "  --disk PATH[,format=raw|qcow2][,readonly=on][,cache=none|writeback][,serial=S]\n"
+	  "                     a virtio disk (repeat for more, at most 4): a raw or qcow2\n"
+	  "                     image, which you may open so (a qcow2 image's backing\n"
+	  "                     files for reading)\n"
 	  "  --machine TYPE     QEMU machine type (default q35)\n"
 	  "  --cpr-exec         let its VMMs exec a successor, as the cpr-exec update\n"
 	  "                     strategy needs (QEMU's sandbox then allows spawning)\n" },

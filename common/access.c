@@ -48,7 +48,7 @@ static bool has_acl(int fd)
 	return getxattr(p, "system.posix_acl_access", NULL, 0) > 0;
 }
 
-static int check_step(int fd, const struct creds *c, int want, struct stat *st)
+static int check_step(int fd, const struct creds *c, int want, unsigned opts, struct stat *st)
 {
 	if (fstat(fd, st) < 0)
 		return -errno;
@@ -58,11 +58,19 @@ static int check_step(int fd, const struct creds *c, int want, struct stat *st)
 		return -EPERM;
 	if (!creds_may(c, st, want))
 		return -EACCES;
+	if (opts & OPEN_AS_MAY_CHANGE)
+		return 0;
 	/* What c can change could be swapped for something else later. */
 	return creds_may(c, st, W_OK) || st->st_uid == c->uid ? -ETXTBSY : 0;
 }
 
 int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_canon)
+{
+	return open_as_flags(path, c, O_RDONLY, 0, ret_fd, ret_canon);
+}
+
+int open_as_flags(const char *path, const struct creds *c, int flags, unsigned opts, int *ret_fd,
+		  char **ret_canon)
 {
 	_cleanup_free_ char *canon = NULL, *whole = NULL;
 	_cleanup_close_ int dir = -EBADF;
@@ -83,7 +91,7 @@ int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_can
 		return -errno;
 	for (name = canon + 1;; name = next) {
 		next = strchr(name, '/');
-		r = check_step(dir, c, X_OK, &st);
+		r = check_step(dir, c, X_OK, opts, &st);
 		if (r < 0)
 			return r;
 		if (!next)
@@ -101,14 +109,16 @@ int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_can
 		return -errno;
 	if (!S_ISREG(before.st_mode))
 		return S_ISLNK(before.st_mode) ? -ELOOP : -EBADFD;
-	fd = openat(dir, name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC);
+	fd = openat(dir, name,
+		    (flags & (O_ACCMODE | O_DIRECT)) | O_NONBLOCK | O_NOFOLLOW | O_NOCTTY |
+			O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	r = check_step(fd, c, R_OK, &st);
+	r = check_step(fd, c, (flags & O_ACCMODE) == O_RDONLY ? R_OK : R_OK | W_OK, opts, &st);
 	if (r == 0 &&
 	    (!S_ISREG(st.st_mode) || st.st_ino != before.st_ino || st.st_dev != before.st_dev))
 		r = -EBADFD; /* swapped between the look and the open */
-	if (r == 0 && fcntl(fd, F_SETFL, 0) < 0)
+	if (r == 0 && fcntl(fd, F_SETFL, flags & O_DIRECT) < 0)
 		r = -errno;
 	if (r < 0) {
 		safe_close(fd);

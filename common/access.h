@@ -47,6 +47,16 @@ bool creds_may(const struct creds *c, const struct stat *st, int want);
  */
 int open_as(const char *path, const struct creds *c, int *ret_fd, char **ret_canon);
 
+/* open_as() for reading and writing too: flags' access mode (O_RDONLY or
+ * O_RDWR, which c must then have: read and write) and O_DIRECT are used.
+ * With OPEN_AS_MAY_CHANGE in opts, c may own or write the file and the
+ * directories on the way (-ETXTBSY is not returned): for a caller that
+ * keeps the fd, or that checks on every later open that the file is the
+ * very one opened now (its device and inode). */
+#define OPEN_AS_MAY_CHANGE (1u << 0)
+int open_as_flags(const char *path, const struct creds *c, int flags, unsigned opts, int *ret_fd,
+		  char **ret_canon);
+
 /* Whether the file at fd can only be changed by root: owned by uid 0 and
  * not writable by its group or others. */
 bool fd_is_root_only(int fd);

@@ -372,6 +372,8 @@ const char *param_type_to_string(enum param_type t)
 		return "bool";
 	case PARAM_STRINGS:
 		return "strings";
+	case PARAM_OBJECTS:
+		return "objects";
 	}
 	return "?";
 }

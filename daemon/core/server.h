@@ -28,7 +28,7 @@ enum method_flags {
 	METHOD_DEVICE_PARAMS = 1 << 3,
 };
 
-enum param_type { PARAM_STRING, PARAM_UINT, PARAM_SIZE, PARAM_BOOL, PARAM_STRINGS };
+enum param_type { PARAM_STRING, PARAM_UINT, PARAM_SIZE, PARAM_BOOL, PARAM_STRINGS, PARAM_OBJECTS };
 
 /* One named member of a method's params. */
 struct param {

@@ -525,8 +525,10 @@ const char *vmm_image_strerror(int r)
  * cpr-exec successor inherits them at the same numbers. */
 struct fd_layout {
 	struct device_layout dev;
-	int held[DEVICE_TYPES_MAX]; /* cprd's fd of each device in custody, or -EBADF */
-	int kernel, initrd;         /* -1: none */
+	struct device_fd fds[DEVICE_FDS_MAX];
+	int held[DEVICE_FDS_MAX]; /* cprd's fd of each in custody, or -EBADF */
+	size_t n_fds;
+	int kernel, initrd; /* -1: none */
 	size_t n;
 	char kernel_path[32], initrd_path[32];
 };
@@ -534,16 +536,11 @@ struct fd_layout {
 static void fd_layout(struct daemon *d, const struct vm_config *cfg, bool initrd,
 		      struct fd_layout *l)
 {
-	bool present[DEVICE_TYPES_MAX] = {};
-
 	*l = (struct fd_layout){ .initrd = -1 };
-	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++) {
-		const struct device_type *t = device_type_nth(i);
-
-		l->held[i] = t ? held_fd(d, cfg->name, t->id) : -EBADF;
-		present[i] = l->held[i] >= 0;
-	}
-	devices_layout(present, &l->dev);
+	l->n_fds = devices_fds(&cfg->devices, l->fds);
+	for (size_t j = 0; j < l->n_fds; j++)
+		l->held[j] = held_fd(d, cfg->name, l->fds[j].id);
+	devices_layout(&cfg->devices, &l->dev);
 	l->kernel = l->dev.next++;
 	snprintf(l->kernel_path, sizeof(l->kernel_path), "/proc/self/fd/%d", l->kernel);
 	if (initrd) {
@@ -553,21 +550,67 @@ static void fd_layout(struct daemon *d, const struct vm_config *cfg, bool initrd
 	l->n = (size_t)(l->dev.next - QEMU_CHILD_FD_BASE);
 }
 
-/* The fds to hand the launcher, in the order of their numbers in l. */
-static size_t fd_list(const struct fd_layout *l, int qmp_listen, int kernel, int initrd, int *fds,
-		      size_t max)
+/* The fd for the VMM of what l holds at j: the held one, or for a type
+ * that gives each VMM a file description of its own, that reopened
+ * (*ret_opened is then the caller's to close once it was handed over). */
+static int fd_for_vmm(const struct fd_layout *l, size_t j, int *ret_opened)
+{
+	const struct device_type *t = device_type_nth(l->fds[j].type);
+	char path[32];
+	int fl, fd;
+
+	if (l->held[j] < 0 || !t->fresh_per_vmm)
+		return l->held[j];
+	fl = fcntl(l->held[j], F_GETFL);
+	if (fl < 0)
+		return -errno;
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", l->held[j]);
+	/* Through the magic link of cprd's own fd: the very inode, opened anew. */
+	fd = open(path, (fl & (O_ACCMODE | O_DIRECT)) | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	*ret_opened = fd;
+	return fd;
+}
+
+/* The fds to hand the launcher, in the order of their numbers in l: n
+ * of them, or a negative errno naming nothing held for a device. What
+ * was opened for the VMM alone is in opened[] (-EBADF elsewhere). */
+static int fd_list(const struct fd_layout *l, int qmp_listen, int kernel, int initrd, int *fds,
+		   int *opened, size_t max)
 {
 	size_t n = 0;
 
-	for (int child = QEMU_CHILD_FD_BASE; child < l->dev.next && n < max; child++) {
+	for (int child = QEMU_CHILD_FD_BASE; child < l->dev.next; child++, n++) {
 		int fd = child == l->dev.qmp ? qmp_listen : child == l->kernel ? kernel : initrd;
 
-		for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
-			if (l->dev.child[i] == child)
-				fd = l->held[i];
-		fds[n++] = fd;
+		if (n >= max)
+			return -E2BIG;
+		opened[n] = -EBADF;
+		for (size_t j = 0; j < l->n_fds; j++)
+			if (device_fd_child(&l->dev, &l->fds[j]) == child) {
+				fd = fd_for_vmm(l, j, &opened[n]);
+				if (fd < 0)
+					return fd == -EBADF ? -ENODEV : fd;
+			}
+		fds[n] = fd;
 	}
-	return n;
+	return (int)n;
+}
+
+/* The VMM's fd map, as spawn() placed them. */
+static void set_dev_fds(struct vmm *v, const struct fd_layout *l)
+{
+	v->n_dev_fds = 0;
+	for (size_t j = 0; j < l->n_fds; j++) {
+		struct vmm_dev_fd *x = &v->dev_fd[v->n_dev_fds];
+
+		x->child = device_fd_child(&l->dev, &l->fds[j]);
+		if (x->child < 0)
+			continue;
+		snprintf(x->id, sizeof(x->id), "%s", l->fds[j].id);
+		v->n_dev_fds++;
+	}
 }
 
 static int qemu_config_for(const struct daemon *d, const struct vm_config *cfg, const char *binary,
@@ -606,17 +649,16 @@ int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *
 	return r;
 }
 
+static int spawn_with(struct vmm *v, const struct vm_config *cfg, const struct fd_layout *lp,
+		      int qmp_listen, int log_dirfd, const struct vmm_incoming *in, const int *fds,
+		      size_t n);
+
 static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int log_dirfd,
 		 const struct vmm_incoming *in)
 {
-	int fds[DEVICE_TYPES_MAX + 3];
-	_cleanup_close_ int log = -EBADF, kernel = -EBADF, initrd = -EBADF;
-	_cleanup_free_ char *run_dir = NULL;
-	struct launcher_confine conf;
+	int fds[DEVICE_FDS_MAX + 3], opened[DEVICE_FDS_MAX + 3];
+	_cleanup_close_ int kernel = -EBADF, initrd = -EBADF;
 	struct fd_layout l;
-	struct qemu_config qc;
-	struct stat st;
-	char **argv = NULL;
 	size_t n = 0;
 	int r;
 
@@ -636,9 +678,37 @@ static int spawn(struct vmm *v, const struct vm_config *cfg, int qmp_listen, int
 	}
 
 	fd_layout(v->d, cfg, initrd >= 0, &l);
-	n = fd_list(&l, qmp_listen, kernel, initrd, fds, ELEMENTSOF(fds));
-	memcpy(v->dev_fd, l.dev.child, sizeof(v->dev_fd));
-	r = qemu_config_for(v->d, cfg, v->binary, &l, &qc);
+	for (size_t i = 0; i < ELEMENTSOF(opened); i++)
+		opened[i] = -EBADF;
+	r = fd_list(&l, qmp_listen, kernel, initrd, fds, opened, ELEMENTSOF(fds));
+	if (r < 0) {
+		log_error("VM %s: cannot hand its devices to a VMM: %s", cfg->name,
+			  r == -ENODEV ? "a device's fd is not in custody" : strerror(-r));
+		close_many(opened, ELEMENTSOF(opened));
+		return r;
+	}
+	n = (size_t)r;
+	set_dev_fds(v, &l);
+	r = spawn_with(v, cfg, &l, qmp_listen, log_dirfd, in, fds, n);
+	/* The launcher has its copies (or the spawn failed): what was opened
+	 * for this VMM alone goes. */
+	close_many(opened, ELEMENTSOF(opened));
+	return r;
+}
+
+static int spawn_with(struct vmm *v, const struct vm_config *cfg, const struct fd_layout *lp,
+		      int qmp_listen, int log_dirfd, const struct vmm_incoming *in, const int *fds,
+		      size_t n)
+{
+	_cleanup_close_ int log = -EBADF;
+	_cleanup_free_ char *run_dir = NULL;
+	struct launcher_confine conf;
+	struct qemu_config qc;
+	struct stat st;
+	char **argv = NULL;
+	int r;
+
+	r = qemu_config_for(v->d, cfg, v->binary, lp, &qc);
 	qc.incoming = in && in->defer;
 	qc.check = in && in->check;
 	qc.cpr_main_path = in ? in->cpr_main_path : NULL;
@@ -725,8 +795,6 @@ static struct vmm *vmm_new(struct daemon *d, const char *binary, const char *qmp
 	d->vmms = v;
 	v->pidfd = -EBADF;
 	v->exit_code = -1;
-	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
-		v->dev_fd[i] = -1;
 	v->ops = ops;
 	v->ud = ud;
 	ev_init(&v->pid_watcher, pid_cb);
@@ -883,18 +951,25 @@ json_object *vmm_fd_map(const struct vmm *v)
 {
 	json_object *o = json_object_new_object();
 
-	for (size_t i = 0; i < device_types_count(); i++)
-		if (v->dev_fd[i] >= 0)
-			json_object_object_add(o, device_type_nth(i)->id,
-					       json_object_new_int(v->dev_fd[i]));
+	for (size_t j = 0; j < v->n_dev_fds; j++)
+		json_object_object_add(o, v->dev_fd[j].id, json_object_new_int(v->dev_fd[j].child));
 	return o;
 }
 
 void vmm_set_fd_map(struct vmm *v, json_object *map)
 {
-	json_object *x;
+	v->n_dev_fds = 0;
+	if (!json_object_is_type(map, json_type_object))
+		return;
+	json_object_object_foreach(map, id, x)
+	{
+		struct vmm_dev_fd *f = &v->dev_fd[v->n_dev_fds];
 
-	for (size_t i = 0; i < device_types_count(); i++)
-		if (json_object_object_get_ex(map, device_type_nth(i)->id, &x))
-			v->dev_fd[i] = json_object_get_int(x);
+		if (v->n_dev_fds >= DEVICE_FDS_MAX || !device_type_of_fd(id) ||
+		    strlen(id) >= sizeof(f->id) || !json_object_is_type(x, json_type_int))
+			continue;
+		snprintf(f->id, sizeof(f->id), "%s", id);
+		f->child = json_object_get_int(x);
+		v->n_dev_fds++;
+	}
 }

@@ -48,9 +48,13 @@ struct vmm {
 	char package[96];              /* the build's package string */
 	unsigned long long start_time; /* /proc/PID/stat starttime: identity */
 	uint64_t spawned_usec;         /* CLOCK_MONOTONIC at spawn, 0 if attached */
-	/* Where each device's fd sits in the VMM, by the device's type (its
-	 * place in devices.c's table): {device id: child fd}; -1 none. */
-	int dev_fd[DEVICE_TYPES_MAX];
+	/* Where each device fd sits in the VMM: {fd id: child fd} (its
+	 * registry record's vmm_fds), n_dev_fds of them. */
+	struct vmm_dev_fd {
+		char id[DEVICE_FD_ID_MAX];
+		int child;
+	} dev_fd[DEVICE_FDS_MAX];
+	size_t n_dev_fds;
 	int exit_code; /* -1 unknown */
 	char exit_desc[64];
 	/* VM_VMM_LOG's size when it was started: its own lines follow. */

@@ -27,23 +27,23 @@ static int console_open_flags(const struct vm *vm, int flags, int *ret_fd)
 }
 
 /* A new VM starts a new log. */
-static int console_open(const struct vm *vm, const char *arg, int *ret_fd)
+static int console_open(const struct vm *vm, json_object *arg, int *fds, size_t n)
 {
-	return console_open_flags(vm, O_TRUNC, ret_fd);
+	return console_open_flags(vm, O_TRUNC, &fds[0]);
 }
 
 /* The guest goes on: so does its log. */
-static int console_reopen(const struct vm *vm, const char *arg, int *ret_fd)
+static int console_reopen(const struct vm *vm, json_object *arg, int *fds, size_t n)
 {
-	return console_open_flags(vm, 0, ret_fd);
+	return console_open_flags(vm, 0, &fds[0]);
 }
 
-static int console_qemu_args(const char *arg, int child_fd, struct qemu_config *qc)
+static int console_qemu_args(json_object *arg, const int *child, size_t n, struct qemu_config *qc)
 {
 	struct qemu_args *a = &qc->devices[QEMU_PLACE_SERIAL];
 
 	qemu_args_add(a, "-chardev");
-	qemu_args_addf(a, "file,id=con0,path=/proc/self/fd/%d,append=on", child_fd);
+	qemu_args_addf(a, "file,id=con0,path=/proc/self/fd/%d,append=on", child[0]);
 	qemu_args_add(a, "-serial");
 	qemu_args_add(a, "chardev:con0");
 	return a->error;

@@ -18,63 +18,96 @@ static int own(const struct vm *vm, const struct device_type *t, int fd)
 
 /* Into the fd store as soon as it is held, not at shutdown: a crash must
  * not lose it. Takes fd, also on failure. */
-static int hold(struct vm *vm, const struct device_type *t, int fd)
+static int hold(struct vm *vm, const struct device_type *t, const char *id, int fd)
 {
 	int r = own(vm, t, fd);
 
 	if (r >= 0)
-		r = memstore_put(vm->d->store, vm->cfg.name, t->id, t->custody, fd);
+		r = memstore_put(vm->d->store, vm->cfg.name, id, t->custody, fd);
 	if (r < 0) {
 		close(fd);
 		return r;
 	}
-	fdstore_add(vm->d, vm->cfg.name, t->id, fd);
+	fdstore_add(vm->d, vm->cfg.name, id, fd);
 	return 0;
+}
+
+/* Each type's fds of vm are where f lists them: the first at from[i]. */
+static void type_starts(const struct device_fd *f, size_t n, size_t from[DEVICE_TYPES_MAX])
+{
+	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
+		from[i] = n;
+	for (size_t j = n; j-- > 0;)
+		from[f[j].type] = j;
 }
 
 int devices_acquire(struct vm *vm, const char **ret_what)
 {
-	int fds[DEVICE_TYPES_MAX];
-	size_t n = device_types_count(), i;
+	struct device_fd f[DEVICE_FDS_MAX];
+	int fds[DEVICE_FDS_MAX];
+	size_t n = devices_fds(&vm->cfg.devices, f), from[DEVICE_TYPES_MAX], j;
 	int r = 0;
 
-	for (i = 0; i < n; i++)
-		fds[i] = -EBADF;
-	for (i = 0; i < n && r >= 0; i++) {
+	for (j = 0; j < n; j++)
+		fds[j] = -EBADF;
+	type_starts(f, n, from);
+	for (size_t i = 0; i < device_types_count() && r >= 0; i++) {
 		const struct device_type *t = device_type_nth(i);
+		size_t m = 0;
 
-		if (!device_present(&vm->cfg.devices, i))
+		for (j = from[i]; j < n && f[j].type == i; j++)
+			m++;
+		if (!m)
 			continue;
 		*ret_what = t->what;
-		r = t->open(vm, vm->cfg.devices.arg[i], &fds[i]);
+		r = t->open(vm, vm->cfg.devices.arg[i], &fds[from[i]], m);
 	}
 	if (r >= 0)
 		*ret_what = "its resources";
-	for (i = 0; i < n; i++) {
-		if (fds[i] < 0)
+	for (j = 0; j < n; j++) {
+		if (fds[j] < 0)
 			continue;
 		if (r < 0)
-			close(fds[i]);
+			close(fds[j]);
 		else
-			r = hold(vm, device_type_nth(i), fds[i]);
+			r = hold(vm, device_type_nth(f[j].type), f[j].id, fds[j]);
 	}
 	return r;
 }
 
-int devices_reacquire(struct vm *vm, const char **ret_what)
+int devices_reacquire(struct vm *vm, bool fresh_only, const char **ret_what)
 {
+	struct device_fd f[DEVICE_FDS_MAX];
+	size_t n = devices_fds(&vm->cfg.devices, f), from[DEVICE_TYPES_MAX];
+
+	type_starts(f, n, from);
 	for (size_t i = 0; i < device_types_count(); i++) {
 		const struct device_type *t = device_type_nth(i);
 		const memstore_entry *e;
-		int fd = -EBADF, r;
+		int fds[DEVICE_FDS_MAX];
+		size_t m = 0, held = 0;
+		int r;
 
-		if (!t->reopen || !device_present(&vm->cfg.devices, i) ||
-		    memstore_get(vm->d->store, vm->cfg.name, t->id, &e) >= 0)
+		for (size_t j = from[i]; j < n && f[j].type == i; j++, m++)
+			if (memstore_get(vm->d->store, vm->cfg.name, f[j].id, &e) >= 0)
+				held++;
+		/* A type's fds are reopened together, or not at all. */
+		if (!t->reopen || !m || held == m || (fresh_only && !t->fresh_per_vmm))
 			continue;
+		for (size_t j = from[i]; j < from[i] + m; j++) {
+			fdstore_remove(vm->d, vm->cfg.name, f[j].id);
+			(void)memstore_remove(vm->d->store, vm->cfg.name, f[j].id);
+		}
 		*ret_what = t->what;
-		r = t->reopen(vm, vm->cfg.devices.arg[i], &fd);
-		if (r >= 0)
-			r = hold(vm, t, fd);
+		r = t->reopen(vm, vm->cfg.devices.arg[i], fds, m);
+		if (r < 0)
+			return r; /* none was opened */
+		for (size_t k = 0; k < m; k++) {
+			if (r >= 0)
+				r = hold(vm, t, f[from[i] + k].id, fds[k]);
+			else
+				close(fds[k]);
+		}
 		if (r < 0)
 			return r;
 	}
@@ -83,13 +116,15 @@ int devices_reacquire(struct vm *vm, const char **ret_what)
 
 int devices_own(struct vm *vm)
 {
-	for (size_t i = 0; vm->cfg.uid > 0 && i < device_types_count(); i++) {
-		const struct device_type *t = device_type_nth(i);
-		const memstore_entry *e;
+	struct device_fd f[DEVICE_FDS_MAX];
+	size_t n = devices_fds(&vm->cfg.devices, f);
 
+	for (size_t j = 0; vm->cfg.uid > 0 && j < n; j++) {
+		const struct device_type *t = device_type_nth(f[j].type);
+		const memstore_entry *e;
 		int r;
 
-		if (memstore_get(vm->d->store, vm->cfg.name, t->id, &e) >= 0 &&
+		if (memstore_get(vm->d->store, vm->cfg.name, f[j].id, &e) >= 0 &&
 		    (r = own(vm, t, e->fd)) < 0)
 			return r;
 	}

@@ -12,15 +12,15 @@
 #include "daemon/core/vm.h"
 #include "kvm/qemu.h"
 
-static int ram_open(const struct vm *vm, const char *arg, int *ret_fd)
+static int ram_open(const struct vm *vm, json_object *arg, int *fds, size_t n)
 {
-	return memstore_region_create(DEVICE_RAM_ID, vm->cfg.memory_bytes, 0, ret_fd);
+	return memstore_region_create(DEVICE_RAM_ID, vm->cfg.memory_bytes, 0, &fds[0]);
 }
 
 /* Reopened through /proc so that QEMU maps the very same pages; share=on
  * lets a successor map them too and lets migration skip them
  * (x-ignore-shared). The machine names it as its memory backend. */
-static int ram_qemu_args(const char *arg, int child_fd, struct qemu_config *qc)
+static int ram_qemu_args(json_object *arg, const int *child, size_t n, struct qemu_config *qc)
 {
 	struct qemu_args *a = &qc->devices[QEMU_PLACE_MEMORY];
 
@@ -28,7 +28,7 @@ static int ram_qemu_args(const char *arg, int child_fd, struct qemu_config *qc)
 	qemu_args_addf(a,
 		       "memory-backend-file,id=" DEVICE_RAM_ID ",size=%" PRIu64
 		       "M,mem-path=/proc/self/fd/%d,share=on",
-		       qc->memory_bytes >> 20, child_fd);
+		       qc->memory_bytes >> 20, child[0]);
 	qc->memory_backend = DEVICE_RAM_ID;
 	return a->error;
 }

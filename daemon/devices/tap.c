@@ -20,8 +20,9 @@
 
 /* EINVAL/EBUSY: the name is taken by another kind of interface or a tap
  * already attached elsewhere. */
-static int tap_open(const struct vm *vm, const char *ifname, int *ret_fd)
+static int tap_open(const struct vm *vm, json_object *arg, int *fds, size_t n)
 {
+	const char *ifname = json_object_get_string(arg);
 	_cleanup_close_ int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
 	struct ifreq ifr = { .ifr_flags = IFF_TAP | IFF_NO_PI };
 
@@ -30,12 +31,13 @@ static int tap_open(const struct vm *vm, const char *ifname, int *ret_fd)
 	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
 	if (ioctl(fd, TUNSETIFF, &ifr) < 0)
 		return -errno;
-	*ret_fd = TAKE_FD(fd);
+	fds[0] = TAKE_FD(fd);
 	return 0;
 }
 
-static int tap_check(const char *ifname, char *why, size_t size)
+static int tap_check(json_object *arg, char *why, size_t size)
 {
+	const char *ifname = json_object_get_string(arg);
 	const char *invalid = ifname_invalid(ifname);
 
 	if (!invalid)
@@ -44,12 +46,12 @@ static int tap_check(const char *ifname, char *why, size_t size)
 	return -EINVAL;
 }
 
-static int tap_qemu_args(const char *ifname, int child_fd, struct qemu_config *qc)
+static int tap_qemu_args(json_object *arg, const int *child, size_t n, struct qemu_config *qc)
 {
 	struct qemu_args *a = &qc->devices[QEMU_PLACE_DEVICE];
 
 	qemu_args_add(a, "-netdev");
-	qemu_args_addf(a, "tap,id=net0,fd=%d", child_fd);
+	qemu_args_addf(a, "tap,id=net0,fd=%d", child[0]);
 	qemu_args_add(a, "-device");
 	qemu_args_add(a, "virtio-net-pci,netdev=net0,romfile=");
 	return a->error;

@@ -1273,7 +1273,7 @@ static void start_restore_vmm(struct ckpt *k)
 		restore_fail(k, "cannot hold the new RAM: %s", strerror(-r));
 		return;
 	}
-	r = devices_reacquire(vm, &what);
+	r = devices_reacquire(vm, false, &what);
 	if (r < 0) {
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
 		return;

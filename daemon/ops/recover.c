@@ -68,25 +68,32 @@ static void reclaim_from_vmm(struct daemon *d, const char *vm, int pidfd, json_o
 {
 	const memstore_entry *e;
 
-	for (size_t i = 0; i < device_types_count(); i++) {
-		const struct device_type *t = device_type_nth(i);
-		json_object *n = json_object_object_get(fdmap, t->id);
+	if (!json_object_is_type(fdmap, json_type_object))
+		return;
+	json_object_object_foreach(fdmap, id, n)
+	{
+		const struct device_type *t = device_type_of_fd(id);
 		int fd;
 
-		if (!n || memstore_get(d->store, vm, t->id, &e) == 0)
+		/* Not at that number any more (QEMU keeps a dup in an fd set):
+		 * reopened instead (reopen_fresh()). */
+		if (t && t->fresh_per_vmm)
+			continue;
+		if (!t || !json_object_is_type(n, json_type_int) ||
+		    memstore_get(d->store, vm, id, &e) == 0)
 			continue;
 		fd = (int)syscall(SYS_pidfd_getfd, pidfd, json_object_get_int(n), 0);
 		if (fd < 0) {
-			log_error("VM %s: cannot take %s back from its VMM: %m", vm, t->id);
+			log_error("VM %s: cannot take %s back from its VMM: %m", vm, id);
 			continue;
 		}
-		if (memstore_put(d->store, vm, t->id, t->custody, fd) < 0) {
+		if (memstore_put(d->store, vm, id, t->custody, fd) < 0) {
 			log_error("VM %s: fd %d of the VMM is not the %s it was", vm,
-				  json_object_get_int(n), t->id);
+				  json_object_get_int(n), id);
 			close(fd);
 			continue;
 		}
-		fdstore_add(d, vm, t->id, fd);
+		fdstore_add(d, vm, id, fd);
 	}
 }
 
@@ -588,6 +595,23 @@ static void end_check(struct vm *vm, json_object *chk)
 	free(sock);
 }
 
+/* What custody lost of the devices of which each VMM has a file
+ * description of its own (disks) is opened again by path: the very files
+ * judged at create, or nothing (disk.c). The VMM has its own; this is
+ * what the next VMM is given. */
+static void reopen_fresh(struct vm *vm)
+{
+	const char *what = "its devices";
+	int r = devices_reacquire(vm, true, &what);
+
+	if (r < 0)
+		log_error("VM %s: cannot hold %s again: %s; the guest runs on, but no new VMM "
+			  "can be started for it until they can be opened",
+			  vm->cfg.name, what,
+			  r == -ESTALE ? "another file is at a path judged at create"
+				       : strerror(-r));
+}
+
 static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 {
 	struct vm_record record;
@@ -652,6 +676,7 @@ static void recover_one(struct daemon *d, json_object *rec, int stored_pidfd)
 	} else if (v && (mute || !query_status(v, st, sizeof(st)))) {
 		snprintf(st, sizeof(st), "running"); /* alive, monitor or not: never ended here */
 	}
+	reopen_fresh(vm);
 	if (!v && vm->checkpoint_root)
 		return; /* checkpointed: checkpoint_recover() says so */
 	if (!v) {

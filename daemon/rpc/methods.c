@@ -49,6 +49,8 @@ static const char *param_type_text(enum param_type t)
 		return "a size in bytes or a string like \"256M\"";
 	case PARAM_BOOL:
 		return "a boolean";
+	case PARAM_OBJECTS:
+		return "an array of objects";
 	default:
 		return "an array of strings";
 	}
@@ -87,6 +89,14 @@ static bool parse_one(json_object *v, enum param_type type, void *out)
 				return false;
 		*(json_object **)out = v;
 		return true;
+	case PARAM_OBJECTS:
+		if (!json_object_is_type(v, json_type_array))
+			return false;
+		for (size_t i = 0; i < json_object_array_length(v); i++)
+			if (!json_object_is_type(json_object_array_get_idx(v, i), json_type_object))
+				return false;
+		*(json_object **)out = v;
+		return true;
 	}
 	return false;
 }
@@ -101,6 +111,14 @@ static bool has_nul(json_object *v)
 		for (size_t i = 0; i < json_object_array_length(v); i++)
 			if (has_nul(json_object_array_get_idx(v, i)))
 				return true;
+	if (json_object_is_type(v, json_type_object)) {
+		json_object_object_foreach(v, k, x)
+		{
+			(void)k;
+			if (has_nul(x))
+				return true;
+		}
+	}
 	return false;
 }
 
@@ -116,7 +134,10 @@ static bool device_param(const struct method *m, size_t i, struct param *ret)
 		return false;
 	for (size_t k = 0; (t = device_type_nth(k)); k++)
 		if (t->param && i-- == 0) {
-			*ret = (struct param){ t->param, PARAM_STRING, false };
+			*ret = (struct param){ t->param,
+					       t->param_type == json_type_array ? PARAM_OBJECTS
+										: PARAM_STRING,
+					       false };
 			return true;
 		}
 	return false;
@@ -134,7 +155,8 @@ static bool param_bind(struct call *c, json_object *params, const struct param *
 		}
 		return true;
 	}
-	if ((spec->type == PARAM_STRING || spec->type == PARAM_STRINGS) && has_nul(v)) {
+	if (spec->type != PARAM_UINT && spec->type != PARAM_SIZE && spec->type != PARAM_BOOL &&
+	    has_nul(v)) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, spec->name,
 				"parameter '%s' must not contain a NUL byte", spec->name);
 		return false;
@@ -251,6 +273,23 @@ static int check_file(struct call *c, const char *path, char **ret_path, struct 
 	}
 	*ret_id = (struct file_id){ .dev = st.st_dev, .ino = st.st_ino, .set = true };
 	return 0;
+}
+
+/* What the devices name (disk images) judged as the peer could. */
+static int prepare_devices(struct call *c, struct device_args *args, const char **ret_param,
+			   char *why, size_t size)
+{
+	struct creds cr;
+	int r;
+
+	if (call_peer(c)->uid == 0)
+		return devices_prepare(args, NULL, ret_param, why, size);
+	r = call_peer_creds(c, &cr);
+	if (r < 0) {
+		snprintf(why, size, "cannot tell the caller's groups: %s", strerror(-r));
+		return r;
+	}
+	return devices_prepare(args, &cr, ret_param, why, size);
 }
 
 static const char *check_file_error(int r)
@@ -486,6 +525,14 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	}
 	if (devices_refused(&cfg.devices, &dev_param, why, sizeof(why))) {
 		call_fail_param(c, JSONRPC_INVALID_PARAMS, dev_param, "%s", why);
+		vm_config_done(&cfg);
+		return;
+	}
+	if ((r = prepare_devices(c, &cfg.devices, &dev_param, why, sizeof(why))) < 0) {
+		call_fail_param(c,
+				r == -EACCES || r == -EPERM ? JSONRPC_ERR_PERMISSION
+							    : JSONRPC_INVALID_PARAMS,
+				dev_param, "%s", why);
 		vm_config_done(&cfg);
 		return;
 	}

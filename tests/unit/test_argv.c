@@ -27,7 +27,8 @@ enum device {
 	DEV_TAP = 1 << 0,
 	DEV_INITRD = 1 << 1,
 	DEV_APPEND = 1 << 2,
-	_DEV_ALL = (1 << 3) - 1,
+	DEV_DISKS = 1 << 3, /* a qcow2 overlay on a raw base, and a raw disk */
+	_DEV_ALL = (1 << 4) - 1,
 };
 
 /* cprd's usual VMM: KVM, confined (QEMU's sandbox on), no exec; a variant
@@ -69,13 +70,31 @@ static bool case_of(size_t i, struct argv_case *ret)
 
 static void case_name(const struct argv_case *c, char *buf, size_t size)
 {
-	static const char *const devs[] = { "bare",          "tap",
-					    "initrd",        "tap-initrd",
-					    "append",        "tap-append",
-					    "initrd-append", "tap-initrd-append" };
+	static const char *const devs[] = { "tap", "initrd", "append", "disks" };
+	char set[64] = "";
 
-	snprintf(buf, size, "argv/%s-%s%s.txt", mode_names[c->mode], devs[c->devices],
+	for (size_t i = 0; i < ELEMENTSOF(devs); i++)
+		if (c->devices & (1u << i))
+			snprintf(set + strlen(set), sizeof(set) - strlen(set), "%s%s",
+				 set[0] ? "-" : "", devs[i]);
+	snprintf(buf, size, "argv/%s-%s%s.txt", mode_names[c->mode], set[0] ? set : "bare",
 		 variant_names[c->variant]);
+}
+
+/* Two disks as vm.create records them: a qcow2 overlay on a raw base
+ * (cache=none), and a raw data disk with a serial. */
+static json_object *disks(void)
+{
+	json_object *a = json_tokener_parse(
+	    "[{\"path\": \"/var/lib/cprd/web1.qcow2\", \"format\": \"qcow2\", \"cache\": "
+	    "\"none\", \"layers\": [{\"path\": \"/var/lib/cprd/web1.qcow2\", \"format\": "
+	    "\"qcow2\", \"dev\": 2049, \"ino\": 11}, {\"path\": \"/var/lib/cprd/base.raw\", "
+	    "\"format\": \"raw\", \"dev\": 2049, \"ino\": 12}]}, {\"path\": "
+	    "\"/srv/web1-data.raw\", \"serial\": \"data1\", \"layers\": [{\"path\": "
+	    "\"/srv/web1-data.raw\", \"format\": \"raw\", \"dev\": 2050, \"ino\": 7}]}]");
+
+	ck_assert_ptr_nonnull(a);
+	return a;
 }
 
 /* The configuration vmm.c gives QEMU for case c: its devices' layout and
@@ -84,7 +103,6 @@ static struct qemu_config config_of(const struct argv_case *c, char *kernel, cha
 				    size_t size)
 {
 	struct device_args args = {};
-	bool present[DEVICE_TYPES_MAX] = {};
 	struct device_layout l;
 	struct qemu_config q = {
 		.name = "web1",
@@ -99,10 +117,10 @@ static struct qemu_config config_of(const struct argv_case *c, char *kernel, cha
 	int next;
 
 	if (c->devices & DEV_TAP)
-		args.arg[2] = strdup("tap0");
-	for (size_t i = 0; i < DEVICE_TYPES_MAX; i++)
-		present[i] = device_present(&args, i);
-	devices_layout(present, &l);
+		args.arg[2] = json_object_new_string("tap0");
+	if (c->devices & DEV_DISKS)
+		args.arg[3] = disks();
+	devices_layout(&args, &l);
 	ck_assert_int_eq(devices_qemu_args(&args, &l, &q), 0);
 	device_args_done(&args);
 	q.qmp_fd = l.qmp;

@@ -81,7 +81,7 @@ static const char *device_arg(const struct device_args *a, const char *id)
 {
 	for (size_t i = 0; i < device_types_count(); i++)
 		if (strcmp(device_type_nth(i)->id, id) == 0)
-			return a->arg[i];
+			return a->arg[i] ? json_object_get_string(a->arg[i]) : NULL;
 	return NULL;
 }
 
