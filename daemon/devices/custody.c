@@ -114,6 +114,54 @@ int devices_reacquire(struct vm *vm, bool fresh_only, const char **ret_what)
 	return 0;
 }
 
+/* The held fds of type i of vm, in order: their number, or 0 when one is
+ * not held. */
+static size_t held_of_type(struct vm *vm, size_t i, int *fds)
+{
+	struct device_fd f[DEVICE_FDS_MAX];
+	size_t n = devices_fds(&vm->cfg.devices, f), m = 0;
+
+	for (size_t j = 0; j < n; j++) {
+		const memstore_entry *e;
+
+		if (f[j].type != i)
+			continue;
+		if (memstore_get(vm->d->store, vm->cfg.name, f[j].id, &e) < 0)
+			return 0;
+		fds[m++] = e->fd;
+	}
+	return m;
+}
+
+void devices_saved(struct vm *vm, bool stamp)
+{
+	for (size_t i = 0; i < device_types_count(); i++) {
+		const struct device_type *t = device_type_nth(i);
+		int fds[DEVICE_FDS_MAX];
+		size_t m;
+
+		if (!t->saved || !(m = held_of_type(vm, i, fds)))
+			continue;
+		(void)t->saved(vm->cfg.devices.arg[i], fds, m, stamp);
+	}
+}
+
+int devices_restoring(struct vm *vm, char *why, size_t size)
+{
+	for (size_t i = 0; i < device_types_count(); i++) {
+		const struct device_type *t = device_type_nth(i);
+		int fds[DEVICE_FDS_MAX], r;
+		size_t m;
+
+		if (!t->restoring || !(m = held_of_type(vm, i, fds)))
+			continue;
+		r = t->restoring(vm->cfg.devices.arg[i], fds, m, why, size);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
 int devices_own(struct vm *vm)
 {
 	struct device_fd f[DEVICE_FDS_MAX];

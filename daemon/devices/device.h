@@ -94,6 +94,17 @@ struct device_type {
 	 * restore from a checkpoint after cprd restarted). NULL: they are not
 	 * reopened (guest RAM: the checkpoint brings it back). */
 	int (*reopen)(const struct vm *vm, json_object *arg, int *fds, size_t n);
+	/* The guest is saved in a checkpoint. With stamp, record in arg what
+	 * restoring() compares (as the checkpoint is written, before its
+	 * meta; the VMM has let go of the files by then); without, keep the
+	 * files as they are until a restore (once no VMM has the guest: the
+	 * checkpoint in place, a restore failed, a restarted cprd). fds:
+	 * cprd's. Optional. */
+	int (*saved)(json_object *arg, const int *fds, size_t n, bool stamp);
+	/* A VMM is about to take the guest back from its checkpoint: 0 when
+	 * the files are as saved() stamped them (cprd's hold on them is then
+	 * let go), or -ESTALE with why. Optional. */
+	int (*restoring)(json_object *arg, const int *fds, size_t n, char *why, size_t size);
 	/* Add its QEMU arguments for its n fds, which the VMM has at
 	 * child[0..n), to qc (qc's machine-wide fields are set; every child
 	 * fd is at least QEMU_CHILD_FD_BASE, devices_qemu_args() sees to it). */

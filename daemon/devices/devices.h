@@ -99,5 +99,11 @@ int devices_acquire(struct vm *vm, const char **ret_what);
  * fresh_only, only those of which each VMM has a file description of its
  * own (their VMM's fds cannot be copied back: QEMU keeps them elsewhere). */
 int devices_reacquire(struct vm *vm, bool fresh_only, const char **ret_what);
+/* The VM's guest is saved in a checkpoint, its files kept as saved until
+ * a restore (type->saved; stamp: record what restoring checks). */
+void devices_saved(struct vm *vm, bool stamp);
+/* The VM is being restored: 0 when its files are as saved, else a
+ * negative errno, with why naming what changed. */
+int devices_restoring(struct vm *vm, char *why, size_t size);
 /* Give the held fds that the VM's VMMs open anew to its uid. */
 int devices_own(struct vm *vm);

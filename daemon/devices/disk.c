@@ -53,7 +53,7 @@
 static const char *const disk_keys[] = {
 	"path", "format", "readonly", "cache", "serial", "layers"
 };
-static const char *const layer_keys[] = { "path", "format", "dev", "ino" };
+static const char *const layer_keys[] = { "path", "format", "dev", "ino", "saved" };
 
 static bool key_known(const char *k, const char *const *keys, size_t n)
 {
@@ -547,6 +547,99 @@ static int disk_open(const struct vm *vm, json_object *arg, int *fds, size_t n)
 	return 0;
 }
 
+/* ---- kept as saved while the VM is checkpointed ---- */
+
+/*
+ * QEMU's own image locks (file-posix) are OFD locks on bytes of the file:
+ * 100 + n says "I use permission n", 200 + n "I do not let others have
+ * permission n"; write is permission 1. A QEMU or qemu-img that wants to
+ * write an image first looks for a lock on byte 201 and gives up when it
+ * finds one. cprd holds that one byte on its own file description while
+ * no VMM runs the guest, so that the images stay as the checkpoint needs
+ * them (QEMU's CPR docs: block devices must not change between save and
+ * load).
+ */
+#define QEMU_LOCK_NO_SHARED_WRITE 201
+
+static int lock_byte(int fd, short type)
+{
+	struct flock fl = { .l_type = type,
+			    .l_whence = SEEK_SET,
+			    .l_start = QEMU_LOCK_NO_SHARED_WRITE,
+			    .l_len = 1 };
+
+	return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+static json_object *layer_at(json_object *arg, size_t k)
+{
+	size_t i, j;
+
+	if (!disk_place(arg, k, &i, &j))
+		return NULL;
+	return json_object_array_get_idx(layers_of(json_object_array_get_idx(arg, i)), j);
+}
+
+static int64_t ns_of(const struct timespec *t)
+{
+	return (int64_t)t->tv_sec * 1000000000 + t->tv_nsec;
+}
+
+/* What tells a file written since: its size and its change time (which
+ * every write moves, and nobody can set back). */
+static int disk_saved(json_object *arg, const int *fds, size_t n, bool stamp)
+{
+	int r = 0;
+
+	for (size_t k = 0; k < n; k++) {
+		json_object *l = layer_at(arg, k), *saved;
+		struct stat st;
+
+		if (!stamp) {
+			if (lock_byte(fds[k], F_RDLCK) < 0 && r == 0)
+				r = -errno;
+			continue;
+		}
+		if (!l || fstat(fds[k], &st) < 0)
+			continue;
+		saved = json_object_new_object();
+		json_object_object_add(saved, "size", json_object_new_int64(st.st_size));
+		json_object_object_add(saved, "ctime_ns",
+				       json_object_new_int64(ns_of(&st.st_ctim)));
+		json_object_object_add(l, "saved", saved);
+	}
+	return r;
+}
+
+static int disk_restoring(json_object *arg, const int *fds, size_t n, char *why, size_t size)
+{
+	for (size_t k = 0; k < n; k++) {
+		json_object *l = layer_at(arg, k), *saved;
+		struct stat st;
+
+		if (!l || !json_object_object_get_ex(l, "saved", &saved))
+			continue; /* saved by a cprd that did not record it */
+		if (fstat(fds[k], &st) < 0)
+			return -errno;
+		if (st.st_size != json_object_get_int64(json_object_object_get(saved, "size")) ||
+		    ns_of(&st.st_ctim) !=
+			json_object_get_int64(json_object_object_get(saved, "ctime_ns"))) {
+			char id[DEVICE_FD_ID_MAX];
+
+			disk_fd_id(arg, k, id, sizeof(id));
+			snprintf(why, size,
+				 "%s (%.200s) was changed after the checkpoint was written; the "
+				 "guest would not find the disk it left",
+				 id, str_of(l, "path"));
+			return -ESTALE;
+		}
+	}
+	/* The stamps stay: a restore that fails checks them again. */
+	for (size_t k = 0; k < n; k++)
+		(void)lock_byte(fds[k], F_UNLCK);
+	return 0;
+}
+
 /* ---- QEMU ---- */
 
 /*
@@ -627,6 +720,8 @@ const struct device_type device_disk = {
 	.fresh_per_vmm = true,
 	.open = disk_open,
 	.reopen = disk_open,
+	.saved = disk_saved,
+	.restoring = disk_restoring,
 	.qemu_args = disk_qemu_args,
 	/* Not cpr-exec: QEMU closes the fds -add-fd named once it has put
 	 * dups of them in its fd sets, and its successor, given the same

@@ -438,6 +438,9 @@ static void end(struct ckpt *k, const char *result)
 	vmm_cancel(k->next, k);
 	k->next = vmm_kill(k->next);
 	vm_op_end(vm, &k->op);
+	/* A restore that did not take: the checkpoint is the guest again. */
+	if (k->restore && !ok && vm->state == VM_CHECKPOINTED)
+		devices_saved(vm, false);
 	rep = report(k, result);
 	if (vm->dir_fd >= 0)
 		history_append(vm->dir_fd, VM_HISTORY, rep);
@@ -732,6 +735,9 @@ static void finish_save(struct ckpt *k)
 	}
 	add_sizes(k, k->state_fd);
 	add_sizes(k, k->ram_fd);
+	/* The VMM let go of the disks when its migration completed: what
+	 * they are now is what the checkpoint needs (in its meta). */
+	devices_saved(vm, true);
 	meta = save_meta(k);
 	r = write_json_at(k->dir_fd, CKPT_META, meta);
 	if (r >= 0 && vm->dir_fd >= 0)
@@ -770,9 +776,11 @@ static void finish_save(struct ckpt *k)
 	k->tmp[0] = '\0';
 	(void)rm_flat(k->root_fd, old);
 
-	/* The guest is on disk now: its VMM and RAM go. */
+	/* The guest is on disk now: its VMM and RAM go, its disks stay as
+	 * they are. */
 	vmm_cancel(vm->vmm, k);
 	vm->vmm = vmm_kill(vm->vmm);
+	devices_saved(vm, false);
 	fdstore_remove(vm->d, vm->cfg.name, "pidfd");
 	fdstore_remove(vm->d, vm->cfg.name, DEVICE_RAM_ID);
 	(void)memstore_remove(vm->d->store, vm->cfg.name, DEVICE_RAM_ID);
@@ -1278,6 +1286,11 @@ static void start_restore_vmm(struct ckpt *k)
 		restore_fail(k, "cannot acquire %s: %s", what, strerror(-r));
 		return;
 	}
+	r = devices_restoring(vm, why, sizeof(why));
+	if (r < 0) {
+		restore_fail(k, "%s", why);
+		return;
+	}
 	if (vm_check_images(&vm->cfg, why, sizeof(why)) < 0) {
 		restore_fail(k, "cannot start the VMM: %s", why);
 		return;
@@ -1677,6 +1690,10 @@ static void adopt_checkpoint(struct daemon *d, int root_fd, const char *name)
 		return;
 	vm->checkpoint_root = strdup(d->checkpoint_dir);
 	vm_set_state(vm, VM_CHECKPOINTED);
+	/* Held from now on, as the checkpoint needs them; one that cannot be
+	 * opened is said by the restore. */
+	if (devices_reacquire(vm, true, &(const char *){ NULL }) >= 0)
+		devices_saved(vm, false);
 	if (vm->dir_fd >= 0)
 		(void)copy_file_at(dir, CKPT_HISTORY, vm->dir_fd, VM_HISTORY);
 	log_info("VM %s: checkpointed in %s/%s (since %s); restore it with cprctl restore %s", name,
@@ -1694,6 +1711,7 @@ void checkpoint_recover(struct daemon *d)
 			continue;
 		if (checkpoint_whole(vm->checkpoint_root, vm->cfg.name)) {
 			vm_set_state(vm, VM_CHECKPOINTED);
+			devices_saved(vm, false);
 			/* RAM a previous cprd was filling or had saved: the
 			 * checkpoint is the guest, and a restore makes new. */
 			drop_ram(vm);
