@@ -245,12 +245,20 @@ static int read_fields(json_object *o, enum vm_view view, struct vm_record *rec,
 		if (f->type == FIELD_DEVICES) {
 			const char *param = NULL;
 
-			r = devices_from_json(o, (struct device_args *)((char *)rec + f->offset),
-					      &param);
+			struct device_args *args = (struct device_args *)((char *)rec + f->offset);
+			char bad[200];
+
+			r = devices_from_json(o, args, &param);
 			if (r == -EINVAL)
-				snprintf(why, size, "%s must be a string", param);
+				snprintf(why, size, "%s must be %s", param,
+					 device_type_param_text(param));
 			if (r < 0)
 				return r;
+			/* What vm.create would refuse is a damaged record. */
+			if (devices_refused(args, &param, bad, sizeof(bad))) {
+				snprintf(why, size, "%s: %s", param, bad);
+				return -EINVAL;
+			}
 			continue;
 		}
 		/* Absent or null (what vm.status writes for an empty field). */

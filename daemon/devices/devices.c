@@ -131,6 +131,14 @@ static json_type param_type(const struct device_type *t)
 	return t->param_type ? t->param_type : json_type_string;
 }
 
+const char *device_type_param_text(const char *param)
+{
+	for (size_t i = 0; param && i < ELEMENTSOF(types); i++)
+		if (types[i]->param && streq(types[i]->param, param))
+			return param_type(types[i]) == json_type_array ? "a list" : "a string";
+	return "?";
+}
+
 int devices_from_json(json_object *o, struct device_args *ret, const char **ret_param)
 {
 	struct device_args args = {};

@@ -34,6 +34,10 @@ const struct device_type *device_type_of_fd(const char *id);
  * take. */
 bool device_id_reserved(const char *name);
 
+/* What the value of the device parameter param must be, for people: "a
+ * string", "a list". */
+const char *device_type_param_text(const char *param);
+
 /* Whether a VM of args has the i-th type's device. */
 bool device_present(const struct device_args *args, size_t i);
 

@@ -87,9 +87,11 @@ START_TEST(vmm_text_is_escaped_onto_one_line)
 			 "x\\x0aupdate vm=web1 result=ok\\x1b[2J");
 	ck_assert_str_eq(esc("a\rb\x7f", 64), "a\\x0db\\x7f");
 	/* C1 CSI (U+009B), invalid, overlong and surrogate UTF-8, a cut one. */
-	ck_assert_str_eq(esc("\xc2\x9b" "2J", 64), "\\xc2\\x9b2J");
-	ck_assert_str_eq(esc("\xff\xc0\xaf\xed\xa0\x80", 64),
-			 "\\xff\\xc0\\xaf\\xed\\xa0\\x80");
+	ck_assert_str_eq(esc("\xc2\x9b"
+			     "2J",
+			     64),
+			 "\\xc2\\x9b2J");
+	ck_assert_str_eq(esc("\xff\xc0\xaf\xed\xa0\x80", 64), "\\xff\\xc0\\xaf\\xed\\xa0\\x80");
 	ck_assert_str_eq(esc("ok\xc3", 64), "ok\\xc3");
 	ck_assert(str_needs_escape("\xc2\x85", 2));
 	/* Cut to size at a whole character or escape, never inside one. */
@@ -207,7 +209,6 @@ START_TEST(a_log_inflated_by_ftruncate_costs_the_rotation_its_data_alone)
 	ck_assert_int_eq(memcmp(buf, "zzzzzzzzzz", 10), 0);
 	ck_assert_int_eq(fstat(r, &st), 0);
 	ck_assert_int_le(st.st_blocks * 512, 8192);
-
 }
 END_TEST
 

@@ -18,7 +18,7 @@
 #include "kvm/qemu.h"
 #include "kvm/qmp.h"
 
-#define GREETING                                                                          \
+#define GREETING                                                                           \
 	"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, " \
 	"\"package\": \"\"}, \"capabilities\": []}}\r\n"
 
@@ -33,7 +33,7 @@ struct peer {
 	int fd;
 	char buf[65536];
 	size_t len;
-	int fds[16];    /* fds received and not yet taken */
+	int fds[16]; /* fds received and not yet taken */
 	size_t nfds;
 	int rights_msgs; /* SCM_RIGHTS control messages seen */
 	int other_msgs;  /* any other control message, or truncation */
@@ -46,10 +46,12 @@ static ssize_t peer_recv(struct peer *p, int timeout_ms)
 		char buf[CMSG_SPACE(16 * sizeof(int))];
 		struct cmsghdr align;
 	} ctl;
-	struct pollfd pfd = {.fd = p->fd, .events = POLLIN};
-	struct iovec iov = {.iov_base = p->buf + p->len, .iov_len = sizeof(p->buf) - p->len};
-	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
-			    .msg_controllen = sizeof(ctl.buf)};
+	struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
+	struct iovec iov = { .iov_base = p->buf + p->len, .iov_len = sizeof(p->buf) - p->len };
+	struct msghdr mh = { .msg_iov = &iov,
+			     .msg_iovlen = 1,
+			     .msg_control = ctl.buf,
+			     .msg_controllen = sizeof(ctl.buf) };
 	ssize_t n;
 
 	ck_assert_uint_gt(iov.iov_len, 0);
@@ -167,7 +169,8 @@ struct t {
 
 static struct t *current; /* the test's context, for reply callbacks */
 
-static void on_reply(_unused_ qmp *q, json_object *ret, const char *cls, const char *desc, void *userdata)
+static void on_reply(_unused_ qmp *q, json_object *ret, const char *cls, const char *desc,
+		     void *userdata)
 {
 	struct reply *r = userdata;
 
@@ -188,7 +191,8 @@ static void on_ready(qmp *q, void *userdata)
 	t->ready_calls++;
 }
 
-static void on_event(_unused_ qmp *q, const char *event, json_object *data, int64_t ts_us, void *userdata)
+static void on_event(_unused_ qmp *q, const char *event, json_object *data, int64_t ts_us,
+		     void *userdata)
 {
 	struct t *t = userdata;
 
@@ -329,7 +333,8 @@ START_TEST(qmp_replies_matched_by_id_out_of_order)
 	ck_assert_uint_eq(qmp_pending(t.q), 2);
 
 	peer_sendf(&t.peer, "{\"return\": {\"name\": \"vm1\"}, \"id\": %" PRId64 "}\r\n", idb);
-	peer_sendf(&t.peer, "{\"return\": {\"status\": \"running\"}, \"id\": %" PRId64 "}\r\n", ida);
+	peer_sendf(&t.peer, "{\"return\": {\"status\": \"running\"}, \"id\": %" PRId64 "}\r\n",
+		   ida);
 	drive(&t);
 	ck_assert_int_eq(a.calls, 1);
 	ck_assert_int_eq(b.calls, 1);
@@ -522,7 +527,7 @@ START_TEST(qmp_split_reply_is_assembled)
 	n = peer_expect(&t.peer, "query-balloon");
 	ck_assert_int_ge(asprintf(&id, "%" PRId64, n), 1);
 
-	const char *pieces[] = {"{\"return\": {\"act", "ual\": 42}, \"id\": ", id, "}\r", "\n"};
+	const char *pieces[] = { "{\"return\": {\"act", "ual\": 42}, \"id\": ", id, "}\r", "\n" };
 	for (size_t i = 0; i < ELEMENTSOF(pieces); i++) {
 		ck_assert_int_eq(r.calls, 0);
 		peer_send(&t.peer, pieces[i]);
@@ -615,8 +620,8 @@ START_TEST(argv_machine_names_the_memory_backend)
 	struct qemu_config c = base_config();
 	char **argv = build(&c);
 
-	ck_assert_int_eq(count_pair(argv, "-machine", "pc-q35-8.2,memory-backend=ram0,aux-ram-share=on"),
-			 1);
+	ck_assert_int_eq(
+	    count_pair(argv, "-machine", "pc-q35-8.2,memory-backend=ram0,aux-ram-share=on"), 1);
 	strv_free(argv);
 }
 END_TEST
@@ -804,9 +809,9 @@ START_TEST(parse_size_accepts_units)
 		const char *s;
 		uint64_t v;
 	} ok[] = {
-		{"268435456", 268435456ULL}, {"256M", 256ULL << 20}, {"256MiB", 256ULL << 20},
-		{"1G", 1ULL << 30},          {"1g", 1ULL << 30},     {"512K", 512ULL << 10},
-		{"1T", 1ULL << 40},
+		{ "268435456", 268435456ULL }, { "256M", 256ULL << 20 }, { "256MiB", 256ULL << 20 },
+		{ "1G", 1ULL << 30 },          { "1g", 1ULL << 30 },     { "512K", 512ULL << 10 },
+		{ "1T", 1ULL << 40 },
 	};
 
 	for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
@@ -820,7 +825,7 @@ END_TEST
 
 START_TEST(parse_size_rejects_malformed)
 {
-	static const char *const bad[] = {"", "abc", "-1", "12X", "1.5G", " 1G"};
+	static const char *const bad[] = { "", "abc", "-1", "12X", "1.5G", " 1G" };
 
 	for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
 		uint64_t v = 7;

@@ -104,7 +104,8 @@ int main(void)
 	tcase_add_test(t, root_gets_in_when_unprivileged_peers_took_their_slots);
 	tcase_add_test(t, no_per_uid_limit_when_set_to_zero);
 	tcase_add_test(t, the_output_share_splits_the_budget_but_keeps_a_floor);
-	tcase_add_test(t, over_its_share_a_client_is_throttled_then_dropped_once_the_budget_is_spent);
+	tcase_add_test(t,
+		       over_its_share_a_client_is_throttled_then_dropped_once_the_budget_is_spent);
 	tcase_add_test(t, the_log_says_it_once_per_interval_and_counts_the_rest);
 	suite_add_tcase(s, t);
 	sr = srunner_create(s);

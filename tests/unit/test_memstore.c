@@ -202,7 +202,8 @@ START_TEST(names_and_kinds_round_trip)
 	ck_assert(!memstore_name_is_valid(""));
 	ck_assert(!memstore_name_is_valid(".hidden"));
 	ck_assert(!memstore_name_is_valid("a b"));
-	ck_assert(!memstore_name_is_valid("0123456789012345678901234567890123456789012345678901234567890123"));
+	ck_assert(!memstore_name_is_valid(
+	    "0123456789012345678901234567890123456789012345678901234567890123"));
 	for (int k = 0; k < _MEMSTORE_KIND_MAX; k++)
 		ck_assert_int_eq(memstore_kind_from_string(memstore_kind_to_string(k)), k);
 	ck_assert_int_eq(memstore_kind_from_string("floppy"), MEMSTORE_KIND_INVALID);

@@ -160,7 +160,7 @@ END_TEST
 
 START_TEST(test_recv_ctrunc_closes_installed_fds)
 {
-	int sv[2], fds[4], got[2] = {-1, -1}, slots[2];
+	int sv[2], fds[4], got[2] = { -1, -1 }, slots[2];
 	char buf[16];
 	size_t n = 99;
 	int before;
@@ -235,13 +235,13 @@ START_TEST(test_recv_stray_cmsg_rejected)
 		struct cmsghdr align;
 		char buf[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(2 * sizeof(int))];
 	} control = {};
-	struct ucred cred = {.pid = getpid(), .uid = getuid(), .gid = getgid()};
-	struct iovec iov = {.iov_base = "cred\n", .iov_len = 5};
+	struct ucred cred = { .pid = getpid(), .uid = getuid(), .gid = getgid() };
+	struct iovec iov = { .iov_base = "cred\n", .iov_len = 5 };
 	struct msghdr mh = {
-	    .msg_iov = &iov,
-	    .msg_iovlen = 1,
-	    .msg_control = control.buf,
-	    .msg_controllen = sizeof(control.buf),
+		.msg_iov = &iov,
+		.msg_iovlen = 1,
+		.msg_control = control.buf,
+		.msg_controllen = sizeof(control.buf),
 	};
 	struct cmsghdr *c;
 	int sv[2], fds[2], slots[2], one = 1, before;
@@ -298,7 +298,7 @@ typedef struct expected_msg {
  */
 START_TEST(test_fds_travel_with_their_message)
 {
-	static const size_t max_msgs[] = {80, 81, 97, 160, 4096};
+	static const size_t max_msgs[] = { 80, 81, 97, 160, 4096 };
 	unsigned seed = 1000 + (unsigned)_i;
 	expected_msg exp[N_MSGS];
 	proto_reader *r = NULL;
@@ -824,7 +824,7 @@ START_TEST(test_jsonrpc_parse_valid)
 END_TEST
 
 static const char *const bad_json[] = {
-    "{", "{\"a\":}", "{} x", "{}{}", "nul", "", "   ", "[1,]", "{\"a\":1", "\"unterminated",
+	"{", "{\"a\":}", "{} x", "{}{}", "nul", "", "   ", "[1,]", "{\"a\":1", "\"unterminated",
 };
 
 START_TEST(test_jsonrpc_parse_errors)
@@ -877,12 +877,12 @@ END_TEST
 /* A reply echoes what json-c kept of a request: what is not valid UTF-8
  * would make the reply invalid JSON. */
 static const char *const bad_utf8[] = {
-    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.\xff\",\"id\":1}",     /* never in UTF-8 */
-    "{\"jsonrpc\":\"2.0\",\"method\":\"\xc3\",\"id\":1}",        /* cut short */
-    "{\"jsonrpc\":\"2.0\",\"method\":\"\xc0\xaf\",\"id\":1}",    /* overlong '/' */
-    "{\"jsonrpc\":\"2.0\",\"method\":\"\xed\xa0\x80\",\"id\":1}", /* a surrogate */
-    "{\"jsonrpc\":\"2.0\",\"method\":\"\xf4\x90\x80\x80\",\"id\":1}", /* past U+10FFFF */
-    "{\"jsonrpc\":\"2.0\",\"method\":\"a\x80\",\"id\":1}",       /* a lone continuation */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"vm.\xff\",\"id\":1}",          /* never in UTF-8 */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"\xc3\",\"id\":1}",             /* cut short */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"\xc0\xaf\",\"id\":1}",         /* overlong '/' */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"\xed\xa0\x80\",\"id\":1}",     /* a surrogate */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"\xf4\x90\x80\x80\",\"id\":1}", /* past U+10FFFF */
+	"{\"jsonrpc\":\"2.0\",\"method\":\"a\x80\",\"id\":1}",            /* a lone continuation */
 };
 
 START_TEST(test_jsonrpc_parse_rejects_bad_utf8)
@@ -910,12 +910,12 @@ END_TEST
 /* json-c keeps the last of two members of one name: a request with two
  * "method"s would run the second, whatever a filter in front read. */
 static const char *const duplicate_names[] = {
-    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"method\":\"vm.destroy\",\"id\":1}",
-    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"id\":1,\"id\":2}",
-    "{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"m\\u0065thod\":\"x\",\"id\":1}",
-    "[{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"id\":1},"
-    "{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{},\"params\":{\"x\":{\"y\":1}}}]",
-    "{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{\"name\":\"x\",\"name\":\"y\"}}",
+	"{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"method\":\"vm.destroy\",\"id\":1}",
+	"{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"id\":1,\"id\":2}",
+	"{\"jsonrpc\":\"2.0\",\"method\":\"vm.list\",\"m\\u0065thod\":\"x\",\"id\":1}",
+	"[{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"id\":1},"
+	"{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{},\"params\":{\"x\":{\"y\":1}}}]",
+	"{\"jsonrpc\":\"2.0\",\"method\":\"a\",\"params\":{\"name\":\"x\",\"name\":\"y\"}}",
 };
 
 START_TEST(test_jsonrpc_parse_rejects_duplicate_names)
@@ -946,10 +946,10 @@ END_TEST
 START_TEST(test_jsonrpc_parse_rejects_integers_it_cannot_keep)
 {
 	const char *const bad[] = {
-	    "{\"id\":18446744073709551616}",
-	    "{\"id\":-9223372036854775809}",
-	    "{\"id\":99999999999999999999999}",
-	    "[1,{\"a\":[100000000000000000000]}]",
+		"{\"id\":18446744073709551616}",
+		"{\"id\":-9223372036854775809}",
+		"{\"id\":99999999999999999999999}",
+		"[1,{\"a\":[100000000000000000000]}]",
 	};
 	char big[5100];
 	json_object *o = NULL;
@@ -1040,21 +1040,21 @@ static const struct {
 	const char *json;
 	const char *why_has;
 } bad_requests[] = {
-    {"{\"jsonrpc\":\"1.0\",\"method\":\"m\",\"id\":1}", "jsonrpc"},
-    {"{\"jsonrpc\":2.0,\"method\":\"m\",\"id\":1}", "jsonrpc"},
-    {"{\"method\":\"m\",\"id\":1}", "jsonrpc"},
-    {"{\"jsonrpc\":\"2.0\",\"id\":1}", "method"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":5,\"id\":1}", "method"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":null,\"id\":1}", "method"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":\"x\",\"id\":1}", "params"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":null,\"id\":1}", "params"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":3}", "params"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":1,\"extra\":0}", "member"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":true}", "id"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":{}}", "id"},
-    {"{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":[1]}", "id"},
-    {"[{\"jsonrpc\":\"2.0\",\"method\":\"m\"}]", "object"},
-    {"\"jsonrpc\"", "object"},
+	{ "{\"jsonrpc\":\"1.0\",\"method\":\"m\",\"id\":1}", "jsonrpc" },
+	{ "{\"jsonrpc\":2.0,\"method\":\"m\",\"id\":1}", "jsonrpc" },
+	{ "{\"method\":\"m\",\"id\":1}", "jsonrpc" },
+	{ "{\"jsonrpc\":\"2.0\",\"id\":1}", "method" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":5,\"id\":1}", "method" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":null,\"id\":1}", "method" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":\"x\",\"id\":1}", "params" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":null,\"id\":1}", "params" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"params\":3}", "params" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":1,\"extra\":0}", "member" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":true}", "id" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":{}}", "id" },
+	{ "{\"jsonrpc\":\"2.0\",\"method\":\"m\",\"id\":[1]}", "id" },
+	{ "[{\"jsonrpc\":\"2.0\",\"method\":\"m\"}]", "object" },
+	{ "\"jsonrpc\"", "object" },
 };
 
 START_TEST(test_jsonrpc_request_invalid)
@@ -1170,7 +1170,7 @@ static int server_send(int fd, proto_writer *w, json_object *o, const int *fds, 
 		return -ENOMEM;
 	r = proto_writer_queue(w, s, len, fds, nfds);
 	while (r >= 0) {
-		struct pollfd p = {.fd = fd, .events = POLLOUT};
+		struct pollfd p = { .fd = fd, .events = POLLOUT };
 		r = proto_writer_flush(w, fd);
 		if (r != 0)
 			break;
@@ -1293,9 +1293,9 @@ static void *server_main(void *userdata)
 
 static void server_start(server *s)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 
-	*s = (server){.lfd = -1};
+	*s = (server){ .lfd = -1 };
 	strcpy(s->dir, "/tmp/proto-test-XXXXXX");
 	ck_assert_ptr_nonnull(mkdtemp(s->dir));
 	snprintf(s->path, sizeof(s->path), "%s/sock", s->dir);

@@ -1007,9 +1007,10 @@ START_TEST(handover_ok_commands_in_order_cont_after_completed_then_old_stats_and
 	old.mon = safe_close(old.mon);
 	run_to_end(vm);
 
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
-				   "query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
+			 "query-migrate");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,migrate-set-capabilities,getfd,qom-list-types,"
 				  "migrate-incoming,cont");
 	r = the_report(vm);
@@ -1143,9 +1144,10 @@ START_TEST(handover_new_exit_while_starting_rolls_back_naming_phase_and_its_log)
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->state, VM_RUNNING);
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,"
-				   "migrate_cancel,closefd,query-status");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,"
+			 "migrate_cancel,closefd,query-status");
 	check_ended_for_good(vm, &old, &nw, VM_RUNNING);
 	fake_quiet(&old);
 	FINISH(vm, &old, &nw);
@@ -1238,9 +1240,10 @@ START_TEST(handover_new_exit_while_migrating_rolls_back_and_conts_paused_old)
 	check_blackout(r, "30.500"); /* STOP to the old VMM's RESUME */
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
-				   "migrate_cancel,closefd,query-status,cont,cont");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
+			 "migrate_cancel,closefd,query-status,cont,cont");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,migrate-set-capabilities,getfd,qom-list-types,"
 				  "migrate-incoming");
 	FINISH(vm, &old, &nw);
@@ -1335,8 +1338,9 @@ START_TEST(handover_launcher_gone_before_the_update_rolls_back_at_once)
 
 	r = the_report(vm);
 	check_never_started(r, "cprd's VMM launcher has exited");
-	ck_assert_str_eq(old.seen,
-			 "qmp_capabilities,query-machines,query-status,migrate_cancel,closefd,query-status");
+	ck_assert_str_eq(
+	    old.seen,
+	    "qmp_capabilities,query-machines,query-status,migrate_cancel,closefd,query-status");
 	fd_baseline--; /* the launcher's socket, closed once it was lost */
 	FINISH(vm, &old);
 }
@@ -1376,9 +1380,10 @@ START_TEST(handover_deadline_with_completed_event_unread_commits_never_rolls_bac
 	check_report(r, "handover", "ok", "end-old");
 	check_blackout(r, "4.250");
 	ck_assert_int_eq(json_object_get_int64(json_object_object_get(r, "bytes_transferred")), 42);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
-				   "query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
+			 "query-migrate");
 	ck_assert(fake_reaped(&old));
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
 	ck_assert_int_eq(vm->state, VM_RUNNING);
@@ -1449,9 +1454,10 @@ START_TEST(handover_refused_migrate_incoming_rolls_back_from_inside_new_vmm_disp
 	check_blackout(r, "0.000");
 	RUN_UNTIL(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,"
-				   "migrate_cancel,closefd,query-status");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,"
+			 "migrate_cancel,closefd,query-status");
 	close(op.fd);
 	close(np.fd);
 	check_ended_for_good(vm, &old, &nw, VM_RUNNING);
@@ -1560,9 +1566,10 @@ START_TEST(handover_committed_new_exit_right_after_resume_keeps_switch_never_con
 	check_blackout(r, "4.250");
 	check_crashed_memory_held(vm);
 	ck_assert(fake_reaped(&old));
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
-				   "query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
+			 "query-migrate");
 	check_ended_for_good(vm, &old, &nw, VM_CRASHED);
 	/* Known leftover: the dead new VMM's monitor socket, never moved to
 	 * the VM's path, is not removed with the VM. */
@@ -1766,9 +1773,10 @@ START_TEST(handover_rollback_asked_after_switch_is_refused_and_never_resumes_old
 	r = the_report(vm);
 	ck_assert_str_eq(rstr(r, "result"), "failed");
 	ck_assert(bug_logged("cannot go from phase end-old to rollback; refused"));
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
-				   "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
-				   "query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,query-migrate-capabilities,"
+			 "migrate-set-parameters,getfd,migrate-set-capabilities,migrate,"
+			 "query-migrate");
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
 	ck_assert_int_eq(vm->state, VM_RUNNING);
 	/* Failed after the switch, the new VMM keeps the monitor path it was
@@ -1896,8 +1904,9 @@ START_TEST(cpr_transfer_ok_late_monitor_asked_cont_after_completed_then_old_stat
 	ck_assert_str_eq(rstr(r, "new_version"), NEW_VERSION);
 	ck_assert_int_eq(json_object_get_int64(json_object_object_get(r, "bytes_transferred")),
 			 9000);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
-				   "migrate-set-parameters,migrate,query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
+			 "migrate-set-parameters,migrate,query-migrate");
 	ck_assert_str_eq(nw.seen, "qmp_capabilities,query-migrate,cont");
 	ck_assert(fake_reaped(&old));
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
@@ -1953,8 +1962,9 @@ START_TEST(cpr_transfer_new_exit_while_starting_rolls_back_naming_phase)
 	check_blackout(r, "0.000");
 	ck_assert(fake_reaped(&nw));
 	ck_assert_int_eq(vm->vmm->pid, old.pid);
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
-				   "migrate-set-parameters,migrate_cancel,query-status");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
+			 "migrate-set-parameters,migrate_cancel,query-status");
 	check_ended_for_good(vm, &old, &nw, VM_RUNNING);
 	FINISH(vm, &old, &nw);
 }
@@ -2013,8 +2023,9 @@ START_TEST(cpr_transfer_deadline_with_completed_event_unread_commits_never_rolls
 	r = the_report(vm);
 	check_report(r, "cpr-transfer", "ok", "end-old");
 	check_blackout(r, "4.250");
-	ck_assert_str_eq(old.seen, "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
-				   "migrate-set-parameters,migrate,query-migrate");
+	ck_assert_str_eq(old.seen,
+			 "qmp_capabilities,query-machines,query-status,migrate-set-capabilities,"
+			 "migrate-set-parameters,migrate,query-migrate");
 	ck_assert_int_eq(vm->vmm->pid, nw.pid);
 	close(fd);
 	FINISH(vm, &old, &nw);

@@ -35,6 +35,10 @@ static const struct golden_case cases[] = {
 	  "checkpoint-2371a41.checkpoint.out" },
 	{ "checkpoint-current.json", VM_VIEW_CHECKPOINT, VM_VIEW_CHECKPOINT,
 	  "checkpoint-current.checkpoint.out" },
+	{ "registry-current-disks.json", VM_VIEW_REGISTRY, VM_VIEW_REGISTRY,
+	  "registry-current-disks.registry.out" },
+	{ "registry-current-disks.json", VM_VIEW_REGISTRY, VM_VIEW_STATUS,
+	  "registry-current-disks.status.out" },
 };
 
 static json_object *parse_golden(const char *name)
@@ -156,6 +160,11 @@ static const struct {
 	{ "name", "\".hidden\"", "invalid VM name '.hidden'" },
 	{ "name", "42", "name must be a string" },
 	{ "tap", "7", "tap must be a string" },
+	{ "tap", "\"a/b\"", "tap: tap interface name 'a/b'" },
+	{ "disks", "7", "disks must be a list" },
+	{ "disks", "[{\"path\": \"rel.img\"}]", "disks: disk 0: 'path' must be an absolute path" },
+	{ "disks", "[{\"path\": \"/a\", \"layers\": [{\"path\": \"/a\"}]}]",
+	  "disks: disk 0: file 0 of its chain is not a valid record" },
 	{ "vmm", NULL, "vmm is missing" },
 	{ "kernel", NULL, "kernel is missing" },
 	{ "kernel", "[]", "kernel must be a string" },
