@@ -2,6 +2,9 @@
 # Build the cprd test guest from Debian packages:
 #   OUTDIR/vmlinuz     kernel of the real package behind linux-image-amd64
 #   OUTDIR/initrd.img  gzip'd newc initramfs: static busybox + guest/init as /init
+#                      + /lib/modules: the kernel's modules for a virtio disk
+#   OUTDIR/modules/    those modules (uncompressed .ko, from the kernel package)
+#                      and `order`, their names one a line, dependencies first
 #   OUTDIR/vmlinux     the same kernel uncompressed (ELF, PVH entry): boots
 #                      ~2.5 s faster under TCG; optional (needs xz)
 #   OUTDIR/kernel.txt  "<package> <version>" of the kernel used
@@ -10,6 +13,10 @@
 # Packages are fetched with `apt-get download` into OUTDIR/cache and unpacked
 # there; nothing is installed on the host. Re-running with up-to-date outputs
 # does nothing.
+# Modules: guest/init loads $GUEST_MODULES and what they depend on only when
+# asked for a disk (cprd.disk=); the dependencies come from each module's own
+# `depends=` field (the package ships no modules.dep: depmod makes it when the
+# package is installed), and only those .ko files are unpacked.
 set -eu
 
 OUT=${1:-build/guest}
@@ -17,6 +24,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SELF=$ROOT/scripts/build-guest.sh
 INIT=$ROOT/guest/init
 CACHE=$OUT/cache
+# Modules a virtio-blk disk on the PCI bus needs (the rest follow from these):
+# the virtio PCI transport and the virtio block driver.
+GUEST_MODULES="virtio_pci virtio_blk"
 
 say() { echo "guest: $*"; }
 die() {
@@ -38,7 +48,7 @@ if uptodate; then
 	exit 0
 fi
 
-for t in apt-get apt-cache dpkg-deb dpkg-query tar gzip find sort; do
+for t in apt-get apt-cache dpkg-deb dpkg-query tar gzip find sort sed tr; do
 	command -v "$t" >/dev/null 2>&1 || die "'$t' not found (run on Debian 12 with dpkg/apt)"
 done
 mkdir -p "$CACHE"
@@ -124,6 +134,104 @@ extract_vmlinux() {
 	fi
 }
 
+# --- modules -------------------------------------------------------------------
+# tar patterns for the files of modules $@ (names as in depends=: the file of
+# module foo_bar may be foo-bar.ko, and compressed).
+module_patterns() {
+	for m in "$@"; do
+		printf ' ./lib/modules/*/kernel/*/%s.ko*' "$(echo "$m" | sed 's/_/[-_]/g')"
+	done
+}
+
+# The unpacked file of module $1 in $kx, empty if none.
+module_path() {
+	[ -d "$kx/lib/modules" ] || return 0
+	find "$kx/lib/modules" -type f | grep -E "/$(echo "$1" | sed 's/_/[-_]/g')\.ko(\.(xz|zst|gz))?\$" |
+		head -n 1
+}
+
+# Unpack modules $@ from $KDEB into $kx (one pass over the package).
+unpack_modules() {
+	set -f
+	# tar fails on a pattern it does not find: the caller names the module.
+	# shellcheck disable=SC2046
+	dpkg-deb --fsys-tarfile "$KDEB" |
+		tar -x -C "$kx" -f - --wildcards $(module_patterns "$@") 2>/dev/null || true
+	set +f
+}
+
+# $kx/mods/$1.ko: module $1, uncompressed.
+module_ko() {
+	f=$(module_path "$1")
+	[ -n "$f" ] || die "$KPKG: no module '$1' in $(basename "$KDEB")"
+	ko=$kx/mods/$1.ko
+	case "$f" in
+	*.ko) cp "$f" "$ko" ;;
+	*.xz)
+		command -v xz >/dev/null 2>&1 || die "module $1 is xz-compressed and xz is not installed"
+		xz -dc "$f" >"$ko" || die "cannot decompress $f"
+		;;
+	*.zst)
+		command -v zstd >/dev/null 2>&1 || die "module $1 is zstd-compressed and zstd is not installed"
+		zstd -qdc "$f" >"$ko" || die "cannot decompress $f"
+		;;
+	*.gz) gzip -dc "$f" >"$ko" || die "cannot decompress $f" ;;
+	esac
+	[ "$(head -c 4 "$ko" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] || die "$f is not an ELF module"
+}
+
+# OUTDIR/modules: $GUEST_MODULES and their dependencies from $KDEB, and the
+# order to load them in.
+build_modules() {
+	mkdir -p "$kx/mods"
+	todo=$GUEST_MODULES
+	seen=
+	while [ -n "$todo" ]; do
+		need=
+		for m in $todo; do
+			[ -n "$(module_path "$m")" ] || need="$need $m"
+		done
+		# shellcheck disable=SC2086
+		[ -z "$need" ] || unpack_modules $need
+		next=
+		for m in $todo; do
+			seen="$seen $m"
+			module_ko "$m"
+			# .modinfo holds NUL-terminated key=value strings
+			deps=$(tr '\0' '\n' <"$kx/mods/$m.ko" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' ')
+			echo "$deps" >"$kx/mods/$m.deps"
+			for d in $deps; do
+				case " $seen $todo $next " in *" $d "*) ;; *) next="$next $d" ;; esac
+			done
+		done
+		todo=$next
+	done
+	# dependencies first: repeatedly take the modules whose deps are all taken
+	order=
+	left=$seen
+	while [ -n "$left" ]; do
+		rest=
+		for m in $left; do
+			ok=1
+			for d in $(cat "$kx/mods/$m.deps"); do
+				case " $order " in *" $d "*) ;; *) ok=0 ;; esac
+			done
+			if [ $ok -eq 1 ]; then order="$order $m"; else rest="$rest $m"; fi
+		done
+		[ "$rest" != "$left" ] || die "module dependency cycle among:$left"
+		left=$rest
+	done
+	rm -rf "$OUT/modules.tmp"
+	mkdir -p "$OUT/modules.tmp"
+	for m in $order; do
+		cp "$kx/mods/$m.ko" "$OUT/modules.tmp/$m.ko"
+		echo "$m" >>"$OUT/modules.tmp/order"
+	done
+	rm -rf "$OUT/modules"
+	mv "$OUT/modules.tmp" "$OUT/modules"
+	say "modules for a virtio disk, in load order:$order"
+}
+
 build_kernel() {
 	say "resolving linux-image-amd64"
 	if ! resolve_kernel; then
@@ -160,15 +268,20 @@ build_kernel() {
 	kx=$CACHE/kernel-x
 	rm -rf "$kx"
 	mkdir -p "$kx"
-	# same as dpkg-deb -x, but only ./boot (skips the ~4000 module files)
-	dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$kx" -f - ./boot ||
-		die "cannot unpack $KDEB"
+	# same as dpkg-deb -x, but only ./boot and the modules we start from (not
+	# the ~4000 others); build_modules unpacks their dependencies
+	set -f
+	# shellcheck disable=SC2046,SC2086
+	dpkg-deb --fsys-tarfile "$KDEB" |
+		tar -x -C "$kx" -f - --wildcards ./boot $(module_patterns $GUEST_MODULES) 2>/dev/null || true
+	set +f
 	vmlinuz=$(ls "$kx"/boot/vmlinuz-* 2>/dev/null | head -n 1)
 	config=$(ls "$kx"/boot/config-* 2>/dev/null | head -n 1)
 	[ -n "$vmlinuz" ] && [ -s "$vmlinuz" ] || die "no /boot/vmlinuz-* in $KDEB"
 	[ -n "$config" ] && [ -s "$config" ] || die "no /boot/config-* in $KDEB"
 
-	# The guest loads no modules: everything it needs must be built in.
+	# Everything the guest needs for the console and its RAM data must be
+	# built in; the modules (build_modules) are only for the optional disk.
 	for opt in SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD RD_GZIP DEVTMPFS \
 		TMPFS PROC_FS SYSFS BINFMT_ELF BINFMT_SCRIPT TTY PRINTK; do
 		grep -qx "CONFIG_$opt=y" "$config" ||
@@ -180,6 +293,7 @@ build_kernel() {
 	mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 	cp "$config" "$OUT/kernel.config"
 	extract_vmlinux
+	build_modules
 	echo "$KPKG $KVER" >"$OUT/kernel.txt"
 	rm -rf "$kx"
 	say "wrote $OUT/vmlinuz ($(wc -c <"$OUT/vmlinuz") bytes, $KPKG $KVER)"
@@ -227,7 +341,7 @@ build_initrd() {
 	find_busybox
 	"$BB" sh -n "$INIT" || die "$INIT: shell syntax error"
 	applets=$("$BB" --list) || die "$BB does not run on this host"
-	for a in sh mount md5sum dd od tr sleep mkdir cat; do
+	for a in sh mount md5sum dd od tr sleep mkdir cat insmod grep printf; do
 		echo "$applets" | grep -qx "$a" || die "busybox lacks applet '$a'"
 	done
 	"$BB" sleep 0.01 || die "busybox sleep does not take fractional seconds"
@@ -242,6 +356,9 @@ build_initrd() {
 	done
 	cp "$INIT" "$r/init"
 	chmod 755 "$r/init"
+	# loaded by guest/init only for a disk (cprd.disk=)
+	mkdir -p "$r/lib/modules"
+	cp "$OUT/modules/order" "$OUT"/modules/*.ko "$r/lib/modules/"
 	# The kernel's built-in initramfs already has /dev/console; add our own
 	# nodes when we can (needs root).
 	mknod -m 600 "$r/dev/console" c 5 1 2>/dev/null || true
@@ -261,7 +378,8 @@ build_initrd() {
 }
 
 # The kernel only depends on this script; a changed guest/init rebuilds the initrd.
-if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/kernel.txt" ] && [ "$OUT/vmlinuz" -nt "$SELF" ]; then
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/kernel.txt" ] && [ "$OUT/vmlinuz" -nt "$SELF" ] &&
+	[ -s "$OUT/modules/order" ]; then
 	say "kernel up to date ($(cat "$OUT/kernel.txt"))"
 	[ -s "$OUT/vmlinux" ] || extract_vmlinux
 	touch "$OUT/vmlinuz" "$OUT/kernel.txt"

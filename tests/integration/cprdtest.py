@@ -33,6 +33,27 @@ BOOT_TIMEOUT = float(os.environ.get("CPRD_TEST_BOOT_TIMEOUT", "120"))
 # read half-written must not count (data=o is not data=ok).
 HB_RE = re.compile(r"^CPRD-GUEST hb seq=(\d+) data=(\w+) ", re.M)
 BOOT_RE = re.compile(r"^CPRD-GUEST boot id=([0-9a-f]+)", re.M)
+# With cprd.disk=<dev>: record <seq> is durable on the disk (see guest/init).
+DISK_RE = re.compile(r"^CPRD-GUEST disk seq=(\d+) ", re.M)
+
+# The guest's disk records: record k in 4096-byte block k (block 0 unused), the
+# line "CPRD-REC seq=<k> boot=<boot id>\n" padded with zeros.
+DISK_BLOCK = 4096
+_DISK_REC_RE = re.compile(rb"CPRD-REC seq=(\d+) boot=[0-9a-f]{16}\n")
+
+
+def disk_records(path):
+    """The seqs of the guest's disk records in the raw image path, in block
+    order from block 1, up to the first block without a whole record."""
+    seqs = []
+    with open(path, "rb") as f:
+        f.seek(DISK_BLOCK)
+        while True:
+            block = f.read(DISK_BLOCK)
+            m = _DISK_REC_RE.match(block)
+            if len(block) < DISK_BLOCK or not m or block[m.end():].strip(b"\0"):
+                return seqs
+            seqs.append(int(m.group(1)))
 
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
@@ -702,6 +723,10 @@ class Console:
 
     def boots(self):
         return BOOT_RE.findall(self.text())
+
+    def disk_seqs(self):
+        """The disk records the guest reported durable, in console order."""
+        return [int(s) for s in DISK_RE.findall(self.text())]
 
     def wait_beats(self, n, timeout=BOOT_TIMEOUT):
         """Wait until n more heartbeats than now have appeared."""
