@@ -4,17 +4,13 @@ overlay on a shared raw base is attached beside it; the records and the
 image locks must survive every way the guest moves between VMMs, and
 cprd judges every image as the caller could open it."""
 
-import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 import unittest
 
-from cprdtest import (DISK_RE, GUEST_APPEND, INITRD, KERNEL, QEMU, Console, RpcError,
+from cprdtest import (GUEST_APPEND, INITRD, KERNEL, QEMU, Console, RpcError,
                       SharedDaemonTest, cprd_group, disk_records, require_root, wait_until)
 from test_trust import call_as_member
 
@@ -23,14 +19,10 @@ QEMU_IMG = shutil.which("qemu-img")
 LOCKED = 'Failed to get "write" lock'
 
 
-def disk_seqs(con):
-    return [int(s) for s in DISK_RE.findall(con.text())]
-
-
 def wait_disk(con, n, timeout=120):
     """n more durable records than now, as the guest reports them."""
-    start = len(disk_seqs(con))
-    wait_until(lambda: len(disk_seqs(con)) >= start + n, timeout,
+    start = len(con.disk_seqs())
+    wait_until(lambda: len(con.disk_seqs()) >= start + n, timeout,
                f"{n} more disk records in {con.path}", interval=0.2)
 
 
@@ -84,11 +76,13 @@ class Disks(SharedDaemonTest):
         self.assertTrue(write_refused(self.base, "raw"), "the base is not locked")
 
     def assert_records_on_disk(self):
-        """Every record the guest said was durable is on the disk, in order."""
-        said = disk_seqs(self.con)
+        """Every record the guest said was durable is on the disk, in order
+        (once the VM is gone: its console log is kept beside the state
+        directory)."""
+        kept = os.path.join(self.d.kept, "dsk", "console.log")
+        said = Console(kept).disk_seqs()
         self.assertTrue(said, "the guest wrote no record")
-        with open(self.data, "rb") as f:
-            on_disk = disk_records(f)
+        on_disk = disk_records(self.data)
         self.assertEqual(on_disk, list(range(1, len(on_disk) + 1)), "a gap on the disk")
         self.assertGreaterEqual(len(on_disk), max(said),
                                 f"the guest said {max(said)} records were durable; "
@@ -142,20 +136,43 @@ class Disks(SharedDaemonTest):
         wait_disk(self.con, 3)
         self.assert_locked()
 
-    def test_4_checkpoint_and_restore(self):
+    def checkpoint(self):
         ck = tempfile.mkdtemp(prefix="cprd-disks-ck-", dir="/var/tmp")
         self.addCleanup(shutil.rmtree, ck, True)
         res = self.d.call("vm.checkpoint", {"name": "dsk", "dir": ck})
         self.assertEqual(res["result"], "ok", res)
         self.assertEqual(self.status()["state"], "checkpointed")
+        return ck
+
+    def test_4_checkpoint_and_restore(self):
+        ck = self.checkpoint()
+        # No VMM runs the guest: cprd keeps the images as they were saved.
+        self.assert_locked()
         res = self.d.call("vm.restore", {"name": "dsk", "dir": ck})
         self.assertEqual(res["result"], "ok", res)
         wait_disk(self.con, 3)
         self.assert_locked()
         self.con.assert_healthy(self)
 
-    def test_5_every_record_is_on_the_disk(self):
-        wait_disk(self.con, 2)
+    def test_5_an_image_changed_while_checkpointed_is_not_restored(self):
+        ck = self.checkpoint()
+        # Written anyway, by a writer that ignores locks (block 0, which
+        # the guest never writes).
+        fd = os.open(self.data, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"changed", 0)
+        finally:
+            os.close(fd)
+        with self.assertRaises(RpcError) as e:
+            self.d.call("vm.restore", {"name": "dsk", "dir": ck})
+        self.assertIn(f"disk0 ({self.data}) was changed after the checkpoint was written",
+                      e.exception.message)
+        self.assertEqual(self.status()["state"], "checkpointed")
+        self.assertTrue(os.path.exists(os.path.join(ck, "dsk", "meta.json")),
+                        "the checkpoint is gone")
+        self.assert_locked()
+
+    def test_6_every_record_is_on_the_disk(self):
         self.d.call("vm.destroy", {"name": "dsk"})
         self.assert_records_on_disk()
 
@@ -170,8 +187,10 @@ class DiskRefusals(SharedDaemonTest):
         require_root(cls)
         if not QEMU_IMG:
             raise unittest.SkipTest("qemu-img (qemu-utils) is needed")
+        cls.gid = cprd_group()  # before cprd starts: it gives its socket to the group
         super().setUpClass()
-        cls.gid = cprd_group()
+        os.chmod(cls.d.dir, 0o755)
+        os.chmod(cls.d.sock, 0o660)
         cls.dir = tempfile.mkdtemp(prefix="cprd-disks-", dir="/var/tmp")
         os.chmod(cls.dir, 0o755)
         cls.secret = os.path.join(cls.dir, "root-only.raw")
