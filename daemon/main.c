@@ -734,10 +734,9 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		d->socket_path = NULL;
 	if (!d->socket_path)
 		return -ENOMEM;
-	r = server_listen(d, listen_fd, rpc_methods, rpc_methods_count);
-	if (r < 0)
-		return log_error_errno(r, "cannot listen on %s", d->socket_path);
-
+	/* Narrowed before it listens: no peer ever talks to a cprd that
+	 * still has more than it needs (a peer's connect() succeeds as soon
+	 * as the socket listens). */
 	if (o->sandbox) {
 		r = sandbox_drop_caps();
 		if (r < 0)
@@ -748,6 +747,9 @@ static int run(struct daemon *d, const struct options *o, int ready_fd, int list
 		if (r < 0)
 			return log_error_errno(r, "cannot apply the seccomp filter");
 	}
+	r = server_listen(d, listen_fd, rpc_methods, rpc_methods_count);
+	if (r < 0)
+		return log_error_errno(r, "cannot listen on %s", d->socket_path);
 	ev_signal_init(&d->sig_term, signal_cb, SIGTERM);
 	ev_signal_init(&d->sig_int, signal_cb, SIGINT);
 	ev_signal_start(d->loop, &d->sig_term);

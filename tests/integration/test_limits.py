@@ -202,8 +202,10 @@ class Limits(unittest.TestCase):
             time.sleep(0.1)
         self.assert_root_answers()
         # Over its share for 10 s, or over it with the budget spent: dropped.
+        # (How soon depends on how fast the peer can send: slow on a busy
+        # host, the more so against the ASan build.)
         wait_until(lambda: "does not read its replies" in self.d.read_log()
-                   or "stayed over its share" in self.d.read_log(), 30,
+                   or "stayed over its share" in self.d.read_log(), 90,
                    "cprd to drop a peer that does not read")
         out = unread.release()
         # 64 MiB for all clients' unread replies, plus what is being built.
