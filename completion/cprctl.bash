@@ -35,7 +35,7 @@ _cprctl()
 	done
 
 	case $prev in
-	--socket | --kernel | --initrd | --vmm | --binary)
+	--socket | --kernel | --initrd | --vmm | --binary | --disk)
 		COMPREPLY=($(compgen -f -- "$cur"))
 		return
 		;;
@@ -58,7 +58,7 @@ _cprctl()
 		COMPREPLY=($(compgen -W "$verbs $common" -- "$cur"))
 		return
 		;;
-	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --machine --cpr-exec" ;;
+	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --disk --machine --cpr-exec" ;;
 	list) opts="--state --outdated --name" ;;
 	update) opts="--all --outdated --check --vmm --strategy --parallel" ;;
 	daemon) opts="--reset --binary" ;;
