@@ -541,6 +541,29 @@ static int create_opt(int opt, const char *arg, void *ud)
 	return -EINVAL;
 }
 
+/* One line a disk: "disk0  /var/lib/vms/web1.qcow2 (qcow2, on base.raw)". */
+static void print_disks(json_object *disks)
+{
+	for (size_t i = 0; i < json_object_array_length(disks); i++) {
+		json_object *d = json_object_array_get_idx(disks, i), *layers;
+		json_object *fmt = json_object_object_get(d, "format");
+		char label[32];
+
+		snprintf(label, sizeof(label), "disk%zu", i);
+		printf("%-12s %s (%s", label, str(d, "path"),
+		       fmt ? json_object_get_string(fmt) : "raw");
+		if (json_object_get_boolean(json_object_object_get(d, "readonly")))
+			printf(", read-only");
+		if (json_object_object_get(d, "serial"))
+			printf(", serial %s", str(d, "serial"));
+		if (json_object_object_get_ex(d, "layers", &layers))
+			for (size_t j = 1; j < json_object_array_length(layers); j++)
+				printf(", on %s",
+				       str(json_object_array_get_idx(layers, j), "path"));
+		printf(")\n");
+	}
+}
+
 static void print_status(json_object *vm)
 {
 	static const char *const keys[] = { "name",        "state",   "pid",         "vmm",
@@ -563,7 +586,9 @@ static void print_status(json_object *vm)
 			human_age(int_of(vm, "created_usec"), age, sizeof(age));
 			printf("%-12s %s (%s ago)\n", "created", buf, age);
 		}
-		if (v)
+		if (v && streq(keys[i], "disks"))
+			print_disks(v);
+		else if (v)
 			printf("%-12s %s\n", keys[i], json_object_get_string(v));
 	}
 }
