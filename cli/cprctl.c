@@ -534,6 +534,9 @@ static int create_opt(int opt, const char *arg, void *ud)
 	case 'M':
 		json_object_object_add(p, "machine", json_object_new_string(arg));
 		return 0;
+	case 'P':
+		json_object_object_add(p, "cpu", json_object_new_string(arg));
+		return 0;
 	case 'X':
 		json_object_object_add(p, "cpr_exec", json_object_new_boolean(true));
 		return 0;
@@ -566,11 +569,11 @@ static void print_disks(json_object *disks)
 
 static void print_status(json_object *vm)
 {
-	static const char *const keys[] = { "name",        "state",   "pid",         "vmm",
-					    "vmm_version", "machine", "accel",       "cpr_exec",
-					    "vcpus",       "kernel",  "initrd",      "append",
-					    "tap",         "disks",   "console_log", "vmm_log",
-					    "fds_held",    "exit" };
+	static const char *const keys[] = { "name",        "state",    "pid",    "vmm",
+					    "vmm_version", "machine",  "cpu",    "accel",
+					    "cpr_exec",    "vcpus",    "kernel", "initrd",
+					    "append",      "tap",      "disks",  "console_log",
+					    "vmm_log",     "fds_held", "exit" };
 	char buf[64], age[32];
 
 	for (size_t i = 0; i < ELEMENTSOF(keys); i++) {
@@ -605,6 +608,7 @@ static int verb_create(int argc, char **argv)
 		{ "tap", required_argument, NULL, 't' },
 		{ "disk", required_argument, NULL, 'D' },
 		{ "machine", required_argument, NULL, 'M' },
+		{ "cpu", required_argument, NULL, 'P' },
 		{ "cpr-exec", no_argument, NULL, 'X' },
 	};
 	_cleanup_json_ json_object *p = json_object_new_object(), *res = NULL;
@@ -1944,6 +1948,8 @@ static const struct verb verbs[] = {
 	  "                     image, which you may open so (a qcow2 image's backing\n"
 	  "                     files for reading)\n"
 	  "  --machine TYPE     QEMU machine type (default q35)\n"
+	  "  --cpu MODEL        the guest's CPU model (host under KVM, a named model such as\n"
+	  "                     Skylake-Server, or QEMU's default); kept for every VMM\n"
 	  "  --cpr-exec         let its VMMs exec a successor, as the cpr-exec update\n"
 	  "                     strategy needs (QEMU's sandbox then allows spawning)\n" },
 	{ "list", verb_list, "list [--state STATE] [--outdated] [--name]",

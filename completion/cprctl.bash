@@ -47,7 +47,7 @@ _cprctl()
 		COMPREPLY=($(compgen -W "starting running paused stopping crashed" -- "$cur"))
 		return
 		;;
-	--timeout | --memory | --vcpus | --append | --tap | --machine | --parallel)
+	--timeout | --memory | --vcpus | --append | --tap | --machine | --cpu | --parallel)
 		return
 		;;
 	esac
@@ -58,7 +58,7 @@ _cprctl()
 		COMPREPLY=($(compgen -W "$verbs $common" -- "$cur"))
 		return
 		;;
-	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --disk --machine --cpr-exec" ;;
+	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --disk --machine --cpu --cpr-exec" ;;
 	list) opts="--state --outdated --name" ;;
 	update) opts="--all --outdated --check --vmm --strategy --parallel" ;;
 	daemon) opts="--reset --binary" ;;

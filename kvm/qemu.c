@@ -118,6 +118,10 @@ int qemu_build_argv(const struct qemu_config *c, char ***ret_argv)
 	qemu_args_addf(&a, "%s,memory-backend=%s,aux-ram-share=on", c->machine, c->memory_backend);
 	qemu_args_add(&a, "-accel");
 	qemu_args_add(&a, c->kvm ? "kvm" : "tcg");
+	if (c->cpu) {
+		qemu_args_add(&a, "-cpu");
+		qemu_args_add(&a, c->cpu);
+	}
 	/* QEMU's own filter, installed before it touches guest input: no
 	 * obsolete calls, no set*id, no fork or exec, no scheduler or
 	 * memory-policy changes. Nothing cprd asks of a VMM (handover,

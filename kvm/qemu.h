@@ -47,6 +47,7 @@ struct qemu_config {
 	const char *name;    /* VM name, for -name and process titles */
 	const char *binary;  /* path or name searched in PATH */
 	const char *machine; /* e.g. "q35"; pin a versioned type for updates */
+	const char *cpu;     /* -cpu model, or NULL: QEMU's default */
 	uint64_t memory_bytes;
 	unsigned vcpus;
 	const char *kernel, *initrd, *append; /* initrd/append may be NULL */

@@ -50,6 +50,7 @@ static const struct field fields[] = {
 	{ "(devices)", FIELD_DEVICES, CFG(devices), ALL, false, 0, 0 },
 	{ "machine", FIELD_STRING, CFG(machine), ALL, true, 0, 0 },
 	{ "machine_alias", FIELD_STRING, CFG(machine_alias), REG | STATUS, false, 0, 0 },
+	{ "cpu", FIELD_STRING, CFG(cpu), ALL, false, 0, 0 },
 	{ "memory_bytes", FIELD_U64, CFG(memory_bytes), ALL, true, 1, INT64_MAX },
 	{ "vcpus", FIELD_UINT, CFG(vcpus), ALL, true, 1, VM_MAX_VCPUS },
 	/* Kept as recorded even when --vmm-ids changed since: the VMM that
@@ -73,6 +74,7 @@ void vm_config_done(struct vm_config *cfg)
 	device_args_done(&cfg->devices);
 	free(cfg->machine);
 	free(cfg->machine_alias);
+	free(cfg->cpu);
 	*cfg = (struct vm_config){};
 }
 

@@ -37,6 +37,7 @@ struct vm_config {
 	struct file_id kernel_id, initrd_id;
 	char *machine;       /* versioned once the first VMM named it (pc-q35-10.0) */
 	char *machine_alias; /* what create asked for (q35), or NULL */
+	char *cpu;           /* QEMU's -cpu model, or NULL: QEMU's default */
 	uint64_t memory_bytes;
 	unsigned vcpus;
 	uid_t uid;     /* the VM's own uid (and gid) for its VMMs; 0 before one is chosen */

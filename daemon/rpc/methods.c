@@ -456,17 +456,17 @@ static const struct param vm_create_params[] = {
 	{ "vcpus", PARAM_UINT, false },    { "kernel", PARAM_STRING, true },
 	{ "initrd", PARAM_STRING, false }, { "append", PARAM_STRING, false },
 	{ "vmm", PARAM_STRING, false },    { "machine", PARAM_STRING, false },
-	{ "cpr_exec", PARAM_BOOL, false },
+	{ "cpr_exec", PARAM_BOOL, false }, { "cpu", PARAM_STRING, false },
 };
 
 static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 {
 	const char *name = NULL, *kernel = NULL, *initrd = NULL, *append = NULL, *vmm = NULL,
-		   *machine = NULL;
+		   *machine = NULL, *cpu = NULL;
 	uint64_t memory = 0, vcpus = 1;
 	bool cpr_exec = false;
-	void *const out[] = { &name,   &memory, &vcpus,   &kernel,  &initrd,
-			      &append, &vmm,    &machine, &cpr_exec };
+	void *const out[] = { &name,   &memory, &vcpus,   &kernel,   &initrd,
+			      &append, &vmm,    &machine, &cpr_exec, &cpu };
 	_cleanup_free_ char *found = NULL;
 	struct vm_config cfg = {};
 	const char *dev_param;
@@ -551,6 +551,17 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 		vm_config_done(&cfg);
 		return;
 	}
+	/* A model name only: no feature list (",+avx"), which QEMU would
+	 * read as more options. */
+	if (cpu && (!cpu[0] || strlen(cpu) > 64 ||
+		    strspn(cpu, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+				"0123456789-_.") != strlen(cpu))) {
+		call_fail_param(c, JSONRPC_INVALID_PARAMS, "cpu",
+				"CPU model '%.64s' must be 1-64 letters, digits, '-', '_' or '.'",
+				cpu);
+		vm_config_done(&cfg);
+		return;
+	}
 	vmm = vmm ? vmm : QEMU_DEFAULT_BINARY;
 	r = find_vmm(vmm, &found);
 	if (r < 0) {
@@ -568,10 +579,11 @@ static void m_vm_create(struct daemon *d, struct call *c, json_object *params)
 	cfg.name = strdup(name);
 	cfg.append = append ? strdup(append) : NULL;
 	cfg.machine = strdup(machine ? machine : "q35");
+	cfg.cpu = cpu ? strdup(cpu) : NULL;
 	cfg.memory_bytes = memory;
 	cfg.vcpus = (unsigned)vcpus;
 	cfg.cpr_exec = cpr_exec;
-	if (!cfg.name || !cfg.machine || (append && !cfg.append)) {
+	if (!cfg.name || !cfg.machine || (append && !cfg.append) || (cpu && !cfg.cpu)) {
 		vm_config_done(&cfg);
 		call_fail(c, JSONRPC_ERR_RESOURCE, "out of memory");
 		return;

@@ -56,7 +56,7 @@ class Disks(SharedDaemonTest):
         vm = cls.d.call("vm.create", {
             "name": "dsk", "memory": "256M", "kernel": KERNEL, "initrd": INITRD,
             "append": GUEST_APPEND + " cprd.disk=vda cprd.disk_ms=100",
-            "vmm": QEMU,
+            "vmm": QEMU, "cpu": "max",
             "disks": [{"path": cls.data, "serial": "data1"},
                       {"path": cls.overlay, "format": "qcow2"}]})
         cls.con = Console(vm["console_log"])
@@ -124,6 +124,14 @@ class Disks(SharedDaemonTest):
         self.assertEqual(self.status()["pid"], pid)
         self.assertEqual(self.status()["state"], "running")
 
+    def test_2b_the_cpu_model_asked_at_create_is_kept(self):
+        # (This guest was made with cpu "max" too; test_2 updated it twice.)
+        pid = self.status()["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[argv.index(b"-cpu") + 1], b"max")
+        self.assertEqual(self.status()["cpu"], "max")
+
     def test_3_a_restarted_cprd_holds_them_again(self):
         self.d.proc.kill()
         self.d.proc.wait()
@@ -177,8 +185,9 @@ class Disks(SharedDaemonTest):
         self.assert_records_on_disk()
 
 
-class DiskRefusals(SharedDaemonTest):
-    """What vm.create refuses about disks, before any VMM starts."""
+class CreateRefusals(SharedDaemonTest):
+    """What vm.create refuses about disks and the CPU model, before any VMM
+    starts."""
 
     needs_guest = False
 
@@ -243,6 +252,13 @@ class DiskRefusals(SharedDaemonTest):
         code, msg = self.create([{"path": self.no_format, "format": "qcow2"}])
         self.assertNotEqual(code, 0)
         self.assertIn("without its format", msg)
+
+    def test_a_cpu_model_is_a_name_without_options(self):
+        params = {"name": "r2", "memory": "64M", "kernel": KERNEL, "cpu": "max,+avx"}
+        with self.assertRaises(RpcError) as e:
+            self.d.call("vm.create", params)
+        self.assertIn("CPU model 'max,+avx' must be 1-64 letters", e.exception.message)
+        self.assertEqual(e.exception.error["data"]["param"], "cpu")
 
     def test_bad_shapes(self):
         for disks, want in (([{"path": "rel.img"}], "absolute path"),

@@ -33,13 +33,14 @@ enum device {
 
 /* cprd's usual VMM: KVM, confined (QEMU's sandbox on), no exec; a variant
  * changes one of them on the VM with every device. */
-enum variant { PLAIN, TCG, NO_SANDBOX, ALLOW_EXEC, _VARIANT_MAX };
+enum variant { PLAIN, TCG, NO_SANDBOX, ALLOW_EXEC, CPU, _VARIANT_MAX };
 
 static const char *const variant_names[_VARIANT_MAX] = {
 	[PLAIN] = "",
 	[TCG] = "-tcg",
 	[NO_SANDBOX] = "-nosandbox",
 	[ALLOW_EXEC] = "-allow-exec",
+	[CPU] = "-cpu",
 };
 
 struct argv_case {
@@ -113,6 +114,7 @@ static struct qemu_config config_of(const struct argv_case *c, char *kernel, cha
 		.kvm = c->variant != TCG,
 		.sandbox = c->variant != NO_SANDBOX,
 		.allow_exec = c->variant == ALLOW_EXEC || c->mode == CPR_EXEC,
+		.cpu = c->variant == CPU ? "Skylake-Server-v4" : NULL,
 	};
 	int next;
 
