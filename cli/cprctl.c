@@ -496,6 +496,43 @@ static int add_disk(json_object *p, const char *spec)
 	return 0;
 }
 
+/* The keys of vm.create a spec file may hold: those dumpspec writes. */
+static const char *const spec_keys[] = {
+	"name", "memory",  "vcpus", "kernel",   "initrd", "append",
+	"vmm",  "machine", "cpu",   "cpr_exec", "tap",    "disks"
+};
+
+static const char *spec_path; /* create --spec */
+
+/* --spec FILE: vm.create's params from a JSON object (FILE "-": stdin);
+ * what the command line says as well wins over it (its --disk options
+ * replace the file's disks). */
+static int add_spec(json_object *p, const char *path)
+{
+	_cleanup_json_ json_object *spec = NULL;
+
+	spec = streq(path, "-") ? json_object_from_fd(STDIN_FILENO) : json_object_from_file(path);
+	if (!spec || !json_object_is_type(spec, json_type_object)) {
+		usage_error("--spec %s: not a JSON object (%s)", path,
+			    json_util_get_last_err() ? json_util_get_last_err() : "not an object");
+		return -EINVAL;
+	}
+	json_object_object_foreach(spec, k, v)
+	{
+		bool known = false;
+
+		for (size_t i = 0; i < ELEMENTSOF(spec_keys) && !known; i++)
+			known = streq(k, spec_keys[i]);
+		if (!known) {
+			usage_error("--spec %s: unknown key '%s'", path, k);
+			return -EINVAL;
+		}
+		if (!json_object_object_get_ex(p, k, NULL))
+			json_object_object_add(p, k, json_object_get(v));
+	}
+	return 0;
+}
+
 static int create_opt(int opt, const char *arg, void *ud)
 {
 	json_object *p = ud;
@@ -531,6 +568,9 @@ static int create_opt(int opt, const char *arg, void *ud)
 		return 0;
 	case 'D':
 		return add_disk(p, arg);
+	case 'F':
+		spec_path = arg; /* read after the other options (verb_create) */
+		return 0;
 	case 'M':
 		json_object_object_add(p, "machine", json_object_new_string(arg));
 		return 0;
@@ -610,12 +650,13 @@ static int verb_create(int argc, char **argv)
 		{ "machine", required_argument, NULL, 'M' },
 		{ "cpu", required_argument, NULL, 'P' },
 		{ "cpr-exec", no_argument, NULL, 'X' },
+		{ "spec", required_argument, NULL, 'F' },
 	};
 	_cleanup_json_ json_object *p = json_object_new_object(), *res = NULL;
 	int i, r;
 
 	i = parse_opts(argc, argv, true, opts, ELEMENTSOF(opts), create_opt, p);
-	if (i < 0)
+	if (i < 0 || (spec_path && add_spec(p, spec_path) < 0))
 		return EXIT_USAGE;
 	if (i + 1 != argc)
 		return usage_error(i == argc ? "create needs the VM's NAME"
@@ -949,6 +990,66 @@ static int verb_status(int argc, char **argv)
 		return r;
 	/* As systemctl status: 3 for a VM that is there but not running. */
 	return streq(str(res, "state"), "running") ? EXIT_OK : EXIT_NOT_RUNNING;
+}
+
+/* The VM's definition as vm.create takes it (create --spec), from its
+ * status: what was asked, not what cprd added (a disk's judged chain). */
+static void print_spec(json_object *vm)
+{
+	_cleanup_json_ json_object *spec = json_object_new_object();
+	json_object *v, *disks;
+
+	for (size_t i = 0; i < ELEMENTSOF(spec_keys); i++) {
+		const char *k = spec_keys[i];
+
+		if (streq(k, "memory"))
+			v = json_object_object_get(vm, "memory_bytes");
+		else if (streq(k, "machine") && json_object_object_get(vm, "machine_alias"))
+			v = json_object_object_get(vm, "machine_alias"); /* as asked: q35 */
+		else
+			v = json_object_object_get(vm, k);
+		if (!v || (streq(k, "cpr_exec") && !json_object_get_boolean(v)))
+			continue;
+		if (streq(k, "disks")) {
+			disks = json_object_new_array();
+			for (size_t j = 0; j < json_object_array_length(v); j++) {
+				json_object *d = NULL;
+
+				if (json_object_deep_copy(json_object_array_get_idx(v, j), &d,
+							  NULL) < 0)
+					continue;
+				json_object_object_del(d, "layers");
+				json_object_array_add(disks, d);
+			}
+			json_object_object_add(spec, k, disks);
+			continue;
+		}
+		json_object_object_add(spec, k, json_object_get(v));
+	}
+	printf("%s\n", json_object_to_json_string_ext(spec, JSON_C_TO_STRING_PRETTY |
+								JSON_C_TO_STRING_SPACED |
+								JSON_C_TO_STRING_NOSLASHESCAPE));
+}
+
+/* The spec is JSON already: printed so with or without --json. */
+static int verb_dumpspec(int argc, char **argv)
+{
+	_cleanup_json_ json_object *res = NULL;
+	json_object *p;
+	int i, r;
+
+	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
+	if (i < 0)
+		return EXIT_USAGE;
+	if (i + 1 != argc)
+		return usage_error(i == argc ? "dumpspec needs a VM's NAME"
+					     : "dumpspec takes one NAME");
+	p = json_object_new_object();
+	json_object_object_add(p, "name", json_object_new_string(argv[i]));
+	r = call("vm.status", p, &res);
+	if (r == EXIT_OK)
+		print_spec(res);
+	return r;
 }
 
 static int verb_fds(int argc, char **argv)
@@ -1948,6 +2049,9 @@ static const struct verb verbs[] = {
 	  "                     image, which you may open so (a qcow2 image's backing\n"
 	  "                     files for reading)\n"
 	  "  --machine TYPE     QEMU machine type (default q35)\n"
+	  "  --spec FILE        the VM's definition as JSON (vm.create's params, as\n"
+	  "                     dumpspec prints them; - reads stdin); options given too\n"
+	  "                     win over it\n"
 	  "  --cpu MODEL        the guest's CPU model (host under KVM, a named model such as\n"
 	  "                     Skylake-Server, or QEMU's default); kept for every VMM\n"
 	  "  --cpr-exec         let its VMMs exec a successor, as the cpr-exec update\n"
@@ -1962,6 +2066,8 @@ static const struct verb verbs[] = {
 	{ "status", verb_status, "status [NAME]",
 	  "one VM (exit 3 when it is not running); without NAME, cprd itself", NULL },
 	{ "fds", verb_fds, "fds NAME", "the fds cprd holds for a VM", NULL },
+	{ "dumpspec", verb_dumpspec, "dumpspec NAME",
+	  "the VM's definition as JSON, as 'create NAME --spec FILE' takes it", NULL },
 	{ "destroy", verb_destroy, "destroy NAME",
 	  "stop the VM's VMM and release everything held for it", NULL },
 	{ "pause", verb_pause, "pause NAME",

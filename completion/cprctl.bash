@@ -17,7 +17,7 @@ _cprctl_vms()
 _cprctl()
 {
 	local cur=${COMP_WORDS[COMP_CWORD]} prev=
-	local verbs="create list status fds destroy pause resume update checkpoint restore history purge daemon metrics events methods help"
+	local verbs="create list status dumpspec fds destroy pause resume update checkpoint restore history purge daemon metrics events methods help"
 	local common="--socket --json --timeout --help --version"
 	local verb= i
 	((COMP_CWORD > 0)) && prev=${COMP_WORDS[COMP_CWORD - 1]}
@@ -35,7 +35,7 @@ _cprctl()
 	done
 
 	case $prev in
-	--socket | --kernel | --initrd | --vmm | --binary | --disk)
+	--socket | --kernel | --initrd | --vmm | --binary | --disk | --spec)
 		COMPREPLY=($(compgen -f -- "$cur"))
 		return
 		;;
@@ -58,7 +58,7 @@ _cprctl()
 		COMPREPLY=($(compgen -W "$verbs $common" -- "$cur"))
 		return
 		;;
-	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --disk --machine --cpu --cpr-exec" ;;
+	create) opts="--memory --kernel --initrd --append --vcpus --vmm --tap --disk --machine --cpu --cpr-exec --spec" ;;
 	list) opts="--state --outdated --name" ;;
 	update) opts="--all --outdated --check --vmm --strategy --parallel" ;;
 	daemon) opts="--reset --binary" ;;
@@ -72,7 +72,7 @@ _cprctl()
 		return
 	fi
 	case $verb in
-	status | fds | destroy | pause | resume | update | checkpoint | restore | history | purge)
+	status | dumpspec | fds | destroy | pause | resume | update | checkpoint | restore | history | purge)
 		COMPREPLY=($(compgen -W "$(_cprctl_vms)" -- "$cur"))
 		;;
 	daemon)

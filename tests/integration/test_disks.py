@@ -4,6 +4,7 @@ overlay on a shared raw base is attached beside it; the records and the
 image locks must survive every way the guest moves between VMMs, and
 cprd judges every image as the caller could open it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,6 +133,15 @@ class Disks(SharedDaemonTest):
         self.assertEqual(argv[argv.index(b"-cpu") + 1], b"max")
         self.assertEqual(self.status()["cpu"], "max")
 
+    def test_2c_dumpspec_gives_back_what_create_was_given(self):
+        p = self.d.cprctl("dumpspec", "dsk", check=True)
+        self.assertEqual(json.loads(p.stdout), {
+            "name": "dsk", "memory": 256 << 20, "vcpus": 1, "kernel": KERNEL,
+            "initrd": INITRD, "append": GUEST_APPEND + " cprd.disk=vda cprd.disk_ms=100",
+            "vmm": self.status()["vmm"], "machine": "q35", "cpu": "max",
+            "disks": [{"path": self.data, "serial": "data1"},
+                      {"path": self.overlay, "format": "qcow2"}]})
+
     def test_3_a_restarted_cprd_holds_them_again(self):
         self.d.proc.kill()
         self.d.proc.wait()
@@ -259,6 +269,28 @@ class CreateRefusals(SharedDaemonTest):
             self.d.call("vm.create", params)
         self.assertIn("CPU model 'max,+avx' must be 1-64 letters", e.exception.message)
         self.assertEqual(e.exception.error["data"]["param"], "cpu")
+
+    def test_create_takes_a_spec_file_and_the_command_line_wins(self):
+        spec = os.path.join(self.dir, "spec.json")
+        with open(spec, "w") as f:
+            json.dump({"name": "ignored", "memory": "64M", "kernel": KERNEL, "cpu": "a,b",
+                       "disks": [{"path": "rel.img"}]}, f)
+        # The file's disks reach cprd (which refuses them)...
+        p = self.d.cprctl("create", "r4", "--spec", spec)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("disk 0: 'path' must be an absolute path", p.stderr)
+        # ...and what the command line says replaces them: these pass, and
+        # cprd gets as far as the VMM (checked after disks and cpu).
+        p = self.d.cprctl("create", "r4", "--spec", spec, "--cpu", "max", "--disk",
+                          f"{self.base},readonly=on", "--vmm", "/nonexistent/qemu")
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("VMM binary '/nonexistent/qemu' not found", p.stderr)
+        with open(spec, "w") as f:
+            json.dump({"memory": "64M", "kernle": KERNEL}, f)
+        p = self.d.cprctl("create", "r4", "--spec", spec)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("unknown key 'kernle'", p.stderr)
+        self.assertEqual(self.d.call("vm.list")["vms"], [])
 
     def test_bad_shapes(self):
         for disks, want in (([{"path": "rel.img"}], "absolute path"),
