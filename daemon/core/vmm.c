@@ -948,6 +948,13 @@ void vmm_add_record(const struct vmm *v, json_object *o)
 	json_object_object_add(o, "qmp", v->qmp_path ? json_object_new_string(v->qmp_path) : NULL);
 }
 
+const char *vmm_start_strerror(int r)
+{
+	if (r == -ENODEV)
+		return "a device's fds are not in cprd's custody (its log says which, and why)";
+	return launcher_strerror(r);
+}
+
 json_object *vmm_fd_map(const struct vmm *v)
 {
 	json_object *o = json_object_new_object();

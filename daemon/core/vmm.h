@@ -128,6 +128,9 @@ int vmm_command_sync(struct vmm *v, const char *cmd, json_object *args, int time
 int vmm_exec_argv(const struct vmm *v, const struct vm_config *cfg, const char *binary,
 		  const char *incoming_uri, char ***ret_argv);
 
+/* What a negative errno of vmm_start() means, for people. */
+const char *vmm_start_strerror(int r);
+
 /* {"ram0": 3, "console": 4, ...}: the held fds as the VMM sees them. */
 json_object *vmm_fd_map(const struct vmm *v);
 /* Set v's fd map from a record's (vmm_fd_map()); ids of no device type

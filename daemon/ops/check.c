@@ -335,7 +335,7 @@ static void start(struct vm *vm, const struct strategy *s, const char *binary, d
 	if (r < 0) {
 		call_fail(c, JSONRPC_ERR_VMM,
 			  "pre-flight of '%s' for VM '%s' failed: cannot start it: %s", binary,
-			  vm->cfg.name, launcher_strerror(r));
+			  vm->cfg.name, vmm_start_strerror(r));
 		check_free(k);
 		return;
 	}

@@ -1299,7 +1299,7 @@ static void start_restore_vmm(struct ckpt *k)
 	r = vmm_start(vm->d, &vm->cfg, k->new_vmm, vm->qmp_path, vm->dir_fd,
 		      &(struct vmm_incoming){ .defer = true }, &next_ops, k, &k->next);
 	if (r < 0)
-		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm, launcher_strerror(r));
+		restore_fail(k, "cannot start the VMM '%s': %s", k->new_vmm, vmm_start_strerror(r));
 }
 
 /* Is this checkpoint this VM's, whole, and of the expected size? */

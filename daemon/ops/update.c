@@ -737,7 +737,7 @@ bool update_launch(struct update *u, const struct vmm_incoming *in)
 			      u, &u->next);
 	if (r < 0) {
 		update_rollback(u, "cannot start the new VMM '%s': %s", u->new_binary,
-				launcher_strerror(r));
+				vmm_start_strerror(r));
 		return false;
 	}
 	/* Spawning: next_spawned() records it, or next_exited() says why it
@@ -932,7 +932,7 @@ static void rollback_launch(struct update *u)
 			      &rollback_vmm_ops, u, &u->next);
 	if (r < 0)
 		rollback_failed(u, "cannot start a VMM of %s to restore the guest: %s",
-				u->old_binary, launcher_strerror(r));
+				u->old_binary, vmm_start_strerror(r));
 }
 
 static void rollback_relaunch(struct update *u)

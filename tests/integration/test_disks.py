@@ -143,15 +143,48 @@ class Disks(SharedDaemonTest):
                       {"path": self.overlay, "format": "qcow2"}]})
 
     def test_3_a_restarted_cprd_holds_them_again(self):
-        self.d.proc.kill()
-        self.d.proc.wait()
-        os.unlink(self.d.sock)
-        self.d.start()
+        self.restart_cprd()
         fds = {f["name"] for f in self.d.call("fd.list", {"vm": "dsk"})["fds"]}
         self.assertTrue({"disk0", "disk1", "disk1.1"} <= fds, fds)
         res = self.d.call("vm.update", {"name": "dsk", "strategy": "handover"})
         self.assertEqual(res["result"], "ok", res)
         wait_disk(self.con, 3)
+        self.assert_locked()
+
+    def restart_cprd(self):
+        self.d.proc.kill()
+        self.d.proc.wait()
+        os.unlink(self.d.sock)
+        self.d.start()
+
+    def test_3b_a_file_put_at_an_images_path_is_never_used(self):
+        # Another file (a copy: the same bytes) renamed over the overlay's
+        # path while the guest runs.
+        aside = self.overlay + ".aside"
+        os.rename(self.overlay, aside)
+        shutil.copy(aside, self.overlay)
+        try:
+            # cprd hands over the file it holds, not the path: fine.
+            res = self.d.call("vm.update", {"name": "dsk", "strategy": "handover"})
+            self.assertEqual(res["result"], "ok", res)
+            # A restarted cprd finds another file at the path it judged,
+            # and does not take it: the guest runs on, no VMM can be
+            # started for it, and the update says why.
+            self.restart_cprd()
+            self.assertIn("cannot hold its disk images again: another file is at a path "
+                          "judged at create", self.d.read_log())
+            pid = self.status()["pid"]
+            with self.assertRaises(RpcError) as e:
+                self.d.call("vm.update", {"name": "dsk", "strategy": "handover"})
+            self.assertIn("a device's fds are not in cprd's custody", e.exception.message)
+            self.assertEqual(self.status()["pid"], pid)
+            wait_disk(self.con, 2)
+        finally:
+            os.replace(aside, self.overlay)
+        # The very file back at its path: held again after a restart.
+        self.restart_cprd()
+        res = self.d.call("vm.update", {"name": "dsk", "strategy": "handover"})
+        self.assertEqual(res["result"], "ok", res)
         self.assert_locked()
 
     def checkpoint(self):
@@ -189,6 +222,13 @@ class Disks(SharedDaemonTest):
         self.assertTrue(os.path.exists(os.path.join(ck, "dsk", "meta.json")),
                         "the checkpoint is gone")
         self.assert_locked()
+        # A restarted cprd holds them again, and still refuses.
+        self.restart_cprd()
+        self.assertEqual(self.status()["state"], "checkpointed")
+        self.assert_locked()
+        with self.assertRaises(RpcError) as e:
+            self.d.call("vm.restore", {"name": "dsk", "dir": ck})
+        self.assertIn("was changed after the checkpoint was written", e.exception.message)
 
     def test_6_every_record_is_on_the_disk(self):
         self.d.call("vm.destroy", {"name": "dsk"})
