@@ -41,6 +41,7 @@ MAN_PAGES    := $(patsubst man/%.scd,$(B)/man/%,$(wildcard man/*.scd))
 
 .PHONY: all asan deps check-deps guest check unit integration asan-integration demo bench fuzz \
 	format format-check install clean units units-verify man man-check qemu-next bench-checkpoint \
+	debian-guest debian-guest-smoke \
 	FORCE
 all: $(B)/cprd $(B)/cprctl $(MAN_PAGES)
 
@@ -136,6 +137,19 @@ QEMU_NEXT_CACHE ?= /var/cache/cprd-test
 export CPRD_QEMU_CACHE := $(QEMU_NEXT_CACHE)
 qemu-next:
 	@sh scripts/build-qemu-next.sh >/dev/null
+
+# A real Debian bookworm guest disk for real-VM tests (firmware boot, disks,
+# networking, the guest agent), built once into $(DEBIAN_GUEST) from Debian's
+# packages (scripts/build-debian-guest.sh says what is inside). Not part of
+# `make check`. debian-guest-smoke boots it with SeaBIOS and with OVMF under
+# TCG and checks it (DEBIAN_GUEST_SMOKE_ARGS, e.g. "--firmware uefi --analyze 15").
+DEBIAN_GUEST ?= $(QEMU_NEXT_CACHE)/debian-guest
+debian-guest:
+	@sh scripts/install-deps.sh --debian-guest
+	@sh scripts/build-debian-guest.sh $(DEBIAN_GUEST) >/dev/null
+
+debian-guest-smoke: deps debian-guest
+	@python3 scripts/debian-guest-smoke.py $(DEBIAN_GUEST) $(DEBIAN_GUEST_SMOKE_ARGS)
 
 unit: $(UNIT_TESTS)
 	@sh tests/run-unit.sh $(UNIT_TESTS)

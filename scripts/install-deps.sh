@@ -4,6 +4,10 @@
 # format-check, clang and its sanitizer and libFuzzer runtimes for the ASan
 # build and the fuzz run, systemd-nspawn and debootstrap for the container
 # tests (systemd as PID 1, tests/container/).
+# With --debian-guest only what scripts/build-debian-guest.sh needs to build
+# the Debian guest disk (partitioning, file systems, an ESP without mounting
+# it, debootstrap) and scripts/debian-guest-smoke.py to boot it (qemu-img,
+# OVMF; SeaBIOS comes with QEMU, which `make deps` installs).
 # QEMU >= 10 comes from bookworm-backports; the backports source is added by
 # reusing the mirror URI that the machine's apt sources already name, so no
 # archive host is written here.
@@ -16,13 +20,15 @@ PKGS_BUILD="build-essential pkg-config libsystemd-dev libjson-c-dev libev-dev li
 # cprd instances on this machine (tests/integration/test_ansible.py).
 PKGS_RUN="socat cpio busybox-static zstd xz-utils gnuplot-nox procps iproute2 python3 util-linux"
 PKGS_CHECK="clang-format clang libclang-rt-dev systemd-container debootstrap prometheus-node-exporter ansible-core"
+PKGS_DEBIAN_GUEST="debootstrap fdisk util-linux mount e2fsprogs dosfstools mtools qemu-utils ovmf"
 QEMU_MIN=10
 
 case "${1:-}" in
 --check) PKGS_RUN="$PKGS_RUN $PKGS_CHECK" ;;
+--debian-guest) ;;
 "") ;;
 *)
-	echo "usage: install-deps.sh [--check]" >&2
+	echo "usage: install-deps.sh [--check|--debian-guest]" >&2
 	exit 2
 	;;
 esac
@@ -62,6 +68,17 @@ apt_update() {
 	apt-get update -qq
 	updated=1
 }
+
+if [ "${1:-}" = --debian-guest ]; then
+	if ! have_pkgs $PKGS_DEBIAN_GUEST; then
+		need_root "$PKGS_DEBIAN_GUEST"
+		apt_update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$PKGS_DEBIAN_GUEST
+	fi
+	echo "install-deps: ok (Debian guest build)"
+	exit 0
+fi
 
 if ! have_pkgs $PKGS_BUILD $PKGS_RUN; then
 	need_root "$PKGS_BUILD $PKGS_RUN"
