@@ -2067,7 +2067,7 @@ static const struct verb verbs[] = {
 	  "one VM (exit 3 when it is not running); without NAME, cprd itself", NULL },
 	{ "fds", verb_fds, "fds NAME", "the fds cprd holds for a VM", NULL },
 	{ "dumpspec", verb_dumpspec, "dumpspec NAME",
-	  "the VM's definition as JSON, as 'create NAME --spec FILE' takes it", NULL },
+	  "the VM's definition as JSON, the spec file create takes back", NULL },
 	{ "destroy", verb_destroy, "destroy NAME",
 	  "stop the VM's VMM and release everything held for it", NULL },
 	{ "pause", verb_pause, "pause NAME",

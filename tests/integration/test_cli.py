@@ -236,8 +236,10 @@ class Cli(unittest.TestCase):
         self.assertEqual(desc["protocol_version"], 1)
         names = [m["name"] for m in desc["methods"]]
         self.assertIn("rpc.describe", names)
-        samples = {"string": "x", "uint": 1, "size": "64M", "bool": True, "strings": ["x"]}
-        wrong = {"string": 1, "uint": "x", "size": True, "bool": "x", "strings": "x"}
+        samples = {"string": "x", "uint": 1, "size": "64M", "bool": True, "strings": ["x"],
+                   "objects": [{}]}
+        wrong = {"string": 1, "uint": "x", "size": True, "bool": "x", "strings": "x",
+                 "objects": ["x"]}
         for m in desc["methods"]:
             self.assertIn(m["permission"], ("read", "mutating", "mutating-or-own-vmm"))
             required = {p["name"]: samples[p["type"]] for p in m["params"] if p["required"]}
