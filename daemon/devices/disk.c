@@ -305,7 +305,8 @@ static int qcow2_backing(int fd, char **ret_backing, char *fmt, size_t fmt_size,
 	}
 	if (name_off == 0 || name_len == 0)
 		return 0;
-	if (name_len > PATH_MAX - 1 || name_off > (uint64_t)got - name_len) {
+	if (name_len > PATH_MAX - 1 || name_len > (uint64_t)got ||
+	    name_off > (uint64_t)got - name_len) {
 		snprintf(why, size, "names a backing file cprd cannot read from its header");
 		return -EINVAL;
 	}
@@ -395,7 +396,7 @@ static int prepare_one(json_object *d, size_t i, const struct creds *peer, size_
 	for (size_t j = 0;; j++) {
 		_cleanup_close_ int fd = -EBADF;
 		_cleanup_free_ char *canon = NULL, *backing = NULL;
-		char bfmt[16], reason[200];
+		char bfmt[16], reason[200] = "";
 		bool top_rw = j == 0 && !bool_of(d, "readonly");
 		struct stat st;
 

@@ -632,6 +632,17 @@ START_TEST(disk_prepare_refuses_what_it_does_not_follow)
 			 -EINVAL);
 	ck_assert_msg(strstr(why, "external file"), "%s", why);
 	json_object_put(a);
+	/* A name longer than what the file holds: never read past it. */
+	char long_name[2001];
+	memset(long_name, 'a', sizeof(long_name) - 1);
+	long_name[sizeof(long_name) - 1] = '\0';
+	write_qcow2(p, long_name, "raw", false);
+	ck_assert_int_eq(truncate(p, 1030), 0);
+	ck_assert_int_eq(prepare_text("[{\"path\": \"%s/x.qcow2\", \"format\": \"qcow2\"}]", NULL,
+				      &a, why, sizeof(why)),
+			 -EINVAL);
+	ck_assert_msg(strstr(why, "cannot read from its header"), "%s", why);
+	json_object_put(a);
 	/* Said to be qcow2, but raw. */
 	ck_assert_int_eq(prepare_text("[{\"path\": \"%s/base.raw\", \"format\": \"qcow2\"}]", NULL,
 				      &a, why, sizeof(why)),
