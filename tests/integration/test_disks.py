@@ -13,7 +13,7 @@ import unittest
 
 from cprdtest import (GUEST_APPEND, INITRD, KERNEL, QEMU, Console, RpcError,
                       SharedDaemonTest, cprd_group, disk_records, require_root, wait_until)
-from test_trust import call_as_member
+from test_trust import call_as_member, root_only_dir
 
 QEMU_IO = shutil.which("qemu-io")
 QEMU_IMG = shutil.which("qemu-img")
@@ -252,6 +252,14 @@ class CreateRefusals(SharedDaemonTest):
         os.chmod(cls.d.sock, 0o660)
         cls.dir = tempfile.mkdtemp(prefix="cprd-disks-", dir="/var/tmp")
         os.chmod(cls.dir, 0o755)
+        # What a member names as its kernel must be root's all the way up
+        # (the clone of the tests may be anywhere): any file does, the
+        # disks are refused before it is read.
+        cls.root = root_only_dir()
+        cls.kernel = os.path.join(cls.root, "kernel")
+        with open(cls.kernel, "w") as f:
+            f.write("not read\n")
+        os.chmod(cls.kernel, 0o644)
         cls.secret = os.path.join(cls.dir, "root-only.raw")
         with open(cls.secret, "wb") as f:
             f.truncate(1 << 20)
@@ -277,9 +285,10 @@ class CreateRefusals(SharedDaemonTest):
     def tearDownClass(cls):
         super().tearDownClass()
         shutil.rmtree(cls.dir, ignore_errors=True)
+        shutil.rmtree(cls.root, ignore_errors=True)
 
     def create(self, disks, as_member=False):
-        params = {"name": "r1", "memory": "64M", "kernel": KERNEL, "disks": disks}
+        params = {"name": "r1", "memory": "64M", "kernel": self.kernel, "disks": disks}
         if as_member:
             return call_as_member(self.d, self.gid, "vm.create", params)
         try:
