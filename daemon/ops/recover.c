@@ -324,37 +324,64 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
 
 /* QEMU unwinding a cancelled save of a large guest refuses `cont` for a
  * while: recovery, done once, gives it longer than an operation does. */
-/* A save being cancelled refuses `cont` until QEMU has unwound it (its
- * channels finish the writes they are in): how long recovery asks on the
- * spot before the loop takes over, and how long the loop goes on asking
- * once QEMU answers. A disk busy with other writers can take seconds. */
+/*
+ * A save that is cancelled is not over at once: QEMU's migration thread
+ * unwinds it (its channels finish the writes they are in), and when it is
+ * done it puts the guest back in the state it had when the save began:
+ * paused, as cprd paused it. A `cont` sent before that can succeed and
+ * still be undone a moment later, and one sent while the save completes
+ * anyway (the cancel came too late) is undone by the save's own stop. So
+ * the guest is resumed only once QEMU says the save is over (completed,
+ * cancelled or failed), and it is resumed for good only when QEMU then
+ * says it runs. How long recovery does this on the spot before the loop
+ * takes over, and how long the loop goes on once QEMU answers: */
 #define RECOVER_CONT_NOW_TRIES 20   /* x OP_CONT_RETRY: 1 s */
-#define RECOVER_CONT_PATIENCE 120.0 /* s of refusals before giving up */
+#define RECOVER_CONT_PATIENCE 120.0 /* s after QEMU's first answer */
 #define LATER_TICK OP_CONT_RETRY    /* s: how often a resume left for later looks */
+
+/* Whether QEMU's migration status st (query-migrate) is a save that is
+ * over, or none. */
+static bool save_over(const char *st)
+{
+	return !st || streq(st, "none") || streq(st, "completed") || streq(st, "cancelled") ||
+	       streq(st, "failed");
+}
+
+/* The same, asked of v now; false when it does not answer. */
+static bool save_over_now(struct vmm *v)
+{
+	_cleanup_json_ json_object *ret = NULL;
+
+	if (vmm_command_sync(v, "query-migrate", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
+		return false;
+	return save_over(json_object_get_string(json_object_object_get(ret, "status")));
+}
 
 /*
  * A VMM whose monitor did not answer while cprd recovered (stopped, or
- * starved of CPU on a busy host), or that still refused to resume the
- * guest after the cancelled save, cannot be waited for: the other VMs, and
- * every client, would. The commands are queued instead, on the loop: QEMU
- * reads them whenever it runs again, and `cont` is repeated until QEMU has
- * unwound the cancelled save and accepts it. It is given up when the VMM
- * goes (the VM then crashed as for any VMM that exits), after
- * RECOVER_CONT_PATIENCE of refusals, and at exit.
+ * starved of CPU on a busy host), or whose guest did not run again within
+ * a second, cannot be waited for: the other VMs, and every client, would.
+ * The loop carries on instead: the cancel is queued (QEMU reads it
+ * whenever it runs again), then, every LATER_TICK, QEMU is asked whether
+ * the save is over, and once it is, `cont` is sent and the guest's state
+ * asked, until the guest runs. It is given up when the VMM goes (the VM
+ * then crashed as for any VMM that exits), when an operation starts on
+ * the VM, after RECOVER_CONT_PATIENCE of answers, and at exit.
  */
 struct resume_later {
 	struct daemon *d;
 	char name[MEMSTORE_NAME_MAX];
 	pid_t pid;
-	bool waiting;            /* a `cont` was sent and is not answered yet */
-	ev_tstamp first_refusal; /* 0 until QEMU refused a `cont` */
-	bool queued_cancel;      /* remove-fd and migrate_cancel are on their way */
+	bool waiting;          /* a question was sent and is not answered yet */
+	ev_tstamp first_reply; /* 0 until QEMU answered anything */
+	bool queued_cancel;    /* remove-fd and migrate_cancel are on their way */
 	bool done;
+	char last[128]; /* what QEMU last said instead of running the guest */
 	ev_timer tick;
 	struct resume_later *next;
 };
 
-/* Let go. A `cont` still waiting is forgotten, so that its answer finds
+/* Let go. A question still waiting is forgotten, so that its answer finds
  * nothing freed: it can only come from the monitor of a VMM cprd still
  * knows (d->vmms). */
 static void later_free(struct resume_later *l)
@@ -377,29 +404,66 @@ void recover_done(struct daemon *d)
 		later_free(d->resume_later);
 }
 
-static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+/* An answer came: l has waited for QEMU long enough? */
+static bool later_answered(struct resume_later *l, const char *said)
 {
-	struct resume_later *l = ud;
 	ev_tstamp now = ev_now(l->d->loop);
 
 	l->waiting = false;
-	if (ret) {
-		log_notice("VM %s: its VMM pid %d resumed the guest; the save cprd did not finish "
-			   "was cancelled and the guest runs on",
+	if (said)
+		snprintf(l->last, sizeof(l->last), "%s", said);
+	if (!l->first_reply) {
+		l->first_reply = now;
+		return false;
+	}
+	if (now - l->first_reply <= RECOVER_CONT_PATIENCE)
+		return false;
+	log_error("VM %s: VMM pid %d has not run the guest again %.0f s after the cancelled "
+		  "save (%s); resume it with 'cprctl resume %s'",
+		  l->name, (int)l->pid, RECOVER_CONT_PATIENCE, l->last[0] ? l->last : "?", l->name);
+	l->done = true;
+	return true;
+}
+
+static void later_status_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct resume_later *l = ud;
+	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
+
+	if (later_answered(l, st ? st : desc))
+		return;
+	if (st && streq(st, "running")) {
+		log_notice("VM %s: its VMM pid %d runs the guest again; the save cprd did not "
+			   "finish was cancelled",
 			   l->name, (int)l->pid);
 		l->done = true;
+	}
+}
+
+static void later_cont_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct resume_later *l = ud;
+	struct vm *vm = vm_find(l->d, l->name);
+
+	if (later_answered(l, ret ? NULL : desc) || !ret || !vm || !vm->vmm)
 		return;
+	/* Accepted: whether it took is the guest's state, asked next. */
+	l->waiting = vmm_command(vm->vmm, "query-status", NULL, -EBADF, later_status_cb, l) >= 0;
+}
+
+static void later_migrate_cb(qmp *q, json_object *ret, const char *cls, const char *desc, void *ud)
+{
+	struct resume_later *l = ud;
+	struct vm *vm = vm_find(l->d, l->name);
+	const char *st = ret ? json_object_get_string(json_object_object_get(ret, "status")) : NULL;
+
+	if (later_answered(l, ret ? NULL : desc) || !ret || !vm || !vm->vmm)
+		return;
+	if (!save_over(st)) {
+		snprintf(l->last, sizeof(l->last), "the save is still %s", st);
+		return; /* the next tick asks again */
 	}
-	if (!l->first_refusal) {
-		l->first_refusal = now;
-		log_info("VM %s: VMM pid %d does not resume the guest yet (%s); asking again",
-			 l->name, (int)l->pid, desc ? desc : "no answer");
-	} else if (now - l->first_refusal > RECOVER_CONT_PATIENCE) {
-		log_error("VM %s: VMM pid %d refuses to resume the guest after the cancelled "
-			  "save (%s); resume it with 'cprctl resume %s'",
-			  l->name, (int)l->pid, desc ? desc : "no answer", l->name);
-		l->done = true;
-	}
+	l->waiting = vmm_command(vm->vmm, "cont", NULL, -EBADF, later_cont_cb, l) >= 0;
 }
 
 static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -410,9 +474,7 @@ static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 	/* Given up, too, once an operation starts on the VM (a pause, an
 	 * update): its decision about the guest is not for a `cont` from here
-	 * to undo. Its state is no sign: the stale save's own `stop` may
-	 * reach QEMU after it runs again, and the `cont` queued behind it is
-	 * what resumes the guest then. */
+	 * to undo. */
 	if (l->done || !v || v->pid != l->pid || !vmm_alive(v) || vm->op) {
 		later_free(l);
 		return;
@@ -429,7 +491,7 @@ static void later_tick_cb(struct ev_loop *loop, ev_timer *w, int revents)
 		(void)vmm_command(v, "migrate_cancel", NULL, -EBADF, NULL, NULL);
 		l->queued_cancel = true;
 	}
-	l->waiting = vmm_command(v, "cont", NULL, -EBADF, later_cont_cb, l) >= 0;
+	l->waiting = vmm_command(v, "query-migrate", NULL, -EBADF, later_migrate_cb, l) >= 0;
 }
 
 /* Leave resuming the guest in v to the loop; why is said in the log. */
@@ -458,11 +520,12 @@ static void resume_later(struct vm *vm, struct vmm *v, const char *why)
 /* cprd died while it saved this VM's checkpoint: that checkpoint is not
  * finished (its files are gone, see recover_one), so the guest goes on in
  * its VMM as if the checkpoint had failed: the save is cancelled, the
- * checkpoint file given back, and the guest resumed if it ran before. A
- * VMM that does not answer (stopped, starved of CPU), or does not resume
- * the guest within a second, gets that done on the loop (resume_later)
- * rather than hold up every other VM. Returns whether the VMM answered;
- * st is its status then. */
+ * checkpoint file given back, and the guest resumed if it ran before,
+ * once the save is over (see above). A VMM that does not answer
+ * (stopped, starved of CPU), or does not run the guest again within a
+ * second, gets that done on the loop (resume_later) rather than hold up
+ * every other VM. Returns whether the VMM answered; st is its status
+ * then. */
 static bool settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec, char *st,
 			      size_t st_size)
 {
@@ -475,19 +538,22 @@ static bool settle_checkpoint(struct vm *vm, struct vmm *v, json_object *rec, ch
 			resume_later(vm, v, "does not answer its monitor");
 		return false;
 	}
-	if (!was_running || streq(st, "running"))
+	if (!was_running)
 		return true;
 	vmm_command_sync(v, "remove-fd",
 			 json_tokener_parse("{\"fdset-id\": " STRINGIFY(CHECKPOINT_FDSET) "}"),
 			 RECOVER_QMP_TIMEOUT_MS, &ret);
-	resume(v, true);
-	for (int i = 0;
-	     i < RECOVER_CONT_NOW_TRIES && query_status(v, st, st_size) && !streq(st, "running");
-	     i++) {
+	json_object_put(TAKE_PTR(ret));
+	vmm_command_sync(v, "migrate_cancel", NULL, RECOVER_QMP_TIMEOUT_MS, &ret);
+	for (int i = 0; i < RECOVER_CONT_NOW_TRIES; i++) {
+		if (save_over_now(v)) {
+			resume(v, false);
+			if (query_status(v, st, st_size) && streq(st, "running"))
+				break;
+		}
 		usleep(OP_CONT_RETRY * 1e6);
-		resume(v, false);
 	}
-	if (!streq(st, "running"))
+	if (!streq(st, "running") || !save_over_now(v))
 		resume_later(vm, v, "has not unwound the cancelled save yet");
 	else
 		log_notice(

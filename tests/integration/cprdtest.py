@@ -456,11 +456,24 @@ class Conn:
         return fds
 
 
-# The tail of the log of every cprd a test stopped: the test runner (run.py)
-# adds it to the report of a test that fails, as the state directory with
-# the log is gone by then.
+# What the test runner (run.py) adds to the report of a test that fails:
+# the end of the log of every cprd that runs (a failure is reported before
+# the test's tearDown stops its cprd) and of every cprd the test stopped
+# (whose state directory, and log, are gone by then).
+LIVE_DAEMONS = []
 STOPPED_LOGS = []
-LOG_TAIL = 6000  # bytes of each log kept
+LOG_TAIL = 6000  # bytes of each log
+
+
+def daemon_logs():
+    """[(state directory, the end of its cprd's log)] for a failure's report."""
+    out = list(STOPPED_LOGS)
+    for d in LIVE_DAEMONS:
+        try:
+            out.append((d.dir, d.read_log()[-LOG_TAIL:]))
+        except OSError:
+            pass
+    return out
 
 
 class Daemon:
@@ -515,6 +528,8 @@ class Daemon:
         wait_until(serving, 60, "cprd to accept connections")
         if self.proc.poll() is not None:
             raise AssertionError(f"cprd exited at start: {self.read_log()}")
+        if self not in LIVE_DAEMONS:
+            LIVE_DAEMONS.append(self)
         return self
 
     @property
@@ -603,6 +618,8 @@ class Daemon:
         except OSError:
             log = "(no log)"
         STOPPED_LOGS.append((self.dir, log))
+        if self in LIVE_DAEMONS:
+            LIVE_DAEMONS.remove(self)
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.kept, ignore_errors=True)
         if self.san_dir:

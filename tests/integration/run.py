@@ -45,11 +45,11 @@ class Result(unittest.TextTestResult):
         super().startTest(test)
 
     def _exc_info_to_string(self, err, test):
-        """The failure, and the end of the log of each cprd stopped during
-        the test: what a failure on a CI machine is read with."""
+        """The failure, and the end of the log of each cprd that runs or
+        that the test stopped: what a failure on a CI machine is read with."""
         import cprdtest
         text = super()._exc_info_to_string(err, test)
-        for d, log in cprdtest.STOPPED_LOGS:
+        for d, log in cprdtest.daemon_logs():
             text += f"\n--- the end of cprd's log ({os.path.basename(d)}) ---\n{log}"
         return text
 
