@@ -595,6 +595,7 @@ class Harness:
             print(f"\n  state directory kept: {d.dir}")
         else:
             shutil.rmtree(d.dir, ignore_errors=True)
+            shutil.rmtree(d.kept, ignore_errors=True)  # what destroyed VMs left
 
     def check_daemon(self, tc, cases, vmm_pids, fds1):
         """cprd's children, zombies and fds back to where they were, with the
