@@ -772,13 +772,12 @@ static int verb_list(int argc, char **argv)
 	return EXIT_OK;
 }
 
-/* Verbs of the form "VERB NAME" that print the result one way or another. */
-static int name_verb(int argc, char **argv, const char *method, const char *key,
-		     void (*print)(json_object *res), json_object **ret_res)
+/* "VERB NAME": method called with {key: NAME}; its result in *ret_res. */
+static int name_call(int argc, char **argv, const char *method, const char *key,
+		     json_object **ret_res)
 {
-	_cleanup_json_ json_object *res = NULL;
 	json_object *p;
-	int i, r;
+	int i;
 
 	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
 	if (i < 0)
@@ -788,7 +787,16 @@ static int name_verb(int argc, char **argv, const char *method, const char *key,
 				   argv[0]);
 	p = json_object_new_object();
 	json_object_object_add(p, key, json_object_new_string(argv[i]));
-	r = call(method, p, &res);
+	return call(method, p, ret_res);
+}
+
+/* Verbs of the form "VERB NAME" that print the result one way or another. */
+static int name_verb(int argc, char **argv, const char *method, const char *key,
+		     void (*print)(json_object *res), json_object **ret_res)
+{
+	_cleanup_json_ json_object *res = NULL;
+	int r = name_call(argc, argv, method, key, &res);
+
 	if (r != EXIT_OK)
 		return r;
 	if (arg_json)
@@ -1035,18 +1043,8 @@ static void print_spec(json_object *vm)
 static int verb_dumpspec(int argc, char **argv)
 {
 	_cleanup_json_ json_object *res = NULL;
-	json_object *p;
-	int i, r;
+	int r = name_call(argc, argv, "vm.status", "name", &res);
 
-	i = parse_opts(argc, argv, true, NULL, 0, NULL, NULL);
-	if (i < 0)
-		return EXIT_USAGE;
-	if (i + 1 != argc)
-		return usage_error(i == argc ? "dumpspec needs a VM's NAME"
-					     : "dumpspec takes one NAME");
-	p = json_object_new_object();
-	json_object_object_add(p, "name", json_object_new_string(argv[i]));
-	r = call("vm.status", p, &res);
 	if (r == EXIT_OK)
 		print_spec(res);
 	return r;
