@@ -56,6 +56,17 @@ static const char *param_type_text(enum param_type t)
 	}
 }
 
+/* Whether v is an array whose every element is of type t. */
+static bool array_of(json_object *v, json_type t)
+{
+	if (!json_object_is_type(v, json_type_array))
+		return false;
+	for (size_t i = 0; i < json_object_array_length(v); i++)
+		if (!json_object_is_type(json_object_array_get_idx(v, i), t))
+			return false;
+	return true;
+}
+
 static bool parse_one(json_object *v, enum param_type type, void *out)
 {
 	switch (type) {
@@ -82,19 +93,9 @@ static bool parse_one(json_object *v, enum param_type type, void *out)
 		*(bool *)out = json_object_get_boolean(v);
 		return true;
 	case PARAM_STRINGS:
-		if (!json_object_is_type(v, json_type_array))
-			return false;
-		for (size_t i = 0; i < json_object_array_length(v); i++)
-			if (!json_object_is_type(json_object_array_get_idx(v, i), json_type_string))
-				return false;
-		*(json_object **)out = v;
-		return true;
 	case PARAM_OBJECTS:
-		if (!json_object_is_type(v, json_type_array))
+		if (!array_of(v, type == PARAM_STRINGS ? json_type_string : json_type_object))
 			return false;
-		for (size_t i = 0; i < json_object_array_length(v); i++)
-			if (!json_object_is_type(json_object_array_get_idx(v, i), json_type_object))
-				return false;
 		*(json_object **)out = v;
 		return true;
 	}
