@@ -108,17 +108,27 @@ static const char *query_status(struct vmm *v, char *buf, size_t size)
 	return buf;
 }
 
-/* Whether the new VMM holds the whole state: its incoming migration
- * completed (it is paused, -S, waiting to be told to run). */
-static bool incoming_completed(struct vmm *v)
+/* QEMU's migration status ("none", "active", "completed", ...), "" when
+ * it reports none, or NULL when it does not answer. */
+static const char *query_migrate(struct vmm *v, char *buf, size_t size)
 {
 	_cleanup_json_ json_object *ret = NULL;
 	const char *st;
 
 	if (vmm_command_sync(v, "query-migrate", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
-		return false;
+		return NULL;
 	st = json_object_get_string(json_object_object_get(ret, "status"));
-	return st && streq(st, "completed");
+	snprintf(buf, size, "%s", st ? st : "");
+	return buf;
+}
+
+/* Whether the new VMM holds the whole state: its incoming migration
+ * completed (it is paused, -S, waiting to be told to run). */
+static bool incoming_completed(struct vmm *v)
+{
+	char st[32];
+
+	return query_migrate(v, st, sizeof(st)) && streq(st, "completed");
 }
 
 static void resume(struct vmm *v, bool cancel)
@@ -343,18 +353,16 @@ static struct vmm *settle_update(struct daemon *d, struct vm *vm, struct vmm *ol
  * over, or none. */
 static bool save_over(const char *st)
 {
-	return !st || streq(st, "none") || streq(st, "completed") || streq(st, "cancelled") ||
-	       streq(st, "failed");
+	return !st || !st[0] || streq(st, "none") || streq(st, "completed") ||
+	       streq(st, "cancelled") || streq(st, "failed");
 }
 
 /* The same, asked of v now; false when it does not answer. */
 static bool save_over_now(struct vmm *v)
 {
-	_cleanup_json_ json_object *ret = NULL;
+	char st[32];
 
-	if (vmm_command_sync(v, "query-migrate", NULL, RECOVER_QMP_TIMEOUT_MS, &ret) < 0)
-		return false;
-	return save_over(json_object_get_string(json_object_object_get(ret, "status")));
+	return query_migrate(v, st, sizeof(st)) && save_over(st);
 }
 
 /*
